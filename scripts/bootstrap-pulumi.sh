@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Build the Pulumi CLI and the language hosts this project needs from the Go
+# module proxy, at pinned versions, into a per-version cache directory outside
+# the checkout, so a fresh clone on the same machine finds them again.
+#
+# Why these versions:
+#  * CLI: pkg/v3 at PULUMI_VERSION, the same version as the pinned Python SDK.
+#  * Python and Node.js language hosts: their Go sources left the sdk/v3 module
+#    after v3.79.0 (they became untagged nested modules that the module proxy
+#    does not serve), so they are built from sdk/v3@v3.79.0.  The language-host
+#    protocol is backwards compatible; pulumi-language-python-exec, the Python
+#    side of the host, comes from sdk/v3 at PULUMI_VERSION so it matches the
+#    Python SDK.
+#  * YAML language host: the newest pulumi-yaml the proxy serves.
+set -euo pipefail
+
+PULUMI_VERSION="${PULUMI_VERSION:-3.259.0}"
+LANGHOST_SDK_VERSION="${LANGHOST_SDK_VERSION:-3.79.0}"
+PULUMI_YAML_VERSION="${PULUMI_YAML_VERSION:-1.19.1}"
+
+CACHE_ROOT="${PULUMI_NIXOS_CACHE:-$HOME/.cache/pulumi-nixos}"
+KEY="pulumi-${PULUMI_VERSION}_hosts-${LANGHOST_SDK_VERSION}_yaml-${PULUMI_YAML_VERSION}"
+DEST="$CACHE_ROOT/$KEY/bin"
+STAMP="$CACHE_ROOT/$KEY/.complete"
+
+if [[ -f "$STAMP" ]]; then
+  echo "$DEST"
+  exit 0
+fi
+
+command -v go >/dev/null || { echo "bootstrap-pulumi: Go is required to build the Pulumi CLI" >&2; exit 1; }
+
+mkdir -p "$DEST"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+export GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+
+log() { echo "bootstrap-pulumi: $*" >&2; }
+
+build_in_module() {
+  # build_in_module NAME OUTPUT PACKAGE LDFLAGS GO.MOD-BODY
+  local name="$1" out="$2" pkg="$3" ldflags="$4" body="$5"
+  local dir="$WORK/$name"
+  mkdir -p "$dir"
+  printf 'module pulumi-nixos.local/build/%s\n\ngo 1.24\n\n%s\n' "$name" "$body" > "$dir/go.mod"
+  log "building $name ($pkg)"
+  (cd "$dir" && go mod download >&2 && go build -trimpath -ldflags "$ldflags" -o "$out" "$pkg" >&2)
+}
+
+if [[ ! -x "$DEST/pulumi" ]]; then
+  build_in_module cli "$DEST/pulumi" github.com/pulumi/pulumi/pkg/v3/cmd/pulumi \
+    "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${PULUMI_VERSION}" \
+"require (
+	github.com/pulumi/pulumi/pkg/v3 v${PULUMI_VERSION}
+	github.com/pulumi/pulumi/sdk/v3 v${PULUMI_VERSION}
+)
+replace github.com/atotto/clipboard => github.com/tgummerer/clipboard v0.0.0-20241001131231-d02d263e614e"
+fi
+
+for lang in python nodejs; do
+  if [[ ! -x "$DEST/pulumi-language-$lang" ]]; then
+    build_in_module "lang-$lang" "$DEST/pulumi-language-$lang" \
+      "github.com/pulumi/pulumi/sdk/v3/$lang/cmd/pulumi-language-$lang" \
+      "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${LANGHOST_SDK_VERSION}" \
+      "require github.com/pulumi/pulumi/sdk/v3 v${LANGHOST_SDK_VERSION}"
+  fi
+done
+
+if [[ ! -x "$DEST/pulumi-language-yaml" ]]; then
+  build_in_module lang-yaml "$DEST/pulumi-language-yaml" \
+    github.com/pulumi/pulumi-yaml/cmd/pulumi-language-yaml \
+    "-s -w -X github.com/pulumi/pulumi-yaml/pkg/version.Version=v${PULUMI_YAML_VERSION}" \
+    "require github.com/pulumi/pulumi-yaml v${PULUMI_YAML_VERSION}"
+fi
+
+# The Python host runs this script next to itself; take it from the SDK
+# module at the CLI's version so it matches the pinned Python SDK.
+SDK_DIR="$(cd "$WORK/cli" && go list -m -f '{{.Dir}}' github.com/pulumi/pulumi/sdk/v3)"
+install -m 0755 "$SDK_DIR/python/cmd/pulumi-language-python-exec" "$DEST/pulumi-language-python-exec"
+
+touch "$STAMP"
+echo "$DEST"

@@ -1,0 +1,89 @@
+# The lab's stand-in for nixpkgs' NixOS: real derivations in the NixOS
+# toplevel layout, built with nothing but builtins.derivation and the
+# machine's /bin/sh (nixpkgs is not reachable here).
+#
+#   mkSystem { hostName, version, packages, service, faults } -> toplevel
+#   mkPackage { name, version, size } -> a package with a name-version path
+#
+# Everything is a plain function argument with a default, so a test can write
+# a new configuration in one line of Nix.
+let
+  system = "x86_64-linux";
+
+  # A package whose store path is name-version, with a binary that prints its
+  # version and `size` bytes of incompressible payload, so pushes have weight.
+  mkPackage = { name, version ? null, size ? 1024 }:
+    let fullName = if version == null then name else "${name}-${version}";
+    in derivation {
+      inherit system;
+      name = fullName;
+      builder = "/bin/sh";
+      PATH = "/usr/bin:/bin";
+      args = [ "-c" ''
+        set -e
+        mkdir -p $out/bin $out/share
+        printf '#!/bin/sh\necho %s\n' '${fullName}' > $out/bin/${name}
+        chmod +x $out/bin/${name}
+        head -c ${toString size} /dev/urandom > $out/share/payload
+      '' ];
+    };
+
+  defaultFaults = {
+    activationFails = false; # switch-to-configuration exits non-zero
+    sshPort = null;          # activation moves sshd to this port
+    httpStatus = 200;        # the lab service answers with this status
+    httpDown = false;        # the lab service is not started at all
+    slowActivation = 0;      # seconds activation sleeps before finishing
+  };
+
+  mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { } }:
+    let
+      f = defaultFaults // faults;
+      pkgs = map (p: if builtins.isAttrs p && p ? type then p else mkPackage p) packages;
+      serviceJson = builtins.toJSON ({
+        inherit version;
+        status = f.httpStatus;
+        down = f.httpDown;
+      } // service);
+      sshPort = if f.sshPort == null then "" else toString f.sshPort;
+      nixosVersion = "24.05.lab-${version}";
+    in derivation {
+      inherit system;
+      name = "nixos-system-${hostName}-${nixosVersion}";
+      builder = "/bin/sh";
+      __structuredAttrs = false;
+      stc = ./switch-to-configuration.sh;
+      service = ./lab-service.py;
+      pkgPaths = pkgs;
+      inherit serviceJson sshPort nixosVersion;
+      PATH = "/usr/bin:/bin";
+      activationFails = if f.activationFails then "1" else "";
+      slowActivation = toString f.slowActivation;
+      args = [ "-c" ''
+        set -e
+        mkdir -p $out/bin $out/sw/bin $out/etc/lab
+        echo "$nixosVersion" > $out/nixos-version
+        printf '%s' "$serviceJson" > $out/etc/lab/service.json
+        printf '%s' "$sshPort" > $out/etc/lab/ssh-port
+        printf '%s' "$activationFails" > $out/etc/lab/activation-fails
+        printf '%s' "$slowActivation" > $out/etc/lab/slow-activation
+        for p in $pkgPaths; do
+          echo "$p" >> $out/etc/lab/packages
+          for b in $p/bin/*; do ln -s "$b" $out/sw/bin/; done
+        done
+        touch $out/etc/lab/packages
+        cp $service $out/sw/bin/lab-service
+        chmod +x $out/sw/bin/lab-service
+        sed "s|@out@|$out|g" $stc > $out/bin/switch-to-configuration
+        chmod +x $out/bin/switch-to-configuration
+      '' ];
+    };
+
+  # nixosConfigurations.<name>.config.system.build.toplevel, as NixOS has it.
+  nixosConfiguration = args: {
+    config.system.build.toplevel = mkSystem args;
+  };
+in
+{
+  inherit mkPackage mkSystem nixosConfiguration;
+}

@@ -1,0 +1,82 @@
+#!/bin/sh
+# The lab's switch-to-configuration.  It acts the way NixOS's does, for the
+# parts a deployer can observe: /run/current-system, the boot entry, a service
+# that restarts when its configuration changes, sshd's port, and exit status 4
+# when a unit fails.  It runs inside a lab host's mount namespace, where /etc,
+# /run and /nix are the host's own.
+set -eu
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+out="@out@"
+action="${1:-}"
+case "$action" in
+  switch|boot|test|dry-activate) ;;
+  *) echo "Usage: $0 [switch|boot|test|dry-activate]" >&2; exit 1 ;;
+esac
+
+lab=/etc/lab
+state=/run/lab
+mkdir -p "$state"
+current="$(readlink /run/current-system 2>/dev/null || true)"
+default_port="$(cat "$lab/ssh-port-default")"
+want_port="$(cat "$out/etc/lab/ssh-port")"
+[ -n "$want_port" ] || want_port="$default_port"
+running_port="$(cat "$state/sshd-port" 2>/dev/null || echo "$default_port")"
+
+service_changed() {
+  [ -z "$current" ] && return 0
+  ! cmp -s "$out/etc/lab/service.json" "$current/etc/lab/service.json" && return 0
+  ! cmp -s "$out/etc/lab/packages" "$current/etc/lab/packages" && return 0
+  return 1
+}
+
+if [ "$action" = dry-activate ]; then
+  units=""
+  if service_changed; then units="lab-service.service"; fi
+  if [ "$want_port" != "$running_port" ]; then units="${units:+$units, }sshd.service"; fi
+  echo "would restart the following units: ${units}" >&2
+  exit 0
+fi
+
+if [ "$action" = switch ] || [ "$action" = boot ]; then
+  echo "updating GRUB 2 menu..." >&2
+  ln -sfn "$out" "$lab/boot-default"
+fi
+[ "$action" = boot ] && exit 0
+
+echo "activating the configuration..." >&2
+slow="$(cat "$out/etc/lab/slow-activation")"
+if [ -n "$slow" ] && [ "$slow" != 0 ]; then
+  echo "running slow activation script ($slow s)..." >&2
+  sleep "$slow"
+fi
+ln -sfn "$out" /run/current-system
+
+restart_service=0
+service_changed && restart_service=1
+[ -f "$state/service.pid" ] && kill -0 "$(cat "$state/service.pid")" 2>/dev/null || restart_service=1
+if [ "$restart_service" = 1 ]; then
+  echo "restarting the following units: lab-service.service" >&2
+  if [ -f "$state/service.pid" ]; then
+    kill "$(cat "$state/service.pid")" 2>/dev/null || true
+    rm -f "$state/service.pid"
+  fi
+  if [ -n "$(cat "$out/etc/lab/activation-fails")" ]; then
+    echo "Job for lab-service.service failed because the control process exited with error code." >&2
+    echo "warning: the following units failed: lab-service.service" >&2
+    exit 4
+  fi
+  setsid /usr/bin/python3 "$out/sw/bin/lab-service" "$out" </dev/null >>"$state/service.log" 2>&1 &
+  echo $! > "$state/service.pid"
+fi
+
+sshd_running() { [ -f /run/sshd.pid ] && kill -0 "$(cat /run/sshd.pid)" 2>/dev/null; }
+if [ "$want_port" != "$running_port" ] || ! sshd_running; then
+  echo "restarting the following units: sshd.service" >&2
+  if [ -f /run/sshd.pid ]; then
+    kill "$(cat /run/sshd.pid)" 2>/dev/null || true
+    i=0; while [ -f /run/sshd.pid ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  fi
+  /usr/sbin/sshd -f /etc/ssh/sshd_config -o "Port=$want_port"
+  echo "$want_port" > "$state/sshd-port"
+fi
+exit 0
