@@ -168,7 +168,8 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
         etc / "ssh" / "sshd_config",
         "\n".join(
             [
-                f"Port {host.port}",
+                # No Port line: sshd adds every Port it is given, and the lab
+                # passes the active port with -o Port=N when it starts sshd.
                 f"ListenAddress {host.address}",
                 "HostKey /etc/ssh/ssh_host_ed25519_key",
                 "PermitRootLogin yes",
@@ -269,7 +270,7 @@ def boot(host: LabHost) -> None:
         # Boot-time activation: the same script NixOS's stage 2 runs.
         in_ns([f"{system}/bin/switch-to-configuration", "test"])
     else:
-        in_ns(["/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config"])
+        in_ns(["/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-o", f"Port={host.port}"])
     if not wait_for_port(host.address, host.port):
         raise LabError(f"{host.name}: sshd did not come up on {host.address}:{host.port}")
 

@@ -1,0 +1,183 @@
+"""The deployer's side of supervised activation and magic rollback.
+
+The supervisor (supervisor.sh) runs on the target; this module uploads it,
+starts it detached, follows its state file and output, and confirms the
+deployment over a new connection, the way deploy-rs does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import ConnectError, EngineError
+from .process import Target
+from .ssh import Connection
+
+SUPERVISOR = resources.files(__package__).joinpath("supervisor.sh").read_text()
+POLL_INTERVAL = 0.3
+
+StatusFn = Callable[[str], None]
+OutputFn = Callable[[str], None]
+ConnectFn = Callable[[], Awaitable[Connection]]
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    mode: str  # "system" | "profile"
+    profile: str
+    new_path: str
+    new_gen: int | None
+    prev_gen: int | None
+    prev_path: str | None
+    action: str
+    magic_rollback: bool
+    confirm_timeout: float
+    auto_rollback: bool
+    activation_timeout: float
+    activate_command: str | None = None
+
+
+@dataclass(frozen=True)
+class ActivationOutcome:
+    state: str  # done | failed ... | rolled-back ... | rollback-failed ...
+    output: str
+    workdir: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+
+class Supervisor:
+    """One deployment's supervisor on one target."""
+
+    def __init__(self, target: Target, connect: ConnectFn, spec: ActivationSpec,
+                 status: StatusFn | None = None, output: OutputFn | None = None) -> None:
+        self.target = target
+        self.connect = connect
+        self.spec = spec
+        self.token = secrets.token_hex(16)
+        self.workdir = f"/tmp/pulumi-nixos.{secrets.token_hex(8)}"
+        self._status = status or (lambda s: None)
+        self._output = output or (lambda s: None)
+        self._log = ""
+        self._uses_systemd: bool | None = None
+
+    def _args(self, task: str) -> list[str]:
+        s = self.spec
+        return [
+            task, self.workdir, self.token, s.mode, s.profile, s.new_path,
+            "" if s.new_gen is None else str(s.new_gen),
+            "" if s.prev_gen is None else str(s.prev_gen),
+            s.prev_path or "", s.action, "1" if s.magic_rollback else "0",
+            str(int(s.confirm_timeout)), "1" if s.auto_rollback else "0",
+            str(int(s.activation_timeout)), s.activate_command or "",
+        ]
+
+    async def upload(self) -> None:
+        await self.target.run(
+            ["sh", "-c", 'umask 077 && mkdir -- "$1" && cat > "$1/supervisor.sh" && : > "$1/log"', "sh", self.workdir],
+            input=SUPERVISOR,
+        )
+        if self._uses_systemd is None:
+            res = await self.target.run(["sh", "-c", "test -d /run/systemd/system && command -v systemd-run"], check=False)
+            self._uses_systemd = res.exit_status == 0
+
+    async def start(self, task: str = "activate") -> None:
+        script = f"{self.workdir}/supervisor.sh"
+        # systemd-run needs root; a non-root profile owner's supervisor uses setsid.
+        runs_as_root = (self.target.run_as or self.target.conn.remote.user) == "root"
+        if self._uses_systemd and runs_as_root:
+            unit = f"pulumi-nixos-{self.workdir.rsplit('.', 1)[1]}-{task}"
+            argv = ["systemd-run", f"--unit={unit}", "--collect", "--quiet", "--", "/bin/sh", script, *self._args(task)]
+        else:
+            argv = ["setsid", "-f", "/bin/sh", script, *self._args(task)]
+        await self.target.run(["sh", "-c", ': > "$1/state" && shift && exec "$@"', "sh", self.workdir, *argv])
+
+    async def _poll(self, conn_target: Target) -> str:
+        res = await conn_target.run(
+            ["sh", "-c", 'cat "$1/state" 2>/dev/null; echo "@@pulumi-nixos@@"; tail -c +"$2" "$1/log" 2>/dev/null',
+             "sh", self.workdir, str(len(self._log.encode()) + 1)],
+            check=False, timeout=30,
+        )
+        state, _, new_output = res.stdout.partition("@@pulumi-nixos@@\n")
+        if new_output:
+            self._log += new_output
+            for line in new_output.splitlines():
+                self._output(line)
+        return state.strip()
+
+    async def confirm(self) -> bool:
+        """Write the token over a brand-new connection. False if the host cannot be reached."""
+        try:
+            conn = await self.connect()
+        except ConnectError as e:
+            self._status(f"cannot reach the host after activation ({e}); it will roll back by itself")
+            return False
+        try:
+            t = Target(conn, self.target.run_as)
+            await t.run(["sh", "-c", 'printf %s "$2" > "$1/confirm"', "sh", self.workdir, self.token])
+            return True
+        finally:
+            await conn.close()
+
+    async def follow(self, deadline: float) -> ActivationOutcome:
+        """Poll until the supervisor finishes; confirm when it waits for us."""
+        target = self.target
+        confirmed = False
+        reported = ""
+        while True:
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"activation on {target.target} did not finish in time; the supervisor in {self.workdir} "
+                    "keeps running and rolls back by itself if it is never confirmed")
+            try:
+                state = await self._poll(target)
+            except ConnectError:
+                # The session we polled on died (e.g. sshd restarted): try a fresh one.
+                target = await self._reconnect(deadline)
+                continue
+            if state != reported:
+                reported = state
+                self._report(state)
+            if state == "waiting-confirm" and not confirmed:
+                confirmed = await self.confirm()
+                if not confirmed:
+                    # Give the target the confirm timeout to roll back on its own.
+                    pass
+            if state == "done" or state.startswith(("failed", "rolled-back", "rollback-failed")):
+                return ActivationOutcome(state, self._log, self.workdir)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _reconnect(self, deadline: float) -> Target:
+        while time.monotonic() < deadline:
+            try:
+                conn = await self.connect()
+                self.target = Target(conn, self.target.run_as)
+                return self.target
+            except ConnectError:
+                await asyncio.sleep(1.0)
+        raise EngineError(f"lost the connection to {self.target.target} during activation and could not reconnect")
+
+    def _report(self, state: str) -> None:
+        if state == "activating":
+            self._status(f"activating {self.spec.new_path}")
+        elif state == "waiting-confirm":
+            self._status("waiting for confirmation (magic rollback)")
+        elif state.startswith("rolling-back"):
+            self._status("rolling back")
+
+    async def cleanup(self) -> None:
+        try:
+            await self.target.run(["rm", "-rf", "--", self.workdir], check=False, timeout=15)
+        except (ConnectError, EngineError):
+            pass
+
+    @property
+    def output(self) -> str:
+        return self._log

@@ -1,0 +1,281 @@
+"""One deployment, start to finish (DESIGN §3).
+
+connect (pinned host key) -> push (only what the target lacks) -> register
+the generation -> activate under the target-side supervisor -> confirm over a
+new connection -> health checks. Any failure after registering rolls back to
+the previous generation, and the error says where the machine is now.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from . import profiles
+from .activation import ActivationSpec, Supervisor
+from .errors import DeployError, EngineError
+from .health import run_health_checks
+from .models import DeployRequest, DeployResult, Generation, Profile, PushStats, Remote
+from .nix import Nix
+from .process import Target
+from .push import PushProgress, push_closure
+from .ssh import Connection, connect
+
+StatusFn = Callable[[str], None]
+OUTPUT_TAIL_LINES = 20
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def run_as_for(profile: Profile) -> str | None:
+    """Who must run profile commands: root for the system profile, else the owner."""
+    if profile.is_system:
+        return "root"
+    return profile.user
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """What a target runs now, as read over SSH."""
+
+    host_key: str
+    generation: Generation | None
+    current_system: str | None
+    nixos_version: str | None
+    generations: tuple[Generation, ...] = ()
+
+
+async def open_target(remote: Remote, profile: Profile, *, compress: bool = False) -> Target:
+    conn = await connect(remote, compress=compress)
+    return Target(conn, run_as_for(profile))
+
+
+async def read_state(remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:
+    """Read the profile's current generation, /run/current-system and the host key."""
+    target = await open_target(remote, profile)
+    try:
+        return await _read_state(target, profile, with_generations)
+    finally:
+        await target.conn.close()
+
+
+async def _read_state(target: Target, profile: Profile, with_generations: bool = False) -> TargetState:
+    gen = await profiles.current_generation(target, profile.path)
+    system = await profiles.current_system(target) if profile.is_system else None
+    version = await profiles.nixos_version(target, system) if system else None
+    gens = tuple(await profiles.list_generations(target, profile.path)) if with_generations else ()
+    return TargetState(target.conn.host_key, gen, system, version, gens)
+
+
+def _tail(text: str, n: int = OUTPUT_TAIL_LINES) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+class Deployment:
+    """Deploys one store path to one profile on one host."""
+
+    def __init__(self, req: DeployRequest, nix: Nix, *, status: StatusFn = _noop, output: StatusFn = _noop) -> None:
+        self.req = req
+        self.nix = nix
+        self.status = status
+        self.output = output
+        self.host_key: str | None = req.remote.host_key
+
+    def _pinned_remote(self) -> Remote:
+        # Every later connection (confirmation, reconnects) must present the key
+        # the first one pinned.
+        return replace(self.req.remote, host_key=self.host_key, retries=2)
+
+    async def _connect_again(self) -> Connection:
+        return await connect(self._pinned_remote())
+
+    async def run(self) -> DeployResult:
+        req = self.req
+        self.status(f"connecting to {req.remote.target}")
+        target = await open_target(req.remote, req.profile, compress=req.compress)
+        self.host_key = target.conn.host_key
+        try:
+            return await self._run(target)
+        finally:
+            await target.conn.close()
+
+    async def _run(self, target: Target) -> DeployResult:
+        req = self.req
+        profile = req.profile.path
+        before = await profiles.current_generation(target, profile)
+        prev_system = await profiles.current_system(target) if req.profile.is_system else None
+
+        def on_progress(p: PushProgress) -> None:
+            self.status(p.describe())
+
+        paths, nbytes, seconds, _missing = await push_closure(
+            self.nix, target, req.store_path,
+            substitute_on_destination=req.substitute_on_destination, progress=on_progress,
+        )
+        push = PushStats(paths, nbytes, seconds)
+        if paths:
+            self.status(f"copied {paths} paths ({nbytes / 1048576:.1f} MiB) in {seconds:.1f}s")
+
+        if req.action == "dry-activate":
+            res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,
+                                   timeout=req.activation_timeout)
+            return DeployResult(req.store_path, before.number if before else 0, None, None, self.host_key or "",
+                                push, None, res.stdout + res.stderr, changed=False)
+
+        registers = req.action != "test"
+        new_gen: Generation | None = None
+        if registers:
+            self.status(f"registering generation for {req.store_path}")
+            new_gen = await profiles.set_profile(target, profile, req.store_path)
+        # nix-env --set reuses the current generation when the path is unchanged;
+        # then there is no generation to switch away from or delete on rollback.
+        unchanged = before is not None and new_gen is not None and new_gen.number == before.number
+
+        spec = ActivationSpec(
+            mode="system" if req.profile.is_system else "profile",
+            profile=profile,
+            new_path=req.store_path,
+            new_gen=new_gen.number if new_gen and not unchanged else None,
+            prev_gen=before.number if before and registers and not unchanged else None,
+            prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
+            action=req.action,
+            magic_rollback=req.magic_rollback and req.action != "boot",
+            confirm_timeout=req.confirm_timeout,
+            auto_rollback=req.auto_rollback,
+            activation_timeout=req.activation_timeout,
+            activate_command=req.activate_command,
+        )
+        supervisor = Supervisor(target, self._connect_again, spec, status=self.status, output=self.output)
+        await supervisor.upload()
+        await supervisor.start()
+        deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
+        outcome = await supervisor.follow(deadline)
+        target = supervisor.target  # follow() may have reconnected
+
+        if not outcome.ok:
+            raise await self._failure(target, outcome.state, outcome.output, new_gen)
+
+        if req.health_checks and req.action != "boot":
+            try:
+                await run_health_checks(target, req.health_checks, status=self.status)
+            except EngineError as e:
+                if not req.auto_rollback:
+                    raise DeployError(
+                        f"{e}; autoRollback is off, so {req.store_path} stays active on {target.target}",
+                        phase="health-check", now_running=req.store_path,
+                        generation=new_gen.number if new_gen else None) from e
+                self.status("health check failed: rolling back")
+                target = await self._ensure_connected(target)
+                supervisor.target = target
+                await supervisor.start("rollback")
+                outcome = await supervisor.follow(time.monotonic() + req.activation_timeout + 60)
+                raise await self._failure(supervisor.target, outcome.state, outcome.output, new_gen,
+                                          reason=str(e)) from e
+
+        await supervisor.cleanup()
+        version = await profiles.nixos_version(target, req.store_path) if req.profile.is_system else None
+        after = await profiles.current_generation(target, profile)
+        return DeployResult(
+            store_path=req.store_path,
+            generation=after.number if after else 0,
+            previous_generation=before.number if before else None,
+            previous_store_path=spec.prev_path,
+            host_key=self.host_key or "",
+            push=push,
+            nixos_version=version,
+            output=outcome.output,
+        )
+
+    async def _ensure_connected(self, target: Target) -> Target:
+        try:
+            await target.run(["true"], timeout=10)
+            return target
+        except EngineError:
+            return Target(await self._connect_again(), target.run_as)
+
+    async def _failure(self, target: Target, state: str, output: str, new_gen: Generation | None,
+                       reason: str | None = None) -> DeployError:
+        """Build the error: what failed, the output tail, and what runs now."""
+        req = self.req
+        kind, _, detail = state.partition(" ")
+        what = reason or _describe_reason(detail or kind, req)
+        try:
+            target = await self._ensure_connected(target)
+            now = await _read_state(target, req.profile)
+            running = now.current_system if req.profile.is_system else (now.generation.store_path if now.generation else None)
+            gen_now = now.generation.number if now.generation else None
+        except EngineError:
+            running, gen_now = None, None
+        where = _describe_now(running, gen_now, req.profile)
+        if kind == "rolled-back":
+            removed = f"; generation {new_gen.number} was removed" if new_gen and gen_now != new_gen.number else ""
+            msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}. Rolled back: {where}{removed}."
+        elif kind == "rollback-failed":
+            msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}, and the rollback failed too ({detail}). Now: {where}."
+        else:
+            msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}; autoRollback is off. Now: {where}."
+        tail = _tail(output)
+        if tail:
+            msg += f"\nactivation output (last lines):\n{tail}"
+        return DeployError(msg, phase="activation" if "activation" in what else "confirmation" if "confirm" in what else "health-check",
+                           now_running=running, generation=gen_now, rolled_back=kind == "rolled-back", output_tail=tail)
+
+
+def _describe_reason(detail: str, req: DeployRequest) -> str:
+    if detail.startswith("activation-failed:"):
+        code = detail.split(":", 1)[1]
+        if code == "124":
+            return f"activation timed out after {req.activation_timeout:.0f}s"
+        return f"activation exited with status {code}"
+    if detail.startswith("unconfirmed"):
+        return (f"the deployer could not reach the host again within confirmTimeout ({req.confirm_timeout:.0f}s) "
+                "after activation, so the target rolled itself back (magic rollback)")
+    if detail.startswith("requested"):
+        return "rollback requested"
+    return detail
+
+
+def _describe_now(running: str | None, gen: int | None, profile: Profile) -> str:
+    if running is None and gen is None:
+        return "the host could not be read"
+    g = f"generation {gen}" if gen is not None else "no generation"
+    return f"{g} ({running}) is running" if profile.is_system else f"{profile.path} is at {g} ({running})"
+
+
+async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn = _noop,
+                 output: StatusFn = _noop) -> DeployResult:
+    """Deploy req.store_path; raise DeployError (or ConnectError, NixError) on failure."""
+    return await Deployment(req, nix or Nix(), status=status, output=output).run()
+
+
+async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,
+                      activate_command: str | None = None, timeout: float = 240) -> TargetState:
+    """Switch a profile back to an existing generation and re-activate it (destroy's rollback)."""
+    target = await open_target(remote, profile)
+    try:
+        gens = {g.number: g for g in await profiles.list_generations(target, profile.path)}
+        if generation not in gens:
+            raise EngineError(f"generation {generation} of {profile.path} no longer exists on {remote.target}")
+        await profiles.switch_generation(target, profile.path, generation)
+        path = gens[generation].store_path
+        status(f"re-activating generation {generation}")
+        if profile.is_system:
+            await target.run([f"{path}/bin/switch-to-configuration", "switch"], timeout=timeout)
+        elif activate_command:
+            await target.run(["sh", "-c", 'cd "$1" && PROFILE="$1" exec /bin/sh -c "$2"', "sh", profile.path,
+                              activate_command], timeout=timeout)
+        return await _read_state(target, profile)
+    finally:
+        await target.conn.close()
+
+
+async def remove_profile(remote: Remote, profile: Profile) -> None:
+    target = await open_target(remote, profile)
+    try:
+        await profiles.remove_profile(target, profile.path)
+    finally:
+        await target.conn.close()

@@ -1,0 +1,119 @@
+"""Frozen models the engine passes around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+
+Action = Literal["switch", "boot", "test", "dry-activate"]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    private_key: str | None = field(default=None, repr=False)
+    private_key_password: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    agent_socket_path: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.private_key or self.password or self.agent_socket_path)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How to reach one host over SSH (pulumi-command's Connection, as a model)."""
+
+    host: str
+    port: int = 22
+    user: str = "root"
+    credentials: Credentials = field(default_factory=Credentials)
+    host_key: str | None = None
+    proxy: Remote | None = None
+    connect_timeout: float = 15.0
+    retries: int = 3
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A Nix profile on the target and the user that owns it (None: the SSH user)."""
+
+    path: str = SYSTEM_PROFILE
+    user: str | None = None
+
+    @property
+    def is_system(self) -> bool:
+        return self.path == SYSTEM_PROFILE
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    store_path: str
+    current: bool = False
+    date: str = ""
+
+
+@dataclass(frozen=True)
+class PushStats:
+    paths: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    missing_before: int = 0
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    command: str | None = None
+    http: str | None = None
+    tcp: int | None = None
+    host: str = "127.0.0.1"
+    timeout: float = 10.0
+    retries: int = 3
+    interval: float = 2.0
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.command is not None:
+            return f"command `{self.command}`"
+        if self.http is not None:
+            return f"HTTP {self.http}"
+        return f"TCP {self.host}:{self.tcp}"
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    remote: Remote
+    store_path: str
+    profile: Profile = field(default_factory=Profile)
+    action: Action = "switch"
+    magic_rollback: bool = True
+    confirm_timeout: float = 30.0
+    activation_timeout: float = 240.0
+    auto_rollback: bool = True
+    health_checks: tuple[HealthCheck, ...] = ()
+    activate_command: str | None = None  # NixProfile: run after switching the profile
+    substitute_on_destination: bool = False
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    store_path: str
+    generation: int
+    previous_generation: int | None
+    previous_store_path: str | None
+    host_key: str
+    push: PushStats
+    nixos_version: str | None
+    output: str
+    changed: bool = True

@@ -1,0 +1,83 @@
+"""Profiles and generations on the target, through nix-env and readlink."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import EngineError
+from .models import Generation
+from .process import Target
+
+_GEN_LINE = re.compile(r"^\s*(\d+)\s+(\S+\s+\S+)\s*(\(current\))?\s*$")
+
+
+async def list_generations(target: Target, profile: str) -> list[Generation]:
+    """Generations of a profile, oldest first. Empty when the profile does not exist."""
+    res = await target.run(["nix-env", "-p", profile, "--list-generations"], check=False)
+    if res.exit_status != 0:
+        if "No such file" in res.stderr or "does not exist" in res.stderr or not res.stderr.strip():
+            return []
+        raise EngineError(f"cannot list generations of {profile} on {target.target}: {res.stderr.strip()}")
+    entries = []
+    for line in res.stdout.splitlines():
+        m = _GEN_LINE.match(line)
+        if m:
+            entries.append((int(m.group(1)), m.group(2).replace(" ", "T") + "Z", bool(m.group(3))))
+    if not entries:
+        return []
+    links = [f"{profile}-{n}-link" for n, _, _ in entries]
+    paths = (await target.run(["readlink", "-e", "--", *links], check=False)).stdout.split()
+    if len(paths) != len(entries):
+        # One link vanished between the two commands; read them one by one.
+        paths = [(await target.run(["readlink", "-f", "--", ln], check=False)).stdout.strip() for ln in links]
+    return [Generation(n, p, cur, date) for (n, date, cur), p in zip(entries, paths, strict=True)]
+
+
+async def current_generation(target: Target, profile: str) -> Generation | None:
+    """The generation the profile points at, or None if there is no profile."""
+    res = await target.run(["readlink", "--", profile], check=False)
+    link = res.stdout.strip()
+    if res.exit_status != 0 or not link:
+        return None
+    m = re.match(rf"^{re.escape(os.path.basename(profile))}-(\d+)-link$", os.path.basename(link))
+    if not m:
+        raise EngineError(f"{profile} on {target.target} points at {link}, which is not a generation link")
+    path = (await target.run(["readlink", "-f", "--", profile])).stdout.strip()
+    return Generation(int(m.group(1)), path, True)
+
+
+async def set_profile(target: Target, profile: str, store_path: str) -> Generation:
+    """Make store_path a new generation of profile (nix-env --set) and return it."""
+    parent = os.path.dirname(profile)
+    await target.run(["mkdir", "-p", "--", parent])
+    await target.run(["nix-env", "-p", profile, "--set", store_path])
+    gen = await current_generation(target, profile)
+    if gen is None or gen.store_path != store_path:
+        raise EngineError(f"setting {profile} to {store_path} on {target.target} did not take effect")
+    return gen
+
+
+async def switch_generation(target: Target, profile: str, number: int) -> None:
+    await target.run(["nix-env", "-p", profile, "--switch-generation", str(number)])
+
+
+async def delete_generation(target: Target, profile: str, number: int) -> None:
+    await target.run(["nix-env", "-p", profile, "--delete-generations", str(number)])
+
+
+async def remove_profile(target: Target, profile: str) -> None:
+    """Delete every generation and the profile link itself."""
+    gens = await list_generations(target, profile)
+    links = [f"{profile}-{g.number}-link" for g in gens]
+    await target.run(["rm", "-f", "--", profile, *links])
+
+
+async def current_system(target: Target) -> str | None:
+    res = await target.run(["readlink", "-f", "--", "/run/current-system"], check=False)
+    return res.stdout.strip() or None
+
+
+async def nixos_version(target: Target, system_path: str) -> str | None:
+    res = await target.run(["cat", "--", f"{system_path}/nixos-version"], check=False)
+    return res.stdout.strip() or None

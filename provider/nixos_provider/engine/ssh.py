@@ -1,0 +1,216 @@
+"""SSH connections to targets (asyncssh), with pinned or trust-on-first-use host keys.
+
+Host keys are checked during key exchange, before any credential is sent: a
+pinned key must match exactly; with no pinned key the first key seen is
+accepted and returned so the caller can pin it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from .errors import ConnectError, HostKeyMismatch, RemoteCommandError
+from .models import Remote
+
+log = logging.getLogger(__name__)
+
+# Preferred host key algorithms when nothing is pinned: the key type a modern
+# NixOS host generates first, so TOFU pins the same key OpenSSH users see.
+_TOFU_HOST_KEY_ALGS = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+    "ssh-rsa",
+]
+
+
+def normalize_host_key(line: str) -> str:
+    """`type base64 [comment]` -> `type base64`: the comment is not part of the key."""
+    parts = line.strip().split()
+    if len(parts) < 2:
+        raise ValueError("a host key is an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
+    key = asyncssh.import_public_key(f"{parts[0]} {parts[1]}")
+    return key.export_public_key("openssh").decode().strip()
+
+
+def fingerprint(line: str) -> str:
+    parts = line.strip().split()
+    key = asyncssh.import_public_key(f"{parts[0]} {parts[1]}")
+    return f"{key.get_fingerprint('sha256')} ({parts[0]})"
+
+
+class _HostKeyChecker(asyncssh.SSHClient):
+    def __init__(self, pinned: str | None) -> None:
+        self.pinned = pinned
+        self.seen: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        self.seen = key.export_public_key("openssh").decode().strip()
+        return self.pinned is None or self.seen == self.pinned
+
+
+@dataclass
+class CommandResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class Connection:
+    """One authenticated SSH connection to a target."""
+
+    def __init__(self, remote: Remote, conn: asyncssh.SSHClientConnection, host_key: str,
+                 tunnel: Connection | None = None) -> None:
+        self.remote = remote
+        self.conn = conn
+        self.host_key = host_key
+        self._tunnel = tunnel
+
+    @property
+    def target(self) -> str:
+        return self.remote.target
+
+    async def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
+                  timeout: float | None = 120.0) -> CommandResult:
+        """Run argv on the target. The command line is built by quoting each argument."""
+        command = shlex.join(argv)
+        try:
+            proc = await asyncio.wait_for(
+                self.conn.run(command, input=input, check=False, encoding="utf-8", errors="replace"),
+                timeout=timeout,
+            )
+        except TimeoutError as e:
+            raise RemoteCommandError(self.target, list(argv), None, f"timed out after {timeout:.0f}s") from e
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectError(f"lost the SSH connection to {self.target} while running `{argv[0]}`: {_describe(e)}") from e
+        status = proc.exit_status if proc.exit_status is not None else 255
+        result = CommandResult(status, str(proc.stdout or ""), str(proc.stderr or ""))
+        if check and status != 0:
+            raise RemoteCommandError(self.target, list(argv), status, result.stderr)
+        return result
+
+    async def start(self, argv: Sequence[str], *, binary: bool = False) -> asyncssh.SSHClientProcess[bytes]:
+        """Start argv with streaming stdin/stdout (used to push store paths)."""
+        return await self.conn.create_process(shlex.join(argv), encoding=None)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        self.conn.close()
+        try:
+            await asyncio.wait_for(self.conn.wait_closed(), timeout=5)
+        except (TimeoutError, asyncssh.Error, OSError):
+            pass
+        if self._tunnel is not None:
+            await self._tunnel.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (tests use it to simulate a lost link)."""
+        self.conn.abort()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, asyncssh.PermissionDenied):
+        return "permission denied (check `connection.privateKey`, `password` or the agent)"
+    if isinstance(e, asyncssh.Error):
+        return e.reason or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+def _client_keys(remote: Remote) -> list[asyncssh.SSHKey] | None:
+    creds = remote.credentials
+    if not creds.private_key:
+        return None
+    try:
+        return [asyncssh.import_private_key(creds.private_key, creds.private_key_password)]
+    except asyncssh.KeyEncryptionError as e:
+        raise ConnectError(f"cannot decrypt the private key for {remote.target}: wrong `privateKeyPassword`") from e
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise ConnectError(f"`privateKey` for {remote.target} is not a private key asyncssh can read: {e}") from e
+
+
+async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool) -> Connection:
+    pinned = normalize_host_key(remote.host_key) if remote.host_key else None
+    checker = _HostKeyChecker(pinned)
+    creds = remote.credentials
+    client_keys = _client_keys(remote)
+    options: dict[str, object] = {
+        "username": remote.user,
+        "known_hosts": ([], [], []),
+        "server_host_key_algs": [pinned.split()[0]] if pinned else _TOFU_HOST_KEY_ALGS,
+        "connect_timeout": remote.connect_timeout,
+        "login_timeout": remote.connect_timeout,
+        "keepalive_interval": 10,
+        "keepalive_count_max": 3,
+    }
+    if compress:
+        options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"]
+    if not creds.empty:
+        # Explicit credentials: use exactly those, as pulumi-command does.
+        options["client_keys"] = client_keys or []
+        options["agent_path"] = creds.agent_socket_path
+        options["password"] = creds.password
+        options["ignore_encrypted"] = True
+    if tunnel is not None:
+        options["tunnel"] = tunnel.conn
+    try:
+        conn = await asyncssh.connect(remote.host, remote.port, client_factory=lambda: checker, **options)  # type: ignore[arg-type]
+    except asyncssh.HostKeyNotVerifiable as e:
+        if pinned and checker.seen:
+            raise HostKeyMismatch(remote.target, fingerprint(pinned), fingerprint(checker.seen)) from e
+        raise ConnectError(f"cannot verify the host key of {remote.target}: {_describe(e)}") from e
+    assert checker.seen is not None
+    return Connection(remote, conn, checker.seen, tunnel)
+
+
+async def connect(remote: Remote, *, compress: bool = False) -> Connection:
+    """Connect with bounded retries and backoff. Host key and auth failures are not retried."""
+    tunnel = await connect(remote.proxy) if remote.proxy is not None else None
+    attempts = max(1, remote.retries)
+    delay = 0.5
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _connect_once(remote, tunnel, compress)
+        except (HostKeyMismatch, asyncssh.PermissionDenied) as e:
+            if tunnel is not None:
+                await tunnel.close()
+            if isinstance(e, asyncssh.PermissionDenied):
+                raise ConnectError(f"authentication as {remote.target} failed: {_describe(e)}") from e
+            raise
+        except ConnectError:
+            if tunnel is not None:
+                await tunnel.close()
+            raise
+        except (asyncssh.Error, OSError, TimeoutError) as e:
+            last = e
+            log.debug("connect %s attempt %d failed: %s", remote.target, attempt, e)
+            if attempt < attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+    if tunnel is not None:
+        await tunnel.close()
+    assert last is not None
+    via = f" via {remote.proxy.target}" if remote.proxy else ""
+    raise ConnectError(
+        f"cannot connect to {remote.target}{via}: {_describe(last)} (after {attempts} attempt{'s' if attempts > 1 else ''})"
+    ) from last
