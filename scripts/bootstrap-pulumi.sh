@@ -6,20 +6,21 @@
 # Why these versions:
 #  * CLI: pkg/v3 at PULUMI_VERSION, the same version as the pinned Python SDK.
 #  * Python and Node.js language hosts: their Go sources left the sdk/v3 module
-#    after v3.79.0 (they became untagged nested modules that the module proxy
-#    does not serve), so they are built from sdk/v3@v3.79.0.  The language-host
-#    protocol is backwards compatible; pulumi-language-python-exec, the Python
-#    side of the host, comes from sdk/v3 at PULUMI_VERSION so it matches the
-#    Python SDK.
+#    (after v3.79.0 and v3.68.0; they became untagged nested modules that the
+#    module proxy does not serve), so they are built from the last sdk/v3 that
+#    holds them.  The language-host protocol is backwards compatible;
+#    pulumi-language-python-exec, the Python side of the host, comes from
+#    sdk/v3 at PULUMI_VERSION so it matches the Python SDK.
 #  * YAML language host: the newest pulumi-yaml the proxy serves.
 set -euo pipefail
 
 PULUMI_VERSION="${PULUMI_VERSION:-3.259.0}"
-LANGHOST_SDK_VERSION="${LANGHOST_SDK_VERSION:-3.79.0}"
+PYTHON_HOST_SDK_VERSION="${PYTHON_HOST_SDK_VERSION:-3.79.0}"
+NODEJS_HOST_SDK_VERSION="${NODEJS_HOST_SDK_VERSION:-3.68.0}"
 PULUMI_YAML_VERSION="${PULUMI_YAML_VERSION:-1.19.1}"
 
 CACHE_ROOT="${PULUMI_NIXOS_CACHE:-$HOME/.cache/pulumi-nixos}"
-KEY="pulumi-${PULUMI_VERSION}_hosts-${LANGHOST_SDK_VERSION}_yaml-${PULUMI_YAML_VERSION}"
+KEY="pulumi-${PULUMI_VERSION}_py-${PYTHON_HOST_SDK_VERSION}_node-${NODEJS_HOST_SDK_VERSION}_yaml-${PULUMI_YAML_VERSION}"
 DEST="$CACHE_ROOT/$KEY/bin"
 STAMP="$CACHE_ROOT/$KEY/.complete"
 
@@ -58,14 +59,17 @@ if [[ ! -x "$DEST/pulumi" ]]; then
 replace github.com/atotto/clipboard => github.com/tgummerer/clipboard v0.0.0-20241001131231-d02d263e614e"
 fi
 
-for lang in python nodejs; do
+build_langhost() { # build_langhost LANG SDK_VERSION
+  local lang="$1" version="$2"
   if [[ ! -x "$DEST/pulumi-language-$lang" ]]; then
     build_in_module "lang-$lang" "$DEST/pulumi-language-$lang" \
       "github.com/pulumi/pulumi/sdk/v3/$lang/cmd/pulumi-language-$lang" \
-      "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${LANGHOST_SDK_VERSION}" \
-      "require github.com/pulumi/pulumi/sdk/v3 v${LANGHOST_SDK_VERSION}"
+      "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${version}" \
+      "require github.com/pulumi/pulumi/sdk/v3 v${version}"
   fi
-done
+}
+build_langhost python "$PYTHON_HOST_SDK_VERSION"
+build_langhost nodejs "$NODEJS_HOST_SDK_VERSION"
 
 if [[ ! -x "$DEST/pulumi-language-yaml" ]]; then
   build_in_module lang-yaml "$DEST/pulumi-language-yaml" \
@@ -76,7 +80,7 @@ fi
 
 # The Python host runs this script next to itself; take it from the SDK
 # module at the CLI's version so it matches the pinned Python SDK.
-SDK_DIR="$(cd "$WORK/cli" && go list -m -f '{{.Dir}}' github.com/pulumi/pulumi/sdk/v3)"
+SDK_DIR="$(cd "$WORK" && GOFLAGS= go mod download -json "github.com/pulumi/pulumi/sdk/v3@v${PULUMI_VERSION}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
 install -m 0755 "$SDK_DIR/python/cmd/pulumi-language-python-exec" "$DEST/pulumi-language-python-exec"
 
 touch "$STAMP"

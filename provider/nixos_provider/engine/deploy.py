@@ -253,15 +253,26 @@ async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn
 
 
 async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,
-                      activate_command: str | None = None, timeout: float = 240) -> TargetState:
-    """Switch a profile back to an existing generation and re-activate it (destroy's rollback)."""
+                      activate_command: str | None = None, timeout: float = 240,
+                      fallback_path: str | None = None) -> TargetState:
+    """Switch a profile back to an existing generation and re-activate it (destroy's rollback).
+
+    If that generation was garbage-collected but fallback_path is still in the
+    target's store, it becomes a new generation instead.
+    """
     target = await open_target(remote, profile)
     try:
         gens = {g.number: g for g in await profiles.list_generations(target, profile.path)}
-        if generation not in gens:
-            raise EngineError(f"generation {generation} of {profile.path} no longer exists on {remote.target}")
-        await profiles.switch_generation(target, profile.path, generation)
-        path = gens[generation].store_path
+        if generation in gens:
+            await profiles.switch_generation(target, profile.path, generation)
+            path = gens[generation].store_path
+        elif fallback_path and (await target.run(["nix-store", "--check-validity", fallback_path], check=False)).exit_status == 0:
+            status(f"generation {generation} is gone; re-registering {fallback_path}")
+            await profiles.set_profile(target, profile.path, fallback_path)
+            path = fallback_path
+        else:
+            raise EngineError(f"generation {generation} of {profile.path} no longer exists on {remote.target}, "
+                              "so there is nothing to roll back to")
         status(f"re-activating generation {generation}")
         if profile.is_system:
             await target.run([f"{path}/bin/switch-to-configuration", "switch"], timeout=timeout)

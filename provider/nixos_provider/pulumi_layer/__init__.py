@@ -1,0 +1,1 @@
+"""The Pulumi layer: turns provider RPCs into engine calls. It never runs shell commands."""

@@ -1,0 +1,212 @@
+"""Validation of resource inputs, and their translation into engine models.
+
+Each failure names the property (`connection.port`, `healthChecks[1]`), which
+is what the Pulumi CLI shows next to the resource.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.models import Credentials, HealthCheck, Remote
+from ..engine.nix import is_store_path
+from ..engine.ssh import normalize_host_key
+from .properties import UNKNOWN, Secret, contains_unknown, reveal
+
+HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*\$?$", re.IGNORECASE)
+
+
+@dataclass
+class Failures:
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, prop: str, reason: str) -> None:
+        self.items.append((prop, reason))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def _known(v: Any) -> bool:
+    return v is not None and not contains_unknown(v)
+
+
+def _plain(v: Any) -> Any:
+    return reveal(v)
+
+
+def check_int(f: Failures, prop: str, v: Any, lo: int, hi: int) -> None:
+    if not _known(v):
+        return
+    v = _plain(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        f.add(prop, f"must be a whole number, not {v!r}")
+    elif not lo <= int(v) <= hi:
+        f.add(prop, f"must be between {lo} and {hi}, not {int(v)}")
+
+
+def check_seconds(f: Failures, prop: str, v: Any, lo: float = 0.1, hi: float = 86400) -> None:
+    if not _known(v):
+        return
+    v = _plain(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        f.add(prop, f"must be a number of seconds, not {v!r}")
+    elif not lo <= v <= hi:
+        f.add(prop, f"must be between {lo:g} and {hi:g} seconds, not {v:g}")
+
+
+def check_choice(f: Failures, prop: str, v: Any, choices: tuple[str, ...]) -> None:
+    if _known(v) and v not in choices:
+        f.add(prop, f"must be one of {', '.join(repr(c) for c in choices)}, not {v!r}")
+
+
+def check_bool(f: Failures, prop: str, v: Any) -> None:
+    if _known(v) and not isinstance(_plain(v), bool):
+        f.add(prop, f"must be true or false, not {_plain(v)!r}")
+
+
+def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_proxy: bool = True) -> None:
+    if conn is UNKNOWN:
+        return
+    if not isinstance(conn, dict):
+        f.add(prop, "is required: an object with at least `host`")
+        return
+    host = conn.get("host")
+    if host is None:
+        f.add(f"{prop}.host", "is required")
+    elif _known(host) and (not isinstance(_plain(host), str) or not HOST_RE.match(_plain(host))):
+        f.add(f"{prop}.host", f"{_plain(host)!r} is not a host name or IP address")
+    check_int(f, f"{prop}.port", conn.get("port"), 1, 65535)
+    user = conn.get("user")
+    if _known(user) and (not isinstance(_plain(user), str) or not USER_RE.match(_plain(user))):
+        f.add(f"{prop}.user", f"{_plain(user)!r} is not a valid user name")
+    check_seconds(f, f"{prop}.connectTimeout", conn.get("connectTimeout"), 1, 3600)
+    check_int(f, f"{prop}.retries", conn.get("retries"), 1, 100)
+    key = conn.get("hostKey")
+    if _known(key):
+        try:
+            normalize_host_key(str(_plain(key)))
+        except (ValueError, Exception):
+            f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
+    pk = conn.get("privateKey")
+    if _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
+        # Never echo the value: it is a secret.
+        f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
+    proxy = conn.get("proxy")
+    if proxy is not None:
+        if not allow_proxy:
+            f.add(f"{prop}.proxy", "a jump host cannot itself have a proxy")
+        else:
+            check_connection(f, proxy, f"{prop}.proxy", allow_proxy=False)
+
+
+def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") -> None:
+    if not _known(checks):
+        return
+    if not isinstance(checks, list):
+        f.add(prop, "must be a list of health checks")
+        return
+    for i, c in enumerate(checks):
+        p = f"{prop}[{i}]"
+        if not isinstance(c, dict):
+            f.add(p, "must be an object with one of `command`, `http` or `tcp`")
+            continue
+        kinds = [k for k in ("command", "http", "tcp") if c.get(k) is not None]
+        if len(kinds) != 1:
+            f.add(p, f"needs exactly one of `command`, `http` or `tcp` (got {', '.join(kinds) or 'none'})")
+        http = c.get("http")
+        if _known(http) and not re.match(r"^https?://[^\s/]+", str(http)):
+            f.add(f"{p}.http", f"{http!r} is not an http:// or https:// URL")
+        check_int(f, f"{p}.tcp", c.get("tcp"), 1, 65535)
+        check_seconds(f, f"{p}.timeout", c.get("timeout"), 0.1, 3600)
+        check_int(f, f"{p}.retries", c.get("retries"), 0, 1000)
+        check_seconds(f, f"{p}.interval", c.get("interval"), 0, 3600)
+
+
+def check_store_path(f: Failures, prop: str, v: Any) -> None:
+    if _known(v) and not (isinstance(v, str) and is_store_path(v)):
+        f.add(prop, f"{v!r} is not a Nix store path (/nix/store/<hash>-<name>)")
+
+
+def check_flake(f: Failures, prop: str, v: Any) -> None:
+    if _known(v) and (not isinstance(v, str) or "#" not in v or v.endswith("#")):
+        f.add(prop, f"{v!r} is not a flake reference with an attribute, such as `.#web`")
+
+
+def check_nix_options(f: Failures, opts: Any) -> None:
+    if not _known(opts):
+        return
+    if not isinstance(opts, list):
+        f.add("nixOptions", "must be a list of {name, value}")
+        return
+    for i, o in enumerate(opts):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("value"), str):
+            f.add(f"nixOptions[{i}]", "needs string `name` and `value`")
+
+
+# -- translation --------------------------------------------------------------
+
+
+def _num(v: Any, default: float) -> float:
+    v = _plain(v)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
+              default_private_key: str | None = None, default_user: str | None = None) -> Remote:
+    c = _plain(conn)
+    creds = Credentials(
+        private_key=c.get("privateKey"),
+        private_key_password=c.get("privateKeyPassword"),
+        password=c.get("password"),
+        agent_socket_path=c.get("agentSocketPath"),
+    )
+    if creds.empty and default_private_key:
+        creds = Credentials(private_key=default_private_key)
+    proxy = to_remote(c["proxy"], default_private_key=default_private_key) if c.get("proxy") else None
+    return Remote(
+        host=str(c["host"]),
+        port=int(_num(c.get("port"), 22)),
+        user=str(c.get("user") or default_user or "root"),
+        credentials=creds,
+        host_key=c.get("hostKey") or host_key,
+        proxy=proxy,
+        connect_timeout=_num(c.get("connectTimeout"), 15),
+        retries=int(_num(c.get("retries"), 3)),
+    )
+
+
+def to_health_checks(checks: Any) -> tuple[HealthCheck, ...]:
+    out = []
+    for c in _plain(checks) or []:
+        out.append(HealthCheck(
+            command=c.get("command"),
+            http=c.get("http"),
+            tcp=int(c["tcp"]) if c.get("tcp") is not None else None,
+            host=c.get("host") or "127.0.0.1",
+            timeout=_num(c.get("timeout"), 10),
+            retries=int(_num(c.get("retries"), 3)),
+            interval=_num(c.get("interval"), 2),
+            name=c.get("name"),
+        ))
+    return tuple(out)
+
+
+def nix_options(opts: Any) -> list[tuple[str, str]]:
+    return [(o["name"], o["value"]) for o in (_plain(opts) or [])]
+
+
+def secret_connection(conn: Any) -> Any:
+    """Keep the secret fields of a connection wrapped as secrets in outputs."""
+    if not isinstance(conn, dict):
+        return conn
+    out = dict(conn)
+    for k in ("privateKey", "privateKeyPassword", "password"):
+        if out.get(k) is not None and not isinstance(out[k], Secret):
+            out[k] = Secret(out[k])
+    if isinstance(out.get("proxy"), dict):
+        out["proxy"] = secret_connection(out["proxy"])
+    return out

@@ -1,0 +1,275 @@
+"""nixos:index:NixosMachine: one NixOS host kept at the declared system."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import deploy as engine
+from ..engine.errors import DeployError, EngineError
+from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
+from ..engine.nix import Nix, is_store_path, parse_flake_ref
+from ..engine.ssh import normalize_host_key
+from . import inputs as v
+from .base import CheckFailed, Context, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .properties import UNKNOWN, contains_unknown, reveal
+
+TYPE = "nixos:index:NixosMachine"
+INPUT_KEYS = [
+    "connection", "flake", "systemPath", "buildOn", "substituteOnDestination", "compress", "nixOptions", "action",
+    "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy",
+    "triggers", "buildOnPreview", "dryActivate",
+]
+# A change to one of these means the machine must be deployed again.
+DEPLOY_KEYS = ["systemPath", "action", "triggers"]
+COMPUTED = [
+    "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
+    "deployedAt", "pushedPaths", "pushedBytes",
+]
+SYSTEM = Profile(SYSTEM_PROFILE)
+
+
+def _id(remote: Remote) -> str:
+    return f"{remote.host}:{remote.port}"
+
+
+class NixosMachine:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _nix(self, props: dict[str, Any]) -> Nix:
+        return self.ctx.nix(v.nix_options(props.get("nixOptions")))
+
+    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
+        return v.to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
+                           default_user=self.ctx.default_user)
+
+    # -- Check ------------------------------------------------------------------
+
+    async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
+        f = v.Failures()
+        unknown_keys = [k for k in news if k not in INPUT_KEYS]
+        for k in unknown_keys:
+            f.add(k, "is not a property of NixosMachine")
+        v.check_connection(f, news.get("connection"))
+        flake, path = news.get("flake"), news.get("systemPath")
+        if flake is not None and path is not None:
+            f.add("systemPath", "set exactly one of `flake` and `systemPath`, not both")
+        elif flake is None and path is None:
+            f.add("flake", "set exactly one of `flake` (e.g. `.#web`) and `systemPath` (a /nix/store path)")
+        v.check_flake(f, "flake", flake)
+        v.check_store_path(f, "systemPath", path)
+        v.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
+        v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
+        v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
+        v.check_seconds(f, "confirmTimeout", news.get("confirmTimeout"), 1, 3600)
+        v.check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
+        for b in ("substituteOnDestination", "compress", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"):
+            v.check_bool(f, b, news.get(b))
+        v.check_health_checks(f, news.get("healthChecks"))
+        v.check_nix_options(f, news.get("nixOptions"))
+        if f:
+            raise CheckFailed(f)
+
+        checked = dict(news)
+        conn = dict(checked["connection"]) if isinstance(checked.get("connection"), dict) else checked.get("connection")
+        if isinstance(conn, dict):
+            conn.setdefault("port", 22)
+            conn.setdefault("user", self.ctx.default_user or "root")
+            if isinstance(conn.get("port"), float):
+                conn["port"] = int(conn["port"])
+            if conn.get("hostKey") not in (None, UNKNOWN):
+                conn["hostKey"] = normalize_host_key(str(reveal(conn["hostKey"])))
+            checked["connection"] = conn
+        checked.setdefault("action", "switch")
+        checked.setdefault("onDestroy", "rollback")
+        if flake is not None:
+            if contains_unknown(flake) or contains_unknown(news.get("nixOptions")):
+                checked["systemPath"] = UNKNOWN
+            else:
+                try:
+                    checked["systemPath"] = await self.ctx.resolve_flake(str(flake), self._nix(news), nixos=True)
+                except (EngineError, ValueError) as e:
+                    f.add("flake", str(e))
+                    raise CheckFailed(f) from e
+        return checked
+
+    # -- Diff -------------------------------------------------------------------
+
+    def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        result = diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port")])
+        # Secrets in the connection update state only; never show them as replacing.
+        return result
+
+    @staticmethod
+    def needs_deploy(olds: dict[str, Any], news: dict[str, Any]) -> bool:
+        return any(not same(olds.get(k), news.get(k)) for k in DEPLOY_KEYS) or contains_unknown(news.get("systemPath"))
+
+    # -- Create / Update ------------------------------------------------------------
+
+    def _preview_outputs(self, news: dict[str, Any], olds: dict[str, Any] | None, deploys: bool) -> dict[str, Any]:
+        out = {**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news}
+        out["connection"] = v.secret_connection(news.get("connection"))
+        for k in COMPUTED:
+            if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
+                                                  "pushedPaths", "pushedBytes")):
+                out[k] = UNKNOWN
+        if olds is not None and olds.get("hostKey"):
+            out["hostKey"] = olds["hostKey"]
+        return out
+
+    async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
+        if preview:
+            ident = f"{reveal(news['connection']).get('host')}:{reveal(news['connection']).get('port', 22)}"
+            return ident, self._preview_outputs(news, None, True)
+        if news.get("install"):
+            raise EngineError("`install` (installing NixOS with nixos-anywhere) is not available in this version yet; "
+                              "remove it to adopt a machine that already runs NixOS")
+        remote = self._remote(news)
+        self.ctx.status(urn, f"connecting to {remote.target}")
+        async with self.ctx.ssh_slots:
+            baseline = await engine.read_state(remote, SYSTEM)
+        if baseline.generation is None and baseline.current_system is None:
+            raise EngineError(f"{remote.target} does not run NixOS (no {SYSTEM_PROFILE} and no /run/current-system); "
+                              "set `install` to install it with nixos-anywhere")
+        pinned = baseline.host_key
+        base = {
+            **news,
+            "connection": v.secret_connection(news["connection"]),
+            "hostKey": pinned,
+            "baselineGeneration": baseline.generation.number if baseline.generation else None,
+            "baselineSystemPath": baseline.current_system or (baseline.generation.store_path if baseline.generation else None),
+            "systemPath": baseline.current_system,
+            "generation": baseline.generation.number if baseline.generation else None,
+            "nixosVersion": baseline.nixos_version,
+        }
+        ident = _id(remote)
+        return ident, await self._deploy(urn, ident, base, news, pinned)
+
+    async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
+                     ) -> dict[str, Any]:
+        deploys = self.needs_deploy(olds, news)
+        if preview:
+            return self._preview_outputs(news, olds, deploys)
+        conn_key = reveal(news["connection"]).get("hostKey")
+        pinned = conn_key or olds.get("hostKey")
+        base = {**{k: olds.get(k) for k in COMPUTED}, **news, "systemPath": olds.get("systemPath"),
+                "connection": v.secret_connection(news["connection"]), "hostKey": pinned}
+        if not deploys:
+            return base
+        return await self._deploy(urn, ident, base, news, pinned)
+
+    async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
+        path = reveal(news.get("systemPath"))
+        if news.get("flake") is not None:
+            ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=True)
+            self.ctx.status(urn, f"building {ref}")
+            built = await nix.build(ref)
+            if path and built != path:
+                raise EngineError(f"building {ref} gave {built}, but evaluation said {path}; is the flake impure?")
+            return built
+        assert isinstance(path, str) and is_store_path(path)
+        if not await nix.is_valid(path):
+            self.ctx.status(urn, f"realising {path}")
+            await nix.build(path)
+        return path
+
+    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+                      pinned: str | None) -> dict[str, Any]:
+        remote = self._remote(news, host_key=pinned)
+        nix = self._nix(news)
+        try:
+            store_path = await self._build(urn, news, nix)
+        except EngineError as e:
+            raise PartialFailure(str(e), ident, base, news) from e
+        req = DeployRequest(
+            remote=remote,
+            store_path=store_path,
+            profile=SYSTEM,
+            action=news.get("action") or "switch",
+            magic_rollback=news.get("magicRollback", True) is not False,
+            confirm_timeout=float(news.get("confirmTimeout") or 30),
+            activation_timeout=float(news.get("activationTimeout") or 240),
+            auto_rollback=news.get("autoRollback", True) is not False,
+            health_checks=v.to_health_checks(news.get("healthChecks")),
+            substitute_on_destination=bool(news.get("substituteOnDestination")),
+            compress=bool(news.get("compress")),
+        )
+        try:
+            async with self.ctx.ssh_slots:
+                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
+                                             output=lambda s: self.ctx.info(urn, s))
+        except DeployError as e:
+            after = {**base}
+            if e.now_running:
+                after["systemPath"] = e.now_running
+            if e.generation is not None:
+                after["generation"] = e.generation
+            raise PartialFailure(str(e), ident, after, news) from e
+        except EngineError as e:
+            raise PartialFailure(str(e), ident, await self._observed(base, remote), news) from e
+        return {
+            **base,
+            "systemPath": result.store_path,
+            "generation": result.generation,
+            "previousGeneration": result.previous_generation,
+            "hostKey": result.host_key or pinned,
+            "nixosVersion": result.nixos_version,
+            "deployedAt": now_rfc3339(),
+            "pushedPaths": result.push.paths,
+            "pushedBytes": result.push.bytes,
+        }
+
+    async def _observed(self, base: dict[str, Any], remote: Remote) -> dict[str, Any]:
+        """Best effort: what the machine runs after a failure we could not classify."""
+        try:
+            state = await engine.read_state(remote, SYSTEM)
+        except EngineError:
+            return base
+        return {**base, "systemPath": state.current_system,
+                "generation": state.generation.number if state.generation else base.get("generation")}
+
+    # -- Read / Delete ----------------------------------------------------------
+
+    async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
+                   ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        if not state.get("connection") and not inputs.get("connection"):
+            # `pulumi import` with only an ID: host:port[:user]
+            host, _, rest = ident.rpartition(":") if ident.count(":") == 1 else (ident, "", "22")
+            inputs = {"connection": {"host": host, "port": int(rest or 22), "user": self.ctx.default_user or "root"}}
+        props = {**inputs, **state} if state else dict(inputs)
+        props["connection"] = state.get("connection") or inputs.get("connection")
+        remote = self._remote(props, host_key=state.get("hostKey"))
+        async with self.ctx.ssh_slots:
+            now = await engine.read_state(remote, SYSTEM)
+        outputs = {
+            **props,
+            "connection": v.secret_connection(props["connection"]),
+            "systemPath": now.current_system,
+            "generation": now.generation.number if now.generation else None,
+            "hostKey": now.host_key,
+            "nixosVersion": now.nixos_version,
+        }
+        if not state:
+            # Import: what runs now is the baseline to return to on destroy.
+            outputs["baselineGeneration"] = outputs["generation"]
+            outputs["baselineSystemPath"] = now.current_system
+            outputs.setdefault("action", "switch")
+            outputs.setdefault("onDestroy", "rollback")
+        new_inputs = {k: outputs.get(k) for k in INPUT_KEYS if outputs.get(k) is not None} if not inputs else inputs
+        if "systemPath" in new_inputs and new_inputs.get("flake") is None and not inputs:
+            new_inputs["systemPath"] = now.current_system
+        return _id(remote), outputs, new_inputs
+
+    async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
+        if state.get("onDestroy", "rollback") == "retain":
+            self.ctx.info(urn, "onDestroy is `retain`: leaving the machine as it is")
+            return
+        remote = self._remote(state, host_key=state.get("hostKey"))
+        baseline = state.get("baselineGeneration")
+        if baseline is None:
+            self.ctx.warn(urn, "no baseline generation was recorded; leaving the machine as it is")
+            return
+        self.ctx.status(urn, f"rolling back to the baseline generation {int(baseline)}")
+        async with self.ctx.ssh_slots:
+            await engine.rollback_to(remote, SYSTEM, int(baseline), status=lambda s: self.ctx.status(urn, s),
+                                     fallback_path=state.get("baselineSystemPath"))

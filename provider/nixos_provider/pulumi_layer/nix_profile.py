@@ -1,0 +1,235 @@
+"""nixos:index:NixProfile: any Nix profile on a host (deploy-rs's multi-profile idea)."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from ..engine import deploy as engine
+from ..engine.errors import DeployError, EngineError
+from ..engine.models import DeployRequest, Profile, Remote
+from ..engine.nix import Nix, is_store_path, parse_flake_ref
+from ..engine.ssh import normalize_host_key
+from . import inputs as v
+from .base import CheckFailed, Context, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .properties import UNKNOWN, contains_unknown, reveal
+
+TYPE = "nixos:index:NixProfile"
+INPUT_KEYS = [
+    "connection", "profile", "profilePath", "user", "flake", "storePath", "activate", "substituteOnDestination",
+    "compress", "nixOptions", "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks",
+    "onDestroy", "triggers",
+]
+DEPLOY_KEYS = ["storePath", "activate", "triggers"]
+COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
+            "pushedPaths", "pushedBytes"]
+
+
+def resolve_profile_path(props: dict[str, Any], ssh_user: str) -> str:
+    if props.get("profilePath"):
+        return str(props["profilePath"])
+    user = props.get("user") or ssh_user
+    return f"/nix/var/nix/profiles/per-user/{user}/{props['profile']}"
+
+
+class NixProfile:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _nix(self, props: dict[str, Any]) -> Nix:
+        return self.ctx.nix(v.nix_options(props.get("nixOptions")))
+
+    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
+        return v.to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
+                           default_user=self.ctx.default_user)
+
+    def _profile(self, props: dict[str, Any]) -> Profile:
+        remote = self._remote(props)
+        return Profile(str(props["profilePath"]), props.get("user") or None) if props.get("profilePath") else Profile(
+            resolve_profile_path(props, remote.user), props.get("user") or None)
+
+    async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
+        f = v.Failures()
+        for k in news:
+            if k not in INPUT_KEYS:
+                f.add(k, "is not a property of NixProfile")
+        v.check_connection(f, news.get("connection"))
+        name, path = news.get("profile"), news.get("profilePath")
+        if (name is None) == (path is None):
+            f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
+        if isinstance(name, str) and ("/" in name or name in ("", ".", "..")):
+            f.add("profile", f"{name!r} is a profile name, not a path; use `profilePath` for a path")
+        if isinstance(path, str) and (not posixpath.isabs(path) or ".." in path.split("/")):
+            f.add("profilePath", f"{path!r} must be an absolute path without `..`")
+        user = news.get("user")
+        if isinstance(user, str) and not v.USER_RE.match(user):
+            f.add("user", f"{user!r} is not a valid user name")
+        flake, store = news.get("flake"), news.get("storePath")
+        if (flake is None) == (store is None):
+            f.add("flake", "set exactly one of `flake` and `storePath`")
+        v.check_flake(f, "flake", flake)
+        v.check_store_path(f, "storePath", store)
+        v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
+        v.check_seconds(f, "confirmTimeout", news.get("confirmTimeout"), 1, 3600)
+        v.check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
+        for b in ("substituteOnDestination", "compress", "magicRollback", "autoRollback"):
+            v.check_bool(f, b, news.get(b))
+        v.check_health_checks(f, news.get("healthChecks"))
+        v.check_nix_options(f, news.get("nixOptions"))
+        if f:
+            raise CheckFailed(f)
+        checked = dict(news)
+        conn = dict(checked["connection"]) if isinstance(checked.get("connection"), dict) else checked.get("connection")
+        if isinstance(conn, dict):
+            conn.setdefault("port", 22)
+            conn.setdefault("user", self.ctx.default_user or "root")
+            if isinstance(conn.get("port"), float):
+                conn["port"] = int(conn["port"])
+            if conn.get("hostKey") not in (None, UNKNOWN):
+                conn["hostKey"] = normalize_host_key(str(reveal(conn["hostKey"])))
+            checked["connection"] = conn
+        checked.setdefault("onDestroy", "rollback")
+        if flake is not None:
+            if contains_unknown(flake):
+                checked["storePath"] = UNKNOWN
+            else:
+                try:
+                    checked["storePath"] = await self.ctx.resolve_flake(str(flake), self._nix(news), nixos=False)
+                except (EngineError, ValueError) as e:
+                    f.add("flake", str(e))
+                    raise CheckFailed(f) from e
+        return checked
+
+    def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        return diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port"), ("profile",),
+                                                    ("profilePath",), ("user",)])
+
+    @staticmethod
+    def needs_deploy(olds: dict[str, Any], news: dict[str, Any]) -> bool:
+        return any(not same(olds.get(k), news.get(k)) for k in DEPLOY_KEYS) or contains_unknown(news.get("storePath"))
+
+    def _ident(self, props: dict[str, Any]) -> str:
+        remote = self._remote(props)
+        return f"{remote.host}:{remote.port}:{self._profile(props).path}"
+
+    async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
+        if preview:
+            out = {**news, "connection": v.secret_connection(news["connection"])}
+            out.update({k: UNKNOWN for k in COMPUTED})
+            out["profilePath"] = news.get("profilePath") or UNKNOWN
+            return "", out
+        remote = self._remote(news)
+        profile = self._profile(news)
+        async with self.ctx.ssh_slots:
+            baseline = await engine.read_state(remote, profile)
+        base = {
+            **news,
+            "connection": v.secret_connection(news["connection"]),
+            "profilePath": profile.path,
+            "hostKey": baseline.host_key,
+            "baselineGeneration": baseline.generation.number if baseline.generation else 0,
+            "baselineStorePath": baseline.generation.store_path if baseline.generation else None,
+            "storePath": baseline.generation.store_path if baseline.generation else None,
+            "generation": baseline.generation.number if baseline.generation else 0,
+        }
+        ident = self._ident(news)
+        return ident, await self._deploy(urn, ident, base, news, baseline.host_key)
+
+    async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
+                     ) -> dict[str, Any]:
+        deploys = self.needs_deploy(olds, news)
+        base = {**{k: olds.get(k) for k in COMPUTED}, **news, "storePath": olds.get("storePath"),
+                "profilePath": olds.get("profilePath"), "connection": v.secret_connection(news["connection"])}
+        pinned = reveal(news["connection"]).get("hostKey") or olds.get("hostKey")
+        base["hostKey"] = pinned
+        if preview:
+            if deploys:
+                base.update({"storePath": news.get("storePath"), "generation": UNKNOWN, "deployedAt": UNKNOWN,
+                             "pushedPaths": UNKNOWN, "pushedBytes": UNKNOWN, "previousGeneration": UNKNOWN})
+            return base
+        if not deploys:
+            return base
+        return await self._deploy(urn, ident, base, news, pinned)
+
+    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+                      pinned: str | None) -> dict[str, Any]:
+        remote = self._remote(news, host_key=pinned)
+        profile = self._profile(news)
+        nix = self._nix(news)
+        try:
+            if news.get("flake") is not None:
+                ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=False)
+                self.ctx.status(urn, f"building {ref}")
+                store_path = await nix.build(ref)
+            else:
+                store_path = str(reveal(news["storePath"]))
+                assert is_store_path(store_path)
+                if not await nix.is_valid(store_path):
+                    await nix.build(store_path)
+        except EngineError as e:
+            raise PartialFailure(str(e), ident, base, news) from e
+        req = DeployRequest(
+            remote=remote, store_path=store_path, profile=profile, action="switch",
+            magic_rollback=news.get("magicRollback", True) is not False,
+            confirm_timeout=float(news.get("confirmTimeout") or 30),
+            activation_timeout=float(news.get("activationTimeout") or 240),
+            auto_rollback=news.get("autoRollback", True) is not False,
+            health_checks=v.to_health_checks(news.get("healthChecks")),
+            activate_command=news.get("activate"),
+            substitute_on_destination=bool(news.get("substituteOnDestination")),
+            compress=bool(news.get("compress")),
+        )
+        try:
+            async with self.ctx.ssh_slots:
+                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
+                                             output=lambda s: self.ctx.info(urn, s))
+        except DeployError as e:
+            after = {**base, "storePath": e.now_running, "generation": e.generation or 0}
+            raise PartialFailure(str(e), ident, after, news) from e
+        except EngineError as e:
+            raise PartialFailure(str(e), ident, base, news) from e
+        return {**base, "storePath": result.store_path, "generation": result.generation,
+                "previousGeneration": result.previous_generation, "hostKey": result.host_key or pinned,
+                "deployedAt": now_rfc3339(), "pushedPaths": result.push.paths, "pushedBytes": result.push.bytes}
+
+    async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
+                   ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        props = {**inputs, **state}
+        if not props.get("connection"):
+            parts = ident.split(":", 2)
+            if len(parts) != 3 or not parts[2].startswith("/"):
+                raise EngineError(f"cannot import NixProfile {ident!r}: the ID is host:port:/profile/path")
+            props = {"connection": {"host": parts[0], "port": int(parts[1]), "user": self.ctx.default_user or "root"},
+                     "profilePath": parts[2]}
+        remote = self._remote(props, host_key=state.get("hostKey"))
+        profile = Profile(str(props.get("profilePath") or self._profile(props).path), props.get("user") or None)
+        async with self.ctx.ssh_slots:
+            now = await engine.read_state(remote, profile)
+        outputs = {**props, "connection": v.secret_connection(props["connection"]), "profilePath": profile.path,
+                   "storePath": now.generation.store_path if now.generation else None,
+                   "generation": now.generation.number if now.generation else 0, "hostKey": now.host_key}
+        if not state:
+            outputs["baselineGeneration"] = outputs["generation"]
+            outputs["baselineStorePath"] = outputs["storePath"]
+            outputs.setdefault("onDestroy", "rollback")
+        new_inputs = inputs or {k: outputs[k] for k in ("connection", "profilePath", "storePath", "onDestroy")
+                                if outputs.get(k) is not None}
+        return f"{remote.host}:{remote.port}:{profile.path}", outputs, new_inputs
+
+    async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
+        mode = state.get("onDestroy", "rollback")
+        if mode == "retain":
+            self.ctx.info(urn, "onDestroy is `retain`: leaving the profile as it is")
+            return
+        remote = self._remote(state, host_key=state.get("hostKey"))
+        profile = Profile(str(state["profilePath"]), state.get("user") or None)
+        baseline = int(state.get("baselineGeneration") or 0)
+        async with self.ctx.ssh_slots:
+            if mode == "remove" or baseline == 0:
+                self.ctx.status(urn, f"removing {profile.path}")
+                await engine.remove_profile(remote, profile)
+            else:
+                self.ctx.status(urn, f"rolling {profile.path} back to generation {baseline}")
+                await engine.rollback_to(remote, profile, baseline, activate_command=state.get("activate"),
+                                         status=lambda s: self.ctx.status(urn, s),
+                                         fallback_path=state.get("baselineStorePath"))

@@ -1,0 +1,93 @@
+"""Pulumi property values <-> plain Python values.
+
+Secrets arrive (we accept them) as signature objects; they become `Secret`
+wrappers so the code that builds outputs can keep them secret. Unknowns
+(previews with computed inputs) become `UNKNOWN`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToDict
+
+SIG_KEY = "4dabf18193072939515e22adb298388d"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+UNKNOWN_STR = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Any = _Unknown()
+
+
+@dataclass(frozen=True)
+class Secret:
+    value: Any
+
+    def __repr__(self) -> str:  # never print the value
+        return "Secret(****)"
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if value.get(SIG_KEY) == SECRET_SIG:
+            return Secret(decode(value.get("value")))
+        return {k: decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if value == UNKNOWN_STR:
+        return UNKNOWN
+    return value
+
+
+def from_struct(s: struct_pb2.Struct | None) -> dict[str, Any]:
+    if s is None:
+        return {}
+    return decode(MessageToDict(s, preserving_proto_field_name=True))  # type: ignore[no-any-return]
+
+
+def encode(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return {SIG_KEY: SECRET_SIG, "value": encode(value.value)}
+    if value is UNKNOWN:
+        return UNKNOWN_STR
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    return value
+
+
+def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(encode(value))
+    return s
+
+
+def reveal(value: Any) -> Any:
+    """Strip Secret wrappers (for values handed to the engine, never to logs)."""
+    if isinstance(value, Secret):
+        return reveal(value.value)
+    if isinstance(value, dict):
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reveal(v) for v in value]
+    return value
+
+
+def contains_unknown(value: Any) -> bool:
+    if value is UNKNOWN:
+        return True
+    if isinstance(value, Secret):
+        return contains_unknown(value.value)
+    if isinstance(value, dict):
+        return any(contains_unknown(v) for v in value.values())
+    if isinstance(value, list):
+        return any(contains_unknown(v) for v in value)
+    return False

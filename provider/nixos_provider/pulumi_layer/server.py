@@ -1,0 +1,325 @@
+"""The gRPC ResourceProvider server the Pulumi engine talks to.
+
+Every RPC turns its request into a resource call and the result (or failure)
+back into protobuf. Errors reach the CLI as one human line; tracebacks go to
+the provider's stderr (Pulumi's verbose logs), never to the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, empty_pb2
+from google.rpc import status_pb2
+from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provider_pb2, provider_pb2_grpc
+
+from .. import __version__
+from ..engine import deploy as engine
+from ..engine.errors import EngineError
+from ..engine.models import SYSTEM_PROFILE, Profile
+from ..engine.nix import is_store_path, parse_flake_ref
+from . import inputs as v
+from .base import CheckFailed, Context, DiffResult, PartialFailure
+from .machine import NixosMachine
+from .nix_profile import NixProfile
+from .properties import Secret, from_struct, reveal, to_struct
+
+T = TypeVar("T")
+SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
+
+
+def _type_of(urn: str, type_: str = "") -> str:
+    if type_:
+        return type_
+    # urn:pulumi:stack::project::qualified$type::name
+    return urn.split("::")[2].split("$")[-1] if urn.count("::") >= 3 else ""
+
+
+class Provider(provider_pb2_grpc.ResourceProviderServicer):
+    def __init__(self, engine_address: str | None) -> None:
+        self.engine_address = engine_address
+        self._log_queue: asyncio.Queue[engine_pb2.LogRequest] | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self.ctx = Context(log=self._log)
+        self.resources: dict[str, Any] = {
+            "nixos:index:NixosMachine": NixosMachine(self.ctx),
+            "nixos:index:NixProfile": NixProfile(self.ctx),
+        }
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- logging to the engine --------------------------------------------------
+
+    async def start_logging(self) -> None:
+        if not self.engine_address:
+            return
+        channel = grpc.aio.insecure_channel(self.engine_address)
+        stub = engine_pb2_grpc.EngineStub(channel)
+        self._log_queue = asyncio.Queue()
+
+        async def pump() -> None:
+            assert self._log_queue is not None
+            while True:
+                req = await self._log_queue.get()
+                try:
+                    await stub.Log(req)
+                except grpc.RpcError:
+                    pass
+
+        self._log_task = asyncio.create_task(pump())
+
+    def _log(self, severity: str, message: str, urn: str, ephemeral: bool) -> None:
+        if self._log_queue is None:
+            print(f"[{severity}] {message}", file=sys.stderr)
+            return
+        self._log_queue.put_nowait(engine_pb2.LogRequest(
+            severity=engine_pb2.LogSeverity.Value(severity), message=message, urn=urn, ephemeral=ephemeral))
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _resource(self, urn: str, type_: str = "") -> Any:
+        t = _type_of(urn, type_)
+        if t not in self.resources:
+            raise EngineError(f"unknown resource type {t!r}")
+        return self.resources[t]
+
+    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        task = asyncio.current_task()
+        if task:
+            self._tasks.add(task)
+        try:
+            return await fn()
+        except PartialFailure as e:
+            detail = provider_pb2.ErrorResourceInitFailed(
+                id=e.resource_id, properties=to_struct(e.outputs), inputs=to_struct(e.inputs), reasons=[str(e)])
+            packed = any_pb2.Any()
+            packed.Pack(detail)
+            status = status_pb2.Status(code=grpc.StatusCode.UNKNOWN.value[0], message=str(e), details=[packed])
+            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            await context.abort(grpc.StatusCode.UNKNOWN, str(e))
+        except (EngineError, ValueError) as e:
+            await context.abort(grpc.StatusCode.UNKNOWN, str(e))
+        except asyncio.CancelledError:
+            await context.abort(grpc.StatusCode.CANCELLED, "the operation was cancelled")
+        except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+            traceback.print_exc(file=sys.stderr)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the nixos provider: {type(e).__name__}: {e}")
+        finally:
+            if task:
+                self._tasks.discard(task)
+        raise AssertionError("unreachable")
+
+    # -- plugin RPCs ----------------------------------------------------------------
+
+    async def GetPluginInfo(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> plugin_pb2.PluginInfo:
+        return plugin_pb2.PluginInfo(version=__version__)
+
+    async def GetSchema(self, request: provider_pb2.GetSchemaRequest, context: grpc.aio.ServicerContext,
+                        ) -> provider_pb2.GetSchemaResponse:
+        return provider_pb2.GetSchemaResponse(schema=SCHEMA_PATH.read_text())
+
+    async def Handshake(self, request: provider_pb2.ProviderHandshakeRequest, context: grpc.aio.ServicerContext,
+                        ) -> provider_pb2.ProviderHandshakeResponse:
+        if request.engine_address and not self.engine_address:
+            self.engine_address = request.engine_address
+            await self.start_logging()
+        if request.program_directory or request.root_directory:
+            self.ctx.project_dir = request.program_directory or request.root_directory
+        return provider_pb2.ProviderHandshakeResponse(accept_secrets=True, accept_resources=True)
+
+    async def CheckConfig(self, request: provider_pb2.CheckRequest, context: grpc.aio.ServicerContext,
+                          ) -> provider_pb2.CheckResponse:
+        news = from_struct(request.news)
+        failures = []
+        for key in ("maxParallelSsh", "maxParallelTransfers"):
+            val = reveal(news.get(key))
+            if val is not None and (not isinstance(val, (int, float)) or val < 1 or int(val) != val):
+                failures.append(provider_pb2.CheckFailure(property=key, reason="must be a whole number of at least 1"))
+        for key in ("nixCommand", "nixosAnywhereCommand"):
+            val = reveal(news.get(key))
+            if isinstance(val, str):
+                try:
+                    val = json.loads(val)
+                except ValueError:
+                    val = None
+            if news.get(key) is not None and not (isinstance(val, list) and val and all(isinstance(x, str) for x in val)):
+                failures.append(provider_pb2.CheckFailure(property=key, reason="must be a non-empty list of strings"))
+        return provider_pb2.CheckResponse(inputs=request.news, failures=failures)
+
+    async def Configure(self, request: provider_pb2.ConfigureRequest, context: grpc.aio.ServicerContext,
+                        ) -> provider_pb2.ConfigureResponse:
+        args = from_struct(request.args) if request.HasField("args") else {}
+        for full, value in request.variables.items():
+            key = full.split(":")[-1]
+            args.setdefault(key, value)
+
+        def _list(value: Any) -> list[str] | None:
+            value = reveal(value)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    value = [value]
+            return [str(x) for x in value] if isinstance(value, list) and value else None
+
+        self.ctx.nix_command = _list(args.get("nixCommand")) or ["nix"]
+        self.ctx.default_private_key = reveal(args.get("defaultPrivateKey")) or None
+        self.ctx.default_user = reveal(args.get("defaultUser")) or None
+        slots = reveal(args.get("maxParallelSsh"))
+        if slots:
+            self.ctx.ssh_slots = asyncio.Semaphore(int(float(slots)))
+        return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
+
+    async def Cancel(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        for task in list(self._tasks):
+            task.cancel()
+        return empty_pb2.Empty()
+
+    # -- resource RPCs ----------------------------------------------------------------
+
+    async def Check(self, request: provider_pb2.CheckRequest, context: grpc.aio.ServicerContext,
+                    ) -> provider_pb2.CheckResponse:
+        async def run() -> provider_pb2.CheckResponse:
+            res = self._resource(request.urn, request.type)
+            try:
+                checked = await res.check(request.urn, from_struct(request.olds), from_struct(request.news))
+            except CheckFailed as e:
+                return provider_pb2.CheckResponse(inputs=request.news, failures=[
+                    provider_pb2.CheckFailure(property=p, reason=r) for p, r in e.failures.items])
+            return provider_pb2.CheckResponse(inputs=to_struct(checked))
+        return await self._guard(context, run)
+
+    async def Diff(self, request: provider_pb2.DiffRequest, context: grpc.aio.ServicerContext,
+                   ) -> provider_pb2.DiffResponse:
+        async def run() -> provider_pb2.DiffResponse:
+            res = self._resource(request.urn, request.type)
+            olds = from_struct(request.olds)
+            news = from_struct(request.news)
+            result: DiffResult = res.diff(olds, news)
+            for ignored in request.ignoreChanges:
+                result.detailed.pop(ignored, None)
+            kinds = provider_pb2.PropertyDiff.Kind
+            return provider_pb2.DiffResponse(
+                changes=provider_pb2.DiffResponse.DIFF_SOME if result.changed else provider_pb2.DiffResponse.DIFF_NONE,
+                replaces=result.replaces,
+                diffs=sorted({k.split(".")[0] for k in result.detailed}),
+                detailedDiff={k: provider_pb2.PropertyDiff(kind=kinds.Value(kind), inputDiff=True)
+                              for k, kind in result.detailed.items()},
+                hasDetailedDiff=True,
+                deleteBeforeReplace=True,
+            )
+        return await self._guard(context, run)
+
+    async def Create(self, request: provider_pb2.CreateRequest, context: grpc.aio.ServicerContext,
+                     ) -> provider_pb2.CreateResponse:
+        async def run() -> provider_pb2.CreateResponse:
+            res = self._resource(request.urn, request.type)
+            ident, outputs = await res.create(request.urn, from_struct(request.properties), request.preview)
+            return provider_pb2.CreateResponse(id=ident, properties=to_struct(outputs))
+        return await self._guard(context, run)
+
+    async def Update(self, request: provider_pb2.UpdateRequest, context: grpc.aio.ServicerContext,
+                     ) -> provider_pb2.UpdateResponse:
+        async def run() -> provider_pb2.UpdateResponse:
+            res = self._resource(request.urn, request.type)
+            outputs = await res.update(request.urn, request.id, from_struct(request.olds), from_struct(request.news),
+                                       request.preview)
+            return provider_pb2.UpdateResponse(properties=to_struct(outputs))
+        return await self._guard(context, run)
+
+    async def Read(self, request: provider_pb2.ReadRequest, context: grpc.aio.ServicerContext,
+                   ) -> provider_pb2.ReadResponse:
+        async def run() -> provider_pb2.ReadResponse:
+            res = self._resource(request.urn, request.type)
+            ident, outputs, new_inputs = await res.read(request.urn, request.id, from_struct(request.properties),
+                                                        from_struct(request.inputs))
+            return provider_pb2.ReadResponse(id=ident, properties=to_struct(outputs), inputs=to_struct(new_inputs))
+        return await self._guard(context, run)
+
+    async def Delete(self, request: provider_pb2.DeleteRequest, context: grpc.aio.ServicerContext,
+                     ) -> empty_pb2.Empty:
+        async def run() -> empty_pb2.Empty:
+            res = self._resource(request.urn, request.type)
+            await res.delete(request.urn, request.id, from_struct(request.properties))
+            return empty_pb2.Empty()
+        return await self._guard(context, run)
+
+    # -- functions ------------------------------------------------------------------------
+
+    async def Invoke(self, request: provider_pb2.InvokeRequest, context: grpc.aio.ServicerContext,
+                     ) -> provider_pb2.InvokeResponse:
+        async def run() -> provider_pb2.InvokeResponse:
+            args = from_struct(request.args)
+            f = v.Failures()
+            if request.tok == "nixos:index:listGenerations":
+                v.check_connection(f, args.get("connection"))
+                if f:
+                    return provider_pb2.InvokeResponse(failures=[
+                        provider_pb2.CheckFailure(property=p, reason=r) for p, r in f.items])
+                remote = v.to_remote(args["connection"], default_private_key=self.ctx.default_private_key,
+                                     default_user=self.ctx.default_user)
+                path = str(args.get("profilePath") or SYSTEM_PROFILE)
+                async with self.ctx.ssh_slots:
+                    state = await engine.read_state(remote, Profile(path), with_generations=True)
+                gens = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
+                        for g in state.generations]
+                current = state.generation.number if state.generation else 0
+                return provider_pb2.InvokeResponse(**{"return": to_struct({"generations": gens, "current": current})})
+            if request.tok == "nixos:index:resolveFlake":
+                v.check_flake(f, "flake", args.get("flake"))
+                if args.get("flake") is None:
+                    f.add("flake", "is required")
+                if f:
+                    return provider_pb2.InvokeResponse(failures=[
+                        provider_pb2.CheckFailure(property=p, reason=r) for p, r in f.items])
+                nix = self.ctx.nix(v.nix_options(args.get("nixOptions")))
+                ref = str(args["flake"])
+                parsed = parse_flake_ref(ref, self.ctx.project_dir, nixos="." not in ref.split("#", 1)[1]
+                                         and ref.split("#", 1)[1] != "")
+                if args.get("build"):
+                    path = await nix.build(parsed)
+                    built = True
+                else:
+                    path = await nix.eval_out_path(parsed)
+                    built = is_store_path(path) and await nix.is_valid(path)
+                return provider_pb2.InvokeResponse(**{"return": to_struct({"storePath": path, "built": built})})
+            raise EngineError(f"unknown function {request.tok!r}")
+        return await self._guard(context, run)
+
+
+async def serve(argv: list[str]) -> None:
+    engine_address = None
+    positional = [a for a in argv if not a.startswith("-")]
+    # Flags such as `--tracing URL` take a value; the engine address is last.
+    if positional:
+        engine_address = argv[-1] if not argv[-1].startswith("-") else None
+    provider = Provider(engine_address)
+    if engine_address:
+        await provider.start_logging()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 400 * 1024 * 1024)])
+    provider_pb2_grpc.add_ResourceProviderServicer_to_server(provider, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    # Secrets must never be printed; keep asyncssh's own logging quiet.
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    try:
+        asyncio.run(serve(sys.argv[1:]))
+    except KeyboardInterrupt:
+        pass
+
+
+__all__ = ["Provider", "main", "serve", "Secret"]
