@@ -45,4 +45,7 @@ class Server(HTTPServer):
     allow_reuse_address = True
 
 
-Server((host["address"], int(host["httpPort"])), Handler).serve_forever()
+server = Server((host["address"], int(host["httpPort"])), Handler)
+with open("/run/lab/service.ready", "w") as f:
+    f.write(str(os.getpid()))
+server.serve_forever()

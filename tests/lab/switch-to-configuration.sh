@@ -65,8 +65,14 @@ if [ "$restart_service" = 1 ]; then
     echo "warning: the following units failed: lab-service.service" >&2
     exit 4
   fi
+  rm -f "$state/service.ready"
   setsid /usr/bin/python3 "$out/sw/bin/lab-service" "$out" </dev/null >>"$state/service.log" 2>&1 &
   echo $! > "$state/service.pid"
+  # Like a Type=notify unit: wait until the service is listening (or gave up).
+  i=0
+  while [ ! -e "$state/service.ready" ] && kill -0 "$(cat "$state/service.pid")" 2>/dev/null && [ $i -lt 100 ]; do
+    sleep 0.05; i=$((i+1))
+  done
 fi
 
 sshd_running() { [ -f /run/sshd.pid ] && kill -0 "$(cat /run/sshd.pid)" 2>/dev/null; }

@@ -1,0 +1,167 @@
+"""Fixtures: lab hosts (real sshd in private mount namespaces), built lab systems, pulumi projects."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "lab"))
+
+import labctl  # noqa: E402
+
+from nixos_provider.engine.models import Credentials, Remote  # noqa: E402
+
+LAB_FLAKE = REPO / "tests" / "lab"
+_addresses = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("lab hosts need root (mount namespaces)")
+    d = tmp_path_factory.mktemp("lab")
+    yield d
+    labctl.down(d)
+
+
+class Systems:
+    """Lab configurations, built once per session on first use."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._built:
+            self._built[name] = labctl.build_system(name)
+        return self._built[name]
+
+
+@pytest.fixture(scope="session")
+def systems() -> Systems:
+    return Systems()
+
+
+class HostFactory:
+    def __init__(self, lab_dir: Path) -> None:
+        self.lab_dir = lab_dir
+        self.started: list[labctl.LabHost] = []
+
+    def __call__(self, mode: str = "nixos") -> labctl.LabHost:
+        n = next(_addresses)
+        name = f"t{n}"
+        host = labctl.add_host(self.lab_dir, name, f"127.0.{20 + n // 250}.{n % 250 + 1}", mode)
+        self.started.append(host)
+        return host
+
+    def stop_all(self) -> None:
+        for host in self.started:
+            labctl.stop_host(host.state)
+
+
+@pytest.fixture
+def new_host(lab_dir: Path) -> Iterator[HostFactory]:
+    factory = HostFactory(lab_dir)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def lab_host(new_host: HostFactory) -> labctl.LabHost:
+    return new_host()
+
+
+def remote_for(host: labctl.LabHost, **kw: object) -> Remote:
+    key = Path(host.privateKeyPath).read_text()
+    return Remote(host.address, host.port, kw.pop("user", "root"),  # type: ignore[arg-type]
+                  Credentials(private_key=key), **kw)  # type: ignore[arg-type]
+
+
+def in_host(host: labctl.LabHost, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command inside the lab host's namespace (the test's view of the target, not the deployer's)."""
+    return subprocess.run(labctl.nsenter(host.state, list(argv)), text=True, capture_output=True, check=check)
+
+
+def current_system(host: labctl.LabHost) -> str:
+    return in_host(host, "readlink", "/run/current-system").stdout.strip()
+
+
+def http_version(host: labctl.LabHost) -> str | None:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{host.address}:{host.httpPort}/", timeout=3) as r:
+            return str(json.loads(r.read())["version"])
+    except Exception:
+        return None
+
+
+# -- the real pulumi CLI --------------------------------------------------------
+
+
+class PulumiProject:
+    """A project directory plus a file:// backend, driven through the real `pulumi` CLI."""
+
+    def __init__(self, workdir: Path, backend: Path) -> None:
+        self.dir = workdir
+        self.env = {
+            **os.environ,
+            "PULUMI_BACKEND_URL": f"file://{backend}",
+            "PULUMI_CONFIG_PASSPHRASE": "test-passphrase",
+            "PULUMI_SKIP_UPDATE_CHECK": "1",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "1",
+            "PULUMI_HOME": str(backend / ".pulumi-home"),
+        }
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["pulumi", *args, "--non-interactive"] if args[0] not in ("version",) else ["pulumi", *args],
+                              cwd=self.dir, env=self.env, text=True, capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pulumi {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def up(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("up", "--yes", "--skip-preview", *extra, check=check)
+
+    def outputs(self) -> dict[str, object]:
+        return json.loads(self.run("stack", "output", "--json", "--show-secrets").stdout)  # type: ignore[no-any-return]
+
+    def state(self) -> dict[str, object]:
+        return json.loads(self.run("stack", "export").stdout)  # type: ignore[no-any-return]
+
+    def resource(self, type_suffix: str) -> dict[str, object]:
+        for r in self.state()["deployment"]["resources"]:  # type: ignore[index]
+            if r["type"].endswith(type_suffix):
+                return r  # type: ignore[no-any-return]
+        raise AssertionError(f"no {type_suffix} in state")
+
+
+@pytest.fixture(scope="session")
+def pulumi_available() -> str:
+    path = shutil.which("pulumi")
+    if path is None:
+        pytest.fail("the pulumi CLI is not on PATH; run the tests through `make test`")
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path, pulumi_available: str) -> PulumiProject:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "prog").mkdir()
+    return PulumiProject(tmp_path / "prog", tmp_path / "state")
+
+
+def write_flake(dest: Path, body: str) -> str:
+    """A test flake beside a copy of the lab library; returns its path: reference."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("lib.nix", "switch-to-configuration.sh", "lab-service.py"):
+        shutil.copy(LAB_FLAKE / f, dest / f)
+    (dest / "flake.nix").write_text(body)
+    return f"path:{dest}"
