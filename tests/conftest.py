@@ -28,7 +28,10 @@ _addresses = itertools.count(1)
 def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("lab hosts need root (mount namespaces)")
-    d = tmp_path_factory.mktemp("lab")
+    # A fixed place, so a run that crashed leaves hosts this run can stop.
+    d = REPO / ".lab" / "test"
+    labctl.down(d)
+    d.mkdir(parents=True, exist_ok=True)
     yield d
     labctl.down(d)
 

@@ -279,6 +279,8 @@ def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: s
     state = lab_dir / "hosts" / name
     if state.exists():
         stop_host(state)
+    if wait_for_port(address, SSH_PORT, timeout=0.2):
+        raise LabError(f"{address}:{SSH_PORT} is already in use (a lab from another directory still running?)")
     state.mkdir(parents=True)
     key = _client_key(lab_dir)
     host = LabHost(

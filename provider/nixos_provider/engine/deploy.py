@@ -112,8 +112,12 @@ class Deployment:
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
 
+        # The store is shared by every user: import as the SSH user (which must be
+        # trusted), or as root when the deployment needs root anyway. Importing
+        # as an unprivileged profile owner would be refused for lack of signatures.
+        pusher = Target(target.conn, "root" if target.run_as == "root" else None)
         paths, nbytes, seconds, _missing = await push_closure(
-            self.nix, target, req.store_path,
+            self.nix, pusher, req.store_path,
             substitute_on_destination=req.substitute_on_destination, progress=on_progress,
         )
         push = PushStats(paths, nbytes, seconds)

@@ -27,6 +27,8 @@ class RemoteCommandError(EngineError):
     """A command on the target exited non-zero."""
 
     def __init__(self, target: str, argv: list[str], exit_status: int | None, stderr: str) -> None:
+        if argv and argv[0] == "sudo" and "--" in argv:
+            argv = argv[argv.index("--") + 1:]
         tail = stderr.strip().splitlines()[-5:]
         detail = ("\n  " + "\n  ".join(tail)) if tail else ""
         super().__init__(f"`{' '.join(argv[:3])}{' ...' if len(argv) > 3 else ''}` failed on {target} (exit {exit_status}){detail}")

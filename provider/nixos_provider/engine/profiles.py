@@ -50,7 +50,14 @@ async def current_generation(target: Target, profile: str) -> Generation | None:
 async def set_profile(target: Target, profile: str, store_path: str) -> Generation:
     """Make store_path a new generation of profile (nix-env --set) and return it."""
     parent = os.path.dirname(profile)
-    await target.run(["mkdir", "-p", "--", parent])
+    made = await target.run(["mkdir", "-p", "--", parent], check=False)
+    if made.exit_status != 0 and target.run_as not in (None, "root"):
+        # e.g. /nix/var/nix/profiles/per-user/<user> that no login created yet:
+        # make it as root, owned by the profile's user.
+        root = Target(target.conn, "root")
+        await root.run(["install", "-d", "-o", target.run_as, "--", parent])
+    elif made.exit_status != 0:
+        raise EngineError(f"cannot create {parent} on {target.target}: {made.stderr.strip()}")
     await target.run(["nix-env", "-p", profile, "--set", store_path])
     gen = await current_generation(target, profile)
     if gen is None or gen.store_path != store_path:

@@ -1,0 +1,224 @@
+"""The deploy engine against lab hosts, without Pulumi."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+import labctl
+import pytest
+from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
+
+from nixos_provider.engine import deploy as engine
+from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError
+from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
+from nixos_provider.engine.nix import Nix, parse_flake_ref
+
+pytestmark = pytest.mark.timeout(300)
+SYSTEM = "/nix/var/nix/profiles/system"
+
+
+def gens(host: labctl.LabHost, profile: str = SYSTEM) -> list[int]:
+    out = in_host(host, "nix-env", "-p", profile, "--list-generations", check=False).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if line.strip()]
+
+
+def current_gen(host: labctl.LabHost, profile: str = SYSTEM) -> int:
+    link = in_host(host, "readlink", profile).stdout.strip()
+    return int(link.rsplit("-", 2)[-2])
+
+
+async def deploy(host: labctl.LabHost, path: str, **kw: object) -> engine.DeployResult:
+    return await engine.deploy(DeployRequest(remote_for(host), path, **kw))  # type: ignore[arg-type]
+
+
+async def test_push_sends_only_what_is_missing(lab_host: labctl.LabHost, systems: Systems) -> None:
+    first = await deploy(lab_host, systems["web"])
+    closure = (await Nix().closure(systems["web"]))
+    base_closure = {p.path for p in await Nix().closure(systems["base"])}
+    assert first.push.paths == len([p for p in closure if p.path not in base_closure]) == 4
+    again = await deploy(lab_host, systems["web"])
+    assert again.push.paths == 0 and again.push.bytes == 0
+    bumped = await deploy(lab_host, systems["web-v2"])
+    # Only nginx-1.26.1 and the new toplevel are new.
+    assert bumped.push.paths == 2
+
+
+async def test_switch_changes_current_system_and_service(lab_host: labctl.LabHost, systems: Systems) -> None:
+    result = await deploy(lab_host, systems["web-v2"])
+    assert current_system(lab_host) == systems["web-v2"]
+    assert http_version(lab_host) == "2"
+    assert result.generation == current_gen(lab_host) == 2
+    assert result.previous_generation == 1
+    assert result.nixos_version == "24.05.lab-2"
+    assert result.host_key == lab_host.hostKey
+
+
+async def test_magic_rollback_when_ssh_moves(lab_host: labctl.LabHost, systems: Systems) -> None:
+    await deploy(lab_host, systems["web"])
+    started = time.monotonic()
+    with pytest.raises(DeployError) as err:
+        await deploy(lab_host, systems["web-moves-ssh"], confirm_timeout=4)
+    elapsed = time.monotonic() - started
+    assert elapsed < 4 + 15
+    msg = str(err.value)
+    assert "magic rollback" in msg and "Rolled back" in msg and "generation 2" in msg
+    assert err.value.rolled_back
+    # The target is back where it was, reachable on the original port.
+    assert current_system(lab_host) == systems["web"]
+    assert current_gen(lab_host) == 2
+    assert 3 not in gens(lab_host)
+    assert http_version(lab_host) == "1"
+    state = await engine.read_state(remote_for(lab_host), Profile())
+    assert state.current_system == systems["web"]
+
+
+@pytest.mark.parametrize("config,check,expect", [
+    ("web-activation-fails", None, "activation exited with status 4"),
+    ("web-http-500", HealthCheck(http="http://{addr}:8080/", retries=1, interval=0.2), "HTTP status 500"),
+    ("web-http-down", HealthCheck(tcp=8080, host="{addr}", retries=1, interval=0.2), "connection refused"),
+    ("web", HealthCheck(command="exit 3", retries=0, name="always fails"), "always fails"),
+])
+async def test_auto_rollback(lab_host: labctl.LabHost, systems: Systems, config: str, check: HealthCheck | None,
+                             expect: str) -> None:
+    await deploy(lab_host, systems["web-v2"])
+    checks = ()
+    if check is not None:
+        check = dataclasses.replace(
+            check, http=check.http.format(addr=lab_host.address) if check.http else None,
+            host=check.host.format(addr=lab_host.address))
+        checks = (check,)
+    with pytest.raises(DeployError) as err:
+        await deploy(lab_host, systems[config], health_checks=checks)
+    assert expect in str(err.value)
+    assert "Rolled back: generation 2" in str(err.value)
+    assert current_system(lab_host) == systems["web-v2"]
+    assert current_gen(lab_host) == 2 and gens(lab_host) == [1, 2]
+    assert http_version(lab_host) == "2"
+
+
+async def test_auto_rollback_off_keeps_the_failed_generation(lab_host: labctl.LabHost, systems: Systems) -> None:
+    with pytest.raises(DeployError) as err:
+        await deploy(lab_host, systems["web-activation-fails"], auto_rollback=False)
+    assert "autoRollback is off" in str(err.value)
+    assert current_gen(lab_host) == 2
+
+
+async def test_killed_connection_during_activation_is_not_half_switched(
+        lab_host: labctl.LabHost, systems: Systems, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "f", """{ outputs = { self }: let lab = import ./lib.nix; in {
+      nixosConfigurations.slow = lab.nixosConfiguration { version = "slow"; faults.slowActivation = 3; };
+    }; }""")
+    slow = await Nix().build(parse_flake_ref(f"{flake}#slow"))
+    await deploy(lab_host, systems["web"])
+    seen: list[str] = []
+    dep = engine.Deployment(DeployRequest(remote_for(lab_host), slow, confirm_timeout=3), Nix(), status=seen.append)
+    task = asyncio.create_task(dep.run())
+    while not any(s.startswith("activating") for s in seen) and not task.done():
+        await asyncio.sleep(0.05)
+    task.cancel()  # closes the deployer's SSH connection mid-activation
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Activation finishes, nobody confirms, the target rolls back on its own.
+    deadline = time.monotonic() + 3 + 3 + 20
+    while time.monotonic() < deadline and current_gen(lab_host) != 2:
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1)
+    assert current_gen(lab_host) == 2
+    assert current_system(lab_host) == systems["web"]
+    assert http_version(lab_host) == "1"
+    assert 3 not in gens(lab_host)
+
+
+async def test_interrupted_push_registers_nothing_and_next_push_completes(
+        lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "f", """{ outputs = { self }: let lab = import ./lib.nix; in {
+      nixosConfigurations.big = lab.nixosConfiguration { version = "big";
+        packages = [ { name = "blob"; version = "1"; size = 64000000; } ]; };
+    }; }""")
+    big = await Nix().build(parse_flake_ref(f"{flake}#big"))
+    seen: list[str] = []
+    task = asyncio.create_task(engine.deploy(DeployRequest(remote_for(lab_host), big), status=seen.append))
+    while not any(s.startswith("copying") for s in seen) and not task.done():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gens(lab_host) == [1]
+    assert in_host(lab_host, "nix-store", "--check-validity", big, check=False).returncode != 0
+    result = await deploy(lab_host, big)
+    assert result.push.paths >= 1 and current_system(lab_host) == big
+
+
+async def test_boot_test_and_dry_activate(lab_host: labctl.LabHost, systems: Systems) -> None:
+    await deploy(lab_host, systems["web"], action="test")
+    assert current_system(lab_host) == systems["web"] and gens(lab_host) == [1]
+    await deploy(lab_host, systems["web-v2"], action="boot")
+    assert current_system(lab_host) == systems["web"] and current_gen(lab_host) == 2
+    dry = await deploy(lab_host, systems["web-v3"], action="dry-activate")
+    assert "would restart the following units: lab-service.service" in dry.output
+    assert current_system(lab_host) == systems["web"] and current_gen(lab_host) == 2
+
+
+async def test_profile_for_a_non_root_user_via_sudo(lab_host: labctl.LabHost, systems: Systems,
+                                                    tmp_path: Path) -> None:
+    app1 = await Nix().build(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#app-v1", nixos=False))
+    app2 = await Nix().build(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#app-v2", nixos=False))
+    profile = Profile("/nix/var/nix/profiles/per-user/alice/app", "alice")
+    activate = 'echo "activated $(readlink -f "$PROFILE") as $(id -un)" >> /tmp/app-activations-$(id -un)'
+    r1 = await deploy(lab_host, app1, profile=profile, activate_command=activate)
+    r2 = await deploy(lab_host, app2, profile=profile, activate_command=activate)
+    assert (r1.generation, r2.generation) == (1, 2)
+    owner = in_host(lab_host, "stat", "-c", "%U", "/nix/var/nix/profiles/per-user/alice/app-2-link").stdout.strip()
+    assert owner == "alice"
+    log = in_host(lab_host, "cat", "/tmp/app-activations-alice").stdout
+    assert f"activated {app2} as alice" in log
+    with pytest.raises(DeployError):
+        await deploy(lab_host, app1, profile=profile, activate_command="exit 9")
+    assert current_gen(lab_host, profile.path) == 2
+
+
+async def test_connection_errors_are_one_human_line(lab_host: labctl.LabHost, systems: Systems) -> None:
+    other_key = labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/dev/stdout"], input="y\n")
+    del other_key
+    with pytest.raises(HostKeyMismatch) as mismatch:
+        await engine.read_state(remote_for(lab_host, host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBq8ZNH9lIzGYcG0KHmQX0cLgHQ6YXZxqD1z2ePHf0lJ"),
+                                Profile())
+    msg = str(mismatch.value)
+    assert "host key mismatch" in msg and "SHA256:" in msg and msg.count("SHA256:") == 2 and "\n" not in msg
+    wrong = Remote(lab_host.address, lab_host.port, "root",
+                   Credentials(private_key=Path(labctl.__file__).parent.joinpath("lib.nix").read_text()))
+    with pytest.raises(ConnectError) as bad_key:
+        await engine.read_state(wrong, Profile())
+    assert "privateKey" in str(bad_key.value) and "\n" not in str(bad_key.value)
+    closed = dataclasses.replace(remote_for(lab_host), port=2399, retries=2)
+    with pytest.raises(ConnectError) as refused:
+        await engine.read_state(closed, Profile())
+    assert str(refused.value) == f"cannot connect to root@{lab_host.address}:2399: connection refused (after 2 attempts)"
+    with pytest.raises(NixError) as attr:
+        await Nix().eval_out_path(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#no-such-host"))
+    assert "does not provide attribute" in str(attr.value) and "Traceback" not in str(attr.value)
+
+
+async def test_password_auth_pinned_key_and_jump_host(new_host: HostFactory, systems: Systems) -> None:
+    jump, target = new_host(), new_host()
+    by_password = Remote(target.address, target.port, "alice", Credentials(password=target.nonRootPassword),
+                         host_key=target.hostKey)
+    state = await engine.read_state(by_password, Profile("/nix/var/nix/profiles/per-user/alice/none"))
+    assert state.host_key == target.hostKey and state.generation is None
+    via_jump = remote_for(target, host_key=target.hostKey, proxy=remote_for(jump, host_key=jump.hostKey))
+    result = await engine.deploy(DeployRequest(via_jump, systems["web"]))
+    assert result.generation == 2 and current_system(target) == systems["web"]
+    assert current_system(jump) == systems["base"]
+
+
+async def test_five_hosts_concurrently(new_host: HostFactory, systems: Systems) -> None:
+    hosts = [new_host() for _ in range(5)]
+    configs = ["web", "web-v2", "web-v3", "web-v2", "web"]
+    results = await asyncio.gather(*(deploy(h, systems[c]) for h, c in zip(hosts, configs, strict=True)))
+    for host, config, result in zip(hosts, configs, results, strict=True):
+        assert result.store_path == systems[config] == current_system(host)
+        assert result.host_key == host.hostKey
+        assert http_version(host) == {"web": "1", "web-v2": "2", "web-v3": "3"}[config]
