@@ -84,20 +84,29 @@ def same(a: Any, b: Any) -> bool:
 
 
 def diff_inputs(olds: dict[str, Any], news: dict[str, Any], keys: list[str], replace_paths: list[tuple[str, ...]],
-                ) -> DiffResult:
-    """Compare inputs key by key; keys whose nested path is in replace_paths force replacement."""
+                deploy_keys: list[str]) -> DiffResult:
+    """Compare inputs key by key; keys whose nested path is in replace_paths force replacement.
+
+    A setting that appears where the old state had none (e.g. credentials or
+    `flake` after `pulumi import`, which only knows host and system) is not a
+    change unless it changes what is deployed: the engine records the new
+    inputs anyway, and nothing on the machine would differ.
+    """
     result = DiffResult()
     for key in keys:
         old, new = olds.get(key), news.get(key)
         if contains_unknown(new) and new is not None:
             result.detailed[key] = "UPDATE"
         elif old is None and new is not None:
-            result.detailed[key] = "ADD"
+            if key in deploy_keys:
+                result.detailed[key] = "ADD"
         elif old is not None and new is None:
             result.detailed[key] = "DELETE"
         elif not same(old, new):
             if isinstance(old, dict) and isinstance(new, dict):
                 for sub in sorted(set(old) | set(new)):
+                    if old.get(sub) is None and new.get(sub) is not None:
+                        continue
                     if not same(old.get(sub), new.get(sub)):
                         result.detailed[f"{key}.{sub}"] = "UPDATE"
             else:

@@ -96,8 +96,8 @@ class NixosMachine:
     # -- Diff -------------------------------------------------------------------
 
     def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        result = diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port")])
-        # Secrets in the connection update state only; never show them as replacing.
+        result = diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port")],
+                             DEPLOY_KEYS)
         return result
 
     @staticmethod
@@ -156,7 +156,10 @@ class NixosMachine:
                 "connection": v.secret_connection(news["connection"]), "hostKey": pinned}
         if not deploys:
             return base
-        return await self._deploy(urn, ident, base, news, pinned)
+        # If the deploy fails, the engine keeps the old inputs: the recorded
+        # outputs must then describe the old configuration plus what runs now.
+        kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
+        return await self._deploy(urn, ident, base, news, pinned, kept)
 
     async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
         path = reveal(news.get("systemPath"))
@@ -174,13 +177,15 @@ class NixosMachine:
         return path
 
     async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
-                      pinned: str | None) -> dict[str, Any]:
+                      pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
+        failed = kept if kept is not None else base
         remote = self._remote(news, host_key=pinned)
         nix = self._nix(news)
         try:
             store_path = await self._build(urn, news, nix)
         except EngineError as e:
-            raise PartialFailure(str(e), ident, base, news) from e
+            raise PartialFailure(str(e), ident, failed, news) from e
         req = DeployRequest(
             remote=remote,
             store_path=store_path,
@@ -199,14 +204,14 @@ class NixosMachine:
                 result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
                                              output=lambda s: self.ctx.info(urn, s))
         except DeployError as e:
-            after = {**base}
+            after = {**failed}
             if e.now_running:
                 after["systemPath"] = e.now_running
             if e.generation is not None:
                 after["generation"] = e.generation
             raise PartialFailure(str(e), ident, after, news) from e
         except EngineError as e:
-            raise PartialFailure(str(e), ident, await self._observed(base, remote), news) from e
+            raise PartialFailure(str(e), ident, await self._observed(failed, remote), news) from e
         return {
             **base,
             "systemPath": result.store_path,

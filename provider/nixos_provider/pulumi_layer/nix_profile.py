@@ -101,8 +101,18 @@ class NixProfile:
         return checked
 
     def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        return diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port"), ("profile",),
-                                                    ("profilePath",), ("user",)])
+        keys = [k for k in INPUT_KEYS if k not in ("profile", "profilePath", "user")]
+        result = diff_inputs(olds, news, keys, [("connection", "host"), ("connection", "port")], DEPLOY_KEYS)
+        # Which profile this is: compare resolved paths, since `profile` + `user`
+        # and `profilePath` can name the same one.
+        if not contains_unknown([news.get("profile"), news.get("profilePath"), news.get("user"), news.get("connection")]):
+            new_path = resolve_profile_path(news, str(reveal(news["connection"]).get("user") or "root"))
+            if olds.get("profilePath") and new_path != olds["profilePath"]:
+                result.replaces.append("profilePath")
+                result.detailed["profilePath"] = "UPDATE_REPLACE"
+            elif (news.get("user") or None) != (olds.get("user") or None):
+                result.detailed["user"] = "UPDATE"
+        return result
 
     @staticmethod
     def needs_deploy(olds: dict[str, Any], news: dict[str, Any]) -> bool:
@@ -149,10 +159,15 @@ class NixProfile:
             return base
         if not deploys:
             return base
-        return await self._deploy(urn, ident, base, news, pinned)
+        # If the deploy fails, the engine keeps the old inputs: the recorded
+        # outputs must then describe the old configuration plus what runs now.
+        kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
+        return await self._deploy(urn, ident, base, news, pinned, kept)
 
     async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
-                      pinned: str | None) -> dict[str, Any]:
+                      pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
+        failed = kept if kept is not None else base
         remote = self._remote(news, host_key=pinned)
         profile = self._profile(news)
         nix = self._nix(news)
@@ -167,7 +182,7 @@ class NixProfile:
                 if not await nix.is_valid(store_path):
                     await nix.build(store_path)
         except EngineError as e:
-            raise PartialFailure(str(e), ident, base, news) from e
+            raise PartialFailure(str(e), ident, failed, news) from e
         req = DeployRequest(
             remote=remote, store_path=store_path, profile=profile, action="switch",
             magic_rollback=news.get("magicRollback", True) is not False,
@@ -184,10 +199,10 @@ class NixProfile:
                 result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
                                              output=lambda s: self.ctx.info(urn, s))
         except DeployError as e:
-            after = {**base, "storePath": e.now_running, "generation": e.generation or 0}
+            after = {**failed, "storePath": e.now_running, "generation": e.generation or 0}
             raise PartialFailure(str(e), ident, after, news) from e
         except EngineError as e:
-            raise PartialFailure(str(e), ident, base, news) from e
+            raise PartialFailure(str(e), ident, failed, news) from e
         return {**base, "storePath": result.store_path, "generation": result.generation,
                 "previousGeneration": result.previous_generation, "hostKey": result.host_key or pinned,
                 "deployedAt": now_rfc3339(), "pushedPaths": result.push.paths, "pushedBytes": result.push.bytes}
