@@ -48,7 +48,9 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         self.engine_address = engine_address
         self._log_queue: asyncio.Queue[engine_pb2.LogRequest] | None = None
         self._log_task: asyncio.Task[None] | None = None
-        self.ctx = Context(log=self._log)
+        # The engine starts provider plugins in the Pulumi project's directory;
+        # relative flake references resolve against it (captured once, at start).
+        self.ctx = Context(log=self._log, project_dir=os.getcwd())
         self.resources: dict[str, Any] = {
             "nixos:index:NixosMachine": NixosMachine(self.ctx),
             "nixos:index:NixProfile": NixProfile(self.ctx),
@@ -130,8 +132,8 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         if request.engine_address and not self.engine_address:
             self.engine_address = request.engine_address
             await self.start_logging()
-        if request.program_directory or request.root_directory:
-            self.ctx.project_dir = request.program_directory or request.root_directory
+        # root_directory/program_directory name the plugin's own directory here;
+        # the Pulumi project is the working directory the engine started us in.
         return provider_pb2.ProviderHandshakeResponse(accept_secrets=True, accept_resources=True)
 
     async def CheckConfig(self, request: provider_pb2.CheckRequest, context: grpc.aio.ServicerContext,
