@@ -12,11 +12,11 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 cleanup() {
   say "tearing down"
+  pulumi config rm release -s staging --non-interactive >/dev/null 2>&1 || true
   for stack in staging production; do
     pulumi destroy --yes --skip-preview --non-interactive -s "$stack" >/dev/null 2>&1 || true
     pulumi stack rm --yes --force --preserve-config --non-interactive -s "$stack" >/dev/null 2>&1 || true
   done
-  pulumi config rm release -s staging --non-interactive >/dev/null 2>&1 || true
   labctl down
   rm -rf "$root/.lab/demo-state"
 }
