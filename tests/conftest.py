@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))
 
 import labctl  # noqa: E402
-
 from nixos_provider.engine.models import Credentials, Remote  # noqa: E402
 
 LAB_FLAKE = REPO / "tests" / "lab"

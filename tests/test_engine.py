@@ -10,7 +10,6 @@ from pathlib import Path
 import labctl
 import pytest
 from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
-
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote

@@ -137,6 +137,7 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
     assert all(ssh_ok(h) for h in hosts)
     assert len({h.hostKey for h in hosts}) == 5
     namespaces = [(h.state / "ns").read_text().strip() for h in hosts]
+    daemons = [int((h.state / "nix-daemon.pid").read_text()) for h in hosts]
     assert len(set(namespaces)) == 5
     # Leave something running inside each host, as a crashed test would.
     for h in hosts:
@@ -150,6 +151,8 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
         assert not h.state.exists()
         assert str(h.state) not in Path("/proc/self/mountinfo").read_text()
         assert not ssh_ok(h)
+    for pid in daemons:
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
 def test_labctl_command_line(tmp_path: Path) -> None:

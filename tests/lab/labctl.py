@@ -236,13 +236,29 @@ def _start_holder(state: Path) -> None:
 
 
 def _start_nix_daemon(state: Path) -> None:
-    subprocess.Popen(
-        nsenter(state, ["setsid", "nix-daemon"]),
+    # nix-daemon may move itself into a mount namespace of its own (to make
+    # the store writable), where kill_namespace cannot see it; it runs in its
+    # own process group, which stop_nix_daemon kills whole.
+    proc = subprocess.Popen(
+        nsenter(state, ["nix-daemon"]),
         stdin=subprocess.DEVNULL,
         stdout=open(state / "nix-daemon.log", "a"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    (state / "nix-daemon.pid").write_text(str(proc.pid))
+
+
+def stop_nix_daemon(state: Path) -> None:
+    try:
+        pgid = int((state / "nix-daemon.pid").read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    (state / "nix-daemon.pid").unlink(missing_ok=True)
 
 
 def wait_for_port(address: str, port: int, timeout: float = 10.0) -> bool:
@@ -259,6 +275,7 @@ def wait_for_port(address: str, port: int, timeout: float = 10.0) -> bool:
 def boot(host: LabHost) -> None:
     """Start the host from its boot-default generation, as a reboot would."""
     state = host.state
+    stop_nix_daemon(state)
     kill_namespace(state, keep_holder=True)
     in_ns = lambda cmd: run(nsenter(state, cmd))  # noqa: E731
     in_ns(["sh", "-c", "rm -rf /run/lab /run/sshd.pid /run/current-system /run/booted-system; mkdir -p /run/lab /run/sshd"])
@@ -310,6 +327,7 @@ def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: s
 
 
 def stop_host(state: Path) -> None:
+    stop_nix_daemon(state)
     kill_namespace(state, keep_holder=False)
     pid = holder_pid(state)
     if pid is not None:

@@ -19,7 +19,10 @@ fi
 case $url in http://*) ;; *) echo "no curl on the target to fetch $url" >&2; exit 3 ;; esac
 rest=${url#http://}; hostport=${rest%%/*}; path=/${rest#*/}; [ "$rest" = "$hostport" ] && path=/
 host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=80
-exec timeout "$t" bash -c 'exec 3<>/dev/tcp/$0/$1 || exit 7; printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$2" "$0" >&3; read -r _ code _ <&3; printf %s "$code"' "$host" "$port" "$path"
+exec timeout "$t" bash -c '
+  exec 3<>/dev/tcp/$0/$1 || exit 7
+  printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$2" "$0" >&3
+  read -r _ code _ <&3; printf %s "$code"' "$host" "$port" "$path"
 '''
 
 _TCP_PROBE = 'exec timeout "$3" bash -c "exec 3<>/dev/tcp/$1/$2"'

@@ -50,7 +50,7 @@ def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True
     for prefix in ("path:", "git+file:"):
         if flake.startswith(prefix):
             scheme, flake = prefix, flake[len(prefix):]
-    looks_like_path = scheme != "" or ":" not in flake and (flake.startswith((".", "/")) or "/" in flake)
+    looks_like_path = scheme != "" or (":" not in flake and (flake.startswith((".", "/")) or "/" in flake))
     if flake == "" or (looks_like_path and not flake.startswith("/")):
         flake = os.path.normpath(os.path.join(base_dir or os.getcwd(), flake or "."))
     flake = scheme + flake

@@ -54,8 +54,8 @@ async def set_profile(target: Target, profile: str, store_path: str) -> Generati
     if made.exit_status != 0 and target.run_as not in (None, "root"):
         # e.g. /nix/var/nix/profiles/per-user/<user> that no login created yet:
         # make it as root, owned by the profile's user.
-        root = Target(target.conn, "root")
-        await root.run(["install", "-d", "-o", target.run_as, "--", parent])
+        owner = str(target.run_as)
+        await Target(target.conn, "root").run(["install", "-d", "-o", owner, "--", parent])
     elif made.exit_status != 0:
         raise EngineError(f"cannot create {parent} on {target.target}: {made.stderr.strip()}")
     await target.run(["nix-env", "-p", profile, "--set", store_path])

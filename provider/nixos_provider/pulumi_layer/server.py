@@ -33,6 +33,7 @@ from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
 
 T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
 SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
 
 
@@ -71,7 +72,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             while True:
                 req = await self._log_queue.get()
                 try:
-                    await stub.Log(req)
+                    await stub.Log(req)  # type: ignore[misc]
                 except grpc.RpcError:
                     pass
 
@@ -92,7 +93,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             raise EngineError(f"unknown resource type {t!r}")
         return self.resources[t]
 
-    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _guard(self, context: Ctx, fn: Callable[[], Awaitable[T]]) -> T:
         task = asyncio.current_task()
         if task:
             self._tasks.add(task)
@@ -110,7 +111,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             await context.abort(grpc.StatusCode.UNKNOWN, str(e))
         except asyncio.CancelledError:
             await context.abort(grpc.StatusCode.CANCELLED, "the operation was cancelled")
-        except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+        except Exception as e:
             traceback.print_exc(file=sys.stderr)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the nixos provider: {type(e).__name__}: {e}")
         finally:
@@ -120,14 +121,14 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     # -- plugin RPCs ----------------------------------------------------------------
 
-    async def GetPluginInfo(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> plugin_pb2.PluginInfo:
+    async def GetPluginInfo(self, request: empty_pb2.Empty, context: Ctx) -> plugin_pb2.PluginInfo:
         return plugin_pb2.PluginInfo(version=__version__)
 
-    async def GetSchema(self, request: provider_pb2.GetSchemaRequest, context: grpc.aio.ServicerContext,
+    async def GetSchema(self, request: provider_pb2.GetSchemaRequest, context: Ctx,
                         ) -> provider_pb2.GetSchemaResponse:
         return provider_pb2.GetSchemaResponse(schema=SCHEMA_PATH.read_text())
 
-    async def Handshake(self, request: provider_pb2.ProviderHandshakeRequest, context: grpc.aio.ServicerContext,
+    async def Handshake(self, request: provider_pb2.ProviderHandshakeRequest, context: Ctx,
                         ) -> provider_pb2.ProviderHandshakeResponse:
         if request.engine_address and not self.engine_address:
             self.engine_address = request.engine_address
@@ -136,7 +137,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         # the Pulumi project is the working directory the engine started us in.
         return provider_pb2.ProviderHandshakeResponse(accept_secrets=True, accept_resources=True)
 
-    async def CheckConfig(self, request: provider_pb2.CheckRequest, context: grpc.aio.ServicerContext,
+    async def CheckConfig(self, request: provider_pb2.CheckRequest, context: Ctx,
                           ) -> provider_pb2.CheckResponse:
         news = from_struct(request.news)
         failures = []
@@ -155,7 +156,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 failures.append(provider_pb2.CheckFailure(property=key, reason="must be a non-empty list of strings"))
         return provider_pb2.CheckResponse(inputs=request.news, failures=failures)
 
-    async def Configure(self, request: provider_pb2.ConfigureRequest, context: grpc.aio.ServicerContext,
+    async def Configure(self, request: provider_pb2.ConfigureRequest, context: Ctx,
                         ) -> provider_pb2.ConfigureResponse:
         args = from_struct(request.args) if request.HasField("args") else {}
         for full, value in request.variables.items():
@@ -179,14 +180,14 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             self.ctx.ssh_slots = asyncio.Semaphore(int(float(slots)))
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
-    async def Cancel(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def Cancel(self, request: empty_pb2.Empty, context: Ctx) -> empty_pb2.Empty:
         for task in list(self._tasks):
             task.cancel()
         return empty_pb2.Empty()
 
     # -- resource RPCs ----------------------------------------------------------------
 
-    async def Check(self, request: provider_pb2.CheckRequest, context: grpc.aio.ServicerContext,
+    async def Check(self, request: provider_pb2.CheckRequest, context: Ctx,
                     ) -> provider_pb2.CheckResponse:
         async def run() -> provider_pb2.CheckResponse:
             res = self._resource(request.urn, request.type)
@@ -198,7 +199,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             return provider_pb2.CheckResponse(inputs=to_struct(checked))
         return await self._guard(context, run)
 
-    async def Diff(self, request: provider_pb2.DiffRequest, context: grpc.aio.ServicerContext,
+    async def Diff(self, request: provider_pb2.DiffRequest, context: Ctx,
                    ) -> provider_pb2.DiffResponse:
         async def run() -> provider_pb2.DiffResponse:
             res = self._resource(request.urn, request.type)
@@ -219,7 +220,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             )
         return await self._guard(context, run)
 
-    async def Create(self, request: provider_pb2.CreateRequest, context: grpc.aio.ServicerContext,
+    async def Create(self, request: provider_pb2.CreateRequest, context: Ctx,
                      ) -> provider_pb2.CreateResponse:
         async def run() -> provider_pb2.CreateResponse:
             res = self._resource(request.urn, request.type)
@@ -227,7 +228,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             return provider_pb2.CreateResponse(id=ident, properties=to_struct(outputs))
         return await self._guard(context, run)
 
-    async def Update(self, request: provider_pb2.UpdateRequest, context: grpc.aio.ServicerContext,
+    async def Update(self, request: provider_pb2.UpdateRequest, context: Ctx,
                      ) -> provider_pb2.UpdateResponse:
         async def run() -> provider_pb2.UpdateResponse:
             res = self._resource(request.urn, request.type)
@@ -236,7 +237,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             return provider_pb2.UpdateResponse(properties=to_struct(outputs))
         return await self._guard(context, run)
 
-    async def Read(self, request: provider_pb2.ReadRequest, context: grpc.aio.ServicerContext,
+    async def Read(self, request: provider_pb2.ReadRequest, context: Ctx,
                    ) -> provider_pb2.ReadResponse:
         async def run() -> provider_pb2.ReadResponse:
             res = self._resource(request.urn, request.type)
@@ -245,7 +246,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             return provider_pb2.ReadResponse(id=ident, properties=to_struct(outputs), inputs=to_struct(new_inputs))
         return await self._guard(context, run)
 
-    async def Delete(self, request: provider_pb2.DeleteRequest, context: grpc.aio.ServicerContext,
+    async def Delete(self, request: provider_pb2.DeleteRequest, context: Ctx,
                      ) -> empty_pb2.Empty:
         async def run() -> empty_pb2.Empty:
             res = self._resource(request.urn, request.type)
@@ -255,7 +256,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     # -- functions ------------------------------------------------------------------------
 
-    async def Invoke(self, request: provider_pb2.InvokeRequest, context: grpc.aio.ServicerContext,
+    async def Invoke(self, request: provider_pb2.InvokeRequest, context: Ctx,
                      ) -> provider_pb2.InvokeResponse:
         async def run() -> provider_pb2.InvokeResponse:
             args = from_struct(request.args)
@@ -273,7 +274,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 gens = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
                         for g in state.generations]
                 current = state.generation.number if state.generation else 0
-                return provider_pb2.InvokeResponse(**{"return": to_struct({"generations": gens, "current": current})})
+                return _invoke_result({"generations": gens, "current": current})
             if request.tok == "nixos:index:resolveFlake":
                 v.check_flake(f, "flake", args.get("flake"))
                 if args.get("flake") is None:
@@ -291,9 +292,15 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 else:
                     path = await nix.eval_out_path(parsed)
                     built = is_store_path(path) and await nix.is_valid(path)
-                return provider_pb2.InvokeResponse(**{"return": to_struct({"storePath": path, "built": built})})
+                return _invoke_result({"storePath": path, "built": built})
             raise EngineError(f"unknown function {request.tok!r}")
         return await self._guard(context, run)
+
+
+def _invoke_result(value: dict[str, Any]) -> provider_pb2.InvokeResponse:
+    resp = provider_pb2.InvokeResponse()
+    getattr(resp, "return").CopyFrom(to_struct(value))  # `return` is a Python keyword
+    return resp
 
 
 async def serve(argv: list[str]) -> None:
@@ -324,4 +331,4 @@ def main() -> None:
         pass
 
 
-__all__ = ["Provider", "main", "serve", "Secret"]
+__all__ = ["Provider", "Secret", "main", "serve"]

@@ -1,0 +1,156 @@
+"""Pure units: flake references, quoting and sudo, property encoding, validation, diffs."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+from nixos_provider.engine.activation import ActivationSpec, Supervisor
+from nixos_provider.engine.errors import RemoteCommandError
+from nixos_provider.engine.models import Profile, Remote
+from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
+from nixos_provider.engine.process import Target
+from nixos_provider.pulumi_layer.base import Context
+from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_health_checks
+from nixos_provider.pulumi_layer.machine import NixosMachine
+from nixos_provider.pulumi_layer.nix_profile import NixProfile
+from nixos_provider.pulumi_layer.properties import SECRET_SIG, SIG_KEY, UNKNOWN, UNKNOWN_STR, Secret, decode, encode
+
+TOPLEVEL = "config.system.build.toplevel"
+
+
+@pytest.mark.parametrize("ref,base,expected", [
+    (".#web", "/proj", FlakeRef("/proj", f"nixosConfigurations.web.{TOPLEVEL}")),
+    ("./nix#web", "/proj", FlakeRef("/proj/nix", f"nixosConfigurations.web.{TOPLEVEL}")),
+    ("#web", "/proj", FlakeRef("/proj", f"nixosConfigurations.web.{TOPLEVEL}")),
+    ("path:./x#web", "/proj", FlakeRef("path:/proj/x", f"nixosConfigurations.web.{TOPLEVEL}")),
+    ("sub/dir#a", "/proj", FlakeRef("/proj/sub/dir", f"nixosConfigurations.a.{TOPLEVEL}")),
+    ("/abs#nixosConfigurations.x.config.system.build.toplevel", "/p",
+     FlakeRef("/abs", f"nixosConfigurations.x.{TOPLEVEL}")),
+    ("github:me/infra#web", "/p", FlakeRef("github:me/infra", f"nixosConfigurations.web.{TOPLEVEL}")),
+])
+def test_flake_refs_resolve_against_the_project(ref: str, base: str, expected: FlakeRef) -> None:
+    assert parse_flake_ref(ref, base) == expected
+
+
+def test_profile_flake_refs_keep_the_attribute() -> None:
+    assert parse_flake_ref(".#app", "/p", nixos=False) == FlakeRef("/p", "app")
+    with pytest.raises(ValueError, match="no `#attribute`"):
+        parse_flake_ref("/p", "/p")
+
+
+def test_store_path_shape() -> None:
+    assert is_store_path("/nix/store/xkqms51krmg5pmyp0h8j5v5mrybgxgch-nixos-system-web-24.05")
+    assert not is_store_path("/nix/store/x")
+    assert not is_store_path("/nix/store/xkqms51krmg5pmyp0h8j5v5mrybgxgch-a b")
+
+
+class _Conn:
+    def __init__(self, user: str) -> None:
+        self.remote = Remote("h", 22, user)
+
+
+@pytest.mark.parametrize("ssh_user,run_as,expected", [
+    ("root", None, ["nix-env", "--list-generations"]),
+    ("root", "root", ["nix-env", "--list-generations"]),
+    ("deploy", "root", ["sudo", "-n", "--", "nix-env", "--list-generations"]),
+    ("root", "alice", ["sudo", "-n", "-H", "-u", "alice", "--", "nix-env", "--list-generations"]),
+    ("alice", "alice", ["nix-env", "--list-generations"]),
+])
+def test_sudo_is_added_only_when_the_user_differs(ssh_user: str, run_as: str | None, expected: list[str]) -> None:
+    target = Target(_Conn(ssh_user), run_as)  # type: ignore[arg-type]
+    assert target.argv(["nix-env", "--list-generations"]) == expected
+
+
+def test_remote_commands_are_quoted_argument_by_argument() -> None:
+    hostile = "x; rm -rf / #"
+    assert shlex.split(shlex.join(["sh", "-c", "echo $1", "sh", hostile])) == ["sh", "-c", "echo $1", "sh", hostile]
+
+
+def test_supervisor_arguments_are_positional_and_complete() -> None:
+    spec = ActivationSpec("system", "/nix/var/nix/profiles/system", "/nix/store/a-new", 3, 2, "/nix/store/b-old",
+                          "switch", True, 30, True, 240)
+    sup = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
+    args = sup._args("activate")
+    assert args[0] == "activate" and args[1] == sup.workdir and args[2] == sup.token
+    assert args[3:] == ["system", "/nix/var/nix/profiles/system", "/nix/store/a-new", "3", "2", "/nix/store/b-old",
+                        "switch", "1", "30", "1", "240", ""]
+    other = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
+    assert other.token != sup.token and other.workdir != sup.workdir  # a stale token can never confirm
+
+
+def test_remote_command_error_hides_sudo_and_keeps_the_tail() -> None:
+    err = RemoteCommandError("root@h:22", ["sudo", "-n", "--", "nix-env", "-p", "/x", "--set", "/y"], 1,
+                             "a\nb\nerror: boom\n")
+    assert str(err).startswith("`nix-env -p /x ...` failed on root@h:22 (exit 1)")
+    assert str(err).endswith("error: boom")
+
+
+def test_secrets_and_unknowns_round_trip() -> None:
+    wire = {"connection": {"host": "h", "privateKey": {SIG_KEY: SECRET_SIG, "value": "KEY"}}, "flake": UNKNOWN_STR}
+    value = decode(wire)
+    assert value["connection"]["privateKey"] == Secret("KEY") and value["flake"] is UNKNOWN
+    assert repr(value["connection"]["privateKey"]) == "Secret(****)"
+    assert encode(value) == wire
+
+
+def failures(fn: Any, *args: Any) -> list[tuple[str, str]]:
+    f = Failures()
+    fn(f, *args)
+    return f.items
+
+
+def test_connection_validation_names_the_property_and_never_echoes_secrets() -> None:
+    items = failures(check_connection, {"host": "bad host!", "port": 0, "privateKey": "hunter2",
+                                        "proxy": {"host": "j", "proxy": {"host": "k"}}})
+    props = [p for p, _ in items]
+    assert props == ["connection.host", "connection.port", "connection.privateKey", "connection.proxy.proxy"]
+    assert all("hunter2" not in reason for _, reason in items)
+    assert failures(check_connection, {"host": UNKNOWN, "port": UNKNOWN}) == []
+
+
+def test_health_check_validation() -> None:
+    items = failures(check_health_checks, [{"http": "ftp://x"}, {"tcp": 99999}, {}, {"command": "true"}])
+    assert ("healthChecks[0].http", "'ftp://x' is not an http:// or https:// URL") in items
+    assert ("healthChecks[1].tcp", "must be between 1 and 65535, not 99999") in items
+    assert ("healthChecks[2]", "needs exactly one of `command`, `http` or `tcp` (got none)") in items
+    assert not [p for p, _ in items if p.startswith("healthChecks[3]")]
+
+
+def _ctx() -> Context:
+    return Context(log=lambda *a: None)
+
+
+def test_machine_diff_replaces_on_host_and_port_and_deploys_on_system_path() -> None:
+    m = NixosMachine(_ctx())
+    old = {"connection": {"host": "a", "port": 22, "user": "root", "privateKey": Secret("K1")},
+           "systemPath": "/nix/store/" + "a" * 32 + "-s", "action": "switch", "generation": 4}
+    moved = m.diff(old, {**old, "connection": {**old["connection"], "host": "b"}})
+    assert moved.replaces == ["connection.host"]
+    rekeyed = m.diff(old, {**old, "connection": {**old["connection"], "privateKey": Secret("K2")}})
+    assert rekeyed.replaces == [] and rekeyed.detailed == {"connection.privateKey": "UPDATE"}
+    assert not m.needs_deploy(old, {**old, "connection": {**old["connection"], "privateKey": Secret("K2")}})
+    new_system = {**old, "systemPath": "/nix/store/" + "b" * 32 + "-s"}
+    assert m.diff(old, new_system).detailed == {"systemPath": "UPDATE"} and m.needs_deploy(old, new_system)
+    assert m.diff(old, {**old, "systemPath": UNKNOWN}).detailed == {"systemPath": "UPDATE"}
+    # install changes are shown but never reinstall or redeploy
+    with_install = {**old, "install": {"kexecUrl": "x"}}
+    assert m.diff(with_install, {**with_install, "install": {"kexecUrl": "y"}}).detailed == {"install.kexecUrl": "UPDATE"}
+    assert not m.needs_deploy(with_install, {**with_install, "install": {"kexecUrl": "y"}})
+
+
+def test_profile_diff_compares_resolved_profile_paths() -> None:
+    p = NixProfile(_ctx())
+    conn = {"host": "a", "port": 22, "user": "root"}
+    old = {"connection": conn, "profile": "app", "user": "alice", "profilePath": "/nix/var/nix/profiles/per-user/alice/app",
+           "storePath": "/nix/store/" + "a" * 32 + "-app"}
+    same_profile = {"connection": conn, "profilePath": "/nix/var/nix/profiles/per-user/alice/app", "user": "alice",
+                    "storePath": old["storePath"]}
+    assert p.diff(old, same_profile).replaces == []
+    other = {**same_profile, "profilePath": "/home/alice/.local/state/nix/profiles/app"}
+    assert p.diff(old, other).replaces == ["profilePath"]
+
+
+def test_system_profile_model() -> None:
+    assert Profile().is_system and not Profile("/nix/var/nix/profiles/per-user/a/x").is_system
