@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -27,12 +28,16 @@ _addresses = itertools.count(1)
 def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("lab hosts need root (mount namespaces)")
-    # A fixed place, so a run that crashed leaves hosts this run can stop.
+    # A fixed place, so a run that crashed leaves hosts this run can stop; a
+    # lock, so two test sessions never stop each other's hosts.
     d = REPO / ".lab" / "test"
-    labctl.down(d)
     d.mkdir(parents=True, exist_ok=True)
-    yield d
-    labctl.down(d)
+    with open(d.parent / "test.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        labctl.down(d)
+        d.mkdir(parents=True, exist_ok=True)
+        yield d
+        labctl.down(d)
 
 
 class Systems:

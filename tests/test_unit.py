@@ -154,3 +154,54 @@ def test_profile_diff_compares_resolved_profile_paths() -> None:
 
 def test_system_profile_model() -> None:
     assert Profile().is_system and not Profile("/nix/var/nix/profiles/per-user/a/x").is_system
+
+
+# -- closure diffs ------------------------------------------------------------------
+
+from nixos_provider.engine.closure_diff import (  # noqa: E402
+    compare_versions,
+    diff_closures,
+    parse_drv_name,
+    split_store_path,
+)
+from nixos_provider.engine.nix import PathInfo  # noqa: E402
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("nginx-1.24.0", ("nginx", "1.24.0")),
+    ("lab-tools", ("lab-tools", "")),
+    ("nixos-system-web-24.05.lab-1", ("nixos-system-web", "24.05.lab-1")),
+    ("python3.11-requests-2.31.0", ("python3.11-requests", "2.31.0")),
+    ("font-2-4", ("font", "2-4")),
+])
+def test_parse_drv_name_follows_nix(name: str, expected: tuple[str, str]) -> None:
+    assert parse_drv_name(name) == expected
+
+
+def test_split_store_path_handles_outputs() -> None:
+    h = "/nix/store/" + "a" * 32 + "-"
+    assert split_store_path(h + "openssl-3.0.13-dev") == ("openssl", "3.0.13", "dev")
+    assert split_store_path(h + "openssl-3.0.13") == ("openssl", "3.0.13", "")
+    assert split_store_path(h + "glibc-locales-2.39-52") == ("glibc-locales", "2.39-52", "")
+    assert split_store_path(h + "etc") == ("etc", "", "")
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("1.24.0", "1.26.1", -1), ("1.10", "1.9", 1), ("1.0", "1.0", 0), ("1.0pre1", "1.0", -1),
+    ("2.0", "2.0.1", -1), ("1.0a", "1.0", 1), ("1.0", "1.0b", -1), ("2.39-52", "2.39-6", 1),
+])
+def test_compare_versions_follows_nix(a: str, b: str, expected: int) -> None:
+    assert compare_versions(a, b) == expected
+
+
+def test_diff_closures_reports_changes_added_removed_and_sizes() -> None:
+    def p(name: str, size: int) -> PathInfo:
+        return PathInfo("/nix/store/" + (name[:1] * 32) + "-" + name, size, ())
+    old_root, new_root = p("nixos-system-web-1", 10), p("nixos-system-web-2", 10)
+    before = [p("nginx-1.24.0", 100), p("openssl-3.0.13", 200), p("lab-tools", 50), old_root]
+    after = [p("nginx-1.26.1", 120), p("openssl-3.0.13", 200), p("redis-7.2.4", 300), new_root]
+    ch = diff_closures(old_root.path, before, new_root.path, after)
+    assert [(c.name, c.before, c.after, c.size_delta) for c in ch.changed] == [("nginx", ("1.24.0",), ("1.26.1",), 20)]
+    assert ch.added == ("redis-7.2.4",) and ch.removed == ("lab-tools",)
+    assert (ch.size_before, ch.size_after, ch.paths_to_push) == (360, 630, 3)
+    assert "  nginx: 1.24.0 → 1.26.1 (+20 B)" in ch.lines()

@@ -100,6 +100,11 @@ class Deployment:
         self.host_key = target.conn.host_key
         try:
             return await self._run(target)
+        except BaseException:
+            # Cancelled or failed: drop the connection at once, so remote
+            # commands (an import mid-stream) see EOF instead of waiting on us.
+            target.conn.abort()
+            raise
         finally:
             await target.conn.close()
 

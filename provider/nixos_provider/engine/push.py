@@ -10,6 +10,7 @@ per-path), and the next push sends what is still missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,12 +110,18 @@ async def _stream_export(target: Target, paths: list[str], total: int, progress:
         remote.stdin.write_eof()
         result = await remote.wait(check=False)
     finally:
+        remote.close()
         if export.returncode is None:
             export.kill()
-        await export.wait()
-        remote.close()
-    assert export.stderr is not None
-    err = (await export.stderr.read()).decode(errors="replace")
+        # Read what is left so the pipes reach EOF: a paused, undrained pipe
+        # would keep the subprocess transport (and wait()) from finishing.
+        assert export.stderr is not None
+        err_bytes = b""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(export.stdout.read(), 10)
+            err_bytes = await asyncio.wait_for(export.stderr.read(), 10)
+        await asyncio.wait_for(export.wait(), 10)
+    err = err_bytes.decode(errors="replace")
     if export.returncode not in (0, None) and export.returncode != -9:
         raise NixError(f"nix-store --export failed: {err.strip()[-500:]}")
     if result.exit_status != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import deploy as engine
+from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import Nix, is_store_path, parse_flake_ref
@@ -149,7 +150,11 @@ class NixosMachine:
                      ) -> dict[str, Any]:
         deploys = self.needs_deploy(olds, news)
         if preview:
-            return self._preview_outputs(news, olds, deploys)
+            out = self._preview_outputs(news, olds, deploys)
+            if deploys:
+                changes = await self._pending_changes(urn, olds, news)
+                out["pendingChanges"] = changes.to_output() if changes else None
+            return out
         conn_key = reveal(news["connection"]).get("hostKey")
         pinned = conn_key or olds.get("hostKey")
         base = {**{k: olds.get(k) for k in COMPUTED}, **news, "systemPath": olds.get("systemPath"),
@@ -160,6 +165,49 @@ class NixosMachine:
         # outputs must then describe the old configuration plus what runs now.
         kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
         return await self._deploy(urn, ident, base, news, pinned, kept)
+
+    async def _pending_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> ClosureChanges | None:
+        """Preview: what the new system changes, package by package, when both closures are local."""
+        old, new = olds.get("systemPath"), news.get("systemPath")
+        if not isinstance(old, str) or not isinstance(new, str) or contains_unknown(news.get("connection")):
+            return None
+        nix = self._nix(news)
+        if not await nix.is_valid(new) and news.get("buildOnPreview") and news.get("flake") is not None:
+            self.ctx.info(urn, f"building {new} for the preview (buildOnPreview)")
+            try:
+                await self._build(urn, news, nix)
+            except EngineError as e:
+                self.ctx.warn(urn, f"preview build failed: {e}")
+        missing = [label for label, path in (("new", new), ("current", old)) if not await nix.is_valid(path)]
+        if missing:
+            note = (f"no package diff: the {' and '.join(missing)} system is not in the local store"
+                    + (" (set `buildOnPreview: true` to build it during preview)" if "new" in missing else ""))
+            self.ctx.info(urn, note)
+            return ClosureChanges(before=old, after=new, note=note)
+        changes = await closure_changes(nix, old, new)
+        if news.get("dryActivate"):
+            changes = await self._dry_activate(urn, olds, news, changes)
+        for line in changes.lines():
+            self.ctx.info(urn, line)
+        return changes
+
+    async def _dry_activate(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
+                            changes: ClosureChanges) -> ClosureChanges:
+        """Copy the new system to the target and ask `switch-to-configuration dry-activate`."""
+        remote = self._remote(news, host_key=reveal(news["connection"]).get("hostKey") or olds.get("hostKey"))
+        req = DeployRequest(remote=remote, store_path=str(news["systemPath"]), profile=SYSTEM, action="dry-activate")
+        try:
+            async with self.ctx.ssh_slots:
+                result = await engine.deploy(req, self._nix(news), status=lambda s: self.ctx.status(urn, s))
+        except EngineError as e:
+            self.ctx.warn(urn, f"dry-activate failed: {e}")
+            return changes
+        units: list[str] = []
+        for line in result.output.splitlines():
+            if line.startswith("would restart the following units:"):
+                units += [u.strip() for u in line.split(":", 1)[1].split(",") if u.strip()]
+        from dataclasses import replace
+        return replace(changes, would_restart=tuple(units))
 
     async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
         path = reveal(news.get("systemPath"))
@@ -212,8 +260,11 @@ class NixosMachine:
             raise PartialFailure(str(e), ident, after, news) from e
         except EngineError as e:
             raise PartialFailure(str(e), ident, await self._observed(failed, remote), news) from e
+        last = await self._last_changes(nix, base.get("systemPath"), result.store_path)
         return {
             **base,
+            "pendingChanges": None,
+            "lastChanges": last.to_output() if last else None,
             "systemPath": result.store_path,
             "generation": result.generation,
             "previousGeneration": result.previous_generation,
@@ -223,6 +274,13 @@ class NixosMachine:
             "pushedPaths": result.push.paths,
             "pushedBytes": result.push.bytes,
         }
+
+    async def _last_changes(self, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
+        if not isinstance(before, str) or before == after:
+            return None
+        if not await nix.is_valid(before):
+            return ClosureChanges(before=before, after=after, note="the previous system is not in the local store")
+        return await closure_changes(nix, before, after)
 
     async def _observed(self, base: dict[str, Any], remote: Remote) -> dict[str, Any]:
         """Best effort: what the machine runs after a failure we could not classify."""

@@ -1,0 +1,84 @@
+"""Preview tells what will change on each machine: package versions, closure size, units to restart."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import labctl
+import pytest
+from conftest import HostFactory, PulumiProject, current_system, write_flake
+from test_provider_e2e import connection, program, strip_ansi
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; in {
+  nixosConfigurations.before = lab.nixosConfiguration { version = "1"; packages = [
+    { name = "nginx"; version = "1.24.0"; size = 65536; }
+    { name = "openssl"; version = "3.0.13"; size = 131072; }
+    { name = "lab-tools"; size = 2048; } ]; };
+  nixosConfigurations.after = lab.nixosConfiguration { version = "2"; packages = [
+    { name = "nginx"; version = "1.26.1"; size = 65536; }
+    { name = "openssl"; version = "3.0.13"; size = 262144; }
+    { name = "redis"; version = "7.2.4"; size = 32768; } ]; };
+}; }"""
+
+
+def test_preview_shows_package_changes_size_and_units_per_machine(
+        project: PulumiProject, new_host: HostFactory, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "flake", FLAKE)
+    changing, steady = new_host(), new_host()
+
+    def prog(config: str) -> None:
+        program(project, {
+            "changing": {"type": "nixos:NixosMachine", "properties": {
+                "connection": connection(changing), "flake": f"{flake}#{config}",
+                "buildOnPreview": True, "dryActivate": True}},
+            "steady": {"type": "nixos:NixosMachine", "properties": {
+                "connection": connection(steady), "flake": f"{flake}#before"}},
+        })
+
+    prog("before")
+    project.run("stack", "init", "dev")
+    project.up()
+    before_path = current_system(changing)
+    # Forget the new system locally: preview must build it (buildOnPreview) and say so.
+    prog("after")
+    preview = strip_ansi(project.run("preview", "--diff").stdout)
+    assert "for the preview (buildOnPreview)" in preview
+    section = preview.split("nixos:index:NixosMachine (changing)")[1].split("nixos:index:NixosMachine (steady)")[0] \
+        if "nixos:index:NixosMachine (steady)" in preview.split("nixos:index:NixosMachine (changing)")[1] \
+        else preview.split("nixos:index:NixosMachine (changing)")[1]
+    assert "nginx: 1.24.0 → 1.26.1" in section
+    assert re.search(r"openssl: 3\.0\.13 → 3\.0\.13 \(\+128\.\d KiB\)", section)
+    assert "+ redis-7.2.4" in section and "- lab-tools" in section
+    assert re.search(r"1 version change|2 version changes", section) and "paths to push" in section
+    assert "would restart: lab-service.service" in section
+    assert "(steady)" not in preview or "nginx" not in preview.split("(steady)")[-1]
+    assert current_system(changing) == before_path  # preview changed nothing
+
+    # The same, structured, in --json.
+    data = json.loads(project.run("preview", "--json").stdout)
+    step = next(s for s in data["steps"] if s["urn"].endswith("::changing"))
+    pending = step["newState"]["outputs"]["pendingChanges"]
+    assert {c["name"]: (c["before"], c["after"]) for c in pending["changed"]}["nginx"] == (["1.24.0"], ["1.26.1"])
+    assert pending["added"] == ["redis-7.2.4"] and pending["removed"] == ["lab-tools"]
+    assert pending["sizeAfter"] - pending["sizeBefore"] > 0
+    assert pending["wouldRestart"] == ["lab-service.service"]
+
+    # Cross-check against Nix's own diff-closures (text output on Nix 2.8).
+    after_path = pending["systemPathAfter"]
+    nix = subprocess.run(["nix", "--extra-experimental-features", "nix-command", "store", "diff-closures",
+                          before_path, after_path], capture_output=True, text=True, check=True).stdout
+    nix_changed = {line.split(":")[0].strip() for line in strip_ansi(nix).splitlines() if ":" in line}
+    ours = {c["name"] for c in pending["changed"] if c["before"] != c["after"]}
+    ours |= {re.sub(r"-[0-9].*$", "", a) for a in pending["added"]} | set(pending["removed"])
+    assert ours <= nix_changed, (ours, nix_changed)
+    assert nix_changed - ours <= {"nixos-system-lab"}, nix
+
+    project.up()
+    last = project.resource("NixosMachine")
+    assert last["outputs"]["lastChanges"]["added"] == ["redis-7.2.4"]
+    assert labctl is not None
