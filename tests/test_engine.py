@@ -221,3 +221,48 @@ async def test_five_hosts_concurrently(new_host: HostFactory, systems: Systems) 
         assert result.store_path == systems[config] == current_system(host)
         assert result.host_key == host.hostKey
         assert http_version(host) == {"web": "1", "web-v2": "2", "web-v3": "3"}[config]
+
+
+async def test_compressed_push_and_substitute_on_destination(lab_host: labctl.LabHost, systems: Systems) -> None:
+    result = await deploy(lab_host, systems["web-v3"], compress=True, substitute_on_destination=True)
+    assert result.push.paths == 5 and current_system(lab_host) == systems["web-v3"]
+
+
+async def test_build_on_the_target(lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "f", """{ outputs = { self }: let lab = import ./lib.nix; in {
+      nixosConfigurations.remote = lab.nixosConfiguration { version = "remote-built";
+        packages = [ { name = "only-on-target"; version = "1.0"; size = 4096; } ]; };
+    }; }""")
+    nix = Nix()
+    ref = parse_flake_ref(f"{flake}#remote")
+    drv, out = await nix.eval_drv_path(ref), await nix.eval_out_path(ref)
+    result = await deploy(lab_host, out, build_drv_on_target=drv)
+    assert current_system(lab_host) == out and http_version(lab_host) == "remote-built"
+    assert not await nix.is_valid(out), "the system was built on the deployer"
+    assert result.push.paths >= 2  # the derivations and sources, not the outputs
+
+
+async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    key = tmp_path / "id_pass"
+    labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)])
+    auth = lab_host.state / "etc-upper/lab/authorized_keys/root"
+    auth.write_text(auth.read_text() + (tmp_path / "id_pass.pub").read_text())
+    with_pass = Remote(lab_host.address, lab_host.port, "root",
+                       Credentials(private_key=key.read_text(), private_key_password="s3cret"))
+    assert (await engine.read_state(with_pass, Profile())).host_key == lab_host.hostKey
+    wrong = dataclasses.replace(with_pass, credentials=Credentials(private_key=key.read_text(),
+                                                                   private_key_password="nope"))
+    with pytest.raises(ConnectError, match="wrong `privateKeyPassword`"):
+        await engine.read_state(wrong, Profile())
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),
+                                                 stdout=asyncio.subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            await asyncio.sleep(0.05)
+        labctl.run(["ssh-add", lab_host.privateKeyPath], env={**__import__("os").environ, "SSH_AUTH_SOCK": str(sock)})
+        via_agent = Remote(lab_host.address, lab_host.port, "root", Credentials(agent_socket_path=str(sock)))
+        assert (await engine.read_state(via_agent, Profile())).host_key == lab_host.hostKey
+    finally:
+        agent.kill()
+        await agent.wait()

@@ -248,3 +248,20 @@ def test_unreachable_host_is_a_clear_error(project: PulumiProject, lab_host: lab
     assert f"cannot connect to root@{lab_host.address}:2399: connection refused" in out
     assert "Traceback" not in out
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_preview_with_inputs_computed_from_other_resources(
+        project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    a, b = new_host(), new_host()
+    program(project, {
+        "a": machine(a, "web"),
+        # b's flake depends on a's generation: unknown until a is deployed.
+        "b": {"type": "nixos:NixosMachine", "properties": {
+            "connection": connection(b), "flake": f"path:{LAB}#web-v${{a.generation}}"}},
+    }, {"b": "${b.systemPath}"})
+    project.run("stack", "init", "dev")
+    preview = project.run("preview", "--diff")
+    assert "Traceback" not in preview.stdout and "+ 3 to create" in preview.stdout
+    project.up()
+    assert current_system(a) == systems["web"]
+    assert current_system(b) == systems["web-v2"] == project.outputs()["b"]

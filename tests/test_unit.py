@@ -205,3 +205,15 @@ def test_diff_closures_reports_changes_added_removed_and_sizes() -> None:
     assert ch.added == ("redis-7.2.4",) and ch.removed == ("lab-tools",)
     assert (ch.size_before, ch.size_after, ch.paths_to_push) == (360, 630, 3)
     assert "  nginx: 1.24.0 → 1.26.1 (+20 B)" in ch.lines()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["127.0.0.1:1234"], "127.0.0.1:1234"),
+    (["--tracing", "http://t:9411", "127.0.0.1:1234"], "127.0.0.1:1234"),
+    (["--logtostderr", "-v=9", "127.0.0.1:1"], "127.0.0.1:1"),
+    (["--tracing", "http://t:9411"], None),
+    ([], None),
+])
+def test_engine_address_is_the_last_argument(argv: list[str], expected: str | None) -> None:
+    from nixos_provider.pulumi_layer.server import engine_address_from
+    assert engine_address_from(argv) == expected

@@ -122,12 +122,19 @@ class Deployment:
         # as an unprivileged profile owner would be refused for lack of signatures.
         pusher = Target(target.conn, "root" if target.run_as == "root" else None)
         paths, nbytes, seconds, _missing = await push_closure(
-            self.nix, pusher, req.store_path,
+            self.nix, pusher, req.build_drv_on_target or req.store_path,
             substitute_on_destination=req.substitute_on_destination, progress=on_progress,
         )
         push = PushStats(paths, nbytes, seconds)
         if paths:
             self.status(f"copied {paths} paths ({nbytes / 1048576:.1f} MiB) in {seconds:.1f}s")
+        if req.build_drv_on_target:
+            self.status(f"building {req.build_drv_on_target} on {target.target}")
+            res = await pusher.run(["nix-store", "--realise", req.build_drv_on_target], check=False,
+                                   timeout=req.activation_timeout * 10)
+            if res.exit_status != 0 or req.store_path not in res.stdout.split():
+                raise EngineError(f"building {req.build_drv_on_target} on {target.target} failed "
+                                  f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
 
         if req.action == "dry-activate":
             res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,

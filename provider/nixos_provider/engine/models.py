@@ -104,6 +104,9 @@ class DeployRequest:
     activate_command: str | None = None  # NixProfile: run after switching the profile
     substitute_on_destination: bool = False
     compress: bool = False
+    # Build on the target: copy this derivation's closure and realise it
+    # there instead of pushing store_path (which is its output).
+    build_drv_on_target: str | None = None
 
 
 @dataclass(frozen=True)

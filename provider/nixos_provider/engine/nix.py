@@ -94,6 +94,14 @@ class Nix:
             raise NixError(f"evaluating {ref} gave {path!r}, which is not a store path")
         return path
 
+    async def eval_drv_path(self, ref: FlakeRef) -> str:
+        """Instantiate (not build) the derivation of a flake attribute."""
+        out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.drvPath", what=f"instantiating {ref}")
+        path = out.strip()
+        if not path.endswith(".drv") or not is_store_path(path):
+            raise NixError(f"instantiating {ref} gave {path!r}, which is not a derivation")
+        return path
+
     async def build(self, ref: FlakeRef | str) -> str:
         """Build a flake attribute or realise a store path; return the output path."""
         installable = str(ref)

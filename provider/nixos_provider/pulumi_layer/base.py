@@ -8,8 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.errors import EngineError
+from ..engine.models import Remote
 from ..engine.nix import Nix, parse_flake_ref
-from .inputs import Failures
+from .inputs import Failures, nix_options, to_remote
 from .properties import UNKNOWN, contains_unknown, reveal
 
 LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
@@ -46,6 +48,32 @@ class Context:
         if key not in self.flake_cache:
             self.flake_cache[key] = await nix.eval_out_path(parsed)
         return self.flake_cache[key]
+
+
+class DeployedResource:
+    """What both resource kinds need: the provider context, nix with the resource's options, the Remote."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _nix(self, props: dict[str, Any]) -> Nix:
+        return self.ctx.nix(nix_options(props.get("nixOptions")))
+
+    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
+        return to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
+                         default_user=self.ctx.default_user)
+
+
+    async def _resolve_flake(self, news: dict[str, Any], *, nixos: bool) -> Any:
+        """Check: the flake's output path, or UNKNOWN while the flake (or its options) is not known yet."""
+        if contains_unknown(news.get("flake")) or contains_unknown(news.get("nixOptions")):
+            return UNKNOWN
+        try:
+            return await self.ctx.resolve_flake(str(news["flake"]), self._nix(news), nixos=nixos)
+        except (EngineError, ValueError) as e:
+            f = Failures()
+            f.add("flake", str(e))
+            raise CheckFailed(f) from e
 
 
 class CheckFailed(Exception):

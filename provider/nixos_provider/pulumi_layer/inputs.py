@@ -147,6 +147,30 @@ def check_nix_options(f: Failures, opts: Any) -> None:
             f.add(f"nixOptions[{i}]", "needs string `name` and `value`")
 
 
+def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str, ...]) -> None:
+    """The settings NixosMachine and NixProfile share: timeouts, switches, checks, nix options."""
+    check_seconds(f, "confirmTimeout", news.get("confirmTimeout"), 1, 3600)
+    check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
+    for b in booleans:
+        check_bool(f, b, news.get(b))
+    check_health_checks(f, news.get("healthChecks"))
+    check_nix_options(f, news.get("nixOptions"))
+
+
+def normalize_connection(conn: Any, default_user: str | None) -> Any:
+    """Fill defaults (port 22, user) and canonicalize a pinned host key, so diffs compare like with like."""
+    if not isinstance(conn, dict):
+        return conn
+    out = dict(conn)
+    out.setdefault("port", 22)
+    out.setdefault("user", default_user or "root")
+    if isinstance(out.get("port"), float):
+        out["port"] = int(out["port"])
+    if out.get("hostKey") not in (None, UNKNOWN):
+        out["hostKey"] = normalize_host_key(str(reveal(out["hostKey"])))
+    return out
+
+
 # -- translation --------------------------------------------------------------
 
 

@@ -9,9 +9,8 @@ from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import Nix, is_store_path, parse_flake_ref
-from ..engine.ssh import normalize_host_key
 from . import inputs as v
-from .base import CheckFailed, Context, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .properties import UNKNOWN, contains_unknown, reveal
 
 TYPE = "nixos:index:NixosMachine"
@@ -33,16 +32,7 @@ def _id(remote: Remote) -> str:
     return f"{remote.host}:{remote.port}"
 
 
-class NixosMachine:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-
-    def _nix(self, props: dict[str, Any]) -> Nix:
-        return self.ctx.nix(v.nix_options(props.get("nixOptions")))
-
-    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
-        return v.to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
-                           default_user=self.ctx.default_user)
+class NixosMachine(DeployedResource):
 
     # -- Check ------------------------------------------------------------------
 
@@ -60,38 +50,20 @@ class NixosMachine:
         v.check_flake(f, "flake", flake)
         v.check_store_path(f, "systemPath", path)
         v.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
+        if news.get("buildOn") == "remote" and path is not None:
+            f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        v.check_seconds(f, "confirmTimeout", news.get("confirmTimeout"), 1, 3600)
-        v.check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
-        for b in ("substituteOnDestination", "compress", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"):
-            v.check_bool(f, b, news.get(b))
-        v.check_health_checks(f, news.get("healthChecks"))
-        v.check_nix_options(f, news.get("nixOptions"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "compress", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
         if f:
             raise CheckFailed(f)
 
         checked = dict(news)
-        conn = dict(checked["connection"]) if isinstance(checked.get("connection"), dict) else checked.get("connection")
-        if isinstance(conn, dict):
-            conn.setdefault("port", 22)
-            conn.setdefault("user", self.ctx.default_user or "root")
-            if isinstance(conn.get("port"), float):
-                conn["port"] = int(conn["port"])
-            if conn.get("hostKey") not in (None, UNKNOWN):
-                conn["hostKey"] = normalize_host_key(str(reveal(conn["hostKey"])))
-            checked["connection"] = conn
+        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
-            if contains_unknown(flake) or contains_unknown(news.get("nixOptions")):
-                checked["systemPath"] = UNKNOWN
-            else:
-                try:
-                    checked["systemPath"] = await self.ctx.resolve_flake(str(flake), self._nix(news), nixos=True)
-                except (EngineError, ValueError) as e:
-                    f.add("flake", str(e))
-                    raise CheckFailed(f) from e
+            checked["systemPath"] = await self._resolve_flake(news, nixos=True)
         return checked
 
     # -- Diff -------------------------------------------------------------------
@@ -230,8 +202,14 @@ class NixosMachine:
         failed = kept if kept is not None else base
         remote = self._remote(news, host_key=pinned)
         nix = self._nix(news)
+        drv: str | None = None
         try:
-            store_path = await self._build(urn, news, nix)
+            if news.get("buildOn") == "remote" and news.get("flake") is not None:
+                ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=True)
+                drv = await nix.eval_drv_path(ref)
+                store_path = str(reveal(news.get("systemPath")) or await nix.eval_out_path(ref))
+            else:
+                store_path = await self._build(urn, news, nix)
         except EngineError as e:
             raise PartialFailure(str(e), ident, failed, news) from e
         req = DeployRequest(
@@ -246,6 +224,7 @@ class NixosMachine:
             health_checks=v.to_health_checks(news.get("healthChecks")),
             substitute_on_destination=bool(news.get("substituteOnDestination")),
             compress=bool(news.get("compress")),
+            build_drv_on_target=drv,
         )
         try:
             async with self.ctx.ssh_slots:
@@ -278,8 +257,9 @@ class NixosMachine:
     async def _last_changes(self, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
         if not isinstance(before, str) or before == after:
             return None
-        if not await nix.is_valid(before):
-            return ClosureChanges(before=before, after=after, note="the previous system is not in the local store")
+        if not await nix.is_valid(before) or not await nix.is_valid(after):
+            return ClosureChanges(before=before, after=after,
+                                  note="no package diff: both systems must be in the deployer's store")
         return await closure_changes(nix, before, after)
 
     async def _observed(self, base: dict[str, Any], remote: Remote) -> dict[str, Any]:

@@ -7,11 +7,10 @@ from typing import Any
 
 from ..engine import deploy as engine
 from ..engine.errors import DeployError, EngineError
-from ..engine.models import DeployRequest, Profile, Remote
-from ..engine.nix import Nix, is_store_path, parse_flake_ref
-from ..engine.ssh import normalize_host_key
+from ..engine.models import DeployRequest, Profile
+from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
-from .base import CheckFailed, Context, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .properties import UNKNOWN, contains_unknown, reveal
 
 TYPE = "nixos:index:NixProfile"
@@ -32,16 +31,7 @@ def resolve_profile_path(props: dict[str, Any], ssh_user: str) -> str:
     return f"/nix/var/nix/profiles/per-user/{user}/{props['profile']}"
 
 
-class NixProfile:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-
-    def _nix(self, props: dict[str, Any]) -> Nix:
-        return self.ctx.nix(v.nix_options(props.get("nixOptions")))
-
-    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
-        return v.to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
-                           default_user=self.ctx.default_user)
+class NixProfile(DeployedResource):
 
     def _profile(self, props: dict[str, Any]) -> Profile:
         remote = self._remote(props)
@@ -70,34 +60,14 @@ class NixProfile:
         v.check_flake(f, "flake", flake)
         v.check_store_path(f, "storePath", store)
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
-        v.check_seconds(f, "confirmTimeout", news.get("confirmTimeout"), 1, 3600)
-        v.check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
-        for b in ("substituteOnDestination", "compress", "magicRollback", "autoRollback"):
-            v.check_bool(f, b, news.get(b))
-        v.check_health_checks(f, news.get("healthChecks"))
-        v.check_nix_options(f, news.get("nixOptions"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "compress", "magicRollback", "autoRollback"))
         if f:
             raise CheckFailed(f)
         checked = dict(news)
-        conn = dict(checked["connection"]) if isinstance(checked.get("connection"), dict) else checked.get("connection")
-        if isinstance(conn, dict):
-            conn.setdefault("port", 22)
-            conn.setdefault("user", self.ctx.default_user or "root")
-            if isinstance(conn.get("port"), float):
-                conn["port"] = int(conn["port"])
-            if conn.get("hostKey") not in (None, UNKNOWN):
-                conn["hostKey"] = normalize_host_key(str(reveal(conn["hostKey"])))
-            checked["connection"] = conn
+        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
-            if contains_unknown(flake):
-                checked["storePath"] = UNKNOWN
-            else:
-                try:
-                    checked["storePath"] = await self.ctx.resolve_flake(str(flake), self._nix(news), nixos=False)
-                except (EngineError, ValueError) as e:
-                    f.add("flake", str(e))
-                    raise CheckFailed(f) from e
+            checked["storePath"] = await self._resolve_flake(news, nixos=False)
         return checked
 
     def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:

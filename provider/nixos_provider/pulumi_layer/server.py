@@ -303,12 +303,25 @@ def _invoke_result(value: dict[str, Any]) -> provider_pb2.InvokeResponse:
     return resp
 
 
+FLAGS_WITH_VALUE = {"--tracing", "--logflow", "-v", "--root"}
+
+
+def engine_address_from(argv: list[str]) -> str | None:
+    """The engine's address is the last argument; flags (some with a value, like `--tracing URL`) come first."""
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            rest.append(arg)
+    return rest[-1] if rest else None
+
+
 async def serve(argv: list[str]) -> None:
-    engine_address = None
-    positional = [a for a in argv if not a.startswith("-")]
-    # Flags such as `--tracing URL` take a value; the engine address is last.
-    if positional:
-        engine_address = argv[-1] if not argv[-1].startswith("-") else None
+    engine_address = engine_address_from(argv)
     provider = Provider(engine_address)
     if engine_address:
         await provider.start_logging()
