@@ -27,6 +27,9 @@ lab-status:
 lab-down:
 	python3 tests/lab/labctl.py down
 
+sdk: setup
+	$(ENV) bash scripts/gen-sdk.sh
+
 bench: setup
 	$(ENV) python bench/run.py
 

@@ -24,12 +24,15 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-if [[ ! -f $stamp || provider/pyproject.toml -nt $stamp ]]; then
-  echo "setup: installing the provider and test tools into .venv"
+if [[ ! -f $stamp || provider/pyproject.toml -nt $stamp || sdk/python/setup.py -nt $stamp ]]; then
+  echo "setup: installing the provider, the Python SDK and test tools into .venv"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e 'provider[dev]'
+  .venv/bin/pip install -q -e 'provider[dev]' -e sdk/python
   touch "$stamp"
 fi
+
+# typescript and @pulumi/pulumi, to type-check the generated TypeScript SDK.
+bash scripts/setup-node.sh >/dev/null
 
 pulumi_dir=$(bash scripts/bootstrap-pulumi.sh)
 mkdir -p .tools

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..engine import deploy as engine
@@ -161,6 +162,9 @@ class NixosMachine(DeployedResource):
             changes = await self._dry_activate(urn, olds, news, changes)
         for line in changes.lines():
             self.ctx.info(urn, line)
+        # `pulumi preview --json` carries diagnostics but not the outputs of a
+        # previewed update, so the structured form also travels as one line.
+        self.ctx.info(urn, "pendingChanges: " + json.dumps(changes.to_output(), sort_keys=True))
         return changes
 
     async def _dry_activate(self, urn: str, olds: dict[str, Any], news: dict[str, Any],

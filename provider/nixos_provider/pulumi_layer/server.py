@@ -75,6 +75,8 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                     await stub.Log(req)  # type: ignore[misc]
                 except grpc.RpcError:
                     pass
+                finally:
+                    self._log_queue.task_done()
 
         self._log_task = asyncio.create_task(pump())
 
@@ -117,7 +119,16 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         finally:
             if task:
                 self._tasks.discard(task)
+            await self._flush_logs()
         raise AssertionError("unreachable")
+
+    async def _flush_logs(self) -> None:
+        """Deliver queued diagnostics before the RPC answers: the engine may stop us right after."""
+        if self._log_queue is not None:
+            try:
+                await asyncio.wait_for(self._log_queue.join(), timeout=10)
+            except TimeoutError:
+                pass
 
     # -- plugin RPCs ----------------------------------------------------------------
 
