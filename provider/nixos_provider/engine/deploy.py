@@ -98,6 +98,7 @@ class Deployment:
         self.status(f"connecting to {req.remote.target}")
         target = await open_target(req.remote, req.profile, compress=req.compress)
         self.host_key = target.conn.host_key
+        self._supervisor: Supervisor | None = None
         try:
             return await self._run(target)
         except BaseException:
@@ -107,6 +108,9 @@ class Deployment:
             raise
         finally:
             await target.conn.close()
+            # The supervisor may have reconnected during activation.
+            if self._supervisor is not None and self._supervisor.target.conn is not target.conn:
+                await self._supervisor.target.conn.close()
 
     async def _run(self, target: Target) -> DeployResult:
         req = self.req
@@ -166,6 +170,7 @@ class Deployment:
             activate_command=req.activate_command,
         )
         supervisor = Supervisor(target, self._connect_again, spec, status=self.status, output=self.output)
+        self._supervisor = supervisor
         await supervisor.upload()
         await supervisor.start()
         deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
