@@ -118,7 +118,9 @@ class Nix:
     async def closure(self, path: str) -> list[PathInfo]:
         """The closure of path, dependencies first, with NAR sizes."""
         order = (await self._run_store("-qR", path)).split()
-        out = await self._run("path-info", "--json", "-r", path, what=f"reading the closure of {path}")
+        # A .drv installable means its outputs unless --derivation says otherwise.
+        drv = ["--derivation"] if path.endswith(".drv") else []
+        out = await self._run("path-info", "--json", "-r", *drv, path, what=f"reading the closure of {path}")
         infos = {i["path"]: i for i in json.loads(out)}
         return [
             PathInfo(p, int(infos[p].get("narSize", 0)), tuple(infos[p].get("references", ())))

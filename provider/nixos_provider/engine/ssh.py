@@ -143,6 +143,8 @@ def _client_keys(remote: Remote) -> list[asyncssh.SSHKey] | None:
     try:
         return [asyncssh.import_private_key(creds.private_key, creds.private_key_password)]
     except asyncssh.KeyEncryptionError as e:
+        if "bcrypt" in str(e).lower():
+            raise ConnectError(f"cannot decrypt the private key for {remote.target}: {e}") from e
         raise ConnectError(f"cannot decrypt the private key for {remote.target}: wrong `privateKeyPassword`") from e
     except (asyncssh.KeyImportError, ValueError) as e:
         raise ConnectError(f"`privateKey` for {remote.target} is not a private key asyncssh can read: {e}") from e
