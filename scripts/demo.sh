@@ -44,7 +44,8 @@ whats_running
 
 say "changing staging's configuration (release web -> web-v2: nginx 1.24.0 -> 1.26.1)"
 pulumi config set release web-v2 -s staging --non-interactive
-pulumi preview --diff --non-interactive -s staging
+pulumi preview --diff --non-interactive -s staging      # the property diff: old and new systemPath
+pulumi preview --non-interactive -s staging             # per machine: package versions, size, units to restart
 pulumi up --yes --skip-preview --non-interactive -s staging
 say "after the staging change (production untouched)"
 whats_running
