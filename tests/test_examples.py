@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import labctl
 import pytest
-from conftest import REPO, PulumiProject, Systems, current_system, http_version
+from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, http_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 EXAMPLES = REPO / "examples"
@@ -35,3 +36,24 @@ def test_yaml_single_host(project: PulumiProject, lab_host: labctl.LabHost, syst
     assert http_version(lab_host) == "1"
     project.run("destroy", "--yes", "--skip-preview")
     assert current_system(lab_host) == systems["base"]
+
+
+def test_python_stacks_example(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    src = REPO / "examples" / "python-stacks"
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, project.dir / f.name)
+    text = (project.dir / "Pulumi.yaml").read_text()
+    text = text.replace("../../.venv", str(REPO / ".venv")).replace("../../provider", str(REPO / "provider"))
+    (project.dir / "Pulumi.yaml").write_text(text)
+    staging, production = new_host(), new_host()
+    for stack, host, release in (("staging", staging, "web-v2"), ("production", production, "web")):
+        project.run("stack", "init", stack)
+        project.run("config", "set", "host", host.address)
+        project.run("config", "set", "flake", str(REPO / "tests" / "lab"))
+        project.run("config", "set", "--secret", "privateKey", "--", Path(host.privateKeyPath).read_text())
+        project.up()
+        assert project.outputs()["systemPath"] == systems[release] == current_system(host)
+    key_line = Path(staging.privateKeyPath).read_text().splitlines()[1]
+    assert key_line not in (project.dir / "Pulumi.staging.yaml").read_text()
+    assert key_line not in project.run("stack", "export").stdout
