@@ -9,9 +9,11 @@ set -euo pipefail
 PULUMI_NODE_VERSION="${PULUMI_NODE_VERSION:-3.259.0}"
 TYPESCRIPT_VERSION="${TYPESCRIPT_VERSION:-4.9.5}"   # within the SDK's devDependency ^4.7.0
 TYPES_NODE_VERSION="${TYPES_NODE_VERSION:-20.19.1}" # the SDK's devDependency ^20
+TS_NODE_VERSION="${TS_NODE_VERSION:-10.9.2}"        # runs TypeScript programs (examples/typescript-fleet)
 
 CACHE_ROOT="${PULUMI_NIXOS_CACHE:-$HOME/.cache/pulumi-nixos}"
-KEY=$(printf 'pulumi=%s typescript=%s types-node=%s' "$PULUMI_NODE_VERSION" "$TYPESCRIPT_VERSION" "$TYPES_NODE_VERSION" \
+KEY=$(printf 'pulumi=%s typescript=%s types-node=%s ts-node=%s' "$PULUMI_NODE_VERSION" "$TYPESCRIPT_VERSION" \
+  "$TYPES_NODE_VERSION" "$TS_NODE_VERSION" \
   | sha256sum | cut -c1-12)
 DEST="$CACHE_ROOT/node-$KEY"
 STAMP="$DEST/.complete"
@@ -30,7 +32,8 @@ cat > "$DEST/package.json" <<JSON
   "dependencies": {
     "@pulumi/pulumi": "$PULUMI_NODE_VERSION",
     "@types/node": "$TYPES_NODE_VERSION",
-    "typescript": "$TYPESCRIPT_VERSION"
+    "typescript": "$TYPESCRIPT_VERSION",
+    "ts-node": "$TS_NODE_VERSION"
   }
 }
 JSON

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import labctl
@@ -57,3 +58,49 @@ def test_python_stacks_example(project: PulumiProject, new_host: HostFactory, sy
     key_line = Path(staging.privateKeyPath).read_text().splitlines()[1]
     assert key_line not in (project.dir / "Pulumi.staging.yaml").read_text()
     assert key_line not in project.run("stack", "export").stdout
+
+
+def _node_modules_with_sdk(tmp: Path) -> Path:
+    """node_modules for a TypeScript program: the cached tools plus the compiled generated SDK."""
+    tools = Path(subprocess.run(["bash", str(REPO / "scripts" / "setup-node.sh")], check=True,
+                                capture_output=True, text=True).stdout.strip()) / "node_modules"
+    sdk_src = tmp / "sdk-src"
+    shutil.copytree(REPO / "sdk" / "nodejs", sdk_src)
+    (sdk_src / "node_modules").symlink_to(tools)
+    subprocess.run([str(tools / ".bin" / "tsc"), "-p", "tsconfig.json"], cwd=sdk_src, check=True,
+                   capture_output=True, text=True, timeout=300)
+    modules = tmp / "node_modules"
+    modules.mkdir()
+    for entry in tools.iterdir():
+        if entry.name != ".bin":
+            (modules / entry.name).symlink_to(entry)
+    (modules / ".bin").symlink_to(tools / ".bin")
+    (modules / "@pulumi-nixos").mkdir()
+    sdk = modules / "@pulumi-nixos" / "nixos"
+    shutil.copytree(sdk_src / "bin", sdk)
+    (sdk / "package.json").write_text((REPO / "sdk" / "nodejs" / "package.json").read_text().replace("${VERSION}", "0.1.0"))
+    return modules
+
+
+def test_typescript_fleet_example(project: PulumiProject, new_host: HostFactory, systems: Systems,
+                                  tmp_path: Path) -> None:
+    src = REPO / "examples" / "typescript-fleet"
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, project.dir / f.name)
+    text = (project.dir / "Pulumi.yaml").read_text().replace("../../provider", str(REPO / "provider"))
+    (project.dir / "Pulumi.yaml").write_text(text)
+    modules = _node_modules_with_sdk(tmp_path)
+    (project.dir / "node_modules").symlink_to(modules)
+    hosts = [new_host() for _ in range(3)]
+    project.run("stack", "init", "dev")
+    for i, host in enumerate(hosts):
+        project.run("config", "set", "--path", f"hosts[{i}]", host.address)
+    project.run("config", "set", "port", "2222")
+    project.run("config", "set", "flake", str(REPO / "tests" / "lab"))
+    project.run("config", "set", "--secret", "privateKey", "--", Path(hosts[0].privateKeyPath).read_text())
+    project.up()
+    out = project.outputs()
+    assert out["systemPaths"] == [systems["web"]] * 3
+    assert all(current_system(h) == systems["web"] for h in hosts)
+    assert out["appGeneration"] == 1 and str(out["appStorePath"]).endswith("-app-1.0.0")

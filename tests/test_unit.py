@@ -217,3 +217,11 @@ def test_diff_closures_reports_changes_added_removed_and_sizes() -> None:
 def test_engine_address_is_the_last_argument(argv: list[str], expected: str | None) -> None:
     from nixos_provider.pulumi_layer.server import engine_address_from
     assert engine_address_from(argv) == expected
+
+
+def test_a_secret_object_becomes_an_object_of_secrets() -> None:
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
+    wire = {"connection": {SIG_KEY: SECRET_SIG, "value": {"host": "h", "port": 22, "privateKey": key}}}
+    value = decode(wire)
+    assert value["connection"] == {"host": Secret("h"), "port": Secret(22), "privateKey": Secret(key)}
+    assert failures(check_connection, value["connection"]) == []

@@ -34,10 +34,23 @@ class Secret:
         return "Secret(****)"
 
 
+def _secret_leaves(value: Any) -> Any:
+    """A secret object or list becomes one whose every leaf is secret, so code can read its fields."""
+    if isinstance(value, dict):
+        return {k: _secret_leaves(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_secret_leaves(v) for v in value]
+    if isinstance(value, Secret) or value is UNKNOWN or value is None:
+        return value
+    return Secret(value)
+
+
 def decode(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get(SIG_KEY) == SECRET_SIG:
-            return Secret(decode(value.get("value")))
+            # SDKs mark a whole object secret when one of its fields is (e.g. a
+            # `connection` with a secret privateKey).
+            return _secret_leaves(decode(value.get("value")))
         return {k: decode(v) for k, v in value.items()}
     if isinstance(value, list):
         return [decode(v) for v in value]
