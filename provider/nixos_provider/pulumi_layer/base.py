@@ -69,7 +69,7 @@ class DeployedResource:
         if contains_unknown(news.get("flake")) or contains_unknown(news.get("nixOptions")):
             return UNKNOWN
         try:
-            return await self.ctx.resolve_flake(str(news["flake"]), self._nix(news), nixos=nixos)
+            return await self.ctx.resolve_flake(str(reveal(news["flake"])), self._nix(news), nixos=nixos)
         except (EngineError, ValueError) as e:
             f = Failures()
             f.add("flake", str(e))

@@ -188,7 +188,7 @@ class NixosMachine(DeployedResource):
     async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
         path = reveal(news.get("systemPath"))
         if news.get("flake") is not None:
-            ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=True)
+            ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
             self.ctx.status(urn, f"building {ref}")
             built = await nix.build(ref)
             if path and built != path:
@@ -209,7 +209,7 @@ class NixosMachine(DeployedResource):
         drv: str | None = None
         try:
             if news.get("buildOn") == "remote" and news.get("flake") is not None:
-                ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=True)
+                ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
                 drv = await nix.eval_drv_path(ref)
                 store_path = str(reveal(news.get("systemPath")) or await nix.eval_out_path(ref))
             else:

@@ -143,7 +143,7 @@ class NixProfile(DeployedResource):
         nix = self._nix(news)
         try:
             if news.get("flake") is not None:
-                ref = parse_flake_ref(str(news["flake"]), self.ctx.project_dir, nixos=False)
+                ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=False)
                 self.ctx.status(urn, f"building {ref}")
                 store_path = await nix.build(ref)
             else:
