@@ -66,6 +66,7 @@ class Supervisor:
         self._status = status or (lambda s: None)
         self._output = output or (lambda s: None)
         self._log = ""
+        self._partial = ""
         self._uses_systemd: bool | None = None
 
     def _args(self, task: str) -> list[str]:
@@ -108,7 +109,9 @@ class Supervisor:
         state, _, new_output = res.stdout.partition("@@pulumi-nixos@@\n")
         if new_output:
             self._log += new_output
-            for line in new_output.splitlines():
+            # Report whole lines only; `tail -c` may cut one in two.
+            *complete, self._partial = (self._partial + new_output).split("\n")
+            for line in complete:
                 self._output(line)
         return state.strip()
 
@@ -151,6 +154,9 @@ class Supervisor:
                     # Give the target the confirm timeout to roll back on its own.
                     pass
             if state == "done" or state.startswith(("failed", "rolled-back", "rollback-failed")):
+                if self._partial:
+                    self._output(self._partial)
+                    self._partial = ""
                 return ActivationOutcome(state, self._log, self.workdir)
             await asyncio.sleep(POLL_INTERVAL)
 
