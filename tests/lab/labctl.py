@@ -204,18 +204,18 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
 
 
 def _start_holder(state: Path) -> None:
-    s = str(state)
+    # The state directory is passed as $1, never pasted into the script.
     script = (
-        "set -e; "
-        f"mount --bind {s}/nix /nix; "
-        f"mount --bind {s}/run /run; "
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={s}/etc-upper,workdir={s}/etc-work /etc; "
+        'set -e; s=$1; '
+        'mount --bind "$s/nix" /nix; '
+        'mount --bind "$s/run" /run; '
+        'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
         "mkdir -p /run/sshd /run/lab; chmod 0755 /run/sshd; "
-        f"touch {s}/ready; exec sleep infinity"
+        'touch "$s/ready"; exec sleep infinity'
     )
     (state / "ready").unlink(missing_ok=True)
     proc = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script],
+        ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "lab-host", str(state)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=open(state / "holder.log", "w"),
