@@ -130,7 +130,7 @@ class NixosMachine(DeployedResource):
             return out
         conn_key = reveal(news["connection"]).get("hostKey")
         pinned = conn_key or olds.get("hostKey")
-        base = {**{k: olds.get(k) for k in COMPUTED}, **news, "systemPath": olds.get("systemPath"),
+        base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
                 "connection": v.secret_connection(news["connection"]), "hostKey": pinned}
         if not deploys:
             return base
