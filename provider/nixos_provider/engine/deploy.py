@@ -16,7 +16,7 @@ from . import profiles
 from .activation import ActivationSpec, Supervisor
 from .errors import DeployError, EngineError
 from .health import run_health_checks
-from .models import DeployRequest, DeployResult, Generation, Profile, PushStats, Remote
+from .models import DeployRequest, DeployResult, Generation, Profile, Remote
 from .nix import Nix
 from .process import Target
 from .push import PushProgress, push_closure
@@ -125,13 +125,12 @@ class Deployment:
         # trusted), or as root when the deployment needs root anyway. Importing
         # as an unprivileged profile owner would be refused for lack of signatures.
         pusher = Target(target.conn, "root" if target.run_as == "root" else None)
-        paths, nbytes, seconds, _missing = await push_closure(
+        push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
             substitute_on_destination=req.substitute_on_destination, progress=on_progress,
         )
-        push = PushStats(paths, nbytes, seconds)
-        if paths:
-            self.status(f"copied {paths} paths ({nbytes / 1048576:.1f} MiB) in {seconds:.1f}s")
+        if push.paths:
+            self.status(f"copied {push.paths} paths ({push.bytes / 1048576:.1f} MiB) in {push.seconds:.1f}s")
         if req.build_drv_on_target:
             self.status(f"building {req.build_drv_on_target} on {target.target}")
             res = await pusher.run(["nix-store", "--realise", req.build_drv_on_target], check=False,
@@ -144,7 +143,7 @@ class Deployment:
             res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,
                                    timeout=req.activation_timeout)
             return DeployResult(req.store_path, before.number if before else 0, None, None, self.host_key or "",
-                                push, None, res.stdout + res.stderr, changed=False)
+                                push, None, res.stdout + res.stderr)
 
         registers = req.action != "test"
         new_gen: Generation | None = None

@@ -119,4 +119,3 @@ class DeployResult:
     push: PushStats
     nixos_version: str | None
     output: str
-    changed: bool = True

@@ -82,10 +82,6 @@ class Nix:
             raise NixError(f"{what} failed: {_nix_error(res.stderr)}")
         return res.stdout
 
-    async def version(self) -> str:
-        out = await self._run("--version", what="nix --version")
-        return out.strip().split()[-1]
-
     async def eval_out_path(self, ref: FlakeRef) -> str:
         """Evaluate (not build) the output path of a flake attribute."""
         out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.outPath", what=f"evaluating {ref}")

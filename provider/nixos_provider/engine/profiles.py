@@ -69,10 +69,6 @@ async def switch_generation(target: Target, profile: str, number: int) -> None:
     await target.run(["nix-env", "-p", profile, "--switch-generation", str(number)])
 
 
-async def delete_generation(target: Target, profile: str, number: int) -> None:
-    await target.run(["nix-env", "-p", profile, "--delete-generations", str(number)])
-
-
 async def remove_profile(target: Target, profile: str) -> None:
     """Delete every generation and the profile link itself."""
     gens = await list_generations(target, profile)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import EngineError, NixError, RemoteCommandError
+from .models import PushStats
 from .nix import Nix, PathInfo
 from .process import Target
 
@@ -50,9 +51,7 @@ async def missing_paths(target: Target, paths: Sequence[str]) -> list[str]:
     invalid: set[str] = set()
     for i in range(0, len(paths), QUERY_BATCH):
         batch = list(paths[i:i + QUERY_BATCH])
-        res = await target.run(["nix-store", "--check-validity", "--print-invalid", *batch], check=False)
-        if res.exit_status != 0:
-            raise RemoteCommandError(target.target, ["nix-store", "--check-validity"], res.exit_status, res.stderr)
+        res = await target.run(["nix-store", "--check-validity", "--print-invalid", *batch])
         invalid.update(res.stdout.split())
     return [p for p in paths if p in invalid]
 
@@ -64,8 +63,8 @@ async def substitute_on_target(target: Target, paths: Sequence[str]) -> None:
 
 
 async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_on_destination: bool = False,
-                       progress: ProgressFn | None = None) -> tuple[int, int, float, int]:
-    """Copy store_path's closure to the target. Returns (paths, bytes, seconds, missing_before)."""
+                       progress: ProgressFn | None = None) -> PushStats:
+    """Copy store_path's closure to the target and say what it took."""
     started = time.monotonic()
     closure: list[PathInfo] = await nix.closure(store_path)
     order = [p.path for p in closure]
@@ -75,14 +74,14 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
         await substitute_on_target(target, missing)
         missing = await missing_paths(target, missing)
     if not missing:
-        return 0, 0, time.monotonic() - started, missing_before
+        return PushStats(0, 0, time.monotonic() - started, missing_before)
     sizes = {p.path: p.nar_size for p in closure}
     total = sum(sizes[p] for p in missing)
     sent = await _stream_export(target, missing, total, progress)
     still = await missing_paths(target, missing)
     if still:
         raise EngineError(f"after copying, {len(still)} paths are still missing on {target.target} (first: {still[0]})")
-    return len(missing), sent, time.monotonic() - started, missing_before
+    return PushStats(len(missing), sent, time.monotonic() - started, missing_before)
 
 
 async def _stream_export(target: Target, paths: list[str], total: int, progress: ProgressFn | None) -> int:

@@ -205,8 +205,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             try:
                 checked = await res.check(request.urn, from_struct(request.olds), from_struct(request.news))
             except CheckFailed as e:
-                return provider_pb2.CheckResponse(inputs=request.news, failures=[
-                    provider_pb2.CheckFailure(property=p, reason=r) for p, r in e.failures.items])
+                return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(e.failures))
             return provider_pb2.CheckResponse(inputs=to_struct(checked))
         return await self._guard(context, run)
 
@@ -275,8 +274,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             if request.tok == "nixos:index:listGenerations":
                 v.check_connection(f, args.get("connection"))
                 if f:
-                    return provider_pb2.InvokeResponse(failures=[
-                        provider_pb2.CheckFailure(property=p, reason=r) for p, r in f.items])
+                    return provider_pb2.InvokeResponse(failures=_check_failures(f))
                 remote = v.to_remote(args["connection"], default_private_key=self.ctx.default_private_key,
                                      default_user=self.ctx.default_user)
                 path = str(args.get("profilePath") or SYSTEM_PROFILE)
@@ -291,8 +289,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 if args.get("flake") is None:
                     f.add("flake", "is required")
                 if f:
-                    return provider_pb2.InvokeResponse(failures=[
-                        provider_pb2.CheckFailure(property=p, reason=r) for p, r in f.items])
+                    return provider_pb2.InvokeResponse(failures=_check_failures(f))
                 nix = self.ctx.nix(v.nix_options(args.get("nixOptions")))
                 ref = str(args["flake"])
                 parsed = parse_flake_ref(ref, self.ctx.project_dir, nixos="." not in ref.split("#", 1)[1]
@@ -306,6 +303,10 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 return _invoke_result({"storePath": path, "built": built})
             raise EngineError(f"unknown function {request.tok!r}")
         return await self._guard(context, run)
+
+
+def _check_failures(failures: v.Failures) -> list[provider_pb2.CheckFailure]:
+    return [provider_pb2.CheckFailure(property=p, reason=r) for p, r in failures.items]
 
 
 def _invoke_result(value: dict[str, Any]) -> provider_pb2.InvokeResponse:
