@@ -24,7 +24,20 @@ KEY="pulumi-${PULUMI_VERSION}_py-${PYTHON_HOST_SDK_VERSION}_node-${NODEJS_HOST_S
 DEST="$CACHE_ROOT/$KEY/bin"
 STAMP="$CACHE_ROOT/$KEY/.complete"
 
+# pulumi-resource-pulumi-python serves Python dynamic providers (the lab
+# programs' tiny resources); it ships in the SDK module at the CLI's version.
+# Checked apart from the stamp, so caches built before it was added get it.
+DYNAMIC_PROVIDER="$DEST/pulumi-resource-pulumi-python"
+install_python_sdk_scripts() {
+  local sdk_dir
+  sdk_dir="$(cd "${1:-/tmp}" && GOFLAGS= go mod download -json "github.com/pulumi/pulumi/sdk/v3@v${PULUMI_VERSION}" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  install -m 0755 "$sdk_dir/python/cmd/pulumi-language-python-exec" "$DEST/pulumi-language-python-exec"
+  install -m 0755 "$sdk_dir/python/dist/pulumi-resource-pulumi-python" "$DYNAMIC_PROVIDER"
+}
+
 if [[ -f "$STAMP" ]]; then
+  [[ -x "$DYNAMIC_PROVIDER" ]] || install_python_sdk_scripts
   echo "$DEST"
   exit 0
 fi
@@ -78,10 +91,9 @@ if [[ ! -x "$DEST/pulumi-language-yaml" ]]; then
     "require github.com/pulumi/pulumi-yaml v${PULUMI_YAML_VERSION}"
 fi
 
-# The Python host runs this script next to itself; take it from the SDK
-# module at the CLI's version so it matches the pinned Python SDK.
-SDK_DIR="$(cd "$WORK" && GOFLAGS= go mod download -json "github.com/pulumi/pulumi/sdk/v3@v${PULUMI_VERSION}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-install -m 0755 "$SDK_DIR/python/cmd/pulumi-language-python-exec" "$DEST/pulumi-language-python-exec"
+# The Python host runs pulumi-language-python-exec next to itself; take it
+# from the SDK module at the CLI's version so it matches the pinned Python SDK.
+install_python_sdk_scripts "$WORK"
 
 touch "$STAMP"
 echo "$DEST"

@@ -104,3 +104,14 @@ def test_typescript_fleet_example(project: PulumiProject, new_host: HostFactory,
     assert out["systemPaths"] == [systems["web"]] * 3
     assert all(current_system(h) == systems["web"] for h in hosts)
     assert out["appGeneration"] == 1 and str(out["appStorePath"]).endswith("-app-1.0.0")
+
+
+def test_cloud_vm_install_typechecks(tmp_path: Path) -> None:
+    """examples/cloud-vm-install needs a cloud account, so it is only type-checked: no lab, no `pulumi` CLI."""
+    program = tmp_path / "cloud-vm-install"
+    shutil.copytree(EXAMPLES / "cloud-vm-install", program)
+    modules = _node_modules_with_sdk(tmp_path)
+    (program / "node_modules").symlink_to(modules)
+    result = subprocess.run([str(modules / ".bin" / "tsc"), "--noEmit", "-p", "tsconfig.json"], cwd=program,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"tsc failed:\n{result.stdout}{result.stderr}"

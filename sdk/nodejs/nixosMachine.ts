@@ -109,6 +109,18 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly install: pulumi.Output<outputs.Install | undefined>;
     /**
+     * After a failed installation: the phase that failed (`build`, `connect`, `kexec`, `disko`, `install`, `reboot`, `wait`) and the error.
+     */
+    declare public /*out*/ readonly installError: pulumi.Output<string | undefined>;
+    /**
+     * How the machine came under management when `install` is set: `installed` (nixos-anywhere installed it), `adopted` (it already ran NixOS, so nothing was installed) or `failed` (the installation did not finish; the next `pulumi up` checks the host and installs or adopts it). Unset without `install`.
+     */
+    declare public /*out*/ readonly installStatus: pulumi.Output<string | undefined>;
+    /**
+     * When nixos-anywhere finished installing the machine (RFC 3339), if it did.
+     */
+    declare public /*out*/ readonly installedAt: pulumi.Output<string | undefined>;
+    /**
      * What the last deployment changed on the host. Set after a deployment.
      */
     declare public /*out*/ readonly lastChanges: pulumi.Output<outputs.ClosureChanges | undefined>;
@@ -194,6 +206,9 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["deployedAt"] = undefined /*out*/;
             resourceInputs["generation"] = undefined /*out*/;
             resourceInputs["hostKey"] = undefined /*out*/;
+            resourceInputs["installError"] = undefined /*out*/;
+            resourceInputs["installStatus"] = undefined /*out*/;
+            resourceInputs["installedAt"] = undefined /*out*/;
             resourceInputs["lastChanges"] = undefined /*out*/;
             resourceInputs["nixosVersion"] = undefined /*out*/;
             resourceInputs["pendingChanges"] = undefined /*out*/;
@@ -218,6 +233,9 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["healthChecks"] = undefined /*out*/;
             resourceInputs["hostKey"] = undefined /*out*/;
             resourceInputs["install"] = undefined /*out*/;
+            resourceInputs["installError"] = undefined /*out*/;
+            resourceInputs["installStatus"] = undefined /*out*/;
+            resourceInputs["installedAt"] = undefined /*out*/;
             resourceInputs["lastChanges"] = undefined /*out*/;
             resourceInputs["magicRollback"] = undefined /*out*/;
             resourceInputs["nixOptions"] = undefined /*out*/;

@@ -8,6 +8,8 @@
         lab.nixosConfiguration {
           hostName = "web";
           inherit version faults service;
+          # disko's LUKS key: nixos-anywhere uploads it (--disk-encryption-keys).
+          diskKeyFiles = [ "/tmp/disk.key" ];
           packages = [
             { name = "nginx"; version = nginx; size = 65536; }
             { name = "openssl"; version = "3.0.13"; size = 131072; }

@@ -11,6 +11,7 @@ Usage:
     labctl.py status [--lab-dir DIR]
     labctl.py down [--lab-dir DIR]
     labctl.py reboot NAME [--lab-dir DIR]
+    labctl.py kexec NAME [--lab-dir DIR]
 
 `up` writes DIR/hosts.json describing each host (name, address, port, user,
 privateKeyPath, hostKey, stateDir, httpPort, mode) for tests, examples and the
@@ -210,6 +211,8 @@ def _start_holder(state: Path) -> None:
         'mount --bind "$s/nix" /nix; '
         'mount --bind "$s/run" /run; '
         'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
+        # Disk encryption keys land in /tmp: it must be the host's own.
+        "mount -t tmpfs -o mode=1777 lab-tmp /tmp; "
         "mkdir -p /run/sshd /run/lab; chmod 0755 /run/sshd; "
         'touch "$s/ready"; exec sleep infinity'
     )
@@ -272,16 +275,36 @@ def wait_for_port(address: str, port: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def boot(host: LabHost) -> None:
-    """Start the host from its boot-default generation, as a reboot would."""
-    state = host.state
+INSTALLER = "/run/lab-installer"
+INSTALLER_OS_RELEASE = (
+    'NAME=NixOS\nID=nixos\nVARIANT_ID=installer\nVERSION="24.05 (Lab installer)"\n'
+    'VERSION_ID="24.05"\nPRETTY_NAME="NixOS 24.05 (Lab installer)"\n'
+)
+
+
+def _power_cycle(state: Path) -> None:
+    """Everything that ran stops; what lived only in memory (/run, the installer) is gone."""
     stop_nix_daemon(state)
     kill_namespace(state, keep_holder=True)
+    # The disk's own /etc/os-release comes back when the installer is gone.
+    script = (
+        f'if [ -e {INSTALLER}/os-release.disk ] || [ -L {INSTALLER}/os-release.disk ]; then '
+        f'rm -f /etc/os-release; cp -P {INSTALLER}/os-release.disk /etc/os-release; fi; '
+        f"rm -rf {INSTALLER} /run/lab /run/sshd.pid /run/current-system /run/booted-system; "
+        "mkdir -p /run/lab /run/sshd"
+    )
+    run(nsenter(state, ["sh", "-c", script]))
+
+
+def boot(host: LabHost) -> None:
+    """Start the host from its disk, as a reboot would: the boot-default
+    generation when one is installed, else the plain distribution (bare)."""
+    state = host.state
+    _power_cycle(state)
     in_ns = lambda cmd: run(nsenter(state, cmd))  # noqa: E731
-    in_ns(["sh", "-c", "rm -rf /run/lab /run/sshd.pid /run/current-system /run/booted-system; mkdir -p /run/lab /run/sshd"])
     _start_nix_daemon(state)
     default = state / "etc-upper" / "lab" / "boot-default"
-    if host.mode == "nixos" and default.is_symlink():
+    if default.is_symlink():
         system = os.readlink(default)
         in_ns(["ln", "-sfn", system, "/run/booted-system"])
         # Boot-time activation: the same script NixOS's stage 2 runs.
@@ -290,6 +313,37 @@ def boot(host: LabHost) -> None:
         in_ns(["/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-o", f"Port={host.port}"])
     if not wait_for_port(host.address, host.port):
         raise LabError(f"{host.name}: sshd did not come up on {host.address}:{host.port}")
+
+
+def kexec(host: LabHost) -> None:
+    """Restart the host into a NixOS installer running from memory, as
+    nixos-anywhere's kexec phase does: /etc/os-release says VARIANT_ID=installer,
+    the installer keeps the machine's SSH host key (the kexec image carries
+    it over) and root's authorized keys, and the disk is left alone."""
+    state = host.state
+    _power_cycle(state)
+    in_ns = lambda cmd, **kw: run(nsenter(state, cmd), **kw)  # noqa: E731
+    in_ns(["mkdir", "-p", f"{INSTALLER}/ssh"])
+    in_ns(["sh", "-c", "if [ -f /etc/ssh/ssh_host_ed25519_key ]; then "
+                       f"cp -a /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub {INSTALLER}/ssh/; "
+                       f'else ssh-keygen -q -t ed25519 -N "" -f {INSTALLER}/ssh/ssh_host_ed25519_key; fi'])
+    in_ns(["cp", "-P", "/etc/os-release", f"{INSTALLER}/os-release.disk"])
+    in_ns(["sh", "-c", 'rm -f /etc/os-release && cat > /etc/os-release'], input=INSTALLER_OS_RELEASE)
+    config = (state / "etc-upper" / "ssh" / "sshd_config").read_text().replace(
+        "HostKey /etc/ssh/ssh_host_ed25519_key", f"HostKey {INSTALLER}/ssh/ssh_host_ed25519_key"
+    ).replace("PidFile /run/sshd.pid", f"PidFile {INSTALLER}/sshd.pid")
+    in_ns(["sh", "-c", f"cat > {INSTALLER}/sshd_config"], input=config)
+    _start_nix_daemon(state)
+    in_ns(["/usr/sbin/sshd", "-f", f"{INSTALLER}/sshd_config", "-o", f"Port={host.port}"])
+    if not wait_for_port(host.address, host.port):
+        raise LabError(f"{host.name}: the installer's sshd did not come up on {host.address}:{host.port}")
+
+
+def find_host(lab_dir: Path, address: str, port: int) -> LabHost:
+    for host in load_hosts(lab_dir):
+        if host.address == address and host.port == port:
+            return host
+    raise LabError(f"no lab host at {address}:{port} in {lab_dir / 'hosts.json'}")
 
 
 def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: str | None) -> LabHost:
@@ -370,6 +424,12 @@ def add_host(lab_dir: Path, name: str, address: str, mode: str = "nixos") -> Lab
     return host
 
 
+def remove_host(lab_dir: Path, name: str) -> None:
+    """Stop one host, delete its state and drop it from hosts.json."""
+    stop_host(lab_dir / "hosts" / name)
+    save_hosts(lab_dir, [h for h in load_hosts(lab_dir) if h.name != name])
+
+
 def down(lab_dir: Path = DEFAULT_LAB_DIR) -> None:
     hosts_dir = lab_dir / "hosts"
     if hosts_dir.exists():
@@ -378,12 +438,15 @@ def down(lab_dir: Path = DEFAULT_LAB_DIR) -> None:
     (lab_dir / "hosts.json").unlink(missing_ok=True)
 
 
-def reboot(lab_dir: Path, name: str) -> None:
+def host_named(lab_dir: Path, name: str) -> LabHost:
     for host in load_hosts(lab_dir):
         if host.name == name:
-            boot(host)
-            return
+            return host
     raise LabError(f"no lab host named {name}")
+
+
+def reboot(lab_dir: Path, name: str) -> None:
+    boot(host_named(lab_dir, name))
 
 
 def status(lab_dir: Path = DEFAULT_LAB_DIR) -> list[dict[str, object]]:
@@ -421,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop every host and remove its state")
     p_reboot = sub.add_parser("reboot", help="restart a host from its boot-default generation")
     p_reboot.add_argument("name")
+    p_kexec = sub.add_parser("kexec", help="restart a host into the NixOS installer (what nixos-anywhere's kexec does)")
+    p_kexec.add_argument("name")
     args = ap.parse_args(argv)
     lab_dir = args.lab_dir.resolve()
     try:
@@ -442,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "reboot":
             reboot(lab_dir, args.name)
             print(f"{args.name} rebooted")
+        elif args.cmd == "kexec":
+            kexec(host_named(lab_dir, args.name))
+            print(f"{args.name} runs the installer")
     except LabError as e:
         print(f"labctl: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
 #
 #   mkSystem { hostName, version, packages, service, faults } -> toplevel
 #   mkPackage { name, version, size } -> a package with a name-version path
+#   mkDiskoScript { hostName, keyFiles } -> the lab's "disko" script
 #
 # Everything is a plain function argument with a default, so a test can write
 # a new configuration in one line of Nix.
@@ -63,6 +64,8 @@ let
         set -e
         mkdir -p $out/bin $out/sw/bin $out/etc/lab
         echo "$nixosVersion" > $out/nixos-version
+        printf 'NAME=NixOS\nID=nixos\nVERSION="%s"\nVERSION_ID="24.05"\nPRETTY_NAME="NixOS %s"\n' \
+          "$nixosVersion" "$nixosVersion" > $out/etc/os-release
         printf '%s' "$serviceJson" > $out/etc/lab/service.json
         printf '%s' "$sshPort" > $out/etc/lab/ssh-port
         printf '%s' "$activationFails" > $out/etc/lab/activation-fails
@@ -79,11 +82,46 @@ let
       '' ];
     };
 
-  # nixosConfigurations.<name>.config.system.build.toplevel, as NixOS has it.
-  nixosConfiguration = args: {
-    config.system.build.toplevel = mkSystem args;
+  # What disko's script does to a lab host, run there by nixos-anywhere in the
+  # installer: check that the LUKS key files it needs arrived (present, mode
+  # 0600), then "format the disk": a fresh disk has no host keys and no boot
+  # entry, so nothing of the old system survives into the installed one.
+  mkDiskoScript = { hostName ? "lab", keyFiles ? [ ] }: derivation {
+    inherit system;
+    name = "disko-${hostName}";
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    keyFiles = builtins.concatStringsSep " " keyFiles;
+    args = [ "-c" ''
+      set -e
+      {
+        echo '#!/bin/sh'
+        echo 'set -eu'
+        echo 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin'
+        echo "for key in $keyFiles; do"
+        echo '  [ -f "$key" ] || { echo "disko: the encryption key $key is missing" >&2; exit 1; }'
+        echo '  mode=$(stat -c %a "$key")'
+        echo '  [ "$mode" = 600 ] || { echo "disko: the encryption key $key has mode $mode, not 600" >&2; exit 1; }'
+        echo '  echo "disko: opened the LUKS volume with $key (mode $mode)"'
+        echo 'done'
+        echo 'rm -f /etc/ssh/ssh_host_* /etc/lab/boot-default'
+        echo 'date -u +%FT%TZ > /etc/lab/disko-formatted'
+        echo 'echo "disko: formatted the lab disk"'
+      } > $out
+      chmod +x $out
+    '' ];
+  };
+
+  # nixosConfigurations.<name>.config.system.build.{toplevel,diskoScript}, as
+  # NixOS with disko's module has them.
+  nixosConfiguration = args@{ diskKeyFiles ? [ ], ... }: {
+    config.system.build.toplevel = mkSystem (builtins.removeAttrs args [ "diskKeyFiles" ]);
+    config.system.build.diskoScript = mkDiskoScript {
+      hostName = args.hostName or "lab";
+      keyFiles = diskKeyFiles;
+    };
   };
 in
 {
-  inherit mkPackage mkSystem nixosConfiguration;
+  inherit mkPackage mkSystem mkDiskoScript nixosConfiguration;
 }

@@ -44,6 +44,9 @@ fi
 [ "$action" = boot ] && exit 0
 
 echo "activating the configuration..." >&2
+# /etc/os-release belongs to the system, as NixOS's etc activation has it.
+rm -f /etc/os-release
+cp "$out/etc/os-release" /etc/os-release
 slow="$(cat "$out/etc/lab/slow-activation")"
 if [ -n "$slow" ] && [ "$slow" != 0 ]; then
   echo "running slow activation script ($slow s)..." >&2
@@ -81,6 +84,10 @@ if [ "$want_port" != "$running_port" ] || ! sshd_running; then
   if [ -f /run/sshd.pid ]; then
     kill "$(cat /run/sshd.pid)" 2>/dev/null || true
     i=0; while [ -f /run/sshd.pid ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  fi
+  # sshd.service's preStart: a freshly installed host makes its own host key.
+  if [ ! -f /etc/ssh/ssh_host_ed25519_key ]; then
+    ssh-keygen -q -t ed25519 -N "" -C "root@installed" -f /etc/ssh/ssh_host_ed25519_key
   fi
   /usr/sbin/sshd -f /etc/ssh/sshd_config -o "Port=$want_port"
   echo "$want_port" > "$state/sshd-port"

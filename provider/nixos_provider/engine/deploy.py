@@ -16,7 +16,7 @@ from . import profiles
 from .activation import ActivationSpec, Supervisor
 from .errors import DeployError, EngineError
 from .health import run_health_checks
-from .models import DeployRequest, DeployResult, Generation, Profile, Remote
+from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, Remote
 from .nix import Nix
 from .process import Target
 from .push import PushProgress, push_closure
@@ -68,6 +68,15 @@ async def _read_state(target: Target, profile: Profile, with_generations: bool =
     version = await profiles.nixos_version(target, system) if system else None
     gens = tuple(await profiles.list_generations(target, profile.path)) if with_generations else ()
     return TargetState(target.conn.host_key, gen, system, version, gens)
+
+
+async def check_health(remote: Remote, checks: tuple[HealthCheck, ...], status: StatusFn = _noop) -> None:
+    """Run health checks on a host outside a deployment (after installation)."""
+    target = await open_target(remote, Profile())
+    try:
+        await run_health_checks(target, checks, status)
+    finally:
+        await target.conn.close()
 
 
 def _tail(text: str, n: int = OUTPUT_TAIL_LINES) -> str:

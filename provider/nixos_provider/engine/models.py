@@ -119,3 +119,51 @@ class DeployResult:
     push: PushStats
     nixos_version: str | None
     output: str
+
+
+INSTALL_PHASES = ("kexec", "disko", "install", "reboot")
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """One nixos-anywhere run that installs `system_path` onto `remote`.
+
+    The system comes either prebuilt (`disko_script` + `system_path`, passed as
+    `--store-paths`) or as `flake` (`<flake>#<name>`) for nixos-anywhere to build.
+    Secret material (the SSH key, file contents) only ever reaches
+    nixos-anywhere through private temporary files.
+    """
+
+    remote: Remote
+    system_path: str
+    command: tuple[str, ...] = ("nixos-anywhere",)
+    disko_script: str | None = None
+    flake: str | None = None
+    phases: tuple[str, ...] = ()  # empty: nixos-anywhere's default, all of INSTALL_PHASES
+    kexec_url: str | None = None
+    post_kexec_ssh_port: int | None = None
+    build_on: str | None = None
+    copy_host_keys: bool = False
+    substitute_on_destination: bool = True
+    extra_files: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    disk_encryption_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    extra_args: tuple[str, ...] = ()
+    nix_options: tuple[tuple[str, str], ...] = ()
+    timeout: float = 3600.0
+    reboot_timeout: float = 600.0
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        return self.phases or INSTALL_PHASES
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What runs on the host once installation (or adoption) is over."""
+
+    installed: bool  # False: the host already ran NixOS and was adopted as it is
+    host_key: str
+    current_system: str | None
+    generation: Generation | None
+    nixos_version: str | None
+    host_key_source: str  # how the host key was pinned, for the log

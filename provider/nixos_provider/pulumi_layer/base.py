@@ -24,6 +24,7 @@ class Context:
     log: LogFn
     project_dir: str | None = None
     nix_command: list[str] = field(default_factory=lambda: ["nix"])
+    nixos_anywhere_command: list[str] = field(default_factory=lambda: ["nixos-anywhere"])
     default_private_key: str | None = None
     default_user: str | None = None
     ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))

@@ -6,11 +6,12 @@ is what the Pulumi CLI shows next to the resource.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.models import Credentials, HealthCheck, Remote
+from ..engine.models import INSTALL_PHASES, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
 from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -145,6 +146,114 @@ def check_nix_options(f: Failures, opts: Any) -> None:
     for i, o in enumerate(opts):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("value"), str):
             f.add(f"nixOptions[{i}]", "needs string `name` and `value`")
+
+
+INSTALL_KEYS = ("command", "kexecUrl", "phases", "extraFiles", "diskEncryptionKeys", "copyHostKeys", "buildOn",
+                "substituteOnDestination", "diskoScript", "extraArgs", "sshPort", "timeout")
+
+
+def _check_string_list(f: Failures, prop: str, v: Any, *, non_empty: bool = False) -> None:
+    if not _known(v):
+        return
+    v = _plain(v)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or (non_empty and not v):
+        f.add(prop, "must be a non-empty list of strings" if non_empty else "must be a list of strings")
+
+
+def _check_file_map(f: Failures, prop: str, v: Any, what: str) -> None:
+    """Keys are absolute paths on the target; values are contents (never echoed: they are secret)."""
+    if not _known(v):
+        return
+    v = _plain(v)
+    if not isinstance(v, dict):
+        f.add(prop, f"must be an object mapping absolute paths to {what}")
+        return
+    for path, content in v.items():
+        norm = posixpath.normpath(path) if isinstance(path, str) else ""
+        if not path.startswith("/") or norm != path or norm == "/" or ".." in path.split("/"):
+            f.add(f"{prop}[{path!r}]", "must be a normalized absolute file path such as `/etc/ssh/ssh_host_ed25519_key`")
+        elif _known(content) and not isinstance(_plain(content), str):
+            f.add(f"{prop}[{path!r}]", f"must be the {what} as a string")
+
+
+def check_install(f: Failures, news: dict[str, Any]) -> None:
+    """install: what nixos-anywhere needs, caught before anything touches the host."""
+    inst = news.get("install")
+    if not _known(inst):
+        return
+    inst = _plain(inst)
+    if not isinstance(inst, dict):
+        f.add("install", "must be an object (see the Install type)")
+        return
+    for k in inst:
+        if k not in INSTALL_KEYS:
+            f.add(f"install.{k}", "is not a property of install")
+    _check_string_list(f, "install.command", inst.get("command"), non_empty=True)
+    _check_string_list(f, "install.extraArgs", inst.get("extraArgs"))
+    phases = inst.get("phases")
+    _check_string_list(f, "install.phases", phases)
+    if _known(phases) and isinstance(_plain(phases), list):
+        phases = _plain(phases)
+        for i, ph in enumerate(phases):
+            check_choice(f, f"install.phases[{i}]", ph, INSTALL_PHASES)
+        if "install" not in phases or "reboot" not in phases:
+            f.add("install.phases", "must include `install` and `reboot`: the provider manages the machine once it "
+                  "has rebooted into the installed system (leave out `kexec`, and `disko`, when they are done already)")
+    _check_file_map(f, "install.extraFiles", inst.get("extraFiles"), "file content")
+    _check_file_map(f, "install.diskEncryptionKeys", inst.get("diskEncryptionKeys"), "key")
+    for b in ("copyHostKeys", "substituteOnDestination"):
+        check_bool(f, f"install.{b}", inst.get(b))
+    check_choice(f, "install.buildOn", inst.get("buildOn"), ("auto", "local", "remote"))
+    check_store_path(f, "install.diskoScript", inst.get("diskoScript"))
+    check_int(f, "install.sshPort", inst.get("sshPort"), 1, 65535)
+    check_seconds(f, "install.timeout", inst.get("timeout"), 10, 86400)
+    kexec = inst.get("kexecUrl")
+    if _known(kexec) and (not isinstance(_plain(kexec), str) or not _plain(kexec)):
+        f.add("install.kexecUrl", "must be a URL or a local path to a kexec tarball")
+    if news.get("flake") is None and news.get("systemPath") is not None:
+        if inst.get("diskoScript") is None:
+            f.add("install.diskoScript", "is required when installing a prebuilt `systemPath`: nixos-anywhere takes "
+                  "`--store-paths <diskoScript> <systemPath>` (or set `flake` instead of `systemPath`)")
+        if inst.get("buildOn") == "remote":
+            f.add("install.buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
+    conn = news.get("connection")
+    if isinstance(conn, dict) and conn.get("proxy") is not None:
+        f.add("install", "cannot be used with `connection.proxy`: nixos-anywhere must reach the host directly")
+
+
+def secret_install(inst: Any) -> Any:
+    """Keep file contents and disk keys secret in outputs, however the program passed them."""
+    if not isinstance(inst, dict):
+        return inst
+    out = dict(inst)
+    for k in ("extraFiles", "diskEncryptionKeys"):
+        if out.get(k) is not None and not isinstance(out[k], Secret):
+            out[k] = Secret(out[k])
+    return out
+
+
+def to_install_request(inst: dict[str, Any], remote: Remote, system_path: str, *, command: list[str],
+                       disko_script: str | None, flake: str | None,
+                       nix_opts: list[tuple[str, str]]) -> InstallRequest:
+    i = _plain(inst)
+    return InstallRequest(
+        remote=remote,
+        system_path=system_path,
+        command=tuple(i.get("command") or command),
+        disko_script=disko_script,
+        flake=flake,
+        phases=tuple(dict.fromkeys(i.get("phases") or ())),
+        kexec_url=i.get("kexecUrl"),
+        post_kexec_ssh_port=int(i["sshPort"]) if i.get("sshPort") is not None else None,
+        build_on=i.get("buildOn"),
+        copy_host_keys=bool(i.get("copyHostKeys")),
+        substitute_on_destination=i.get("substituteOnDestination", True) is not False,
+        extra_files=tuple(sorted((i.get("extraFiles") or {}).items())),
+        disk_encryption_keys=tuple(sorted((i.get("diskEncryptionKeys") or {}).items())),
+        extra_args=tuple(i.get("extraArgs") or ()),
+        nix_options=tuple(nix_opts),
+        timeout=_num(i.get("timeout"), 3600),
+    )
 
 
 def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str, ...]) -> None:

@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 from ..engine import deploy as engine
+from ..engine import install as installer
 from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import Nix, is_store_path, parse_flake_ref
+from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .properties import UNKNOWN, contains_unknown, reveal
@@ -24,7 +25,7 @@ INPUT_KEYS = [
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
     "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
-    "deployedAt", "pushedPaths", "pushedBytes",
+    "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError",
 ]
 SYSTEM = Profile(SYSTEM_PROFILE)
 
@@ -56,6 +57,7 @@ class NixosMachine(DeployedResource):
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
         v.check_deploy_settings(f, news, ("substituteOnDestination", "compress", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
+        v.check_install(f, news)
         if f:
             raise CheckFailed(f)
 
@@ -78,11 +80,17 @@ class NixosMachine(DeployedResource):
     def needs_deploy(olds: dict[str, Any], news: dict[str, Any]) -> bool:
         return any(not same(olds.get(k), news.get(k)) for k in DEPLOY_KEYS) or contains_unknown(news.get("systemPath"))
 
+    @staticmethod
+    def install_unfinished(olds: dict[str, Any]) -> bool:
+        """A create with `install` that failed: the next update installs (or adopts) again."""
+        return bool(olds.get("install")) and olds.get("installStatus") not in ("installed", "adopted")
+
     # -- Create / Update ------------------------------------------------------------
 
     def _preview_outputs(self, news: dict[str, Any], olds: dict[str, Any] | None, deploys: bool) -> dict[str, Any]:
         out = {**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news}
         out["connection"] = v.secret_connection(news.get("connection"))
+        out["install"] = v.secret_install(news.get("install"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
                                                   "pushedPaths", "pushedBytes")):
@@ -96,8 +104,7 @@ class NixosMachine(DeployedResource):
             ident = f"{reveal(news['connection']).get('host')}:{reveal(news['connection']).get('port', 22)}"
             return ident, self._preview_outputs(news, None, True)
         if news.get("install"):
-            raise EngineError("`install` (installing NixOS with nixos-anywhere) is not available in this version yet; "
-                              "remove it to adopt a machine that already runs NixOS")
+            return _id(self._remote(news)), await self._install(urn, _id(self._remote(news)), news)
         remote = self._remote(news)
         self.ctx.status(urn, f"connecting to {remote.target}")
         async with self.ctx.ssh_slots:
@@ -121,6 +128,11 @@ class NixosMachine(DeployedResource):
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
+        if self.install_unfinished(olds):
+            if preview:
+                return self._preview_outputs(news, None, True)
+            self.ctx.info(urn, "the installation did not finish last time: checking the host before installing again")
+            return await self._install(urn, ident, news)
         deploys = self.needs_deploy(olds, news)
         if preview:
             out = self._preview_outputs(news, olds, deploys)
@@ -131,13 +143,111 @@ class NixosMachine(DeployedResource):
         conn_key = reveal(news["connection"]).get("hostKey")
         pinned = conn_key or olds.get("hostKey")
         base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
-                "connection": v.secret_connection(news["connection"]), "hostKey": pinned}
+                "connection": v.secret_connection(news["connection"]), "install": v.secret_install(news.get("install")),
+                "hostKey": pinned}
         if not deploys:
             return base
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
         kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
         return await self._deploy(urn, ident, base, news, pinned, kept)
+
+    # -- Install ------------------------------------------------------------------------
+
+    async def _install_source(self, urn: str, news: dict[str, Any], nix: Nix) -> tuple[str | None, str | None]:
+        """(disko script, flake) for nixos-anywhere: both built here when we can, so a
+        broken configuration fails before the host is touched."""
+        inst = reveal(news["install"])
+        phases = inst.get("phases") or ("kexec", "disko", "install", "reboot")
+        if inst.get("diskoScript"):
+            await self._build(urn, news, nix)
+            if not await nix.is_valid(inst["diskoScript"]):
+                self.ctx.status(urn, f"realising {inst['diskoScript']}")
+                await nix.build(inst["diskoScript"])
+            return inst["diskoScript"], None
+        ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
+        name = ref.attr.removesuffix(".system.build.toplevel")
+        if name == ref.attr:
+            raise EngineError(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere: use a flake "
+                              "reference like `.#web` (or one ending in `.config.system.build.toplevel`), or set "
+                              "`install.diskoScript`")
+        if inst.get("buildOn") == "remote":
+            return None, f"{ref.flake}#{name}"  # nixos-anywhere builds it on the target
+        await self._build(urn, news, nix)
+        if "disko" not in phases:
+            return None, f"{ref.flake}#{name}"
+        disko = FlakeRef(ref.flake, f"{name}.system.build.diskoScript")
+        self.ctx.status(urn, f"building {disko}")
+        try:
+            return await nix.build(disko), None
+        except EngineError as e:
+            raise EngineError(f"{e} (the configuration needs disko's NixOS module for `config.system.build."
+                              "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)"
+                              ) from e
+
+    async def _install(self, urn: str, ident: str, news: dict[str, Any]) -> dict[str, Any]:
+        """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it."""
+        nix = self._nix(news)
+        remote = self._remote(news)
+        base = {
+            **news,
+            "connection": v.secret_connection(news["connection"]),
+            "install": v.secret_install(news["install"]),
+            **{k: None for k in COMPUTED},
+            "installStatus": "failed",
+            "systemPath": None,
+        }
+        try:
+            disko, flake = await self._install_source(urn, news, nix)
+        except EngineError as e:
+            raise PartialFailure(f"{e}; nothing was installed and the host was not touched", ident,
+                                 {**base, "installError": f"build: {e}"}, news) from e
+        system = str(reveal(news.get("systemPath")))
+        req = v.to_install_request(reveal(news["install"]), remote, system,
+                                   command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
+                                   nix_opts=v.nix_options(news.get("nixOptions")))
+        try:
+            async with self.ctx.ssh_slots:
+                result = await installer.install(req, status=lambda s: self.ctx.status(urn, s),
+                                                 output=lambda s: self.ctx.info(urn, s))
+        except installer.InstallError as e:
+            raise PartialFailure(f"installing NixOS on {remote.target} failed: {e}", ident,
+                                 {**base, "installError": f"{e.phase}: {str(e).splitlines()[0]}"}, news) from e
+        except EngineError as e:
+            raise PartialFailure(f"installing NixOS on {remote.target} failed before nixos-anywhere ran: {e}",
+                                 ident, {**base, "installError": f"connect: {e}"}, news) from e
+        gen = result.generation
+        now = now_rfc3339()
+        outputs = {
+            **base,
+            "installStatus": "installed" if result.installed else "adopted",
+            "installedAt": now if result.installed else None,
+            "installError": None,
+            "hostKey": result.host_key,
+            "baselineGeneration": gen.number if gen else None,
+            "baselineSystemPath": result.current_system,
+            "systemPath": result.current_system,
+            "generation": gen.number if gen else None,
+            "nixosVersion": result.nixos_version,
+            "deployedAt": now if result.installed else None,
+        }
+        if result.installed:
+            self.ctx.info(urn, f"installed {result.current_system} as generation {outputs['generation']}; "
+                               f"host key pinned from {result.host_key_source}")
+        if result.current_system != system:
+            # Adopted a NixOS host that runs something else: deploy as for any adopted machine.
+            return await self._deploy(urn, ident, outputs, news, result.host_key)
+        checks = v.to_health_checks(news.get("healthChecks"))
+        if checks:
+            try:
+                async with self.ctx.ssh_slots:
+                    await engine.check_health(self._remote(news, host_key=result.host_key), checks,
+                                              status=lambda s: self.ctx.status(urn, s))
+            except EngineError as e:
+                raise PartialFailure(f"{e}; the host runs the installed system {system} (generation "
+                                     f"{outputs['generation']}), which has no earlier generation to roll back to",
+                                     ident, outputs, news) from e
+        return outputs
 
     async def _pending_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> ClosureChanges | None:
         """Preview: what the new system changes, package by package, when both closures are local."""

@@ -184,6 +184,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             return [str(x) for x in value] if isinstance(value, list) and value else None
 
         self.ctx.nix_command = _list(args.get("nixCommand")) or ["nix"]
+        self.ctx.nixos_anywhere_command = _list(args.get("nixosAnywhereCommand")) or ["nixos-anywhere"]
         self.ctx.default_private_key = reveal(args.get("defaultPrivateKey")) or None
         self.ctx.default_user = reveal(args.get("defaultUser")) or None
         slots = reveal(args.get("maxParallelSsh"))

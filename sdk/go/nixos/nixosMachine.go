@@ -54,6 +54,12 @@ type NixosMachine struct {
 	HostKey pulumi.StringOutput `pulumi:"hostKey"`
 	// Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
 	Install InstallPtrOutput `pulumi:"install"`
+	// After a failed installation: the phase that failed (`build`, `connect`, `kexec`, `disko`, `install`, `reboot`, `wait`) and the error.
+	InstallError pulumi.StringPtrOutput `pulumi:"installError"`
+	// How the machine came under management when `install` is set: `installed` (nixos-anywhere installed it), `adopted` (it already ran NixOS, so nothing was installed) or `failed` (the installation did not finish; the next `pulumi up` checks the host and installs or adopts it). Unset without `install`.
+	InstallStatus pulumi.StringPtrOutput `pulumi:"installStatus"`
+	// When nixos-anywhere finished installing the machine (RFC 3339), if it did.
+	InstalledAt pulumi.StringPtrOutput `pulumi:"installedAt"`
 	// What the last deployment changed on the host. Set after a deployment.
 	LastChanges ClosureChangesPtrOutput `pulumi:"lastChanges"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
@@ -408,6 +414,21 @@ func (o NixosMachineOutput) HostKey() pulumi.StringOutput {
 // Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
 func (o NixosMachineOutput) Install() InstallPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) InstallPtrOutput { return v.Install }).(InstallPtrOutput)
+}
+
+// After a failed installation: the phase that failed (`build`, `connect`, `kexec`, `disko`, `install`, `reboot`, `wait`) and the error.
+func (o NixosMachineOutput) InstallError() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.InstallError }).(pulumi.StringPtrOutput)
+}
+
+// How the machine came under management when `install` is set: `installed` (nixos-anywhere installed it), `adopted` (it already ran NixOS, so nothing was installed) or `failed` (the installation did not finish; the next `pulumi up` checks the host and installs or adopts it). Unset without `install`.
+func (o NixosMachineOutput) InstallStatus() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.InstallStatus }).(pulumi.StringPtrOutput)
+}
+
+// When nixos-anywhere finished installing the machine (RFC 3339), if it did.
+func (o NixosMachineOutput) InstalledAt() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.InstalledAt }).(pulumi.StringPtrOutput)
 }
 
 // What the last deployment changed on the host. Set after a deployment.

@@ -694,30 +694,32 @@ func (o HealthCheckArrayOutput) Index(i pulumi.IntInput) HealthCheckOutput {
 	}).(HealthCheckOutput)
 }
 
-// Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+// Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
 type Install struct {
 	// Where nixos-anywhere builds the system: `local`, `remote` (on the target) or `auto`. When unset, nixos-anywhere's own default applies.
 	BuildOn *string `pulumi:"buildOn"`
 	// The command that runs nixos-anywhere, as program and leading arguments, such as `["nix", "run", "github:nix-community/nixos-anywhere", "--"]`. When unset, the provider's `nixosAnywhereCommand` is used, which is `["nixos-anywhere"]` by default.
 	Command []string `pulumi:"command"`
-	// Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+	// Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
 	CopyHostKeys *bool `pulumi:"copyHostKeys"`
-	// Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+	// Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
 	DiskEncryptionKeys map[string]string `pulumi:"diskEncryptionKeys"`
 	// The store path of a prebuilt disko script. With it, the provider calls nixos-anywhere with `--store-paths <diskoScript> <systemPath>` instead of a flake, so nothing is evaluated during installation.
 	DiskoScript *string `pulumi:"diskoScript"`
 	// Further arguments appended to the nixos-anywhere command line.
 	ExtraArgs []string `pulumi:"extraArgs"`
-	// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+	// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
 	ExtraFiles map[string]string `pulumi:"extraFiles"`
 	// The URL or local path of the kexec tarball to boot the installer from, passed as `--kexec`. When unset, nixos-anywhere's own default image is used.
 	KexecUrl *string `pulumi:"kexecUrl"`
-	// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+	// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
 	Phases []string `pulumi:"phases"`
-	// The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+	// The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
 	SshPort *int `pulumi:"sshPort"`
 	// Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
+	// How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+	Timeout *float64 `pulumi:"timeout"`
 }
 
 // Defaults sets the appropriate defaults for Install
@@ -744,30 +746,32 @@ type InstallInput interface {
 	ToInstallOutputWithContext(context.Context) InstallOutput
 }
 
-// Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+// Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
 type InstallArgs struct {
 	// Where nixos-anywhere builds the system: `local`, `remote` (on the target) or `auto`. When unset, nixos-anywhere's own default applies.
 	BuildOn pulumi.StringPtrInput `pulumi:"buildOn"`
 	// The command that runs nixos-anywhere, as program and leading arguments, such as `["nix", "run", "github:nix-community/nixos-anywhere", "--"]`. When unset, the provider's `nixosAnywhereCommand` is used, which is `["nixos-anywhere"]` by default.
 	Command pulumi.StringArrayInput `pulumi:"command"`
-	// Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+	// Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
 	CopyHostKeys pulumi.BoolPtrInput `pulumi:"copyHostKeys"`
-	// Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+	// Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
 	DiskEncryptionKeys pulumi.StringMapInput `pulumi:"diskEncryptionKeys"`
 	// The store path of a prebuilt disko script. With it, the provider calls nixos-anywhere with `--store-paths <diskoScript> <systemPath>` instead of a flake, so nothing is evaluated during installation.
 	DiskoScript pulumi.StringPtrInput `pulumi:"diskoScript"`
 	// Further arguments appended to the nixos-anywhere command line.
 	ExtraArgs pulumi.StringArrayInput `pulumi:"extraArgs"`
-	// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+	// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
 	ExtraFiles pulumi.StringMapInput `pulumi:"extraFiles"`
 	// The URL or local path of the kexec tarball to boot the installer from, passed as `--kexec`. When unset, nixos-anywhere's own default image is used.
 	KexecUrl pulumi.StringPtrInput `pulumi:"kexecUrl"`
-	// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+	// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
 	Phases pulumi.StringArrayInput `pulumi:"phases"`
-	// The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+	// The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
 	SshPort pulumi.IntPtrInput `pulumi:"sshPort"`
 	// Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
 	SubstituteOnDestination pulumi.BoolPtrInput `pulumi:"substituteOnDestination"`
+	// How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+	Timeout pulumi.Float64PtrInput `pulumi:"timeout"`
 }
 
 // Defaults sets the appropriate defaults for InstallArgs
@@ -834,7 +838,7 @@ func (i *installPtrType) ToInstallPtrOutputWithContext(ctx context.Context) Inst
 	return pulumi.ToOutputWithContext(ctx, i).(InstallPtrOutput)
 }
 
-// Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+// Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
 type InstallOutput struct{ *pulumi.OutputState }
 
 func (InstallOutput) ElementType() reflect.Type {
@@ -869,12 +873,12 @@ func (o InstallOutput) Command() pulumi.StringArrayOutput {
 	return o.ApplyT(func(v Install) []string { return v.Command }).(pulumi.StringArrayOutput)
 }
 
-// Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+// Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
 func (o InstallOutput) CopyHostKeys() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v Install) *bool { return v.CopyHostKeys }).(pulumi.BoolPtrOutput)
 }
 
-// Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+// Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
 func (o InstallOutput) DiskEncryptionKeys() pulumi.StringMapOutput {
 	return o.ApplyT(func(v Install) map[string]string { return v.DiskEncryptionKeys }).(pulumi.StringMapOutput)
 }
@@ -889,7 +893,7 @@ func (o InstallOutput) ExtraArgs() pulumi.StringArrayOutput {
 	return o.ApplyT(func(v Install) []string { return v.ExtraArgs }).(pulumi.StringArrayOutput)
 }
 
-// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
 func (o InstallOutput) ExtraFiles() pulumi.StringMapOutput {
 	return o.ApplyT(func(v Install) map[string]string { return v.ExtraFiles }).(pulumi.StringMapOutput)
 }
@@ -899,12 +903,12 @@ func (o InstallOutput) KexecUrl() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v Install) *string { return v.KexecUrl }).(pulumi.StringPtrOutput)
 }
 
-// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
 func (o InstallOutput) Phases() pulumi.StringArrayOutput {
 	return o.ApplyT(func(v Install) []string { return v.Phases }).(pulumi.StringArrayOutput)
 }
 
-// The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+// The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
 func (o InstallOutput) SshPort() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v Install) *int { return v.SshPort }).(pulumi.IntPtrOutput)
 }
@@ -912,6 +916,11 @@ func (o InstallOutput) SshPort() pulumi.IntPtrOutput {
 // Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
 func (o InstallOutput) SubstituteOnDestination() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v Install) *bool { return v.SubstituteOnDestination }).(pulumi.BoolPtrOutput)
+}
+
+// How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+func (o InstallOutput) Timeout() pulumi.Float64PtrOutput {
+	return o.ApplyT(func(v Install) *float64 { return v.Timeout }).(pulumi.Float64PtrOutput)
 }
 
 type InstallPtrOutput struct{ *pulumi.OutputState }
@@ -958,7 +967,7 @@ func (o InstallPtrOutput) Command() pulumi.StringArrayOutput {
 	}).(pulumi.StringArrayOutput)
 }
 
-// Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+// Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
 func (o InstallPtrOutput) CopyHostKeys() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *Install) *bool {
 		if v == nil {
@@ -968,7 +977,7 @@ func (o InstallPtrOutput) CopyHostKeys() pulumi.BoolPtrOutput {
 	}).(pulumi.BoolPtrOutput)
 }
 
-// Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+// Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
 func (o InstallPtrOutput) DiskEncryptionKeys() pulumi.StringMapOutput {
 	return o.ApplyT(func(v *Install) map[string]string {
 		if v == nil {
@@ -998,7 +1007,7 @@ func (o InstallPtrOutput) ExtraArgs() pulumi.StringArrayOutput {
 	}).(pulumi.StringArrayOutput)
 }
 
-// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+// Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
 func (o InstallPtrOutput) ExtraFiles() pulumi.StringMapOutput {
 	return o.ApplyT(func(v *Install) map[string]string {
 		if v == nil {
@@ -1018,7 +1027,7 @@ func (o InstallPtrOutput) KexecUrl() pulumi.StringPtrOutput {
 	}).(pulumi.StringPtrOutput)
 }
 
-// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+// The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
 func (o InstallPtrOutput) Phases() pulumi.StringArrayOutput {
 	return o.ApplyT(func(v *Install) []string {
 		if v == nil {
@@ -1028,7 +1037,7 @@ func (o InstallPtrOutput) Phases() pulumi.StringArrayOutput {
 	}).(pulumi.StringArrayOutput)
 }
 
-// The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+// The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
 func (o InstallPtrOutput) SshPort() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v *Install) *int {
 		if v == nil {
@@ -1046,6 +1055,16 @@ func (o InstallPtrOutput) SubstituteOnDestination() pulumi.BoolPtrOutput {
 		}
 		return v.SubstituteOnDestination
 	}).(pulumi.BoolPtrOutput)
+}
+
+// How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+func (o InstallPtrOutput) Timeout() pulumi.Float64PtrOutput {
+	return o.ApplyT(func(v *Install) *float64 {
+		if v == nil {
+			return nil
+		}
+		return v.Timeout
+	}).(pulumi.Float64PtrOutput)
 }
 
 // An extra Nix option, passed to the `nix` commands the provider runs as `--option <name> <value>`.

@@ -189,7 +189,7 @@ export function healthCheckProvideDefaults(val: HealthCheck): HealthCheck {
 }
 
 /**
- * Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+ * Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
  */
 export interface Install {
     /**
@@ -201,11 +201,11 @@ export interface Install {
      */
     command?: string[];
     /**
-     * Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+     * Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
      */
     copyHostKeys?: boolean;
     /**
-     * Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+     * Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
      */
     diskEncryptionKeys?: {[key: string]: string};
     /**
@@ -217,7 +217,7 @@ export interface Install {
      */
     extraArgs?: string[];
     /**
-     * Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+     * Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
      */
     extraFiles?: {[key: string]: string};
     /**
@@ -225,17 +225,21 @@ export interface Install {
      */
     kexecUrl?: string;
     /**
-     * The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+     * The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
      */
     phases?: string[];
     /**
-     * The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+     * The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
      */
     sshPort?: number;
     /**
      * Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
      */
     substituteOnDestination?: boolean;
+    /**
+     * How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+     */
+    timeout?: number;
 }
 /**
  * installProvideDefaults sets the appropriate defaults for Install

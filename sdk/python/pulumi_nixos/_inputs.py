@@ -699,7 +699,7 @@ class HealthCheckArgs:
 
 class InstallArgsDict(TypedDict):
     """
-    Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+    Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
     """
     build_on: NotRequired[pulumi.Input[Optional[_builtins.str]]]
     """
@@ -711,11 +711,11 @@ class InstallArgsDict(TypedDict):
     """
     copy_host_keys: NotRequired[pulumi.Input[Optional[_builtins.bool]]]
     """
-    Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+    Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
     """
     disk_encryption_keys: NotRequired[pulumi.Input[Optional[Mapping[str, pulumi.Input[_builtins.str]]]]]
     """
-    Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+    Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
     """
     disko_script: NotRequired[pulumi.Input[Optional[_builtins.str]]]
     """
@@ -727,7 +727,7 @@ class InstallArgsDict(TypedDict):
     """
     extra_files: NotRequired[pulumi.Input[Optional[Mapping[str, pulumi.Input[_builtins.str]]]]]
     """
-    Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+    Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
     """
     kexec_url: NotRequired[pulumi.Input[Optional[_builtins.str]]]
     """
@@ -735,15 +735,19 @@ class InstallArgsDict(TypedDict):
     """
     phases: NotRequired[pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]]]
     """
-    The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+    The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
     """
     ssh_port: NotRequired[pulumi.Input[Optional[_builtins.int]]]
     """
-    The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+    The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
     """
     substitute_on_destination: NotRequired[pulumi.Input[Optional[_builtins.bool]]]
     """
     Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
+    """
+    timeout: NotRequired[pulumi.Input[Optional[_builtins.float]]]
+    """
+    How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
     """
 
 @pulumi.input_type
@@ -759,21 +763,23 @@ class InstallArgs:
                  kexec_url: pulumi.Input[Optional[_builtins.str]] = None,
                  phases: pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]] = None,
                  ssh_port: pulumi.Input[Optional[_builtins.int]] = None,
-                 substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None):
+                 substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
+                 timeout: pulumi.Input[Optional[_builtins.float]] = None):
         """
-        Installs NixOS onto the host with nixos-anywhere before the first deployment. It runs only when the resource is created: changing it later does not reinstall the machine. The host must be reachable over SSH through the resource's `connection`, typically as root on a rescue system or any Linux distribution. The configuration installed is the one the resource deploys (`flake` or `systemPath`).
+        Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
 
         :param pulumi.Input[_builtins.str] build_on: Where nixos-anywhere builds the system: `local`, `remote` (on the target) or `auto`. When unset, nixos-anywhere's own default applies.
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] command: The command that runs nixos-anywhere, as program and leading arguments, such as `["nix", "run", "github:nix-community/nixos-anywhere", "--"]`. When unset, the provider's `nixosAnywhereCommand` is used, which is `["nixos-anywhere"]` by default.
-        :param pulumi.Input[_builtins.bool] copy_host_keys: Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
-        :param pulumi.Input[Mapping[str, pulumi.Input[_builtins.str]]] disk_encryption_keys: Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+        :param pulumi.Input[_builtins.bool] copy_host_keys: Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
+        :param pulumi.Input[Mapping[str, pulumi.Input[_builtins.str]]] disk_encryption_keys: Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
         :param pulumi.Input[_builtins.str] disko_script: The store path of a prebuilt disko script. With it, the provider calls nixos-anywhere with `--store-paths <diskoScript> <systemPath>` instead of a flake, so nothing is evaluated during installation.
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] extra_args: Further arguments appended to the nixos-anywhere command line.
-        :param pulumi.Input[Mapping[str, pulumi.Input[_builtins.str]]] extra_files: Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+        :param pulumi.Input[Mapping[str, pulumi.Input[_builtins.str]]] extra_files: Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
         :param pulumi.Input[_builtins.str] kexec_url: The URL or local path of the kexec tarball to boot the installer from, passed as `--kexec`. When unset, nixos-anywhere's own default image is used.
-        :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] phases: The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
-        :param pulumi.Input[_builtins.int] ssh_port: The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+        :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] phases: The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
+        :param pulumi.Input[_builtins.int] ssh_port: The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the target may fetch store paths from its binary caches instead of receiving them over SSH (`--no-substitute-on-destination` is passed when `false`).
+        :param pulumi.Input[_builtins.float] timeout: How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
         """
         if build_on is not None:
             pulumi.set(__self__, "build_on", build_on)
@@ -799,6 +805,8 @@ class InstallArgs:
             substitute_on_destination = True
         if substitute_on_destination is not None:
             pulumi.set(__self__, "substitute_on_destination", substitute_on_destination)
+        if timeout is not None:
+            pulumi.set(__self__, "timeout", timeout)
 
     @_builtins.property
     @pulumi.getter(name="buildOn")
@@ -828,7 +836,7 @@ class InstallArgs:
     @pulumi.getter(name="copyHostKeys")
     def copy_host_keys(self) -> pulumi.Input[Optional[_builtins.bool]]:
         """
-        Whether to copy the SSH host keys of the installer onto the installed system (`--copy-host-keys`), so that the host key pinned during installation stays valid afterwards.
+        Whether to copy the installer's SSH host keys (which the kexec image carries over from the original system) onto the installed system (`--copy-host-keys`). The provider then expects the installed system to present the host key it saw before installation.
         """
         return pulumi.get(self, "copy_host_keys")
 
@@ -840,7 +848,7 @@ class InstallArgs:
     @pulumi.getter(name="diskEncryptionKeys")
     def disk_encryption_keys(self) -> pulumi.Input[Optional[Mapping[str, pulumi.Input[_builtins.str]]]]:
         """
-        Disk encryption keys, keyed by the path where the installer expects them (such as `/tmp/disk.key`) with the key content as value. Each is passed as `--disk-encryption-keys`.
+        Disk encryption keys, keyed by the path where disko expects them in the installer (such as `/tmp/disk.key`) with the key as value. Each is written to a private temporary file and passed as `--disk-encryption-keys <path> <file>`; nixos-anywhere uploads it with mode 0600 before formatting.
         """
         return pulumi.get(self, "disk_encryption_keys")
 
@@ -876,7 +884,7 @@ class InstallArgs:
     @pulumi.getter(name="extraFiles")
     def extra_files(self) -> pulumi.Input[Optional[Mapping[str, pulumi.Input[_builtins.str]]]]:
         """
-        Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them to a private temporary directory that it passes as `--extra-files`, and removes it afterwards.
+        Files to place on the installed system, keyed by absolute destination path (such as `/etc/ssh/ssh_host_ed25519_key`) with the file content as value. The provider writes them, owned by root with mode 0600 (0644 for `*.pub`), into a private temporary directory that it passes as `--extra-files` and removes afterwards. When `/etc/ssh/ssh_host_ed25519_key` is among them, its public key is the host key the provider pins after the reboot.
         """
         return pulumi.get(self, "extra_files")
 
@@ -900,7 +908,7 @@ class InstallArgs:
     @pulumi.getter
     def phases(self) -> pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]]:
         """
-        The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. Leave out `kexec` when the host already runs a NixOS installer.
+        The nixos-anywhere phases to run, passed as `--phases`; each is one of `kexec`, `disko`, `install` and `reboot`. When unset, all four run. `install` and `reboot` are required, because the provider takes the machine over once it has rebooted into the installed system; leave out `kexec` when the host already runs a NixOS installer, and `disko` when its disks are already formatted and mounted.
         """
         return pulumi.get(self, "phases")
 
@@ -912,7 +920,7 @@ class InstallArgs:
     @pulumi.getter(name="sshPort")
     def ssh_port(self) -> pulumi.Input[Optional[_builtins.int]]:
         """
-        The SSH port of the installer, when it differs from `connection.port`, passed as `--ssh-port`.
+        The SSH port the NixOS installer listens on after kexec, passed as `--post-kexec-ssh-port`. When unset, nixos-anywhere's default (22) applies. Before kexec, and for the installed system, `connection.port` is used.
         """
         return pulumi.get(self, "ssh_port")
 
@@ -931,6 +939,18 @@ class InstallArgs:
     @substitute_on_destination.setter
     def substitute_on_destination(self, value: pulumi.Input[Optional[_builtins.bool]]):
         pulumi.set(self, "substitute_on_destination", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def timeout(self) -> pulumi.Input[Optional[_builtins.float]]:
+        """
+        How long nixos-anywhere may run, in seconds, before it is stopped and the create fails naming the phase it was in. Defaults to 3600.
+        """
+        return pulumi.get(self, "timeout")
+
+    @timeout.setter
+    def timeout(self, value: pulumi.Input[Optional[_builtins.float]]):
+        pulumi.set(self, "timeout", value)
 
 
 class NixOptionDict(TypedDict):

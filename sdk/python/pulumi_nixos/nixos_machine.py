@@ -491,6 +491,9 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["deployed_at"] = None
             __props__.__dict__["generation"] = None
             __props__.__dict__["host_key"] = None
+            __props__.__dict__["install_error"] = None
+            __props__.__dict__["install_status"] = None
+            __props__.__dict__["installed_at"] = None
             __props__.__dict__["last_changes"] = None
             __props__.__dict__["nixos_version"] = None
             __props__.__dict__["pending_changes"] = None
@@ -536,6 +539,9 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["health_checks"] = None
         __props__.__dict__["host_key"] = None
         __props__.__dict__["install"] = None
+        __props__.__dict__["install_error"] = None
+        __props__.__dict__["install_status"] = None
+        __props__.__dict__["installed_at"] = None
         __props__.__dict__["last_changes"] = None
         __props__.__dict__["magic_rollback"] = None
         __props__.__dict__["nix_options"] = None
@@ -685,6 +691,30 @@ class NixosMachine(pulumi.CustomResource):
         Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
         """
         return pulumi.get(self, "install")
+
+    @_builtins.property
+    @pulumi.getter(name="installError")
+    def install_error(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        After a failed installation: the phase that failed (`build`, `connect`, `kexec`, `disko`, `install`, `reboot`, `wait`) and the error.
+        """
+        return pulumi.get(self, "install_error")
+
+    @_builtins.property
+    @pulumi.getter(name="installStatus")
+    def install_status(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        How the machine came under management when `install` is set: `installed` (nixos-anywhere installed it), `adopted` (it already ran NixOS, so nothing was installed) or `failed` (the installation did not finish; the next `pulumi up` checks the host and installs or adopts it). Unset without `install`.
+        """
+        return pulumi.get(self, "install_status")
+
+    @_builtins.property
+    @pulumi.getter(name="installedAt")
+    def installed_at(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        When nixos-anywhere finished installing the machine (RFC 3339), if it did.
+        """
+        return pulumi.get(self, "installed_at")
 
     @_builtins.property
     @pulumi.getter(name="lastChanges")
