@@ -17,7 +17,7 @@ from typing import Any
 
 import labctl
 import pytest
-from conftest import HostFactory, PulumiProject, Systems, current_system, in_host
+from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, in_host
 from test_provider_e2e import connection, program, strip_ansi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -262,3 +262,34 @@ def test_missing_nixos_anywhere_fails_without_touching_the_host(
     assert not any(tmp.name.startswith("pulumi-nixos-install-") for tmp in Path("/tmp").iterdir()
                    if tmp.stat().st_mtime > time.time() - 120)
 
+
+
+def test_lab_program_installs_onto_a_vm_it_creates(
+        project: PulumiProject, lab_dir: Path, systems: Systems, tmp_path: Path) -> None:
+    """tests/programs/lab-vm-install: VM resource outputs -> NixosMachine.install, through the Python SDK."""
+    src = REPO / "tests" / "programs" / "lab-vm-install"
+    for f in src.iterdir():
+        if f.is_file():
+            (project.dir / f.name).write_text(f.read_text().replace("../../../", f"{REPO}/"))
+    log = use_stand_in(project, lab_dir, tmp_path)
+    project.run("stack", "init", "dev")
+    address = "127.0.29.1"
+    for key, value in {"labFlake": str(LAB), "labDir": str(lab_dir), "hostName": "vm1", "address": address}.items():
+        project.run("config", "set", key, value)
+    project.run("config", "set", "--secret", "diskPassphrase", DISK_PASSPHRASE)
+    try:
+        project.up()
+        out = project.outputs()
+        host = next(h for h in labctl.load_hosts(lab_dir) if h.name == "vm1")
+        assert out["installStatus"] == "installed"
+        assert out["systemPath"] == systems["web"] == current_system(host) and out["generation"] == 1
+        # copyHostKeys: the installed system kept the key the VM had, and the provider expected it.
+        assert out["hostKey"] == out["vmHostKey"] == host.hostKey
+        assert "--copy-host-keys" in calls(log)[0]["argv"]
+        assert DISK_PASSPHRASE not in project.run("stack", "export").stdout
+        # destroy: the machine rolls back to its baseline (the installed generation), then the VM goes.
+        project.run("destroy", "--yes", "--skip-preview")
+        assert not any(h.name == "vm1" for h in labctl.load_hosts(lab_dir))
+        assert not labctl.wait_for_port(address, host.port, timeout=0.5)
+    finally:
+        labctl.stop_host(lab_dir / "hosts" / "vm1")
