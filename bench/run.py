@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks: push throughput and deployer memory, redeploy cost, preview time for 10 machines.
+"""Benchmarks: push throughput and deployer memory, redeploy cost, preview time for 10 machines, install.
 
 Run with `make bench` (root, lab hosts on 127.0.40.N). Prints a Markdown table; the figures
 in bench/README.md come from it.
@@ -51,6 +51,48 @@ def deploy_in_subprocess(host: labctl.LabHost, system: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", DEPLOY_ONE, str(REPO / "tests"), json.dumps(host.__dict__), system],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)  # type: ignore[no-any-return]
+
+
+INSTALL_ONE = r"""
+import asyncio, json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from conftest import remote_for
+import labctl
+from nixos_provider.engine import install
+from nixos_provider.engine.models import InstallRequest
+host = labctl.LabHost(**json.loads(sys.argv[2]))
+steps = {}
+started = time.monotonic()
+def output(line):
+    steps[line] = time.monotonic() - started
+req = InstallRequest(remote_for(host), sys.argv[3], disko_script=sys.argv[4], post_kexec_ssh_port=host.port,
+                     substitute_on_destination=False,
+                     disk_encryption_keys=(("/tmp/disk.key", "bench-passphrase"),))
+result = asyncio.run(install.install(req, output=output))
+assert result.installed and result.current_system == sys.argv[3]
+done = steps.get("nixos-anywhere: Done!", 0.0)
+print(json.dumps({"seconds": time.monotonic() - started, "nixos_anywhere_done": done,
+                  "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_install(rows: list[tuple[str, str]]) -> None:
+    """A bare lab host to an installed, verified NixOS through engine/install.py and the lab's stand-in."""
+    system = labctl.build_system("web")
+    disko = json.loads(subprocess.run(
+        [*labctl.NIX, "build", "--no-link", "--json",
+         f"path:{labctl.LAB_FLAKE}#nixosConfigurations.web.config.system.build.diskoScript"],
+        check=True, capture_output=True, text=True).stdout)[0]["outputs"]["out"]
+    host = labctl.add_host(LAB_DIR, "install1", "127.0.42.1", mode="bare")
+    env = {**os.environ, "PATH": f"{labctl.LAB_FLAKE}:{os.environ['PATH']}", "LAB_DIR": str(LAB_DIR),
+           "NIXOS_ANYWHERE_STANDIN_LOG": str(LAB_DIR / "nixos-anywhere-calls.jsonl")}
+    out = json.loads(subprocess.run(
+        [sys.executable, "-c", INSTALL_ONE, str(REPO / "tests"), json.dumps(host.__dict__), system, disko],
+        check=True, capture_output=True, text=True, env=env).stdout)
+    rows.append(("install a bare host (stand-in kexec, disko, install, reboot; then verify and pin)",
+                 f"{out['seconds']:.1f} s total, {out['nixos_anywhere_done']:.1f} s until nixos-anywhere's Done!, "
+                 f"deployer peak RSS {out['max_rss_mib']:.0f} MiB"))
+    labctl.stop_host(host.state)
 
 
 def bench_push(rows: list[tuple[str, str]]) -> None:
@@ -113,6 +155,7 @@ def main() -> None:
     try:
         bench_push(rows)
         bench_preview(rows)
+        bench_install(rows)
     finally:
         labctl.down(LAB_DIR)
     print(f"\nmachine: {os.cpu_count()} cores; deployer max RSS of this runner "

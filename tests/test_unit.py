@@ -225,3 +225,103 @@ def test_a_secret_object_becomes_an_object_of_secrets() -> None:
     value = decode(wire)
     assert value["connection"] == {"host": Secret("h"), "port": Secret(22), "privateKey": Secret(key)}
     assert failures(check_connection, value["connection"]) == []
+
+
+# -- installing with nixos-anywhere ---------------------------------------------------------
+
+import stat as _stat  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nixos_provider.engine import install as inst  # noqa: E402
+from nixos_provider.engine.models import Credentials, InstallRequest  # noqa: E402
+
+SYSTEM = "/nix/store/" + "b" * 32 + "-nixos-system-web"
+DISKO = "/nix/store/" + "c" * 32 + "-disko-web"
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAsecretkeymaterialline\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def _request(**kw: Any) -> InstallRequest:
+    remote = Remote("10.0.0.5", 2222, "ubuntu", Credentials(private_key=KEY))
+    return InstallRequest(**{"remote": remote, "system_path": SYSTEM, "disko_script": DISKO, **kw})
+
+
+def test_nixos_anywhere_argv_passes_secrets_only_as_files(tmp_path: Path) -> None:
+    req = _request(phases=("disko", "install", "reboot"), kexec_url="https://example.invalid/kexec.tar.gz",
+                   post_kexec_ssh_port=22, build_on="local", copy_host_keys=True, substitute_on_destination=False,
+                   extra_files=(("/etc/ssh/ssh_host_ed25519_key", "host-private-key-content"),
+                                ("/etc/ssh/ssh_host_ed25519_key.pub", "ssh-ed25519 AAAA host")),
+                   disk_encryption_keys=(("/tmp/disk.key", "luks-passphrase"),),
+                   extra_args=("--debug",), nix_options=(("substituters", ""),))
+    files = inst.write_install_files(req, tmp_path)
+    argv = inst.nixos_anywhere_argv(req, files)
+    assert argv == [
+        "nixos-anywhere", "--target-host", "ubuntu@10.0.0.5", "-p", "2222", "-i", str(tmp_path / "ssh-key"),
+        "--store-paths", DISKO, SYSTEM, "--phases", "disko,install,reboot",
+        "--kexec", "https://example.invalid/kexec.tar.gz", "--post-kexec-ssh-port", "22", "--build-on", "local",
+        "--copy-host-keys", "--no-substitute-on-destination", "--extra-files", str(tmp_path / "extra-files"),
+        "--disk-encryption-keys", "/tmp/disk.key", str(tmp_path / "disk-keys" / "0"),
+        "--option", "substituters", "", "--debug",
+    ]
+    assert not any(s in " ".join(argv) for s in ("secretkeymaterial", "host-private-key-content", "luks-passphrase"))
+
+    def mode(p: Path) -> int:
+        return _stat.S_IMODE(p.stat().st_mode)
+
+    assert (tmp_path / "ssh-key").read_text() == KEY and mode(tmp_path / "ssh-key") == 0o600
+    assert mode(tmp_path / "extra-files" / "etc" / "ssh" / "ssh_host_ed25519_key") == 0o600
+    assert mode(tmp_path / "extra-files" / "etc" / "ssh" / "ssh_host_ed25519_key.pub") == 0o644
+    assert mode(tmp_path / "extra-files" / "etc") == 0o755
+    assert mode(tmp_path / "disk-keys") == 0o700 and mode(tmp_path / "disk-keys" / "0") == 0o600
+
+
+def test_nixos_anywhere_argv_with_a_flake_and_a_password(tmp_path: Path) -> None:
+    remote = Remote("h", 22, "root", Credentials(password="hunter2-password"))
+    req = InstallRequest(remote=remote, system_path=SYSTEM, flake="/src#nixosConfigurations.web.config")
+    argv = inst.nixos_anywhere_argv(req, inst.write_install_files(req, tmp_path))
+    assert argv == ["nixos-anywhere", "--target-host", "root@h", "-p", "22", "--env-password",
+                    "--flake", "/src#nixosConfigurations.web.config"]
+    assert inst.child_env(req)["SSHPASS"] == "hunter2-password"
+
+
+def test_phases_follow_the_step_lines() -> None:
+    phase = "start"
+    seen = []
+    for step in ["Uploading install SSH keys", "Gathering machine facts", "Switching system into kexec",
+                 "Gathering machine facts", "Uploading /tmp/x/0 to /tmp/disk.key", "Formatting hard drive with disko",
+                 "Uploading the system closure", "Installing NixOS", "Rebooting", "Done!"]:
+        phase = inst.phase_after(step, phase)
+        seen.append(phase)
+    assert seen == ["connect", "connect", "kexec", "kexec", "disko", "disko", "install", "install", "reboot", "done"]
+    assert inst.step_of("### Installing NixOS ###") == "Installing NixOS"
+    assert inst.step_of("installing the boot loader...") is None
+    assert inst.describe_phase("disko") == "in the disko phase"
+
+
+def test_output_lines_are_redacted() -> None:
+    req = _request(disk_encryption_keys=(("/tmp/disk.key", "luks-passphrase"),))
+    secrets = inst.secrets_of(req)
+    assert inst.redact("cat luks-passphrase > /tmp/disk.key", secrets) == "cat [secret] > /tmp/disk.key"
+    assert "secretkeymaterial" not in inst.redact("key: AAAAsecretkeymaterialline", secrets)
+
+
+def test_host_key_expected_after_install() -> None:
+    import asyncssh
+    private = asyncssh.generate_private_key("ssh-ed25519")
+    pem = private.export_private_key("openssh").decode()
+    pub = private.export_public_key("openssh").decode().strip()
+    with_file = _request(extra_files=((inst.HOST_KEY_FILE, pem),))
+    assert inst.expected_host_key(with_file, "ssh-ed25519 AAAAbefore") == (pub, f"the {inst.HOST_KEY_FILE} placed by extraFiles")
+    copied = _request(copy_host_keys=True)
+    assert inst.expected_host_key(copied, pub)[0] == pub
+    assert inst.expected_host_key(_request(), pub) == (None, "first use after the reboot")
+
+
+def test_install_check_failures_name_the_property() -> None:
+    from nixos_provider.pulumi_layer.inputs import check_install
+    f = Failures()
+    check_install(f, {"flake": ".#web", "install": {"phases": ["kexec", "reboot"], "command": [],
+                                                    "extraFiles": {"/etc/../x": Secret("s3cret-value")},
+                                                    "bogus": True}})
+    props = dict(f.items)
+    assert set(props) == {"install.bogus", "install.command", "install.phases", "install.extraFiles['/etc/../x']"}
+    assert "s3cret-value" not in str(f.items)

@@ -207,14 +207,16 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
 def _start_holder(state: Path) -> None:
     # The state directory is passed as $1, never pasted into the script.
     script = (
-        'set -e; s=$1; '
+        # fd 3 is opened before /tmp is replaced, so "ready" reaches a state
+        # directory that itself lives under /tmp.
+        'set -e; s=$1; exec 3>"$s/ready"; '
         'mount --bind "$s/nix" /nix; '
         'mount --bind "$s/run" /run; '
         'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
         # Disk encryption keys land in /tmp: it must be the host's own.
         "mount -t tmpfs -o mode=1777 lab-tmp /tmp; "
         "mkdir -p /run/sshd /run/lab; chmod 0755 /run/sshd; "
-        'touch "$s/ready"; exec sleep infinity'
+        'echo up >&3; exec 3>&-; exec sleep infinity'
     )
     (state / "ready").unlink(missing_ok=True)
     proc = subprocess.Popen(
@@ -225,7 +227,7 @@ def _start_holder(state: Path) -> None:
         start_new_session=True,
     )
     for _ in range(100):
-        if (state / "ready").exists():
+        if (state / "ready").exists() and (state / "ready").read_text() == "up\n":
             break
         if proc.poll() is not None:
             raise LabError(f"lab namespace failed: {(state / 'holder.log').read_text()}")
