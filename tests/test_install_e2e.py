@@ -93,6 +93,9 @@ def test_bare_host_becomes_a_managed_machine_in_one_up(
     program(project, {"web": installing_machine(host, "web", install,
                                                 healthChecks=[{"http": f"http://{host.address}:8080/"}])}, outputs)
     project.run("stack", "init", "dev")
+    preview = project.run("preview")
+    assert "will install NixOS with nixos-anywhere" in strip_ansi(preview.stdout)
+    assert calls(log) == []  # a preview never runs nixos-anywhere
     up = project.up()
     out = project.outputs()
     web = systems["web"]

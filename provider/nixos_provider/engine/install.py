@@ -96,7 +96,7 @@ async def probe(remote: Remote) -> HostProbe:
     """Connect (pinning remote.host_key, or trusting the first key) and read what the host runs."""
     conn = await connect(remote)
     try:
-        target = Target(conn, "root")
+        target = Target(conn, None)  # all of it is world-readable: no sudo before we know there is one
         release = parse_os_release((await target.run(["cat", "/etc/os-release"], check=False)).stdout)
         is_nixos = release.get("ID") == "nixos" or "nixos" in release.get("ID_LIKE", "").split()
         system = await profiles.current_system(target)

@@ -102,6 +102,9 @@ class NixosMachine(DeployedResource):
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
         if preview:
             ident = f"{reveal(news['connection']).get('host')}:{reveal(news['connection']).get('port', 22)}"
+            if news.get("install"):
+                self.ctx.info(urn, "will install NixOS with nixos-anywhere unless the host already runs NixOS "
+                                   "(which would be adopted)")
             return ident, self._preview_outputs(news, None, True)
         if news.get("install"):
             return _id(self._remote(news)), await self._install(urn, _id(self._remote(news)), news)
