@@ -152,10 +152,6 @@ class InstallRequest:
     timeout: float = 3600.0
     reboot_timeout: float = 600.0
 
-    @property
-    def runs(self) -> tuple[str, ...]:
-        return self.phases or INSTALL_PHASES
-
 
 @dataclass(frozen=True)
 class InstallResult:

@@ -83,7 +83,7 @@ class NixosMachine(DeployedResource):
     @staticmethod
     def install_unfinished(olds: dict[str, Any]) -> bool:
         """A create with `install` that failed: the next update installs (or adopts) again."""
-        return bool(olds.get("install")) and olds.get("installStatus") not in ("installed", "adopted")
+        return olds.get("install") is not None and olds.get("installStatus") not in ("installed", "adopted")
 
     # -- Create / Update ------------------------------------------------------------
 
@@ -102,11 +102,11 @@ class NixosMachine(DeployedResource):
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
         if preview:
             ident = f"{reveal(news['connection']).get('host')}:{reveal(news['connection']).get('port', 22)}"
-            if news.get("install"):
+            if news.get("install") is not None:
                 self.ctx.info(urn, "will install NixOS with nixos-anywhere unless the host already runs NixOS "
                                    "(which would be adopted)")
             return ident, self._preview_outputs(news, None, True)
-        if news.get("install"):
+        if news.get("install") is not None:  # `install: {}` installs with every default
             return _id(self._remote(news)), await self._install(urn, _id(self._remote(news)), news)
         remote = self._remote(news)
         self.ctx.status(urn, f"connecting to {remote.target}")
