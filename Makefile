@@ -13,7 +13,7 @@ test: setup
 	$(ENV) pulumi version && python -m pytest tests $(PYTEST_ARGS)
 
 lint: setup
-	$(ENV) ruff check provider tests bench && mypy
+	$(ENV) ruff check provider tests bench tests/lab/nixos-anywhere && mypy
 
 demo: setup
 	$(ENV) bash scripts/demo.sh

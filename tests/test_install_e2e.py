@@ -296,3 +296,25 @@ def test_lab_program_installs_onto_a_vm_it_creates(
         assert not labctl.wait_for_port(address, host.port, timeout=0.5)
     finally:
         labctl.stop_host(lab_dir / "hosts" / "vm1")
+
+
+def test_install_built_on_the_target_from_the_flake(
+        project: PulumiProject, new_host: HostFactory, lab_dir: Path, systems: Systems, tmp_path: Path) -> None:
+    """install.buildOn: remote hands nixos-anywhere the flake; the target builds disko script and system."""
+    host = new_host("bare")
+    log = use_stand_in(project, lab_dir, tmp_path)
+    install = {"buildOn": "remote", "diskEncryptionKeys": {"/tmp/disk.key": secret(DISK_PASSPHRASE)}}
+    program(project, {"web": installing_machine(host, "web-v3", install)},
+            {"systemPath": "${web.systemPath}", "installStatus": "${web.installStatus}"})
+    project.run("stack", "init", "dev")
+    up = project.up()
+    out = project.outputs()
+    assert out["installStatus"] == "installed"
+    assert out["systemPath"] == current_system(host) == systems["web-v3"]
+    [call] = calls(log)
+    argv = call["argv"]
+    assert argv[argv.index("--flake") + 1] == f"path:{LAB}#nixosConfigurations.web-v3.config"
+    assert argv[argv.index("--build-on") + 1] == "remote" and "--store-paths" not in argv
+    text = strip_ansi(up.stdout + up.stderr)
+    assert "nixos-anywhere: Building the system closure" in text
+    assert "nixos-anywhere: Uploading the system closure" not in text

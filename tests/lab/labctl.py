@@ -465,7 +465,8 @@ def status(lab_dir: Path = DEFAULT_LAB_DIR) -> list[dict[str, object]]:
             {
                 "name": host.name,
                 "address": f"{host.address}:{host.port}",
-                "mode": host.mode,
+                # A bare host that got NixOS installed boots it now.
+                "mode": "nixos" if (host.state / "etc-upper" / "lab" / "boot-default").is_symlink() else host.mode,
                 "running": running,
                 "ssh": running and wait_for_port(host.address, host.port, timeout=0.5),
                 "currentSystem": current,
