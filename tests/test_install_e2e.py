@@ -206,6 +206,8 @@ def test_failed_disko_phase_leaves_the_installer_and_the_rerun_installs(
     assert "disko: the encryption key /tmp/disk.key is missing" in text
     assert "the host runs the NixOS installer" in text
     assert project.resource("NixosMachine")["outputs"]["installError"].startswith("disko: ")
+    key_file = calls(log)[0]["argv"][calls(log)[0]["argv"].index("-i") + 1]
+    assert not Path(key_file).parent.exists()  # the private files are gone after a failure too
 
     install = {"diskEncryptionKeys": {"/tmp/disk.key": secret(DISK_PASSPHRASE)}}
     program(project, {"web": installing_machine(host, "web", install)}, {"installStatus": "${web.installStatus}"})
@@ -318,3 +320,21 @@ def test_install_built_on_the_target_from_the_flake(
     text = strip_ansi(up.stdout + up.stderr)
     assert "nixos-anywhere: Building the system closure" in text
     assert "nixos-anywhere: Uploading the system closure" not in text
+
+
+def test_the_stand_in_rejects_what_nixos_anywhere_rejects(tmp_path: Path) -> None:
+    stand_in = str(LAB / "nixos-anywhere")
+    env = {**os.environ, "NIXOS_ANYWHERE_STANDIN_LOG": str(tmp_path / "calls.jsonl")}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([stand_in, *argv], capture_output=True, text=True, env=env, timeout=30)
+
+    # The first unknown word is the host; a second one prints the usage and exits 1.
+    unknown = run("--target-host", "root@h", "--no-such-flag")
+    assert unknown.returncode == 1 and unknown.stdout.startswith("Usage: nixos-anywhere [options] [<ssh-host>]")
+    phase = run("--target-host", "root@h", "--phases", "kexec,format", "--flake", ".#web")
+    assert phase.returncode == 1 and "aborted: Unknown phase: format" in phase.stderr
+    nothing = run("--target-host", "root@h")
+    assert nothing.returncode == 1 and "aborted: --flake or --store-paths must be set" in nothing.stderr
+    missing = run("--target-host", "root@h", "--store-paths", "/nix/store/x")
+    assert missing.returncode == 1
