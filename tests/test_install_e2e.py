@@ -115,7 +115,9 @@ def test_bare_host_becomes_a_managed_machine_in_one_up(
     disko_path = json.loads(disko)[0]["outputs"]["out"]
     key_file, extra_dir = argv[argv.index("-i") + 1], argv[argv.index("--extra-files") + 1]
     disk_key_file = argv[argv.index("--disk-encryption-keys") + 2]
-    assert argv == ["--target-host", f"root@{host.address}", "-p", "2222", "-i", key_file,
+    assert argv == ["--target-host", f"root@{host.address}", "--ssh-port", "2222",
+                    "--ssh-option", "ConnectTimeout=15", "--ssh-option", "ServerAliveInterval=10",
+                    "--ssh-option", "ServerAliveCountMax=3", "-i", key_file,
                     "--store-paths", disko_path, web, "--post-kexec-ssh-port", "2222",
                     "--no-substitute-on-destination", "--extra-files", extra_dir,
                     "--disk-encryption-keys", "/tmp/disk.key", disk_key_file]

@@ -237,6 +237,8 @@ from nixos_provider.engine.models import Credentials, InstallRequest  # noqa: E4
 
 SYSTEM = "/nix/store/" + "b" * 32 + "-nixos-system-web"
 DISKO = "/nix/store/" + "c" * 32 + "-disko-web"
+KEEPALIVE = ["--ssh-option", "ConnectTimeout=15", "--ssh-option", "ServerAliveInterval=10",
+             "--ssh-option", "ServerAliveCountMax=3"]
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAsecretkeymaterialline\n-----END OPENSSH PRIVATE KEY-----\n"
 
 
@@ -255,7 +257,8 @@ def test_nixos_anywhere_argv_passes_secrets_only_as_files(tmp_path: Path) -> Non
     files = inst.write_install_files(req, tmp_path)
     argv = inst.nixos_anywhere_argv(req, files)
     assert argv == [
-        "nixos-anywhere", "--target-host", "ubuntu@10.0.0.5", "-p", "2222", "-i", str(tmp_path / "ssh-key"),
+        "nixos-anywhere", "--target-host", "ubuntu@10.0.0.5", "--ssh-port", "2222", *KEEPALIVE,
+        "-i", str(tmp_path / "ssh-key"),
         "--store-paths", DISKO, SYSTEM, "--phases", "disko,install,reboot",
         "--kexec", "https://example.invalid/kexec.tar.gz", "--post-kexec-ssh-port", "22", "--build-on", "local",
         "--copy-host-keys", "--no-substitute-on-destination", "--extra-files", str(tmp_path / "extra-files"),
@@ -278,7 +281,7 @@ def test_nixos_anywhere_argv_with_a_flake_and_a_password(tmp_path: Path) -> None
     remote = Remote("h", 22, "root", Credentials(password="hunter2-password"))
     req = InstallRequest(remote=remote, system_path=SYSTEM, flake="/src#nixosConfigurations.web.config")
     argv = inst.nixos_anywhere_argv(req, inst.write_install_files(req, tmp_path))
-    assert argv == ["nixos-anywhere", "--target-host", "root@h", "-p", "22", "--env-password",
+    assert argv == ["nixos-anywhere", "--target-host", "root@h", "--ssh-port", "22", *KEEPALIVE, "--env-password",
                     "--flake", "/src#nixosConfigurations.web.config"]
     assert inst.child_env(req)["SSHPASS"] == "hunter2-password"
 

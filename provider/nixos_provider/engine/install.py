@@ -196,7 +196,12 @@ def write_install_files(req: InstallRequest, root: Path) -> InstallFiles:
 def nixos_anywhere_argv(req: InstallRequest, files: InstallFiles) -> list[str]:
     """The full command line. It holds paths to the secret files, never their contents."""
     r = req.remote
-    argv = [*req.command, "--target-host", f"{r.user}@{r.host}", "-p", str(r.port)]
+    argv = [*req.command, "--target-host", f"{r.user}@{r.host}", "--ssh-port", str(r.port)]
+    # The connection's own limits, so a host that stops answering fails the
+    # install instead of hanging it (the same keepalive as our asyncssh).
+    for option in (f"ConnectTimeout={max(1, round(r.connect_timeout))}", "ServerAliveInterval=10",
+                   "ServerAliveCountMax=3"):
+        argv += ["--ssh-option", option]
     if files.identity is not None:
         argv += ["-i", str(files.identity)]
     elif r.credentials.password:
