@@ -148,13 +148,16 @@ def test_bare_host_becomes_a_managed_machine_in_one_up(
     export = project.run("stack", "export").stdout
     assert not any(s in text or s in export for s in secrets)
 
-    # A later change deploys without reinstalling.
+    # A later change deploys without reinstalling, also when `install` itself changes.
+    install["extraFiles"]["/etc/lab/motd"] = "changed after the install\n"
     program(project, {"web": installing_machine(host, "web-v2", install)}, outputs)
+    assert "nothing is reinstalled" in strip_ansi(project.run("preview").stdout)
     project.up()
     out = project.outputs()
     assert out["systemPath"] == systems["web-v2"] == current_system(host)
     assert out["generation"] == 2 and out["baselineGeneration"] == 1 and out["installStatus"] == "installed"
     assert len(calls(log)) == 1
+    assert in_host(host, "cat", "/etc/lab/motd").stdout == "installed by pulumi-nixos\n"
 
     # onDestroy (rollback, the default) returns to the installed generation.
     project.run("destroy", "--yes", "--skip-preview")

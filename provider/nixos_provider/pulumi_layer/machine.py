@@ -136,6 +136,9 @@ class NixosMachine(DeployedResource):
                 return self._preview_outputs(news, None, True)
             self.ctx.info(urn, "the installation did not finish last time: checking the host before installing again")
             return await self._install(urn, ident, news)
+        if preview and olds.get("install") is not None and not same(olds.get("install"), news.get("install")):
+            self.ctx.info(urn, "`install` applies only when the machine is created: the change is recorded, "
+                               "nothing is reinstalled")
         deploys = self.needs_deploy(olds, news)
         if preview:
             out = self._preview_outputs(news, olds, deploys)
