@@ -184,7 +184,7 @@ export function healthCheckArgsProvideDefaults(val: HealthCheckArgs): HealthChec
 }
 
 /**
- * Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline.
+ * Installs NixOS onto the host with nixos-anywhere when the resource is created. It runs only on create (changing it later does not reinstall), and only when the host does not already run NixOS: a host that does is adopted instead, so a rerun never reinstalls a machine that runs our system. The host must be reachable over SSH through the resource's `connection`, as root or a user with sudo, on a rescue system or any Linux distribution. The system installed is the one the resource deploys (`flake` or `systemPath`). After nixos-anywhere reboots the host, the provider waits for it, checks that it runs that system, pins its host key and records generation and baseline. Set `connection.hostKey` only to the key the installed system will present (for example the public half of an `extraFiles` host key): the machine before installation is checked on first use, as nixos-anywhere does not check it at all.
  */
 export interface InstallArgs {
     /**
