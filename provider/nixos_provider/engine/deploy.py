@@ -57,12 +57,13 @@ async def read_state(remote: Remote, profile: Profile, *, with_generations: bool
     """Read the profile's current generation, /run/current-system and the host key."""
     target = await open_target(remote, profile)
     try:
-        return await _read_state(target, profile, with_generations)
+        return await read_target_state(target, profile, with_generations)
     finally:
         await target.conn.close()
 
 
-async def _read_state(target: Target, profile: Profile, with_generations: bool = False) -> TargetState:
+async def read_target_state(target: Target, profile: Profile, with_generations: bool = False) -> TargetState:
+    """What runs on an open connection: the profile's generation, /run/current-system, its version."""
     gen = await profiles.current_generation(target, profile.path)
     system = await profiles.current_system(target) if profile.is_system else None
     version = await profiles.nixos_version(target, system) if system else None
@@ -234,7 +235,7 @@ class Deployment:
         what = reason or _describe_reason(detail or kind, req)
         try:
             target = await self._ensure_connected(target)
-            now = await _read_state(target, req.profile)
+            now = await read_target_state(target, req.profile)
             running = now.current_system if req.profile.is_system else (now.generation.store_path if now.generation else None)
             gen_now = now.generation.number if now.generation else None
         except EngineError:
@@ -308,7 +309,7 @@ async def rollback_to(remote: Remote, profile: Profile, generation: int, *, stat
         elif activate_command:
             await target.run(["sh", "-c", 'cd "$1" && PROFILE="$1" exec /bin/sh -c "$2"', "sh", profile.path,
                               activate_command], timeout=timeout)
-        return await _read_state(target, profile)
+        return await read_target_state(target, profile)
     finally:
         await target.conn.close()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import asyncssh
 
-from . import profiles
+from .deploy import read_target_state
 from .errors import ConnectError, EngineError, HostKeyMismatch
 from .models import SYSTEM_PROFILE, Generation, InstallRequest, InstallResult, Profile, Remote
 from .process import Target
@@ -99,10 +99,9 @@ async def probe(remote: Remote) -> HostProbe:
         target = Target(conn, None)  # all of it is world-readable: no sudo before we know there is one
         release = parse_os_release((await target.run(["cat", "/etc/os-release"], check=False)).stdout)
         is_nixos = release.get("ID") == "nixos" or "nixos" in release.get("ID_LIKE", "").split()
-        system = await profiles.current_system(target)
-        gen = await profiles.current_generation(target, SYSTEM_PROFILE) if system else None
-        version = await profiles.nixos_version(target, system) if system else None
-        return HostProbe(conn.host_key, is_nixos, release.get("VARIANT_ID") == "installer", system, gen, version)
+        state = await read_target_state(target, _SYSTEM)
+        return HostProbe(conn.host_key, is_nixos, release.get("VARIANT_ID") == "installer", state.current_system,
+                         state.generation, state.nixos_version)
     finally:
         await conn.close()
 

@@ -9,7 +9,7 @@ from ..engine import deploy as engine
 from ..engine import install as installer
 from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError
-from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
+from ..engine.models import INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
@@ -106,9 +106,9 @@ class NixosMachine(DeployedResource):
                 self.ctx.info(urn, "will install NixOS with nixos-anywhere unless the host already runs NixOS "
                                    "(which would be adopted)")
             return ident, self._preview_outputs(news, None, True)
-        if news.get("install") is not None:  # `install: {}` installs with every default
-            return _id(self._remote(news)), await self._install(urn, _id(self._remote(news)), news)
         remote = self._remote(news)
+        if news.get("install") is not None:  # `install: {}` installs with every default
+            return _id(remote), await self._install(urn, _id(remote), news)
         self.ctx.status(urn, f"connecting to {remote.target}")
         async with self.ctx.ssh_slots:
             baseline = await engine.read_state(remote, SYSTEM)
@@ -164,7 +164,7 @@ class NixosMachine(DeployedResource):
         """(disko script, flake) for nixos-anywhere: both built here when we can, so a
         broken configuration fails before the host is touched."""
         inst = reveal(news["install"])
-        phases = inst.get("phases") or ("kexec", "disko", "install", "reboot")
+        phases = inst.get("phases") or INSTALL_PHASES
         if inst.get("diskoScript"):
             await self._build(urn, news, nix)
             if not await nix.is_valid(inst["diskoScript"]):
