@@ -21,6 +21,9 @@ import labctl  # noqa: E402
 from nixos_provider.engine.models import Credentials, Remote  # noqa: E402
 
 LAB_FLAKE = REPO / "tests" / "lab"
+# Test hosts live on 127.0.NET.x and 127.0.NET+1.x; NET+9 is for hosts a
+# program makes itself. A second checkout testing at the same time sets its own.
+LAB_NET = int(os.environ.get("LAB_TEST_NET", "20"))
 _addresses = itertools.count(1)
 
 
@@ -65,7 +68,7 @@ class HostFactory:
     def __call__(self, mode: str = "nixos") -> labctl.LabHost:
         n = next(_addresses)
         name = f"t{n}"
-        host = labctl.add_host(self.lab_dir, name, f"127.0.{20 + n // 250}.{n % 250 + 1}", mode)
+        host = labctl.add_host(self.lab_dir, name, f"127.0.{LAB_NET + n // 250}.{n % 250 + 1}", mode)
         self.started.append(host)
         return host
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import labctl
 import pytest
-from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, in_host
+from conftest import LAB_NET, REPO, HostFactory, PulumiProject, Systems, current_system, in_host
 from test_provider_e2e import connection, program, strip_ansi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -283,7 +283,7 @@ def test_lab_program_installs_onto_a_vm_it_creates(
             (project.dir / f.name).write_text(f.read_text().replace("../../../", f"{REPO}/"))
     log = use_stand_in(project, lab_dir, tmp_path)
     project.run("stack", "init", "dev")
-    address = "127.0.29.1"
+    address = f"127.0.{LAB_NET + 9}.1"
     for key, value in {"labFlake": str(LAB), "labDir": str(lab_dir), "hostName": "vm1", "address": address}.items():
         project.run("config", "set", key, value)
     project.run("config", "set", "--secret", "diskPassphrase", DISK_PASSPHRASE)
