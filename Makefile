@@ -4,13 +4,18 @@ HOSTS ?= 2
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lab-up lab-status lab-down lint sdk bench clean
+.PHONY: setup test test-fresh demo lab-up lab-status lab-down lint sdk bench clean
 
 setup:
 	bash scripts/setup.sh
 
+# The suite on Nix 2.8, 2.26 and 2.34, each leg in a fresh-machine namespace.
 test: setup
-	$(ENV) pulumi version && python -m pytest tests $(PYTEST_ARGS)
+	$(ENV) pulumi version && bash scripts/test-matrix.sh $(PYTEST_ARGS)
+
+# `make test` from a fresh clone where nothing of this machine's Nix setup is visible.
+test-fresh:
+	bash scripts/test-fresh.sh
 
 lint: setup
 	$(ENV) ruff check provider tests bench tests/lab/nixos-anywhere && mypy

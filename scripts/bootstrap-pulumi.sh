@@ -36,6 +36,11 @@ install_python_sdk_scripts() {
   install -m 0755 "$sdk_dir/python/dist/pulumi-resource-pulumi-python" "$DYNAMIC_PROVIDER"
 }
 
+# One build at a time: a second caller waits and then finds the stamp.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/.$KEY.lock"
+flock 9
+
 if [[ -f "$STAMP" ]]; then
   [[ -x "$DYNAMIC_PROVIDER" ]] || install_python_sdk_scripts
   echo "$DEST"

@@ -64,9 +64,9 @@ rm -f "$root.tmp"/etc/ssh/ssh_host_*
 # Nothing of the machine that built it: the lab writes nix.conf per host.
 rm -rf "$root.tmp/etc/nix/nix.conf" "$root.tmp/nix"
 mkdir -p "$root.tmp/nix"
+in_root nix --version > "$root.tmp/.nix-version"  # needs /proc
 cleanup
 trap - EXIT
-in_root nix --version > "$root.tmp/.nix-version"
 touch "$root.tmp/.complete"
 mv "$root.tmp" "$root"
 log "ready in $(( $(date +%s) - started ))s: $(cat "$root/.nix-version")"

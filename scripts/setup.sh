@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # One idempotent bootstrap for a fresh Debian machine (run as root):
-#   Debian packages -> Python venv (.venv) -> Pulumi CLI and language hosts.
+#   Debian packages -> Python venv (.venv) -> Pulumi CLI and language hosts
+#   -> the trixie and sid roots whose Nix versions the test matrix runs.
+# Nothing here configures the machine's Nix: the settings the lab needs are
+# passed to Nix by scripts/env.sh and written into each lab host by labctl, so
+# no nixbld group and no /etc/nix/nix.conf are needed.
 # A rerun costs seconds: each step checks before it works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 
-DEB_PACKAGES=(nix-bin openssh-server openssh-client sudo iproute2 util-linux procps curl git)
+DEB_PACKAGES=(nix-bin openssh-server openssh-client sudo iproute2 util-linux procps curl git
+              debootstrap systemd-container zstd)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -37,4 +42,11 @@ bash scripts/setup-node.sh >/dev/null
 pulumi_dir=$(bash scripts/bootstrap-pulumi.sh)
 mkdir -p .tools
 printf '%s\n' "$pulumi_dir" > .tools/pulumi-bin
-echo "setup: pulumi $("$pulumi_dir/pulumi" version) in $pulumi_dir ($(( $(date +%s) - started ))s)"
+echo "setup: pulumi $("$pulumi_dir/pulumi" version) in $pulumi_dir"
+
+# Nix 2.26 and 2.34 for the test matrix and the lab's systemd hosts.
+for release in trixie sid; do
+  root="$(bash scripts/release-root.sh "$release")"
+  echo "setup: $release root with $(cat "$root/.nix-version") in $root"
+done
+echo "setup: done in $(( $(date +%s) - started ))s"

@@ -27,6 +27,15 @@ LAB_NET = int(os.environ.get("LAB_TEST_NET", "20"))
 _addresses = itertools.count(1)
 
 
+def pytest_report_header() -> str:
+    """Which Nix this run tests (the matrix leg), at the top of the log."""
+    try:
+        version = subprocess.run(["nix", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    except FileNotFoundError:
+        version = "no nix on PATH"
+    return f"nix: {version} (leg: {os.environ.get('PULUMI_NIXOS_LEG', 'this machine')})"
+
+
 @pytest.fixture(scope="session")
 def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:

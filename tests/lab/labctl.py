@@ -41,6 +41,10 @@ USER_NAME = "alice"
 USER_UID = 1500
 USER_PASSWORD = "alice-lab-password"
 NIX = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "substituters", ""]
+# A lab host's own Nix settings (its /etc/nix/nix.conf), the same ones
+# scripts/env.sh gives the deployer: the host has no nixbld group, and the
+# lab's derivations run the machine's /bin/sh, which a sandbox would hide.
+NIX_CONF = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n"
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
         json.dumps({"name": host.name, "address": host.address, "httpPort": host.httpPort, "sshPort": host.port}),
     )
     _write(etc / "sudoers.d" / "lab-alice", f"{USER_NAME} ALL=(ALL) NOPASSWD: ALL\n", 0o440)
+    _write(etc / "nix" / "nix.conf", NIX_CONF)
     if mode == "nixos":
         _write(
             etc / "os-release",

@@ -1,20 +1,32 @@
 """Thin typed wrappers around the deployer's nix CLI.
 
-Works with Nix 2.8 (Debian's) and current Nix: no `--print-out-paths`, no
-`nix store diff-closures --json`; `nix build --json` and `nix path-info --json`
-exist in both.
+Every local Nix call goes through one installation: the configured nix
+command, and the `nix-store` beside it (not whichever one PATH finds). What
+differs between Nix versions (2.8 to 2.34) is nix_versions' business.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import NixError
+from .nix_versions import (
+    PATH_INFO_JSON_FORMAT,
+    NixOutputError,
+    NixVersion,
+    PathInfo,
+    error_summary,
+    parse_build_outputs,
+    parse_path_info,
+    rejects_flag,
+)
 from .process import run_local
+
+__all__ = ["FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
 
 STORE_PATH_RE = re.compile(r"^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+$")
 EXPERIMENTAL = ["--extra-experimental-features", "nix-command flakes"]
@@ -59,28 +71,51 @@ def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True
     return FlakeRef(flake, attr)
 
 
-@dataclass(frozen=True)
-class PathInfo:
-    path: str
-    nar_size: int
-    references: tuple[str, ...]
-
-
 class Nix:
     """The local nix CLI. `command` is e.g. ["nix"]; `options` are extra `--option name value` pairs."""
 
     def __init__(self, command: Sequence[str] = ("nix",), options: Sequence[tuple[str, str]] = ()) -> None:
         self.command = list(command)
         self.options = [a for name, value in options for a in ("--option", name, value)]
+        self._path_info_format: list[str] | None = None  # learnt on first use
+        self._version: NixVersion | None = None
 
     def _argv(self, *args: str) -> list[str]:
         return [*self.command, *EXPERIMENTAL, *self.options, *args]
 
+    def legacy_tool(self, name: str) -> str:
+        """The path of `nix-store` or `nix-env` of the same installation as the nix command.
+
+        Nix installs them beside `nix` (links to the same program), so a
+        nixCommand of /opt/nix-2.34/bin/nix never mixes with another
+        installation's nix-store found on PATH.
+        """
+        program = shutil.which(self.command[0])
+        if program is None:
+            raise NixError(f"`{self.command[0]}` (the nix command) was not found on PATH")
+        tool = os.path.join(os.path.dirname(os.path.abspath(program)), name)
+        if not os.access(tool, os.X_OK):
+            raise NixError(f"the nix command {program} has no `{name}` beside it; "
+                           "nixCommand must name the `nix` program of a Nix installation")
+        return tool
+
+    def store_argv(self, *args: str) -> list[str]:
+        """A `nix-store` command line of this installation, with the resource's options."""
+        return [self.legacy_tool("nix-store"), *self.options, *args]
+
     async def _run(self, *args: str, what: str, timeout: float | None = None) -> str:
         res = await run_local(self._argv(*args), timeout=timeout)
         if res.exit_status != 0:
-            raise NixError(f"{what} failed: {_nix_error(res.stderr)}")
+            raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         return res.stdout
+
+    async def version(self) -> NixVersion:
+        if self._version is None:
+            try:
+                self._version = NixVersion.parse(await self._run("--version", what="asking nix for its version"))
+            except NixOutputError as e:
+                raise NixError(str(e)) from e
+        return self._version
 
     async def eval_out_path(self, ref: FlakeRef) -> str:
         """Evaluate (not build) the output path of a flake attribute."""
@@ -101,14 +136,18 @@ class Nix:
     async def build(self, ref: FlakeRef | str) -> str:
         """Build a flake attribute or realise a store path; return the output path."""
         installable = str(ref)
+        # A store path is a plain installable; `^out` would be needed only for .drv files.
         out = await self._run("build", "--no-link", "--json", installable, what=f"building {installable}")
         try:
-            return str(json.loads(out)[0]["outputs"]["out"])
-        except (ValueError, KeyError, IndexError) as e:
-            raise NixError(f"building {installable}: unexpected output from nix build") from e
+            outputs = parse_build_outputs(out)[0]
+        except NixOutputError as e:
+            raise NixError(f"building {installable}: {e}") from e
+        if "out" not in outputs:
+            raise NixError(f"building {installable} gave no `out` output (outputs: {', '.join(outputs)})")
+        return outputs["out"]
 
     async def is_valid(self, path: str) -> bool:
-        res = await run_local(["nix-store", "--check-validity", path])
+        res = await run_local(self.store_argv("--check-validity", path))
         return res.exit_status == 0
 
     async def closure(self, path: str) -> list[PathInfo]:
@@ -116,29 +155,29 @@ class Nix:
         order = (await self._run_store("-qR", path)).split()
         # A .drv installable means its outputs unless --derivation says otherwise.
         drv = ["--derivation"] if path.endswith(".drv") else []
-        out = await self._run("path-info", "--json", "-r", *drv, path, what=f"reading the closure of {path}")
-        infos = {i["path"]: i for i in json.loads(out)}
-        return [
-            PathInfo(p, int(infos[p].get("narSize", 0)), tuple(infos[p].get("references", ())))
-            for p in order
-            if p in infos
-        ]
+        infos = await self._path_infos("-r", *drv, path, what=f"reading the closure of {path}")
+        return [infos[p] for p in order if p in infos]
+
+    async def _path_infos(self, *args: str, what: str) -> dict[str, PathInfo]:
+        if self._path_info_format is None:
+            res = await run_local(self._argv("path-info", "--json", *PATH_INFO_JSON_FORMAT, *args))
+            if res.exit_status == 0:
+                self._path_info_format = PATH_INFO_JSON_FORMAT
+                out = res.stdout
+            elif rejects_flag(res.stderr, "--json-format"):
+                self._path_info_format = []  # before 2.33: the only JSON there is
+                out = await self._run("path-info", "--json", *args, what=what)
+            else:
+                raise NixError(f"{what} failed: {error_summary(res.stderr)}")
+        else:
+            out = await self._run("path-info", "--json", *self._path_info_format, *args, what=what)
+        try:
+            return parse_path_info(out)
+        except NixOutputError as e:
+            raise NixError(f"{what}: {e}") from e
 
     async def _run_store(self, *args: str) -> str:
-        res = await run_local(["nix-store", *args])
+        res = await run_local(self.store_argv(*args))
         if res.exit_status != 0:
-            raise NixError(f"nix-store {' '.join(args[:2])} failed: {_nix_error(res.stderr)}")
+            raise NixError(f"nix-store {' '.join(args[:2])} failed: {error_summary(res.stderr)}")
         return res.stdout
-
-
-def _nix_error(stderr: str) -> str:
-    """The meaningful lines of a nix error, without download warnings or traces."""
-    lines = [
-        ln.rstrip() for ln in stderr.splitlines()
-        if ln.strip() and not ln.startswith("warning:")
-    ]
-    for i, ln in enumerate(lines):
-        if ln.lstrip().startswith("error:"):
-            msg = [ln.strip().removeprefix("error:").strip()] + [x.strip() for x in lines[i + 1:i + 4]]
-            return " ".join(x for x in msg if x and not x.startswith("…") and not x.startswith("("))
-    return lines[-1].strip() if lines else "unknown error"

@@ -7,9 +7,8 @@ import re
 
 from .errors import EngineError
 from .models import Generation
+from .nix_versions import NixOutputError, parse_generations
 from .process import Target
-
-_GEN_LINE = re.compile(r"^\s*(\d+)\s+(\S+\s+\S+)\s*(\(current\))?\s*$")
 
 
 async def list_generations(target: Target, profile: str) -> list[Generation]:
@@ -19,11 +18,10 @@ async def list_generations(target: Target, profile: str) -> list[Generation]:
         if "No such file" in res.stderr or "does not exist" in res.stderr or not res.stderr.strip():
             return []
         raise EngineError(f"cannot list generations of {profile} on {target.target}: {res.stderr.strip()}")
-    entries = []
-    for line in res.stdout.splitlines():
-        m = _GEN_LINE.match(line)
-        if m:
-            entries.append((int(m.group(1)), m.group(2).replace(" ", "T") + "Z", bool(m.group(3))))
+    try:
+        entries = [(g.number, g.date, g.current) for g in parse_generations(res.stdout)]
+    except NixOutputError as e:
+        raise EngineError(f"cannot list generations of {profile} on {target.target}: {e}") from e
     if not entries:
         return []
     links = [f"{profile}-{n}-link" for n, _, _ in entries]

@@ -77,16 +77,17 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
         return PushStats(0, 0, time.monotonic() - started, missing_before)
     sizes = {p.path: p.nar_size for p in closure}
     total = sum(sizes[p] for p in missing)
-    sent = await _stream_export(target, missing, total, progress)
+    sent = await _stream_export(nix, target, missing, total, progress)
     still = await missing_paths(target, missing)
     if still:
         raise EngineError(f"after copying, {len(still)} paths are still missing on {target.target} (first: {still[0]})")
     return PushStats(len(missing), sent, time.monotonic() - started, missing_before)
 
 
-async def _stream_export(target: Target, paths: list[str], total: int, progress: ProgressFn | None) -> int:
+async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
+                         progress: ProgressFn | None) -> int:
     export = await asyncio.create_subprocess_exec(
-        "nix-store", "--export", *paths,
+        *nix.store_argv("--export", *paths),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
     )
     remote = await target.conn.start(target.argv(["nix-store", "--import"]))

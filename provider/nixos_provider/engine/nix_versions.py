@@ -1,0 +1,172 @@
+"""Everything that differs between the Nix versions users run, in one place.
+
+Supported and tested: Debian bookworm's Nix 2.8, trixie's 2.26 and sid's 2.34
+(see docs/nix-versions.md). The differences the engine meets:
+
+- `nix path-info --json` prints a list of objects with a `path` field up to
+  2.18, and an object keyed by store path from 2.19 on (a path that is not
+  valid maps to null). From 2.33 on `--json` without `--json-format` is
+  deprecated ("will become an error"); format 1 is the object form, format 2
+  adds a `version` field and structured hashes, and keys and references may
+  be base names without the store directory. Whether a version knows
+  `--json-format` is found out by asking it (rejects_flag), not by a table.
+- `nix build --json` prints a list of `{drvPath, outputs: {name: path}}` in
+  every version; newer ones add fields (startTime, stopTime, ...).
+- `nix-env --list-generations` prints `N   YYYY-MM-DD HH:MM:SS   (current)`
+  in every version.
+- Errors: 2.8 prints `error: <what>` on one line; later versions often print
+  an empty `error:` followed by an evaluation trace (`… while calling`, code
+  frames) and the cause as an indented `error:` at the end of the trace.
+
+The parsers take the text a command printed and never run anything, so their
+unit tests feed them outputs recorded from each real version
+(tests/data/nix-outputs/).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+STORE_DIR = "/nix/store"
+
+
+class NixOutputError(ValueError):
+    """A Nix command printed something this module does not understand."""
+
+
+@dataclass(frozen=True, order=True)
+class NixVersion:
+    major: int
+    minor: int
+    patch: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> NixVersion:
+        """From `nix --version` output: `nix (Nix) 2.8.0`, `nix (Nix) 2.34.8`, `nix (Determinate Nix 3.8.2) 2.30.2`."""
+        m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?\S*\s*$", text.strip().splitlines()[0] if text.strip() else "")
+        if not m:
+            raise NixOutputError(f"cannot read a Nix version from {text.strip()[:80]!r}")
+        return cls(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+
+# Asked for where the version knows it: format 1 is the keyed object of 2.19+,
+# which parse_path_info reads, and asking for it silences 2.33+'s warning.
+PATH_INFO_JSON_FORMAT = ["--json-format", "1"]
+
+
+def rejects_flag(stderr: str, flag: str) -> bool:
+    """Did a Nix command fail because this version does not know `flag`?"""
+    return f"unrecognised flag '{flag}'" in stderr or f"unrecognized flag '{flag}'" in stderr
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    path: str
+    nar_size: int
+    references: tuple[str, ...]
+
+
+def _full_path(p: str, store_dir: str = STORE_DIR) -> str:
+    return p if p.startswith("/") else f"{store_dir}/{p}"
+
+
+def parse_path_info(stdout: str) -> dict[str, PathInfo]:
+    """`nix path-info --json [-r]` of any supported version -> {path: PathInfo} of the valid paths."""
+    try:
+        data: Any = json.loads(stdout)
+    except ValueError as e:
+        raise NixOutputError(f"nix path-info printed no JSON: {stdout.strip()[:80]!r}") from e
+    store_dir = STORE_DIR
+    if isinstance(data, dict) and isinstance(data.get("info"), dict) and "version" in data:
+        # --json-format 2 (2.33+): {"info": {base name: info}, "storeDir": ..., "version": 2}
+        store_dir = str(data.get("storeDir") or STORE_DIR)
+        data = data["info"]
+    if isinstance(data, list):  # up to 2.18
+        items = [(str(i.get("path", "")), i) for i in data if isinstance(i, dict)]
+    elif isinstance(data, dict):  # 2.19 on, keyed by path (format 1)
+        items = [(str(k), v) for k, v in data.items()]
+    else:
+        raise NixOutputError(f"nix path-info printed {type(data).__name__}, not a list or an object")
+    infos: dict[str, PathInfo] = {}
+    for key, info in items:
+        if not isinstance(info, dict) or not key or info.get("valid") is False:
+            continue  # not valid in this store
+        path = _full_path(str(info.get("path") or key), store_dir)
+        refs = tuple(_full_path(str(r), store_dir) for r in info.get("references") or ())
+        infos[path] = PathInfo(path, int(info.get("narSize") or 0), refs)
+    return infos
+
+
+def parse_build_outputs(stdout: str) -> list[dict[str, str]]:
+    """`nix build --json` -> the outputs of each installable, in order ({"out": path, ...})."""
+    try:
+        data: Any = json.loads(stdout)
+    except ValueError as e:
+        raise NixOutputError(f"nix build printed no JSON: {stdout.strip()[:80]!r}") from e
+    if not isinstance(data, list) or not data:
+        raise NixOutputError("nix build printed no results")
+    result = []
+    for item in data:
+        outputs = item.get("outputs") if isinstance(item, dict) else None
+        if not isinstance(outputs, dict) or not outputs:
+            raise NixOutputError(f"nix build printed a result without outputs: {json.dumps(item)[:120]}")
+        result.append({str(k): _full_path(str(v)) for k, v in outputs.items() if v})
+    return result
+
+
+_GEN_LINE = re.compile(r"^\s*(\d+)\s+(\d{4}-\d\d-\d\d)\s+(\d\d:\d\d:\d\d)\s*(\(current\))?\s*$")
+
+
+@dataclass(frozen=True)
+class GenerationLine:
+    number: int
+    date: str  # ISO 8601, as nix-env prints it (local time of the target)
+    current: bool
+
+
+def parse_generations(stdout: str) -> list[GenerationLine]:
+    """`nix-env -p PROFILE --list-generations` -> its lines, oldest first."""
+    lines = []
+    for line in stdout.splitlines():
+        m = _GEN_LINE.match(line)
+        if m:
+            lines.append(GenerationLine(int(m.group(1)), f"{m.group(2)}T{m.group(3)}Z", bool(m.group(4))))
+        elif line.strip():
+            raise NixOutputError(f"unexpected line from nix-env --list-generations: {line.strip()[:80]!r}")
+    return lines
+
+
+_TRACE = re.compile(r"^(…|at |\(stack trace|\(use '--show-trace'|\d+\||\||\^|For full logs|Try 'nix)")
+
+
+def error_summary(stderr: str, max_lines: int = 8) -> str:
+    """The cause of a Nix error in a few lines, without warnings, traces or code frames.
+
+    The first top-level `error:` block is the failure; when its head is empty
+    (2.13+ put a trace first), the last indented `error:` inside it is the cause.
+    """
+    lines = [ln.rstrip() for ln in stderr.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+    if not starts:
+        rest = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("warning:")]
+        return rest[-1] if rest else "unknown error"
+    begin = starts[0]
+    end = starts[1] if len(starts) > 1 else len(lines)
+    block = lines[begin:end]
+    nested = [i for i, ln in enumerate(block) if i > 0 and ln.strip().startswith("error:")]
+    if not block[0].removeprefix("error:").strip() and nested:
+        block = block[nested[-1]:]
+    msg = [block[0].strip().removeprefix("error:").strip()]
+    for ln in block[1:]:
+        text = ln.strip()
+        if text and not _TRACE.match(text) and not text.startswith("warning:"):
+            msg.append(text)
+        if len(msg) >= max_lines:
+            break
+    return " ".join(m for m in msg if m) or "unknown error"

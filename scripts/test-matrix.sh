@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# test-matrix.sh [PYTEST ARGS...]: the test suite on every Nix version users run.
+#
+#   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples)
+#   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
+#   sid       Nix 2.34  the same on 2.34
+#
+# Each leg runs in scripts/in-release.sh: a private mount namespace with an
+# empty /nix and no /etc/nix/nix.conf or nixbld group, the fresh-machine
+# condition. The systemd lab hosts boot their own roots, so every leg also
+# pushes across versions. TEST_RELEASES="sid" runs one leg.
+# The last line counts every leg: "matrix: N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+read -r -a legs <<< "${TEST_RELEASES:-bookworm trixie sid}"
+# What depends on the Nix version. Unit tests, recorded-output tests, SDK
+# generation and the Node/Go examples do not, and run once, in bookworm.
+VERSIONED_TESTS=(tests/test_lab.py tests/test_engine.py tests/test_provider_e2e.py
+                 tests/test_preview_e2e.py tests/test_install_e2e.py)
+for f in tests/test_systemd.py; do [[ -f $f ]] && VERSIONED_TESTS+=("$f"); done
+
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+declare -A summary nixver
+total_passed=0 total_failed=0 status=0
+for leg in "${legs[@]}"; do
+  if [[ $leg == bookworm ]]; then files=(tests); else files=("${VERSIONED_TESTS[@]}"); fi
+  nixver[$leg]="$(bash scripts/in-release.sh "$leg" nix --version 2>&1 | tail -n1)"
+  echo "=== leg $leg: ${nixver[$leg]}: ${files[*]}"
+  started=$(date +%s)
+  bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" \
+    python -m pytest -p no:cacheprovider "${files[@]}" "$@" 2>&1 | tee "$logs/$leg.log"
+  rc=${PIPESTATUS[0]}
+  line="$(grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' "$logs/$leg.log" | tail -n1 | sed 's/^=* //; s/ =*$//')"
+  passed=$(grep -oE '[0-9]+ passed' <<< "$line" | cut -d' ' -f1); passed=${passed:-0}
+  failed=$(grep -oE '[0-9]+ (failed|errors?)' <<< "$line" | awk '{s+=$1} END {print s+0}')
+  if [[ $rc -ne 0 && $failed -eq 0 ]]; then failed=1; fi  # a leg that crashed counts as a failure
+  ((rc != 0)) && status=1
+  total_passed=$((total_passed + passed)); total_failed=$((total_failed + failed))
+  summary[$leg]="${line:-no summary (exit $rc)} [$(( $(date +%s) - started ))s]"
+done
+
+echo
+echo "=== test matrix"
+for leg in "${legs[@]}"; do
+  printf '%-9s %-22s %s\n' "$leg" "${nixver[$leg]}" "${summary[$leg]}"
+done
+echo "matrix: $total_passed passed, $total_failed failed"
+exit $status
