@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -266,3 +268,36 @@ async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path
     finally:
         agent.kill()
         await agent.wait()
+
+
+async def test_every_local_nix_call_uses_the_configured_installation(
+        lab_host: labctl.LabHost, systems: Systems, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nixCommand names an installation: its nix-store does the export, never the one PATH finds first."""
+    real_nix = shutil.which("nix")
+    assert real_nix is not None
+    install = tmp_path / "nix-install" / "bin"
+    install.mkdir(parents=True)
+    (install / "nix").symlink_to(real_nix)
+    calls = tmp_path / "nix-store-calls"
+    (install / "nix-store").write_text(
+        f'#!/bin/bash\necho "$*" >> {calls}\nexec -a nix-store {real_nix} "$@"\n')
+    (install / "nix-store").chmod(0o755)
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "nix-store").write_text("#!/bin/sh\necho 'the nix-store on PATH was used' >&2\nexit 97\n")
+    (decoy / "nix-store").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{decoy}:{os.environ['PATH']}")
+
+    nix = Nix([str(install / "nix")])
+    result = await engine.deploy(DeployRequest(remote_for(lab_host), systems["web"]), nix)
+    assert result.push.paths == 4
+    assert current_system(lab_host) == systems["web"]
+    used = calls.read_text().splitlines()
+    assert any(line.startswith("-qR ") for line in used)
+    assert any(line.startswith("--export ") for line in used)
+
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "nix").symlink_to(real_nix)
+    with pytest.raises(NixError, match="has no `nix-store` beside it"):
+        await Nix([str(lonely / "nix")]).closure(systems["web"])
