@@ -44,9 +44,15 @@ mkdir -p .tools
 printf '%s\n' "$pulumi_dir" > .tools/pulumi-bin
 echo "setup: pulumi $("$pulumi_dir/pulumi" version) in $pulumi_dir"
 
-# Nix 2.26 and 2.34 for the test matrix and the lab's systemd hosts.
+# Nix 2.26 and 2.34 for the test matrix and the lab's systemd hosts; built
+# side by side on first use (mostly waiting on downloads), cached after.
+pids=()
 for release in trixie sid; do
-  root="$(bash scripts/release-root.sh "$release")"
+  bash scripts/release-root.sh "$release" > ".tools/root-$release" & pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { echo "setup: building a Debian root failed" >&2; exit 1; }; done
+for release in trixie sid; do
+  root="$(cat ".tools/root-$release")"
   echo "setup: $release root with $(cat "$root/.nix-version") in $root"
 done
 echo "setup: done in $(( $(date +%s) - started ))s"

@@ -111,12 +111,29 @@ def nsenter(state: Path, cmd: list[str]) -> list[str]:
     return ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", *cmd]
 
 
+def _sees_host_store(pid: int, state: Path) -> bool:
+    """Is the host's own store (<state>/nix) mounted in pid's namespace?
+
+    A namespace's id is reused once the namespace is gone, so a stale `ns`
+    file can name somebody else's namespace (another lab, a test leg); only
+    one that mounts this host's store is this host's.
+    """
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return str(state.resolve() / "nix") in f.read()
+    except OSError:
+        return False
+
+
 def kill_namespace(state: Path, keep_holder: bool) -> None:
     ns_file = state / "ns"
     if not ns_file.exists():
         return
     ns = ns_file.read_text().strip()
     holder = holder_pid(state)
+    members = processes_in_namespace(ns)
+    if members and not any(_sees_host_store(p, state) for p in members[:5]):
+        return  # the namespace this host had is gone; its id now belongs to another
     for _ in range(50):
         victims = [p for p in processes_in_namespace(ns) if not (keep_holder and p == holder)]
         if not victims:
