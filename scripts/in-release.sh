@@ -32,7 +32,7 @@ esac
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/pulumi-nixos-$release.XXXXXX")"
 cleanup() { rm -rf --one-file-system "$work" 2>/dev/null || true; }
 trap cleanup EXIT
-mkdir -p "$work/nix" "$work/etc-upper" "$work/etc-work" "$work/root-upper" "$work/root-work" "$work/newroot"
+mkdir -p "$work/nix" "$work/tmp" "$work/etc-upper" "$work/etc-work" "$work/root-upper" "$work/root-work" "$work/newroot"
 
 # Everything below runs in the new mount namespace; values reach the inner
 # script as arguments, never pasted into it.
@@ -73,7 +73,9 @@ parent=$(dirname "$repo")
 mkdir -p "$new$parent"
 mount --rbind "$parent" "$new$parent"
 cp /etc/resolv.conf "$new/etc/resolv.conf" 2>/dev/null || true
-mkdir -p "$new/tmp" && chmod 1777 "$new/tmp"
+# /tmp on the disk, not in the overlay: the lab stacks overlays on it.
+mkdir -p "$work/tmp" && chmod 1777 "$work/tmp"
+mount --bind "$work/tmp" "$new/tmp"
 # pivot_root, not chroot: the root of the namespace becomes the release root,
 # so the nested lab namespaces, and nsenter into them, see it as / too.
 mkdir -p "$new/.old-root"

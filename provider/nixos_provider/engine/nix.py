@@ -7,6 +7,7 @@ differs between Nix versions (2.8 to 2.34) is nix_versions' business.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,44 @@ EXPERIMENTAL = ["--extra-experimental-features", "nix-command flakes"]
 
 def is_store_path(value: str) -> bool:
     return bool(STORE_PATH_RE.match(value))
+
+
+def split_attr_path(attr: str) -> list[str]:
+    """`nixosConfigurations."web.example".config` -> its names, as Nix reads an attribute path."""
+    names: list[str] = []
+    current, quoted, i = "", False, 0
+    while i < len(attr):
+        c = attr[i]
+        if quoted and c == "\\" and i + 1 < len(attr):
+            current += attr[i + 1]
+            i += 1
+        elif c == '"':
+            quoted = not quoted
+        elif c == "." and not quoted:
+            names.append(current)
+            current = ""
+        else:
+            current += c
+        i += 1
+    if quoted:
+        raise ValueError(f"attribute path {attr!r} has an unclosed quote")
+    names.append(current)
+    if any(n == "" for n in names):
+        raise ValueError(f"attribute path {attr!r} has an empty name")
+    return names
+
+
+# Evaluates the out paths of many attributes of one flake in one process. The
+# request (the flake and the attribute paths) arrives as JSON in the
+# environment, so nothing a user wrote is ever pasted into the expression.
+EVAL_MANY_ENV = "PULUMI_NIXOS_EVAL_REQUEST"
+EVAL_MANY_EXPR = f"""
+let
+  request = builtins.fromJSON (builtins.getEnv "{EVAL_MANY_ENV}");
+  flake = builtins.getFlake request.flake;
+  get = path: builtins.foldl' (value: name: builtins.getAttr name value) flake path;
+in map (path: (get path).outPath) request.attrs
+"""
 
 
 @dataclass(frozen=True)
@@ -71,13 +110,17 @@ def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True
     return FlakeRef(flake, attr)
 
 
+# What each nix command answered about --json-format, learnt on first use and
+# kept for the life of the process (one installation answers the same).
+_PATH_INFO_FORMAT: dict[tuple[str, ...], list[str]] = {}
+
+
 class Nix:
     """The local nix CLI. `command` is e.g. ["nix"]; `options` are extra `--option name value` pairs."""
 
     def __init__(self, command: Sequence[str] = ("nix",), options: Sequence[tuple[str, str]] = ()) -> None:
         self.command = list(command)
         self.options = [a for name, value in options for a in ("--option", name, value)]
-        self._path_info_format: list[str] | None = None  # learnt on first use
         self._version: NixVersion | None = None
 
     def _argv(self, *args: str) -> list[str]:
@@ -125,6 +168,53 @@ class Nix:
             raise NixError(f"evaluating {ref} gave {path!r}, which is not a store path")
         return path
 
+    async def attr_names(self, flake: str, attr: str) -> list[str]:
+        """The names of an attribute set in a flake (e.g. its nixosConfigurations), without evaluating them."""
+        out = await self._run("eval", "--json", f"{flake}#{attr}", "--apply", "builtins.attrNames",
+                              what=f"listing {flake}#{attr}")
+        try:
+            names = json.loads(out)
+        except ValueError as e:
+            raise NixError(f"listing {flake}#{attr}: nix eval printed no JSON") from e
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise NixError(f"listing {flake}#{attr} gave {out[:100]!r}, not a list of names")
+        return names
+
+    async def eval_out_paths(self, flake: str, attrs: list[str], *, background: bool = False) -> dict[str, str]:
+        """Evaluate the output paths of many attributes of one flake in one Nix process.
+
+        --impure only because builtins.getFlake refuses unlocked references
+        (a local path) in pure mode; the flake itself is evaluated as usual.
+        In the background, the process runs at low CPU priority.
+        """
+        request = json.dumps({"flake": flake, "attrs": [split_attr_path(a) for a in attrs]})
+        res = await run_local(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR),
+                              env={EVAL_MANY_ENV: request}, niceness=10 if background else 0)
+        if res.exit_status != 0:
+            raise NixError(f"evaluating {len(attrs)} configurations of {flake} failed: {error_summary(res.stderr)}")
+        try:
+            paths = json.loads(res.stdout)
+        except ValueError as e:
+            raise NixError(f"evaluating {flake}: nix eval printed no JSON") from e
+        if not isinstance(paths, list) or len(paths) != len(attrs) or not all(
+                isinstance(p, str) and is_store_path(p) for p in paths):
+            raise NixError(f"evaluating {flake} gave {str(paths)[:200]}, not one store path per configuration")
+        return dict(zip(attrs, paths, strict=True))
+
+    async def build_outputs(self, flake: str, attrs: list[str]) -> set[str]:
+        """Build many attributes of one flake in one `nix build`; the `out` paths it produced.
+
+        A set, because `nix build --json` does not list its results in the
+        order of the installables.
+        """
+        installables = [str(FlakeRef(flake, a)) for a in attrs]
+        out = await self._run("build", "--no-link", "--json", *installables,
+                              what=f"building {len(attrs)} configurations of {flake}")
+        try:
+            return {o["out"] for o in parse_build_outputs(out) if "out" in o}
+        except NixOutputError as e:
+            raise NixError(f"building {flake}: {e}") from e
+
     async def eval_drv_path(self, ref: FlakeRef) -> str:
         """Instantiate (not build) the derivation of a flake attribute."""
         out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.drvPath", what=f"instantiating {ref}")
@@ -159,18 +249,19 @@ class Nix:
         return [infos[p] for p in order if p in infos]
 
     async def _path_infos(self, *args: str, what: str) -> dict[str, PathInfo]:
-        if self._path_info_format is None:
+        known = _PATH_INFO_FORMAT.get(tuple(self.command))
+        if known is None:
             res = await run_local(self._argv("path-info", "--json", *PATH_INFO_JSON_FORMAT, *args))
             if res.exit_status == 0:
-                self._path_info_format = PATH_INFO_JSON_FORMAT
+                _PATH_INFO_FORMAT[tuple(self.command)] = PATH_INFO_JSON_FORMAT
                 out = res.stdout
             elif rejects_flag(res.stderr, "--json-format"):
-                self._path_info_format = []  # before 2.33: the only JSON there is
+                _PATH_INFO_FORMAT[tuple(self.command)] = []  # before 2.33: the only JSON there is
                 out = await self._run("path-info", "--json", *args, what=what)
             else:
                 raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         else:
-            out = await self._run("path-info", "--json", *self._path_info_format, *args, what=what)
+            out = await self._run("path-info", "--json", *known, *args, what=what)
         try:
             return parse_path_info(out)
         except NixOutputError as e:

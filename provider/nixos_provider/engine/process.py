@@ -7,6 +7,7 @@ Every command is a list of arguments. Remote commands are quoted by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,8 +47,8 @@ class LocalResult:
 
 
 async def run_local(argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
-                    env: dict[str, str] | None = None) -> LocalResult:
-    """Run a local command without blocking the event loop."""
+                    env: dict[str, str] | None = None, niceness: int = 0) -> LocalResult:
+    """Run a local command without blocking the event loop; cancelling the caller kills it."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -55,10 +56,20 @@ async def run_local(argv: Sequence[str], *, cwd: str | None = None, timeout: flo
         )
     except FileNotFoundError as e:
         raise NixError(f"`{argv[0]}` was not found on PATH") from e
+    if niceness:
+        # Set from here, not in a preexec hook: forking a process that runs
+        # gRPC's threads (the provider) and running Python before exec breaks
+        # gRPC's event engine in the child.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise NixError(f"`{' '.join(argv[:3])}` timed out after {timeout:.0f}s") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
     return LocalResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.batch import FleetNix
 from ..engine.errors import EngineError
 from ..engine.models import Remote
 from ..engine.nix import Nix, parse_flake_ref
@@ -29,6 +30,8 @@ class Context:
     default_user: str | None = None
     ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     flake_cache: dict[tuple[str, str, bool], str] = field(default_factory=dict)
+    # Machines of one flake share one evaluation (Check) and one build (up).
+    fleet: FleetNix = field(default_factory=FleetNix)
 
     def nix(self, options: list[tuple[str, str]] | None = None) -> Nix:
         return Nix(self.nix_command, options or [])
@@ -47,7 +50,7 @@ class Context:
         parsed = parse_flake_ref(ref, self.project_dir, nixos=nixos)
         key = (str(parsed), " ".join(nix.options), nixos)
         if key not in self.flake_cache:
-            self.flake_cache[key] = await nix.eval_out_path(parsed)
+            self.flake_cache[key] = await self.fleet.out_path(nix, parsed)
         return self.flake_cache[key]
 
 

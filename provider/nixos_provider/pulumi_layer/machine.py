@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -110,9 +111,19 @@ class NixosMachine(DeployedResource):
         if news.get("install") is not None:  # `install: {}` installs with every default
             return _id(remote), await self._install(urn, _id(remote), news)
         self.ctx.status(urn, f"connecting to {remote.target}")
-        async with self.ctx.ssh_slots:
-            baseline = await engine.read_state(remote, SYSTEM)
+        # Build while the host is read: the build does not need it, and the
+        # machines created together then share one `nix build`.
+        building = self._start_build(urn, news)
+        try:
+            async with self.ctx.ssh_slots:
+                baseline = await engine.read_state(remote, SYSTEM)
+        except BaseException:
+            if building is not None:
+                building.cancel()
+            raise
         if baseline.generation is None and baseline.current_system is None:
+            if building is not None:
+                building.cancel()
             raise EngineError(f"{remote.target} does not run NixOS (no {SYSTEM_PROFILE} and no /run/current-system); "
                               "set `install` to install it with nixos-anywhere")
         pinned = baseline.host_key
@@ -127,7 +138,7 @@ class NixosMachine(DeployedResource):
             "nixosVersion": baseline.nixos_version,
         }
         ident = _id(remote)
-        return ident, await self._deploy(urn, ident, base, news, pinned)
+        return ident, await self._deploy(urn, ident, base, news, pinned, building=building)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
@@ -306,7 +317,7 @@ class NixosMachine(DeployedResource):
         if news.get("flake") is not None:
             ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
             self.ctx.status(urn, f"building {ref}")
-            built = await nix.build(ref)
+            built = await self.ctx.fleet.build(nix, ref)
             if path and built != path:
                 raise EngineError(f"building {ref} gave {built}, but evaluation said {path}; is the flake impure?")
             return built
@@ -316,8 +327,17 @@ class NixosMachine(DeployedResource):
             await nix.build(path)
         return path
 
+    def _start_build(self, urn: str, news: dict[str, Any]) -> asyncio.Task[str] | None:
+        """Start building the system now, if it is built here (not on the target)."""
+        if news.get("buildOn") == "remote":
+            return None
+        task = asyncio.ensure_future(self._build(urn, news, self._nix(news)))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # awaited later, or dropped
+        return task
+
     async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
-                      pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
+                      pinned: str | None, kept: dict[str, Any] | None = None,
+                      building: asyncio.Task[str] | None = None) -> dict[str, Any]:
         """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
         failed = kept if kept is not None else base
         remote = self._remote(news, host_key=pinned)
@@ -329,7 +349,7 @@ class NixosMachine(DeployedResource):
                 drv = await nix.eval_drv_path(ref)
                 store_path = str(reveal(news.get("systemPath")) or await nix.eval_out_path(ref))
             else:
-                store_path = await self._build(urn, news, nix)
+                store_path = await (building or self._build(urn, news, nix))
         except EngineError as e:
             raise PartialFailure(str(e), ident, failed, news) from e
         req = DeployRequest(

@@ -145,7 +145,7 @@ class NixProfile(DeployedResource):
             if news.get("flake") is not None:
                 ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=False)
                 self.ctx.status(urn, f"building {ref}")
-                store_path = await nix.build(ref)
+                store_path = await self.ctx.fleet.build(nix, ref)
             else:
                 store_path = str(reveal(news["storePath"]))
                 assert is_store_path(store_path)

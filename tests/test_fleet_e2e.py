@@ -1,0 +1,92 @@
+"""A fleet through the real `pulumi` CLI: machines of one flake share one evaluation and one build."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HostFactory, PulumiProject, current_system, write_flake
+from test_provider_e2e import connection, program
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+MACHINES = 6
+
+
+def recording_nix(tmp_path: Path) -> tuple[Path, Path]:
+    """A Nix installation whose `nix` logs each command line before running the real one."""
+    real_nix = shutil.which("nix")
+    real_store = shutil.which("nix-store")
+    assert real_nix and real_store
+    bindir = tmp_path / "nix" / "bin"
+    bindir.mkdir(parents=True)
+    log = tmp_path / "nix-calls"
+    (bindir / "nix").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >> {log}\nexec -a nix {real_nix} "$@"\n')
+    (bindir / "nix").chmod(0o755)
+    (bindir / "nix-store").symlink_to(real_store)
+    return bindir / "nix", log
+
+
+def subcommands(log: Path) -> list[str]:
+    """The nix subcommand of each logged call (eval, build, path-info, ...)."""
+    if not log.exists():
+        return []
+    words = {"eval", "build", "path-info", "--version"}
+    return [next((w for w in line.split() if w in words), "?") for line in log.read_text().splitlines()]
+
+
+def test_machines_of_one_flake_share_one_evaluation_and_one_build(
+        project: PulumiProject, new_host: HostFactory, tmp_path: Path) -> None:
+    configs = "\n".join(
+        f'nixosConfigurations.m{i} = lab.nixosConfiguration {{ hostName = "m{i}"; version = "fleet-{i}";'
+        f' packages = [ {{ name = "tool{i}"; version = "1.{i}"; size = 1024; }} ]; }};'
+        for i in range(MACHINES))
+    flake = write_flake(tmp_path / "fleet", f"{{ outputs = {{ self }}: let lab = import ./lib.nix; in {{\n{configs}\n}}; }}")
+    nix, log = recording_nix(tmp_path)
+    hosts = [new_host() for _ in range(MACHINES)]
+    resources: dict[str, Any] = {"nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(nix)]}}}
+    for i, host in enumerate(hosts):
+        resources[f"m{i}"] = {"type": "nixos:NixosMachine", "options": {"provider": "${nixos}"},
+                              "properties": {"connection": connection(host), "flake": f"{flake}#m{i}"}}
+    program(project, resources, {f"m{i}": f"${{m{i}.systemPath}}" for i in range(MACHINES)})
+    project.run("stack", "init", "dev")
+
+    # Check: the first machine alone, the list of configurations, then one
+    # process for all the others, whatever their number.
+    project.run("preview")
+    assert subcommands(log).count("eval") == 3, log.read_text()
+    assert sum("--expr" in line for line in log.read_text().splitlines()) == 1
+    assert "build" not in subcommands(log)
+
+    log.unlink()
+    project.up()
+    calls = subcommands(log)
+    assert calls.count("eval") == 3, log.read_text()
+    assert calls.count("build") == 1, log.read_text()  # Create: all six toplevels in one nix build
+    outputs = project.outputs()
+    for i, host in enumerate(hosts):
+        assert str(outputs[f"m{i}"]).endswith(f"-nixos-system-m{i}-24.05.lab-fleet-{i}")
+        assert current_system(host) == outputs[f"m{i}"]
+
+
+def test_one_broken_configuration_fails_only_its_machine(
+        project: PulumiProject, new_host: HostFactory, tmp_path: Path) -> None:
+    """The batch fails; each machine is then evaluated alone, so the error lands on the broken one."""
+    flake = write_flake(tmp_path / "fleet", """{ outputs = { self }: let lab = import ./lib.nix; in {
+      nixosConfigurations.good = lab.nixosConfiguration { hostName = "good"; version = "good"; };
+      nixosConfigurations.broken = lab.nixosConfiguration { hostName = "broken"; version = throw "broken on purpose"; };
+    }; }""")
+    good, bad = new_host(), new_host()
+    program(project, {
+        "good": {"type": "nixos:NixosMachine", "properties": {"connection": connection(good), "flake": f"{flake}#good"}},
+        "bad": {"type": "nixos:NixosMachine", "properties": {"connection": connection(bad), "flake": f"{flake}#broken"}},
+    })
+    project.run("stack", "init", "dev")
+    res = project.run("preview", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "broken on purpose" in out
+    assert "Traceback" not in out
+    assert "resource 'bad' has a problem" in out or "NixosMachine (bad)" in out
+    assert "resource 'good'" not in out
