@@ -226,7 +226,7 @@ async def test_five_hosts_concurrently(new_host: HostFactory, systems: Systems) 
 
 
 async def test_compressed_push_and_substitute_on_destination(lab_host: labctl.LabHost, systems: Systems) -> None:
-    result = await deploy(lab_host, systems["web-v3"], compress=True, substitute_on_destination=True)
+    result = await deploy(lab_host, systems["web-v3"], compress="ssh", substitute_on_destination=True)
     assert result.push.paths == 5 and current_system(lab_host) == systems["web-v3"]
 
 
@@ -301,3 +301,34 @@ async def test_every_local_nix_call_uses_the_configured_installation(
     (lonely / "nix").symlink_to(real_nix)
     with pytest.raises(NixError, match="has no `nix-store` beside it"):
         await Nix([str(lonely / "nix")]).closure(systems["web"])
+
+
+COMPRESSIBLE_FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; in {
+  nixosConfigurations.logs = lab.nixosConfiguration { version = "logs"; packages = [ (derivation {
+    name = "logs-1.0"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/share && yes 'GET /index.html HTTP/1.1 200' | head -c 8388608 > $out/share/access.log" ];
+  }) ]; };
+}; }"""
+
+
+async def test_zstd_push_sends_a_fraction_and_falls_back_without_zstd(
+        new_host: HostFactory, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "f", COMPRESSIBLE_FLAKE)
+    system = await Nix().build(parse_flake_ref(f"{flake}#logs"))
+    host = new_host()
+    statuses: list[str] = []
+    result = await engine.deploy(DeployRequest(remote_for(host), system), status=statuses.append)
+    assert result.push.compression == "zstd"  # "auto", and both sides have zstd
+    assert result.push.bytes > 8 * 1024 * 1024
+    assert result.push.wire_bytes < result.push.bytes / 50
+    assert current_system(host) == system
+    assert any("sent with zstd" in s for s in statuses)
+
+    # A target without zstd: "zstd" says so and sends the stream as it is.
+    bare = new_host()
+    in_host(bare, "mount", "--bind", "/dev/null", "/usr/bin/zstd")
+    statuses.clear()
+    result = await engine.deploy(DeployRequest(remote_for(bare), system, compress="zstd"), status=statuses.append)
+    assert result.push.compression == "none" and result.push.wire_bytes == result.push.bytes
+    assert any("zstd is not installed on" in s and "sending uncompressed" in s for s in statuses)
+    assert current_system(bare) == system

@@ -59,9 +59,9 @@ export class NixProfile extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly baselineStorePath: pulumi.Output<string | undefined>;
     /**
-     * Whether to compress the stream of store paths sent over SSH.
+     * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
-    declare public readonly compress: pulumi.Output<boolean | undefined>;
+    declare public readonly compress: pulumi.Output<string | undefined>;
     /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */
@@ -156,7 +156,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["activate"] = args?.activate;
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
-            resourceInputs["compress"] = (args?.compress) ?? false;
+            resourceInputs["compress"] = (args?.compress) ?? "auto";
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
             resourceInputs["connection"] = args ? pulumi.output(args.connection).apply(inputs.connectionArgsProvideDefaults) : undefined;
             resourceInputs["flake"] = args?.flake;
@@ -227,9 +227,9 @@ export interface NixProfileArgs {
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
     /**
-     * Whether to compress the stream of store paths sent over SSH.
+     * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
-    compress?: pulumi.Input<boolean | undefined>;
+    compress?: pulumi.Input<string | undefined>;
     /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */

@@ -69,9 +69,9 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly buildOnPreview: pulumi.Output<boolean | undefined>;
     /**
-     * Whether to compress the stream of store paths sent over SSH.
+     * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
-    declare public readonly compress: pulumi.Output<boolean | undefined>;
+    declare public readonly compress: pulumi.Output<string | undefined>;
     /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */
@@ -188,7 +188,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
-            resourceInputs["compress"] = (args?.compress) ?? false;
+            resourceInputs["compress"] = (args?.compress) ?? "auto";
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
             resourceInputs["connection"] = args ? pulumi.output(args.connection).apply(inputs.connectionArgsProvideDefaults) : undefined;
             resourceInputs["dryActivate"] = (args?.dryActivate) ?? false;
@@ -279,9 +279,9 @@ export interface NixosMachineArgs {
      */
     buildOnPreview?: pulumi.Input<boolean | undefined>;
     /**
-     * Whether to compress the stream of store paths sent over SSH.
+     * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
-    compress?: pulumi.Input<boolean | undefined>;
+    compress?: pulumi.Input<string | undefined>;
     /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */

@@ -19,7 +19,7 @@ from .health import run_health_checks
 from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, Remote
 from .nix import Nix
 from .process import Target
-from .push import PushProgress, push_closure
+from .push import PushProgress, choose_compression, push_closure
 from .ssh import Connection, connect
 
 StatusFn = Callable[[str], None]
@@ -106,7 +106,7 @@ class Deployment:
     async def run(self) -> DeployResult:
         req = self.req
         self.status(f"connecting to {req.remote.target}")
-        target = await open_target(req.remote, req.profile, compress=req.compress)
+        target = await open_target(req.remote, req.profile, compress=req.compress == "ssh")
         self.host_key = target.conn.host_key
         self._supervisor: Supervisor | None = None
         try:
@@ -135,12 +135,14 @@ class Deployment:
         # trusted), or as root when the deployment needs root anyway. Importing
         # as an unprivileged profile owner would be refused for lack of signatures.
         pusher = Target(target.conn, "root" if target.run_as == "root" else None)
+        compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
-            substitute_on_destination=req.substitute_on_destination, progress=on_progress,
+            substitute_on_destination=req.substitute_on_destination, progress=on_progress, compression=compression,
         )
         if push.paths:
-            self.status(f"copied {push.paths} paths ({push.bytes / 1048576:.1f} MiB) in {push.seconds:.1f}s")
+            sent = f", {push.wire_bytes / 1048576:.1f} MiB sent with zstd" if push.compression == "zstd" else ""
+            self.status(f"copied {push.paths} paths ({push.bytes / 1048576:.1f} MiB{sent}) in {push.seconds:.1f}s")
         if req.build_drv_on_target:
             self.status(f"building {req.build_drv_on_target} on {target.target}")
             res = await pusher.run(["nix-store", "--realise", req.build_drv_on_target], check=False,

@@ -60,12 +60,18 @@ class Generation:
     date: str = ""
 
 
+Compression = Literal["auto", "zstd", "ssh", "none"]
+COMPRESSIONS: tuple[Compression, ...] = ("auto", "zstd", "ssh", "none")
+
+
 @dataclass(frozen=True)
 class PushStats:
     paths: int = 0
-    bytes: int = 0
+    bytes: int = 0  # of the export stream (NARs), before compression
     seconds: float = 0.0
     missing_before: int = 0
+    wire_bytes: int = 0  # what went into the SSH channel: less than `bytes` with zstd
+    compression: str = "none"  # what the push used: "zstd", "ssh" or "none"
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,9 @@ class DeployRequest:
     health_checks: tuple[HealthCheck, ...] = ()
     activate_command: str | None = None  # NixProfile: run after switching the profile
     substitute_on_destination: bool = False
-    compress: bool = False
+    # "auto": zstd when the target has it, else none; "zstd": zstd, or none
+    # (with a status line) when the target lacks it; "ssh": SSH's zlib.
+    compress: Compression = "auto"
     # Build on the target: copy this derivation's closure and realise it
     # there instead of pushing store_path (which is its output).
     build_drv_on_target: str | None = None

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.models import INSTALL_PHASES, Credentials, HealthCheck, InstallRequest, Remote
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
 from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -262,8 +262,15 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
     check_seconds(f, "activationTimeout", news.get("activationTimeout"), 1, 86400)
     for b in booleans:
         check_bool(f, b, news.get(b))
+    check_choice(f, "compress", news.get("compress"), COMPRESSIONS)
     check_health_checks(f, news.get("healthChecks"))
     check_nix_options(f, news.get("nixOptions"))
+
+
+def compression(news: dict[str, Any]) -> Compression:
+    """The `compress` input, checked in Check; "auto" when unset."""
+    value = news.get("compress")
+    return value if value in COMPRESSIONS else "auto"  # type: ignore[return-value]
 
 
 def normalize_connection(conn: Any, default_user: str | None) -> Any:

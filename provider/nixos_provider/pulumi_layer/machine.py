@@ -57,7 +57,7 @@ class NixosMachine(DeployedResource):
             f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "compress", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
         v.check_install(f, news)
         if f:
             raise CheckFailed(f)
@@ -363,7 +363,7 @@ class NixosMachine(DeployedResource):
             auto_rollback=news.get("autoRollback", True) is not False,
             health_checks=v.to_health_checks(news.get("healthChecks")),
             substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=bool(news.get("compress")),
+            compress=v.compression(news),
             build_drv_on_target=drv,
         )
         try:

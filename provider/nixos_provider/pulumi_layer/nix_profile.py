@@ -60,7 +60,7 @@ class NixProfile(DeployedResource):
         v.check_flake(f, "flake", flake)
         v.check_store_path(f, "storePath", store)
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "compress", "magicRollback", "autoRollback"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback"))
         if f:
             raise CheckFailed(f)
         checked = dict(news)
@@ -162,7 +162,7 @@ class NixProfile(DeployedResource):
             health_checks=v.to_health_checks(news.get("healthChecks")),
             activate_command=news.get("activate"),
             substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=bool(news.get("compress")),
+            compress=v.compression(news),
         )
         try:
             async with self.ctx.ssh_slots:

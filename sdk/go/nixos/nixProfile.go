@@ -28,8 +28,8 @@ type NixProfile struct {
 	BaselineGeneration pulumi.IntPtrOutput `pulumi:"baselineGeneration"`
 	// The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
 	BaselineStorePath pulumi.StringPtrOutput `pulumi:"baselineStorePath"`
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress pulumi.BoolPtrOutput `pulumi:"compress"`
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress pulumi.StringPtrOutput `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrOutput `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
@@ -87,7 +87,7 @@ func NewNixProfile(ctx *pulumi.Context,
 		args.AutoRollback = pulumi.BoolPtr(true)
 	}
 	if args.Compress == nil {
-		args.Compress = pulumi.BoolPtr(false)
+		args.Compress = pulumi.StringPtr("auto")
 	}
 	if args.ConfirmTimeout == nil {
 		args.ConfirmTimeout = pulumi.Float64Ptr(30.0)
@@ -141,8 +141,8 @@ type nixProfileArgs struct {
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress *bool `pulumi:"compress"`
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress *string `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout *float64 `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
@@ -179,8 +179,8 @@ type NixProfileArgs struct {
 	ActivationTimeout pulumi.Float64PtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress pulumi.BoolPtrInput
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress pulumi.StringPtrInput
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrInput
 	// How to reach the host over SSH.
@@ -321,9 +321,9 @@ func (o NixProfileOutput) BaselineStorePath() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.BaselineStorePath }).(pulumi.StringPtrOutput)
 }
 
-// Whether to compress the stream of store paths sent over SSH.
-func (o NixProfileOutput) Compress() pulumi.BoolPtrOutput {
-	return o.ApplyT(func(v *NixProfile) pulumi.BoolPtrOutput { return v.Compress }).(pulumi.BoolPtrOutput)
+// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+func (o NixProfileOutput) Compress() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.Compress }).(pulumi.StringPtrOutput)
 }
 
 // How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.

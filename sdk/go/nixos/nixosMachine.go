@@ -34,8 +34,8 @@ type NixosMachine struct {
 	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview pulumi.BoolPtrOutput `pulumi:"buildOnPreview"`
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress pulumi.BoolPtrOutput `pulumi:"compress"`
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress pulumi.StringPtrOutput `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrOutput `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
@@ -112,7 +112,7 @@ func NewNixosMachine(ctx *pulumi.Context,
 		args.BuildOnPreview = pulumi.BoolPtr(false)
 	}
 	if args.Compress == nil {
-		args.Compress = pulumi.BoolPtr(false)
+		args.Compress = pulumi.StringPtr("auto")
 	}
 	if args.ConfirmTimeout == nil {
 		args.ConfirmTimeout = pulumi.Float64Ptr(30.0)
@@ -176,8 +176,8 @@ type nixosMachineArgs struct {
 	BuildOn *string `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview *bool `pulumi:"buildOnPreview"`
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress *bool `pulumi:"compress"`
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress *string `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout *float64 `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
@@ -216,8 +216,8 @@ type NixosMachineArgs struct {
 	BuildOn pulumi.StringPtrInput
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview pulumi.BoolPtrInput
-	// Whether to compress the stream of store paths sent over SSH.
-	Compress pulumi.BoolPtrInput
+	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+	Compress pulumi.StringPtrInput
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrInput
 	// How to reach the host over SSH.
@@ -366,9 +366,9 @@ func (o NixosMachineOutput) BuildOnPreview() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.BuildOnPreview }).(pulumi.BoolPtrOutput)
 }
 
-// Whether to compress the stream of store paths sent over SSH.
-func (o NixosMachineOutput) Compress() pulumi.BoolPtrOutput {
-	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.Compress }).(pulumi.BoolPtrOutput)
+// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+func (o NixosMachineOutput) Compress() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Compress }).(pulumi.StringPtrOutput)
 }
 
 // How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.

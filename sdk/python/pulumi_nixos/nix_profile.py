@@ -25,7 +25,7 @@ class NixProfileArgs:
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input['HealthCheckArgs']]]] = None,
@@ -45,7 +45,7 @@ class NixProfileArgs:
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
-        :param pulumi.Input[_builtins.bool] compress: Whether to compress the stream of store paths sent over SSH.
+        :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the package to deploy, such as `.#homeConfigurations.alice.activationPackage`. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `storePath`.
         :param pulumi.Input[Sequence[pulumi.Input['HealthCheckArgs']]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
@@ -71,7 +71,7 @@ class NixProfileArgs:
         if auto_rollback is not None:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
         if compress is None:
-            compress = False
+            compress = 'auto'
         if compress is not None:
             pulumi.set(__self__, "compress", compress)
         if confirm_timeout is None:
@@ -157,14 +157,14 @@ class NixProfileArgs:
 
     @_builtins.property
     @pulumi.getter
-    def compress(self) -> pulumi.Input[Optional[_builtins.bool]]:
+    def compress(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
-        Whether to compress the stream of store paths sent over SSH.
+        How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         """
         return pulumi.get(self, "compress")
 
     @compress.setter
-    def compress(self, value: pulumi.Input[Optional[_builtins.bool]]):
+    def compress(self, value: pulumi.Input[Optional[_builtins.str]]):
         pulumi.set(self, "compress", value)
 
     @_builtins.property
@@ -321,7 +321,7 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
@@ -346,7 +346,7 @@ class NixProfile(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
-        :param pulumi.Input[_builtins.bool] compress: Whether to compress the stream of store paths sent over SSH.
+        :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] connection: How to reach the host over SSH.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the package to deploy, such as `.#homeConfigurations.alice.activationPackage`. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `storePath`.
@@ -390,7 +390,7 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
@@ -421,7 +421,7 @@ class NixProfile(pulumi.CustomResource):
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
             if compress is None:
-                compress = False
+                compress = 'auto'
             __props__.__dict__["compress"] = compress
             if confirm_timeout is None:
                 confirm_timeout = 30
@@ -545,9 +545,9 @@ class NixProfile(pulumi.CustomResource):
 
     @_builtins.property
     @pulumi.getter
-    def compress(self) -> pulumi.Output[Optional[_builtins.bool]]:
+    def compress(self) -> pulumi.Output[Optional[_builtins.str]]:
         """
-        Whether to compress the stream of store paths sent over SSH.
+        How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         """
         return pulumi.get(self, "compress")
 

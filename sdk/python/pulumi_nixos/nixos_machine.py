@@ -27,7 +27,7 @@ class NixosMachineArgs:
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
@@ -48,7 +48,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
-        :param pulumi.Input[_builtins.bool] compress: Whether to compress the stream of store paths sent over SSH.
+        :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[_builtins.bool] dry_activate: Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
@@ -83,7 +83,7 @@ class NixosMachineArgs:
         if build_on_preview is not None:
             pulumi.set(__self__, "build_on_preview", build_on_preview)
         if compress is None:
-            compress = False
+            compress = 'auto'
         if compress is not None:
             pulumi.set(__self__, "compress", compress)
         if confirm_timeout is None:
@@ -193,14 +193,14 @@ class NixosMachineArgs:
 
     @_builtins.property
     @pulumi.getter
-    def compress(self) -> pulumi.Input[Optional[_builtins.bool]]:
+    def compress(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
-        Whether to compress the stream of store paths sent over SSH.
+        How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         """
         return pulumi.get(self, "compress")
 
     @compress.setter
-    def compress(self, value: pulumi.Input[Optional[_builtins.bool]]):
+    def compress(self, value: pulumi.Input[Optional[_builtins.str]]):
         pulumi.set(self, "compress", value)
 
     @_builtins.property
@@ -347,7 +347,7 @@ class NixosMachine(pulumi.CustomResource):
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -375,7 +375,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
-        :param pulumi.Input[_builtins.bool] compress: Whether to compress the stream of store paths sent over SSH.
+        :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] connection: How to reach the host over SSH.
         :param pulumi.Input[_builtins.bool] dry_activate: Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
@@ -422,7 +422,7 @@ class NixosMachine(pulumi.CustomResource):
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
-                 compress: pulumi.Input[Optional[_builtins.bool]] = None,
+                 compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -460,7 +460,7 @@ class NixosMachine(pulumi.CustomResource):
                 build_on_preview = False
             __props__.__dict__["build_on_preview"] = build_on_preview
             if compress is None:
-                compress = False
+                compress = 'auto'
             __props__.__dict__["compress"] = compress
             if confirm_timeout is None:
                 confirm_timeout = 30
@@ -614,9 +614,9 @@ class NixosMachine(pulumi.CustomResource):
 
     @_builtins.property
     @pulumi.getter
-    def compress(self) -> pulumi.Output[Optional[_builtins.bool]]:
+    def compress(self) -> pulumi.Output[Optional[_builtins.str]]:
         """
-        Whether to compress the stream of store paths sent over SSH.
+        How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         """
         return pulumi.get(self, "compress")
 
