@@ -120,8 +120,11 @@ def main() -> list[tuple[str, str]]:
         def nix_copy(store: str) -> Callable[[], dict[str, float]]:
             def run() -> dict[str, float]:
                 started = time.monotonic()
-                subprocess.run(["nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
-                                "--to", store.format(addr=ADDRESS), system], check=True, capture_output=True, env=env)
+                res = subprocess.run(["nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
+                                      "--to", store.format(addr=ADDRESS), system], capture_output=True, text=True,
+                                     env=env)
+                if res.returncode != 0:
+                    raise SystemExit(f"nix copy --to {store} failed: {res.stderr.strip()[-500:]}")
                 seconds = time.monotonic() - started
                 clean()
                 return {"seconds": seconds}
