@@ -65,10 +65,14 @@ class HostFactory:
         self.lab_dir = lab_dir
         self.started: list[labctl.LabHost] = []
 
-    def __call__(self, mode: str = "nixos") -> labctl.LabHost:
+    def __call__(self, mode: str = "nixos", release: str = labctl.DEFAULT_RELEASE) -> labctl.LabHost:
+        """A lab host: "nixos" or "bare" (a mount namespace), or "systemd"
+        (systemd-nspawn of the Debian `release` root, systemd as PID 1)."""
+        if mode == "systemd" and (why := labctl.systemd_unavailable()) is not None:
+            pytest.skip(why)
         n = next(_addresses)
         name = f"t{n}"
-        host = labctl.add_host(self.lab_dir, name, f"127.0.{LAB_NET + n // 250}.{n % 250 + 1}", mode)
+        host = labctl.add_host(self.lab_dir, name, f"127.0.{LAB_NET + n // 250}.{n % 250 + 1}", mode, release)
         self.started.append(host)
         return host
 
