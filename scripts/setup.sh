@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 
-DEB_PACKAGES=(nix-bin openssh-server openssh-client sudo iproute2 util-linux procps curl git)
+DEB_PACKAGES=(nix-bin openssh-server openssh-client sudo iproute2 util-linux procps curl git
+             systemd-container debootstrap)  # systemd lab hosts: systemd-nspawn of a debootstrapped root
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import time
 
@@ -214,3 +215,42 @@ def test_pulumi_up_on_a_systemd_host(project: PulumiProject, sd_host: labctl.Lab
     assert outputs["systemPath"] == systems["web"] and outputs["generation"] == 2
     project.run("refresh", "--yes", "--skip-preview")
     assert project.resource("NixosMachine")["outputs"]["systemPath"] == systems["web"]  # type: ignore[index]
+
+
+@pytest.mark.e2e
+def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
+        project: PulumiProject, sd_host: labctl.LabHost, systems: Systems) -> None:
+    outputs = {"systemPath": "${web.systemPath}", "generation": "${web.generation}"}
+    program(project, {"web": machine(sd_host, "web")}, outputs)
+    project.run("stack", "init", "dev")
+    project.up()
+    program(project, {"web": machine(sd_host, "web-slow", confirmTimeout=3)}, outputs)
+    up = subprocess.Popen(["pulumi", "--non-interactive", "up", "--yes", "--skip-preview"], cwd=project.dir,
+                          env=project.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Interrupt once the supervisor's unit runs the slow activation, as ^C would.
+        deadline = time.monotonic() + 120
+        while not SUPERVISOR_UNIT.search(
+                in_host(sd_host, "systemctl", "list-units", "--no-legend", "--state=active", "pulumi-nixos-*").stdout):
+            assert up.poll() is None and time.monotonic() < deadline, "activation never started"
+            time.sleep(0.2)
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode != 0, strip_ansi(out)
+    # Nobody confirms the new system: its supervisor rolls the host back by itself.
+    deadline = time.monotonic() + 20 + 3 + 30
+    while in_host(sd_host, "systemctl", "list-units", "--no-legend", "pulumi-nixos-*").stdout.strip():
+        assert time.monotonic() < deadline, "the supervisor unit did not finish"
+        time.sleep(0.5)
+    assert current_system(sd_host) == systems["web"] and gens(sd_host) == [1, 2]
+    assert http_version(sd_host) == "1"
+    # The state never ran ahead of the host, and a refresh reads the same.
+    assert project.outputs() == {"systemPath": systems["web"], "generation": 2}
+    project.run("refresh", "--yes", "--skip-preview")
+    state_outputs = project.resource("NixosMachine")["outputs"]
+    assert isinstance(state_outputs, dict)
+    assert state_outputs["systemPath"] == systems["web"] and state_outputs["generation"] == 2
