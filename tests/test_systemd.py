@@ -68,7 +68,7 @@ async def test_switch_under_systemd_runs_the_supervisor_in_its_own_unit(sd_host:
     # The supervisor ran as a transient unit of systemd (systemd-run), not
     # under setsid inside the SSH session's cgroup, and --collect removed it.
     units = set(SUPERVISOR_UNIT.findall(journal(sd_host)))
-    assert len(units) == 1, journal(sd_host)
+    assert len(units) == 1, f"expected one pulumi-nixos-*-activate.service in the journal, found {units}"
     unit = units.pop()
     log = journal(sd_host, "-u", unit)
     assert "Started" in log and unit.removesuffix(".service") in log
@@ -88,6 +88,11 @@ async def test_magic_rollback_survives_the_ssh_service_restart(sd_host: labctl.L
     ssh_log = journal(sd_host, "-u", "ssh.service")
     assert f"Server listening on {sd_host.address} port 2299." in ssh_log
     assert ssh_log.rindex("port 2222.") > ssh_log.index("port 2299.")
+    # One supervisor unit, alive from before the move to after the move back.
+    log = journal(sd_host)
+    unit = SUPERVISOR_UNIT.findall(log)[-1]
+    started, ended = log.index(f"Started {unit.removesuffix('.service')}"), log.rindex(unit)
+    assert started < log.index("port 2299.") < log.rindex("port 2222.") < ended
     assert unit_state(sd_host, "ssh.service") == "active"
     assert in_host(sd_host, "systemctl", "show", "-P", "MainPID", "ssh.service").stdout.strip() != ssh_pid
     assert listening_ports(sd_host) == {2222}
