@@ -427,6 +427,7 @@ def stop_host(state: Path) -> None:
 #   <state>/etc-upper/ssh/ssh_host_*     -> /etc/ssh/ssh_host_ed25519_key{,.pub}
 #   <state>/etc-upper/ssh/sshd_config.d/lab.conf -> /etc/ssh/sshd_config.d/lab.conf
 #   <state>/etc-upper/nix/nix.conf       -> /etc/nix/nix.conf
+#   <state>/etc-upper/hostname           -> /etc/hostname
 #   tests/lab/systemd/*                  -> lab-boot.service and drop-ins for
 #                                           multi-user.target and ssh.service
 #
