@@ -48,9 +48,12 @@ def journal(host: labctl.LabHost, *match: str) -> str:
 
 
 def listening_ports(host: labctl.LabHost) -> set[int]:
-    """The TCP ports sshd listens on, as the host's ssh.service sees it."""
+    """The TCP ports the host's own sshd listens on (the network is the machine's,
+    but -p names only processes in the host's PID namespace)."""
     out = in_host(host, "ss", "-Hltnp", check=False).stdout
-    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if '"sshd' in line}
+    local = [(line.split()[3], line) for line in out.splitlines()]
+    return {int(addr.rsplit(":", 1)[1]) for addr, line in local
+            if addr.startswith(f"{host.address}:") and '"sshd' in line}
 
 
 async def test_switch_under_systemd_runs_the_supervisor_in_its_own_unit(sd_host: labctl.LabHost,
