@@ -22,7 +22,9 @@ from nixos_provider.engine.models import Credentials, Remote  # noqa: E402
 
 LAB_FLAKE = REPO / "tests" / "lab"
 # Test hosts live on 127.0.NET.x and 127.0.NET+1.x; NET+9 is for hosts a
-# program makes itself. A second checkout testing at the same time sets its own.
+# program makes itself, NET-1 and NET+8 for the labctl command-line tests
+# (namespace and systemd hosts). A second checkout testing at the same time
+# sets its own.
 LAB_NET = int(os.environ.get("LAB_TEST_NET", "20"))
 _addresses = itertools.count(1)
 

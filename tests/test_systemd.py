@@ -8,14 +8,17 @@ Debian's ssh.service, restarted through systemctl.  See docs/lab.md.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import labctl
 import pytest
-from conftest import HostFactory, PulumiProject, Systems, current_system, http_version, in_host, remote_for
+from conftest import LAB_NET, HostFactory, PulumiProject, Systems, current_system, http_version, in_host, remote_for
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import DeployError
 from nixos_provider.engine.models import DeployRequest, Profile
@@ -262,3 +265,44 @@ def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
     state_outputs = project.resource("NixosMachine")["outputs"]
     assert isinstance(state_outputs, dict)
     assert state_outputs["systemPath"] == systems["web"] and state_outputs["generation"] == 2
+
+
+def test_labctl_command_line_for_systemd_hosts(tmp_path: Path) -> None:
+    labctl_cmd = [sys.executable, str(Path(labctl.__file__)), "--lab-dir", str(tmp_path)]
+    up = subprocess.run([*labctl_cmd, "up", "--hosts", "2", "--mode", "systemd", "--subnet", str(LAB_NET + 8)],
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    try:
+        hosts = labctl.load_hosts(tmp_path)
+        assert [(h.mode, h.release) for h in hosts] == [("systemd", "trixie")] * 2
+        status = subprocess.run([*labctl_cmd, "status"], capture_output=True, text=True).stdout
+        assert status.count(" systemd up ") == 2 and status.count("ssh=ok") == 2, status
+        inits = [labctl.container_init_pid(h.state) for h in hosts]
+        cgroups = [Path(json.loads((h.state / "nspawn.json").read_text())["cgroup"]) for h in hosts]
+        assert all(c.is_dir() for c in cgroups) and len(set(cgroups)) == 2
+        reboot = subprocess.run([*labctl_cmd, "reboot", "host1"], capture_output=True, text=True, timeout=120)
+        assert reboot.returncode == 0, reboot.stderr
+        assert labctl.container_init_pid(hosts[0].state) not in (None, inits[0])
+        assert labctl.container_init_pid(hosts[1].state) == inits[1]
+        assert current_system(hosts[0]) == labctl.build_system("base")
+    finally:
+        down = subprocess.run([*labctl_cmd, "down"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not (tmp_path / "hosts.json").exists()
+    for host, cgroup in zip(hosts, cgroups, strict=True):
+        assert not host.state.exists() and not cgroup.exists()
+        assert not labctl.wait_for_port(host.address, host.port, timeout=0.5)
+    assert nspawns_for(tmp_path) == []
+
+
+def nspawns_for(lab_dir: Path) -> list[int]:
+    """systemd-nspawn processes still running a host of lab_dir (zombies have no command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"systemd-nspawn") and any(str(lab_dir).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
