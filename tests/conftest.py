@@ -22,7 +22,9 @@ from nixos_provider.engine.models import Credentials, Remote  # noqa: E402
 
 LAB_FLAKE = REPO / "tests" / "lab"
 # Test hosts live on 127.0.NET.x and 127.0.NET+1.x; NET+9 is for hosts a
-# program makes itself. A second checkout testing at the same time sets its own.
+# program makes itself, NET-1 and NET+8 for the labctl command-line tests
+# (namespace and systemd hosts). A second checkout testing at the same time
+# sets its own.
 LAB_NET = int(os.environ.get("LAB_TEST_NET", "20"))
 _addresses = itertools.count(1)
 
@@ -74,10 +76,14 @@ class HostFactory:
         self.lab_dir = lab_dir
         self.started: list[labctl.LabHost] = []
 
-    def __call__(self, mode: str = "nixos") -> labctl.LabHost:
+    def __call__(self, mode: str = "nixos", release: str = labctl.DEFAULT_RELEASE) -> labctl.LabHost:
+        """A lab host: "nixos" or "bare" (a mount namespace), or "systemd"
+        (systemd-nspawn of the Debian `release` root, systemd as PID 1)."""
+        if mode == "systemd" and (why := labctl.systemd_unavailable()) is not None:
+            pytest.skip(why)
         n = next(_addresses)
         name = f"t{n}"
-        host = labctl.add_host(self.lab_dir, name, f"127.0.{LAB_NET + n // 250}.{n % 250 + 1}", mode)
+        host = labctl.add_host(self.lab_dir, name, f"127.0.{LAB_NET + n // 250}.{n % 250 + 1}", mode, release)
         self.started.append(host)
         return host
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import labctl
 import pytest
-from conftest import HostFactory, Systems, current_system, http_version, in_host
+from conftest import LAB_NET, HostFactory, Systems, current_system, http_version, in_host
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -158,7 +158,7 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
 def test_labctl_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "LAB_DIR": str(tmp_path)}
     labctl_py = str(Path(labctl.__file__))
-    up = subprocess.run([sys_python(), labctl_py, "--lab-dir", str(tmp_path), "up", "--hosts", "2", "--subnet", "19"],
+    up = subprocess.run([sys_python(), labctl_py, "--lab-dir", str(tmp_path), "up", "--hosts", "2", "--subnet", str(LAB_NET - 1)],
                         capture_output=True, text=True, env=env, timeout=120)
     assert up.returncode == 0, up.stderr
     hosts = labctl.load_hosts(tmp_path)

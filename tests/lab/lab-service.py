@@ -16,8 +16,24 @@ with open(os.path.join(system, "etc/lab/service.json")) as f:
 with open("/etc/lab/host.json") as f:
     host = json.load(f)
 
+
+
+def notify(message: str) -> None:
+    """Tell systemd (Type=notify units on systemd lab hosts) how the service is doing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(message.encode())
+
+
 if config.get("down"):
-    # The "service does not answer" fault: exit without listening.
+    # The "service does not answer" fault: exit without listening (started
+    # fine, as far as systemd is concerned).
+    notify("READY=1")
     sys.exit(0)
 
 
@@ -48,4 +64,5 @@ class Server(HTTPServer):
 server = Server((host["address"], int(host["httpPort"])), Handler)
 with open("/run/lab/service.ready", "w") as f:
     f.write(str(os.getpid()))
+notify("READY=1")
 server.serve_forever()

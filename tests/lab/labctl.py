@@ -7,22 +7,27 @@ deployer that pushes a closure to it really crosses stores, and activation
 really changes what runs there.  See docs/lab.md.
 
 Usage:
-    labctl.py up [--hosts N] [--mode nixos|bare] [--lab-dir DIR] [--subnet K]
+    labctl.py up [--hosts N] [--mode nixos|bare|systemd] [--release trixie|sid] [--lab-dir DIR] [--subnet K]
     labctl.py status [--lab-dir DIR]
     labctl.py down [--lab-dir DIR]
     labctl.py reboot NAME [--lab-dir DIR]
     labctl.py kexec NAME [--lab-dir DIR]
 
 `up` writes DIR/hosts.json describing each host (name, address, port, user,
-privateKeyPath, hostKey, stateDir, httpPort, mode) for tests, examples and the
-demo.  Needs root: it creates mount namespaces.
+privateKeyPath, hostKey, stateDir, httpPort, mode, release) for tests, examples
+and the demo.  Needs root: it creates mount namespaces.
+
+`--mode systemd` hosts boot a Debian root with systemd as PID 1 under
+systemd-nspawn instead (see "systemd hosts" below and docs/lab.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,6 +65,7 @@ class LabHost:
     mode: str
     nonRootUser: str = USER_NAME
     nonRootPassword: str = USER_PASSWORD
+    release: str = ""  # systemd hosts: the Debian release of their root (trixie, sid)
 
     @property
     def state(self) -> Path:
@@ -105,6 +111,8 @@ def holder_pid(state: Path) -> int | None:
 
 
 def nsenter(state: Path, cmd: list[str]) -> list[str]:
+    if is_systemd_state(state):
+        return container_enter(state, cmd)
     pid = holder_pid(state)
     if pid is None:
         raise LabError(f"lab host at {state} is not running")
@@ -177,7 +185,8 @@ def copy_closure_into(state: Path, store_path: str) -> None:
     imp = subprocess.run(nsenter(state, ["nix-store", "--import"]), stdin=export.stdout, capture_output=True, text=True)
     export.wait()
     if export.returncode != 0 or imp.returncode != 0:
-        raise LabError(f"copying {store_path} into lab host failed: {imp.stderr.strip()}")
+        raise LabError(f"copying {store_path} into lab host failed (export {export.returncode}, "
+                       f"import {imp.returncode}): {imp.stderr.strip()}")
 
 
 def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None:
@@ -323,6 +332,9 @@ def _power_cycle(state: Path) -> None:
 def boot(host: LabHost) -> None:
     """Start the host from its disk, as a reboot would: the boot-default
     generation when one is installed, else the plain distribution (bare)."""
+    if host.mode == "systemd":
+        reboot_container(host)
+        return
     state = host.state
     _power_cycle(state)
     in_ns = lambda cmd: run(nsenter(state, cmd))  # noqa: E731
@@ -344,6 +356,8 @@ def kexec(host: LabHost) -> None:
     nixos-anywhere's kexec phase does: /etc/os-release says VARIANT_ID=installer,
     the installer keeps the machine's SSH host key (the kexec image carries
     it over) and root's authorized keys, and the disk is left alone."""
+    if host.mode == "systemd":
+        raise LabError(f"{host.name}: kexec is for namespace hosts (--mode bare), not systemd hosts")
     state = host.state
     _power_cycle(state)
     in_ns = lambda cmd, **kw: run(nsenter(state, cmd), **kw)  # noqa: E731
@@ -370,14 +384,20 @@ def find_host(lab_dir: Path, address: str, port: int) -> LabHost:
     raise LabError(f"no lab host at {address}:{port} in {lab_dir / 'hosts.json'}")
 
 
-def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: str | None) -> LabHost:
+def _fresh_state(lab_dir: Path, name: str, address: str) -> tuple[Path, Path]:
+    """An empty state directory for a new host (stopping an old one of that
+    name) and the lab's client key."""
     state = lab_dir / "hosts" / name
     if state.exists():
         stop_host(state)
     if wait_for_port(address, SSH_PORT, timeout=0.2):
         raise LabError(f"{address}:{SSH_PORT} is already in use (a lab from another directory still running?)")
     state.mkdir(parents=True)
-    key = _client_key(lab_dir)
+    return state, _client_key(lab_dir)
+
+
+def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: str | None) -> LabHost:
+    state, key = _fresh_state(lab_dir, name, address)
     host = LabHost(
         name=name,
         address=address,
@@ -405,12 +425,354 @@ def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: s
 
 
 def stop_host(state: Path) -> None:
+    if is_systemd_state(state):
+        stop_container(state)
     stop_nix_daemon(state)
     kill_namespace(state, keep_holder=False)
     pid = holder_pid(state)
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(state, ignore_errors=True)
+
+
+# -- systemd hosts ------------------------------------------------------------
+#
+# A systemd host boots a Debian root (scripts/release-root.sh: trixie has Nix
+# 2.26, sid 2.34) with systemd as PID 1 under systemd-nspawn.  The root is
+# shared and never written: --volatile=overlay puts a tmpfs over it, so what
+# the running system changes in /etc, /var or /tmp is gone at the next boot,
+# as on a machine whose /etc is generated.  What a disk would keep is bound in
+# from the host's state directory:
+#
+#   <state>/nix                          -> /nix (its own store and profiles)
+#   <state>/etc-upper/lab                -> /etc/lab (host.json, ports, keys, boot-default)
+#   <state>/etc-upper/ssh/ssh_host_*     -> /etc/ssh/ssh_host_ed25519_key{,.pub}
+#   <state>/etc-upper/ssh/sshd_config.d/lab.conf -> /etc/ssh/sshd_config.d/lab.conf
+#   <state>/etc-upper/nix/nix.conf       -> /etc/nix/nix.conf
+#   <state>/etc-upper/hostname           -> /etc/hostname
+#   tests/lab/systemd/*                  -> lab-boot.service and drop-ins for
+#                                           multi-user.target and ssh.service
+#
+# The container shares the machine's network; its sshd listens on the host's
+# own loopback address.  At boot, lab-boot.service activates the boot-default
+# generation (NixOS's stage 2), and switch-to-configuration manages the lab
+# service and Debian's ssh.service through systemctl.
+
+DEFAULT_RELEASE = "trixie"
+SYSTEMD_UNITS = LAB_FLAKE / "systemd"
+RELEASE_ROOT_SCRIPT = REPO_ROOT / "scripts" / "release-root.sh"
+CONTAINER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_TIMEOUT = 60.0
+POWEROFF_TIMEOUT = 20.0
+
+
+def systemd_unavailable() -> str | None:
+    """Why systemd hosts cannot run on this machine, or None when they can."""
+    if os.geteuid() != 0:
+        return "systemd hosts need root (systemd-nspawn)"
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn is not installed (Debian package systemd-container)"
+    if _cgroup2_mount() is None:
+        return "no cgroup2 hierarchy is mounted (the container's systemd needs one)"
+    return None
+
+
+def release_root(release: str) -> Path:
+    """The Debian root for a release, built by scripts/release-root.sh on first use."""
+    out = run(["bash", str(RELEASE_ROOT_SCRIPT), release]).stdout.strip().splitlines()
+    if not out:
+        raise LabError(f"release-root.sh {release} printed no path")
+    return Path(out[-1])
+
+
+def is_systemd_state(state: Path) -> bool:
+    return (state / "nspawn.json").exists()
+
+
+def _machine_name(state: Path) -> str:
+    # Unique per state directory: nspawn keeps per-machine files in the
+    # machine's /run (e.g. /run/systemd/nspawn/propagate/<name>).
+    digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:8]
+    return f"lab-{state.name}-{digest}"
+
+
+def _cgroup2_mount() -> Path | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    return None
+
+
+def _container_cgroup(state: Path) -> Path:
+    """A cgroup of the container's own: nspawn puts its payload under the
+    cgroup it runs in, and two containers must never share one."""
+    mount = _cgroup2_mount()
+    if mount is None:
+        raise LabError("no cgroup2 hierarchy is mounted")
+    own = ""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                own = line[3:].strip().lstrip("/")
+    return mount / own / "pulumi-nixos-lab" / _machine_name(state)
+
+
+def _remove_cgroup(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            sub.rmdir()
+        except OSError:
+            pass
+    for empty in (path, path.parent):  # the container's cgroup, then pulumi-nixos-lab when empty
+        try:
+            empty.rmdir()
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _nspawn_record(state: Path) -> dict[str, object] | None:
+    try:
+        record: dict[str, object] = json.loads((state / "nspawn.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record
+
+
+def _nspawn_pid(state: Path) -> int | None:
+    record = _nspawn_record(state)
+    if record is None or not isinstance(record.get("pid"), int):
+        return None
+    pid = record["pid"]
+    assert isinstance(pid, int)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    # The pid is this host's nspawn, not a recycled number.
+    if not _pid_alive(pid) or f"--machine={record.get('machine')}".encode() not in cmdline:
+        return None
+    return pid
+
+
+def container_init_pid(state: Path) -> int | None:
+    """The container's PID 1 (systemd), as the machine sees it, or None when it is not running."""
+    nspawn = _nspawn_pid(state)
+    if nspawn is None:
+        return None
+    try:
+        children = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            status = Path(f"/proc/{child}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:") and line.split()[-1] == "1" and len(line.split()) > 2:
+                return int(child)
+    return None
+
+
+def container_enter(state: Path, cmd: list[str]) -> list[str]:
+    """argv running cmd inside a systemd host (its mount, PID, UTS and IPC namespaces), with a clean environment."""
+    pid = container_init_pid(state)
+    if pid is None:
+        raise LabError(f"systemd lab host at {state} is not running")
+    return ["nsenter", f"--target={pid}", "--mount", "--uts", "--ipc", "--pid", "--",
+            "env", "-i", f"PATH={CONTAINER_PATH}", "LC_ALL=C.UTF-8", "HOME=/root", *cmd]
+
+
+def _prepare_systemd_state(state: Path, host: LabHost, client_pub: str) -> None:
+    etc = state / "etc-upper"
+    (state / "nix").mkdir(parents=True, exist_ok=True)
+    (etc / "ssh").mkdir(parents=True, exist_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}",
+         "-f", str(etc / "ssh" / "ssh_host_ed25519_key")])
+    # Debian's sshd_config includes sshd_config.d/*.conf first, and the first
+    # value of a keyword wins.  No Port line: ssh.service passes the active
+    # generation's port with -o Port=N (tests/lab/systemd/ssh.conf).
+    _write(
+        etc / "ssh" / "sshd_config.d" / "lab.conf",
+        "\n".join([
+            f"ListenAddress {host.address}",
+            "HostKey /etc/ssh/ssh_host_ed25519_key",
+            "PermitRootLogin yes",
+            "PasswordAuthentication no",
+            "AuthorizedKeysFile /etc/lab/authorized_keys/%u",
+            "UsePAM no",
+            "StrictModes no",
+            "AllowTcpForwarding yes",
+            "MaxStartups 100:30:200",
+            "MaxSessions 50",
+            "",
+        ]),
+    )
+    # No build users and no sandbox: the lab's derivations use the machine's /bin/sh.
+    _write(etc / "nix" / "nix.conf", "build-users-group =\nsandbox = false\nsubstituters =\n")
+    _write(etc / "hostname", f"{host.name}\n")
+    _write(etc / "lab" / "authorized_keys" / "root", client_pub)
+    _write(etc / "lab" / "ssh-port-default", str(host.port))
+    _write(etc / "lab" / "sshd.env", f"LAB_SSH_PORT={host.port}\n")
+    _write(
+        etc / "lab" / "host.json",
+        json.dumps({"name": host.name, "address": host.address, "httpPort": host.httpPort, "sshPort": host.port}),
+    )
+
+
+def _nspawn_argv(host: LabHost, root: Path) -> list[str]:
+    state, etc = host.state, host.state / "etc-upper"
+    binds = [
+        f"--bind={state / 'nix'}:/nix",
+        f"--bind={etc / 'lab'}:/etc/lab",
+        f"--bind-ro={etc / 'ssh' / 'ssh_host_ed25519_key'}:/etc/ssh/ssh_host_ed25519_key",
+        f"--bind-ro={etc / 'ssh' / 'ssh_host_ed25519_key.pub'}:/etc/ssh/ssh_host_ed25519_key.pub",
+        f"--bind-ro={etc / 'ssh' / 'sshd_config.d' / 'lab.conf'}:/etc/ssh/sshd_config.d/lab.conf",
+        f"--bind-ro={etc / 'nix' / 'nix.conf'}:/etc/nix/nix.conf",
+        f"--bind-ro={etc / 'hostname'}:/etc/hostname",
+        f"--bind-ro={SYSTEMD_UNITS / 'lab-boot.service'}:/etc/systemd/system/lab-boot.service",
+        f"--bind-ro={SYSTEMD_UNITS / 'multi-user.conf'}:/etc/systemd/system/multi-user.target.d/lab.conf",
+        f"--bind-ro={SYSTEMD_UNITS / 'ssh.conf'}:/etc/systemd/system/ssh.service.d/lab.conf",
+    ]
+    return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--volatile=overlay",
+            f"--directory={root}", f"--machine={_machine_name(state)}", f"--hostname={host.name}",
+            "--link-journal=no", "--console=read-only", *binds]
+
+
+def start_container(host: LabHost) -> None:
+    """Boot the host's container and wait until its sshd answers."""
+    state = host.state
+    if container_init_pid(state) is not None:
+        raise LabError(f"{host.name} is already running")
+    root = release_root(host.release)
+    cgroup = _container_cgroup(state)
+    _remove_cgroup(cgroup)
+    cgroup.mkdir(parents=True, exist_ok=True)
+    argv = _nspawn_argv(host, root)
+    # The cgroup directory is $1: the wrapper moves itself there, then becomes nspawn.
+    wrapper = ["/bin/sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "lab-nspawn", str(cgroup), *argv]
+    # sid's systemd (>= 258) only runs on the unified cgroup hierarchy.
+    env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+    with open(state / "console.log", "ab") as console:
+        proc = subprocess.Popen(wrapper, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    (state / "nspawn.json").write_text(json.dumps({"pid": proc.pid, "machine": _machine_name(state),
+                                                   "root": str(root), "cgroup": str(cgroup)}))
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while container_init_pid(state) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"{host.name}: systemd-nspawn did not start: {_console_tail(state)}")
+        time.sleep(0.05)
+    # Boot is done when systemd says so (lab-boot.service is ordered before
+    # multi-user.target).  Until PID 1 is systemd and listening, systemctl
+    # says "offline" or cannot connect: ask again.
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        res = subprocess.run(container_enter(state, ["systemctl", "is-system-running", "--wait"]),
+                             text=True, capture_output=True, timeout=left)
+        booted = res.stdout.strip()
+        if booted in ("running", "degraded"):
+            break
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise LabError(f"{host.name}: boot ended {booted or res.stderr.strip()}: {_console_tail(state)}")
+        time.sleep(0.1)
+    if not wait_for_port(host.address, host.port, timeout=max(1.0, deadline - time.monotonic())):
+        raise LabError(f"{host.name}: sshd did not come up on {host.address}:{host.port}: {_console_tail(state)}")
+
+
+def _console_tail(state: Path, lines: int = 15) -> str:
+    try:
+        text = (state / "console.log").read_text(errors="replace")
+    except OSError:
+        return "(no console log)"
+    return "\n".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ln) for ln in text.splitlines()[-lines:])
+
+
+def stop_container(state: Path) -> None:
+    """Power the container off (systemd-nspawn turns SIGTERM into an orderly
+    shutdown); kill it when it does not stop in time."""
+    record = _nspawn_record(state) or {}
+    pid = _nspawn_pid(state)
+    if pid is not None:
+        init = container_init_pid(state)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + POWEROFF_TIMEOUT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            # Killing a PID namespace's init kills every process in it.
+            for victim in (init, pid):
+                if victim is not None:
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                raise LabError(f"systemd-nspawn {pid} for {state} would not die")
+    if isinstance(record.get("cgroup"), str):
+        cgroup = Path(str(record["cgroup"]))
+        _remove_cgroup(cgroup)
+        # On a hybrid hierarchy nspawn mirrors the cgroup in the named systemd one.
+        mount = _cgroup2_mount()
+        if mount is not None and mount.name == "unified" and cgroup.is_relative_to(mount):
+            _remove_cgroup(mount.parent / "systemd" / cgroup.relative_to(mount))
+
+
+def reboot_container(host: LabHost) -> None:
+    """The container restart: power off, boot again from what the "disk" keeps."""
+    stop_container(host.state)
+    start_container(host)
+
+
+def start_systemd_host(lab_dir: Path, name: str, address: str, base_system: str, release: str) -> LabHost:
+    """A systemd host with the `base` system installed as generation 1 and active."""
+    state, key = _fresh_state(lab_dir, name, address)
+    host = LabHost(name=name, address=address, port=SSH_PORT, user="root", privateKeyPath=str(key), hostKey="",
+                   stateDir=str(state), httpPort=HTTP_PORT, mode="systemd", release=release)
+    _prepare_systemd_state(state, host, Path(f"{key}.pub").read_text())
+    pub = (state / "etc-upper" / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()
+    host = LabHost(**{**asdict(host), "hostKey": f"{pub[0]} {pub[1]}"})
+    (state / "nspawn.json").write_text("{}")  # a systemd host from now on, even before it runs
+    try:
+        start_container(host)
+        # Install `base` as an installer would, then run the boot-time activation.
+        copy_closure_into(state, base_system)
+        run(nsenter(state, ["nix-env", "-p", "/nix/var/nix/profiles/system", "--set", base_system]))
+        run(nsenter(state, [f"{base_system}/bin/switch-to-configuration", "boot"]))
+        run(nsenter(state, ["systemctl", "start", "lab-boot.service"]))
+        if not wait_for_port(host.address, host.port):
+            raise LabError(f"{host.name}: sshd did not come up on {host.address}:{host.port}")
+    except BaseException:
+        stop_container(state)
+        raise
+    return host
+
+
+def _start_any(lab_dir: Path, name: str, address: str, mode: str, base_system: str | None,
+               release: str = DEFAULT_RELEASE) -> LabHost:
+    if mode == "systemd":
+        assert base_system is not None
+        return start_systemd_host(lab_dir, name, address, base_system, release)
+    return start_host(lab_dir, name, address, mode, base_system)
 
 
 # -- the lab as a whole -------------------------------------------------------
@@ -429,21 +791,22 @@ def save_hosts(lab_dir: Path, hosts: list[LabHost]) -> None:
 
 
 def up(lab_dir: Path = DEFAULT_LAB_DIR, count: int = 2, mode: str = "nixos", subnet: int = 10,
-       prefix: str = "host") -> list[LabHost]:
+       prefix: str = "host", release: str = DEFAULT_RELEASE) -> list[LabHost]:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (it creates mount namespaces)")
     lab_dir.mkdir(parents=True, exist_ok=True)
     down(lab_dir)
-    base = build_system("base") if mode == "nixos" else None
-    hosts = [start_host(lab_dir, f"{prefix}{i}", f"127.0.{subnet}.{i}", mode, base) for i in range(1, count + 1)]
+    base = build_system("base") if mode != "bare" else None
+    hosts = [_start_any(lab_dir, f"{prefix}{i}", f"127.0.{subnet}.{i}", mode, base, release)
+             for i in range(1, count + 1)]
     save_hosts(lab_dir, hosts)
     return hosts
 
 
-def add_host(lab_dir: Path, name: str, address: str, mode: str = "nixos") -> LabHost:
+def add_host(lab_dir: Path, name: str, address: str, mode: str = "nixos", release: str = DEFAULT_RELEASE) -> LabHost:
     """Start one more host in an existing lab and record it in hosts.json."""
-    base = build_system("base") if mode == "nixos" else None
-    host = start_host(lab_dir, name, address, mode, base)
+    base = build_system("base") if mode != "bare" else None
+    host = _start_any(lab_dir, name, address, mode, base, release)
     save_hosts(lab_dir, [h for h in load_hosts(lab_dir) if h.name != name] + [host])
     return host
 
@@ -476,7 +839,7 @@ def reboot(lab_dir: Path, name: str) -> None:
 def status(lab_dir: Path = DEFAULT_LAB_DIR) -> list[dict[str, object]]:
     rows = []
     for host in load_hosts(lab_dir):
-        running = holder_pid(host.state) is not None
+        running = (container_init_pid(host.state) if host.mode == "systemd" else holder_pid(host.state)) is not None
         current = ""
         if running:
             try:
@@ -488,7 +851,8 @@ def status(lab_dir: Path = DEFAULT_LAB_DIR) -> list[dict[str, object]]:
                 "name": host.name,
                 "address": f"{host.address}:{host.port}",
                 # A bare host that got NixOS installed boots it now.
-                "mode": "nixos" if (host.state / "etc-upper" / "lab" / "boot-default").is_symlink() else host.mode,
+                "mode": host.mode if host.mode != "bare" or not (host.state / "etc-upper" / "lab" / "boot-default").is_symlink()
+                else "nixos",
                 "running": running,
                 "ssh": running and wait_for_port(host.address, host.port, timeout=0.5),
                 "currentSystem": current,
@@ -503,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="start N hosts (stopping any running ones)")
     p_up.add_argument("--hosts", type=int, default=2)
-    p_up.add_argument("--mode", choices=["nixos", "bare"], default="nixos")
+    p_up.add_argument("--mode", choices=["nixos", "bare", "systemd"], default="nixos")
+    p_up.add_argument("--release", choices=["trixie", "sid"], default=DEFAULT_RELEASE,
+                      help="the Debian root a systemd host boots (--mode systemd)")
     p_up.add_argument("--subnet", type=int, default=10, help="hosts get 127.0.SUBNET.1..N")
     sub.add_parser("status", help="show the hosts")
     sub.add_parser("down", help="stop every host and remove its state")
@@ -515,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_dir = args.lab_dir.resolve()
     try:
         if args.cmd == "up":
-            hosts = up(lab_dir, args.hosts, args.mode, args.subnet)
+            hosts = up(lab_dir, args.hosts, args.mode, args.subnet, release=args.release)
             for h in hosts:
                 print(f"{h.name}: ssh -i {h.privateKeyPath} -p {h.port} root@{h.address}  (http://{h.address}:{h.httpPort}/)")
             print(f"wrote {lab_dir / 'hosts.json'}")

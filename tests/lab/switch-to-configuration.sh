@@ -3,7 +3,9 @@
 # parts a deployer can observe: /run/current-system, the boot entry, a service
 # that restarts when its configuration changes, sshd's port, and exit status 4
 # when a unit fails.  It runs inside a lab host's mount namespace, where /etc,
-# /run and /nix are the host's own.
+# /run and /nix are the host's own.  On a host where systemd runs
+# (/run/systemd/system exists: the systemd-nspawn lab hosts), the lab service
+# and sshd are real units, managed through systemctl as NixOS's script does.
 set -eu
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 out="@out@"
@@ -29,10 +31,12 @@ service_changed() {
   return 1
 }
 
+if [ -d /run/systemd/system ]; then systemd=1; ssh_unit=ssh.service; else systemd=0; ssh_unit=sshd.service; fi
+
 if [ "$action" = dry-activate ]; then
   units=""
   if service_changed; then units="lab-service.service"; fi
-  if [ "$want_port" != "$running_port" ]; then units="${units:+$units, }sshd.service"; fi
+  if [ "$want_port" != "$running_port" ]; then units="${units:+$units, }$ssh_unit"; fi
   echo "would restart the following units: ${units}" >&2
   exit 0
 fi
@@ -53,6 +57,48 @@ if [ -n "$slow" ] && [ "$slow" != 0 ]; then
   sleep "$slow"
 fi
 ln -sfn "$out" /run/current-system
+
+if [ "$systemd" = 1 ]; then
+  # The generation's lab-service.service, as NixOS links a generation's units
+  # into /etc/systemd/system.  Type=notify: `systemctl restart` returns once
+  # the service listens, or fails when it cannot start.
+  unit=/run/systemd/system/lab-service.service
+  {
+    echo "[Unit]"
+    echo "Description=Lab HTTP service of $(cat "$out/nixos-version")"
+    echo "[Service]"
+    echo "Type=notify"
+    echo "NotifyAccess=main"
+    if [ -n "$(cat "$out/etc/lab/activation-fails")" ]; then
+      # The activation-fails fault: the unit's start fails, as a broken configuration would.
+      echo "ExecStartPre=/bin/sh -c 'echo \"lab-service: refusing to start: this configuration is broken (activationFails fault)\" >&2; exit 1'"
+    fi
+    echo "ExecStart=/usr/bin/python3 $out/sw/bin/lab-service $out"
+  } > "$unit.new"
+  if cmp -s "$unit.new" "$unit"; then rm -f "$unit.new"; else mv -f "$unit.new" "$unit"; systemctl daemon-reload; fi
+  failed=""
+  if service_changed || ! systemctl is-active --quiet lab-service.service; then
+    echo "restarting the following units: lab-service.service" >&2
+    systemctl reset-failed lab-service.service 2>/dev/null || true
+    systemctl restart lab-service.service || failed="lab-service.service"
+  fi
+  if [ "$want_port" != "$running_port" ] || ! systemctl is-active --quiet ssh.service; then
+    echo "restarting the following units: ssh.service" >&2
+    # ssh.service reads the port from here (tests/lab/systemd/ssh.conf).
+    printf 'LAB_SSH_PORT=%s\n' "$want_port" > "$state/sshd.env"
+    if systemctl restart ssh.service; then
+      echo "$want_port" > "$state/sshd-port"
+    else
+      failed="${failed:+$failed }ssh.service"
+    fi
+  fi
+  if [ -n "$failed" ]; then
+    echo "warning: the following units failed: $failed" >&2
+    for u in $failed; do systemctl status --no-pager --lines=5 "$u" >&2 || true; done
+    exit 4
+  fi
+  exit 0
+fi
 
 restart_service=0
 service_changed && restart_service=1
