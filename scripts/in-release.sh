@@ -11,7 +11,7 @@
 #   - /etc has no /etc/nix/nix.conf and no nixbld group or users: what a fresh
 #     machine has, so the project's own settings must carry everything;
 #   - for trixie and sid, / is an overlay of the cached root (never changed),
-#     with this machine's /proc, /sys, /dev, /root (tool caches, Python),
+#     with this machine's /proc, /sys, /dev, /tmp, /root (tool caches, Python),
 #     /usr/local and the checkout bound in at the same paths; it becomes the
 #     namespace's root (pivot_root), so namespaces made inside see it too.
 # The test matrix (scripts/test-matrix.sh) runs each leg of the suite here.
@@ -32,7 +32,7 @@ esac
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/pulumi-nixos-$release.XXXXXX")"
 cleanup() { rm -rf --one-file-system "$work" 2>/dev/null || true; }
 trap cleanup EXIT
-mkdir -p "$work/nix" "$work/tmp" "$work/etc-upper" "$work/etc-work" "$work/root-upper" "$work/root-work" "$work/newroot"
+mkdir -p "$work/nix" "$work/etc-upper" "$work/etc-work" "$work/root-upper" "$work/root-work" "$work/newroot"
 
 # Everything below runs in the new mount namespace; values reach the inner
 # script as arguments, never pasted into it.
@@ -73,9 +73,9 @@ parent=$(dirname "$repo")
 mkdir -p "$new$parent"
 mount --rbind "$parent" "$new$parent"
 cp /etc/resolv.conf "$new/etc/resolv.conf" 2>/dev/null || true
-# /tmp on the disk, not in the overlay: the lab stacks overlays on it.
-mkdir -p "$work/tmp" && chmod 1777 "$work/tmp"
-mount --bind "$work/tmp" "$new/tmp"
+# The machine /tmp, not one in the overlay: the lab stacks overlays on it,
+# and what labctl starts in the machine namespace (nspawn) finds the same files.
+mount --rbind /tmp "$new/tmp"
 # pivot_root, not chroot: the root of the namespace becomes the release root,
 # so the nested lab namespaces, and nsenter into them, see it as / too.
 mkdir -p "$new/.old-root"
@@ -86,5 +86,7 @@ rmdir /.old-root 2>/dev/null || true
 cd "$cwd"
 exec "$@"
 '
-# The directory to run in, seen from inside: the same path.
+# The machine's own mount namespace, for what must run outside the release
+# (labctl starts systemd-nspawn there); a nested leg keeps the outermost.
+export PULUMI_NIXOS_MACHINE_PID="${PULUMI_NIXOS_MACHINE_PID:-$$}"
 unshare --mount --propagation private -- bash -c "$inner" in-release "$root" "$work" "$repo" "$@"

@@ -185,12 +185,14 @@ async def test_cancel_during_activation_rolls_back_by_itself(sd_host: labctl.Lab
     assert [g.number for g in state.generations] == [1, 2]
 
 
-async def test_push_from_nix_2_8_to_a_nix_2_34_host(new_host: HostFactory, systems: Systems) -> None:
-    host = new_host("systemd", release="sid")
-    deployer = subprocess.run(["nix-store", "--version"], text=True, capture_output=True, check=True).stdout
-    target = in_host(host, "nix-store", "--version").stdout
-    assert re.search(r"\b2\.8\.", deployer), deployer
-    assert re.search(r"\b2\.34\.", target), target
+async def test_push_across_nix_versions(new_host: HostFactory, systems: Systems) -> None:
+    """The deployer's Nix and the target's differ: older to newer in the bookworm and trixie legs
+    (2.8 or 2.26 to sid's 2.34), newer to older in the sid leg (2.34 to trixie's 2.26)."""
+    deployer = subprocess.run(["nix-store", "--version"], text=True, capture_output=True, check=True).stdout.split()[-1]
+    host = new_host("systemd", release="trixie" if deployer.startswith("2.34.") else "sid")
+    target = in_host(host, "nix-store", "--version").stdout.split()[-1]
+    print(f"deployer Nix {deployer} -> target Nix {target}")
+    assert deployer != target and re.fullmatch(r"2\.(8|26|34)\.\d+", target), (deployer, target)
     result = await deploy(host, systems["web"])
     assert result.push.paths == 4 and result.push.bytes > 0
     closure = [p.path for p in await Nix().closure(systems["web"])]

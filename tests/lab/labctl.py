@@ -667,6 +667,14 @@ def start_container(host: LabHost) -> None:
     argv = _nspawn_argv(host, root)
     # The cgroup directory is $1: the wrapper moves itself there, then becomes nspawn.
     wrapper = ["/bin/sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "lab-nspawn", str(cgroup), *argv]
+    machine = os.environ.get("PULUMI_NIXOS_MACHINE_PID", "")
+    if machine.isdigit() and _ns_of(int(machine)) not in (None, _ns_of(os.getpid())):
+        # A test leg (scripts/in-release.sh) runs in a root of its own, whose
+        # systemd-nspawn may refuse this machine's cgroup layout (sid's wants
+        # cgroup2 only). The machine's own nspawn is the hypervisor, whatever
+        # the deployer's userland: start it in the mount namespace in-release
+        # was started from, where the same paths lead to the same files.
+        wrapper = ["nsenter", f"--mount=/proc/{machine}/ns/mnt", "--", *wrapper]
     # sid's systemd (>= 258) only runs on the unified cgroup hierarchy.
     env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
     with open(state / "console.log", "ab") as console:
