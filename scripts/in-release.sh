@@ -32,7 +32,7 @@ esac
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/pulumi-nixos-$release.XXXXXX")"
 cleanup() { rm -rf --one-file-system "$work" 2>/dev/null || true; }
 trap cleanup EXIT
-mkdir -p "$work/nix" "$work/etc-upper" "$work/etc-work" "$work/root-upper" "$work/root-work" "$work/newroot"
+mkdir -p "$work/nix" "$work/root-upper" "$work/root-work" "$work/newroot"
 
 # Everything below runs in the new mount namespace; values reach the inner
 # script as arguments, never pasted into it.
@@ -41,19 +41,16 @@ set -euo pipefail
 root=$1 work=$2 repo=$3; shift 3
 cwd=$PWD
 mount --make-rprivate /
-strip_nixbld() { # the fresh machine has no Nix build users
-  local etc=$1
-  for f in group gshadow passwd shadow; do
-    [[ -f "$etc/$f" ]] || continue
-    grep -v "^nixbld" "$etc/$f" > "$work/$f.new" || true
-    cat "$work/$f.new" > "$work/etc-upper/$f"
-  done
-}
 if [[ $root == / ]]; then
-  strip_nixbld /etc
-  mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
-  # A whiteout hides the machine nix.conf inside the overlay.
-  rm -f /etc/nix/nix.conf
+  # Bind mounts, not an overlay on /etc: the lab stacks its own overlay on
+  # /etc, and overlays stack only two deep (a nested leg would be three).
+  for f in group gshadow passwd shadow; do
+    [[ -f /etc/$f ]] || continue
+    grep -v "^nixbld" "/etc/$f" > "$work/$f" || true
+    mount --bind "$work/$f" "/etc/$f"
+  done
+  # An empty /etc/nix hides the machine nix.conf.
+  if [[ -d /etc/nix ]]; then mkdir -p "$work/etc-nix" && mount --bind "$work/etc-nix" /etc/nix; fi
   mount --bind "$work/nix" /nix 2>/dev/null || { mkdir -p /nix && mount --bind "$work/nix" /nix; }
   exec "$@"
 fi

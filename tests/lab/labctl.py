@@ -777,10 +777,16 @@ def start_systemd_host(lab_dir: Path, name: str, address: str, base_system: str,
 
 def _start_any(lab_dir: Path, name: str, address: str, mode: str, base_system: str | None,
                release: str = DEFAULT_RELEASE) -> LabHost:
-    if mode == "systemd":
-        assert base_system is not None
-        return start_systemd_host(lab_dir, name, address, base_system, release)
-    return start_host(lab_dir, name, address, mode, base_system)
+    try:
+        if mode == "systemd":
+            assert base_system is not None
+            return start_systemd_host(lab_dir, name, address, base_system, release)
+        return start_host(lab_dir, name, address, mode, base_system)
+    except BaseException:
+        # A host that did not come up is not in hosts.json, so nothing
+        # would ever stop what it started (its namespace, sshd, nspawn).
+        stop_host(lab_dir / "hosts" / name)
+        raise
 
 
 # -- the lab as a whole -------------------------------------------------------
