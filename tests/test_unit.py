@@ -118,6 +118,24 @@ def test_health_check_validation() -> None:
     assert not [p for p, _ in items if p.startswith("healthChecks[3]")]
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1/80; touch /tmp/x; echo", "$(touch /tmp/x)", "`touch /tmp/x`",
+                                  "-oProxyCommand", "a b", "localhost\n", "", "x" * 300, 80, ["h"]])
+def test_health_check_host_must_be_a_host_name_or_ip(host: Any) -> None:
+    items = failures(check_health_checks, [{"tcp": 80, "host": host}])
+    assert [p for p, _ in items] == ["healthChecks[0].host"]
+    assert "is not a host name or IP address" in items[0][1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "fe80::1%eth0", "localhost", "web-1.example.org", "db_2"])
+def test_health_check_host_accepts_names_and_addresses(host: str) -> None:
+    assert failures(check_health_checks, [{"tcp": 80, "host": host}]) == []
+
+
+def test_health_check_command_and_http_must_be_strings() -> None:
+    items = failures(check_health_checks, [{"command": ["true"]}, {"http": 8080}])
+    assert [p for p, _ in items] == ["healthChecks[0].command", "healthChecks[1].http"]
+
+
 def _ctx() -> Context:
     return Context(log=lambda *a: None)
 
