@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +59,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             "nixos:index:NixProfile": NixProfile(self.ctx),
         }
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancelled: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     # -- logging to the engine --------------------------------------------------
 
@@ -193,8 +196,13 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
     async def Cancel(self, request: empty_pb2.Empty, context: Ctx) -> empty_pb2.Empty:
+        # Each operation is cancelled once: a deployment that is activating
+        # then tells its supervisor to roll back and waits for it (a second
+        # cancellation would cut that short and leave the state ahead of the host).
         for task in list(self._tasks):
-            task.cancel()
+            if task not in self._cancelled:
+                self._cancelled.add(task)
+                task.cancel()
         return empty_pb2.Empty()
 
     # -- resource RPCs ----------------------------------------------------------------
@@ -351,6 +359,10 @@ def main() -> None:
     import logging
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    # Ctrl-C in a terminal reaches the whole process group. The engine then
+    # calls Cancel, and a deployment that is activating rolls back and waits
+    # for its supervisor; dying on the signal would leave the host to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         asyncio.run(serve(sys.argv[1:]))
     except KeyboardInterrupt:
