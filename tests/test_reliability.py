@@ -13,10 +13,10 @@ from pathlib import Path
 
 import labctl
 import pytest
-from conftest import PulumiProject, Systems, current_system, in_host, remote_for
+from conftest import REPO, PulumiProject, Systems, current_system, in_host, remote_for
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine.errors import EngineError, HostBusy
-from nixos_provider.engine.models import DeployRequest, HealthCheck
+from nixos_provider.engine.errors import EngineError, HostBusy, HostKeyMismatch
+from nixos_provider.engine.models import DeployRequest, HealthCheck, Profile
 from test_provider_e2e import PROVIDER_DIR, machine, program, strip_ansi
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -202,3 +202,157 @@ def test_a_cancelled_up_rolls_back_and_the_next_up_converges(
     refresh = strip_ansi(project.run("refresh", "--yes", "--skip-preview").stdout)
     assert "updated" not in refresh and "unchanged" in refresh
 
+
+# -- 5. bad input is a Check failure naming the property, never an internal error -------------
+
+
+PYTHON_PROGRAM = """
+import pulumi
+
+# Raw resources: no SDK types, so every value reaches the provider's Check as written.
+conn = {"host": "%(host)s", "port": %(port)d}
+case = pulumi.Config().require("case")
+if case == "huge-flake":
+    pulumi.CustomResource("nixos:index:NixosMachine", case, {"connection": conn, "flake": "x" * 1_000_000 + "#web"})
+if case == "numbers":
+    pulumi.CustomResource("nixos:index:NixosMachine", case, {
+        "connection": {**conn, "password": 123, "agentSocketPath": 5, "privateKeyPassword": 7},
+        "flake": "%(flake)s#web", "healthChecks": [{"tcp": 80, "host": 80}, {"command": ["true"]}]})
+if case == "profile":
+    pulumi.CustomResource("nixos:index:NixProfile", case, {
+        "connection": conn, "profile": "app", "flake": "%(flake)s#app-v1", "activate": 7})
+"""
+
+
+def test_malformed_inputs_fail_check_naming_the_property(project: PulumiProject, lab_host: labctl.LabHost) -> None:
+    (project.dir / "Pulumi.yaml").write_text(json.dumps({
+        "name": "bad", "runtime": {"name": "python", "options": {"virtualenv": str(REPO / ".venv")}},
+        "plugins": {"providers": [{"name": "nixos", "path": PROVIDER_DIR}]}}))
+    (project.dir / "__main__.py").write_text(PYTHON_PROGRAM % {
+        "host": lab_host.address, "port": lab_host.port, "flake": f"path:{labctl.LAB_FLAKE}"})
+    project.run("stack", "init", "dev")
+    cases = {"huge-flake": ["flake"],  # (the CLI itself prints the value next to the property)
+             "numbers": ["connection.password", "connection.agentSocketPath", "connection.privateKeyPassword",
+                         "healthChecks[0].host", "healthChecks[1].command"],
+             "profile": ["activate"]}
+    for case, props in cases.items():
+        project.run("config", "set", "case", case)
+        res = project.run("preview", check=False)
+        out = strip_ansi(res.stdout + res.stderr)
+        assert res.returncode != 0
+        for prop in props:
+            assert f"property {prop} value" in out, (case, prop, out[-3000:])
+        if case == "huge-flake":
+            assert "has a problem: is 1000004 characters long; a flake reference has at most 4096" in out
+        assert "internal error" not in out and "Traceback" not in out and "Argument list too long" not in out, out
+
+
+# -- 6. credentials are secret in state even when the program forgot to say so ----------------
+
+
+def test_credentials_passed_in_plain_text_are_secret_in_state(
+        project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    key = Path(lab_host.privateKeyPath).read_text()
+    program(project, {"web": {"type": "nixos:NixosMachine", "properties": {
+        "connection": {"host": lab_host.address, "port": lab_host.port,
+                       "privateKey": {"fn::readFile": lab_host.privateKeyPath}},
+        "flake": f"path:{labctl.LAB_FLAKE}#web"}}})
+    project.run("stack", "init", "dev")
+    up = project.up()
+    assert current_system(lab_host) == systems["web"]
+    export = project.run("stack", "export").stdout
+    body = key.split("\n")[1]
+    assert body not in export and body not in up.stdout + up.stderr
+    web = project.resource("NixosMachine")
+    for where in ("inputs", "outputs"):
+        assert "ciphertext" in json.dumps(web[where]["connection"]["privateKey"]), where  # type: ignore[index]
+    # Nothing to deploy: marking it secret is not a change.
+    assert "unchanged" in strip_ansi(project.up().stdout)
+
+
+# -- 9. a killed CLI leaves no provider behind -------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def is_provider(pid: int) -> bool:
+    try:
+        return b"nixos_provider" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_the_provider_exits_when_the_cli_is_killed_and_the_host_rolls_back(
+        project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    proc = up_while_activating(project, lab_host, subprocess.DEVNULL)
+    providers = [p for p in descendants(proc.pid) if is_provider(p)]
+    assert providers
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{p}").exists() and is_provider(p) for p in providers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{p}").exists() and is_provider(p) for p in providers), "the provider outlived the CLI"
+    # The provider told the supervisor to roll back: the host is where the state says.
+    deadline = time.monotonic() + 60
+    while not supervisor_state(lab_host).startswith("rolled-back") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert supervisor_state(lab_host) == "rolled-back aborted"
+    assert current_system(lab_host) == systems["web"]
+    assert project.resource("NixosMachine")["outputs"]["systemPath"] == systems["web"]  # type: ignore[index]
+
+
+# -- 7. a host key of another type is a changed host key, not a lost connection ----------------
+
+
+async def test_a_host_key_of_another_type_is_refused_as_a_changed_key(
+        lab_host: labctl.LabHost, project: PulumiProject, systems: Systems) -> None:
+    program(project, {"web": machine(lab_host, "web")})
+    project.run("stack", "init", "dev")
+    project.up()  # pins the ed25519 key
+    # The host is reinstalled with an ECDSA key only.
+    in_host(lab_host, "sh", "-c", "rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub && "
+                                  "ssh-keygen -q -t ecdsa -N '' -f /etc/ssh/ssh_host_ed25519_key")
+    in_host(lab_host, "sh", "-c", 'kill "$(cat /run/sshd.pid)"')
+    labctl.boot(lab_host)
+    with pytest.raises(HostKeyMismatch) as err:
+        await engine.read_state(remote_for(lab_host, host_key=lab_host.hostKey), Profile())
+    assert "(ssh-ed25519)" in str(err.value) and "(ecdsa-sha2-nistp256)" in str(err.value)
+    refresh = project.run("refresh", "--yes", "--skip-preview", check=False)
+    out = strip_ansi(refresh.stdout + refresh.stderr)
+    assert refresh.returncode != 0
+    assert "host key mismatch" in out and "Connection lost" not in out, out
+
+
+# -- 8. drift shows the value that runs ---------------------------------------------------------
+
+
+def test_drift_shows_the_running_system(project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    program(project, {"web": machine(lab_host, "web")})
+    project.run("stack", "init", "dev")
+    project.up()
+    # Someone rolls the machine back by hand.
+    in_host(lab_host, "nix-env", "-p", "/nix/var/nix/profiles/system", "--switch-generation", "1")
+    in_host(lab_host, f"{systems['base']}/bin/switch-to-configuration", "switch")
+    refresh = strip_ansi(project.run("refresh", "--yes", "--skip-preview", "--diff").stdout)
+    running, declared = systems["base"], systems["web"]
+    assert re.search(rf'systemPath\s*:\s*"{declared}"\s*=>\s*"{running}"', refresh), refresh
+    preview = strip_ansi(project.run("preview", "--diff").stdout)
+    assert re.search(rf'systemPath\s*:\s*"{running}"\s*=>\s*"{declared}"', preview), preview
+    project.up()
+    assert current_system(lab_host) == declared

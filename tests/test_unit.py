@@ -12,7 +12,7 @@ from nixos_provider.engine.models import Profile, Remote
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
 from nixos_provider.pulumi_layer.base import Context
-from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_health_checks
+from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.machine import NixosMachine
 from nixos_provider.pulumi_layer.nix_profile import NixProfile
 from nixos_provider.pulumi_layer.properties import SECRET_SIG, SIG_KEY, UNKNOWN, UNKNOWN_STR, Secret, decode, encode
@@ -134,6 +134,22 @@ def test_health_check_host_accepts_names_and_addresses(host: str) -> None:
 def test_health_check_command_and_http_must_be_strings() -> None:
     items = failures(check_health_checks, [{"command": ["true"]}, {"http": 8080}])
     assert [p for p, _ in items] == ["healthChecks[0].command", "healthChecks[1].http"]
+
+
+def test_connection_credentials_must_be_strings_and_are_never_echoed() -> None:
+    items = failures(check_connection, {"host": "h", "password": 123456, "agentSocketPath": 5,
+                                        "privateKeyPassword": 987654, "privateKey": 42})
+    assert [p for p, _ in items] == ["connection.password", "connection.privateKeyPassword",
+                                     "connection.agentSocketPath", "connection.privateKey"]
+    assert all("123456" not in r and "987654" not in r for _, r in items)
+
+
+def test_a_huge_flake_or_store_path_is_refused_without_echoing_it() -> None:
+    huge = "x" * 1_000_000 + "#web"
+    (prop, reason), = failures(check_flake, "flake", huge)
+    assert prop == "flake" and reason == "is 1000004 characters long; a flake reference has at most 4096"
+    (prop, reason), = failures(check_store_path, "systemPath", "/nix/store/" + "a" * 100_000)
+    assert prop == "systemPath" and len(reason) < 200
 
 
 def _ctx() -> Context:

@@ -140,8 +140,19 @@ class Supervisor:
         return await self.follow(deadline, until=())
 
     async def abort(self, deadline: float) -> ActivationOutcome:
-        """Roll back now (cancelled, or a health check failed) and wait for the supervisor to finish."""
-        await self._write("abort", "")
+        """Roll back now (cancelled, or a health check failed) and wait for the supervisor to finish.
+
+        The request itself is not given up if this task is cancelled again
+        meanwhile: the host must hear it. Waiting for the outcome may be cut short.
+        """
+        request = asyncio.ensure_future(self._write("abort", ""))
+        while not request.done():
+            try:
+                await asyncio.shield(request)
+            except asyncio.CancelledError:
+                if request.cancelled():
+                    raise
+        request.result()
         return await self.follow(deadline, until=())
 
     async def stop_quietly(self) -> None:

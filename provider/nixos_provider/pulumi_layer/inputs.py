@@ -97,8 +97,15 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
             normalize_host_key(str(_plain(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
+    for k in ("password", "privateKeyPassword", "agentSocketPath"):
+        val = conn.get(k)
+        if _known(val) and not isinstance(_plain(val), str):
+            # Never echo the value: most of these are secrets.
+            f.add(f"{prop}.{k}", f"must be a string, not {_type_name(_plain(val))}")
     pk = conn.get("privateKey")
-    if _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
+    if _known(pk) and not isinstance(_plain(pk), str):
+        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {_type_name(_plain(pk))}")
+    elif _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
         # Never echo the value: it is a secret.
         f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
     proxy = conn.get("proxy")
@@ -145,9 +152,7 @@ def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") ->
         kinds = [k for k in ("command", "http", "tcp") if c.get(k) is not None]
         if len(kinds) != 1:
             f.add(p, f"needs exactly one of `command`, `http` or `tcp` (got {', '.join(kinds) or 'none'})")
-        command = c.get("command")
-        if _known(command) and not isinstance(_plain(command), str):
-            f.add(f"{p}.command", f"must be a shell command as a string, not {_type_name(_plain(command))}")
+        check_command(f, f"{p}.command", c.get("command"))
         http = c.get("http")
         if _known(http) and (not isinstance(_plain(http), str) or not re.match(r"^https?://[^\s/]+", _plain(http))):
             f.add(f"{p}.http", f"{_short(_plain(http))} is not an http:// or https:// URL")
@@ -160,14 +165,30 @@ def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") ->
         check_seconds(f, f"{p}.interval", c.get("interval"), 0, 3600)
 
 
+# Longer than any real flake reference or store path, far shorter than a command line may be.
+MAX_REF = 4096
+
+
 def check_store_path(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and not (isinstance(v, str) and is_store_path(v)):
-        f.add(prop, f"{v!r} is not a Nix store path (/nix/store/<hash>-<name>)")
+    v = _plain(v)
+    if _known(v) and not (isinstance(v, str) and len(v) <= MAX_REF and is_store_path(v)):
+        f.add(prop, f"{_short(v)} is not a Nix store path (/nix/store/<hash>-<name>)")
 
 
 def check_flake(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and (not isinstance(v, str) or "#" not in v or v.endswith("#")):
-        f.add(prop, f"{v!r} is not a flake reference with an attribute, such as `.#web`")
+    v = _plain(v)
+    if not _known(v):
+        return
+    if isinstance(v, str) and len(v) > MAX_REF:
+        f.add(prop, f"is {len(v)} characters long; a flake reference has at most {MAX_REF}")
+    elif not isinstance(v, str) or "#" not in v or v.endswith("#"):
+        f.add(prop, f"{_short(v)} is not a flake reference with an attribute, such as `.#web`")
+
+
+def check_command(f: Failures, prop: str, v: Any) -> None:
+    """A shell command run on the target (NixProfile `activate`)."""
+    if _known(v) and not isinstance(_plain(v), str):
+        f.add(prop, f"must be a shell command as a string, not {_type_name(_plain(v))}")
 
 
 def check_nix_options(f: Failures, opts: Any) -> None:

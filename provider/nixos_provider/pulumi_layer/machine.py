@@ -63,7 +63,11 @@ class NixosMachine(DeployedResource):
             raise CheckFailed(f)
 
         checked = dict(news)
-        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        # Credentials are secret in state whether or not the program said so.
+        checked["connection"] = v.secret_connection(v.normalize_connection(checked.get("connection"),
+                                                                           self.ctx.default_user))
+        if checked.get("install") is not None:
+            checked["install"] = v.secret_install(checked["install"])
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
@@ -435,6 +439,10 @@ class NixosMachine(DeployedResource):
             "nixosVersion": now.nixos_version,
         }
         if not importing:
+            if now.current_system and inputs.get("systemPath") not in (None, now.current_system):
+                # Drift: the inputs say what runs, so refresh shows the running
+                # system and the next preview `running => declared`.
+                inputs = {**inputs, "systemPath": now.current_system}
             return _id(remote), outputs, inputs
         # Import: what runs now is the baseline to return to on destroy, and
         # the inputs describe it, so the generated code deploys nothing.
