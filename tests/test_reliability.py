@@ -15,7 +15,7 @@ import labctl
 import pytest
 from conftest import REPO, PulumiProject, Systems, current_system, in_host, remote_for
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine.errors import EngineError, HostBusy, HostKeyMismatch
+from nixos_provider.engine.errors import DeployError, EngineError, HostBusy, HostKeyMismatch
 from nixos_provider.engine.models import DeployRequest, HealthCheck, Profile
 from test_provider_e2e import PROVIDER_DIR, machine, program, strip_ansi
 
@@ -356,3 +356,18 @@ def test_drift_shows_the_running_system(project: PulumiProject, lab_host: labctl
     assert re.search(rf'systemPath\s*:\s*"{running}"\s*=>\s*"{declared}"', preview), preview
     project.up()
     assert current_system(lab_host) == declared
+
+
+# -- 10. a failed deployment leaves nothing behind on the target ---------------------------------
+
+
+async def test_failed_and_rolled_back_deployments_leave_no_workdir(lab_host: labctl.LabHost, systems: Systems) -> None:
+    await engine.deploy(DeployRequest(remote_for(lab_host), systems["web"]))
+    with pytest.raises(DeployError, match="activation exited with status 4"):
+        await engine.deploy(DeployRequest(remote_for(lab_host), systems["web-activation-fails"]))
+    check = HealthCheck(command="exit 3", retries=0, name="always fails")
+    with pytest.raises(DeployError, match="always fails"):
+        await engine.deploy(DeployRequest(remote_for(lab_host), systems["web-v2"], health_checks=(check,)))
+    with pytest.raises(DeployError, match="autoRollback is off"):
+        await engine.deploy(DeployRequest(remote_for(lab_host), systems["web-activation-fails"], auto_rollback=False))
+    assert in_host(lab_host, "sh", "-c", "ls -d /tmp/pulumi-nixos.* 2>/dev/null", check=False).stdout == ""
