@@ -119,14 +119,9 @@ async def test_killed_connection_during_activation_is_not_half_switched(
     task = asyncio.create_task(dep.run())
     while not any(s.startswith("activating") for s in seen) and not task.done():
         await asyncio.sleep(0.05)
-    task.cancel()  # closes the deployer's SSH connection mid-activation
-    with pytest.raises(asyncio.CancelledError):
+    task.cancel()  # a cancelled deployment tells the supervisor to roll back, and waits for it
+    with pytest.raises(DeployError, match=r"the deployment was cancelled\. Rolled back: generation 2"):
         await task
-    # Activation finishes, nobody confirms, the target rolls back on its own.
-    deadline = time.monotonic() + 3 + 3 + 20
-    while time.monotonic() < deadline and current_gen(lab_host) != 2:
-        await asyncio.sleep(0.5)
-    await asyncio.sleep(1)
     assert current_gen(lab_host) == 2
     assert current_system(lab_host) == systems["web"]
     assert http_version(lab_host) == "1"

@@ -12,7 +12,7 @@ from nixos_provider.engine.models import Profile, Remote
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
 from nixos_provider.pulumi_layer.base import Context
-from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_health_checks
+from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.machine import NixosMachine
 from nixos_provider.pulumi_layer.nix_profile import NixProfile
 from nixos_provider.pulumi_layer.properties import SECRET_SIG, SIG_KEY, UNKNOWN, UNKNOWN_STR, Secret, decode, encode
@@ -116,6 +116,40 @@ def test_health_check_validation() -> None:
     assert ("healthChecks[1].tcp", "must be between 1 and 65535, not 99999") in items
     assert ("healthChecks[2]", "needs exactly one of `command`, `http` or `tcp` (got none)") in items
     assert not [p for p, _ in items if p.startswith("healthChecks[3]")]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1/80; touch /tmp/x; echo", "$(touch /tmp/x)", "`touch /tmp/x`",
+                                  "-oProxyCommand", "a b", "localhost\n", "", "x" * 300, 80, ["h"]])
+def test_health_check_host_must_be_a_host_name_or_ip(host: Any) -> None:
+    items = failures(check_health_checks, [{"tcp": 80, "host": host}])
+    assert [p for p, _ in items] == ["healthChecks[0].host"]
+    assert "is not a host name or IP address" in items[0][1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "fe80::1%eth0", "localhost", "web-1.example.org", "db_2"])
+def test_health_check_host_accepts_names_and_addresses(host: str) -> None:
+    assert failures(check_health_checks, [{"tcp": 80, "host": host}]) == []
+
+
+def test_health_check_command_and_http_must_be_strings() -> None:
+    items = failures(check_health_checks, [{"command": ["true"]}, {"http": 8080}])
+    assert [p for p, _ in items] == ["healthChecks[0].command", "healthChecks[1].http"]
+
+
+def test_connection_credentials_must_be_strings_and_are_never_echoed() -> None:
+    items = failures(check_connection, {"host": "h", "password": 123456, "agentSocketPath": 5,
+                                        "privateKeyPassword": 987654, "privateKey": 42})
+    assert [p for p, _ in items] == ["connection.password", "connection.privateKeyPassword",
+                                     "connection.agentSocketPath", "connection.privateKey"]
+    assert all("123456" not in r and "987654" not in r for _, r in items)
+
+
+def test_a_huge_flake_or_store_path_is_refused_without_echoing_it() -> None:
+    huge = "x" * 1_000_000 + "#web"
+    (prop, reason), = failures(check_flake, "flake", huge)
+    assert prop == "flake" and reason == "is 1000004 characters long; a flake reference has at most 4096"
+    (prop, reason), = failures(check_store_path, "systemPath", "/nix/store/" + "a" * 100_000)
+    assert prop == "systemPath" and len(reason) < 200
 
 
 def _ctx() -> Context:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
-from .errors import ConnectError, EngineError
+from .errors import ConnectError, EngineError, HostBusy
 from .process import Target
 from .ssh import Connection
 
@@ -42,15 +42,22 @@ class ActivationSpec:
     activate_command: str | None = None
 
 
+TERMINAL = ("done", "failed", "rolled-back", "rollback-failed", "locked-out")
+
+
+def is_terminal(state: str) -> bool:
+    return state.split(" ", 1)[0] in TERMINAL
+
+
 @dataclass(frozen=True)
 class ActivationOutcome:
-    state: str  # done | failed ... | rolled-back ... | rollback-failed ...
+    state: str  # confirmed | done | failed ... | rolled-back ... | rollback-failed ... | locked-out ...
     output: str
     workdir: str
 
     @property
     def ok(self) -> bool:
-        return self.state == "done"
+        return self.state in ("confirmed", "done")
 
 
 class Supervisor:
@@ -88,6 +95,72 @@ class Supervisor:
         if self._uses_systemd is None:
             res = await self.target.run(["sh", "-c", "test -d /run/systemd/system && command -v systemd-run"], check=False)
             self._uses_systemd = res.exit_status == 0
+
+    async def _write(self, name: str, content: str) -> None:
+        """Write one control file into the workdir, atomically (the supervisor polls for it)."""
+        target = await self._connected()
+        await target.run(["sh", "-c", 'printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
+                          "sh", self.workdir, name, content], timeout=30)
+
+    async def _connected(self) -> Target:
+        try:
+            await self.target.run(["true"], timeout=10)
+        except EngineError:
+            self.target = Target(await self.connect(), self.target.run_as)
+        return self.target
+
+    async def wait_ready(self, deadline: float) -> None:
+        """Wait until the supervisor holds the profile's lock; fail naming who holds it otherwise."""
+        while True:
+            state = await self._poll(self.target)
+            if state == "ready":
+                return
+            if state.startswith("locked-out"):
+                holder = state.removeprefix("locked-out").strip() or "another deployment (it did not say which)"
+                raise HostBusy(f"{self.spec.profile} on {self.target.target} is being deployed by someone else: "
+                                  f"{holder}. Nothing was changed; try again when it has finished")
+            if is_terminal(state):
+                raise EngineError(f"the activation supervisor on {self.target.target} stopped before it began: {state}"
+                                  + (f"\n{self._log.strip()}" if self._log.strip() else "") + "; nothing was changed")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the activation supervisor on {self.target.target} did not start in time; "
+                                  "nothing was changed")
+            await asyncio.sleep(POLL_INTERVAL / 3)
+
+    async def go(self, spec: ActivationSpec, hold: float) -> None:
+        """The generation is registered: tell the supervisor which, and how long health checks may take."""
+        self.spec = spec
+        lines = ["" if spec.new_gen is None else str(spec.new_gen), "" if spec.prev_gen is None else str(spec.prev_gen),
+                 spec.prev_path or "", str(int(hold))]
+        await self._write("go", "\n".join(lines) + "\n")
+
+    async def finish(self, deadline: float) -> ActivationOutcome:
+        """Keep the new generation: the supervisor records `done` and releases the lock."""
+        await self._write("finish", "")
+        return await self.follow(deadline, until=())
+
+    async def abort(self, deadline: float) -> ActivationOutcome:
+        """Roll back now (cancelled, or a health check failed) and wait for the supervisor to finish.
+
+        The request itself is not given up if this task is cancelled again
+        meanwhile: the host must hear it. Waiting for the outcome may be cut short.
+        """
+        request = asyncio.ensure_future(self._write("abort", ""))
+        while not request.done():
+            try:
+                await asyncio.shield(request)
+            except asyncio.CancelledError:
+                if request.cancelled():
+                    raise
+        request.result()
+        return await self.follow(deadline, until=())
+
+    async def stop_quietly(self) -> None:
+        """Best effort, before anything was registered: a supervisor that starts late stops at once."""
+        try:
+            await self._write("abort", "")
+        except EngineError:
+            pass
 
     async def start(self, task: str = "activate") -> None:
         script = f"{self.workdir}/supervisor.sh"
@@ -129,8 +202,8 @@ class Supervisor:
         finally:
             await conn.close()
 
-    async def follow(self, deadline: float) -> ActivationOutcome:
-        """Poll until the supervisor finishes; confirm when it waits for us."""
+    async def follow(self, deadline: float, until: tuple[str, ...] = ("confirmed",)) -> ActivationOutcome:
+        """Poll until the supervisor reaches a state in `until` or a terminal one; confirm when it waits for us."""
         target = self.target
         confirmed = False
         reported = ""
@@ -138,7 +211,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise EngineError(
                     f"activation on {target.target} did not finish in time; the supervisor in {self.workdir} "
-                    "keeps running and rolls back by itself if it is never confirmed")
+                    "keeps running and rolls back by itself unless the deployment is confirmed and finished")
             try:
                 state = await self._poll(target)
             except ConnectError:
@@ -153,7 +226,7 @@ class Supervisor:
                 if not confirmed:
                     # Give the target the confirm timeout to roll back on its own.
                     pass
-            if state == "done" or state.startswith(("failed", "rolled-back", "rollback-failed")):
+            if state in until or is_terminal(state):
                 if self._partial:
                     self._output(self._partial)
                     self._partial = ""
@@ -175,6 +248,8 @@ class Supervisor:
             self._status(f"activating {self.spec.new_path}")
         elif state == "waiting-confirm":
             self._status("waiting for confirmation (magic rollback)")
+        elif state == "confirmed":
+            self._status(f"{self.spec.new_path} is active")
         elif state.startswith("rolling-back"):
             self._status("rolling back")
 

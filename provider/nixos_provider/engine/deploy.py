@@ -8,15 +8,16 @@ the previous generation, and the error says where the machine is now.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import profiles
 from .activation import ActivationSpec, Supervisor
-from .errors import DeployError, EngineError
+from .errors import DeployError, EngineError, HostBusy
 from .health import run_health_checks
-from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, Remote
+from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, PushStats, Remote
 from .nix import Nix
 from .process import Target
 from .push import PushProgress, choose_compression, push_closure
@@ -94,6 +95,7 @@ class Deployment:
         self.status = status
         self.output = output
         self.host_key: str | None = req.remote.host_key
+        self._new_gen: Generation | None = None
 
     def _pinned_remote(self) -> Remote:
         # Every later connection (confirmation, reconnects) must present the key
@@ -125,8 +127,6 @@ class Deployment:
     async def _run(self, target: Target) -> DeployResult:
         req = self.req
         profile = req.profile.path
-        before = await profiles.current_generation(target, profile)
-        prev_system = await profiles.current_system(target) if req.profile.is_system else None
 
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
@@ -152,27 +152,23 @@ class Deployment:
                                   f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
 
         if req.action == "dry-activate":
+            before = await profiles.current_generation(target, profile)
             res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,
                                    timeout=req.activation_timeout)
             return DeployResult(req.store_path, before.number if before else 0, None, None, self.host_key or "",
                                 push, None, res.stdout + res.stderr)
 
-        registers = req.action != "test"
-        new_gen: Generation | None = None
-        if registers:
-            self.status(f"registering generation for {req.store_path}")
-            new_gen = await profiles.set_profile(target, profile, req.store_path)
-        # nix-env --set reuses the current generation when the path is unchanged;
-        # then there is no generation to switch away from or delete on rollback.
-        unchanged = before is not None and new_gen is not None and new_gen.number == before.number
-
+        # One deployment per profile per host: the supervisor takes the
+        # profile's lock before anything is registered, and holds it until the
+        # deployment is finished or rolled back.
+        await profiles.ensure_profile_dir(target, profile)
         spec = ActivationSpec(
             mode="system" if req.profile.is_system else "profile",
             profile=profile,
             new_path=req.store_path,
-            new_gen=new_gen.number if new_gen and not unchanged else None,
-            prev_gen=before.number if before and registers and not unchanged else None,
-            prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
+            new_gen=None,
+            prev_gen=None,
+            prev_path=None,
             action=req.action,
             magic_rollback=req.magic_rollback and req.action != "boot",
             confirm_timeout=req.confirm_timeout,
@@ -184,33 +180,87 @@ class Deployment:
         self._supervisor = supervisor
         await supervisor.upload()
         await supervisor.start()
+        try:
+            await supervisor.wait_ready(time.monotonic() + 60)
+        except HostBusy:
+            await supervisor.cleanup()
+            raise
+        except EngineError:
+            await supervisor.stop_quietly()
+            raise
+        except asyncio.CancelledError:
+            raise await self._abort(supervisor, "the deployment was cancelled") from None
+        try:
+            return await self._activate(supervisor, push)
+        except asyncio.CancelledError:
+            # A cancelled `pulumi up`: the host must not be left to a
+            # supervisor nobody waits for. Roll back now, wait, report.
+            raise await self._abort(supervisor, "the deployment was cancelled") from None
+        except DeployError:
+            raise
+        except EngineError as e:
+            raise await self._abort(supervisor, str(e)) from e
+
+    async def _activate(self, supervisor: Supervisor, push: PushStats) -> DeployResult:
+        """Under the lock: register the generation, activate, confirm, check health, finish."""
+        req = self.req
+        profile = req.profile.path
+        target = supervisor.target
+        before = await profiles.current_generation(target, profile)
+        prev_system = await profiles.current_system(target) if req.profile.is_system else None
+        registers = req.action != "test"
+        new_gen: Generation | None = None
+        if registers:
+            self.status(f"registering generation for {req.store_path}")
+            new_gen = await profiles.set_profile(target, profile, req.store_path)
+        self._new_gen = new_gen
+        # nix-env --set reuses the current generation when the path is unchanged;
+        # then there is no generation to switch away from or delete on rollback.
+        unchanged = before is not None and new_gen is not None and new_gen.number == before.number
+        spec = replace(
+            supervisor.spec,
+            new_gen=new_gen.number if new_gen and not unchanged else None,
+            prev_gen=before.number if before and registers and not unchanged else None,
+            prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
+        )
+        await supervisor.go(spec, _health_check_budget(req))
         deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
         outcome = await supervisor.follow(deadline)
         target = supervisor.target  # follow() may have reconnected
 
         if not outcome.ok:
-            raise await self._failure(target, outcome.state, outcome.output, new_gen)
+            raise await self._failure(target, outcome.state, outcome.output, new_gen, supervisor=supervisor)
 
         if req.health_checks and req.action != "boot":
             try:
                 await run_health_checks(target, req.health_checks, status=self.status)
             except EngineError as e:
                 if not req.auto_rollback:
+                    await supervisor.finish(time.monotonic() + 60)
+                    await supervisor.cleanup()
                     raise DeployError(
                         f"{e}; autoRollback is off, so {req.store_path} stays active on {target.target}",
                         phase="health-check", now_running=req.store_path,
                         generation=new_gen.number if new_gen else None) from e
                 self.status("health check failed: rolling back")
-                target = await self._ensure_connected(target)
-                supervisor.target = target
-                await supervisor.start("rollback")
-                outcome = await supervisor.follow(time.monotonic() + req.activation_timeout + 60)
+                outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
                 raise await self._failure(supervisor.target, outcome.state, outcome.output, new_gen,
-                                          reason=str(e)) from e
+                                          reason=str(e), supervisor=supervisor) from e
 
+        outcome = await supervisor.finish(time.monotonic() + 60)
+        target = supervisor.target
+        if outcome.state != "done":
+            raise await self._failure(target, outcome.state, outcome.output, new_gen, supervisor=supervisor)
+        # Confirmed and healthy: from here on nothing may turn the deployment
+        # into a failure. What we cannot read afterwards is left out, not fatal.
         await supervisor.cleanup()
-        version = await profiles.nixos_version(target, req.store_path) if req.profile.is_system else None
-        after = await profiles.current_generation(target, profile)
+        version: str | None = None
+        after = new_gen if new_gen is not None else before
+        try:
+            version = await profiles.nixos_version(target, req.store_path) if req.profile.is_system else None
+            after = await profiles.current_generation(target, profile) or after
+        except EngineError as e:
+            self.status(f"{req.store_path} is deployed and confirmed; reading the host afterwards failed: {e}")
         return DeployResult(
             store_path=req.store_path,
             generation=after.number if after else 0,
@@ -222,6 +272,21 @@ class Deployment:
             output=outcome.output,
         )
 
+    async def _abort(self, supervisor: Supervisor, why: str) -> DeployError:
+        """Tell the supervisor to roll back now, wait a bounded time for it, and say what the host runs."""
+        req = self.req
+        self.status(f"{why}: rolling back")
+        try:
+            outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
+        except EngineError as e:
+            return DeployError(
+                f"deploying {req.store_path} to {req.remote.target} failed: {why}; telling the target to roll back "
+                f"failed too ({e}). The supervisor in {supervisor.workdir} rolls back by itself unless the "
+                "deployment is finished; run `pulumi refresh` to see what the host runs",
+                phase="cancel", now_running=None)
+        return await self._failure(supervisor.target, outcome.state, outcome.output, self._new_gen, reason=why,
+                                   supervisor=supervisor)
+
     async def _ensure_connected(self, target: Target) -> Target:
         try:
             await target.run(["true"], timeout=10)
@@ -230,9 +295,12 @@ class Deployment:
             return Target(await self._connect_again(), target.run_as)
 
     async def _failure(self, target: Target, state: str, output: str, new_gen: Generation | None,
-                       reason: str | None = None) -> DeployError:
+                       reason: str | None = None, supervisor: Supervisor | None = None) -> DeployError:
         """Build the error: what failed, the output tail, and what runs now."""
         req = self.req
+        if supervisor is not None and (state.split(" ", 1)[0] in ("rolled-back", "rollback-failed", "failed", "done")):
+            # Finished: its workdir (token included) has nothing more to say.
+            await supervisor.cleanup()
         kind, _, detail = state.partition(" ")
         what = reason or _describe_reason(detail or kind, req)
         try:
@@ -255,6 +323,13 @@ class Deployment:
             msg += f"\nactivation output (last lines):\n{tail}"
         return DeployError(msg, phase="activation" if "activation" in what else "confirmation" if "confirm" in what else "health-check",
                            now_running=running, generation=gen_now, rolled_back=kind == "rolled-back", output_tail=tail)
+
+
+def _health_check_budget(req: DeployRequest) -> float:
+    """How long the supervisor waits, after activation, for the deployer's health checks to decide."""
+    if req.action == "boot":
+        return 60
+    return 60 + sum((c.retries + 1) * (c.timeout + 10 + c.interval) for c in req.health_checks)
 
 
 def _describe_reason(detail: str, req: DeployRequest) -> str:

@@ -23,6 +23,10 @@ class HostKeyMismatch(ConnectError):
         self.seen = seen
 
 
+class HostBusy(EngineError):
+    """Another deployment holds the profile's lock on the target; nothing was changed."""
+
+
 class RemoteCommandError(EngineError):
     """A command on the target exited non-zero."""
 

@@ -25,7 +25,9 @@ exec timeout "$t" bash -c '
   read -r _ code _ <&3; printf %s "$code"' "$host" "$port" "$path"
 '''
 
-_TCP_PROBE = 'exec timeout "$3" bash -c "exec 3<>/dev/tcp/$1/$2"'
+# Host and port reach the inner bash as its own arguments ($0, $1), never as
+# part of its script: a hostile `host` can only name a file that does not open.
+_TCP_PROBE = 'exec timeout "$3" bash -c \'exec 3<>"/dev/tcp/$0/$1"\' "$1" "$2"'
 
 
 async def run_check(target: Target, check: HealthCheck) -> str | None:

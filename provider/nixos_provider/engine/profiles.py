@@ -45,8 +45,8 @@ async def current_generation(target: Target, profile: str) -> Generation | None:
     return Generation(int(m.group(1)), path, True)
 
 
-async def set_profile(target: Target, profile: str, store_path: str) -> Generation:
-    """Make store_path a new generation of profile (nix-env --set) and return it."""
+async def ensure_profile_dir(target: Target, profile: str) -> None:
+    """The profile's directory exists and its owner can write it (for the generation links and the lock)."""
     parent = os.path.dirname(profile)
     made = await target.run(["mkdir", "-p", "--", parent], check=False)
     if made.exit_status != 0 and target.run_as not in (None, "root"):
@@ -56,6 +56,11 @@ async def set_profile(target: Target, profile: str, store_path: str) -> Generati
         await Target(target.conn, "root").run(["install", "-d", "-o", owner, "--", parent])
     elif made.exit_status != 0:
         raise EngineError(f"cannot create {parent} on {target.target}: {made.stderr.strip()}")
+
+
+async def set_profile(target: Target, profile: str, store_path: str) -> Generation:
+    """Make store_path a new generation of profile (nix-env --set) and return it."""
+    await ensure_profile_dir(target, profile)
     await target.run(["nix-env", "-p", profile, "--set", store_path])
     gen = await current_generation(target, profile)
     if gen is None or gen.store_path != store_path:

@@ -49,13 +49,14 @@ def fingerprint(line: str) -> str:
 
 
 class _HostKeyChecker(asyncssh.SSHClient):
-    def __init__(self, pinned: str | None) -> None:
+    def __init__(self, pinned: str | None, *, refuse: bool = False) -> None:
         self.pinned = pinned
+        self.refuse = refuse  # only look at the key
         self.seen: str | None = None
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         self.seen = key.export_public_key("openssh").decode().strip()
-        return self.pinned is None or self.seen == self.pinned
+        return not self.refuse and (self.pinned is None or self.seen == self.pinned)
 
 
 @dataclass
@@ -180,8 +181,33 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
         if pinned and checker.seen:
             raise HostKeyMismatch(remote.target, fingerprint(pinned), fingerprint(checker.seen)) from e
         raise ConnectError(f"cannot verify the host key of {remote.target}: {_describe(e)}") from e
+    except (asyncssh.Error, OSError) as e:
+        if pinned and checker.seen is None:
+            # Key exchange offers only the pinned key's type: a host that no
+            # longer has a key of that type ends the connection before showing
+            # any key. Ask it which key it has now.
+            offered = await _offered_host_key(remote, tunnel)
+            if offered is not None and offered != pinned:
+                raise HostKeyMismatch(remote.target, fingerprint(pinned), fingerprint(offered)) from e
+        raise
     assert checker.seen is not None
     return Connection(remote, conn, checker.seen, tunnel)
+
+
+async def _offered_host_key(remote: Remote, tunnel: Connection | None) -> str | None:
+    """The host key the host presents now, of any type. It is refused during key exchange: no credential is sent."""
+    checker = _HostKeyChecker(None, refuse=True)
+    options: dict[str, object] = {"known_hosts": ([], [], []), "server_host_key_algs": _TOFU_HOST_KEY_ALGS,
+                                  "connect_timeout": remote.connect_timeout, "username": remote.user,
+                                  "client_keys": [], "agent_path": None, "password": None}
+    if tunnel is not None:
+        options["tunnel"] = tunnel.conn
+    try:
+        conn = await asyncssh.connect(remote.host, remote.port, client_factory=lambda: checker, **options)  # type: ignore[arg-type]
+        conn.abort()  # not reached: the key is refused
+    except (asyncssh.Error, OSError, TimeoutError):
+        pass
+    return checker.seen
 
 
 async def connect(remote: Remote, *, compress: bool = False) -> Connection:

@@ -3,20 +3,37 @@
 #
 # Uploaded to the target for each deployment and started detached from the SSH
 # session (systemd-run, or setsid), so a dropped connection cannot stop an
-# activation halfway.  It activates the new generation, then, with magic
-# rollback, waits for the deployer to prove it can still reach the host by
-# writing this deployment's token into $dir/confirm over a NEW connection.
-# Without that proof, or when activation fails, it rolls back by itself:
-# re-point the profile at the previous generation, re-activate it, and delete
-# the failed generation.  Progress is the one-line file $dir/state.
+# activation halfway.
+#
+# One deployment per profile per host at a time: the supervisor takes a lock
+# (flock on $lock, beside the profile) before the deployer registers anything,
+# holds it for its whole life, and writes into it who holds it and since when.
+# A second deployment's supervisor finds the lock taken and says so.
+#
+# The life of one deployment, as the one-line file $dir/state shows it:
+#   ready            the lock is ours; the deployer registers the generation and
+#                    writes $dir/go (new_gen, prev_gen, prev_path, hold seconds)
+#   activating       the new generation's activation runs
+#   waiting-confirm  magic rollback: waiting for this deployment's token in
+#                    $dir/confirm, written by the deployer over a NEW connection
+#   confirmed        waiting for the deployer's last word (after its health
+#                    checks): $dir/finish keeps the generation
+#   done | failed ... | rolled-back ... | rollback-failed ... | locked-out ...
+# $dir/abort (the deployer was cancelled, or a health check failed) rolls back
+# at the next step; so do a missing confirmation and a deployer that never
+# says its last word. Rollback: re-point the profile at the previous
+# generation, re-activate it, and delete the failed generation.
 #
 # Arguments are positional and always all present ("" for none):
 #   task dir token mode profile new_path new_gen prev_gen prev_path action
 #   magic confirm_timeout auto_rollback activation_timeout activate_cmd
+# (task is "activate"; new_gen, prev_gen and prev_path are replaced by $dir/go.)
 set -u
 task=$1 dir=$2 token=$3 mode=$4 profile=$5 new_path=$6 new_gen=$7 prev_gen=$8
 prev_path=$9; shift 9
 action=$1 magic=$2 confirm_timeout=$3 auto_rollback=$4 activation_timeout=$5 activate_cmd=$6
+hold=60
+ready_timeout=120
 
 exec >>"$dir/log" 2>&1 </dev/null
 export PATH="/run/current-system/sw/bin:/run/wrappers/bin:$PATH:/usr/bin:/bin"
@@ -25,12 +42,20 @@ state() {
   printf '%s\n' "$*" >"$dir/state.tmp" && mv -f "$dir/state.tmp" "$dir/state"
 }
 
-activate() { # activate PATH
+now() { date +%s; }
+
+# Children must not inherit the lock (fd 9): a service started by an
+# activation would otherwise hold it long after we are gone.
+activate() { # activate PATH ACTION
   if [ "$mode" = system ]; then
-    timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2"
+    timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2" 9>&-
   elif [ -n "$activate_cmd" ]; then
-    (cd "$profile" && PROFILE="$profile" timeout "$activation_timeout" /bin/sh -c "$activate_cmd")
+    (cd "$profile" && PROFILE="$profile" timeout "$activation_timeout" /bin/sh -c "$activate_cmd") 9>&-
   fi
+}
+
+gen_of() { # gen_of LINK-NAME: system-12-link -> 12
+  n=${1%-link}; printf '%s' "${n##*-}"
 }
 
 rollback() { # rollback REASON
@@ -47,7 +72,7 @@ rollback() { # rollback REASON
     return 1
   fi
   if [ -n "$prev_gen" ] && [ -n "$new_gen" ]; then
-    nix-env -p "$profile" --switch-generation "$prev_gen" || { state "rollback-failed $1: cannot switch $profile to generation $prev_gen"; return 1; }
+    nix-env -p "$profile" --switch-generation "$prev_gen" 9>&- || { state "rollback-failed $1: cannot switch $profile to generation $prev_gen"; return 1; }
   fi
   # Re-activate the previous generation the way the failed one was activated.
   if ! activate "$prev_path" "$action"; then
@@ -55,16 +80,54 @@ rollback() { # rollback REASON
     return 1
   fi
   if [ -n "$new_gen" ] && [ -n "$prev_gen" ]; then
-    nix-env -p "$profile" --delete-generations "$new_gen" || true
+    nix-env -p "$profile" --delete-generations "$new_gen" 9>&- || true
   fi
   state "rolled-back $1"
 }
 
-if [ "$task" = rollback ]; then
-  rollback requested
+# Before activation nothing ran: undo a registration the deployer may have
+# made (the profile moved since we took the lock), and stop.
+unregister() { # unregister REASON
+  moved=$(readlink -- "$profile" 2>/dev/null || true)
+  if [ "$moved" != "$initial" ] && [ -n "$moved" ]; then
+    if [ -n "$initial" ]; then
+      nix-env -p "$profile" --switch-generation "$(gen_of "$initial")" 9>&-
+      nix-env -p "$profile" --delete-generations "$(gen_of "$moved")" 9>&- || true
+    else
+      rm -f "$profile" "$(dirname -- "$profile")/$moved"
+    fi
+  fi
+  state "rolled-back $1"
+}
+
+# -- the lock ------------------------------------------------------------------
+lock="$(dirname -- "$profile")/.$(basename -- "$profile").pulumi-nixos.lock"
+# (A failed redirection of `exec` would end the shell: try with touch first.)
+if ! touch -- "$lock"; then
+  state "failed lock: cannot open $lock"
   exit 0
 fi
+exec 9>>"$lock"
+if ! flock -n 9; then
+  state "locked-out $(head -c 400 -- "$lock" | tr '\n' ' ')"
+  exit 0
+fi
+printf 'deployment %s of %s, since %s (supervisor pid %s)\n' \
+  "$dir" "$new_path" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$$" >"$lock"
+echo "pulumi-nixos: holding $lock"
 
+# -- registration, by the deployer ------------------------------------------------
+initial=$(readlink -- "$profile" 2>/dev/null || true)
+state ready
+deadline=$(( $(now) + ready_timeout ))
+while [ ! -f "$dir/go" ]; do
+  if [ -f "$dir/abort" ]; then unregister aborted; exit 0; fi
+  if [ "$(now)" -ge "$deadline" ]; then unregister "no-word-from-the-deployer"; exit 0; fi
+  sleep 0.1
+done
+{ read -r new_gen; read -r prev_gen; read -r prev_path; read -r hold; } <"$dir/go"
+
+# -- activation --------------------------------------------------------------------
 state activating
 echo "pulumi-nixos: activating $new_path ($action)"
 activate "$new_path" "$action"
@@ -78,22 +141,39 @@ if [ $code -ne 0 ]; then
   fi
   exit 0
 fi
+if [ -f "$dir/abort" ]; then rollback aborted; exit 0; fi
 
-if [ "$magic" != 1 ]; then
-  state done
-  exit 0
-fi
-
-state waiting-confirm
-deadline=$(( $(date +%s) + confirm_timeout ))
-while [ "$(date +%s)" -lt "$deadline" ]; do
-  if [ -f "$dir/confirm" ] && [ "$(cat "$dir/confirm")" = "$token" ]; then
-    echo "pulumi-nixos: confirmed"
-    state done
+if [ "$magic" = 1 ]; then
+  state waiting-confirm
+  deadline=$(( $(now) + confirm_timeout ))
+  confirmed=0
+  while [ "$(now)" -lt "$deadline" ]; do
+    if [ -f "$dir/abort" ]; then rollback aborted; exit 0; fi
+    if [ -f "$dir/confirm" ] && [ "$(cat "$dir/confirm")" = "$token" ]; then
+      echo "pulumi-nixos: confirmed"
+      confirmed=1
+      break
+    fi
+    sleep 0.2
+  done
+  if [ $confirmed != 1 ]; then
+    echo "pulumi-nixos: no confirmation within ${confirm_timeout}s"
+    rollback unconfirmed
     exit 0
   fi
-  sleep 0.2
+fi
+
+# -- the deployer's last word ------------------------------------------------------------
+state confirmed
+deadline=$(( $(now) + hold ))
+while [ ! -f "$dir/finish" ]; do
+  if [ -f "$dir/abort" ]; then rollback requested; exit 0; fi
+  if [ "$(now)" -ge "$deadline" ]; then
+    echo "pulumi-nixos: no word from the deployer within ${hold}s after activation"
+    if [ "$auto_rollback" = 1 ]; then rollback "no-word-from-the-deployer"; else state done; fi
+    exit 0
+  fi
+  sleep 0.1
 done
-echo "pulumi-nixos: no confirmation within ${confirm_timeout}s"
-rollback unconfirmed
+state done
 exit 0

@@ -6,6 +6,7 @@ is what the Pulumi CLI shows next to the resource.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
+# A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
+# starting or ending with `-`.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*\$?$", re.IGNORECASE)
 
 
@@ -92,8 +97,15 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
             normalize_host_key(str(_plain(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
+    for k in ("password", "privateKeyPassword", "agentSocketPath"):
+        val = conn.get(k)
+        if _known(val) and not isinstance(_plain(val), str):
+            # Never echo the value: most of these are secrets.
+            f.add(f"{prop}.{k}", f"must be a string, not {_type_name(_plain(val))}")
     pk = conn.get("privateKey")
-    if _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
+    if _known(pk) and not isinstance(_plain(pk), str):
+        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {_type_name(_plain(pk))}")
+    elif _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
         # Never echo the value: it is a secret.
         f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
     proxy = conn.get("proxy")
@@ -102,6 +114,28 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
             f.add(f"{prop}.proxy", "a jump host cannot itself have a proxy")
         else:
             check_connection(f, proxy, f"{prop}.proxy", allow_proxy=False)
+
+
+def is_host_literal(v: Any) -> bool:
+    """A host name (DNS labels) or an IP address literal: nothing a shell could read as code."""
+    if not isinstance(v, str):
+        return False
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return HOSTNAME_RE.fullmatch(v) is not None
+
+
+def _type_name(v: Any) -> str:
+    return {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(v), type(v).__name__)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """A value for an error message, cut short: a failure names the property, not a megabyte of input."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") -> None:
@@ -118,23 +152,43 @@ def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") ->
         kinds = [k for k in ("command", "http", "tcp") if c.get(k) is not None]
         if len(kinds) != 1:
             f.add(p, f"needs exactly one of `command`, `http` or `tcp` (got {', '.join(kinds) or 'none'})")
+        check_command(f, f"{p}.command", c.get("command"))
         http = c.get("http")
-        if _known(http) and not re.match(r"^https?://[^\s/]+", str(http)):
-            f.add(f"{p}.http", f"{http!r} is not an http:// or https:// URL")
+        if _known(http) and (not isinstance(_plain(http), str) or not re.match(r"^https?://[^\s/]+", _plain(http))):
+            f.add(f"{p}.http", f"{_short(_plain(http))} is not an http:// or https:// URL")
+        host = c.get("host")
+        if _known(host) and not is_host_literal(_plain(host)):
+            f.add(f"{p}.host", f"{_short(_plain(host))} is not a host name or IP address")
         check_int(f, f"{p}.tcp", c.get("tcp"), 1, 65535)
         check_seconds(f, f"{p}.timeout", c.get("timeout"), 0.1, 3600)
         check_int(f, f"{p}.retries", c.get("retries"), 0, 1000)
         check_seconds(f, f"{p}.interval", c.get("interval"), 0, 3600)
 
 
+# Longer than any real flake reference or store path, far shorter than a command line may be.
+MAX_REF = 4096
+
+
 def check_store_path(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and not (isinstance(v, str) and is_store_path(v)):
-        f.add(prop, f"{v!r} is not a Nix store path (/nix/store/<hash>-<name>)")
+    v = _plain(v)
+    if _known(v) and not (isinstance(v, str) and len(v) <= MAX_REF and is_store_path(v)):
+        f.add(prop, f"{_short(v)} is not a Nix store path (/nix/store/<hash>-<name>)")
 
 
 def check_flake(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and (not isinstance(v, str) or "#" not in v or v.endswith("#")):
-        f.add(prop, f"{v!r} is not a flake reference with an attribute, such as `.#web`")
+    v = _plain(v)
+    if not _known(v):
+        return
+    if isinstance(v, str) and len(v) > MAX_REF:
+        f.add(prop, f"is {len(v)} characters long; a flake reference has at most {MAX_REF}")
+    elif not isinstance(v, str) or "#" not in v or v.endswith("#"):
+        f.add(prop, f"{_short(v)} is not a flake reference with an attribute, such as `.#web`")
+
+
+def check_command(f: Failures, prop: str, v: Any) -> None:
+    """A shell command run on the target (NixProfile `activate`)."""
+    if _known(v) and not isinstance(_plain(v), str):
+        f.add(prop, f"must be a shell command as a string, not {_type_name(_plain(v))}")
 
 
 def check_nix_options(f: Failures, opts: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from ..engine import deploy as engine
 from ..engine import install as installer
 from ..engine.closure_diff import ClosureChanges, closure_changes
-from ..engine.errors import DeployError, EngineError
+from ..engine.errors import DeployError, EngineError, HostBusy
 from ..engine.models import INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
@@ -63,7 +63,11 @@ class NixosMachine(DeployedResource):
             raise CheckFailed(f)
 
         checked = dict(news)
-        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        # Credentials are secret in state whether or not the program said so.
+        checked["connection"] = v.secret_connection(v.normalize_connection(checked.get("connection"),
+                                                                           self.ctx.default_user))
+        if checked.get("install") is not None:
+            checked["install"] = v.secret_install(checked["install"])
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
@@ -377,9 +381,14 @@ class NixosMachine(DeployedResource):
             if e.generation is not None:
                 after["generation"] = e.generation
             raise PartialFailure(str(e), ident, after, news) from e
+        except HostBusy as e:
+            # Nothing was changed; what runs now is another deployment's business.
+            raise PartialFailure(str(e), ident, failed, news) from e
         except EngineError as e:
             raise PartialFailure(str(e), ident, await self._observed(failed, remote), news) from e
-        last = await self._last_changes(nix, base.get("systemPath"), result.store_path)
+        # The deployment is confirmed: the new system runs. Nothing from here on
+        # may fail the update, or the state would fall behind the host.
+        last = await self._last_changes_or_note(urn, nix, base.get("systemPath"), result.store_path)
         return {
             **base,
             "pendingChanges": None,
@@ -393,6 +402,18 @@ class NixosMachine(DeployedResource):
             "pushedPaths": result.push.paths,
             "pushedBytes": result.push.bytes,
         }
+
+    async def _last_changes_or_note(self, urn: str, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
+        """lastChanges after a confirmed deployment; a failure becomes a note and a warning, never an error."""
+        try:
+            return await self._last_changes(nix, before, after)
+        except asyncio.CancelledError:
+            # Cancelled after the deployment finished: record it all the same.
+            return ClosureChanges(before=str(before), after=after, note="no package diff: cancelled")
+        except Exception as e:  # any failure here must not undo a confirmed deploy
+            note = f"no package diff: comparing {before} with {after} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            self.ctx.warn(urn, f"{after} is deployed and confirmed; {note}")
+            return ClosureChanges(before=str(before), after=after, note=note)
 
     async def _last_changes(self, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
         if not isinstance(before, str) or before == after:
@@ -415,10 +436,14 @@ class NixosMachine(DeployedResource):
 
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        # `pulumi import`: no state yet. With only an ID (host:port), the
+        # connection comes from the ID; with --properties or `import` in the
+        # program, from the inputs the engine passes.
+        importing = not state
         if not state.get("connection") and not inputs.get("connection"):
-            # `pulumi import` with only an ID: host:port[:user]
             host, _, rest = ident.rpartition(":") if ident.count(":") == 1 else (ident, "", "22")
-            inputs = {"connection": {"host": host, "port": int(rest or 22), "user": self.ctx.default_user or "root"}}
+            inputs = {**inputs, "connection": {"host": host, "port": int(rest or 22),
+                                               "user": self.ctx.default_user or "root"}}
         props = {**inputs, **state} if state else dict(inputs)
         props["connection"] = state.get("connection") or inputs.get("connection")
         remote = self._remote(props, host_key=state.get("hostKey"))
@@ -432,15 +457,29 @@ class NixosMachine(DeployedResource):
             "hostKey": now.host_key,
             "nixosVersion": now.nixos_version,
         }
-        if not state:
-            # Import: what runs now is the baseline to return to on destroy.
-            outputs["baselineGeneration"] = outputs["generation"]
-            outputs["baselineSystemPath"] = now.current_system
-            outputs.setdefault("action", "switch")
-            outputs.setdefault("onDestroy", "rollback")
-        new_inputs = {k: outputs.get(k) for k in INPUT_KEYS if outputs.get(k) is not None} if not inputs else inputs
-        if "systemPath" in new_inputs and new_inputs.get("flake") is None and not inputs:
+        if not importing:
+            if now.current_system and inputs.get("systemPath") not in (None, now.current_system):
+                # Drift: the inputs say what runs, so refresh shows the running
+                # system and the next preview `running => declared`.
+                inputs = {**inputs, "systemPath": now.current_system}
+            return _id(remote), outputs, inputs
+        # Import: what runs now is the baseline to return to on destroy, and
+        # the inputs describe it, so the generated code deploys nothing.
+        outputs["baselineGeneration"] = outputs["generation"]
+        outputs["baselineSystemPath"] = now.current_system
+        outputs.setdefault("action", "switch")
+        outputs.setdefault("onDestroy", "rollback")
+        new_inputs = {k: inputs[k] for k in INPUT_KEYS if inputs.get(k) is not None}
+        new_inputs["connection"] = v.normalize_connection(inputs["connection"], self.ctx.default_user)
+        # The defaults Check fills in, so the generated code's Check adds nothing to diff against.
+        new_inputs.setdefault("action", "switch")
+        new_inputs.setdefault("onDestroy", "rollback")
+        if new_inputs.get("flake") is None and new_inputs.get("systemPath") is None:
+            if now.current_system is None:
+                raise EngineError(f"cannot import {remote.target}: it has no /run/current-system, so there is no "
+                                  "system to describe (is it running NixOS?)")
             new_inputs["systemPath"] = now.current_system
+            outputs["systemPath"] = now.current_system
         return _id(remote), outputs, new_inputs
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:

@@ -60,11 +60,14 @@ class NixProfile(DeployedResource):
         v.check_flake(f, "flake", flake)
         v.check_store_path(f, "storePath", store)
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
+        v.check_command(f, "activate", news.get("activate"))
         v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback"))
         if f:
             raise CheckFailed(f)
         checked = dict(news)
-        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        # Credentials are secret in state whether or not the program said so.
+        checked["connection"] = v.secret_connection(v.normalize_connection(checked.get("connection"),
+                                                                           self.ctx.default_user))
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
             checked["storePath"] = await self._resolve_flake(news, nixos=False)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +59,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             "nixos:index:NixProfile": NixProfile(self.ctx),
         }
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancelled: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     # -- logging to the engine --------------------------------------------------
 
@@ -192,9 +195,21 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             self.ctx.ssh_slots = asyncio.Semaphore(int(float(slots)))
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
+    def cancel_all(self) -> list[asyncio.Task[Any]]:
+        """Cancel every operation once; return them, to wait for."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            # gRPC cancels an operation itself when the engine goes away; that counts too.
+            if task not in self._cancelled and not task.cancelling():
+                self._cancelled.add(task)
+                task.cancel()
+        return tasks
+
     async def Cancel(self, request: empty_pb2.Empty, context: Ctx) -> empty_pb2.Empty:
-        for task in list(self._tasks):
-            task.cancel()
+        # Each operation is cancelled once: a deployment that is activating
+        # then tells its supervisor to roll back and waits for it (a second
+        # cancellation would cut that short and leave the state ahead of the host).
+        self.cancel_all()
         return empty_pb2.Empty()
 
     # -- resource RPCs ----------------------------------------------------------------
@@ -343,7 +358,46 @@ async def serve(argv: list[str]) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
-    await server.wait_for_termination()
+    await exit_when_orphaned(provider)
+
+
+ORPHAN_CHECK_INTERVAL = 1.0
+ORPHAN_GRACE = 10.0
+
+
+async def _reachable(address: str | None) -> bool:
+    if not address or ":" not in address:
+        return True
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return True
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=5)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def exit_when_orphaned(provider: Provider) -> None:
+    """Serve until the process that started us (the Pulumi engine) is gone, then exit.
+
+    A killed `pulumi` CLI never stops its plugins; left alone they would run
+    forever. Deployments in flight are cancelled first, which tells their
+    supervisors to roll back (they finish that on the target by themselves).
+    """
+    parent = os.getppid()
+    unreachable = 0
+    while os.getppid() == parent and unreachable < 3:
+        await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
+        # A provider started by the language host outlives the CLI with it:
+        # the engine's address, which dies with the CLI, tells.
+        unreachable = 0 if await _reachable(provider.engine_address) else unreachable + 1
+    print("nixos provider: the Pulumi engine is gone; stopping", file=sys.stderr, flush=True)
+    tasks = provider.cancel_all()
+    if tasks:
+        await asyncio.wait(tasks, timeout=ORPHAN_GRACE)
+    os._exit(0)
 
 
 def main() -> None:
@@ -351,6 +405,10 @@ def main() -> None:
     import logging
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    # Ctrl-C in a terminal reaches the whole process group. The engine then
+    # calls Cancel, and a deployment that is activating rolls back and waits
+    # for its supervisor; dying on the signal would leave the host to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         asyncio.run(serve(sys.argv[1:]))
     except KeyboardInterrupt:
