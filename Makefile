@@ -36,7 +36,7 @@ sdk: setup
 	$(ENV) bash scripts/gen-sdk.sh
 
 bench: setup
-	$(ENV) python bench/run.py
+	$(ENV) python bench/run.py && python bench/fleet.py && python bench/push_compare.py
 
 clean: lab-down
 	rm -rf .venv .tools
