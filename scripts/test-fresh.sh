@@ -11,7 +11,9 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 base="$(mktemp -d "${TMPDIR:-/var/tmp}/pulumi-nixos-fresh.XXXXXX")"
 # Stop whatever lab hosts an interrupted run left, then remove the clone.
-trap 'python3 "$base/pulumi-nixos/tests/lab/labctl.py" --lab-dir "$base/pulumi-nixos/.lab/test" down >/dev/null 2>&1 || true
+trap 'for d in "$base"/pulumi-nixos/.lab/test*/; do
+        python3 "$base/pulumi-nixos/tests/lab/labctl.py" --lab-dir "$d" down >/dev/null 2>&1 || true
+      done
       rm -rf --one-file-system "$base"' EXIT
 git clone -q "$repo" "$base/pulumi-nixos"
 # CI lays shared/ beside the checkout; so does this check.

@@ -5,7 +5,7 @@
 #   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
 #   sid       Nix 2.34  the same on 2.34
 #
-# Each leg runs in scripts/in-release.sh: a private mount namespace with an
+# The legs run side by side. Each runs in scripts/in-release.sh: a private mount namespace with an
 # empty /nix and no /etc/nix/nix.conf or nixbld group, the fresh-machine
 # condition. The systemd lab hosts boot their own roots, so every leg also
 # pushes across versions. TEST_RELEASES="sid" runs one leg.
@@ -22,23 +22,38 @@ for f in tests/test_systemd.py; do [[ -f $f ]] && VERSIONED_TESTS+=("$f"); done
 
 logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
-declare -A summary nixver
-total_passed=0 total_failed=0 status=0
+# Each leg has its own lab addresses (127.0.NET.x, see tests/conftest.py) and
+# lab directory, so the legs run side by side: they mostly wait on hosts.
+declare -A net=([bookworm]=20 [trixie]=45 [sid]=60)  # each leg uses NET-1 to NET+9
+declare -A pid nixver
 for leg in "${legs[@]}"; do
   if [[ $leg == bookworm ]]; then files=(tests); else files=("${VERSIONED_TESTS[@]}"); fi
   nixver[$leg]="$(bash scripts/in-release.sh "$leg" nix --version 2>&1 | tail -n1)"
-  echo "=== leg $leg: ${nixver[$leg]}: ${files[*]}"
-  started=$(date +%s)
-  bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" \
-    python -m pytest -p no:cacheprovider "${files[@]}" "$@" 2>&1 | tee "$logs/$leg.log"
-  rc=${PIPESTATUS[0]}
+  echo "=== leg $leg: ${nixver[$leg]}: ${files[*]} (lab hosts on 127.0.${net[$leg]:-70}.x)"
+  ( started=$(date +%s)
+    bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" LAB_TEST_NET="${net[$leg]:-70}" \
+      python -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-leg-$leg" "${files[@]}" "$@" \
+      > "$logs/$leg.log" 2>&1
+    echo $? > "$logs/$leg.rc"
+    echo $(( $(date +%s) - started )) > "$logs/$leg.seconds" ) &
+  pid[$leg]=$!
+done
+
+total_passed=0 total_failed=0 status=0
+declare -A summary
+for leg in "${legs[@]}"; do
+  wait "${pid[$leg]}"
+  rc="$(cat "$logs/$leg.rc" 2>/dev/null || echo 1)"
+  echo
+  echo "=== leg $leg: ${nixver[$leg]} (exit $rc)"
+  cat "$logs/$leg.log"
   line="$(grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' "$logs/$leg.log" | tail -n1 | sed 's/^=* //; s/ =*$//')"
   passed=$(grep -oE '[0-9]+ passed' <<< "$line" | cut -d' ' -f1); passed=${passed:-0}
   failed=$(grep -oE '[0-9]+ (failed|errors?)' <<< "$line" | awk '{s+=$1} END {print s+0}')
   if [[ $rc -ne 0 && $failed -eq 0 ]]; then failed=1; fi  # a leg that crashed counts as a failure
   ((rc != 0)) && status=1
   total_passed=$((total_passed + passed)); total_failed=$((total_failed + failed))
-  summary[$leg]="${line:-no summary (exit $rc)} [$(( $(date +%s) - started ))s]"
+  summary[$leg]="${line:-no summary (exit $rc)} [$(cat "$logs/$leg.seconds" 2>/dev/null || echo '?')s]"
 done
 
 echo

@@ -44,9 +44,11 @@ def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("lab hosts need root (mount namespaces)")
     # A fixed place, so a run that crashed leaves hosts this run can stop; a
     # lock, so two test sessions never stop each other's hosts.
-    d = REPO / ".lab" / "test"
+    # One lab directory per matrix leg: the legs run side by side.
+    leg = os.environ.get("PULUMI_NIXOS_LEG")
+    d = REPO / ".lab" / (f"test-{leg}" if leg else "test")
     d.mkdir(parents=True, exist_ok=True)
-    with open(d.parent / "test.lock", "w") as lock:
+    with open(d.parent / f"{d.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         labctl.down(d)
         d.mkdir(parents=True, exist_ok=True)
