@@ -15,8 +15,8 @@ common modules) are evaluated once. Here:
   evaluated ahead, and at most MAX_CONCURRENT Nix processes run at once, so
   memory stays bounded.
 - Builds (Create/Update). Pulumi runs these in parallel, so requests that
-  arrive within WINDOW for the same flake, Nix installation and options share
-  one `nix build`.
+  arrive within WINDOW of the first for the same flake, Nix installation and
+  options share one `nix build`.
 
 When a batch fails, each of its requests is retried alone, so an error lands
 on the machine it belongs to.
@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from .errors import NixError
 from .nix import FlakeRef, Nix
 
-WINDOW = 0.25  # seconds to wait for the rest of a build batch after its first request
+# Seconds a build waits for the rest of its batch. The engine dispatches the
+# creates of a stack one after another (each after its Check and Diff), and
+# the wait hides behind reading the host, which create does meanwhile.
+WINDOW = 1.0
 MAX_CONCURRENT = 2  # Nix processes at once: evaluation memory stays bounded
 PREFETCH_LIMIT = 256  # configurations evaluated ahead of their Check
 PREFETCH_CHUNK = 64  # configurations per background Nix process
