@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -74,7 +75,12 @@ def test_a_failure_after_confirmation_still_records_what_runs(
     # read the old system's closure. lastChanges needs it only after the new
     # system is confirmed; the push and everything before need nix as usual.
     broken = tmp_path / "old-closure-unreadable"
-    wrapper = tmp_path / "nix"
+    # An installation: the wrapper as `nix`, the real nix-store beside it.
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "nix"
+    real_store = shutil.which("nix-store")
+    assert real_store is not None
+    (tmp_path / "bin" / "nix-store").symlink_to(real_store)
     wrapper.write_text(f"""#!/bin/sh
 if [ -e {broken} ]; then
   case " $* " in *" path-info "*)
