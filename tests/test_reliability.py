@@ -314,11 +314,14 @@ def test_the_provider_exits_when_the_cli_is_killed_and_the_host_rolls_back(
     while any(Path(f"/proc/{p}").exists() and is_provider(p) for p in providers) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(Path(f"/proc/{p}").exists() and is_provider(p) for p in providers), "the provider outlived the CLI"
-    # The provider told the supervisor to roll back: the host is where the state says.
+    # The host rolled back: told to by the exiting provider ("aborted"), or,
+    # on a machine so busy that the provider's last word came too late, by
+    # the supervisor itself when no confirmation came ("unconfirmed").
+    # Either way it is where the state says.
     deadline = time.monotonic() + 60
     while not supervisor_state(lab_host).startswith("rolled-back") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert supervisor_state(lab_host) == "rolled-back aborted"
+    assert supervisor_state(lab_host) in ("rolled-back aborted", "rolled-back unconfirmed")
     assert current_system(lab_host) == systems["web"]
     assert project.resource("NixosMachine")["outputs"]["systemPath"] == systems["web"]  # type: ignore[index]
 
