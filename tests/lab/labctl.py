@@ -24,6 +24,7 @@ systemd-nspawn instead (see "systemd hosts" below and docs/lab.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -290,10 +291,16 @@ def stop_nix_daemon(state: Path) -> None:
         pgid = int((state / "nix-daemon.pid").read_text())
     except (OSError, ValueError):
         return
+    # Only while the number is still this host's daemon: a daemon that died
+    # by itself leaves a number the machine hands out again, maybe to the
+    # leader of a whole test run's process group.
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        ours = b"nix-daemon" in Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except OSError:
+        ours = False
+    if ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
     (state / "nix-daemon.pid").unlink(missing_ok=True)
 
 
