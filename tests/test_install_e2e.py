@@ -263,14 +263,17 @@ def test_missing_nixos_anywhere_fails_without_touching_the_host(
                "diskEncryptionKeys": {"/tmp/disk.key": secret(DISK_PASSPHRASE)}}
     program(project, {"web": installing_machine(host, "web", install)})
     project.run("stack", "init", "dev")
+    # The provider's own temporary directory, so other runs' files never count.
+    provider_tmp = tmp_path / "provider-tmp"
+    provider_tmp.mkdir()
+    project.env["TMPDIR"] = str(provider_tmp)
     res = project.up(check=False)
     text = strip_ansi(res.stdout + res.stderr)
     assert res.returncode != 0
     assert f"cannot run nixos-anywhere: `{tmp_path / 'no-such-nixos-anywhere'}` was not found" in text
     assert "the host was not touched" in text
     assert in_host(host, "cat", "/etc/os-release").stdout.find("ID=debian") >= 0
-    assert not any(tmp.name.startswith("pulumi-nixos-install-") for tmp in Path("/tmp").iterdir()
-                   if tmp.stat().st_mtime > time.time() - 120)
+    assert not any(tmp.name.startswith("pulumi-nixos-install-") for tmp in provider_tmp.iterdir())
 
 
 
