@@ -5,7 +5,7 @@
 #   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
 #   sid       Nix 2.34  the same on 2.34
 #
-# The legs run side by side. Each runs in scripts/in-release.sh: a private mount namespace with an
+# bookworm runs beside trixie-then-sid. Each leg runs in scripts/in-release.sh: a private mount namespace with an
 # empty /nix and no /etc/nix/nix.conf or nixbld group, the fresh-machine
 # condition. The systemd lab hosts boot their own roots, so every leg also
 # pushes across versions. TEST_RELEASES="sid" runs one leg.
@@ -23,26 +23,39 @@ for f in tests/test_systemd.py; do [[ -f $f ]] && VERSIONED_TESTS+=("$f"); done
 logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
 # Each leg has its own lab addresses (127.0.NET.x, see tests/conftest.py) and
-# lab directory, so the legs run side by side: they mostly wait on hosts.
+# lab directory, so legs can run side by side: they mostly wait on hosts.
 declare -A net=([bookworm]=20 [trixie]=45 [sid]=60)  # each leg uses NET-1 to NET+9
-declare -A pid nixver
-for leg in "${legs[@]}"; do
+declare -A nixver
+run_leg() { # run_leg LEG: the leg's tests into $logs/LEG.log, its exit code and seconds beside it
+  local leg=$1 started files
+  started=$(date +%s)
   if [[ $leg == bookworm ]]; then files=(tests); else files=("${VERSIONED_TESTS[@]}"); fi
+  bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" LAB_TEST_NET="${net[$leg]:-70}" \
+    python -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-leg-$leg" "${files[@]}" "${pytest_args[@]}" \
+    > "$logs/$leg.log" 2>&1
+  echo $? > "$logs/$leg.rc"
+  echo $(( $(date +%s) - started )) > "$logs/$leg.seconds"
+}
+pytest_args=("$@")
+for leg in "${legs[@]}"; do
   nixver[$leg]="$(bash scripts/in-release.sh "$leg" nix --version 2>&1 | tail -n1)"
-  echo "=== leg $leg: ${nixver[$leg]}: ${files[*]} (lab hosts on 127.0.${net[$leg]:-70}.x)"
-  ( started=$(date +%s)
-    bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" LAB_TEST_NET="${net[$leg]:-70}" \
-      python -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-leg-$leg" "${files[@]}" "$@" \
-      > "$logs/$leg.log" 2>&1
-    echo $? > "$logs/$leg.rc"
-    echo $(( $(date +%s) - started )) > "$logs/$leg.seconds" ) &
-  pid[$leg]=$!
+  echo "=== leg $leg: ${nixver[$leg]} (lab hosts on 127.0.${net[$leg]:-70}.x)"
 done
+# Two lanes on the two cores: the long bookworm leg, and the others one
+# after another. Three legs at once left too little CPU for timeouts.
+lanes=()
+others=()
+for leg in "${legs[@]}"; do
+  if [[ $leg == bookworm ]]; then run_leg bookworm & lanes+=($!); else others+=("$leg"); fi
+done
+if ((${#others[@]})); then
+  ( for leg in "${others[@]}"; do run_leg "$leg"; done ) & lanes+=($!)
+fi
+for lane in "${lanes[@]}"; do wait "$lane"; done
 
 total_passed=0 total_failed=0 status=0
 declare -A summary
 for leg in "${legs[@]}"; do
-  wait "${pid[$leg]}"
   rc="$(cat "$logs/$leg.rc" 2>/dev/null || echo 1)"
   echo
   echo "=== leg $leg: ${nixver[$leg]} (exit $rc)"
