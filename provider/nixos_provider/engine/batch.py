@@ -74,8 +74,16 @@ class _Batcher:
 
     def _close(self, key: tuple[tuple[str, ...], tuple[str, ...], str]) -> None:
         batch = self._open.pop(key)
-        task = asyncio.ensure_future(self._run(batch))
+        task = asyncio.ensure_future(self._run_all(batch))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _run_all(self, batch: _Batch) -> None:
+        try:
+            await self._run(batch)
+        finally:
+            # Whatever went wrong, nobody waits forever.
+            for futures in batch.attrs.values():
+                self._fail(futures, NixError(f"building from {batch.flake} stopped unexpectedly"))
 
     async def _run(self, batch: _Batch) -> None:
         attrs = list(batch.attrs)
