@@ -60,7 +60,6 @@ class _Batcher:
         self._window = window
         self._slots = asyncio.Semaphore(max_concurrent)
         self._open: dict[tuple[tuple[str, ...], tuple[str, ...], str], _Batch] = {}
-        self.processes = 0  # Nix processes started, for tests and benchmarks
 
     async def get(self, nix: Nix, ref: FlakeRef) -> str:
         key = (tuple(nix.command), tuple(nix.options), ref.flake)
@@ -89,7 +88,6 @@ class _Batcher:
         attrs = list(batch.attrs)
         async with self._slots:
             try:
-                self.processes += 1
                 if len(attrs) == 1:
                     results = {attrs[0]: await self._one(batch.nix, FlakeRef(batch.flake, attrs[0]))}
                 else:
@@ -106,7 +104,6 @@ class _Batcher:
             # The batch failed: find out which machine's configuration did, alone.
             async with self._slots:
                 try:
-                    self.processes += 1
                     self._resolve(batch.attrs[attr], await self._one(batch.nix, FlakeRef(batch.flake, attr)))
                 except (NixError, ValueError) as e:
                     self._fail(batch.attrs[attr], e)
@@ -138,7 +135,6 @@ class _Evaluations:
         # (flake key, attribute suffix) -> set once the siblings are listed (and their futures exist)
         self._listed: dict[tuple[Key, str], asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.processes = 0  # Nix evaluations started, for tests and benchmarks
 
     async def get(self, nix: Nix, ref: FlakeRef) -> str:
         key: Key = (tuple(nix.command), tuple(nix.options), ref.flake)
@@ -157,7 +153,6 @@ class _Evaluations:
         self._known[(key, ref.attr)] = future
         try:
             async with self._slots:
-                self.processes += 1
                 path = await nix.eval_out_path(ref)
         except BaseException as e:
             del self._known[(key, ref.attr)]
@@ -196,7 +191,6 @@ class _Evaluations:
             chunk = attrs[i:i + self._chunk]
             try:
                 async with self._slots:
-                    self.processes += 1
                     paths = await nix.eval_out_paths(flake, chunk, background=True)
             except (NixError, ValueError, asyncio.CancelledError) as e:
                 for attr in chunk:

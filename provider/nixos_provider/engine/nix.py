@@ -18,7 +18,6 @@ from .errors import NixError
 from .nix_versions import (
     PATH_INFO_JSON_FORMAT,
     NixOutputError,
-    NixVersion,
     PathInfo,
     error_summary,
     parse_build_outputs,
@@ -121,7 +120,6 @@ class Nix:
     def __init__(self, command: Sequence[str] = ("nix",), options: Sequence[tuple[str, str]] = ()) -> None:
         self.command = list(command)
         self.options = [a for name, value in options for a in ("--option", name, value)]
-        self._version: NixVersion | None = None
 
     def _argv(self, *args: str) -> list[str]:
         return [*self.command, *EXPERIMENTAL, *self.options, *args]
@@ -151,14 +149,6 @@ class Nix:
         if res.exit_status != 0:
             raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         return res.stdout
-
-    async def version(self) -> NixVersion:
-        if self._version is None:
-            try:
-                self._version = NixVersion.parse(await self._run("--version", what="asking nix for its version"))
-            except NixOutputError as e:
-                raise NixError(str(e)) from e
-        return self._version
 
     async def eval_out_path(self, ref: FlakeRef) -> str:
         """Evaluate (not build) the output path of a flake attribute."""
