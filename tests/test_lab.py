@@ -155,6 +155,37 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
+def test_stop_spares_a_namespace_that_took_over_the_id(lab_host: labctl.LabHost,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once a host's last process dies the kernel hands its namespace id to the
+    # next namespace made: another host's, another test leg's.  Stopping the
+    # host must not go on to kill what lives there (a CI leg once lost its
+    # builds that way).  The id is reused here by looking up the bystander's
+    # namespace as soon as the host's is empty.
+    bystander = subprocess.Popen(["unshare", "--mount", "--", "sleep", "600"])
+    try:
+        own = labctl._ns_of(os.getpid())
+        for _ in range(100):
+            theirs = labctl._ns_of(bystander.pid)
+            if theirs is not None and theirs != own:
+                break
+            time.sleep(0.02)
+        assert theirs is not None and theirs != own
+        host_ns = (lab_host.state / "ns").read_text().strip()
+        lookup = labctl.processes_in_namespace
+        monkeypatch.setattr(labctl, "processes_in_namespace",
+                            lambda ns: lookup(ns) or (lookup(theirs) if ns == host_ns else []))
+        labctl.stop_nix_daemon(lab_host.state)
+        labctl.kill_namespace(lab_host.state, keep_holder=False)
+        time.sleep(0.2)
+        assert lookup(host_ns) == [] or all(
+            Path(f"/proc/{p}/stat").read_text().split()[2] == "Z" for p in lookup(host_ns))
+        assert bystander.poll() is None, "the process in the namespace that took the id was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_labctl_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "LAB_DIR": str(tmp_path)}
     labctl_py = str(Path(labctl.__file__))

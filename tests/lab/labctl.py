@@ -127,11 +127,14 @@ def _sees_host_store(pid: int, state: Path) -> bool:
     file can name somebody else's namespace (another lab, a test leg); only
     one that mounts this host's store is this host's.
     """
+    # /proc/PID/root is the process's own view of the file system, so its /nix
+    # is the directory its namespace mounts there.
     try:
-        with open(f"/proc/{pid}/mountinfo") as f:
-            return str(state.resolve() / "nix") in f.read()
+        theirs = os.stat(f"/proc/{pid}/root/nix")
+        ours = os.stat(state / "nix")
     except OSError:
         return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def kill_namespace(state: Path, keep_holder: bool) -> None:
@@ -140,11 +143,14 @@ def kill_namespace(state: Path, keep_holder: bool) -> None:
         return
     ns = ns_file.read_text().strip()
     holder = holder_pid(state)
-    members = processes_in_namespace(ns)
-    if members and not any(_sees_host_store(p, state) for p in members[:5]):
-        return  # the namespace this host had is gone; its id now belongs to another
     for _ in range(50):
-        victims = [p for p in processes_in_namespace(ns) if not (keep_holder and p == holder)]
+        # Every pass checks each process again: once the last member dies the
+        # id is free, and a namespace made a moment later (another host's,
+        # another test leg's) can carry it; its processes are not ours to kill.
+        victims = [
+            p for p in processes_in_namespace(ns)
+            if not (keep_holder and p == holder) and _sees_host_store(p, state)
+        ]
         if not victims:
             return
         for pid in victims:
