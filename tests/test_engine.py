@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -13,9 +14,11 @@ import labctl
 import pytest
 from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError
+from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError, RemoteCommandError
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
 from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.engine.process import Target
+from nixos_provider.engine.ssh import connect
 
 pytestmark = pytest.mark.timeout(300)
 SYSTEM = "/nix/var/nix/profiles/system"
@@ -174,6 +177,33 @@ async def test_profile_for_a_non_root_user_via_sudo(lab_host: labctl.LabHost, sy
     with pytest.raises(DeployError):
         await deploy(lab_host, app1, profile=profile, activate_command="exit 9")
     assert current_gen(lab_host, profile.path) == 2
+
+
+async def test_the_runner_elevates_run_and_start_and_names_the_callers_argv(
+        lab_host: labctl.LabHost, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="nixos_provider.engine.process")
+    conn = await connect(remote_for(lab_host))
+    try:
+        alice = Target(conn, "alice")
+        assert (await alice.run(["id", "-un"])).stdout == "alice\n"
+        assert f"{conn.target} as alice: id -un" in caplog.text and "sudo" not in caplog.text
+        with pytest.raises(RemoteCommandError) as failed:
+            await alice.run(["sh", "-c", "echo nope >&2; exit 7", "sh", "; x"])
+        assert failed.value.argv == ["sh", "-c", "echo nope >&2; exit 7", "sh", "; x"]
+        assert failed.value.exit_status == 7 and "sudo" not in str(failed.value) and "nope" in str(failed.value)
+        with pytest.raises(RemoteCommandError, match="timed out after 1s"):
+            await alice.run(["sleep", "5"], timeout=1)
+        # start: the same elevation, with streams.
+        proc = await alice.start(["sh", "-c", "id -un; cat; echo done >&2"])
+        try:
+            proc.stdin.write(b"streamed\n")
+            proc.stdin.write_eof()
+            assert await proc.stdout.read() == b"alice\nstreamed\n"
+            assert await proc.wait() == type(await alice.run(["true"]))(0, "", "done\n")
+        finally:
+            await proc.close()
+    finally:
+        await conn.close()
 
 
 async def test_connection_errors_are_one_human_line(lab_host: labctl.LabHost, systems: Systems) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
+import subprocess
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Profile, Remote
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
+from nixos_provider.engine.protocol import Cause, Phase, SupervisorState, supervisor_argv
 from nixos_provider.pulumi_layer.base import Context
 from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.machine import NixosMachine
@@ -49,6 +53,7 @@ def test_store_path_shape() -> None:
 class _Conn:
     def __init__(self, user: str) -> None:
         self.remote = Remote("h", 22, user)
+        self.target = f"{user}@h:22"
 
 
 @pytest.mark.parametrize("ssh_user,run_as,expected", [
@@ -68,21 +73,81 @@ def test_remote_commands_are_quoted_argument_by_argument() -> None:
     assert shlex.split(shlex.join(["sh", "-c", "echo $1", "sh", hostile])) == ["sh", "-c", "echo $1", "sh", hostile]
 
 
-def test_supervisor_arguments_are_positional_and_complete() -> None:
+def test_supervisor_arguments_are_named_and_complete() -> None:
     spec = ActivationSpec("system", "/nix/var/nix/profiles/system", "/nix/store/a-new", 3, 2, "/nix/store/b-old",
                           "switch", True, 30, True, 240)
     sup = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
     args = sup._args("activate")
-    assert args[0] == "activate" and args[1] == sup.workdir and args[2] == sup.token
-    assert args[3:] == ["system", "/nix/var/nix/profiles/system", "/nix/store/a-new", "3", "2", "/nix/store/b-old",
-                        "switch", "1", "30", "1", "240", ""]
+    assert args[:6] == ["--task", "activate", "--dir", sup.workdir, "--token", sup.token]
+    assert args[6:] == ["--mode", "system", "--profile", "/nix/var/nix/profiles/system", "--new-path", "/nix/store/a-new",
+                        "--new-gen", "3", "--prev-gen", "2", "--prev-path", "/nix/store/b-old", "--action", "switch",
+                        "--magic-rollback", "1", "--confirm-timeout", "30", "--auto-rollback", "1",
+                        "--activation-timeout", "240"]
     other = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
     assert other.token != sup.token and other.workdir != sup.workdir  # a stale token can never confirm
+    # Unset values are left out; a command is one argument, whatever it holds.
+    bare = dataclasses.replace(spec, new_gen=None, prev_gen=None, prev_path=None, magic_rollback=False,
+                               activate_command="echo $PROFILE; exit 3")
+    bare_args = supervisor_argv("activate", "/tmp/d", "t", bare)
+    assert "--new-gen" not in bare_args and "--prev-path" not in bare_args
+    assert bare_args[-2:] == ["--activate-command", "echo $PROFILE; exit 3"]
+    assert bare_args[bare_args.index("--magic-rollback") + 1] == "0"
+
+
+@pytest.mark.parametrize("argv,state", [
+    (["--dir", "D", "--token"], "failed usage: --token needs a value"),
+    (["--dir", "D", "--token", "t", "--bogus", "x"], "failed usage: unknown option --bogus"),
+    (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x"], "failed usage: --action is required"),
+    (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x", "--action", "switch", "--mode", "system",
+      "--new-gen", "1; touch /tmp/x"], "failed usage: a generation is a number, not 1; touch /tmp/x"),
+])
+def test_supervisor_refuses_a_malformed_command_line(tmp_path: Any, argv: list[str], state: str) -> None:
+    script = resources.files("nixos_provider.engine").joinpath("supervisor.sh")
+    argv = [str(tmp_path) if a == "D" else a for a in argv]
+    done = subprocess.run(["sh", str(script), *argv], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert (tmp_path / "state").read_text() == state + "\n"
+    parsed = SupervisorState.parse(state)
+    assert parsed.phase is Phase.FAILED and parsed.cause is Cause.USAGE and parsed.terminal
+
+
+@pytest.mark.parametrize("line,phase,cause,status,detail", [
+    ("", Phase.STARTING, None, None, ""),
+    ("ready", Phase.READY, None, None, ""),
+    ("activating", Phase.ACTIVATING, None, None, ""),
+    ("waiting-confirm", Phase.WAITING_CONFIRM, None, None, ""),
+    ("rolling-back activation-failed:4", Phase.ROLLING_BACK, Cause.ACTIVATION_FAILED, 4, ""),
+    ("rolled-back aborted", Phase.ROLLED_BACK, Cause.ABORTED, None, ""),
+    ("rolled-back unconfirmed\n", Phase.ROLLED_BACK, Cause.UNCONFIRMED, None, ""),
+    ("rolled-back no-word-from-the-deployer", Phase.ROLLED_BACK, Cause.NO_WORD, None, ""),
+    ("failed activation-failed:124", Phase.FAILED, Cause.ACTIVATION_FAILED, 124, ""),
+    ("rollback-failed activation-failed:1: re-activating /nix/store/x failed", Phase.ROLLBACK_FAILED,
+     Cause.ACTIVATION_FAILED, 1, "re-activating /nix/store/x failed"),
+    ("rollback-failed unconfirmed: there is no previous generation to return to", Phase.ROLLBACK_FAILED,
+     Cause.UNCONFIRMED, None, "there is no previous generation to return to"),
+    ("failed lock: cannot open /p/.lock", Phase.FAILED, Cause.LOCK, None, "cannot open /p/.lock"),
+    ("locked-out deployment /tmp/x of /nix/store/y, since 2026", Phase.LOCKED_OUT, None, None,
+     "deployment /tmp/x of /nix/store/y, since 2026"),
+    ("done", Phase.DONE, None, None, ""),
+    ("something new", Phase.UNKNOWN, None, None, "something new"),
+])
+def test_supervisor_states_parse_once(line: str, phase: Phase, cause: Cause | None, status: int | None,
+                                      detail: str) -> None:
+    state = SupervisorState.parse(line)
+    assert (state.phase, state.cause, state.exit_status, state.detail) == (phase, cause, status, detail)
+    assert state.terminal == (phase in (Phase.DONE, Phase.FAILED, Phase.ROLLED_BACK, Phase.ROLLBACK_FAILED,
+                                        Phase.LOCKED_OUT))
+    assert SupervisorState.parse("failed activation-failed:124").timed_out
+    assert SupervisorState.parse("rolled-back unconfirmed").failed_step == "confirmation"
 
 
 def test_remote_command_error_hides_sudo_and_keeps_the_tail() -> None:
-    err = RemoteCommandError("root@h:22", ["sudo", "-n", "--", "nix-env", "-p", "/x", "--set", "/y"], 1,
-                             "a\nb\nerror: boom\n")
+    # The runner elevates the command, and its error names the caller's argv.
+    target = Target(_Conn("root"), "alice")  # type: ignore[arg-type]
+    argv = ["nix-env", "-p", "/x", "--set", "/y"]
+    assert target.argv(argv)[0] == "sudo"
+    err = target.failure(argv, 1, "a\nb\nerror: boom\n")
+    assert isinstance(err, RemoteCommandError) and err.argv == argv
     assert str(err).startswith("`nix-env -p /x ...` failed on root@h:22 (exit 1)")
     assert str(err).endswith("error: boom")
 
@@ -362,3 +427,28 @@ def test_install_check_failures_name_the_property() -> None:
     props = dict(f.items)
     assert set(props) == {"install.bogus", "install.command", "install.phases", "install.extraFiles['/etc/../x']"}
     assert "s3cret-value" not in str(f.items)
+
+
+async def test_local_runner_errors_carry_the_callers_argv() -> None:
+    from nixos_provider.engine.errors import CommandNotFound, LocalCommandError, NixError
+    from nixos_provider.engine.process import LOCAL, Stderr
+    ok = await LOCAL.run(["sh", "-c", 'cat; echo "$1" >&2', "sh", "err"], input="in")
+    assert (ok.exit_status, ok.stdout, ok.stderr) == (0, "in", "err\n")
+    with pytest.raises(LocalCommandError) as failed:
+        await LOCAL.run(["sh", "-c", "echo boom >&2; exit 3"])
+    assert isinstance(failed.value, NixError) and failed.value.exit_status == 3
+    assert str(failed.value).startswith("`sh -c echo boom >&2; exit 3` failed on the deployer (exit 3)")
+    assert (await LOCAL.run(["sh", "-c", "exit 4"], check=False)).exit_status == 4
+    with pytest.raises(CommandNotFound, match="`no-such-program-x` was not found on PATH"):
+        await LOCAL.run(["no-such-program-x"])
+    with pytest.raises(NixError, match="timed out after 1s"):
+        await LOCAL.run(["sleep", "5"], timeout=1)
+    # A started command: its stdin and stdout stream, its stderr comes with the result.
+    proc = await LOCAL.start(["sh", "-c", "tr a-z A-Z; echo done >&2"])
+    proc.stdin.write(b"stream")
+    proc.stdin.write_eof()
+    assert await proc.stdout.read() == b"STREAM"
+    assert await proc.wait() == type(ok)(0, "", "done\n")
+    merged = await LOCAL.start(["sh", "-c", "echo out; echo err >&2"], stdin=False, stderr=Stderr.STDOUT)
+    assert sorted((await merged.stdout.read()).split()) == [b"err", b"out"]
+    assert (await merged.close()).exit_status == 0

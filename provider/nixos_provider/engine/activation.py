@@ -16,7 +16,10 @@ from importlib import resources
 
 from .errors import ConnectError, EngineError, HostBusy
 from .process import Target
+from .protocol import ActivationSpec, Control, Go, Phase, SupervisorState, supervisor_argv
 from .ssh import Connection
+
+__all__ = ["ActivationOutcome", "ActivationSpec", "Supervisor"]
 
 SUPERVISOR = resources.files(__package__).joinpath("supervisor.sh").read_text()
 POLL_INTERVAL = 0.3
@@ -27,37 +30,14 @@ ConnectFn = Callable[[], Awaitable[Connection]]
 
 
 @dataclass(frozen=True)
-class ActivationSpec:
-    mode: str  # "system" | "profile"
-    profile: str
-    new_path: str
-    new_gen: int | None
-    prev_gen: int | None
-    prev_path: str | None
-    action: str
-    magic_rollback: bool
-    confirm_timeout: float
-    auto_rollback: bool
-    activation_timeout: float
-    activate_command: str | None = None
-
-
-TERMINAL = ("done", "failed", "rolled-back", "rollback-failed", "locked-out")
-
-
-def is_terminal(state: str) -> bool:
-    return state.split(" ", 1)[0] in TERMINAL
-
-
-@dataclass(frozen=True)
 class ActivationOutcome:
-    state: str  # confirmed | done | failed ... | rolled-back ... | rollback-failed ... | locked-out ...
+    state: SupervisorState  # or CONFIRMED, when follow() stops there
     output: str
     workdir: str
 
     @property
     def ok(self) -> bool:
-        return self.state in ("confirmed", "done")
+        return self.state.phase in (Phase.CONFIRMED, Phase.DONE)
 
 
 class Supervisor:
@@ -75,17 +55,12 @@ class Supervisor:
         self._log = ""
         self._partial = ""
         self._uses_systemd: bool | None = None
+        # The connection this supervisor opened to replace a lost one; the
+        # first connection belongs to the caller.
+        self._own: Connection | None = None
 
     def _args(self, task: str) -> list[str]:
-        s = self.spec
-        return [
-            task, self.workdir, self.token, s.mode, s.profile, s.new_path,
-            "" if s.new_gen is None else str(s.new_gen),
-            "" if s.prev_gen is None else str(s.prev_gen),
-            s.prev_path or "", s.action, "1" if s.magic_rollback else "0",
-            str(int(s.confirm_timeout)), "1" if s.auto_rollback else "0",
-            str(int(s.activation_timeout)), s.activate_command or "",
-        ]
+        return supervisor_argv(task, self.workdir, self.token, self.spec)
 
     async def upload(self) -> None:
         await self.target.run(
@@ -96,30 +71,45 @@ class Supervisor:
             res = await self.target.run(["sh", "-c", "test -d /run/systemd/system && command -v systemd-run"], check=False)
             self._uses_systemd = res.exit_status == 0
 
-    async def _write(self, name: str, content: str) -> None:
+    async def _write(self, control: Control, content: str) -> None:
         """Write one control file into the workdir, atomically (the supervisor polls for it)."""
-        target = await self._connected()
+        target = await self.connected()
         await target.run(["sh", "-c", 'printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
-                          "sh", self.workdir, name, content], timeout=30)
+                          "sh", self.workdir, control.value, content], timeout=30)
 
-    async def _connected(self) -> Target:
+    async def connected(self) -> Target:
+        """The target, over a new connection if the current one no longer answers."""
         try:
             await self.target.run(["true"], timeout=10)
         except EngineError:
-            self.target = Target(await self.connect(), self.target.run_as)
+            await self._replace(await self.connect())
         return self.target
+
+    async def _replace(self, conn: Connection) -> None:
+        """Use conn from now on, and close the connection it replaces if it was ours."""
+        old, self._own = self._own, conn
+        self.target = self.target.on(conn)
+        if old is not None:
+            old.abort()  # it stopped answering: do not wait for a goodbye
+            await old.close()
+
+    async def close(self) -> None:
+        """Close the connection this supervisor opened, if any (the caller closes its own)."""
+        own, self._own = self._own, None
+        if own is not None:
+            await own.close()
 
     async def wait_ready(self, deadline: float) -> None:
         """Wait until the supervisor holds the profile's lock; fail naming who holds it otherwise."""
         while True:
             state = await self._poll(self.target)
-            if state == "ready":
+            if state.phase is Phase.READY:
                 return
-            if state.startswith("locked-out"):
-                holder = state.removeprefix("locked-out").strip() or "another deployment (it did not say which)"
+            if state.phase is Phase.LOCKED_OUT:
+                holder = state.detail or "another deployment (it did not say which)"
                 raise HostBusy(f"{self.spec.profile} on {self.target.target} is being deployed by someone else: "
                                   f"{holder}. Nothing was changed; try again when it has finished")
-            if is_terminal(state):
+            if state.terminal:
                 raise EngineError(f"the activation supervisor on {self.target.target} stopped before it began: {state}"
                                   + (f"\n{self._log.strip()}" if self._log.strip() else "") + "; nothing was changed")
             if time.monotonic() > deadline:
@@ -130,13 +120,11 @@ class Supervisor:
     async def go(self, spec: ActivationSpec, hold: float) -> None:
         """The generation is registered: tell the supervisor which, and how long health checks may take."""
         self.spec = spec
-        lines = ["" if spec.new_gen is None else str(spec.new_gen), "" if spec.prev_gen is None else str(spec.prev_gen),
-                 spec.prev_path or "", str(int(hold))]
-        await self._write("go", "\n".join(lines) + "\n")
+        await self._write(Control.GO, Go(spec.new_gen, spec.prev_gen, spec.prev_path, hold).text())
 
     async def finish(self, deadline: float) -> ActivationOutcome:
         """Keep the new generation: the supervisor records `done` and releases the lock."""
-        await self._write("finish", "")
+        await self._write(Control.FINISH, "")
         return await self.follow(deadline, until=())
 
     async def abort(self, deadline: float) -> ActivationOutcome:
@@ -145,7 +133,7 @@ class Supervisor:
         The request itself is not given up if this task is cancelled again
         meanwhile: the host must hear it. Waiting for the outcome may be cut short.
         """
-        request = asyncio.ensure_future(self._write("abort", ""))
+        request = asyncio.ensure_future(self._write(Control.ABORT, ""))
         while not request.done():
             try:
                 await asyncio.shield(request)
@@ -158,22 +146,21 @@ class Supervisor:
     async def stop_quietly(self) -> None:
         """Best effort, before anything was registered: a supervisor that starts late stops at once."""
         try:
-            await self._write("abort", "")
+            await self._write(Control.ABORT, "")
         except EngineError:
             pass
 
     async def start(self, task: str = "activate") -> None:
         script = f"{self.workdir}/supervisor.sh"
         # systemd-run needs root; a non-root profile owner's supervisor uses setsid.
-        runs_as_root = (self.target.run_as or self.target.conn.remote.user) == "root"
-        if self._uses_systemd and runs_as_root:
+        if self._uses_systemd and self.target.user == "root":
             unit = f"pulumi-nixos-{self.workdir.rsplit('.', 1)[1]}-{task}"
             argv = ["systemd-run", f"--unit={unit}", "--collect", "--quiet", "--", "/bin/sh", script, *self._args(task)]
         else:
             argv = ["setsid", "-f", "/bin/sh", script, *self._args(task)]
         await self.target.run(["sh", "-c", ': > "$1/state" && shift && exec "$@"', "sh", self.workdir, *argv])
 
-    async def _poll(self, conn_target: Target) -> str:
+    async def _poll(self, conn_target: Target) -> SupervisorState:
         res = await conn_target.run(
             ["sh", "-c", 'cat "$1/state" 2>/dev/null; echo "@@pulumi-nixos@@"; tail -c +"$2" "$1/log" 2>/dev/null',
              "sh", self.workdir, str(len(self._log.encode()) + 1)],
@@ -186,7 +173,7 @@ class Supervisor:
             *complete, self._partial = (self._partial + new_output).split("\n")
             for line in complete:
                 self._output(line)
-        return state.strip()
+        return SupervisorState.parse(state)
 
     async def confirm(self) -> bool:
         """Write the token over a brand-new connection. False if the host cannot be reached."""
@@ -196,17 +183,18 @@ class Supervisor:
             self._status(f"cannot reach the host after activation ({e}); it will roll back by itself")
             return False
         try:
-            t = Target(conn, self.target.run_as)
-            await t.run(["sh", "-c", 'printf %s "$2" > "$1/confirm"', "sh", self.workdir, self.token])
+            t = self.target.on(conn)
+            await t.run(["sh", "-c", 'printf %s "$3" > "$1/$2"', "sh", self.workdir, Control.CONFIRM.value,
+                         self.token])
             return True
         finally:
             await conn.close()
 
-    async def follow(self, deadline: float, until: tuple[str, ...] = ("confirmed",)) -> ActivationOutcome:
+    async def follow(self, deadline: float, until: tuple[Phase, ...] = (Phase.CONFIRMED,)) -> ActivationOutcome:
         """Poll until the supervisor reaches a state in `until` or a terminal one; confirm when it waits for us."""
         target = self.target
         confirmed = False
-        reported = ""
+        reported: SupervisorState | None = None
         while True:
             if time.monotonic() > deadline:
                 raise EngineError(
@@ -221,12 +209,12 @@ class Supervisor:
             if state != reported:
                 reported = state
                 self._report(state)
-            if state == "waiting-confirm" and not confirmed:
+            if state.phase is Phase.WAITING_CONFIRM and not confirmed:
                 confirmed = await self.confirm()
                 if not confirmed:
                     # Give the target the confirm timeout to roll back on its own.
                     pass
-            if state in until or is_terminal(state):
+            if state.phase in until or state.terminal:
                 if self._partial:
                     self._output(self._partial)
                     self._partial = ""
@@ -236,21 +224,20 @@ class Supervisor:
     async def _reconnect(self, deadline: float) -> Target:
         while time.monotonic() < deadline:
             try:
-                conn = await self.connect()
-                self.target = Target(conn, self.target.run_as)
+                await self._replace(await self.connect())
                 return self.target
             except ConnectError:
                 await asyncio.sleep(1.0)
         raise EngineError(f"lost the connection to {self.target.target} during activation and could not reconnect")
 
-    def _report(self, state: str) -> None:
-        if state == "activating":
+    def _report(self, state: SupervisorState) -> None:
+        if state.phase is Phase.ACTIVATING:
             self._status(f"activating {self.spec.new_path}")
-        elif state == "waiting-confirm":
+        elif state.phase is Phase.WAITING_CONFIRM:
             self._status("waiting for confirmation (magic rollback)")
-        elif state == "confirmed":
+        elif state.phase is Phase.CONFIRMED:
             self._status(f"{self.spec.new_path} is active")
-        elif state.startswith("rolling-back"):
+        elif state.phase is Phase.ROLLING_BACK:
             self._status("rolling back")
 
     async def cleanup(self) -> None:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import profiles
-from .activation import ActivationSpec, Supervisor
+from .activation import ActivationOutcome, Supervisor
 from .errors import DeployError, EngineError, HostBusy
 from .health import run_health_checks
 from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, PushStats, Remote
 from .nix import Nix
 from .process import Target
+from .protocol import ActivationSpec, Cause, Phase, SupervisorState
 from .push import PushProgress, choose_compression, push_closure
 from .ssh import Connection, connect
 
@@ -29,13 +30,6 @@ OUTPUT_TAIL_LINES = 20
 
 def _noop(_: str) -> None:
     pass
-
-
-def run_as_for(profile: Profile) -> str | None:
-    """Who must run profile commands: root for the system profile, else the owner."""
-    if profile.is_system:
-        return "root"
-    return profile.user
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class TargetState:
 
 async def open_target(remote: Remote, profile: Profile, *, compress: bool = False) -> Target:
     conn = await connect(remote, compress=compress)
-    return Target(conn, run_as_for(profile))
+    return Target.for_profile(conn, profile)
 
 
 async def read_state(remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:
@@ -121,8 +115,8 @@ class Deployment:
         finally:
             await target.conn.close()
             # The supervisor may have reconnected during activation.
-            if self._supervisor is not None and self._supervisor.target.conn is not target.conn:
-                await self._supervisor.target.conn.close()
+            if self._supervisor is not None:
+                await self._supervisor.close()
 
     async def _run(self, target: Target) -> DeployResult:
         req = self.req
@@ -131,10 +125,7 @@ class Deployment:
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
 
-        # The store is shared by every user: import as the SSH user (which must be
-        # trusted), or as root when the deployment needs root anyway. Importing
-        # as an unprivileged profile owner would be refused for lack of signatures.
-        pusher = Target(target.conn, "root" if target.run_as == "root" else None)
+        pusher = target.for_store()
         compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
@@ -189,17 +180,17 @@ class Deployment:
             await supervisor.stop_quietly()
             raise
         except asyncio.CancelledError:
-            raise await self._abort(supervisor, "the deployment was cancelled") from None
+            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
         try:
             return await self._activate(supervisor, push)
         except asyncio.CancelledError:
             # A cancelled `pulumi up`: the host must not be left to a
             # supervisor nobody waits for. Roll back now, wait, report.
-            raise await self._abort(supervisor, "the deployment was cancelled") from None
+            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
         except DeployError:
             raise
         except EngineError as e:
-            raise await self._abort(supervisor, str(e)) from e
+            raise await self._abort(supervisor, str(e), step="activation") from e
 
     async def _activate(self, supervisor: Supervisor, push: PushStats) -> DeployResult:
         """Under the lock: register the generation, activate, confirm, check health, finish."""
@@ -229,7 +220,7 @@ class Deployment:
         target = supervisor.target  # follow() may have reconnected
 
         if not outcome.ok:
-            raise await self._failure(target, outcome.state, outcome.output, new_gen, supervisor=supervisor)
+            raise await self._failure(supervisor, outcome, new_gen, step="activation")
 
         if req.health_checks and req.action != "boot":
             try:
@@ -244,13 +235,13 @@ class Deployment:
                         generation=new_gen.number if new_gen else None) from e
                 self.status("health check failed: rolling back")
                 outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
-                raise await self._failure(supervisor.target, outcome.state, outcome.output, new_gen,
-                                          reason=str(e), supervisor=supervisor) from e
+                raise await self._failure(supervisor, outcome, new_gen, reason=str(e), step="health-check") from e
 
         outcome = await supervisor.finish(time.monotonic() + 60)
         target = supervisor.target
-        if outcome.state != "done":
-            raise await self._failure(target, outcome.state, outcome.output, new_gen, supervisor=supervisor)
+        if outcome.state.phase is not Phase.DONE:
+            # Rolled back after confirmation: the deployer's last word came too late.
+            raise await self._failure(supervisor, outcome, new_gen, step="health-check")
         # Confirmed and healthy: from here on nothing may turn the deployment
         # into a failure. What we cannot read afterwards is left out, not fatal.
         await supervisor.cleanup()
@@ -272,7 +263,7 @@ class Deployment:
             output=outcome.output,
         )
 
-    async def _abort(self, supervisor: Supervisor, why: str) -> DeployError:
+    async def _abort(self, supervisor: Supervisor, why: str, *, step: str) -> DeployError:
         """Tell the supervisor to roll back now, wait a bounded time for it, and say what the host runs."""
         req = self.req
         self.status(f"{why}: rolling back")
@@ -284,45 +275,42 @@ class Deployment:
                 f"failed too ({e}). The supervisor in {supervisor.workdir} rolls back by itself unless the "
                 "deployment is finished; run `pulumi refresh` to see what the host runs",
                 phase="cancel", now_running=None)
-        return await self._failure(supervisor.target, outcome.state, outcome.output, self._new_gen, reason=why,
-                                   supervisor=supervisor)
+        return await self._failure(supervisor, outcome, self._new_gen, reason=why, step=step)
 
-    async def _ensure_connected(self, target: Target) -> Target:
-        try:
-            await target.run(["true"], timeout=10)
-            return target
-        except EngineError:
-            return Target(await self._connect_again(), target.run_as)
+    async def _failure(self, supervisor: Supervisor, outcome: ActivationOutcome, new_gen: Generation | None, *,
+                       reason: str | None = None, step: str) -> DeployError:
+        """Build the error: what failed, the output tail, and what runs now.
 
-    async def _failure(self, target: Target, state: str, output: str, new_gen: Generation | None,
-                       reason: str | None = None, supervisor: Supervisor | None = None) -> DeployError:
-        """Build the error: what failed, the output tail, and what runs now."""
+        step is where the deployer was; the supervisor's own cause, when it
+        names one (activation, confirmation), says it more exactly.
+        """
         req = self.req
-        if supervisor is not None and (state.split(" ", 1)[0] in ("rolled-back", "rollback-failed", "failed", "done")):
+        state = outcome.state
+        if state.phase in (Phase.ROLLED_BACK, Phase.ROLLBACK_FAILED, Phase.FAILED, Phase.DONE):
             # Finished: its workdir (token included) has nothing more to say.
             await supervisor.cleanup()
-        kind, _, detail = state.partition(" ")
-        what = reason or _describe_reason(detail or kind, req)
+        what = reason or _describe_reason(state, req)
         try:
-            target = await self._ensure_connected(target)
+            target = await supervisor.connected()
             now = await read_target_state(target, req.profile)
             running = now.current_system if req.profile.is_system else (now.generation.store_path if now.generation else None)
             gen_now = now.generation.number if now.generation else None
         except EngineError:
             running, gen_now = None, None
         where = _describe_now(running, gen_now, req.profile)
-        if kind == "rolled-back":
+        if state.phase is Phase.ROLLED_BACK:
             removed = f"; generation {new_gen.number} was removed" if new_gen and gen_now != new_gen.number else ""
             msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}. Rolled back: {where}{removed}."
-        elif kind == "rollback-failed":
-            msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}, and the rollback failed too ({detail}). Now: {where}."
+        elif state.phase is Phase.ROLLBACK_FAILED:
+            msg = (f"deploying {req.store_path} to {req.remote.target} failed: {what}, and the rollback failed too "
+                   f"({state.detail or state.line}). Now: {where}.")
         else:
             msg = f"deploying {req.store_path} to {req.remote.target} failed: {what}; autoRollback is off. Now: {where}."
-        tail = _tail(output)
+        tail = _tail(outcome.output)
         if tail:
             msg += f"\nactivation output (last lines):\n{tail}"
-        return DeployError(msg, phase="activation" if "activation" in what else "confirmation" if "confirm" in what else "health-check",
-                           now_running=running, generation=gen_now, rolled_back=kind == "rolled-back", output_tail=tail)
+        return DeployError(msg, phase=state.failed_step or step, now_running=running, generation=gen_now,
+                           rolled_back=state.phase is Phase.ROLLED_BACK, output_tail=tail)
 
 
 def _health_check_budget(req: DeployRequest) -> float:
@@ -332,18 +320,19 @@ def _health_check_budget(req: DeployRequest) -> float:
     return 60 + sum((c.retries + 1) * (c.timeout + 10 + c.interval) for c in req.health_checks)
 
 
-def _describe_reason(detail: str, req: DeployRequest) -> str:
-    if detail.startswith("activation-failed:"):
-        code = detail.split(":", 1)[1]
-        if code == "124":
-            return f"activation timed out after {req.activation_timeout:.0f}s"
-        return f"activation exited with status {code}"
-    if detail.startswith("unconfirmed"):
+def _describe_reason(state: SupervisorState, req: DeployRequest) -> str:
+    if state.timed_out:
+        return f"activation timed out after {req.activation_timeout:.0f}s"
+    if state.cause is Cause.ACTIVATION_FAILED:
+        return f"activation exited with status {state.exit_status}"
+    if state.cause is Cause.UNCONFIRMED:
         return (f"the deployer could not reach the host again within confirmTimeout ({req.confirm_timeout:.0f}s) "
                 "after activation, so the target rolled itself back (magic rollback)")
-    if detail.startswith("requested"):
+    if state.cause is Cause.REQUESTED:
         return "rollback requested"
-    return detail
+    if state.cause is not None and state.cause is not Cause.OTHER:
+        return str(state.cause.value) + (f": {state.detail}" if state.detail else "")
+    return state.detail or state.phase.value
 
 
 def _describe_now(running: str | None, gen: int | None, profile: Profile) -> str:

@@ -27,21 +27,41 @@ class HostBusy(EngineError):
     """Another deployment holds the profile's lock on the target; nothing was changed."""
 
 
-class RemoteCommandError(EngineError):
-    """A command on the target exited non-zero."""
+class NixError(EngineError):
+    """The local nix CLI failed (evaluation, build, export)."""
+
+
+class CommandError(EngineError):
+    """A command exited non-zero (or timed out: exit_status None).
+
+    `argv` is the command its caller gave: the runner (process.py) elevates
+    it with sudo where needed, and nothing of that shows here.
+    """
 
     def __init__(self, target: str, argv: list[str], exit_status: int | None, stderr: str) -> None:
-        if argv and argv[0] == "sudo" and "--" in argv:
-            argv = argv[argv.index("--") + 1:]
         tail = stderr.strip().splitlines()[-5:]
         detail = ("\n  " + "\n  ".join(tail)) if tail else ""
         super().__init__(f"`{' '.join(argv[:3])}{' ...' if len(argv) > 3 else ''}` failed on {target} (exit {exit_status}){detail}")
+        self.argv = argv
         self.exit_status = exit_status
         self.stderr = stderr
 
 
-class NixError(EngineError):
-    """The local nix CLI failed (evaluation, build, export)."""
+class RemoteCommandError(CommandError):
+    """A command on the target exited non-zero."""
+
+
+class LocalCommandError(CommandError, NixError):
+    """A command on the deployer exited non-zero (a NixError, as local commands were before the runner)."""
+
+
+class CommandNotFound(NixError):
+    """A local program could not be started."""
+
+    def __init__(self, program: str, why: str) -> None:
+        super().__init__(f"`{program}` {why}" + (" on PATH" if why == "was not found" else ""))
+        self.program = program
+        self.why = why
 
 
 class DeployError(EngineError):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections import deque
@@ -27,9 +26,9 @@ from pathlib import Path
 import asyncssh
 
 from .deploy import read_target_state
-from .errors import ConnectError, EngineError, HostKeyMismatch
+from .errors import CommandNotFound, ConnectError, EngineError, HostKeyMismatch
 from .models import SYSTEM_PROFILE, Generation, InstallRequest, InstallResult, Profile, Remote
-from .process import Target
+from .process import LOCAL, Stderr, Target
 from .ssh import connect, fingerprint, normalize_host_key
 
 OutputFn = Callable[[str], None]
@@ -314,20 +313,16 @@ async def run_nixos_anywhere(req: InstallRequest, argv: list[str], *, status: Ou
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     phase = "start"
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=child_env(req), start_new_session=True,
-        )
-    except (FileNotFoundError, PermissionError) as e:
-        why = "was not found" if isinstance(e, FileNotFoundError) else "is not executable"
-        raise InstallError(f"cannot run nixos-anywhere: `{argv[0]}` {why} (set `install.command` or the "
+        # Its own session, so a timeout or a cancelled update stops every
+        # process it started (ssh, nix copy), not only the script.
+        proc = await LOCAL.start(argv, stdin=False, stderr=Stderr.STDOUT, env=child_env(req), new_session=True)
+    except CommandNotFound as e:
+        raise InstallError(f"cannot run nixos-anywhere: `{argv[0]}` {e.why} (set `install.command` or the "
                            "provider's `nixosAnywhereCommand`); the host was not touched",
                            phase="start", state="unchanged") from e
-    assert proc.stdout is not None
 
-    async def follow() -> None:
+    async def follow() -> int:
         nonlocal phase
-        assert proc.stdout is not None
         while line_bytes := await proc.stdout.readline():
             line = redact(line_bytes.decode(errors="replace").rstrip(), secrets)
             if not line.strip():
@@ -339,28 +334,21 @@ async def run_nixos_anywhere(req: InstallRequest, argv: list[str], *, status: Ou
                 output(f"nixos-anywhere: {step}")
             else:
                 status(line)
-        await proc.wait()
+        return (await proc.wait()).exit_status
 
     try:
-        await asyncio.wait_for(follow(), timeout=req.timeout)
+        returncode = await asyncio.wait_for(follow(), timeout=req.timeout)
     except (TimeoutError, asyncio.CancelledError) as e:
-        _kill_group(proc.pid)
+        proc.kill()
         await proc.wait()
         if isinstance(e, asyncio.CancelledError):
             raise
         raise InstallError(f"nixos-anywhere did not finish within {req.timeout:.0f}s and was stopped "
                            f"{describe_phase(phase)}", phase=phase, output_tail="\n".join(tail)) from None
-    if proc.returncode != 0:
+    if returncode != 0:
         last = "\n  ".join(tail)
-        raise InstallError(f"nixos-anywhere failed {describe_phase(phase)} (exit {proc.returncode}); "
+        raise InstallError(f"nixos-anywhere failed {describe_phase(phase)} (exit {returncode}); "
                            f"its last output:\n  {last}", phase=phase, output_tail="\n".join(tail))
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # -- after the reboot ---------------------------------------------------------------------

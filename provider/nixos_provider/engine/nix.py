@@ -24,7 +24,7 @@ from .nix_versions import (
     parse_path_info,
     rejects_flag,
 )
-from .process import run_local
+from .process import LOCAL
 
 __all__ = ["FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
 
@@ -145,7 +145,7 @@ class Nix:
         return [self.legacy_tool("nix-store"), *self.options, *args]
 
     async def _run(self, *args: str, what: str, timeout: float | None = None) -> str:
-        res = await run_local(self._argv(*args), timeout=timeout)
+        res = await LOCAL.run(self._argv(*args), check=False, timeout=timeout)
         if res.exit_status != 0:
             raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         return res.stdout
@@ -178,8 +178,8 @@ class Nix:
         In the background, the process runs at low CPU priority.
         """
         request = json.dumps({"flake": flake, "attrs": [split_attr_path(a) for a in attrs]})
-        res = await run_local(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR),
-                              env={EVAL_MANY_ENV: request}, niceness=10 if background else 0)
+        res = await LOCAL.run(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR), check=False,
+                              env={**os.environ, EVAL_MANY_ENV: request}, niceness=10 if background else 0)
         if res.exit_status != 0:
             raise NixError(f"evaluating {len(attrs)} configurations of {flake} failed: {error_summary(res.stderr)}")
         try:
@@ -227,7 +227,7 @@ class Nix:
         return outputs["out"]
 
     async def is_valid(self, path: str) -> bool:
-        res = await run_local(self.store_argv("--check-validity", path))
+        res = await LOCAL.run(self.store_argv("--check-validity", path), check=False)
         return res.exit_status == 0
 
     async def closure(self, path: str) -> list[PathInfo]:
@@ -241,7 +241,7 @@ class Nix:
     async def _path_infos(self, *args: str, what: str) -> dict[str, PathInfo]:
         known = _PATH_INFO_FORMAT.get(tuple(self.command))
         if known is None:
-            res = await run_local(self._argv("path-info", "--json", *PATH_INFO_JSON_FORMAT, *args))
+            res = await LOCAL.run(self._argv("path-info", "--json", *PATH_INFO_JSON_FORMAT, *args), check=False)
             if res.exit_status == 0:
                 _PATH_INFO_FORMAT[tuple(self.command)] = PATH_INFO_JSON_FORMAT
                 out = res.stdout
@@ -258,7 +258,7 @@ class Nix:
             raise NixError(f"{what}: {e}") from e
 
     async def _run_store(self, *args: str) -> str:
-        res = await run_local(self.store_argv(*args))
+        res = await LOCAL.run(self.store_argv(*args), check=False)
         if res.exit_status != 0:
             raise NixError(f"nix-store {' '.join(args[:2])} failed: {error_summary(res.stderr)}")
         return res.stdout

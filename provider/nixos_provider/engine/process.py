@@ -1,75 +1,490 @@
-"""The process layer: who runs a remote command, and local command execution.
+"""The one command runner: who runs a command, where, and what its failure says.
 
-Every command is a list of arguments. Remote commands are quoted by
-`Connection.run`; sudo is prepended here and nowhere else.
+Every command the engine runs, on the deployer or on a target, goes through a
+`Runner`: `run` for a command that finishes (its output collected), `start`
+for one whose streams the caller drives (a push, nixos-anywhere). A runner is
+`Local()` (the deployer) or `Target(conn, run_as)` (a host over SSH); both
+share the steps that matter here:
+
+- the argv is a list of arguments; over SSH it becomes one command line by
+  quoting each argument, never by pasting strings;
+- an `Elevator` turns the argv into one that runs as another user (sudo).
+  This is the only place that knows about sudo: errors and logs carry the argv
+  the caller gave;
+- every argv is logged at debug level, input never is (a later sudo password
+  travels there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
+import logging
 import os
-from collections.abc import Sequence
+import shlex
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar, Protocol
 
-from .errors import NixError
-from .ssh import CommandResult, Connection
+import asyncssh
+
+from .errors import CommandError, CommandNotFound, ConnectError, LocalCommandError, NixError, RemoteCommandError
+from .models import Profile
+from .ssh import Connection
+
+log = logging.getLogger(__name__)
+
+# How long a remote command may take unless its caller says otherwise; local
+# commands (evaluations, builds) have no default limit.
+REMOTE_TIMEOUT = 120.0
+# How long closing a started process waits for each of its pipes and its exit.
+CLOSE_TIMEOUT = 10.0
 
 
-@dataclass
-class Target:
-    """A connection plus the user remote commands must run as."""
+# -- who runs it -------------------------------------------------------------------
 
-    conn: Connection
-    run_as: str | None = None  # None: the SSH user
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        want = self.run_as
-        if want is None or want == self.conn.remote.user:
-            return list(argv)
-        if want == "root":
-            return ["sudo", "-n", "--", *argv]
-        return ["sudo", "-n", "-H", "-u", want, "--", *argv]
+class Elevator(Protocol):
+    """How a command gains another user's rights on the host that runs it.
 
-    async def run(self, argv: Sequence[str], **kw: object) -> CommandResult:
-        return await self.conn.run(self.argv(argv), **kw)  # type: ignore[arg-type]
+    `argv` wraps the command; `stdin` is what the wrapper reads before the
+    command's own input. Non-interactive sudo reads nothing. `sudo -S` with
+    a password (connection.sudoPassword) is another Elevator whose `stdin`
+    is that password's line: the runner already sends it first, for `run`
+    and for `start`, and keeps it out of logs and errors.
+    """
 
     @property
-    def target(self) -> str:
-        return self.conn.target
+    def user(self) -> str: ...
+
+    def argv(self, argv: Sequence[str]) -> list[str]: ...
+
+    def stdin(self) -> bytes: ...
 
 
-@dataclass
-class LocalResult:
+@dataclass(frozen=True)
+class Sudo:
+    """sudo that never asks (-n): a missing rule fails at once instead of hanging on a prompt."""
+
+    user: str
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        if self.user == "root":
+            return ["sudo", "-n", "--", *argv]
+        # -H: the user's own HOME, so nix-env finds its profile settings.
+        return ["sudo", "-n", "-H", "-u", self.user, "--", *argv]
+
+    def stdin(self) -> bytes:
+        return b""
+
+
+def elevator_for(login_user: str, run_as: str | None) -> Elevator | None:
+    """The elevation needed to run as run_as when logged in as login_user (None: none needed)."""
+    if run_as is None or run_as == login_user:
+        return None
+    return Sudo(run_as)
+
+
+# -- what comes back -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
 
 
-async def run_local(argv: Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
-                    env: dict[str, str] | None = None, niceness: int = 0) -> LocalResult:
-    """Run a local command without blocking the event loop; cancelling the caller kills it."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **(env or {})},
-        )
-    except FileNotFoundError as e:
-        raise NixError(f"`{argv[0]}` was not found on PATH") from e
-    if niceness:
-        # Set from here, not in a preexec hook: forking a process that runs
-        # gRPC's threads (the provider) and running Python before exec breaks
-        # gRPC's event engine in the child.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise NixError(f"`{' '.join(argv[:3])}` timed out after {timeout:.0f}s") from None
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    return LocalResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+class Stderr(Enum):
+    """Where a started command's stderr goes."""
+
+    PIPE = "pipe"  # collected; the result of wait()/close() carries it
+    STDOUT = "stdout"  # merged into stdout (local only)
+    DISCARD = "discard"
+
+
+class ByteSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+
+class ByteSource(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+    async def readline(self) -> bytes: ...
+
+
+class Process(ABC):
+    """A started command: write its stdin, read its stdout, then wait or close."""
+
+    def __init__(self, runner: Runner, argv: Sequence[str]) -> None:
+        self._runner = runner
+        self.argv = list(argv)  # the caller's, without elevation
+
+    @property
+    @abstractmethod
+    def stdin(self) -> ByteSink: ...
+
+    @property
+    @abstractmethod
+    def stdout(self) -> ByteSource: ...
+
+    @abstractmethod
+    async def wait(self) -> CommandResult:
+        """Wait for the exit (never raises on a non-zero one; see `failure`)."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop it now (locally its whole session, when it has one)."""
+
+    @abstractmethod
+    async def close(self) -> CommandResult:
+        """Kill it if it still runs, let its pipes reach EOF, reap it; bounded in time."""
+
+    def failure(self, result: CommandResult) -> CommandError:
+        return self._runner.failure(self.argv, result.exit_status, result.stderr)
+
+
+# -- the runner ------------------------------------------------------------------------
+
+
+class _Default:
+    """The type of DEFAULT_TIMEOUT: the runner's own default, where None means no limit."""
+
+
+DEFAULT_TIMEOUT = _Default()
+
+
+class Runner(ABC):
+    """Runs argv lists somewhere, as someone. Subclasses only move bytes."""
+
+    run_as: str | None
+    default_timeout: ClassVar[float | None] = None
+    error_type: ClassVar[type[CommandError]] = CommandError
+
+    @property
+    @abstractmethod
+    def target(self) -> str:
+        """Where commands run, for messages: `user@host:port` or `the deployer`."""
+
+    @property
+    @abstractmethod
+    def login_user(self) -> str: ...
+
+    @property
+    def elevator(self) -> Elevator | None:
+        return elevator_for(self.login_user, self.run_as)
+
+    @property
+    def user(self) -> str:
+        """Who commands run as, in the end."""
+        return self.run_as or self.login_user
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """The argv as it is executed: elevated when run_as is not the login user."""
+        elevator = self.elevator
+        return elevator.argv(argv) if elevator else list(argv)
+
+    def _prepare(self, argv: Sequence[str]) -> tuple[list[str], bytes]:
+        elevator = self.elevator
+        who = f" as {elevator.user}" if elevator else ""
+        log.debug("%s%s: %s", self.target, who, shlex.join(argv))
+        if elevator is None:
+            return list(argv), b""
+        return elevator.argv(argv), elevator.stdin()
+
+    async def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
+                  timeout: float | None | _Default = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None,
+                  cwd: str | None = None, niceness: int = 0) -> CommandResult:
+        """Run argv to completion and collect its output.
+
+        check: raise the runner's CommandError on a non-zero exit. timeout:
+        None means no limit, unset means the runner's default. env replaces
+        the whole environment (local only); niceness lowers the priority.
+        """
+        limit = self.default_timeout if isinstance(timeout, _Default) else timeout
+        final, preamble = self._prepare(argv)
+        data = input.encode() if isinstance(input, str) else input
+        if preamble:
+            data = preamble + (data or b"")
+        try:
+            result = await self._exec(final, list(argv), data, limit, env, cwd, niceness)
+        except TimeoutError:
+            raise self._timed_out(list(argv), limit) from None
+        if check and result.exit_status != 0:
+            raise self.failure(argv, result.exit_status, result.stderr)
+        return result
+
+    async def start(self, argv: Sequence[str], *, stdin: bool = True, stderr: Stderr = Stderr.PIPE,
+                    env: Mapping[str, str] | None = None, new_session: bool = False) -> Process:
+        """Start argv with streaming stdin/stdout. The caller must `close()` the process."""
+        final, preamble = self._prepare(argv)
+        proc = await self._spawn(final, list(argv), stdin or bool(preamble), stderr, env, new_session)
+        if preamble:
+            proc.stdin.write(preamble)
+            await proc.stdin.drain()
+            if not stdin:
+                proc.stdin.write_eof()  # the command itself was to read nothing
+        return proc
+
+    def failure(self, argv: Sequence[str], exit_status: int | None, stderr: str) -> CommandError:
+        """The error for a command that failed: it names the caller's argv, never the elevation."""
+        return self.error_type(self.target, list(argv), exit_status, stderr)
+
+    @abstractmethod
+    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception: ...
+
+    @abstractmethod
+    async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult: ...
+
+    @abstractmethod
+    async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
+                     env: Mapping[str, str] | None, new_session: bool) -> Process: ...
+
+
+def _decode(data: object) -> str:
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return str(data or "")
+
+
+# -- on a target, over SSH ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target(Runner):
+    """Commands on a target over one SSH connection, as run_as (None: the SSH user)."""
+
+    conn: Connection
+    run_as: str | None = None
+    default_timeout: ClassVar[float | None] = REMOTE_TIMEOUT
+    error_type: ClassVar[type[CommandError]] = RemoteCommandError
+
+    @property
+    def target(self) -> str:
+        return self.conn.target
+
+    @property
+    def login_user(self) -> str:
+        return self.conn.remote.user
+
+    @classmethod
+    def for_profile(cls, conn: Connection, profile: Profile) -> Target:
+        """Who runs a profile's commands: root for the system profile, else its owner."""
+        return cls(conn, "root" if profile.is_system else profile.user)
+
+    def as_user(self, run_as: str | None) -> Target:
+        """The same connection, running commands as another user."""
+        return Target(self.conn, run_as)
+
+    def on(self, conn: Connection) -> Target:
+        """The same user on another connection (after a reconnect)."""
+        return Target(conn, self.run_as)
+
+    def for_store(self) -> Target:
+        """Who imports into the target's store (a push, a remote build).
+
+        The store is shared by every user: import as the SSH user (which must
+        be trusted), or as root when the deployment needs root anyway.
+        Importing as an unprivileged profile owner would be refused for lack
+        of signatures.
+        """
+        return self.as_user("root" if self.run_as == "root" else None)
+
+    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception:
+        return RemoteCommandError(self.target, argv, None, f"timed out after {timeout or 0:.0f}s")
+
+    def _lost(self, caller: list[str], e: BaseException) -> ConnectError:
+        return ConnectError(f"lost the SSH connection to {self.target} while running `{caller[0]}`: "
+                            f"{self.conn.describe_error(e)}")
+
+    async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
+        if env is not None or cwd is not None or niceness:
+            raise ValueError("env, cwd and niceness apply to local commands only")
+        try:
+            proc = await asyncio.wait_for(
+                self.conn.conn.run(shlex.join(argv), input=input, check=False, encoding=None), timeout=timeout)
+        except TimeoutError:
+            raise  # an OSError too, but the command's, not the connection's: run() reports it
+        except (asyncssh.Error, OSError) as e:
+            raise self._lost(caller, e) from e
+        status = proc.exit_status if proc.exit_status is not None else 255
+        return CommandResult(status, _decode(proc.stdout), _decode(proc.stderr))
+
+    async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
+                     env: Mapping[str, str] | None, new_session: bool) -> Process:
+        if env is not None or stderr is Stderr.STDOUT:
+            raise ValueError("env and a merged stderr apply to local commands only")
+        try:
+            proc: asyncssh.SSHClientProcess[bytes] = await self.conn.conn.create_process(
+                shlex.join(argv), encoding=None,
+                stdin=asyncssh.PIPE if stdin else asyncssh.DEVNULL,
+                stderr=asyncssh.DEVNULL if stderr is Stderr.DISCARD else asyncssh.PIPE)
+        except (asyncssh.Error, OSError) as e:
+            raise self._lost(caller, e) from e
+        return _RemoteProcess(self, caller, proc)
+
+
+class _RemoteProcess(Process):
+    def __init__(self, runner: Runner, argv: Sequence[str], proc: asyncssh.SSHClientProcess[bytes]) -> None:
+        super().__init__(runner, argv)
+        self._proc = proc
+
+    @property
+    def stdin(self) -> ByteSink:
+        return self._proc.stdin
+
+    @property
+    def stdout(self) -> ByteSource:
+        return self._proc.stdout
+
+    async def wait(self) -> CommandResult:
+        done = await self._proc.wait(check=False)
+        status = done.exit_status if done.exit_status is not None else 255
+        return CommandResult(status, _decode(done.stdout), _decode(done.stderr))
+
+    def kill(self) -> None:
+        # Closing the channel is all SSH offers: the remote side sees EOF and a hang-up.
+        self._proc.close()
+
+    async def close(self) -> CommandResult:
+        self._proc.close()
+        status = self._proc.exit_status
+        return CommandResult(status if status is not None else 255, "", "")
+
+
+# -- on the deployer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Local(Runner):
+    """Commands on the deployer, as asyncio subprocesses: nothing blocks the event loop."""
+
+    run_as: str | None = None
+    error_type: ClassVar[type[CommandError]] = LocalCommandError
+
+    @property
+    def target(self) -> str:
+        return "the deployer"
+
+    @property
+    def login_user(self) -> str:
+        return getpass.getuser()
+
+    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception:
+        return NixError(f"`{' '.join(argv[:3])}` timed out after {timeout or 0:.0f}s")
+
+    async def _create(self, argv: list[str], caller: list[str], **kw: object) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(*argv, **kw)  # type: ignore[arg-type]
+        except FileNotFoundError as e:
+            raise CommandNotFound(caller[0], "was not found") from e
+        except PermissionError as e:
+            raise CommandNotFound(caller[0], "is not executable") from e
+
+    async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
+        proc = await self._create(
+            argv, caller, cwd=cwd, env=None if env is None else dict(env), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE)
+        if niceness:
+            # Set from here, not in a preexec hook: forking a process that runs
+            # gRPC's threads (the provider) and running Python before exec breaks
+            # gRPC's event engine in the child.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, niceness)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout=timeout)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+            raise
+        except asyncio.CancelledError:
+            _kill(proc)
+            raise
+        return CommandResult(proc.returncode or 0, _decode(out), _decode(err))
+
+    async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
+                     env: Mapping[str, str] | None, new_session: bool) -> Process:
+        where = {Stderr.PIPE: asyncio.subprocess.PIPE, Stderr.STDOUT: asyncio.subprocess.STDOUT,
+                 Stderr.DISCARD: asyncio.subprocess.DEVNULL}[stderr]
+        proc = await self._create(
+            argv, caller, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=where, env=None if env is None else dict(env),
+            start_new_session=new_session)
+        return _LocalProcess(self, caller, proc, new_session)
+
+
+def _kill(proc: asyncio.subprocess.Process, *, group: bool = False) -> None:
+    """SIGKILL, unless it is known to have exited.
+
+    os.kill, not proc.kill(): Popen.kill() polls first, and a poll that reaps
+    the process takes its exit status from asyncio's child watcher, which then
+    reports 255 for a command that succeeded. A zombie takes the signal harmlessly.
+    """
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+
+
+class _LocalProcess(Process):
+    def __init__(self, runner: Runner, argv: Sequence[str], proc: asyncio.subprocess.Process, session: bool) -> None:
+        super().__init__(runner, argv)
+        self._proc = proc
+        self._session = session  # it leads its own session: kill the whole group
+
+    @property
+    def stdin(self) -> ByteSink:
+        assert self._proc.stdin is not None, "started without stdin"
+        return self._proc.stdin
+
+    @property
+    def stdout(self) -> ByteSource:
+        assert self._proc.stdout is not None
+        return self._proc.stdout
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def _stderr(self, timeout: float | None) -> str:
+        if self._proc.stderr is None:
+            return ""
+        with contextlib.suppress(Exception):
+            return _decode(await asyncio.wait_for(self._proc.stderr.read(), timeout))
+        return ""
+
+    async def wait(self) -> CommandResult:
+        err = await self._stderr(None)
+        return CommandResult(await self._proc.wait(), "", err)
+
+    def kill(self) -> None:
+        _kill(self._proc, group=self._session)
+
+    async def close(self) -> CommandResult:
+        self.kill()
+        # Read what is left so the pipes reach EOF: a paused, undrained pipe
+        # would keep the subprocess transport (and wait()) from finishing.
+        if self._proc.stdout is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._proc.stdout.read(), CLOSE_TIMEOUT)
+        err = await self._stderr(CLOSE_TIMEOUT)
+        status = await asyncio.wait_for(self._proc.wait(), CLOSE_TIMEOUT)
+        return CommandResult(status, "", err)
+
+
+LOCAL = Local()

@@ -49,11 +49,10 @@ async def ensure_profile_dir(target: Target, profile: str) -> None:
     """The profile's directory exists and its owner can write it (for the generation links and the lock)."""
     parent = os.path.dirname(profile)
     made = await target.run(["mkdir", "-p", "--", parent], check=False)
-    if made.exit_status != 0 and target.run_as not in (None, "root"):
+    if made.exit_status != 0 and target.user != "root":
         # e.g. /nix/var/nix/profiles/per-user/<user> that no login created yet:
         # make it as root, owned by the profile's user.
-        owner = str(target.run_as)
-        await Target(target.conn, "root").run(["install", "-d", "-o", owner, "--", parent])
+        await target.as_user("root").run(["install", "-d", "-o", target.user, "--", parent])
     elif made.exit_status != 0:
         raise EngineError(f"cannot create {parent} on {target.target}: {made.stderr.strip()}")
 

@@ -15,16 +15,15 @@ fraction of the bytes, at a CPU cost far below SSH's zlib.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import EngineError, NixError, RemoteCommandError
+from .errors import EngineError, NixError
 from .models import PushStats
 from .nix import Nix, PathInfo
-from .process import Target
+from .process import LOCAL, ByteSink, ByteSource, Process, Stderr, Target
 
 CHUNK = 256 * 1024
 QUERY_BATCH = 400  # paths per remote validity query (keeps command lines short)
@@ -116,20 +115,12 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
 async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
                          progress: ProgressFn | None, *, zstd: bool) -> tuple[int, int]:
     """Pipe the export into the target's import; (bytes exported, bytes sent over SSH)."""
-    export = await asyncio.create_subprocess_exec(
-        *nix.store_argv("--export", *paths),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-    )
-    compressor = None
-    if zstd:
-        compressor = await asyncio.create_subprocess_exec(
-            "zstd", *ZSTD_COMPRESS, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+    export = await LOCAL.start(nix.store_argv("--export", *paths), stdin=False)
+    compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD) if zstd else None
     import_argv = ZSTD_IMPORT if zstd else ["nix-store", "--import"]
-    remote = await target.conn.start(target.argv(import_argv))
+    remote = await target.start(import_argv)
     counts = [0, 0]  # exported, sent
     last_report = [0.0]
-    assert export.stdout is not None
 
     def report() -> None:
         now = time.monotonic()
@@ -139,55 +130,38 @@ async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
             done_paths = min(len(paths), int(len(paths) * done / total)) if total else 0
             progress(PushProgress(done_paths, len(paths), min(done, total), total))
 
-    async def pump(source: asyncio.StreamReader, write: Callable[[bytes], None],
-                   drain: Callable[[], Awaitable[None]], index: int) -> None:
+    async def pump(source: ByteSource, sink: ByteSink, index: int) -> None:
         while chunk := await source.read(CHUNK):
-            write(chunk)
-            await drain()
+            sink.write(chunk)
+            await sink.drain()
             counts[index] += len(chunk)
             report()
 
     try:
         if compressor is None:
-            await pump(export.stdout, remote.stdin.write, remote.stdin.drain, 0)
+            await pump(export.stdout, remote.stdin, 0)
             counts[1] = counts[0]
         else:
-            assert compressor.stdin is not None and compressor.stdout is not None
-            cin, cout = compressor.stdin, compressor.stdout
-
-            async def feed() -> None:
+            async def feed(into: Process) -> None:
                 try:
-                    await pump(export.stdout, cin.write, cin.drain, 0)  # type: ignore[arg-type]
+                    await pump(export.stdout, into.stdin, 0)
                 finally:
-                    cin.close()
+                    into.stdin.write_eof()
 
-            await asyncio.gather(feed(), pump(cout, remote.stdin.write, remote.stdin.drain, 1))
+            await asyncio.gather(feed(compressor), pump(compressor.stdout, remote.stdin, 1))
         remote.stdin.write_eof()
-        result = await remote.wait(check=False)
+        result = await remote.wait()
     finally:
-        remote.close()
-        for proc in (export, compressor):
-            if proc is not None and proc.returncode is None:
-                proc.kill()
-        # Read what is left so the pipes reach EOF: a paused, undrained pipe
-        # would keep the subprocess transport (and wait()) from finishing.
-        assert export.stderr is not None
-        err_bytes = b""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(export.stdout.read(), 10)
-            err_bytes = await asyncio.wait_for(export.stderr.read(), 10)
-        await asyncio.wait_for(export.wait(), 10)
+        await remote.close()
+        exported = await export.close()
         if compressor is not None:
-            with contextlib.suppress(Exception):
-                assert compressor.stdout is not None
-                await asyncio.wait_for(compressor.stdout.read(), 10)
-            await asyncio.wait_for(compressor.wait(), 10)
-    err = err_bytes.decode(errors="replace")
-    if export.returncode not in (0, None) and export.returncode != -9:
-        raise NixError(f"nix-store --export failed: {err.strip()[-500:]}")
+            await compressor.close()
+    # Killed (-9) only when it had already written everything: close() stops
+    # a process that has not been reaped yet.
+    if exported.exit_status not in (0, -9):
+        raise NixError(f"nix-store --export failed: {exported.stderr.strip()[-500:]}")
     if result.exit_status != 0:
-        stderr = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else str(result.stderr)
-        raise RemoteCommandError(target.target, import_argv, result.exit_status, stderr)
+        raise remote.failure(result)
     if progress:
         progress(PushProgress(len(paths), len(paths), total, total))
     return counts[0], counts[1]

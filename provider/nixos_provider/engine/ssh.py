@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import asyncssh
 
-from .errors import ConnectError, HostKeyMismatch, RemoteCommandError
+from .errors import ConnectError, HostKeyMismatch
 from .models import Remote
 
 log = logging.getLogger(__name__)
@@ -59,13 +56,6 @@ class _HostKeyChecker(asyncssh.SSHClient):
         return not self.refuse and (self.pinned is None or self.seen == self.pinned)
 
 
-@dataclass
-class CommandResult:
-    exit_status: int
-    stdout: str
-    stderr: str
-
-
 class Connection:
     """One authenticated SSH connection to a target."""
 
@@ -80,28 +70,9 @@ class Connection:
     def target(self) -> str:
         return self.remote.target
 
-    async def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
-                  timeout: float | None = 120.0) -> CommandResult:
-        """Run argv on the target. The command line is built by quoting each argument."""
-        command = shlex.join(argv)
-        try:
-            proc = await asyncio.wait_for(
-                self.conn.run(command, input=input, check=False, encoding="utf-8", errors="replace"),
-                timeout=timeout,
-            )
-        except TimeoutError as e:
-            raise RemoteCommandError(self.target, list(argv), None, f"timed out after {timeout:.0f}s") from e
-        except (asyncssh.Error, OSError) as e:
-            raise ConnectError(f"lost the SSH connection to {self.target} while running `{argv[0]}`: {_describe(e)}") from e
-        status = proc.exit_status if proc.exit_status is not None else 255
-        result = CommandResult(status, str(proc.stdout or ""), str(proc.stderr or ""))
-        if check and status != 0:
-            raise RemoteCommandError(self.target, list(argv), status, result.stderr)
-        return result
-
-    async def start(self, argv: Sequence[str], *, binary: bool = False) -> asyncssh.SSHClientProcess[bytes]:
-        """Start argv with streaming stdin/stdout (used to push store paths)."""
-        return await self.conn.create_process(shlex.join(argv), encoding=None)  # type: ignore[return-value]
+    def describe_error(self, e: BaseException) -> str:
+        """An asyncssh or socket error in words, for the runner's messages."""
+        return _describe(e)
 
     async def close(self) -> None:
         self.conn.close()

@@ -24,14 +24,62 @@
 # says its last word. Rollback: re-point the profile at the previous
 # generation, re-activate it, and delete the failed generation.
 #
-# Arguments are positional and always all present ("" for none):
-#   task dir token mode profile new_path new_gen prev_gen prev_path action
-#   magic confirm_timeout auto_rollback activation_timeout activate_cmd
-# (task is "activate"; new_gen, prev_gen and prev_path are replaced by $dir/go.)
+# Options are named, each followed by its value (never pasted into a script):
+#   --task activate --dir DIR --token TOKEN --mode system|profile --profile PATH
+#   --new-path STORE_PATH --action ACTION [--new-gen N] [--prev-gen N]
+#   [--prev-path STORE_PATH] [--magic-rollback 0|1] [--confirm-timeout S]
+#   [--auto-rollback 0|1] [--activation-timeout S] [--activate-command CMD]
+# (new-gen, prev-gen and prev-path are replaced by $dir/go.) A malformed
+# command line ends with the state `failed usage: ...`, when $dir is known.
 set -u
-task=$1 dir=$2 token=$3 mode=$4 profile=$5 new_path=$6 new_gen=$7 prev_gen=$8
-prev_path=$9; shift 9
-action=$1 magic=$2 confirm_timeout=$3 auto_rollback=$4 activation_timeout=$5 activate_cmd=$6
+task=activate dir="" token="" mode="" profile="" new_path="" new_gen="" prev_gen="" prev_path="" action=""
+magic=0 confirm_timeout=30 auto_rollback=1 activation_timeout=240 activate_cmd=""
+usage=""
+while [ $# -gt 0 ]; do
+  if [ $# -lt 2 ]; then usage="$1 needs a value"; break; fi
+  case $1 in
+    --task) task=$2 ;;
+    --dir) dir=$2 ;;
+    --token) token=$2 ;;
+    --mode) mode=$2 ;;
+    --profile) profile=$2 ;;
+    --new-path) new_path=$2 ;;
+    --new-gen) new_gen=$2 ;;
+    --prev-gen) prev_gen=$2 ;;
+    --prev-path) prev_path=$2 ;;
+    --action) action=$2 ;;
+    --magic-rollback) magic=$2 ;;
+    --confirm-timeout) confirm_timeout=$2 ;;
+    --auto-rollback) auto_rollback=$2 ;;
+    --activation-timeout) activation_timeout=$2 ;;
+    --activate-command) activate_cmd=$2 ;;
+    *) usage="unknown option $1"; break ;;
+  esac
+  shift 2
+done
+is_number() { case $1 in ''|*[!0-9]*) return 1 ;; esac; }
+require() { # require OPTION VALUE: the first missing option is the one reported
+  [ -n "$2" ] || usage=${usage:-"$1 is required"}
+}
+require --dir "$dir"; require --token "$token"; require --profile "$profile"
+require --new-path "$new_path"; require --action "$action"
+if [ -z "$usage" ]; then
+  case $task:$mode:$magic:$auto_rollback in
+    activate:system:[01]:[01] | activate:profile:[01]:[01]) ;;
+    *) usage="bad --task, --mode, --magic-rollback or --auto-rollback: $task $mode $magic $auto_rollback" ;;
+  esac
+fi
+for n in "$new_gen" "$prev_gen"; do
+  [ -z "$usage" ] && [ -n "$n" ] && ! is_number "$n" && usage="a generation is a number, not $n"
+done
+if [ -z "$usage" ] && ! { is_number "$confirm_timeout" && is_number "$activation_timeout"; }; then
+  usage="timeouts are whole seconds: $confirm_timeout $activation_timeout"
+fi
+if [ -n "$usage" ]; then
+  echo "pulumi-nixos supervisor: $usage" >&2
+  if [ -n "$dir" ] && [ -d "$dir" ]; then printf 'failed usage: %s\n' "$usage" >"$dir/state"; fi
+  exit 2
+fi
 hold=60
 ready_timeout=120
 

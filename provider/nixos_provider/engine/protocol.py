@@ -1,0 +1,171 @@
+"""The protocol between the deployer and supervisor.sh, typed on the deployer's side.
+
+Three channels, each with one type here:
+- the supervisor's command line: named options (`supervisor_argv`);
+- control files the deployer writes into the deployment's directory
+  (`Control`; `go` carries a `Go`);
+- the one-line `state` file the supervisor writes, parsed once
+  (`SupervisorState.parse`) and read by activation.py and deploy.py alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    mode: str  # "system" | "profile"
+    profile: str
+    new_path: str
+    new_gen: int | None
+    prev_gen: int | None
+    prev_path: str | None
+    action: str
+    magic_rollback: bool
+    confirm_timeout: float
+    auto_rollback: bool
+    activation_timeout: float
+    activate_command: str | None = None
+
+
+def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec) -> list[str]:
+    """supervisor.sh's options for one deployment; an unset optional value is left out."""
+    argv = ["--task", task, "--dir", workdir, "--token", token, "--mode", spec.mode, "--profile", spec.profile,
+            "--new-path", spec.new_path]
+    optional = (("--new-gen", spec.new_gen), ("--prev-gen", spec.prev_gen), ("--prev-path", spec.prev_path))
+    argv += [a for name, value in optional if value is not None for a in (name, str(value))]
+    argv += ["--action", spec.action, "--magic-rollback", _flag(spec.magic_rollback),
+             "--confirm-timeout", str(int(spec.confirm_timeout)), "--auto-rollback", _flag(spec.auto_rollback),
+             "--activation-timeout", str(int(spec.activation_timeout))]
+    if spec.activate_command is not None:
+        argv += ["--activate-command", spec.activate_command]
+    return argv
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+class Control(Enum):
+    """Files the deployer writes into the deployment's directory; the supervisor polls for them."""
+
+    GO = "go"  # the generation is registered: a Go
+    CONFIRM = "confirm"  # the token, written over a new connection (magic rollback)
+    FINISH = "finish"  # keep the new generation
+    ABORT = "abort"  # roll back at the next step
+
+
+@dataclass(frozen=True)
+class Go:
+    """What the supervisor learns once the deployer has registered the generation."""
+
+    new_gen: int | None
+    prev_gen: int | None
+    prev_path: str | None
+    hold: float  # how long, after activation, the deployer's last word may take (its health checks)
+
+    def text(self) -> str:
+        lines = ["" if self.new_gen is None else str(self.new_gen),
+                 "" if self.prev_gen is None else str(self.prev_gen), self.prev_path or "", str(int(self.hold))]
+        return "\n".join(lines) + "\n"
+
+
+class Phase(Enum):
+    """The first word of the state line."""
+
+    STARTING = ""  # no state written yet
+    READY = "ready"  # holds the profile's lock; waits for Control.GO
+    ACTIVATING = "activating"
+    WAITING_CONFIRM = "waiting-confirm"
+    CONFIRMED = "confirmed"  # waits for Control.FINISH
+    ROLLING_BACK = "rolling-back"
+    DONE = "done"
+    FAILED = "failed"  # stopped without rolling back (autoRollback off, or it could not start)
+    ROLLED_BACK = "rolled-back"
+    ROLLBACK_FAILED = "rollback-failed"
+    LOCKED_OUT = "locked-out"  # another deployment holds the lock; nothing was changed
+    UNKNOWN = "?"  # a line this deployer does not know (never written by its own supervisor)
+
+    @property
+    def terminal(self) -> bool:
+        """The supervisor has exited."""
+        return self in (Phase.DONE, Phase.FAILED, Phase.ROLLED_BACK, Phase.ROLLBACK_FAILED, Phase.LOCKED_OUT)
+
+
+class Cause(Enum):
+    """Why the supervisor rolled back or stopped."""
+
+    ACTIVATION_FAILED = "activation-failed"  # with the activation's exit status (124: it timed out)
+    UNCONFIRMED = "unconfirmed"  # magic rollback: no token within confirmTimeout
+    REQUESTED = "requested"  # Control.ABORT after confirmation (a health check failed, or a cancel)
+    ABORTED = "aborted"  # Control.ABORT before or right after activation
+    NO_WORD = "no-word-from-the-deployer"  # neither GO nor FINISH came in time
+    LOCK = "lock"  # the lock file could not be opened
+    USAGE = "usage"  # the command line was malformed
+    OTHER = "?"
+
+
+_REASON = re.compile(r"^(?P<cause>[a-z-]+)(?::(?P<status>\d+))?(?::\s*(?P<detail>.*))?$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    """One reading of the state file.
+
+    `cause` says why it rolled back or stopped, with the activation's
+    `exit_status` when that failed; `detail` is the rest of the line (why a
+    rollback failed, who holds the lock, the usage error).
+    """
+
+    phase: Phase
+    cause: Cause | None = None
+    exit_status: int | None = None
+    detail: str = ""
+    line: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> SupervisorState:
+        line = line.strip()
+        word, _, rest = line.partition(" ")
+        try:
+            phase = Phase(word)
+        except ValueError:
+            return cls(Phase.UNKNOWN, detail=line, line=line)
+        rest = rest.strip()
+        if phase is Phase.LOCKED_OUT:
+            return cls(phase, detail=rest, line=line)
+        if not rest or phase not in (Phase.ROLLING_BACK, Phase.FAILED, Phase.ROLLED_BACK, Phase.ROLLBACK_FAILED):
+            return cls(phase, detail=rest, line=line)
+        m = _REASON.match(rest)
+        if m is None:
+            return cls(phase, Cause.OTHER, detail=rest, line=line)
+        try:
+            cause = Cause(m["cause"])
+        except ValueError:
+            return cls(phase, Cause.OTHER, detail=rest, line=line)
+        status = int(m["status"]) if m["status"] is not None else None
+        return cls(phase, cause, status, (m["detail"] or "").strip(), line)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase.terminal
+
+    @property
+    def timed_out(self) -> bool:
+        """The activation was stopped by its timeout (`timeout` exits 124)."""
+        return self.cause is Cause.ACTIVATION_FAILED and self.exit_status == 124
+
+    @property
+    def failed_step(self) -> str | None:
+        """Which step of the deployment the supervisor saw fail, when it says."""
+        if self.cause is Cause.ACTIVATION_FAILED:
+            return "activation"
+        if self.cause is Cause.UNCONFIRMED:
+            return "confirmation"
+        return None
+
+    def __str__(self) -> str:
+        return self.line or self.phase.value
