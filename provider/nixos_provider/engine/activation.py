@@ -31,7 +31,7 @@ ConnectFn = Callable[[], Awaitable[Connection]]
 
 @dataclass(frozen=True)
 class ActivationOutcome:
-    state: SupervisorState  # or CONFIRMED, when follow() stops there
+    state: SupervisorState  # where follow() stopped: confirmed (its default), or a terminal state
     output: str
     workdir: str
 
