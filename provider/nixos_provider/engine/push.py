@@ -116,9 +116,16 @@ async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
                          progress: ProgressFn | None, *, zstd: bool) -> tuple[int, int]:
     """Pipe the export into the target's import; (bytes exported, bytes sent over SSH)."""
     export = await LOCAL.start(nix.store_argv("--export", *paths), stdin=False)
-    compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD) if zstd else None
-    import_argv = ZSTD_IMPORT if zstd else ["nix-store", "--import"]
-    remote = await target.start(import_argv)
+    compressor: Process | None = None
+    try:
+        compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD) if zstd else None
+        remote = await target.start(ZSTD_IMPORT if zstd else ["nix-store", "--import"])
+    except BaseException:
+        # What did start must not outlive a push that could not begin.
+        for started in (export, compressor):
+            if started is not None:
+                await started.close()
+        raise
     counts = [0, 0]  # exported, sent
     last_report = [0.0]
 
