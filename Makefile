@@ -20,7 +20,7 @@ test-fresh:
 # The fault suite at the counts docs/reliability.md promises; rewrites its table. About 40 minutes.
 faults: setup
 	$(ENV) bash scripts/in-release.sh bookworm env PULUMI_NIXOS_FAULTS=full PULUMI_NIXOS_LEG=faults LAB_TEST_NET=75 \
-	  python -m pytest -p no:cacheprovider --basetemp=/tmp/pytest-faults -s tests/test_faults.py
+	  python -m pytest -p no:cacheprovider --basetemp=/tmp/pytest-faults -s tests/test_faults.py $(PYTEST_ARGS)
 
 lint: setup
 	$(ENV) ruff check provider tests bench tests/lab/nixos-anywhere && mypy

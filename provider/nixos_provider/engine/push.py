@@ -21,7 +21,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import EngineError, NixError, RemoteCommandError
+import asyncssh
+
+from .errors import ConnectError, EngineError, NixError, RemoteCommandError
 from .models import PushStats
 from .nix import Nix, PathInfo
 from .process import Target
@@ -164,6 +166,13 @@ async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
             await asyncio.gather(feed(), pump(cout, remote.stdin.write, remote.stdin.drain, 1))
         remote.stdin.write_eof()
         result = await remote.wait(check=False)
+    except (ConnectionError, asyncssh.Error) as e:
+        # nix-store --import registers a path only once all of it arrived:
+        # what came in full stays, the rest is copied by the next deploy.
+        raise ConnectError(
+            f"the connection to {target.target} was lost while copying {len(paths)} store paths "
+            f"({counts[1] / 1048576:.1f} MiB sent): {e or type(e).__name__}. Nothing was registered or activated; "
+            "paths that arrived in full stay, and the next deploy copies the rest") from e
     finally:
         remote.close()
         for proc in (export, compressor):
