@@ -4,7 +4,7 @@ HOSTS ?= 2
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fresh demo lab-up lab-status lab-down lint sdk bench clean
+.PHONY: setup test test-fresh faults demo lab-up lab-status lab-down lint sdk bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,11 @@ test: setup
 # `make test` from a fresh clone where nothing of this machine's Nix setup is visible.
 test-fresh:
 	bash scripts/test-fresh.sh
+
+# The fault suite at the counts docs/reliability.md promises; rewrites its table. About 40 minutes.
+faults: setup
+	$(ENV) bash scripts/in-release.sh bookworm env PULUMI_NIXOS_FAULTS=full PULUMI_NIXOS_LEG=faults LAB_TEST_NET=75 \
+	  python -m pytest -p no:cacheprovider --basetemp=/tmp/pytest-faults -s tests/test_faults.py $(PYTEST_ARGS)
 
 lint: setup
 	$(ENV) ruff check provider tests bench tests/lab/nixos-anywhere && mypy

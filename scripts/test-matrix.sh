@@ -3,7 +3,8 @@
 #
 #   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples)
 #   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
-#   sid       Nix 2.34  the same on 2.34
+#   sid       Nix 2.34  the same on 2.34, and the fault suite (tests/test_faults.py)
+#                       whose quick form bookworm runs too: the oldest and the newest Nix
 #
 # bookworm runs beside trixie-then-sid. Each leg runs in scripts/in-release.sh: a private mount namespace with an
 # empty /nix and no /etc/nix/nix.conf or nixbld group, the fresh-machine
@@ -29,7 +30,11 @@ declare -A nixver
 run_leg() { # run_leg LEG: the leg's tests into $logs/LEG.log, its exit code and seconds beside it
   local leg=$1 started files
   started=$(date +%s)
-  if [[ $leg == bookworm ]]; then files=(tests); else files=("${VERSIONED_TESTS[@]}"); fi
+  case $leg in
+    bookworm) files=(tests) ;;
+    sid) files=("${VERSIONED_TESTS[@]}" tests/test_faults.py) ;;
+    *) files=("${VERSIONED_TESTS[@]}") ;;
+  esac
   bash scripts/in-release.sh "$leg" env PULUMI_NIXOS_LEG="$leg" LAB_TEST_NET="${net[$leg]:-70}" \
     python -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-leg-$leg" "${files[@]}" "${pytest_args[@]}" \
     > "$logs/$leg.log" 2>&1

@@ -452,3 +452,32 @@ async def test_local_runner_errors_carry_the_callers_argv() -> None:
     merged = await LOCAL.start(["sh", "-c", "echo out; echo err >&2"], stdin=False, stderr=Stderr.STDOUT)
     assert sorted((await merged.stdout.read()).split()) == [b"err", b"out"]
     assert (await merged.close()).exit_status == 0
+
+
+# -- input types come from the schema --------------------------------------------------------
+
+
+def test_every_wrong_type_is_named_at_its_path() -> None:
+    from nixos_provider.pulumi_layer.schema import type_failures
+    news = {"connection": {"host": "h", "port": "22x", "proxy": {"retries": 1.5, "password": Secret(7)}},
+            "nixOptions": [{"name": "a", "value": 0}], "healthChecks": [{"tcp": 80, "name": False}],
+            "install": {"extraFiles": {"/etc/x": ["no"]}}, "triggers": [{"any": "thing"}, 3],
+            "confirmTimeout": UNKNOWN, "dryActivate": "yes"}
+    got = dict(type_failures("nixos:index:NixosMachine", news))
+    assert got == {
+        "connection.port": "must be a whole number, not a string",
+        "connection.proxy.retries": "must be a whole number, not a number",
+        "connection.proxy.password": "must be a string, not a number",  # the value itself is never shown
+        "nixOptions[0].value": "must be a string, not a number",
+        "healthChecks[0].name": "must be a string, not a boolean",
+        'install.extraFiles["/etc/x"]': "must be a string, not a list",
+        "dryActivate": "must be true or false, not a string",
+    }
+    assert type_failures("nixos:index:NixProfile", {"user": [], "activate": "ok"}) == [("user", "must be a string, not a list")]
+
+
+def test_input_keys_are_the_schemas() -> None:
+    from nixos_provider.pulumi_layer import machine, nix_profile
+    from nixos_provider.pulumi_layer.schema import input_properties
+    assert set(machine.INPUT_KEYS) == set(input_properties(machine.TYPE))
+    assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))

@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import EngineError, NixError
+import asyncssh
+
+from .errors import ConnectError, EngineError, NixError
 from .models import PushStats
 from .nix import Nix, PathInfo
 from .process import LOCAL, ByteSink, ByteSource, Process, Stderr, Target
@@ -158,6 +160,13 @@ async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
             await asyncio.gather(feed(compressor), pump(compressor.stdout, remote.stdin, 1))
         remote.stdin.write_eof()
         result = await remote.wait()
+    except (ConnectionError, asyncssh.Error) as e:
+        # nix-store --import registers a path only once all of it arrived:
+        # what came in full stays, the rest is copied by the next deploy.
+        raise ConnectError(
+            f"the connection to {target.target} was lost while copying {len(paths)} store paths "
+            f"({counts[1] / 1048576:.1f} MiB sent): {e or type(e).__name__}. Nothing was registered or activated; "
+            "paths that arrived in full stay, and the next deploy copies the rest") from e
     finally:
         await remote.close()
         exported = await export.close()

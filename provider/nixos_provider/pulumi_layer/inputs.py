@@ -16,6 +16,7 @@ from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentia
 from ..engine.nix import is_store_path
 from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
+from .schema import type_failures
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
@@ -30,7 +31,13 @@ class Failures:
     items: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, prop: str, reason: str) -> None:
-        self.items.append((prop, reason))
+        # One reason per property: the first (its type, when that is wrong) is the one to fix first.
+        if not any(p == prop for p, _ in self.items):
+            self.items.append((prop, reason))
+
+    def add_type_failures(self, type_token: str, news: dict[str, Any]) -> None:
+        for prop, reason in type_failures(type_token, news):
+            self.add(prop, reason)
 
     def __bool__(self) -> bool:
         return bool(self.items)

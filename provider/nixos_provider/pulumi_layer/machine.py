@@ -41,6 +41,7 @@ class NixosMachine(DeployedResource):
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
         f = v.Failures()
+        f.add_type_failures(TYPE, news)
         unknown_keys = [k for k in news if k not in INPUT_KEYS]
         for k in unknown_keys:
             f.add(k, "is not a property of NixosMachine")

@@ -40,6 +40,7 @@ class NixProfile(DeployedResource):
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
         f = v.Failures()
+        f.add_type_failures(TYPE, news)
         for k in news:
             if k not in INPUT_KEYS:
                 f.add(k, "is not a property of NixProfile")

@@ -15,7 +15,6 @@ import sys
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -33,10 +32,10 @@ from .base import CheckFailed, Context, DiffResult, PartialFailure
 from .machine import NixosMachine
 from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
+from .schema import SCHEMA_PATH
 
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
 
 
 def _type_of(urn: str, type_: str = "") -> str:

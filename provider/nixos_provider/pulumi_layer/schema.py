@@ -1,0 +1,94 @@
+"""The provider's schema (schema.json), and the type checks it implies.
+
+Every input is first held to the type the schema gives it, at its exact path
+(`nixOptions[0].value`, `connection.proxy.port`), so that a value of the wrong
+JSON type is a Check failure naming that property however deep it sits; the
+rules beyond types (ranges, formats, combinations) are in `inputs.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .properties import UNKNOWN, Secret
+
+SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
+_TYPE_REF = "#/types/"
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())  # type: ignore[no-any-return]
+
+
+def input_properties(type_token: str) -> dict[str, Any]:
+    return schema()["resources"][type_token]["inputProperties"]  # type: ignore[no-any-return]
+
+
+_WHAT = {"string": "a string", "integer": "a whole number", "number": "a number", "boolean": "true or false",
+         "array": "a list", "object": "an object"}
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind in ("integer", "number"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return kind == "number" or float(value).is_integer()
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list)
+    return isinstance(value, dict)
+
+
+def type_failures(type_token: str, news: dict[str, Any]) -> list[tuple[str, str]]:
+    """(property path, reason) for each input whose value is not of its schema type. Values are never echoed:
+    many inputs are secrets."""
+    out: list[tuple[str, str]] = []
+    props = input_properties(type_token)
+    for name, value in news.items():
+        if name in props:
+            _walk(props[name], value, name, out)
+    return out
+
+
+def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]]) -> None:
+    if isinstance(value, Secret):
+        value = value.value
+    if value is None or value is UNKNOWN:
+        return
+    ref = spec.get("$ref", "")
+    if ref and not ref.startswith(_TYPE_REF):
+        return  # pulumi.json#/Any (the items of `triggers`): any value
+    kind = "object" if ref else str(spec.get("type", ""))
+    if kind not in _WHAT:
+        return
+    if not _fits(kind, value):
+        out.append((path, f"must be {_WHAT[kind]}, not {_kind_of(value)}"))
+        return
+    if ref.startswith(_TYPE_REF):
+        fields = schema()["types"][ref[len(_TYPE_REF):]].get("properties", {})
+        for key, item in value.items():
+            if key in fields:
+                _walk(fields[key], item, f"{path}.{key}", out)
+    elif kind == "array" and "items" in spec:
+        for i, item in enumerate(value):
+            _walk(spec["items"], item, f"{path}[{i}]", out)
+    elif kind == "object" and "additionalProperties" in spec:
+        for key, item in value.items():
+            _walk(spec["additionalProperties"], item, f"{path}[{json.dumps(key)}]", out)
