@@ -265,3 +265,26 @@ def test_preview_with_inputs_computed_from_other_resources(
     project.up()
     assert current_system(a) == systems["web"]
     assert current_system(b) == systems["web-v2"] == project.outputs()["b"]
+
+
+def test_a_new_kernel_is_previewed_and_flagged_until_the_host_reboots(
+        project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    outputs = {"needsReboot": "${web.needsReboot}", "lastChanges": "${web.lastChanges}"}
+    program(project, {"web": machine(lab_host, "web")}, outputs)
+    project.run("stack", "init", "dev")
+    project.up()
+    assert project.outputs()["needsReboot"] is False  # same kernel as the system it booted
+    new = systems["web-kernel"]  # built, so the preview can compare closures
+    program(project, {"web": machine(lab_host, "web-kernel")}, outputs)
+    preview = strip_ansi(project.run("preview").stdout)
+    assert "needs a reboot to run fully: new kernel, initrd, kernel-modules" in preview, preview
+    project.up()
+    assert current_system(lab_host) == new
+    out = project.outputs()
+    assert out["needsReboot"] is True
+    assert out["lastChanges"]["bootChanges"] == ["kernel", "initrd", "kernel-modules"]  # type: ignore[index]
+    labctl.boot(lab_host)  # the reboot: it boots its boot default, the new system
+    project.run("refresh", "--yes", "--skip-preview")
+    # (Stack outputs change only at `up`; refresh updates the resource's state.)
+    assert project.resource("NixosMachine")["outputs"]["needsReboot"] is False  # type: ignore[index]
+    assert current_system(lab_host) == new

@@ -129,6 +129,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly magicRollback: pulumi.Output<boolean | undefined>;
     /**
+     * Whether the host runs this system only in part until it reboots: the kernel, initrd or kernel modules of the running system (`/run/current-system`) are not the ones it booted (`/run/booted-system`). `lastChanges.bootChanges` and the preview say which.
+     */
+    declare public /*out*/ readonly needsReboot: pulumi.Output<boolean | undefined>;
+    /**
      * Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
      */
     declare public readonly nixOptions: pulumi.Output<outputs.NixOption[] | undefined>;
@@ -210,6 +214,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["installStatus"] = undefined /*out*/;
             resourceInputs["installedAt"] = undefined /*out*/;
             resourceInputs["lastChanges"] = undefined /*out*/;
+            resourceInputs["needsReboot"] = undefined /*out*/;
             resourceInputs["nixosVersion"] = undefined /*out*/;
             resourceInputs["pendingChanges"] = undefined /*out*/;
             resourceInputs["previousGeneration"] = undefined /*out*/;
@@ -238,6 +243,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["installedAt"] = undefined /*out*/;
             resourceInputs["lastChanges"] = undefined /*out*/;
             resourceInputs["magicRollback"] = undefined /*out*/;
+            resourceInputs["needsReboot"] = undefined /*out*/;
             resourceInputs["nixOptions"] = undefined /*out*/;
             resourceInputs["nixosVersion"] = undefined /*out*/;
             resourceInputs["onDestroy"] = undefined /*out*/;

@@ -4,10 +4,10 @@
   outputs = { self }:
     let
       lab = import ./lib.nix;
-      web = { version ? "1", nginx ? "1.24.0", extra ? [ ], faults ? { }, service ? { } }:
+      web = { version ? "1", nginx ? "1.24.0", extra ? [ ], faults ? { }, service ? { }, kernel ? "6.6.30" }:
         lab.nixosConfiguration {
           hostName = "web";
-          inherit version faults service;
+          inherit version faults service kernel;
           # disko's LUKS key: nixos-anywhere uploads it (--disk-encryption-keys).
           diskKeyFiles = [ "/tmp/disk.key" ];
           packages = [
@@ -27,6 +27,8 @@
         web-v2 = web { version = "2"; nginx = "1.26.1"; };
         # A package added.
         web-v3 = web { version = "3"; nginx = "1.26.1"; extra = [ { name = "redis"; version = "7.2.4"; size = 32768; } ]; };
+        # A new kernel (and so initrd and modules): runs fully only after a reboot.
+        web-kernel = web { version = "kernel"; nginx = "1.26.1"; kernel = "6.6.31"; };
         # Faults.
         web-activation-fails = web { version = "fail"; faults.activationFails = true; };
         web-moves-ssh = web { version = "moved"; faults.sshPort = 2299; };

@@ -37,9 +37,14 @@ let
     slowActivation = 0;      # seconds activation sleeps before finishing
   };
 
-  mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { } }:
+  mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { }, kernel ? "6.6.30" }:
     let
       f = defaultFaults // faults;
+      # The boot files a NixOS toplevel links to: a new kernel, initrd or
+      # module set only runs after a reboot.
+      linux = mkPackage { name = "linux"; version = kernel; size = 4096; };
+      initrd = mkPackage { name = "initrd-linux"; version = kernel; size = 2048; };
+      modules = mkPackage { name = "linux-modules"; version = kernel; size = 2048; };
       pkgs = map (p: if builtins.isAttrs p && p ? type then p else mkPackage p) packages;
       serviceJson = builtins.toJSON ({
         inherit version;
@@ -56,7 +61,7 @@ let
       stc = ./switch-to-configuration.sh;
       service = ./lab-service.py;
       pkgPaths = pkgs;
-      inherit serviceJson sshPort nixosVersion;
+      inherit serviceJson sshPort nixosVersion linux initrd modules;
       PATH = "/usr/bin:/bin";
       activationFails = if f.activationFails then "1" else "";
       slowActivation = toString f.slowActivation;
@@ -75,6 +80,9 @@ let
           for b in $p/bin/*; do ln -s "$b" $out/sw/bin/; done
         done
         touch $out/etc/lab/packages
+        ln -s $linux/share/payload $out/kernel
+        ln -s $initrd/share/payload $out/initrd
+        ln -s $modules $out/kernel-modules
         cp $service $out/sw/bin/lab-service
         chmod +x $out/sw/bin/lab-service
         sed "s|@out@|$out|g" $stc > $out/bin/switch-to-configuration

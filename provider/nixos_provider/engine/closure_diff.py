@@ -9,10 +9,12 @@ at the first dash followed by a digit) and versions compare the way
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cmp_to_key
 
+from .models import BOOT_FILES
 from .nix import Nix, PathInfo
 
 # Output names Nix appends to a multi-output derivation's store path.
@@ -102,6 +104,7 @@ class ClosureChanges:
     paths_to_push: int = 0
     would_restart: tuple[str, ...] = field(default=())
     note: str = ""
+    boot_changes: tuple[str, ...] = ()  # kernel, initrd, kernel-modules: what runs only after a reboot
 
     def summary(self) -> str:
         delta = self.size_after - self.size_before
@@ -119,6 +122,8 @@ class ClosureChanges:
         out += [f"  - {r}" for r in self.removed]
         if self.would_restart:
             out.append(f"  would restart: {', '.join(self.would_restart)}")
+        if self.boot_changes:
+            out.append(f"  needs a reboot to run fully: new {', '.join(self.boot_changes)}")
         return out
 
     def to_output(self) -> dict[str, object]:
@@ -129,6 +134,7 @@ class ClosureChanges:
             "added": list(self.added), "removed": list(self.removed),
             "sizeBefore": self.size_before, "sizeAfter": self.size_after,
             "pathsToPush": self.paths_to_push, "wouldRestart": list(self.would_restart), "note": self.note,
+            "bootChanges": list(self.boot_changes),
         }
 
 
@@ -174,6 +180,23 @@ def diff_closures(before_root: str, before: list[PathInfo], after_root: str, aft
     )
 
 
+def boot_changes(before: str, after: str) -> tuple[str, ...]:
+    """The boot files (kernel, initrd, kernel-modules) two local systems do not share: a switch from one to the
+    other runs them only after a reboot. Files neither system has (not NixOS) are no change."""
+    changed = []
+    for name in BOOT_FILES:
+        links: list[str | None] = []
+        for root in (before, after):
+            try:
+                links.append(os.path.realpath(os.path.join(root, name), strict=True))
+            except OSError:
+                links.append(None)
+        if links[0] != links[1]:
+            changed.append(name)
+    return tuple(changed)
+
+
 async def closure_changes(nix: Nix, before: str, after: str) -> ClosureChanges:
     """Both closures must be valid in the local store."""
-    return diff_closures(before, await nix.closure(before), after, await nix.closure(after))
+    changes = diff_closures(before, await nix.closure(before), after, await nix.closure(after))
+    return replace(changes, boot_changes=boot_changes(before, after))

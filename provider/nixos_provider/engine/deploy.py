@@ -41,6 +41,7 @@ class TargetState:
     current_system: str | None
     nixos_version: str | None
     generations: tuple[Generation, ...] = ()
+    reboot_for: tuple[str, ...] = ()  # boot files (kernel, initrd, kernel-modules) that wait for a reboot
 
 
 async def open_target(remote: Remote, profile: Profile, *, compress: bool = False) -> Target:
@@ -63,7 +64,8 @@ async def read_target_state(target: Target, profile: Profile, with_generations: 
     system = await profiles.current_system(target) if profile.is_system else None
     version = await profiles.nixos_version(target, system) if system else None
     gens = tuple(await profiles.list_generations(target, profile.path)) if with_generations else ()
-    return TargetState(target.conn.host_key, gen, system, version, gens)
+    reboot_for = await profiles.pending_boot_files(target) if system else ()
+    return TargetState(target.conn.host_key, gen, system, version, gens, reboot_for)
 
 
 async def check_health(remote: Remote, checks: tuple[HealthCheck, ...], status: StatusFn = _noop) -> None:
@@ -246,9 +248,12 @@ class Deployment:
         # into a failure. What we cannot read afterwards is left out, not fatal.
         await supervisor.cleanup()
         version: str | None = None
+        reboot_for: tuple[str, ...] = ()
         after = new_gen if new_gen is not None else before
         try:
-            version = await profiles.nixos_version(target, req.store_path) if req.profile.is_system else None
+            if req.profile.is_system:
+                version = await profiles.nixos_version(target, req.store_path)
+                reboot_for = await profiles.pending_boot_files(target)
             after = await profiles.current_generation(target, profile) or after
         except EngineError as e:
             self.status(f"{req.store_path} is deployed and confirmed; reading the host afterwards failed: {e}")
@@ -261,6 +266,7 @@ class Deployment:
             push=push,
             nixos_version=version,
             output=outcome.output,
+            reboot_for=reboot_for,
         )
 
     async def _abort(self, supervisor: Supervisor, why: str, *, step: str) -> DeployError:

@@ -127,9 +127,12 @@ class DeployResult:
     push: PushStats
     nixos_version: str | None
     output: str
+    reboot_for: tuple[str, ...] = ()  # boot files of the new system the host runs only after a reboot
 
 
 INSTALL_PHASES = ("kexec", "disko", "install", "reboot")
+# The links of a NixOS system that it boots from, not switches to.
+BOOT_FILES = ("kernel", "initrd", "kernel-modules")
 
 
 @dataclass(frozen=True)

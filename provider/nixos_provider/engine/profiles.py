@@ -6,7 +6,7 @@ import os
 import re
 
 from .errors import EngineError
-from .models import Generation
+from .models import BOOT_FILES, Generation
 from .nix_versions import NixOutputError, parse_generations
 from .process import Target
 
@@ -81,6 +81,24 @@ async def remove_profile(target: Target, profile: str) -> None:
 async def current_system(target: Target) -> str | None:
     res = await target.run(["readlink", "-f", "--", "/run/current-system"], check=False)
     return res.stdout.strip() or None
+
+
+# When the running system's boot files differ from the booted one's, the new
+# kernel, initrd or modules run only after a reboot (the comparison NixOS's
+# own auto-upgrade makes before `allowReboot`).
+_PENDING_BOOT_FILES = (
+    '[ -e /run/booted-system ] || exit 0; '
+    'for f in "$@"; do '
+    '[ "$(readlink -f "/run/booted-system/$f")" = "$(readlink -f "/run/current-system/$f")" ] || echo "$f"; '
+    'done'
+)
+
+
+async def pending_boot_files(target: Target) -> tuple[str, ...]:
+    """The boot files of /run/current-system that the booted system does not run yet (empty: no reboot needed,
+    or a host without /run/booted-system)."""
+    res = await target.run(["sh", "-c", _PENDING_BOOT_FILES, "sh", *BOOT_FILES], check=False)
+    return tuple(f for f in res.stdout.split() if f in BOOT_FILES)
 
 
 async def nixos_version(target: Target, system_path: str) -> str | None:

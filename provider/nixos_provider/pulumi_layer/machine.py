@@ -26,7 +26,7 @@ INPUT_KEYS = [
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
     "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
-    "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError",
+    "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
 ]
 SYSTEM = Profile(SYSTEM_PROFILE)
 
@@ -99,7 +99,7 @@ class NixosMachine(DeployedResource):
         out["install"] = v.secret_install(news.get("install"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
-                                                  "pushedPaths", "pushedBytes")):
+                                                  "pushedPaths", "pushedBytes", "needsReboot")):
                 out[k] = UNKNOWN
         if olds is not None and olds.get("hostKey"):
             out["hostKey"] = olds["hostKey"]
@@ -141,6 +141,7 @@ class NixosMachine(DeployedResource):
             "systemPath": baseline.current_system,
             "generation": baseline.generation.number if baseline.generation else None,
             "nixosVersion": baseline.nixos_version,
+            "needsReboot": bool(baseline.reboot_for),
         }
         ident = _id(remote)
         return ident, await self._deploy(urn, ident, base, news, pinned, building=building)
@@ -399,6 +400,7 @@ class NixosMachine(DeployedResource):
             "previousGeneration": result.previous_generation,
             "hostKey": result.host_key or pinned,
             "nixosVersion": result.nixos_version,
+            "needsReboot": bool(result.reboot_for),
             "deployedAt": now_rfc3339(),
             "pushedPaths": result.push.paths,
             "pushedBytes": result.push.bytes,
@@ -457,6 +459,7 @@ class NixosMachine(DeployedResource):
             "generation": now.generation.number if now.generation else None,
             "hostKey": now.host_key,
             "nixosVersion": now.nixos_version,
+            "needsReboot": bool(now.reboot_for),
         }
         if not importing:
             if now.current_system and inputs.get("systemPath") not in (None, now.current_system):

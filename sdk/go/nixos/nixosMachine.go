@@ -64,6 +64,8 @@ type NixosMachine struct {
 	LastChanges ClosureChangesPtrOutput `pulumi:"lastChanges"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback pulumi.BoolPtrOutput `pulumi:"magicRollback"`
+	// Whether the host runs this system only in part until it reboots: the kernel, initrd or kernel modules of the running system (`/run/current-system`) are not the ones it booted (`/run/booted-system`). `lastChanges.bootChanges` and the preview say which.
+	NeedsReboot pulumi.BoolPtrOutput `pulumi:"needsReboot"`
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
 	NixOptions NixOptionArrayOutput `pulumi:"nixOptions"`
 	// The NixOS version of the deployed system, as `nixos-version` prints it.
@@ -439,6 +441,11 @@ func (o NixosMachineOutput) LastChanges() ClosureChangesPtrOutput {
 // Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 func (o NixosMachineOutput) MagicRollback() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.MagicRollback }).(pulumi.BoolPtrOutput)
+}
+
+// Whether the host runs this system only in part until it reboots: the kernel, initrd or kernel modules of the running system (`/run/current-system`) are not the ones it booted (`/run/booted-system`). `lastChanges.bootChanges` and the preview say which.
+func (o NixosMachineOutput) NeedsReboot() pulumi.BoolPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.NeedsReboot }).(pulumi.BoolPtrOutput)
 }
 
 // Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.

@@ -17,6 +17,8 @@ var _ = internal.GetEnvOrDefault
 type ClosureChanges struct {
 	// Packages present only in the new closure, as `name-version`.
 	Added []string `pulumi:"added"`
+	// The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
+	BootChanges []string `pulumi:"bootChanges"`
 	// Packages present in both closures whose versions differ.
 	Changed []PackageChange `pulumi:"changed"`
 	// A human-readable remark, for example why part of the comparison could not be computed.
@@ -55,6 +57,11 @@ func (o ClosureChangesOutput) ToClosureChangesOutputWithContext(ctx context.Cont
 // Packages present only in the new closure, as `name-version`.
 func (o ClosureChangesOutput) Added() pulumi.StringArrayOutput {
 	return o.ApplyT(func(v ClosureChanges) []string { return v.Added }).(pulumi.StringArrayOutput)
+}
+
+// The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
+func (o ClosureChangesOutput) BootChanges() pulumi.StringArrayOutput {
+	return o.ApplyT(func(v ClosureChanges) []string { return v.BootChanges }).(pulumi.StringArrayOutput)
 }
 
 // Packages present in both closures whose versions differ.
@@ -133,6 +140,16 @@ func (o ClosureChangesPtrOutput) Added() pulumi.StringArrayOutput {
 			return nil
 		}
 		return v.Added
+	}).(pulumi.StringArrayOutput)
+}
+
+// The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
+func (o ClosureChangesPtrOutput) BootChanges() pulumi.StringArrayOutput {
+	return o.ApplyT(func(v *ClosureChanges) []string {
+		if v == nil {
+			return nil
+		}
+		return v.BootChanges
 	}).(pulumi.StringArrayOutput)
 }
 

@@ -16,6 +16,10 @@ export interface ClosureChanges {
      */
     added?: string[];
     /**
+     * The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
+     */
+    bootChanges?: string[];
+    /**
      * Packages present in both closures whose versions differ.
      */
     changed?: outputs.PackageChange[];

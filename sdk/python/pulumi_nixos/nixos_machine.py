@@ -495,6 +495,7 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["install_status"] = None
             __props__.__dict__["installed_at"] = None
             __props__.__dict__["last_changes"] = None
+            __props__.__dict__["needs_reboot"] = None
             __props__.__dict__["nixos_version"] = None
             __props__.__dict__["pending_changes"] = None
             __props__.__dict__["previous_generation"] = None
@@ -544,6 +545,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["installed_at"] = None
         __props__.__dict__["last_changes"] = None
         __props__.__dict__["magic_rollback"] = None
+        __props__.__dict__["needs_reboot"] = None
         __props__.__dict__["nix_options"] = None
         __props__.__dict__["nixos_version"] = None
         __props__.__dict__["on_destroy"] = None
@@ -731,6 +733,14 @@ class NixosMachine(pulumi.CustomResource):
         Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         """
         return pulumi.get(self, "magic_rollback")
+
+    @_builtins.property
+    @pulumi.getter(name="needsReboot")
+    def needs_reboot(self) -> pulumi.Output[Optional[_builtins.bool]]:
+        """
+        Whether the host runs this system only in part until it reboots: the kernel, initrd or kernel modules of the running system (`/run/current-system`) are not the ones it booted (`/run/booted-system`). `lastChanges.bootChanges` and the preview say which.
+        """
+        return pulumi.get(self, "needs_reboot")
 
     @_builtins.property
     @pulumi.getter(name="nixOptions")

@@ -34,7 +34,9 @@ class ClosureChanges(dict):
     @staticmethod
     def __key_warning(key: str):
         suggest = None
-        if key == "pathsToPush":
+        if key == "bootChanges":
+            suggest = "boot_changes"
+        elif key == "pathsToPush":
             suggest = "paths_to_push"
         elif key == "sizeAfter":
             suggest = "size_after"
@@ -60,6 +62,7 @@ class ClosureChanges(dict):
 
     def __init__(__self__, *,
                  added: Optional[Sequence[_builtins.str]] = None,
+                 boot_changes: Optional[Sequence[_builtins.str]] = None,
                  changed: Optional[Sequence['outputs.PackageChange']] = None,
                  note: Optional[_builtins.str] = None,
                  paths_to_push: Optional[_builtins.int] = None,
@@ -73,6 +76,7 @@ class ClosureChanges(dict):
         What a deployment changes on a host, computed like `nvd diff` by comparing the closure that runs with the new one.
 
         :param Sequence[_builtins.str] added: Packages present only in the new closure, as `name-version`.
+        :param Sequence[_builtins.str] boot_changes: The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
         :param Sequence['PackageChange'] changed: Packages present in both closures whose versions differ.
         :param _builtins.str note: A human-readable remark, for example why part of the comparison could not be computed.
         :param _builtins.int paths_to_push: The number of store paths of the new closure that the host lacks and that must be copied.
@@ -85,6 +89,8 @@ class ClosureChanges(dict):
         """
         if added is not None:
             pulumi.set(__self__, "added", added)
+        if boot_changes is not None:
+            pulumi.set(__self__, "boot_changes", boot_changes)
         if changed is not None:
             pulumi.set(__self__, "changed", changed)
         if note is not None:
@@ -111,6 +117,14 @@ class ClosureChanges(dict):
         Packages present only in the new closure, as `name-version`.
         """
         return pulumi.get(self, "added")
+
+    @_builtins.property
+    @pulumi.getter(name="bootChanges")
+    def boot_changes(self) -> Optional[Sequence[_builtins.str]]:
+        """
+        The boot files (`kernel`, `initrd`, `kernel-modules`) the new system does not share with the old one: they run only after a reboot.
+        """
+        return pulumi.get(self, "boot_changes")
 
     @_builtins.property
     @pulumi.getter
