@@ -228,7 +228,7 @@ def converge(project: PulumiProject) -> tuple[subprocess.CompletedProcess[str], 
     (once more if the host is still busy with the killed run's deployment)."""
     steps = []
     up = project.up(check=False)
-    for _ in range(3):
+    for _ in range(5):
         out = up.stdout + up.stderr
         if up.returncode == 0:
             break
