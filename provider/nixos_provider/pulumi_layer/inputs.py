@@ -16,7 +16,7 @@ from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentia
 from ..engine.nix import is_store_path
 from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
-from .schema import type_failures
+from .schema import kind_of, type_failures
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
@@ -108,10 +108,10 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
         val = conn.get(k)
         if _known(val) and not isinstance(_plain(val), str):
             # Never echo the value: most of these are secrets.
-            f.add(f"{prop}.{k}", f"must be a string, not {_type_name(_plain(val))}")
+            f.add(f"{prop}.{k}", f"must be a string, not {kind_of(_plain(val))}")
     pk = conn.get("privateKey")
     if _known(pk) and not isinstance(_plain(pk), str):
-        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {_type_name(_plain(pk))}")
+        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(_plain(pk))}")
     elif _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
         # Never echo the value: it is a secret.
         f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
@@ -132,11 +132,6 @@ def is_host_literal(v: Any) -> bool:
         return True
     except ValueError:
         return HOSTNAME_RE.fullmatch(v) is not None
-
-
-def _type_name(v: Any) -> str:
-    return {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(v), type(v).__name__)
 
 
 def _short(v: Any, limit: int = 80) -> str:
@@ -195,7 +190,7 @@ def check_flake(f: Failures, prop: str, v: Any) -> None:
 def check_command(f: Failures, prop: str, v: Any) -> None:
     """A shell command run on the target (NixProfile `activate`)."""
     if _known(v) and not isinstance(_plain(v), str):
-        f.add(prop, f"must be a shell command as a string, not {_type_name(_plain(v))}")
+        f.add(prop, f"must be a shell command as a string, not {kind_of(_plain(v))}")
 
 
 def check_nix_options(f: Failures, opts: Any) -> None:

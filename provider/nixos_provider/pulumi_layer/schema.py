@@ -33,7 +33,8 @@ _WHAT = {"string": "a string", "integer": "a whole number", "number": "a number"
          "array": "a list", "object": "an object"}
 
 
-def _kind_of(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """The JSON kind of a value for an error message (`a list`); never the value itself."""
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
@@ -79,7 +80,7 @@ def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]
     if kind not in _WHAT:
         return
     if not _fits(kind, value):
-        out.append((path, f"must be {_WHAT[kind]}, not {_kind_of(value)}"))
+        out.append((path, f"must be {_WHAT[kind]}, not {kind_of(value)}"))
         return
     if ref.startswith(_TYPE_REF):
         fields = schema()["types"][ref[len(_TYPE_REF):]].get("properties", {})
