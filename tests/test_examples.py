@@ -157,6 +157,7 @@ def test_typescript_fleet_example(project: PulumiProject, new_host: HostFactory,
     assert out["appGeneration"] == 1 and str(out["appStorePath"]).endswith("-app-1.0.0")
 
 
+@pytest.mark.lab
 def test_cloud_vm_install_typechecks(tmp_path: Path) -> None:
     """examples/cloud-vm-install needs a cloud account, so it is only type-checked: no lab, no `pulumi` CLI."""
     program = tmp_path / "cloud-vm-install"

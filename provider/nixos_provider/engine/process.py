@@ -317,6 +317,10 @@ class Target(Runner):
             raise  # an OSError too, but the command's, not the connection's: run() reports it
         except (asyncssh.Error, OSError) as e:
             raise self._lost(caller, e) from e
+        if proc.exit_status is None and proc.exit_signal is None:
+            # asyncssh returns rather than raises when the connection drops
+            # mid-command: no exit status and no signal means nobody saw it end.
+            raise self._lost(caller, ConnectionResetError("the connection closed before the command exited"))
         status = proc.exit_status if proc.exit_status is not None else 255
         return CommandResult(status, _decode(proc.stdout), _decode(proc.stderr))
 
