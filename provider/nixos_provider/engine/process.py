@@ -28,13 +28,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Protocol
-
-import asyncssh
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from .errors import CommandError, CommandNotFound, ConnectError, LocalCommandError, NixError, RemoteCommandError
+from .lazy import lazy_module
 from .models import Profile
-from .ssh import Connection
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from .ssh import Connection
+else:
+    asyncssh = lazy_module("asyncssh")
 
 log = logging.getLogger(__name__)
 
