@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 from inproc_ssh import Doorman, InProcessSSHServer, free_port
+from nixos_provider.engine import activation
 from nixos_provider.engine.activation import Supervisor
 from nixos_provider.engine.errors import ConnectError, HostBusy, RemoteCommandError
 from nixos_provider.engine.models import Credentials, Remote
@@ -168,27 +170,29 @@ async def test_a_refused_login_is_not_retried_and_says_which_credential(server: 
 # -- the supervisor protocol, with the real supervisor.sh ---------------------------
 
 
-def profile_spec(tmp_path: Path, activate: str, *, magic: bool = True) -> ActivationSpec:
+def profile_spec(tmp_path: Path, activate: str, *, magic: bool = True, ready_timeout: int = 30) -> ActivationSpec:
     """A profile deployment whose activation runs `activate`: no Nix needed (no previous generation)."""
     new = tmp_path / "new-path"
     new.mkdir(exist_ok=True)
     return ActivationSpec("profile", str(tmp_path / "profiles" / "app"), str(new), 1, None, None, "switch",
-                          magic, 3, True, 20, activate)
+                          magic, 3, True, 20, activate, ready_timeout)
 
 
 async def supervise(server: InProcessSSHServer, conn: Connection, spec: ActivationSpec,
-                    status: list[str]) -> Supervisor:
+                    status: list[str], registering: float = 0, keep_alive: bool = True) -> Supervisor:
     profile = Path(spec.profile)
     profile.parent.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(Target(conn), lambda: connect(remote(server, retries=1)), spec, status.append)
     await sup.upload()
     await sup.start()
     await sup.wait_ready(time.monotonic() + 10)
-    # Registration, as nix-env makes it: the profile's first generation.
-    if not profile.exists():
-        Path(f"{profile}-1-link").symlink_to(spec.new_path)
-        profile.symlink_to(f"{profile.name}-1-link")
-    await sup.go(spec, hold=10)
+    async with (sup.kept_alive() if keep_alive else contextlib.nullcontext()):
+        # Registration, as nix-env makes it: the profile's first generation.
+        await asyncio.sleep(registering)
+        if not profile.exists():
+            Path(f"{profile}-1-link").symlink_to(spec.new_path)
+            profile.symlink_to(f"{profile.name}-1-link")
+        await sup.go(spec, hold=10)
     return sup
 
 
@@ -250,3 +254,30 @@ async def test_a_second_deployment_of_the_same_profile_is_told_who_holds_it(
         await second.wait_ready(time.monotonic() + 10)
     assert (await first.follow(time.monotonic() + 20)).ok
     await first.finish(time.monotonic() + 10)
+
+
+async def test_a_slow_registration_is_waited_for_while_the_deployer_says_it_is_alive(
+        server: InProcessSSHServer, conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(activation, "KEEPALIVE_INTERVAL", 0.5)
+    marker = tmp_path / "activated"
+    sup = await supervise(server, conn, profile_spec(tmp_path, f"touch {shlex.quote(str(marker))}", ready_timeout=2),
+                          [], registering=4)
+    assert (await sup.follow(time.monotonic() + 20)).state.phase is Phase.CONFIRMED
+    assert marker.exists()
+    await sup.finish(time.monotonic() + 10)
+
+
+async def test_a_deployer_that_says_nothing_frees_the_lock_after_the_ready_timeout(
+        server: InProcessSSHServer, conn: Connection, tmp_path: Path) -> None:
+    marker = tmp_path / "activated"
+    spec = profile_spec(tmp_path, f"touch {shlex.quote(str(marker))}", ready_timeout=2)
+    sup = await supervise(server, conn, spec, [], registering=4, keep_alive=False)
+    outcome = await sup.follow(time.monotonic() + 20)
+    assert outcome.state.phase is Phase.ROLLED_BACK and outcome.state.cause is Cause.NO_WORD
+    assert not marker.exists()  # it never activated
+    # The lock is free: the next deployment of the profile starts at once.
+    second = Supervisor(Target(conn), lambda: connect(remote(server)), spec)
+    await second.upload()
+    await second.start()
+    await second.wait_ready(time.monotonic() + 10)
+    await second.stop_quietly()

@@ -76,7 +76,7 @@ def test_supervisor_arguments_are_named_and_complete() -> None:
     assert args[6:] == ["--mode", "system", "--profile", "/nix/var/nix/profiles/system", "--new-path", "/nix/store/a-new",
                         "--new-gen", "3", "--prev-gen", "2", "--prev-path", "/nix/store/b-old", "--action", "switch",
                         "--magic-rollback", "1", "--confirm-timeout", "30", "--auto-rollback", "1",
-                        "--activation-timeout", "240"]
+                        "--activation-timeout", "240", "--ready-timeout", "30"]
     other = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
     assert other.token != sup.token and other.workdir != sup.workdir  # a stale token can never confirm
     # Unset values are left out; a command is one argument, whatever it holds.

@@ -8,9 +8,10 @@ deployment over a new connection, the way deploy-rs does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -23,6 +24,9 @@ __all__ = ["ActivationOutcome", "ActivationSpec", "Supervisor"]
 
 SUPERVISOR = resources.files(__package__).joinpath("supervisor.sh").read_text()
 POLL_INTERVAL = 0.3
+# How often the deployer says it is alive while it registers; supervisor.sh
+# waits 30 s after the last time.
+KEEPALIVE_INTERVAL = 5.0
 
 StatusFn = Callable[[str], None]
 OutputFn = Callable[[str], None]
@@ -119,6 +123,30 @@ class Supervisor:
                 raise EngineError(f"the activation supervisor on {self.target.target} did not start in time; "
                                   "nothing was changed")
             await asyncio.sleep(POLL_INTERVAL / 3)
+
+    @contextlib.asynccontextmanager
+    async def kept_alive(self) -> AsyncIterator[None]:
+        """While the deployer registers the generation, touch Control.ALIVE every few seconds.
+
+        The supervisor gives up a fixed time after its last sign of life, so a
+        deployer that died frees the profile's lock soon, while one that is
+        merely slow (a busy host, a slow `nix-env`) is waited for.
+        """
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(KEEPALIVE_INTERVAL)
+                try:
+                    await self.target.run(["touch", "--", f"{self.workdir}/{Control.ALIVE.value}"], timeout=10)
+                except EngineError:
+                    pass  # the next beat, or the registration itself, will say more
+
+        beating = asyncio.ensure_future(beat())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
 
     async def go(self, spec: ActivationSpec, hold: float) -> None:
         """The generation is registered: tell the supervisor which, and how long health checks may take."""

@@ -214,26 +214,27 @@ class Deployment:
         req = self.req
         profile = req.profile.path
         target = supervisor.target
-        before = await profiles.current_generation(target, profile)
-        prev_system = await profiles.current_system(target) if req.profile.is_system else None
-        registers = req.action != "test"
-        new_gen: Generation | None = None
-        self.steps.mark(Step.REGISTER)
-        if registers:
-            self.status(f"registering generation for {req.store_path}")
-            new_gen = await profiles.set_profile(target, profile, req.store_path)
-        self._new_gen = new_gen
-        # nix-env --set reuses the current generation when the path is unchanged;
-        # then there is no generation to switch away from or delete on rollback.
-        unchanged = before is not None and new_gen is not None and new_gen.number == before.number
-        spec = replace(
-            supervisor.spec,
-            new_gen=new_gen.number if new_gen and not unchanged else None,
-            prev_gen=before.number if before and registers and not unchanged else None,
-            prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
-        )
-        self.steps.mark(Step.ACTIVATE)
-        await supervisor.go(spec, _health_check_budget(req))
+        async with supervisor.kept_alive():
+            before = await profiles.current_generation(target, profile)
+            prev_system = await profiles.current_system(target) if req.profile.is_system else None
+            registers = req.action != "test"
+            new_gen: Generation | None = None
+            self.steps.mark(Step.REGISTER)
+            if registers:
+                self.status(f"registering generation for {req.store_path}")
+                new_gen = await profiles.set_profile(target, profile, req.store_path)
+            self._new_gen = new_gen
+            # nix-env --set reuses the current generation when the path is unchanged;
+            # then there is no generation to switch away from or delete on rollback.
+            unchanged = before is not None and new_gen is not None and new_gen.number == before.number
+            spec = replace(
+                supervisor.spec,
+                new_gen=new_gen.number if new_gen and not unchanged else None,
+                prev_gen=before.number if before and registers and not unchanged else None,
+                prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
+            )
+            self.steps.mark(Step.ACTIVATE)
+            await supervisor.go(spec, _health_check_budget(req))
         deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
         outcome = await supervisor.follow(deadline)
         target = supervisor.target  # follow() may have reconnected

@@ -29,6 +29,8 @@ class ActivationSpec:
     auto_rollback: bool
     activation_timeout: float
     activate_command: str | None = None
+    # How long the supervisor waits for the deployer's go after its last sign of life.
+    ready_timeout: float = 30.0
 
 
 def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec) -> list[str]:
@@ -39,7 +41,7 @@ def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec) -
     argv += [a for name, value in optional if value is not None for a in (name, str(value))]
     argv += ["--action", spec.action, "--magic-rollback", _flag(spec.magic_rollback),
              "--confirm-timeout", str(int(spec.confirm_timeout)), "--auto-rollback", _flag(spec.auto_rollback),
-             "--activation-timeout", str(int(spec.activation_timeout))]
+             "--activation-timeout", str(int(spec.activation_timeout)), "--ready-timeout", str(int(spec.ready_timeout))]
     if spec.activate_command is not None:
         argv += ["--activate-command", spec.activate_command]
     return argv
@@ -56,6 +58,7 @@ class Control(Enum):
     CONFIRM = "confirm"  # the token, written over a new connection (magic rollback)
     FINISH = "finish"  # keep the new generation
     ABORT = "abort"  # roll back at the next step
+    ALIVE = "alive"  # touched while the deployer registers: it is still there
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,16 @@
 #   --new-path STORE_PATH --action ACTION [--new-gen N] [--prev-gen N]
 #   [--prev-path STORE_PATH] [--magic-rollback 0|1] [--confirm-timeout S]
 #   [--auto-rollback 0|1] [--activation-timeout S] [--activate-command CMD]
+#   [--ready-timeout S]
 # (new-gen, prev-gen and prev-path are replaced by $dir/go.) A malformed
 # command line ends with the state `failed usage: ...`, when $dir is known.
 set -u
 task=activate dir="" token="" mode="" profile="" new_path="" new_gen="" prev_gen="" prev_path="" action=""
 magic=0 confirm_timeout=30 auto_rollback=1 activation_timeout=240 activate_cmd=""
+# The deployer registers the generation and says go within a second or two;
+# a deployer that died before that must not hold the host for long (one that
+# is merely slow keeps touching $dir/alive).
+ready_timeout=30
 usage=""
 while [ $# -gt 0 ]; do
   if [ $# -lt 2 ]; then usage="$1 needs a value"; break; fi
@@ -53,6 +58,7 @@ while [ $# -gt 0 ]; do
     --auto-rollback) auto_rollback=$2 ;;
     --activation-timeout) activation_timeout=$2 ;;
     --activate-command) activate_cmd=$2 ;;
+    --ready-timeout) ready_timeout=$2 ;;
     *) usage="unknown option $1"; break ;;
   esac
   shift 2
@@ -72,8 +78,9 @@ fi
 for n in "$new_gen" "$prev_gen"; do
   [ -z "$usage" ] && [ -n "$n" ] && ! is_number "$n" && usage="a generation is a number, not $n"
 done
-if [ -z "$usage" ] && ! { is_number "$confirm_timeout" && is_number "$activation_timeout"; }; then
-  usage="timeouts are whole seconds: $confirm_timeout $activation_timeout"
+if [ -z "$usage" ] && ! { is_number "$confirm_timeout" && is_number "$activation_timeout" \
+                           && is_number "$ready_timeout"; }; then
+  usage="timeouts are whole seconds: $confirm_timeout $activation_timeout $ready_timeout"
 fi
 if [ -n "$usage" ]; then
   echo "pulumi-nixos supervisor: $usage" >&2
@@ -81,9 +88,6 @@ if [ -n "$usage" ]; then
   exit 2
 fi
 hold=60
-# The deployer registers the generation and says go within a second or two;
-# a deployer that died before that must not hold the host for long.
-ready_timeout=30
 
 exec >>"$dir/log" 2>&1 </dev/null
 export PATH="/run/current-system/sw/bin:/run/wrappers/bin:$PATH:/usr/bin:/bin"
@@ -169,10 +173,16 @@ echo "pulumi-nixos: holding $lock"
 # -- registration, by the deployer ------------------------------------------------
 initial=$(readlink -- "$profile" 2>/dev/null || true)
 state ready
+# The deployer touches $dir/alive every few seconds while it registers (a
+# busy host can take long): give up ready_timeout after its last sign of life.
 deadline=$(( $(now) + ready_timeout ))
 while [ ! -f "$dir/go" ]; do
   if [ -f "$dir/abort" ]; then unregister aborted; exit 0; fi
-  if [ "$(now)" -ge "$deadline" ]; then unregister "no-word-from-the-deployer"; exit 0; fi
+  if [ "$(now)" -ge "$deadline" ]; then
+    alive=$(stat -c %Y -- "$dir/alive" 2>/dev/null || echo 0)
+    if [ $(( alive + ready_timeout )) -le "$(now)" ]; then unregister "no-word-from-the-deployer"; exit 0; fi
+    deadline=$(( alive + ready_timeout ))
+  fi
   sleep 0.1
 done
 { read -r new_gen; read -r prev_gen; read -r prev_path; read -r hold; } <"$dir/go"
