@@ -292,7 +292,7 @@ async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path
     assert (await engine.read_state(with_pass, Profile())).host_key == lab_host.hostKey
     wrong = dataclasses.replace(with_pass, credentials=Credentials(private_key=key.read_text(),
                                                                    private_key_password="nope"))
-    with pytest.raises(ConnectError, match="wrong `privateKeyPassword`"):
+    with pytest.raises(ConnectError, match="the passphrase of the private key is wrong"):
         await engine.read_state(wrong, Profile())
     sock = tmp_path / "agent.sock"
     agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),

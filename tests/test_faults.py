@@ -650,7 +650,7 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
     for name, secret in values.items():
         found = [where for where, text in places.items() if secret in text]
         results.append(f"{name} found in {found}" if found else None)
-    assert "wrong `privateKeyPassword`" in strip_ansi(failed.stdout + failed.stderr)
+    assert "`connection.privateKeyPassword` is wrong" in strip_ansi(failed.stdout + failed.stderr)
     record("secrets", "secrets in `stack export`, CLI output with engine logs (-v=3), errors, files on the deployer",
            "0 occurrences", results, f"{len(values)} secret inputs through up, refresh and a failing up; "
            f"{len(places)} places searched")

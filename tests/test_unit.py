@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import nixos_provider.engine
 import pytest
 from nixos_provider.engine.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.errors import RemoteCommandError
@@ -323,7 +326,6 @@ def test_a_secret_object_becomes_an_object_of_secrets() -> None:
 # -- installing with nixos-anywhere ---------------------------------------------------------
 
 import stat as _stat  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from nixos_provider.engine import install as inst  # noqa: E402
 from nixos_provider.engine.models import Credentials, InstallRequest  # noqa: E402
@@ -475,3 +477,29 @@ def test_input_keys_are_the_schemas() -> None:
     from nixos_provider.pulumi_layer.schema import input_properties
     assert set(machine.INPUT_KEYS) == set(input_properties(machine.TYPE))
     assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
+
+
+def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_property() -> None:
+    """Engine messages name no property of the schema; each setting they can blame has its property path."""
+    from nixos_provider.engine.errors import HostKeyMismatch, Setting
+    from nixos_provider.pulumi_layer.errors import PROPERTY_OF, describe
+    from nixos_provider.pulumi_layer.schema import schema
+
+    assert set(PROPERTY_OF) == set(Setting)
+    doc = schema()
+    connection = doc["types"]["nixos:index:Connection"]["properties"]
+    config = doc["config"]["variables"]
+    machine = doc["resources"]["nixos:index:NixosMachine"]["inputProperties"]
+    install = doc["types"][machine["install"]["$ref"].rsplit("/", 1)[1]]["properties"]
+    known = {f"connection.{k}" for k in connection} | set(config) | {f"install.{k}" for k in install}
+    for setting, names in PROPERTY_OF.items():
+        for path in re.findall(r"`([^`]+)`", names):
+            assert path in known, (setting, path)
+    engine = Path(nixos_provider.engine.__file__).parent
+    for source in engine.glob("*.py"):
+        quoted = set(re.findall(r"`([A-Za-z.\[\]]+)`", source.read_text()))
+        assert not quoted & known, (source.name, quoted & known)
+    mismatch = HostKeyMismatch("root@h:22", "SHA256:a (ssh-ed25519)", "SHA256:b (ssh-ed25519)")
+    assert "update the pinned host key" in str(mismatch)
+    assert describe(mismatch).endswith("update `connection.hostKey`)")
+    assert describe(ValueError("plain")) == "plain"

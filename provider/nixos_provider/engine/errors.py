@@ -1,10 +1,34 @@
-"""Engine errors: each carries a one-line, human message, never a traceback."""
+"""Engine errors: each carries a one-line, human message, never a traceback.
+
+Messages speak in the engine's terms. When an error blames one of the
+request's settings, it names it by its `Setting` phrase and says which in
+`blames`; a caller with its own names for settings (the Pulumi layer's
+property paths) puts them in its place.
+"""
 
 from __future__ import annotations
 
+from enum import Enum
+
+
+class Setting(Enum):
+    """A setting of the engine's requests an error can blame; the value is how the engine's messages name it."""
+
+    HOST_KEY = "the pinned host key"
+    PRIVATE_KEY = "the private key"
+    PRIVATE_KEY_PASSWORD = "the passphrase of the private key"
+    CREDENTIALS = "the credentials (private key, password or agent)"
+    PROXY = "a jump host"
+    NIXOS_ANYWHERE_COMMAND = "the nixos-anywhere command"
+    NIX_COMMAND = "the nix command"
+
 
 class EngineError(Exception):
-    """Something the user can act on. str(err) is the whole message."""
+    """Something the user can act on. str(err) is the whole message; `blames` the setting it names, if any."""
+
+    def __init__(self, message: str, *, blames: Setting | None = None) -> None:
+        super().__init__(message)
+        self.blames = blames
 
 
 class ConnectError(EngineError):
@@ -17,7 +41,8 @@ class HostKeyMismatch(ConnectError):
     def __init__(self, target: str, expected: str, seen: str) -> None:
         super().__init__(
             f"host key mismatch for {target}: the pinned key is {expected} but the host presented {seen}; "
-            "refusing to connect (if the host was reinstalled on purpose, update `connection.hostKey`)"
+            f"refusing to connect (if the host was reinstalled on purpose, update {Setting.HOST_KEY.value})",
+            blames=Setting.HOST_KEY,
         )
         self.expected = expected
         self.seen = seen
@@ -58,8 +83,8 @@ class LocalCommandError(CommandError, NixError):
 class CommandNotFound(NixError):
     """A local program could not be started."""
 
-    def __init__(self, program: str, why: str) -> None:
-        super().__init__(f"`{program}` {why}" + (" on PATH" if why == "was not found" else ""))
+    def __init__(self, program: str, why: str, *, blames: Setting | None = None) -> None:
+        super().__init__(f"`{program}` {why}" + (" on PATH" if why == "was not found" else ""), blames=blames)
         self.program = program
         self.why = why
 

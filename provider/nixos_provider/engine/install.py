@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncssh
 
 from .deploy import read_target_state
-from .errors import CommandNotFound, ConnectError, EngineError, HostKeyMismatch
+from .errors import CommandNotFound, ConnectError, EngineError, HostKeyMismatch, Setting
 from .models import SYSTEM_PROFILE, Generation, InstallRequest, InstallResult, Profile, Remote
 from .process import LOCAL, Stderr, Target
 from .ssh import connect, fingerprint, normalize_host_key
@@ -49,8 +49,9 @@ class InstallError(EngineError):
     afterwards, as far as we could tell.
     """
 
-    def __init__(self, message: str, *, phase: str, output_tail: str = "", state: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, phase: str, output_tail: str = "", state: str = "",
+                 blames: Setting | None = None) -> None:
+        super().__init__(message, blames=blames)
         self.phase = phase
         self.output_tail = output_tail
         self.state = state
@@ -155,7 +156,8 @@ def _identity_file(remote: Remote) -> str | None:
     try:
         key = asyncssh.import_private_key(creds.private_key, creds.private_key_password)
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as e:
-        raise EngineError(f"cannot decrypt `connection.privateKey` for nixos-anywhere: {e}") from e
+        raise EngineError(f"cannot decrypt {Setting.PRIVATE_KEY.value} for nixos-anywhere: {e}",
+                          blames=Setting.PRIVATE_KEY) from e
     return key.export_private_key("openssh").decode()
 
 
@@ -317,9 +319,9 @@ async def run_nixos_anywhere(req: InstallRequest, argv: list[str], *, status: Ou
         # process it started (ssh, nix copy), not only the script.
         proc = await LOCAL.start(argv, stdin=False, stderr=Stderr.STDOUT, env=child_env(req), new_session=True)
     except CommandNotFound as e:
-        raise InstallError(f"cannot run nixos-anywhere: `{argv[0]}` {e.why} (set `install.command` or the "
-                           "provider's `nixosAnywhereCommand`); the host was not touched",
-                           phase="start", state="unchanged") from e
+        raise InstallError(f"cannot run nixos-anywhere: `{argv[0]}` {e.why} (set "
+                           f"{Setting.NIXOS_ANYWHERE_COMMAND.value}); the host was not touched",
+                           phase="start", state="unchanged", blames=Setting.NIXOS_ANYWHERE_COMMAND) from e
 
     async def follow() -> int:
         nonlocal phase
@@ -392,8 +394,8 @@ async def install(req: InstallRequest, *, status: OutputFn = _noop, output: Outp
     """Install req.system_path onto a host that does not run NixOS yet, or adopt one that does."""
     remote = req.remote
     if remote.proxy is not None:
-        raise EngineError("installing through `connection.proxy` is not supported: nixos-anywhere needs to reach "
-                          "the host directly")
+        raise EngineError(f"installing through {Setting.PROXY.value} is not supported: nixos-anywhere needs to "
+                          "reach the host directly", blames=Setting.PROXY)
     status(f"connecting to {remote.target}")
     # Before installation the host is whatever the cloud image is; its key is
     # trusted on first use (nixos-anywhere does not check it at all).
@@ -424,6 +426,6 @@ async def install(req: InstallRequest, *, status: OutputFn = _noop, output: Outp
                                   status=status)
     if want_key is None:
         output(f"pinned the host key {fingerprint(after.host_key)} on first use after the reboot "
-               f"(place {HOST_KEY_FILE} with `install.extraFiles` to know it in advance)")
+               f"(upload {HOST_KEY_FILE} with the install's extra files to know it in advance)")
     return InstallResult(True, after.host_key, after.current_system, after.generation, after.nixos_version,
                          key_source)

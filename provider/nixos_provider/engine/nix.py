@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import NixError
+from .errors import NixError, Setting
 from .nix_versions import (
     PATH_INFO_JSON_FORMAT,
     NixOutputError,
@@ -134,11 +134,12 @@ class Nix:
         """
         program = shutil.which(self.command[0])
         if program is None:
-            raise NixError(f"`{self.command[0]}` (the nix command) was not found on PATH")
+            raise NixError(f"`{self.command[0]}` ({Setting.NIX_COMMAND.value}) was not found on PATH",
+                           blames=Setting.NIX_COMMAND)
         tool = os.path.join(os.path.dirname(os.path.abspath(program)), name)
         if not os.access(tool, os.X_OK):
-            raise NixError(f"the nix command {program} has no `{name}` beside it; "
-                           "nixCommand must name the `nix` program of a Nix installation")
+            raise NixError(f"{program} has no `{name}` beside it: {Setting.NIX_COMMAND.value} must be the `nix` "
+                           "program of a Nix installation", blames=Setting.NIX_COMMAND)
         return tool
 
     def store_argv(self, *args: str) -> list[str]:

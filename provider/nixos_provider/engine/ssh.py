@@ -12,7 +12,7 @@ import logging
 
 import asyncssh
 
-from .errors import ConnectError, HostKeyMismatch
+from .errors import ConnectError, HostKeyMismatch, Setting
 from .models import Remote
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, asyncssh.PermissionDenied):
-        return "permission denied (check `connection.privateKey`, `password` or the agent)"
+        return f"permission denied (check {Setting.CREDENTIALS.value})"
     if isinstance(e, asyncssh.Error):
         return e.reason or type(e).__name__
     if isinstance(e, OSError) and e.strerror:
@@ -117,9 +117,11 @@ def _client_keys(remote: Remote) -> list[asyncssh.SSHKey] | None:
     except asyncssh.KeyEncryptionError as e:
         if "bcrypt" in str(e).lower():
             raise ConnectError(f"cannot decrypt the private key for {remote.target}: {e}") from e
-        raise ConnectError(f"cannot decrypt the private key for {remote.target}: wrong `privateKeyPassword`") from e
+        raise ConnectError(f"cannot decrypt the private key for {remote.target}: "
+                           f"{Setting.PRIVATE_KEY_PASSWORD.value} is wrong", blames=Setting.PRIVATE_KEY_PASSWORD) from e
     except (asyncssh.KeyImportError, ValueError) as e:
-        raise ConnectError(f"`privateKey` for {remote.target} is not a private key asyncssh can read: {e}") from e
+        raise ConnectError(f"{Setting.PRIVATE_KEY.value} for {remote.target} is not a private key asyncssh can "
+                           f"read: {e}", blames=Setting.PRIVATE_KEY) from e
 
 
 async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool) -> Connection:
@@ -194,7 +196,8 @@ async def connect(remote: Remote, *, compress: bool = False) -> Connection:
             if tunnel is not None:
                 await tunnel.close()
             if isinstance(e, asyncssh.PermissionDenied):
-                raise ConnectError(f"authentication as {remote.target} failed: {_describe(e)}") from e
+                raise ConnectError(f"authentication as {remote.target} failed: {_describe(e)}",
+                                   blames=Setting.CREDENTIALS) from e
             raise
         except ConnectError:
             if tunnel is not None:

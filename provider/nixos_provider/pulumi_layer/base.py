@@ -12,6 +12,7 @@ from ..engine.batch import FleetNix
 from ..engine.errors import EngineError
 from ..engine.models import Remote
 from ..engine.nix import Nix, parse_flake_ref
+from .errors import describe
 from .inputs import Failures, nix_options, to_remote
 from .properties import UNKNOWN, contains_unknown, reveal
 
@@ -76,7 +77,7 @@ class DeployedResource:
             return await self.ctx.resolve_flake(str(reveal(news["flake"])), self._nix(news), nixos=nixos)
         except (EngineError, ValueError) as e:
             f = Failures()
-            f.add("flake", str(e))
+            f.add("flake", describe(e))
             raise CheckFailed(f) from e
 
 

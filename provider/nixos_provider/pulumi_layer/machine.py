@@ -13,6 +13,7 @@ from ..engine.models import INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profi
 from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
 
 if TYPE_CHECKING:
@@ -211,8 +212,8 @@ class NixosMachine(DeployedResource):
             return await nix.build(disko), None
         except EngineError as e:
             raise EngineError(f"{e} (the configuration needs disko's NixOS module for `config.system.build."
-                              "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)"
-                              ) from e
+                              "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)",
+                              blames=e.blames) from e
 
     async def _install(self, urn: str, ident: str, news: dict[str, Any]) -> dict[str, Any]:
         """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it."""
@@ -229,8 +230,8 @@ class NixosMachine(DeployedResource):
         try:
             disko, flake = await self._install_source(urn, news, nix)
         except EngineError as e:
-            raise PartialFailure(f"{e}; nothing was installed and the host was not touched", ident,
-                                 {**base, "installError": f"build: {e}"}, news) from e
+            raise PartialFailure(f"{describe(e)}; nothing was installed and the host was not touched", ident,
+                                 {**base, "installError": f"build: {describe(e)}"}, news) from e
         system = str(reveal(news.get("systemPath")))
         req = v.to_install_request(reveal(news["install"]), remote, system,
                                    command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
@@ -240,11 +241,11 @@ class NixosMachine(DeployedResource):
                 result = await installer.install(req, status=lambda s: self.ctx.status(urn, s),
                                                  output=lambda s: self.ctx.info(urn, s))
         except installer.InstallError as e:
-            raise PartialFailure(f"installing NixOS on {remote.target} failed: {e}", ident,
-                                 {**base, "installError": f"{e.phase}: {str(e).splitlines()[0]}"}, news) from e
+            raise PartialFailure(f"installing NixOS on {remote.target} failed: {describe(e)}", ident,
+                                 {**base, "installError": f"{e.phase}: {describe(e).splitlines()[0]}"}, news) from e
         except EngineError as e:
-            raise PartialFailure(f"installing NixOS on {remote.target} failed before nixos-anywhere ran: {e}",
-                                 ident, {**base, "installError": f"connect: {e}"}, news) from e
+            raise PartialFailure(f"installing NixOS on {remote.target} failed before nixos-anywhere ran: {describe(e)}",
+                                 ident, {**base, "installError": f"connect: {describe(e)}"}, news) from e
         gen = result.generation
         now = now_rfc3339()
         outputs = {
@@ -273,7 +274,7 @@ class NixosMachine(DeployedResource):
                     await engine.check_health(self._remote(news, host_key=result.host_key), checks,
                                               status=lambda s: self.ctx.status(urn, s))
             except EngineError as e:
-                raise PartialFailure(f"{e}; the host runs the installed system {system} (generation "
+                raise PartialFailure(f"{describe(e)}; the host runs the installed system {system} (generation "
                                      f"{outputs['generation']}), which has no earlier generation to roll back to",
                                      ident, outputs, news) from e
         return outputs
@@ -289,7 +290,7 @@ class NixosMachine(DeployedResource):
             try:
                 await self._build(urn, news, nix)
             except EngineError as e:
-                self.ctx.warn(urn, f"preview build failed: {e}")
+                self.ctx.warn(urn, f"preview build failed: {describe(e)}")
         missing = [label for label, path in (("new", new), ("current", old)) if not await nix.is_valid(path)]
         if missing:
             note = (f"no package diff: the {' and '.join(missing)} system is not in the local store"
@@ -315,7 +316,7 @@ class NixosMachine(DeployedResource):
             async with self.ctx.ssh_slots:
                 result = await engine.deploy(req, self._nix(news), status=lambda s: self.ctx.status(urn, s))
         except EngineError as e:
-            self.ctx.warn(urn, f"dry-activate failed: {e}")
+            self.ctx.warn(urn, f"dry-activate failed: {describe(e)}")
             return changes
         units: list[str] = []
         for line in result.output.splitlines():
@@ -363,7 +364,7 @@ class NixosMachine(DeployedResource):
             else:
                 store_path = await (building or self._build(urn, news, nix))
         except EngineError as e:
-            raise PartialFailure(str(e), ident, failed, news) from e
+            raise PartialFailure(describe(e), ident, failed, news) from e
         req = DeployRequest(
             remote=remote,
             store_path=store_path,
@@ -388,12 +389,12 @@ class NixosMachine(DeployedResource):
                 after["systemPath"] = e.now_running
             if e.generation is not None:
                 after["generation"] = e.generation
-            raise PartialFailure(str(e), ident, after, news) from e
+            raise PartialFailure(describe(e), ident, after, news) from e
         except HostBusy as e:
             # Nothing was changed; what runs now is another deployment's business.
-            raise PartialFailure(str(e), ident, failed, news) from e
+            raise PartialFailure(describe(e), ident, failed, news) from e
         except EngineError as e:
-            raise PartialFailure(str(e), ident, await self._observed(failed, remote), news) from e
+            raise PartialFailure(describe(e), ident, await self._observed(failed, remote), news) from e
         # The deployment is confirmed: the new system runs. Nothing from here on
         # may fail the update, or the state would fall behind the host.
         last = await self._last_changes_or_note(urn, nix, base.get("systemPath"), result.store_path)

@@ -11,6 +11,7 @@ from ..engine.models import DeployRequest, Profile
 from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class NixProfile(DeployedResource):
                 if not await nix.is_valid(store_path):
                     await nix.build(store_path)
         except EngineError as e:
-            raise PartialFailure(str(e), ident, failed, news) from e
+            raise PartialFailure(describe(e), ident, failed, news) from e
         req = DeployRequest(
             remote=remote, store_path=store_path, profile=profile, action="switch",
             magic_rollback=news.get("magicRollback", True) is not False,
@@ -179,9 +180,9 @@ class NixProfile(DeployedResource):
                                              output=lambda s: self.ctx.info(urn, s))
         except DeployError as e:
             after = {**failed, "storePath": e.now_running, "generation": e.generation or 0}
-            raise PartialFailure(str(e), ident, after, news) from e
+            raise PartialFailure(describe(e), ident, after, news) from e
         except EngineError as e:
-            raise PartialFailure(str(e), ident, failed, news) from e
+            raise PartialFailure(describe(e), ident, failed, news) from e
         return {**base, "storePath": result.store_path, "generation": result.generation,
                 "previousGeneration": result.previous_generation, "hostKey": result.host_key or pinned,
                 "deployedAt": now_rfc3339(), "pushedPaths": result.push.paths, "pushedBytes": result.push.bytes}

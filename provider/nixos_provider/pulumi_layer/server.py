@@ -29,6 +29,7 @@ from ..engine.models import SYSTEM_PROFILE, Profile
 from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, Context, DiffResult, PartialFailure
+from .errors import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
@@ -117,7 +118,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
             context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
             await context.abort(grpc.StatusCode.UNKNOWN, str(e))
         except (EngineError, ValueError) as e:
-            await context.abort(grpc.StatusCode.UNKNOWN, str(e))
+            await context.abort(grpc.StatusCode.UNKNOWN, describe(e))
         except asyncio.CancelledError:
             await context.abort(grpc.StatusCode.CANCELLED, "the operation was cancelled")
         except Exception as e:
