@@ -503,3 +503,13 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
     assert "update the pinned host key" in str(mismatch)
     assert describe(mismatch).endswith("update `connection.hostKey`)")
     assert describe(ValueError("plain")) == "plain"
+
+
+def test_the_schema_documents_the_engine_defaults() -> None:
+    from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT
+    from nixos_provider.pulumi_layer.schema import input_properties
+
+    for resource in ("nixos:index:NixosMachine", "nixos:index:NixProfile"):
+        props = input_properties(resource)
+        assert props["confirmTimeout"]["default"] == CONFIRM_TIMEOUT
+        assert props["activationTimeout"]["default"] == ACTIVATION_TIMEOUT

@@ -17,7 +17,7 @@ from . import profiles
 from .activation import ActivationOutcome, Supervisor
 from .errors import DeployError, EngineError, HostBusy
 from .health import run_health_checks
-from .models import DeployRequest, DeployResult, Generation, HealthCheck, Profile, PushStats, Remote
+from .models import ACTIVATION_TIMEOUT, DeployRequest, DeployResult, Generation, HealthCheck, Profile, PushStats, Remote
 from .nix import Nix
 from .process import Target
 from .protocol import ActivationSpec, Cause, Phase, SupervisorState
@@ -377,7 +377,7 @@ async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn
 
 
 async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,
-                      activate_command: str | None = None, timeout: float = 240,
+                      activate_command: str | None = None, timeout: float = ACTIVATION_TIMEOUT,
                       fallback_path: str | None = None) -> TargetState:
     """Switch a profile back to an existing generation and re-activate it (destroy's rollback).
 

@@ -96,6 +96,11 @@ class HealthCheck:
         return f"TCP {self.host}:{self.tcp}"
 
 
+# The defaults of every deployment; schema.json documents the same values (a test holds them equal).
+CONFIRM_TIMEOUT = 30.0  # magic rollback: how long the host waits for the deployer's token
+ACTIVATION_TIMEOUT = 240.0  # how long activation (or a rollback's re-activation) may take
+
+
 @dataclass(frozen=True)
 class DeployRequest:
     remote: Remote
@@ -103,8 +108,8 @@ class DeployRequest:
     profile: Profile = field(default_factory=Profile)
     action: Action = "switch"
     magic_rollback: bool = True
-    confirm_timeout: float = 30.0
-    activation_timeout: float = 240.0
+    confirm_timeout: float = CONFIRM_TIMEOUT
+    activation_timeout: float = ACTIVATION_TIMEOUT
     auto_rollback: bool = True
     health_checks: tuple[HealthCheck, ...] = ()
     activate_command: str | None = None  # NixProfile: run after switching the profile

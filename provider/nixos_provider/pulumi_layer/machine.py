@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
-from ..engine.models import INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
+from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
@@ -371,8 +371,8 @@ class NixosMachine(DeployedResource):
             profile=SYSTEM,
             action=news.get("action") or "switch",
             magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or 30),
-            activation_timeout=float(news.get("activationTimeout") or 240),
+            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
+            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
             auto_rollback=news.get("autoRollback", True) is not False,
             health_checks=v.to_health_checks(news.get("healthChecks")),
             substitute_on_destination=bool(news.get("substituteOnDestination")),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import DeployRequest, Profile
+from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile
 from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
@@ -166,8 +166,8 @@ class NixProfile(DeployedResource):
         req = DeployRequest(
             remote=remote, store_path=store_path, profile=profile, action="switch",
             magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or 30),
-            activation_timeout=float(news.get("activationTimeout") or 240),
+            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
+            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
             auto_rollback=news.get("autoRollback", True) is not False,
             health_checks=v.to_health_checks(news.get("healthChecks")),
             activate_command=news.get("activate"),
