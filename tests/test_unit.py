@@ -513,3 +513,21 @@ def test_the_schema_documents_the_engine_defaults() -> None:
         props = input_properties(resource)
         assert props["confirmTimeout"]["default"] == CONFIRM_TIMEOUT
         assert props["activationTimeout"]["default"] == ACTIVATION_TIMEOUT
+
+
+def test_a_flake_reference_knows_its_configuration_and_its_siblings() -> None:
+    ref = parse_flake_ref("/f#web")
+    assert ref.configuration == ("web", "config.system.build.toplevel")
+    assert str(ref.system) == "/f#nixosConfigurations.web.config"
+    assert ref.build_product("config.system.build.diskoScript") == FlakeRef(
+        "/f", "nixosConfigurations.web.config.system.build.diskoScript")
+    dotted = parse_flake_ref('/f#nixosConfigurations."web.example.org".config.system.build.toplevel')
+    assert dotted.configuration == ('"web.example.org"', "config.system.build.toplevel")
+    assert dotted.of_configuration("db").attr == "nixosConfigurations.db.config.system.build.toplevel"
+    assert ref.of_configuration('a"b.c').attr == 'nixosConfigurations."a\\"b.c".config.system.build.toplevel'
+    # Not a configuration's toplevel: no system, no disko script, no siblings.
+    package = parse_flake_ref("/f#packages.x86_64-linux.app", nixos=False)
+    assert package.configuration is None and package.system is None
+    assert parse_flake_ref("/f#nixosConfigurations.web.config.system.build.vm").system is None
+    with pytest.raises(ValueError):
+        package.of_configuration("web")

@@ -25,7 +25,6 @@ on the machine it belongs to.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +38,6 @@ WINDOW = 1.0
 MAX_CONCURRENT = 2  # Nix processes at once: evaluation memory stays bounded
 PREFETCH_LIMIT = 256  # configurations evaluated ahead of their Check
 PREFETCH_CHUNK = 64  # configurations per background Nix process
-_CONFIG_ATTR = re.compile(r'^nixosConfigurations\.("(?:[^"\\]|\\.)*"|[^".]+)\.(.+)$')
 
 
 @dataclass
@@ -138,8 +136,8 @@ class _Evaluations:
 
     async def get(self, nix: Nix, ref: FlakeRef) -> str:
         key: Key = (tuple(nix.command), tuple(nix.options), ref.flake)
-        m = _CONFIG_ATTR.match(ref.attr)
-        listed = self._listed.get((key, m.group(2))) if m else None
+        configuration = ref.configuration
+        listed = self._listed.get((key, configuration[1])) if configuration else None
         if listed is not None:
             await listed.wait()  # listing is cheap; then this attribute's answer is on its way
         known = self._known.get((key, ref.attr))
@@ -164,16 +162,16 @@ class _Evaluations:
         return path
 
     def _prefetch(self, nix: Nix, key: Key, ref: FlakeRef) -> None:
-        m = _CONFIG_ATTR.match(ref.attr)
-        if not m or (key, m.group(2)) in self._listed:
+        configuration = ref.configuration
+        if not configuration or (key, configuration[1]) in self._listed:
             return
-        listed = self._listed[(key, m.group(2))] = asyncio.Event()
-        task = asyncio.ensure_future(self._evaluate_siblings(nix, key, ref.flake, m.group(1), m.group(2), listed))
+        listed = self._listed[(key, configuration[1])] = asyncio.Event()
+        task = asyncio.ensure_future(self._evaluate_siblings(nix, key, ref, listed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _evaluate_siblings(self, nix: Nix, key: Key, flake: str, name: str, suffix: str,
-                                 listed: asyncio.Event) -> None:
+    async def _evaluate_siblings(self, nix: Nix, key: Key, ref: FlakeRef, listed: asyncio.Event) -> None:
+        flake = ref.flake
         try:
             names = await nix.attr_names(flake, "nixosConfigurations")
         except (NixError, ValueError):
@@ -183,8 +181,8 @@ class _Evaluations:
         loop = asyncio.get_running_loop()
         attrs = []
         for other in names[: self._limit]:
-            attr = f"nixosConfigurations.{_quote(other)}.{suffix}"
-            if _quote(other) != name and (key, attr) not in self._known:
+            attr = ref.of_configuration(other).attr
+            if attr != ref.attr and (key, attr) not in self._known:
                 self._known[(key, attr)] = loop.create_future()
                 attrs.append(attr)
         for i in range(0, len(attrs), self._chunk):
@@ -215,13 +213,6 @@ def _settle(future: asyncio.Future[str], value: str | None = None, error: Except
     else:
         future.set_exception(error or NixError("evaluation cancelled"))
         future.exception()  # nobody may be waiting for it; do not warn
-
-
-def _quote(name: str) -> str:
-    """An attribute name as it stands in an attribute path."""
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_'-]*", name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class FleetNix:

@@ -75,15 +75,57 @@ in map (path: (get path).outPath) request.attrs
 """
 
 
+TOPLEVEL = "config.system.build.toplevel"
+DISKO_SCRIPT = "config.system.build.diskoScript"
+_CONFIGURATION = re.compile(r'^nixosConfigurations\.("(?:[^"\\]|\\.)*"|[^".]+)\.(.+)$')
+
+
 @dataclass(frozen=True)
 class FlakeRef:
-    """A flake reference split into the flake and the attribute to build."""
+    """A flake reference split into the flake and the attribute to build.
+
+    The one place that knows the shape of a NixOS configuration's attribute
+    path: `nixosConfigurations.<name>.<rest>`, with `<name>` quoted when it
+    has dots, and `<rest>` the toplevel or another build product of it.
+    """
 
     flake: str
     attr: str
 
     def __str__(self) -> str:
         return f"{self.flake}#{self.attr}"
+
+    @property
+    def configuration(self) -> tuple[str, str] | None:
+        """(`<name>` as written, `<rest>`) for an attribute of a NixOS configuration; None otherwise."""
+        m = _CONFIGURATION.match(self.attr)
+        return (m.group(1), m.group(2)) if m else None
+
+    def of_configuration(self, name: str) -> FlakeRef:
+        """The same attribute of another configuration of the flake (name unquoted, as `attrNames` gives it)."""
+        own = self.configuration
+        if own is None:
+            raise ValueError(f"{self} is not an attribute of a NixOS configuration")
+        return FlakeRef(self.flake, f"nixosConfigurations.{quote_attr(name)}.{own[1]}")
+
+    def build_product(self, rest: str) -> FlakeRef | None:
+        """Another build product of this toplevel's configuration (e.g. DISKO_SCRIPT); None if this is no toplevel."""
+        own = self.configuration
+        if own is None or own[1] != TOPLEVEL:
+            return None
+        return FlakeRef(self.flake, f"nixosConfigurations.{own[0]}.{rest}")
+
+    @property
+    def system(self) -> FlakeRef | None:
+        """The configuration's `config`, for tools that take a NixOS system (nixos-anywhere); None if no toplevel."""
+        return self.build_product("config")
+
+
+def quote_attr(name: str) -> str:
+    """A name as it is written in an attribute path: quoted when Nix would not read it bare."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_'-]*", name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True) -> FlakeRef:
@@ -106,7 +148,7 @@ def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True
         flake = os.path.normpath(os.path.join(base_dir or os.getcwd(), flake or "."))
     flake = scheme + flake
     if nixos and "." not in attr and '"' not in attr:
-        attr = f"nixosConfigurations.{attr}.config.system.build.toplevel"
+        attr = f"nixosConfigurations.{attr}.{TOPLEVEL}"
     return FlakeRef(flake, attr)
 
 

@@ -10,7 +10,7 @@ from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
 from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
+from ..engine.nix import DISKO_SCRIPT, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .errors import describe
@@ -196,17 +196,16 @@ class NixosMachine(DeployedResource):
                 await nix.build(inst["diskoScript"])
             return inst["diskoScript"], None
         ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
-        name = ref.attr.removesuffix(".system.build.toplevel")
-        if name == ref.attr:
+        system, disko = ref.system, ref.build_product(DISKO_SCRIPT)
+        if system is None or disko is None:
             raise EngineError(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere: use a flake "
-                              "reference like `.#web` (or one ending in `.config.system.build.toplevel`), or set "
+                              "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
                               "`install.diskoScript`")
         if inst.get("buildOn") == "remote":
-            return None, f"{ref.flake}#{name}"  # nixos-anywhere builds it on the target
+            return None, str(system)  # nixos-anywhere builds it on the target
         await self._build(urn, news, nix)
         if "disko" not in phases:
-            return None, f"{ref.flake}#{name}"
-        disko = FlakeRef(ref.flake, f"{name}.system.build.diskoScript")
+            return None, str(system)
         self.ctx.status(urn, f"building {disko}")
         try:
             return await nix.build(disko), None
