@@ -80,9 +80,15 @@ class Supervisor:
 
     async def _write(self, control: Control, content: str) -> None:
         """Write one control file into the workdir, atomically (the supervisor polls for it)."""
-        target = await self.connected()
-        await target.run(["sh", "-c", 'printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
-                          "sh", self.workdir, control.value, content], timeout=30)
+        argv = ["sh", "-c", 'printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
+                "sh", self.workdir, control.value, content]
+        try:
+            await self.target.run(argv, timeout=10)
+        except EngineError:
+            # The connection may have died with the old system's sshd: once
+            # more over a new one (the write is idempotent).
+            await self._replace(await self.connect())
+            await self.target.run(argv, timeout=30)
 
     async def connected(self) -> Target:
         """The target, over a new connection if the current one no longer answers."""

@@ -61,12 +61,10 @@ async def read_state(remote: Remote, profile: Profile, *, with_generations: bool
 
 async def read_target_state(target: Target, profile: Profile, with_generations: bool = False) -> TargetState:
     """What runs on an open connection: the profile's generation, /run/current-system, its version."""
-    gen = await profiles.current_generation(target, profile.path)
-    system = await profiles.current_system(target) if profile.is_system else None
-    version = await profiles.nixos_version(target, system) if system else None
+    reading = await profiles.read_host(target, profile.path, system=profile.is_system)
     gens = tuple(await profiles.list_generations(target, profile.path)) if with_generations else ()
-    reboot_for = await profiles.pending_boot_files(target) if system else ()
-    return TargetState(target.conn.host_key, gen, system, version, gens, reboot_for)
+    return TargetState(target.conn.host_key, reading.generation, reading.current_system, reading.nixos_version, gens,
+                       reading.pending_boot_files)
 
 
 async def check_health(remote: Remote, checks: tuple[HealthCheck, ...], status: StatusFn = _noop) -> None:
@@ -215,8 +213,8 @@ class Deployment:
         profile = req.profile.path
         target = supervisor.target
         async with supervisor.kept_alive():
-            before = await profiles.current_generation(target, profile)
-            prev_system = await profiles.current_system(target) if req.profile.is_system else None
+            now = await profiles.read_host(target, profile, system=req.profile.is_system)
+            before, prev_system = now.generation, now.current_system
             registers = req.action != "test"
             new_gen: Generation | None = None
             self.steps.mark(Step.REGISTER)
@@ -272,10 +270,10 @@ class Deployment:
         reboot_for: tuple[str, ...] = ()
         after = new_gen if new_gen is not None else before
         try:
-            if req.profile.is_system:
-                version = await profiles.nixos_version(target, req.store_path)
-                reboot_for = await profiles.pending_boot_files(target)
-            after = await profiles.current_generation(target, profile) or after
+            reading = await profiles.read_host(target, profile, system=req.profile.is_system,
+                                               version_of=req.store_path)
+            version, reboot_for = reading.nixos_version, reading.pending_boot_files
+            after = reading.generation or after
         except EngineError as e:
             self.status(f"{req.store_path} is deployed and confirmed; reading the host afterwards failed: {e}")
         return DeployResult(

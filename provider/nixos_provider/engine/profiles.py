@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from .errors import EngineError
 from .models import BOOT_FILES, Generation
@@ -34,15 +35,62 @@ async def list_generations(target: Target, profile: str) -> list[Generation]:
 
 async def current_generation(target: Target, profile: str) -> Generation | None:
     """The generation the profile points at, or None if there is no profile."""
-    res = await target.run(["readlink", "--", profile], check=False)
-    link = res.stdout.strip()
-    if res.exit_status != 0 or not link:
-        return None
-    m = re.match(rf"^{re.escape(os.path.basename(profile))}-(\d+)-link$", os.path.basename(link))
-    if not m:
-        raise EngineError(f"{profile} on {target.target} points at {link}, which is not a generation link")
-    path = (await target.run(["readlink", "-f", "--", profile])).stdout.strip()
-    return Generation(int(m.group(1)), path, True)
+    return (await read_host(target, profile)).generation
+
+
+@dataclass(frozen=True)
+class HostReading:
+    """What a host runs, read in one round trip (a deployment's last step reads it on every host of a fleet)."""
+
+    generation: Generation | None
+    current_system: str | None = None
+    nixos_version: str | None = None
+    pending_boot_files: tuple[str, ...] = ()
+
+
+# Labelled lines, one per fact; values reach the script as arguments. When the
+# running system's boot files differ from the booted one's, the new kernel,
+# initrd or modules run only after a reboot (the comparison NixOS's own
+# auto-upgrade makes before `allowReboot`).
+_READ_HOST = r"""
+profile=$1 system=$2 version_of=$3; shift 3
+printf 'link %s\n' "$(readlink -- "$profile" 2>/dev/null)"
+printf 'path %s\n' "$(readlink -f -- "$profile" 2>/dev/null)"
+[ "$system" = 1 ] || exit 0
+current=$(readlink -e /run/current-system 2>/dev/null)
+printf 'system %s\n' "$current"
+of=${version_of:-$current}
+[ -n "$of" ] && printf 'version %s\n' "$(cat -- "$of/nixos-version" 2>/dev/null)"
+[ -e /run/booted-system ] || exit 0
+for f in "$@"; do
+  [ "$(readlink -f "/run/booted-system/$f")" = "$(readlink -f "/run/current-system/$f")" ] || printf 'pending %s\n' "$f"
+done
+"""
+
+
+async def read_host(target: Target, profile: str, *, system: bool = False,
+                    version_of: str | None = None) -> HostReading:
+    """The profile's generation; with `system`, also /run/current-system, the NixOS version (of `version_of`,
+    or of the running system) and the boot files waiting for a reboot."""
+    res = await target.run(["sh", "-c", _READ_HOST, "sh", profile, "1" if system else "0", version_of or "",
+                            *BOOT_FILES], check=False)
+    facts: dict[str, list[str]] = {}
+    for line in res.stdout.splitlines():
+        label, _, value = line.partition(" ")
+        facts.setdefault(label, []).append(value.strip())
+
+    def fact(label: str) -> str | None:
+        return (facts.get(label) or [""])[0] or None
+
+    link, path = fact("link"), fact("path")
+    generation = None
+    if link:
+        m = re.match(rf"^{re.escape(os.path.basename(profile))}-(\d+)-link$", os.path.basename(link))
+        if not m or not path:
+            raise EngineError(f"{profile} on {target.target} points at {link}, which is not a generation link")
+        generation = Generation(int(m.group(1)), path, True)
+    pending = tuple(f for f in facts.get("pending", []) if f in BOOT_FILES)
+    return HostReading(generation, fact("system"), fact("version"), pending)
 
 
 async def ensure_profile_dir(target: Target, profile: str) -> None:
@@ -76,31 +124,3 @@ async def remove_profile(target: Target, profile: str) -> None:
     gens = await list_generations(target, profile)
     links = [f"{profile}-{g.number}-link" for g in gens]
     await target.run(["rm", "-f", "--", profile, *links])
-
-
-async def current_system(target: Target) -> str | None:
-    res = await target.run(["readlink", "-f", "--", "/run/current-system"], check=False)
-    return res.stdout.strip() or None
-
-
-# When the running system's boot files differ from the booted one's, the new
-# kernel, initrd or modules run only after a reboot (the comparison NixOS's
-# own auto-upgrade makes before `allowReboot`).
-_PENDING_BOOT_FILES = (
-    '[ -e /run/booted-system ] || exit 0; '
-    'for f in "$@"; do '
-    '[ "$(readlink -f "/run/booted-system/$f")" = "$(readlink -f "/run/current-system/$f")" ] || echo "$f"; '
-    'done'
-)
-
-
-async def pending_boot_files(target: Target) -> tuple[str, ...]:
-    """The boot files of /run/current-system that the booted system does not run yet (empty: no reboot needed,
-    or a host without /run/booted-system)."""
-    res = await target.run(["sh", "-c", _PENDING_BOOT_FILES, "sh", *BOOT_FILES], check=False)
-    return tuple(f for f in res.stdout.split() if f in BOOT_FILES)
-
-
-async def nixos_version(target: Target, system_path: str) -> str | None:
-    res = await target.run(["cat", "--", f"{system_path}/nixos-version"], check=False)
-    return res.stdout.strip() or None
