@@ -1,3 +1,7 @@
 """pulumi-nixos: NixOS machines and Nix profiles as Pulumi resources."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# From the installed distribution's metadata, whose version is provider/pyproject.toml's:
+# the one place the version is written (scripts/version.sh).
+__version__ = version("pulumi-nixos-provider")
