@@ -218,6 +218,9 @@ def test_python_program_with_the_wheel(dist: Path, user: UserProject, new_host: 
     assert f"Version: {VERSION}\n" in shown
     (user.dir / "Pulumi.yaml").write_text(
         f"name: wheel-user\nruntime:\n  name: python\n  options:\n    virtualenv: {venv}\n")
+    # Activated too (`source venv/bin/activate`): the Python language host this checkout builds
+    # (v3.79.0) reads no runtime options from the engine, so it runs the `python` on PATH.
+    user.env["PATH"] = f"{venv / 'bin'}{os.pathsep}{user.env['PATH']}"
     (user.dir / "__main__.py").write_text(PYTHON_PROGRAM)
     user.install_plugin(dist)
     host = new_host()
