@@ -116,9 +116,11 @@ class UserProject:
         listed = json.loads(self.pulumi("plugin", "ls", "--json").stdout) or []
         return [(p["name"], p["version"]) for p in listed if p["kind"] == "resource"]
 
-    def deploy(self, host: labctl.LabHost, config: dict[str, str]) -> dict[str, object]:
+    def deploy_web(self, host: labctl.LabHost) -> dict[str, object]:
+        """`pulumi up` of a program taking host, port, privateKey, flake and healthUrl from config: the lab's `web`."""
         self.pulumi("stack", "init", "dev")
-        for key, value in config.items():
+        for key, value in {"host": host.address, "port": str(host.port), "flake": f"path:{labctl.LAB_FLAKE}#web",
+                           "healthUrl": f"http://{host.address}:{host.httpPort}/"}.items():
             self.pulumi("config", "set", key, value)
         self.pulumi("config", "set", "--secret", "privateKey", "--", Path(host.privateKeyPath).read_text())
         self.pulumi("up", "--yes", "--skip-preview", timeout=900)
@@ -224,9 +226,7 @@ def test_python_program_with_the_wheel(dist: Path, user: UserProject, new_host: 
     (user.dir / "__main__.py").write_text(PYTHON_PROGRAM)
     user.install_plugin(dist)
     host = new_host()
-    outputs = user.deploy(host, {"host": host.address, "port": str(host.port),
-                                 "flake": f"path:{labctl.LAB_FLAKE}#web",
-                                 "healthUrl": f"http://{host.address}:{host.httpPort}/"})
+    outputs = user.deploy_web(host)
     assert outputs["systemPath"] == systems["web"] == current_system(host)
     assert outputs["sdkVersion"] == VERSION
 
@@ -265,9 +265,7 @@ def test_typescript_program_with_the_npm_tarball(dist: Path, user: UserProject, 
     assert installed["version"] == VERSION and installed["pulumi"]["version"] == VERSION
     user.install_plugin(dist)
     host = new_host()
-    outputs = user.deploy(host, {"host": host.address, "port": str(host.port),
-                                 "flake": f"path:{labctl.LAB_FLAKE}#web",
-                                 "healthUrl": f"http://{host.address}:{host.httpPort}/"})
+    outputs = user.deploy_web(host)
     assert outputs["systemPath"] == systems["web"] == current_system(host)
 
 
