@@ -38,6 +38,18 @@ def pytest_report_header() -> str:
     return f"nix: {version} (leg: {os.environ.get('PULUMI_NIXOS_LEG', 'this machine')})"
 
 
+# Fixtures that need the lab (root, Nix builds, lab hosts) or the pulumi CLI:
+# a test using any of them is marked `lab`, so `pytest -m "not lab"` is the
+# fast tier, which needs neither root nor Nix.
+LAB_FIXTURES = {"lab_dir", "systems", "pulumi_available"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
+
+
 @pytest.fixture(scope="session")
 def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import labctl
 import pytest
-from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, http_version
+from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, http_version, in_host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 EXAMPLES = REPO / "examples"
@@ -42,14 +42,18 @@ def test_yaml_single_host(project: PulumiProject, lab_host: labctl.LabHost, syst
     assert current_system(lab_host) == systems["base"]
 
 
-def test_python_stacks_example(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
-    src = REPO / "examples" / "python-stacks"
-    for f in src.iterdir():
+def copy_python_example(name: str, project: PulumiProject) -> None:
+    """Copy a Python example into the project directory, pointing its virtualenv and provider at this checkout."""
+    for f in (EXAMPLES / name).iterdir():
         if f.is_file():
             shutil.copy(f, project.dir / f.name)
     text = (project.dir / "Pulumi.yaml").read_text()
     text = text.replace("../../.venv", str(REPO / ".venv")).replace("../../provider", str(REPO / "provider"))
     (project.dir / "Pulumi.yaml").write_text(text)
+
+
+def test_python_stacks_example(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    copy_python_example("python-stacks", project)
     staging, production = new_host(), new_host()
     for stack, host, release in (("staging", staging, "web-v2"), ("production", production, "web")):
         project.run("stack", "init", stack)
@@ -62,6 +66,53 @@ def test_python_stacks_example(project: PulumiProject, new_host: HostFactory, sy
     assert key_line not in (project.dir / "Pulumi.staging.yaml").read_text()
     assert key_line not in project.run("stack", "export").stdout
 
+
+
+def _system_link(host: labctl.LabHost) -> str:
+    """The system profile's generation link on the host (system-N-link): which generation it runs."""
+    return in_host(host, "readlink", "/nix/var/nix/profiles/system").stdout.strip()
+
+
+def test_canary_rollout_halts_when_the_canary_fails_then_rolls_the_fleet(
+        project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    copy_python_example("canary-rollout", project)
+    hosts = [new_host() for _ in range(4)]  # waves: [canary], [1, 2], [3]
+    project.run("stack", "init", "dev")
+    for i, host in enumerate(hosts):
+        project.run("config", "set", "--path", f"hosts[{i}]", host.address)
+    project.run("config", "set", "port", str(hosts[0].port))
+    project.run("config", "set", "flake", str(REPO / "tests" / "lab"))
+    project.run("config", "set", "--secret", "privateKey", "--", Path(hosts[0].privateKeyPath).read_text())
+    project.up()
+    assert project.outputs()["waves"] == [[hosts[0].address], [hosts[1].address, hosts[2].address],
+                                          [hosts[3].address]]
+    assert all(current_system(h) == systems["web"] for h in hosts)
+    before = [_system_link(h) for h in hosts]
+    assert before == ["system-2-link"] * 4
+
+    # A release whose service answers 500: the canary fails its health check.
+    project.run("config", "set", "release", "web-http-500")
+    failed = project.up(check=False)
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "web-0" in out and "health check" in out, out
+    assert "Traceback" not in out
+    # The canary rolled back to what it ran.
+    assert current_system(hosts[0]) == systems["web"]
+    assert http_version(hosts[0]) == "1"
+    # The later waves were never touched: same generation, same system.
+    assert [_system_link(h) for h in hosts[1:]] == before[1:]
+    assert all(current_system(h) == systems["web"] for h in hosts[1:])
+    assert all(in_host(h, "test", "-e", "/nix/var/nix/profiles/system-3-link", check=False).returncode != 0
+               for h in hosts[1:])
+
+    # Fixed: the next up rolls the whole fleet, wave by wave.
+    project.run("config", "set", "release", "web-v2")
+    project.up()
+    assert all(current_system(h) == systems["web-v2"] for h in hosts)
+    assert all(http_version(h) == "2" for h in hosts)
+    outputs = project.outputs()
+    assert outputs["wave0"] == [systems["web-v2"]] and outputs["wave2"] == [systems["web-v2"]]
 
 def _node_modules_with_sdk(tmp: Path) -> Path:
     """node_modules for a TypeScript program: the cached tools plus the compiled generated SDK."""
@@ -109,6 +160,7 @@ def test_typescript_fleet_example(project: PulumiProject, new_host: HostFactory,
     assert out["appGeneration"] == 1 and str(out["appStorePath"]).endswith("-app-1.0.0")
 
 
+@pytest.mark.lab
 def test_cloud_vm_install_typechecks(tmp_path: Path) -> None:
     """examples/cloud-vm-install needs a cloud account, so it is only type-checked: no lab, no `pulumi` CLI."""
     program = tmp_path / "cloud-vm-install"

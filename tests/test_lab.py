@@ -186,6 +186,7 @@ def test_stop_spares_a_namespace_that_took_over_the_id(lab_host: labctl.LabHost,
         bystander.wait()
 
 
+@pytest.mark.lab
 def test_labctl_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "LAB_DIR": str(tmp_path)}
     labctl_py = str(Path(labctl.__file__))

@@ -8,7 +8,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import labctl
 import pytest
 from conftest import HostFactory, PulumiProject, current_system, write_flake
 from test_provider_e2e import connection, program, strip_ansi
@@ -93,4 +92,3 @@ def test_preview_shows_package_changes_size_and_units_per_machine(
                 if r["urn"].endswith("::changing"))
     assert last["outputs"]["lastChanges"]["added"] == ["redis-7.2.4"]
     assert "pendingChanges" not in last["outputs"]
-    assert labctl is not None

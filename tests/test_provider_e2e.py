@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def test_up_adopts_deploys_and_is_idempotent_then_destroy_rolls_back(
              "baseline": "${web.baselineGeneration}", "hostKey": "${web.hostKey}"})
     project.run("stack", "init", "dev")
     up = project.up()
-    assert "copying" in strip_ansi(up.stdout) or "created" in up.stdout
+    assert "copying" in strip_ansi(up.stdout)
     outputs = project.outputs()
     # 1. state matches the target
     assert outputs["systemPath"] == systems["web"] == current_system(lab_host)
@@ -247,7 +246,6 @@ def test_unreachable_host_is_a_clear_error(project: PulumiProject, lab_host: lab
     assert res.returncode != 0
     assert f"cannot connect to root@{lab_host.address}:2399: connection refused" in out
     assert "Traceback" not in out
-    assert subprocess.run(["true"]).returncode == 0
 
 
 def test_preview_with_inputs_computed_from_other_resources(

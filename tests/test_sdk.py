@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SDK = REPO / "sdk"
-pytestmark = pytest.mark.timeout(600)
+# The SDK toolchains (Go, Node.js, the generator) are built by `make setup`: not the fast tier.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.lab]
 
 
 def run(argv: list[str], cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:

@@ -270,6 +270,7 @@ def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
     assert state_outputs["systemPath"] == systems["web"] and state_outputs["generation"] == 2
 
 
+@pytest.mark.lab
 def test_labctl_command_line_for_systemd_hosts(tmp_path: Path) -> None:
     labctl_cmd = [sys.executable, str(Path(labctl.__file__)), "--lab-dir", str(tmp_path)]
     up = subprocess.run([*labctl_cmd, "up", "--hosts", "2", "--mode", "systemd", "--subnet", str(LAB_NET + 8)],

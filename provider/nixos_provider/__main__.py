@@ -1,6 +1,10 @@
 """`pulumi-resource-nixos`: the provider plugin's entry point."""
 
-from .pulumi_layer.server import main
+from .pulumi_layer.protocol_only import register_bare_parents
+
+register_bare_parents()
+
+from .pulumi_layer.server import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ POLL_INTERVAL = 0.3
 StatusFn = Callable[[str], None]
 OutputFn = Callable[[str], None]
 ConnectFn = Callable[[], Awaitable[Connection]]
+PhaseFn = Callable[[Phase], None]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Supervisor:
     """One deployment's supervisor on one target."""
 
     def __init__(self, target: Target, connect: ConnectFn, spec: ActivationSpec,
-                 status: StatusFn | None = None, output: OutputFn | None = None) -> None:
+                 status: StatusFn | None = None, output: OutputFn | None = None,
+                 phase: PhaseFn | None = None) -> None:
         self.target = target
         self.connect = connect
         self.spec = spec
@@ -52,6 +54,7 @@ class Supervisor:
         self.workdir = f"/tmp/pulumi-nixos.{secrets.token_hex(8)}"
         self._status = status or (lambda s: None)
         self._output = output or (lambda s: None)
+        self._phase = phase or (lambda p: None)
         self._log = ""
         self._partial = ""
         self._uses_systemd: bool | None = None
@@ -231,6 +234,7 @@ class Supervisor:
         raise EngineError(f"lost the connection to {self.target.target} during activation and could not reconnect")
 
     def _report(self, state: SupervisorState) -> None:
+        self._phase(state.phase)
         if state.phase is Phase.ACTIVATING:
             self._status(f"activating {self.spec.new_path}")
         elif state.phase is Phase.WAITING_CONFIRM:

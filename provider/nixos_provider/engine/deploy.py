@@ -23,6 +23,7 @@ from .process import Target
 from .protocol import ActivationSpec, Cause, Phase, SupervisorState
 from .push import PushProgress, choose_compression, push_closure
 from .ssh import Connection, connect
+from .timeline import Step, Steps
 
 StatusFn = Callable[[str], None]
 OUTPUT_TAIL_LINES = 20
@@ -92,6 +93,7 @@ class Deployment:
         self.output = output
         self.host_key: str | None = req.remote.host_key
         self._new_gen: Generation | None = None
+        self.steps = Steps(req.remote.target)
 
     def _pinned_remote(self) -> Remote:
         # Every later connection (confirmation, reconnects) must present the key
@@ -101,9 +103,17 @@ class Deployment:
     async def _connect_again(self) -> Connection:
         return await connect(self._pinned_remote())
 
+    def _on_phase(self, phase: Phase) -> None:
+        """The supervisor's state, as steps of the timeline."""
+        step = {Phase.ACTIVATING: Step.ACTIVATE, Phase.WAITING_CONFIRM: Step.CONFIRM,
+                Phase.ROLLING_BACK: Step.ROLLBACK}.get(phase)
+        if step is not None:
+            self.steps.mark(step)
+
     async def run(self) -> DeployResult:
         req = self.req
         self.status(f"connecting to {req.remote.target}")
+        self.steps.mark(Step.CONNECT)
         target = await open_target(req.remote, req.profile, compress=req.compress == "ssh")
         self.host_key = target.conn.host_key
         self._supervisor: Supervisor | None = None
@@ -115,6 +125,7 @@ class Deployment:
             target.conn.abort()
             raise
         finally:
+            self.steps.end()
             await target.conn.close()
             # The supervisor may have reconnected during activation.
             if self._supervisor is not None:
@@ -128,6 +139,7 @@ class Deployment:
             self.status(p.describe())
 
         pusher = target.for_store()
+        self.steps.mark(Step.PUSH)
         compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
@@ -137,6 +149,7 @@ class Deployment:
             sent = f", {push.wire_bytes / 1048576:.1f} MiB sent with zstd" if push.compression == "zstd" else ""
             self.status(f"copied {push.paths} paths ({push.bytes / 1048576:.1f} MiB{sent}) in {push.seconds:.1f}s")
         if req.build_drv_on_target:
+            self.steps.mark(Step.BUILD)
             self.status(f"building {req.build_drv_on_target} on {target.target}")
             res = await pusher.run(["nix-store", "--realise", req.build_drv_on_target], check=False,
                                    timeout=req.activation_timeout * 10)
@@ -169,8 +182,10 @@ class Deployment:
             activation_timeout=req.activation_timeout,
             activate_command=req.activate_command,
         )
-        supervisor = Supervisor(target, self._connect_again, spec, status=self.status, output=self.output)
+        supervisor = Supervisor(target, self._connect_again, spec, status=self.status, output=self.output,
+                                phase=self._on_phase)
         self._supervisor = supervisor
+        self.steps.mark(Step.LOCK)
         await supervisor.upload()
         await supervisor.start()
         try:
@@ -203,6 +218,7 @@ class Deployment:
         prev_system = await profiles.current_system(target) if req.profile.is_system else None
         registers = req.action != "test"
         new_gen: Generation | None = None
+        self.steps.mark(Step.REGISTER)
         if registers:
             self.status(f"registering generation for {req.store_path}")
             new_gen = await profiles.set_profile(target, profile, req.store_path)
@@ -216,6 +232,7 @@ class Deployment:
             prev_gen=before.number if before and registers and not unchanged else None,
             prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
         )
+        self.steps.mark(Step.ACTIVATE)
         await supervisor.go(spec, _health_check_budget(req))
         deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
         outcome = await supervisor.follow(deadline)
@@ -225,6 +242,7 @@ class Deployment:
             raise await self._failure(supervisor, outcome, new_gen, step="activation")
 
         if req.health_checks and req.action != "boot":
+            self.steps.mark(Step.HEALTH_CHECK)
             try:
                 await run_health_checks(target, req.health_checks, status=self.status)
             except EngineError as e:
@@ -236,9 +254,11 @@ class Deployment:
                         phase="health-check", now_running=req.store_path,
                         generation=new_gen.number if new_gen else None) from e
                 self.status("health check failed: rolling back")
+                self.steps.mark(Step.ROLLBACK)
                 outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
                 raise await self._failure(supervisor, outcome, new_gen, reason=str(e), step="health-check") from e
 
+        self.steps.mark(Step.FINISH)
         outcome = await supervisor.finish(time.monotonic() + 60)
         target = supervisor.target
         if outcome.state.phase is not Phase.DONE:
@@ -273,6 +293,7 @@ class Deployment:
         """Tell the supervisor to roll back now, wait a bounded time for it, and say what the host runs."""
         req = self.req
         self.status(f"{why}: rolling back")
+        self.steps.mark(Step.ROLLBACK)
         try:
             outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
         except EngineError as e:

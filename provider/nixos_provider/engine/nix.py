@@ -25,6 +25,7 @@ from .nix_versions import (
     rejects_flag,
 )
 from .process import LOCAL
+from .timeline import Step, span
 
 __all__ = ["FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
 
@@ -152,7 +153,8 @@ class Nix:
 
     async def eval_out_path(self, ref: FlakeRef) -> str:
         """Evaluate (not build) the output path of a flake attribute."""
-        out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.outPath", what=f"evaluating {ref}")
+        with span(str(ref), Step.EVALUATE):
+            out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.outPath", what=f"evaluating {ref}")
         path = out.strip()
         if not is_store_path(path):
             raise NixError(f"evaluating {ref} gave {path!r}, which is not a store path")
@@ -178,8 +180,9 @@ class Nix:
         In the background, the process runs at low CPU priority.
         """
         request = json.dumps({"flake": flake, "attrs": [split_attr_path(a) for a in attrs]})
-        res = await LOCAL.run(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR), check=False,
-                              env={**os.environ, EVAL_MANY_ENV: request}, niceness=10 if background else 0)
+        with span(f"{flake} ({len(attrs)} configurations)", Step.EVALUATE):
+            res = await LOCAL.run(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR), check=False,
+                                  env={**os.environ, EVAL_MANY_ENV: request}, niceness=10 if background else 0)
         if res.exit_status != 0:
             raise NixError(f"evaluating {len(attrs)} configurations of {flake} failed: {error_summary(res.stderr)}")
         try:
@@ -198,8 +201,9 @@ class Nix:
         order of the installables.
         """
         installables = [str(FlakeRef(flake, a)) for a in attrs]
-        out = await self._run("build", "--no-link", "--json", *installables,
-                              what=f"building {len(attrs)} configurations of {flake}")
+        with span(f"{flake} ({len(attrs)} configurations)", Step.BUILD):
+            out = await self._run("build", "--no-link", "--json", *installables,
+                                  what=f"building {len(attrs)} configurations of {flake}")
         try:
             return {o["out"] for o in parse_build_outputs(out) if "out" in o}
         except NixOutputError as e:
@@ -217,7 +221,8 @@ class Nix:
         """Build a flake attribute or realise a store path; return the output path."""
         installable = str(ref)
         # A store path is a plain installable; `^out` would be needed only for .drv files.
-        out = await self._run("build", "--no-link", "--json", installable, what=f"building {installable}")
+        with span(installable, Step.BUILD):
+            out = await self._run("build", "--no-link", "--json", installable, what=f"building {installable}")
         try:
             outputs = parse_build_outputs(out)[0]
         except NixOutputError as e:

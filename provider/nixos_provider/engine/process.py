@@ -28,13 +28,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Protocol
-
-import asyncssh
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from .errors import CommandError, CommandNotFound, ConnectError, LocalCommandError, NixError, RemoteCommandError
+from .lazy import lazy_module
 from .models import Profile
-from .ssh import Connection
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from .ssh import Connection
+else:
+    asyncssh = lazy_module("asyncssh")
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +322,10 @@ class Target(Runner):
             raise  # an OSError too, but the command's, not the connection's: run() reports it
         except (asyncssh.Error, OSError) as e:
             raise self._lost(caller, e) from e
+        if proc.exit_status is None and proc.exit_signal is None:
+            # asyncssh returns rather than raises when the connection drops
+            # mid-command: no exit status and no signal means nobody saw it end.
+            raise self._lost(caller, ConnectionResetError("the connection closed before the command exited"))
         status = proc.exit_status if proc.exit_status is not None else 255
         return CommandResult(status, _decode(proc.stdout), _decode(proc.stderr))
 

@@ -19,13 +19,18 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import asyncssh
+from typing import TYPE_CHECKING
 
 from .errors import ConnectError, EngineError, NixError
+from .lazy import lazy_module
 from .models import PushStats
 from .nix import Nix, PathInfo
 from .process import LOCAL, ByteSink, ByteSource, Process, Stderr, Target
+
+if TYPE_CHECKING:
+    import asyncssh
+else:
+    asyncssh = lazy_module("asyncssh")
 
 CHUNK = 256 * 1024
 QUERY_BATCH = 400  # paths per remote validity query (keeps command lines short)

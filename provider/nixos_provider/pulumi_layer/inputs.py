@@ -10,13 +10,18 @@ import ipaddress
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..engine.lazy import lazy_module
 from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
-from ..engine.ssh import normalize_host_key
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 from .schema import kind_of, type_failures
+
+if TYPE_CHECKING:
+    from ..engine import ssh
+else:
+    ssh = lazy_module("nixos_provider.engine.ssh")
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
@@ -101,7 +106,7 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
     key = conn.get("hostKey")
     if _known(key):
         try:
-            normalize_host_key(str(_plain(key)))
+            ssh.normalize_host_key(str(_plain(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
     for k in ("password", "privateKeyPassword", "agentSocketPath"):
@@ -339,7 +344,7 @@ def normalize_connection(conn: Any, default_user: str | None) -> Any:
     if isinstance(out.get("port"), float):
         out["port"] = int(out["port"])
     if out.get("hostKey") not in (None, UNKNOWN):
-        out["hostKey"] = normalize_host_key(str(reveal(out["hostKey"])))
+        out["hostKey"] = ssh.normalize_host_key(str(reveal(out["hostKey"])))
     return out
 
 

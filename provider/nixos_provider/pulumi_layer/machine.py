@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine import deploy as engine
-from ..engine import install as installer
 from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError, HostBusy
+from ..engine.lazy import lazy_module
 from ..engine.models import INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
 from ..engine.nix import FlakeRef, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .properties import UNKNOWN, contains_unknown, reveal
+
+if TYPE_CHECKING:
+    from ..engine import deploy as engine
+    from ..engine import install as installer
+else:
+    engine = lazy_module("nixos_provider.engine.deploy")
+    installer = lazy_module("nixos_provider.engine.install")
 
 TYPE = "nixos:index:NixosMachine"
 INPUT_KEYS = [

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine import deploy as engine
 from ..engine.errors import DeployError, EngineError
+from ..engine.lazy import lazy_module
 from ..engine.models import DeployRequest, Profile
 from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .properties import UNKNOWN, contains_unknown, reveal
+
+if TYPE_CHECKING:
+    from ..engine import deploy as engine
+else:
+    engine = lazy_module("nixos_provider.engine.deploy")
 
 TYPE = "nixos:index:NixProfile"
 INPUT_KEYS = [

@@ -15,7 +15,7 @@ import sys
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -23,8 +23,8 @@ from google.rpc import status_pb2
 from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provider_pb2, provider_pb2_grpc
 
 from .. import __version__
-from ..engine import deploy as engine
 from ..engine.errors import EngineError
+from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, Profile
 from ..engine.nix import is_store_path, parse_flake_ref
 from . import inputs as v
@@ -33,6 +33,11 @@ from .machine import NixosMachine
 from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
 from .schema import SCHEMA_PATH
+
+if TYPE_CHECKING:
+    from ..engine import deploy as engine
+else:
+    engine = lazy_module("nixos_provider.engine.deploy")
 
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
