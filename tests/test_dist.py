@@ -153,9 +153,16 @@ def test_archive_layout_and_plugin_install_from_file(dist: Path, user: UserProje
     assert schema["version"] == VERSION and schema["pluginDownloadURL"] == DOWNLOAD_URL
 
 
-def test_launcher_names_the_pythons_it_carries_when_none_is_found(dist: Path, tmp_path: Path) -> None:
+def test_launcher_names_the_pythons_it_carries_when_none_is_found(dist: Path, tmp_path: Path,
+                                                                  bare_python: Path) -> None:
     with tarfile.open(dist / ARCHIVE) as archive:
         archive.extractall(tmp_path / "plugin", filter="data")
+    # What GetPluginInfo reports, from the metadata the archive's tree carries.
+    reported = subprocess.run([str(bare_python / "python3"), "-s", "-c",
+                               "import nixos_provider; print(nixos_provider.provider_version())"],
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "plugin" / "lib" / "cp311")},
+                              capture_output=True, text=True, timeout=30)
+    assert reported.stdout.strip() == VERSION, reported.stderr
     proc = subprocess.run([str(tmp_path / "plugin" / "pulumi-resource-nixos")], capture_output=True, text=True,
                           env={**os.environ, "PULUMI_NIXOS_PYTHON": "/bin/false"}, timeout=30)
     assert proc.returncode == 1

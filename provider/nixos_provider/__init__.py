@@ -1,7 +1,12 @@
 """pulumi-nixos: NixOS machines and Nix profiles as Pulumi resources."""
 
-from importlib.metadata import version
+import functools
 
-# From the installed distribution's metadata, whose version is provider/pyproject.toml's:
-# the one place the version is written (scripts/version.sh).
-__version__ = version("pulumi-nixos-provider")
+
+@functools.cache
+def provider_version() -> str:
+    """The installed distribution's version: provider/pyproject.toml's, the one place it is written
+    (scripts/version.sh). Read when first asked, not at import: reading metadata scans sys.path,
+    which would slow the plugin's start."""
+    from importlib.metadata import version
+    return version("pulumi-nixos-provider")
