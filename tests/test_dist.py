@@ -220,7 +220,11 @@ def test_python_program_with_the_wheel(dist: Path, user: UserProject, new_host: 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], tmp_path, user.env)
     wheel = dist / f"pulumi_nixos-{VERSION}-py3-none-any.whl"
-    assert (dist / f"pulumi_nixos-{VERSION}.tar.gz").is_file()
+    with tarfile.open(dist / f"pulumi_nixos-{VERSION}.tar.gz") as sdist:
+        member = sdist.extractfile(f"pulumi_nixos-{VERSION}/pulumi_nixos/pulumi-plugin.json")
+        assert member is not None
+        assert json.loads(member.read()) == {"resource": True, "name": "nixos", "version": VERSION,
+                                             "server": DOWNLOAD_URL}
     # pulumi at the version this checkout tests with, so pip takes it from its cache.
     run([str(venv / "bin" / "pip"), "install", "-q", str(wheel), "pulumi==3.259.0"], tmp_path, user.env)
     shown = run([str(venv / "bin" / "pip"), "show", "pulumi_nixos"], tmp_path, user.env).stdout
