@@ -20,6 +20,9 @@ def copy_example(name: str, project: PulumiProject) -> None:
     The example names no plugin path (a user's engine downloads the released plugin; that path is
     tests/test_dist.py's); here `plugins.providers` points the engine at provider/ instead."""
     shutil.copytree(EXAMPLES / name, project.dir, dirs_exist_ok=True)
+    # Without the package declaration (the released plugin's version): for a versioned package, the
+    # YAML host caches the schema beside the plugin path, schema-nixos.json in this checkout's root.
+    shutil.rmtree(project.dir / "sdks", ignore_errors=True)
     manifest = project.dir / "Pulumi.yaml"
     text = manifest.read_text()
     assert "plugins:" not in text
