@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test-matrix.sh [PYTEST ARGS...]: the test suite on every Nix version users run.
 #
-#   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples)
+#   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples, release artifacts)
 #   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
 #   sid       Nix 2.34  the same on 2.34, and the fault suite (tests/test_faults.py)
 #                       whose quick form bookworm runs too: the oldest and the newest Nix

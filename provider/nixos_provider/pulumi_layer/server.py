@@ -22,7 +22,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provider_pb2, provider_pb2_grpc
 
-from .. import __version__
+from .. import provider_version
 from ..engine.errors import EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, Profile
@@ -141,7 +141,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
     # -- plugin RPCs ----------------------------------------------------------------
 
     async def GetPluginInfo(self, request: empty_pb2.Empty, context: Ctx) -> plugin_pb2.PluginInfo:
-        return plugin_pb2.PluginInfo(version=__version__)
+        return plugin_pb2.PluginInfo(version=provider_version())
 
     async def GetSchema(self, request: provider_pb2.GetSchemaRequest, context: Ctx,
                         ) -> provider_pb2.GetSchemaResponse:
