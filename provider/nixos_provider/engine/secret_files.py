@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
 from .errors import EngineError
@@ -65,34 +65,36 @@ trap - EXIT
 """
 
 
-@dataclass(frozen=True)
-class SecretFile:
+@dataclass(frozen=True, kw_only=True)
+class FileSettings:
+    """Where a secret file goes and how: what SecretFile and RecordedFile share."""
+
+    path: str
+    owner: str = "root"
+    group: str = "root"
+    mode: str = "0400"
+    stage: Stage = "before-activation"
+    keep_on_destroy: bool = False
+
+    def settings(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(FileSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretFile(FileSettings):
     """One file to place on the target, content included."""
 
-    path: str
     content: bytes = field(repr=False)
-    owner: str = "root"
-    group: str = "root"
-    mode: str = "0400"
-    stage: Stage = "before-activation"
-    keep_on_destroy: bool = False
 
     def record(self, key: bytes) -> RecordedFile:
-        return RecordedFile(self.path, content_hash(key, self.content), self.owner, self.group, self.mode,
-                            self.stage, self.keep_on_destroy)
+        return RecordedFile(content_hash=content_hash(key, self.content), **self.settings())  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class RecordedFile:
+@dataclass(frozen=True, kw_only=True)
+class RecordedFile(FileSettings):
     """What state keeps about a written file: everything but the content, which is an HMAC."""
 
-    path: str
     content_hash: str
-    owner: str = "root"
-    group: str = "root"
-    mode: str = "0400"
-    stage: Stage = "before-activation"
-    keep_on_destroy: bool = False
 
     def placed_like(self, other: RecordedFile) -> bool:
         """The same file on the host: content, owner, group and mode (stage and keep are the deployer's)."""
