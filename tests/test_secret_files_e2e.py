@@ -268,3 +268,35 @@ def test_bad_secret_files_fail_check_naming_the_property(project: PulumiProject)
     problem("secretFiles[6].contentHash", "is computed by the provider")
     problem("secretFiles[6].mode", "must be a string, not a number")
     assert "Traceback" not in out
+
+
+def test_files_written_as_root_through_sudo_and_a_failed_write_activates_nothing(
+        project: PulumiProject, lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    """A non-root SSH user: files are written as root through sudo. A write that fails (the path is a directory)
+    stops the update before activation; state records the file written before it, and the next up finishes."""
+    flake = write_flake(tmp_path / "flake", FLAKE)
+    key = f"AGE-SECRET-KEY-{secrets.token_hex(16).upper()}"
+    good = {"path": KEY_PATH, "content": {"fn::secret": key}}
+    bad = {"path": "/etc/lab", "content": {"fn::secret": "x"}}  # a directory: the rename must fail
+    resources = machine(lab_host, flake, [good, bad])
+    resources["web"]["properties"]["connection"]["user"] = lab_host.nonRootUser
+    program(project, resources)
+    project.run("stack", "init", "dev")
+    gen = generation(lab_host)
+    failed = project.up(check=False)
+    out = strip_ansi(failed.stdout + failed.stderr)
+    assert failed.returncode != 0
+    assert "writing secret file /etc/lab on" in out and "the new system was not activated" in out, out
+    assert "Traceback" not in out
+    assert generation(lab_host) == gen
+    assert stat(lab_host, KEY_PATH)["owner"] == "root" and read(lab_host, KEY_PATH) == key
+    assert in_host(lab_host, "test", "-d", "/etc/lab").returncode == 0
+    assert in_host(lab_host, "sh", "-c", "ls -A /etc | grep -c '^\\.lab\\.' || true").stdout.strip() == "0"
+    recorded = [f["path"] for f in project.resource("NixosMachine")["outputs"]["secretFiles"]]  # type: ignore[index]
+    assert recorded == [KEY_PATH]
+
+    resources["web"]["properties"]["secretFiles"] = [good]
+    program(project, resources)
+    project.up()
+    assert generation(lab_host) != gen
+    assert in_host(lab_host, "cat", "/run/lab/activation-read").stdout.strip() == sha256(key)
