@@ -452,7 +452,8 @@ def base_inputs(type_: str, host: labctl.LabHost) -> dict[str, Any]:
 
 
 # A valid first element for arrays of objects, so that only the value put into it is wrong.
-VALID_ELEMENT: dict[str, dict[str, Any]] = {"healthChecks": {"tcp": 8080}, "nixOptions": {"name": "a", "value": "b"}}
+VALID_ELEMENT: dict[str, dict[str, Any]] = {"healthChecks": {"tcp": 8080}, "nixOptions": {"name": "a", "value": "b"},
+                                           "secretFiles": {"path": "/etc/lab-fault/file", "content": "x"}}
 
 
 def put(inputs: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
