@@ -609,8 +609,9 @@ def _files_key(olds: dict[str, Any]) -> bytes | None:
 
 def _with_files(outputs: dict[str, Any], placement: files.Placement) -> dict[str, Any]:
     """Outputs with the secret files as recorded (hashes, never contents) and the HMAC key as a secret."""
-    return {**outputs, "secretFiles": v.secret_files_output(placement.records()),
-            FILES_KEY: Secret(base64.b64encode(placement.key).decode())}
+    records = placement.records()
+    key = Secret(base64.b64encode(placement.key).decode()) if records else None  # no files, no key to keep
+    return {**outputs, "secretFiles": v.secret_files_output(records), FILES_KEY: key}
 
 
 def _files_preview(olds: dict[str, Any] | None, news: dict[str, Any]) -> dict[str, Any]:
