@@ -457,6 +457,9 @@ def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
     elif _known(path) and (not isinstance(path, str) or not _is_file_path(path)):
         f.add(f"{p}.path", f"{_short(path)} must be a normalized absolute file path without `..`, "
               "such as `/var/lib/secrets/age.key`")
+    elif _known(path) and (path + "/").startswith("/nix/store/"):
+        f.add(f"{p}.path", "must not be in /nix/store: the store is readable by every user, which is what "
+              "secretFiles avoids")
     content = entry.get("content")
     if content is None:
         f.add(f"{p}.content", "is required: the file's content (secret)")
