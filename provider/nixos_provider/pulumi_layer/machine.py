@@ -214,7 +214,7 @@ class NixosMachine(DeployedResource):
                 await (placement.after_activation() if after_switch else placement.all_stages())
         except EngineError as e:
             done = "the system is deployed, but " if after_switch else "the system was not changed; "
-            raise PartialFailure(f"{done}{e}", ident, _with_files(outputs, placement), news) from e
+            raise PartialFailure(f"{done}{describe(e)}", ident, _with_files(outputs, placement), news) from e
         return _with_files(outputs, placement)
 
     async def _files_before_activation(self, urn: str, ident: str, failed: dict[str, Any], news: dict[str, Any],
@@ -227,8 +227,8 @@ class NixosMachine(DeployedResource):
             async with self.ctx.ssh_slots:
                 await placement.before_activation()
         except EngineError as e:
-            raise PartialFailure(f"{e}; the new system was not activated", ident, _with_files(failed, placement),
-                                 news) from e
+            raise PartialFailure(f"{describe(e)}; the new system was not activated", ident,
+                                 _with_files(failed, placement), news) from e
 
     def _note_secret_files(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> None:
         """Preview: which secret files an up writes or removes (paths only, never contents)."""
