@@ -161,6 +161,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly pushedPaths: pulumi.Output<number | undefined>;
     /**
+     * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+     */
+    declare public readonly secretFiles: pulumi.Output<outputs.SecretFile[] | undefined>;
+    /**
      * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
      */
     declare public readonly substituteOnDestination: pulumi.Output<boolean | undefined>;
@@ -202,6 +206,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["magicRollback"] = (args?.magicRollback) ?? true;
             resourceInputs["nixOptions"] = args?.nixOptions;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
+            resourceInputs["secretFiles"] = args?.secretFiles;
             resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
             resourceInputs["systemPath"] = args?.systemPath;
             resourceInputs["triggers"] = args?.triggers;
@@ -251,6 +256,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["secretFiles"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
             resourceInputs["systemPath"] = undefined /*out*/;
             resourceInputs["triggers"] = undefined /*out*/;
@@ -324,6 +330,10 @@ export interface NixosMachineArgs {
      * What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
      */
     onDestroy?: pulumi.Input<string | undefined>;
+    /**
+     * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+     */
+    secretFiles?: pulumi.Input<pulumi.Input<inputs.SecretFileArgs>[] | undefined>;
     /**
      * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
      */

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..engine.lazy import lazy_module
 from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
+from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 from .schema import kind_of, type_failures
 
@@ -411,3 +412,111 @@ def secret_connection(conn: Any) -> Any:
     if isinstance(out.get("proxy"), dict):
         out["proxy"] = secret_connection(out["proxy"])
     return out
+
+
+# -- secretFiles -----------------------------------------------------------------
+
+SECRET_FILE_KEYS = ("path", "content", "owner", "group", "mode", "stage", "keepOnDestroy")
+SECRET_FILE_DEFAULTS: dict[str, Any] = {"owner": "root", "group": "root", "mode": "0400",
+                                        "stage": "before-activation", "keepOnDestroy": False}
+MODE_RE = re.compile(r"^0?[0-7]{3}$")
+# A user or group name as useradd accepts it, or a numeric id.
+ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
+
+
+def check_secret_files(f: Failures, files: Any, prop: str = "secretFiles") -> None:
+    """secretFiles: absolute distinct paths, octal modes, valid accounts, known stages. Contents are never echoed."""
+    if not _known(files):
+        return
+    files = _plain(files)
+    if not isinstance(files, list):
+        f.add(prop, "must be a list of {path, content, owner, group, mode, stage}")
+        return
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(files):
+        p = f"{prop}[{i}]"
+        if not isinstance(entry, dict):
+            f.add(p, "must be an object with `path` and `content`")
+            continue
+        _check_secret_file(f, p, entry)
+        path = entry.get("path")
+        if isinstance(path, str) and path in seen:
+            f.add(f"{p}.path", f"{path!r} is already {prop}[{seen[path]}].path: each file can be declared once")
+        elif isinstance(path, str):
+            seen[path] = i
+
+
+def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
+    for k in entry:
+        if k not in SECRET_FILE_KEYS:
+            f.add(f"{p}.{k}", "is not a property of a secret file" +
+                  (" (it is computed by the provider)" if k == "contentHash" else ""))
+    path = entry.get("path")
+    if path is None:
+        f.add(f"{p}.path", "is required: the absolute path of the file on the host")
+    elif _known(path) and (not isinstance(path, str) or not _is_file_path(path)):
+        f.add(f"{p}.path", f"{_short(path)} must be a normalized absolute file path without `..`, "
+              "such as `/var/lib/secrets/age.key`")
+    elif _known(path) and (path + "/").startswith("/nix/store/"):
+        f.add(f"{p}.path", "must not be in /nix/store: the store is readable by every user, which is what "
+              "secretFiles avoids")
+    content = entry.get("content")
+    if content is None:
+        f.add(f"{p}.content", "is required: the file's content (secret)")
+    for k in ("owner", "group"):
+        name = entry.get(k)
+        if _known(name) and (not isinstance(name, str) or not ACCOUNT_RE.match(name)):
+            f.add(f"{p}.{k}", f"{_short(name)} is not a valid {'user' if k == 'owner' else 'group'} name or id")
+    mode = entry.get("mode")
+    if _known(mode) and (not isinstance(mode, str) or not MODE_RE.match(mode)):
+        f.add(f"{p}.mode", f"{_short(mode)} must be an octal mode as a string, such as \"0400\" or \"0640\"")
+    check_choice(f, f"{p}.stage", entry.get("stage"), STAGES)
+    check_bool(f, f"{p}.keepOnDestroy", entry.get("keepOnDestroy"))
+
+
+def _is_file_path(path: str) -> bool:
+    parts = path.split("/")
+    return (path.startswith("/") and posixpath.normpath(path) == path and path != "/" and ".." not in parts
+            and len(path) <= MAX_REF and "\0" not in path)
+
+
+def normalize_secret_files(files: Any) -> Any:
+    """Fill each file's defaults and keep its content secret, however the program passed it."""
+    if not isinstance(files, list):
+        return files
+    out = []
+    for entry in files:
+        e = {**SECRET_FILE_DEFAULTS, **{k: v for k, v in entry.items() if v is not None}}
+        if not isinstance(e.get("content"), Secret):
+            e["content"] = Secret(e.get("content"))
+        out.append(e)
+    return out
+
+
+def to_secret_files(files: Any) -> tuple[SecretFile, ...]:
+    """The engine's model of checked, known secretFiles."""
+    return tuple(SecretFile(
+        path=e["path"], content=str(e["content"]).encode(), owner=e.get("owner") or "root",
+        group=e.get("group") or "root", mode=e.get("mode") or "0400", stage=e.get("stage") or "before-activation",
+        keep_on_destroy=bool(e.get("keepOnDestroy")),
+    ) for e in (_plain(files) or []))
+
+
+def recorded_files(outputs: Any) -> tuple[RecordedFile, ...]:
+    """What state says is on the host: the `secretFiles` output, hashes instead of contents."""
+    out = []
+    for e in _plain(outputs) or []:
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("contentHash"), str):
+            out.append(RecordedFile(
+                path=e["path"], content_hash=e["contentHash"], owner=e.get("owner") or "root",
+                group=e.get("group") or "root", mode=e.get("mode") or "0400",
+                stage=e.get("stage") or "before-activation", keep_on_destroy=bool(e.get("keepOnDestroy"))))
+    return tuple(out)
+
+
+def secret_files_output(records: tuple[RecordedFile, ...]) -> list[dict[str, Any]] | None:
+    """The `secretFiles` output: each file's settings and the HMAC of its content, never the content."""
+    if not records:
+        return None
+    return [{"path": r.path, "contentHash": r.content_hash, "owner": r.owner, "group": r.group, "mode": r.mode,
+             "stage": r.stage, "keepOnDestroy": r.keep_on_destroy} for r in records]

@@ -80,6 +80,8 @@ type NixosMachine struct {
 	PushedBytes pulumi.IntPtrOutput `pulumi:"pushedBytes"`
 	// The number of store paths copied to the host by the last deployment.
 	PushedPaths pulumi.IntPtrOutput `pulumi:"pushedPaths"`
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles SecretFileArrayOutput `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrOutput `pulumi:"substituteOnDestination"`
 	// The store path of the NixOS system deployed on the host.
@@ -198,6 +200,8 @@ type nixosMachineArgs struct {
 	NixOptions []NixOption `pulumi:"nixOptions"`
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy *string `pulumi:"onDestroy"`
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles []SecretFile `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
@@ -238,6 +242,8 @@ type NixosMachineArgs struct {
 	NixOptions NixOptionArrayInput
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy pulumi.StringPtrInput
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles SecretFileArrayInput
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrInput
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
@@ -481,6 +487,11 @@ func (o NixosMachineOutput) PushedBytes() pulumi.IntPtrOutput {
 // The number of store paths copied to the host by the last deployment.
 func (o NixosMachineOutput) PushedPaths() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.IntPtrOutput { return v.PushedPaths }).(pulumi.IntPtrOutput)
+}
+
+// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+func (o NixosMachineOutput) SecretFiles() SecretFileArrayOutput {
+	return o.ApplyT(func(v *NixosMachine) SecretFileArrayOutput { return v.SecretFiles }).(SecretFileArrayOutput)
 }
 
 // Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.

@@ -1626,6 +1626,221 @@ type PushStats struct {
 	Seconds float64 `pulumi:"seconds"`
 }
 
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFile struct {
+	// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+	Content string `pulumi:"content"`
+	// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+	ContentHash *string `pulumi:"contentHash"`
+	// The group of the file (a name or a numeric id).
+	Group *string `pulumi:"group"`
+	// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+	KeepOnDestroy *bool `pulumi:"keepOnDestroy"`
+	// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+	Mode *string `pulumi:"mode"`
+	// The user that owns the file (a name or a numeric id).
+	Owner *string `pulumi:"owner"`
+	// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+	Path string `pulumi:"path"`
+	// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+	Stage *string `pulumi:"stage"`
+}
+
+// Defaults sets the appropriate defaults for SecretFile
+func (val *SecretFile) Defaults() *SecretFile {
+	if val == nil {
+		return nil
+	}
+	tmp := *val
+	if tmp.Group == nil {
+		group_ := "root"
+		tmp.Group = &group_
+	}
+	if tmp.KeepOnDestroy == nil {
+		keepOnDestroy_ := false
+		tmp.KeepOnDestroy = &keepOnDestroy_
+	}
+	if tmp.Mode == nil {
+		mode_ := "0400"
+		tmp.Mode = &mode_
+	}
+	if tmp.Owner == nil {
+		owner_ := "root"
+		tmp.Owner = &owner_
+	}
+	if tmp.Stage == nil {
+		stage_ := "before-activation"
+		tmp.Stage = &stage_
+	}
+	return &tmp
+}
+
+// SecretFileInput is an input type that accepts SecretFileArgs and SecretFileOutput values.
+// You can construct a concrete instance of `SecretFileInput` via:
+//
+//	SecretFileArgs{...}
+type SecretFileInput interface {
+	pulumi.Input
+
+	ToSecretFileOutput() SecretFileOutput
+	ToSecretFileOutputWithContext(context.Context) SecretFileOutput
+}
+
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFileArgs struct {
+	// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+	Content pulumi.StringInput `pulumi:"content"`
+	// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+	ContentHash pulumi.StringPtrInput `pulumi:"contentHash"`
+	// The group of the file (a name or a numeric id).
+	Group pulumi.StringPtrInput `pulumi:"group"`
+	// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+	KeepOnDestroy pulumi.BoolPtrInput `pulumi:"keepOnDestroy"`
+	// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+	Mode pulumi.StringPtrInput `pulumi:"mode"`
+	// The user that owns the file (a name or a numeric id).
+	Owner pulumi.StringPtrInput `pulumi:"owner"`
+	// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+	Path pulumi.StringInput `pulumi:"path"`
+	// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+	Stage pulumi.StringPtrInput `pulumi:"stage"`
+}
+
+// Defaults sets the appropriate defaults for SecretFileArgs
+func (val *SecretFileArgs) Defaults() *SecretFileArgs {
+	if val == nil {
+		return nil
+	}
+	tmp := *val
+	if tmp.Group == nil {
+		tmp.Group = pulumi.StringPtr("root")
+	}
+	if tmp.KeepOnDestroy == nil {
+		tmp.KeepOnDestroy = pulumi.BoolPtr(false)
+	}
+	if tmp.Mode == nil {
+		tmp.Mode = pulumi.StringPtr("0400")
+	}
+	if tmp.Owner == nil {
+		tmp.Owner = pulumi.StringPtr("root")
+	}
+	if tmp.Stage == nil {
+		tmp.Stage = pulumi.StringPtr("before-activation")
+	}
+	return &tmp
+}
+func (SecretFileArgs) ElementType() reflect.Type {
+	return reflect.TypeOf((*SecretFile)(nil)).Elem()
+}
+
+func (i SecretFileArgs) ToSecretFileOutput() SecretFileOutput {
+	return i.ToSecretFileOutputWithContext(context.Background())
+}
+
+func (i SecretFileArgs) ToSecretFileOutputWithContext(ctx context.Context) SecretFileOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(SecretFileOutput)
+}
+
+// SecretFileArrayInput is an input type that accepts SecretFileArray and SecretFileArrayOutput values.
+// You can construct a concrete instance of `SecretFileArrayInput` via:
+//
+//	SecretFileArray{ SecretFileArgs{...} }
+type SecretFileArrayInput interface {
+	pulumi.Input
+
+	ToSecretFileArrayOutput() SecretFileArrayOutput
+	ToSecretFileArrayOutputWithContext(context.Context) SecretFileArrayOutput
+}
+
+type SecretFileArray []SecretFileInput
+
+func (SecretFileArray) ElementType() reflect.Type {
+	return reflect.TypeOf((*[]SecretFile)(nil)).Elem()
+}
+
+func (i SecretFileArray) ToSecretFileArrayOutput() SecretFileArrayOutput {
+	return i.ToSecretFileArrayOutputWithContext(context.Background())
+}
+
+func (i SecretFileArray) ToSecretFileArrayOutputWithContext(ctx context.Context) SecretFileArrayOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(SecretFileArrayOutput)
+}
+
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFileOutput struct{ *pulumi.OutputState }
+
+func (SecretFileOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*SecretFile)(nil)).Elem()
+}
+
+func (o SecretFileOutput) ToSecretFileOutput() SecretFileOutput {
+	return o
+}
+
+func (o SecretFileOutput) ToSecretFileOutputWithContext(ctx context.Context) SecretFileOutput {
+	return o
+}
+
+// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+func (o SecretFileOutput) Content() pulumi.StringOutput {
+	return o.ApplyT(func(v SecretFile) string { return v.Content }).(pulumi.StringOutput)
+}
+
+// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+func (o SecretFileOutput) ContentHash() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.ContentHash }).(pulumi.StringPtrOutput)
+}
+
+// The group of the file (a name or a numeric id).
+func (o SecretFileOutput) Group() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Group }).(pulumi.StringPtrOutput)
+}
+
+// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+func (o SecretFileOutput) KeepOnDestroy() pulumi.BoolPtrOutput {
+	return o.ApplyT(func(v SecretFile) *bool { return v.KeepOnDestroy }).(pulumi.BoolPtrOutput)
+}
+
+// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+func (o SecretFileOutput) Mode() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Mode }).(pulumi.StringPtrOutput)
+}
+
+// The user that owns the file (a name or a numeric id).
+func (o SecretFileOutput) Owner() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Owner }).(pulumi.StringPtrOutput)
+}
+
+// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+func (o SecretFileOutput) Path() pulumi.StringOutput {
+	return o.ApplyT(func(v SecretFile) string { return v.Path }).(pulumi.StringOutput)
+}
+
+// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+func (o SecretFileOutput) Stage() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Stage }).(pulumi.StringPtrOutput)
+}
+
+type SecretFileArrayOutput struct{ *pulumi.OutputState }
+
+func (SecretFileArrayOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*[]SecretFile)(nil)).Elem()
+}
+
+func (o SecretFileArrayOutput) ToSecretFileArrayOutput() SecretFileArrayOutput {
+	return o
+}
+
+func (o SecretFileArrayOutput) ToSecretFileArrayOutputWithContext(ctx context.Context) SecretFileArrayOutput {
+	return o
+}
+
+func (o SecretFileArrayOutput) Index(i pulumi.IntInput) SecretFileOutput {
+	return pulumi.All(o, i).ApplyT(func(vs []interface{}) SecretFile {
+		return vs[0].([]SecretFile)[vs[1].(int)]
+	}).(SecretFileOutput)
+}
+
 func init() {
 	pulumi.RegisterInputType(reflect.TypeOf((*ConnectionInput)(nil)).Elem(), ConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckInput)(nil)).Elem(), HealthCheckArgs{})
@@ -1636,6 +1851,8 @@ func init() {
 	pulumi.RegisterInputType(reflect.TypeOf((*NixOptionArrayInput)(nil)).Elem(), NixOptionArray{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ProxyConnectionInput)(nil)).Elem(), ProxyConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ProxyConnectionPtrInput)(nil)).Elem(), ProxyConnectionArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileInput)(nil)).Elem(), SecretFileArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileArrayInput)(nil)).Elem(), SecretFileArray{})
 	pulumi.RegisterOutputType(ClosureChangesOutput{})
 	pulumi.RegisterOutputType(ClosureChangesPtrOutput{})
 	pulumi.RegisterOutputType(ConnectionOutput{})
@@ -1651,4 +1868,6 @@ func init() {
 	pulumi.RegisterOutputType(PackageChangeArrayOutput{})
 	pulumi.RegisterOutputType(ProxyConnectionOutput{})
 	pulumi.RegisterOutputType(ProxyConnectionPtrOutput{})
+	pulumi.RegisterOutputType(SecretFileOutput{})
+	pulumi.RegisterOutputType(SecretFileArrayOutput{})
 }

@@ -349,3 +349,54 @@ export function proxyConnectionProvideDefaults(val: ProxyConnection): ProxyConne
     };
 }
 
+/**
+ * A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+ */
+export interface SecretFile {
+    /**
+     * The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+     */
+    content: string;
+    /**
+     * Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+     */
+    contentHash?: string;
+    /**
+     * The group of the file (a name or a numeric id).
+     */
+    group?: string;
+    /**
+     * Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+     */
+    keepOnDestroy?: boolean;
+    /**
+     * The file's mode as an octal string, such as `"0400"` or `"0440"`.
+     */
+    mode?: string;
+    /**
+     * The user that owns the file (a name or a numeric id).
+     */
+    owner?: string;
+    /**
+     * The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+     */
+    path: string;
+    /**
+     * When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+     */
+    stage?: string;
+}
+/**
+ * secretFileProvideDefaults sets the appropriate defaults for SecretFile
+ */
+export function secretFileProvideDefaults(val: SecretFile): SecretFile {
+    return {
+        ...val,
+        group: (val.group) ?? "root",
+        keepOnDestroy: (val.keepOnDestroy) ?? false,
+        mode: (val.mode) ?? "0400",
+        owner: (val.owner) ?? "root",
+        stage: (val.stage) ?? "before-activation",
+    };
+}
+

@@ -31,6 +31,8 @@ __all__ = [
     'ProxyConnectionDict',
     'ProxyConnectionArgs',
     'ProxyConnectionArgsDict',
+    'SecretFileArgs',
+    'SecretFileArgsDict',
 ]
 
 class ConnectionDict(TypedDict):
@@ -1497,5 +1499,187 @@ class ProxyConnectionArgs:
     @user.setter
     def user(self, value: pulumi.Input[Optional[_builtins.str]]):
         pulumi.set(self, "user", value)
+
+
+class SecretFileArgsDict(TypedDict):
+    """
+    A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+    """
+    content: pulumi.Input[_builtins.str]
+    """
+    The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+    """
+    path: pulumi.Input[_builtins.str]
+    """
+    The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+    """
+    content_hash: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+    """
+    group: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The group of the file (a name or a numeric id).
+    """
+    keep_on_destroy: NotRequired[pulumi.Input[Optional[_builtins.bool]]]
+    """
+    Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+    """
+    mode: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The file's mode as an octal string, such as `"0400"` or `"0440"`.
+    """
+    owner: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The user that owns the file (a name or a numeric id).
+    """
+    stage: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+    """
+
+@pulumi.input_type
+class SecretFileArgs:
+    def __init__(__self__, *,
+                 content: pulumi.Input[_builtins.str],
+                 path: pulumi.Input[_builtins.str],
+                 content_hash: pulumi.Input[Optional[_builtins.str]] = None,
+                 group: pulumi.Input[Optional[_builtins.str]] = None,
+                 keep_on_destroy: pulumi.Input[Optional[_builtins.bool]] = None,
+                 mode: pulumi.Input[Optional[_builtins.str]] = None,
+                 owner: pulumi.Input[Optional[_builtins.str]] = None,
+                 stage: pulumi.Input[Optional[_builtins.str]] = None):
+        """
+        A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+
+        :param pulumi.Input[_builtins.str] content: The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        :param pulumi.Input[_builtins.str] path: The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        :param pulumi.Input[_builtins.str] content_hash: Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        :param pulumi.Input[_builtins.str] group: The group of the file (a name or a numeric id).
+        :param pulumi.Input[_builtins.bool] keep_on_destroy: Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        :param pulumi.Input[_builtins.str] mode: The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        :param pulumi.Input[_builtins.str] owner: The user that owns the file (a name or a numeric id).
+        :param pulumi.Input[_builtins.str] stage: When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        pulumi.set(__self__, "content", content)
+        pulumi.set(__self__, "path", path)
+        if content_hash is not None:
+            pulumi.set(__self__, "content_hash", content_hash)
+        if group is None:
+            group = 'root'
+        if group is not None:
+            pulumi.set(__self__, "group", group)
+        if keep_on_destroy is None:
+            keep_on_destroy = False
+        if keep_on_destroy is not None:
+            pulumi.set(__self__, "keep_on_destroy", keep_on_destroy)
+        if mode is None:
+            mode = '0400'
+        if mode is not None:
+            pulumi.set(__self__, "mode", mode)
+        if owner is None:
+            owner = 'root'
+        if owner is not None:
+            pulumi.set(__self__, "owner", owner)
+        if stage is None:
+            stage = 'before-activation'
+        if stage is not None:
+            pulumi.set(__self__, "stage", stage)
+
+    @_builtins.property
+    @pulumi.getter
+    def content(self) -> pulumi.Input[_builtins.str]:
+        """
+        The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        """
+        return pulumi.get(self, "content")
+
+    @content.setter
+    def content(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "content", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def path(self) -> pulumi.Input[_builtins.str]:
+        """
+        The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        """
+        return pulumi.get(self, "path")
+
+    @path.setter
+    def path(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "path", value)
+
+    @_builtins.property
+    @pulumi.getter(name="contentHash")
+    def content_hash(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        """
+        return pulumi.get(self, "content_hash")
+
+    @content_hash.setter
+    def content_hash(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "content_hash", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def group(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The group of the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "group")
+
+    @group.setter
+    def group(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "group", value)
+
+    @_builtins.property
+    @pulumi.getter(name="keepOnDestroy")
+    def keep_on_destroy(self) -> pulumi.Input[Optional[_builtins.bool]]:
+        """
+        Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        """
+        return pulumi.get(self, "keep_on_destroy")
+
+    @keep_on_destroy.setter
+    def keep_on_destroy(self, value: pulumi.Input[Optional[_builtins.bool]]):
+        pulumi.set(self, "keep_on_destroy", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def mode(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        """
+        return pulumi.get(self, "mode")
+
+    @mode.setter
+    def mode(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "mode", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def owner(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The user that owns the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "owner")
+
+    @owner.setter
+    def owner(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "owner", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def stage(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        return pulumi.get(self, "stage")
+
+    @stage.setter
+    def stage(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "stage", value)
 
 

@@ -36,6 +36,7 @@ class NixosMachineArgs:
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None):
@@ -57,6 +58,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[Sequence[pulumi.Input['SecretFileArgs']]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
@@ -110,6 +112,8 @@ class NixosMachineArgs:
             on_destroy = 'rollback'
         if on_destroy is not None:
             pulumi.set(__self__, "on_destroy", on_destroy)
+        if secret_files is not None:
+            pulumi.set(__self__, "secret_files", secret_files)
         if substitute_on_destination is None:
             substitute_on_destination = False
         if substitute_on_destination is not None:
@@ -300,6 +304,18 @@ class NixosMachineArgs:
         pulumi.set(self, "on_destroy", value)
 
     @_builtins.property
+    @pulumi.getter(name="secretFiles")
+    def secret_files(self) -> pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]]:
+        """
+        Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+        """
+        return pulumi.get(self, "secret_files")
+
+    @secret_files.setter
+    def secret_files(self, value: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]]):
+        pulumi.set(self, "secret_files", value)
+
+    @_builtins.property
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Input[Optional[_builtins.bool]]:
         """
@@ -357,6 +373,7 @@ class NixosMachine(pulumi.CustomResource):
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None,
@@ -385,6 +402,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
@@ -432,6 +450,7 @@ class NixosMachine(pulumi.CustomResource):
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None,
@@ -481,6 +500,7 @@ class NixosMachine(pulumi.CustomResource):
             if on_destroy is None:
                 on_destroy = 'rollback'
             __props__.__dict__["on_destroy"] = on_destroy
+            __props__.__dict__["secret_files"] = secret_files
             if substitute_on_destination is None:
                 substitute_on_destination = False
             __props__.__dict__["substitute_on_destination"] = substitute_on_destination
@@ -553,6 +573,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["previous_generation"] = None
         __props__.__dict__["pushed_bytes"] = None
         __props__.__dict__["pushed_paths"] = None
+        __props__.__dict__["secret_files"] = None
         __props__.__dict__["substitute_on_destination"] = None
         __props__.__dict__["system_path"] = None
         __props__.__dict__["triggers"] = None
@@ -797,6 +818,14 @@ class NixosMachine(pulumi.CustomResource):
         The number of store paths copied to the host by the last deployment.
         """
         return pulumi.get(self, "pushed_paths")
+
+    @_builtins.property
+    @pulumi.getter(name="secretFiles")
+    def secret_files(self) -> pulumi.Output[Optional[Sequence['outputs.SecretFile']]]:
+        """
+        Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+        """
+        return pulumi.get(self, "secret_files")
 
     @_builtins.property
     @pulumi.getter(name="substituteOnDestination")

@@ -24,6 +24,7 @@ __all__ = [
     'NixOption',
     'PackageChange',
     'ProxyConnection',
+    'SecretFile',
 ]
 
 @pulumi.output_type
@@ -1007,5 +1008,140 @@ class ProxyConnection(dict):
         The user to log in as on the jump host.
         """
         return pulumi.get(self, "user")
+
+
+@pulumi.output_type
+class SecretFile(dict):
+    """
+    A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+    """
+    @staticmethod
+    def __key_warning(key: str):
+        suggest = None
+        if key == "contentHash":
+            suggest = "content_hash"
+        elif key == "keepOnDestroy":
+            suggest = "keep_on_destroy"
+
+        if suggest:
+            pulumi.log.warn(f"Key '{key}' not found in SecretFile. Access the value via the '{suggest}' property getter instead.")
+
+    def __getitem__(self, key: str) -> Any:
+        SecretFile.__key_warning(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default = None) -> Any:
+        SecretFile.__key_warning(key)
+        return super().get(key, default)
+
+    def __init__(__self__, *,
+                 content: _builtins.str,
+                 path: _builtins.str,
+                 content_hash: Optional[_builtins.str] = None,
+                 group: Optional[_builtins.str] = None,
+                 keep_on_destroy: Optional[_builtins.bool] = None,
+                 mode: Optional[_builtins.str] = None,
+                 owner: Optional[_builtins.str] = None,
+                 stage: Optional[_builtins.str] = None):
+        """
+        A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+
+        :param _builtins.str content: The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        :param _builtins.str path: The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        :param _builtins.str content_hash: Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        :param _builtins.str group: The group of the file (a name or a numeric id).
+        :param _builtins.bool keep_on_destroy: Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        :param _builtins.str mode: The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        :param _builtins.str owner: The user that owns the file (a name or a numeric id).
+        :param _builtins.str stage: When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        pulumi.set(__self__, "content", content)
+        pulumi.set(__self__, "path", path)
+        if content_hash is not None:
+            pulumi.set(__self__, "content_hash", content_hash)
+        if group is None:
+            group = 'root'
+        if group is not None:
+            pulumi.set(__self__, "group", group)
+        if keep_on_destroy is None:
+            keep_on_destroy = False
+        if keep_on_destroy is not None:
+            pulumi.set(__self__, "keep_on_destroy", keep_on_destroy)
+        if mode is None:
+            mode = '0400'
+        if mode is not None:
+            pulumi.set(__self__, "mode", mode)
+        if owner is None:
+            owner = 'root'
+        if owner is not None:
+            pulumi.set(__self__, "owner", owner)
+        if stage is None:
+            stage = 'before-activation'
+        if stage is not None:
+            pulumi.set(__self__, "stage", stage)
+
+    @_builtins.property
+    @pulumi.getter
+    def content(self) -> _builtins.str:
+        """
+        The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        """
+        return pulumi.get(self, "content")
+
+    @_builtins.property
+    @pulumi.getter
+    def path(self) -> _builtins.str:
+        """
+        The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        """
+        return pulumi.get(self, "path")
+
+    @_builtins.property
+    @pulumi.getter(name="contentHash")
+    def content_hash(self) -> Optional[_builtins.str]:
+        """
+        Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        """
+        return pulumi.get(self, "content_hash")
+
+    @_builtins.property
+    @pulumi.getter
+    def group(self) -> Optional[_builtins.str]:
+        """
+        The group of the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "group")
+
+    @_builtins.property
+    @pulumi.getter(name="keepOnDestroy")
+    def keep_on_destroy(self) -> Optional[_builtins.bool]:
+        """
+        Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        """
+        return pulumi.get(self, "keep_on_destroy")
+
+    @_builtins.property
+    @pulumi.getter
+    def mode(self) -> Optional[_builtins.str]:
+        """
+        The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        """
+        return pulumi.get(self, "mode")
+
+    @_builtins.property
+    @pulumi.getter
+    def owner(self) -> Optional[_builtins.str]:
+        """
+        The user that owns the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "owner")
+
+    @_builtins.property
+    @pulumi.getter
+    def stage(self) -> Optional[_builtins.str]:
+        """
+        When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        return pulumi.get(self, "stage")
 
 
