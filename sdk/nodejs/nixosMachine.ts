@@ -61,6 +61,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly baselineSystemPath: pulumi.Output<string | undefined>;
     /**
+     * Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+     */
+    declare public readonly binaryCache: pulumi.Output<outputs.BinaryCache | undefined>;
+    /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */
     declare public readonly buildOn: pulumi.Output<string | undefined>;
@@ -194,6 +198,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["action"] = (args?.action) ?? "switch";
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
+            resourceInputs["binaryCache"] = args?.binaryCache;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
@@ -231,6 +236,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["autoRollback"] = undefined /*out*/;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineSystemPath"] = undefined /*out*/;
+            resourceInputs["binaryCache"] = undefined /*out*/;
             resourceInputs["buildOn"] = undefined /*out*/;
             resourceInputs["buildOnPreview"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
@@ -282,6 +288,10 @@ export interface NixosMachineArgs {
      * Whether to restore the previous generation when activation or a health check fails.
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
+    /**
+     * Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+     */
+    binaryCache?: pulumi.Input<inputs.BinaryCacheArgs | undefined>;
     /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */

@@ -6,14 +6,17 @@ is what the Pulumi CLI shows next to the resource.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import json
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
-from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentials, HealthCheck, InstallRequest, Remote
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Compression, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
 from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -327,6 +330,100 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
     check_choice(f, "compress", news.get("compress"), COMPRESSIONS)
     check_health_checks(f, news.get("healthChecks"))
     check_nix_options(f, news.get("nixOptions"))
+
+
+# Store URL schemes `nix copy` and substituters understand; anything else is a typo.
+CACHE_SCHEMES = ("file", "http", "https", "s3", "ssh", "ssh-ng", "gs")
+_CACHE_URL = re.compile(r"^([a-z0-9+-]+)://\S+$")
+_NIX_KEY = re.compile(r"^([^:\s]+):([A-Za-z0-9+/]+={0,2})$")
+
+
+def _nix_key(value: str, size: int) -> tuple[str, bytes] | None:
+    """(name, key bytes) of a Nix signing key `name:base64`, when it is one of `size` bytes."""
+    m = _NIX_KEY.match(value.strip())
+    if not m:
+        return None
+    try:
+        raw = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return (m.group(1), raw) if len(raw) == size else None
+
+
+def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
+    if not _known(v):
+        return
+    m = _CACHE_URL.match(_plain(v)) if isinstance(_plain(v), str) else None
+    if not m or m.group(1) not in CACHE_SCHEMES:
+        f.add(prop, f"must be a Nix store URL such as `https://cache.example.org` or `file:///srv/cache` "
+                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(_plain(v))}")
+
+
+def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
+    """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
+    if not _known(cache):
+        return
+    cache = _plain(cache)
+    if not isinstance(cache, dict):
+        f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
+        return
+    for k in cache:
+        if k not in ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile"):
+            f.add(f"{prop}.{k}", "is not a binaryCache setting (url, uploadUrl, publicKey, signingKey, signingKeyFile)")
+    if cache.get("url") is None:
+        f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
+    _check_cache_url(f, f"{prop}.url", cache.get("url"))
+    _check_cache_url(f, f"{prop}.uploadUrl", cache.get("uploadUrl"))
+    public = _plain(cache.get("publicKey"))
+    public_key = _nix_key(public, 32) if isinstance(public, str) else None
+    if cache.get("publicKey") is None:
+        f.add(f"{prop}.publicKey", "is required: the key targets trust, such as `cache-1:AbC...=` "
+                                   "(from `nix-store --generate-binary-cache-key`)")
+    elif _known(public) and public_key is None:
+        f.add(f"{prop}.publicKey", "must be a Nix public key `name:base64` of 32 bytes, as "
+                                   "`nix-store --generate-binary-cache-key` writes it")
+    secret = cache.get("signingKey")
+    if secret is not None and cache.get("signingKeyFile") is not None:
+        f.add(f"{prop}.signingKeyFile", "set either `signingKey` or `signingKeyFile`, not both")
+    if _known(secret):
+        secret_key = _nix_key(_plain(secret), 64) if isinstance(_plain(secret), str) else None
+        if secret_key is None:
+            # Never echo the value: it is a secret.
+            f.add(f"{prop}.signingKey", "must be a Nix secret key `name:base64` of 64 bytes, as "
+                                        "`nix-store --generate-binary-cache-key` writes it")
+        elif public_key is not None and (secret_key[0] != public_key[0] or secret_key[1][32:] != public_key[1]):
+            f.add(f"{prop}.signingKey", "is not the secret key of `publicKey`: targets would refuse what it signs")
+    key_file = cache.get("signingKeyFile")
+    if _known(key_file) and (not isinstance(_plain(key_file), str) or not _plain(key_file).startswith("/")):
+        f.add(f"{prop}.signingKeyFile", "must be the absolute path of a secret key file on the deployer")
+
+
+def parse_binary_cache(value: Any) -> Any:
+    """Provider config arrives as JSON text when set with `pulumi config set`; as an object otherwise."""
+    plain = _plain(value)
+    if isinstance(plain, str):
+        try:
+            return json.loads(plain)
+        except ValueError:
+            return plain  # Check reports it as not an object
+    return value
+
+
+def to_binary_cache(cache: Any) -> BinaryCache | None:
+    c = _plain(cache)
+    if not isinstance(c, dict) or not c.get("url"):
+        return None
+    return BinaryCache(url=str(c["url"]), public_key=str(_plain(c.get("publicKey"))),
+                       upload_url=_plain(c.get("uploadUrl")) or None,
+                       signing_key=_plain(c.get("signingKey")) or None,
+                       signing_key_file=_plain(c.get("signingKeyFile")) or None)
+
+
+def secret_binary_cache(cache: Any) -> Any:
+    """Keep the signing key wrapped as a secret in state."""
+    if not isinstance(cache, dict) or cache.get("signingKey") is None or isinstance(cache["signingKey"], Secret):
+        return cache
+    return {**cache, "signingKey": Secret(cache["signingKey"])}
 
 
 def compression(news: dict[str, Any]) -> Compression:

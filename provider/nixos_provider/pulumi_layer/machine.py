@@ -29,7 +29,7 @@ TYPE = "nixos:index:NixosMachine"
 INPUT_KEYS = [
     "connection", "flake", "systemPath", "buildOn", "substituteOnDestination", "compress", "nixOptions", "action",
     "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy",
-    "triggers", "buildOnPreview", "dryActivate", "secretFiles",
+    "triggers", "buildOnPreview", "dryActivate", "secretFiles", "binaryCache",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -72,6 +72,7 @@ class NixosMachine(DeployedResource):
         v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
         v.check_install(f, news)
         v.check_secret_files(f, news.get("secretFiles"))
+        v.check_binary_cache(f, news.get("binaryCache"))
         if f:
             raise CheckFailed(f)
 
@@ -81,6 +82,8 @@ class NixosMachine(DeployedResource):
                                                                            self.ctx.default_user))
         if checked.get("install") is not None:
             checked["install"] = v.secret_install(checked["install"])
+        if checked.get("binaryCache") is not None:
+            checked["binaryCache"] = v.secret_binary_cache(checked["binaryCache"])
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if checked.get("secretFiles") is not None:
@@ -112,6 +115,7 @@ class NixosMachine(DeployedResource):
         out = {**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news}
         out["connection"] = v.secret_connection(news.get("connection"))
         out["install"] = v.secret_install(news.get("install"))
+        out["binaryCache"] = v.secret_binary_cache(news.get("binaryCache"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
                                                   "pushedPaths", "pushedBytes", "needsReboot")):
@@ -151,6 +155,7 @@ class NixosMachine(DeployedResource):
             **news,
             "secretFiles": None,
             "connection": v.secret_connection(news["connection"]),
+            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
             "hostKey": pinned,
             "baselineGeneration": baseline.generation.number if baseline.generation else None,
             "baselineSystemPath": baseline.current_system or (baseline.generation.store_path if baseline.generation else None),
@@ -185,13 +190,14 @@ class NixosMachine(DeployedResource):
         pinned = conn_key or olds.get("hostKey")
         base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
                 "connection": v.secret_connection(news["connection"]), "install": v.secret_install(news.get("install")),
-                "hostKey": pinned}
+                "binaryCache": v.secret_binary_cache(news.get("binaryCache")), "hostKey": pinned}
         placement = self._placement(olds, news, pinned)
         if not deploys:
             return await self._place_files(urn, ident, base, news, placement)
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
-        kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
+        kept = {**olds, "connection": v.secret_connection(olds.get("connection")),
+                "binaryCache": v.secret_binary_cache(olds.get("binaryCache")), "hostKey": pinned}
         return await self._deploy(urn, ident, base, news, pinned, placement, kept)
 
     # -- Secret files ---------------------------------------------------------------------
@@ -286,6 +292,7 @@ class NixosMachine(DeployedResource):
         base = {
             **news,
             "connection": v.secret_connection(news["connection"]),
+            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
             "install": v.secret_install(news["install"]),
             **{k: None for k in COMPUTED},
             "installStatus": "failed",
@@ -454,11 +461,13 @@ class NixosMachine(DeployedResource):
             substitute_on_destination=bool(news.get("substituteOnDestination")),
             compress=v.compression(news),
             build_drv_on_target=drv,
+            binary_cache=v.to_binary_cache(news.get("binaryCache")) or self.ctx.binary_cache,
         )
         try:
             async with self.ctx.ssh_slots:
                 result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s))
+                                             output=lambda s: self.ctx.info(urn, s),
+                                             warn=lambda s: self.ctx.warn(urn, s), uploads=self.ctx.cache_uploads)
         except DeployError as e:
             after = {**failed}
             if e.now_running:

@@ -30,6 +30,8 @@ type NixosMachine struct {
 	BaselineGeneration pulumi.IntPtrOutput `pulumi:"baselineGeneration"`
 	// The store path of the system that ran before this resource first deployed.
 	BaselineSystemPath pulumi.StringPtrOutput `pulumi:"baselineSystemPath"`
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache BinaryCachePtrOutput `pulumi:"binaryCache"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -176,6 +178,8 @@ type nixosMachineArgs struct {
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache *BinaryCache `pulumi:"binaryCache"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn *string `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -218,6 +222,8 @@ type NixosMachineArgs struct {
 	ActivationTimeout pulumi.Float64PtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache BinaryCachePtrInput
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrInput
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -362,6 +368,11 @@ func (o NixosMachineOutput) BaselineGeneration() pulumi.IntPtrOutput {
 // The store path of the system that ran before this resource first deployed.
 func (o NixosMachineOutput) BaselineSystemPath() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.BaselineSystemPath }).(pulumi.StringPtrOutput)
+}
+
+// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+func (o NixosMachineOutput) BinaryCache() BinaryCachePtrOutput {
+	return o.ApplyT(func(v *NixosMachine) BinaryCachePtrOutput { return v.BinaryCache }).(BinaryCachePtrOutput)
 }
 
 // Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.

@@ -13,6 +13,222 @@ import (
 
 var _ = internal.GetEnvOrDefault
 
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCache struct {
+	// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+	PublicKey string `pulumi:"publicKey"`
+	// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+	SigningKey *string `pulumi:"signingKey"`
+	// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+	SigningKeyFile *string `pulumi:"signingKeyFile"`
+	// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+	UploadUrl *string `pulumi:"uploadUrl"`
+	// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+	Url string `pulumi:"url"`
+}
+
+// BinaryCacheInput is an input type that accepts BinaryCacheArgs and BinaryCacheOutput values.
+// You can construct a concrete instance of `BinaryCacheInput` via:
+//
+//	BinaryCacheArgs{...}
+type BinaryCacheInput interface {
+	pulumi.Input
+
+	ToBinaryCacheOutput() BinaryCacheOutput
+	ToBinaryCacheOutputWithContext(context.Context) BinaryCacheOutput
+}
+
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCacheArgs struct {
+	// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+	PublicKey pulumi.StringInput `pulumi:"publicKey"`
+	// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+	SigningKey pulumi.StringPtrInput `pulumi:"signingKey"`
+	// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+	SigningKeyFile pulumi.StringPtrInput `pulumi:"signingKeyFile"`
+	// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+	UploadUrl pulumi.StringPtrInput `pulumi:"uploadUrl"`
+	// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+	Url pulumi.StringInput `pulumi:"url"`
+}
+
+func (BinaryCacheArgs) ElementType() reflect.Type {
+	return reflect.TypeOf((*BinaryCache)(nil)).Elem()
+}
+
+func (i BinaryCacheArgs) ToBinaryCacheOutput() BinaryCacheOutput {
+	return i.ToBinaryCacheOutputWithContext(context.Background())
+}
+
+func (i BinaryCacheArgs) ToBinaryCacheOutputWithContext(ctx context.Context) BinaryCacheOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCacheOutput)
+}
+
+func (i BinaryCacheArgs) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return i.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (i BinaryCacheArgs) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCacheOutput).ToBinaryCachePtrOutputWithContext(ctx)
+}
+
+// BinaryCachePtrInput is an input type that accepts BinaryCacheArgs, BinaryCachePtr and BinaryCachePtrOutput values.
+// You can construct a concrete instance of `BinaryCachePtrInput` via:
+//
+//	        BinaryCacheArgs{...}
+//
+//	or:
+//
+//	        nil
+type BinaryCachePtrInput interface {
+	pulumi.Input
+
+	ToBinaryCachePtrOutput() BinaryCachePtrOutput
+	ToBinaryCachePtrOutputWithContext(context.Context) BinaryCachePtrOutput
+}
+
+type binaryCachePtrType BinaryCacheArgs
+
+func BinaryCachePtr(v *BinaryCacheArgs) BinaryCachePtrInput {
+	return (*binaryCachePtrType)(v)
+}
+
+func (*binaryCachePtrType) ElementType() reflect.Type {
+	return reflect.TypeOf((**BinaryCache)(nil)).Elem()
+}
+
+func (i *binaryCachePtrType) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return i.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (i *binaryCachePtrType) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCachePtrOutput)
+}
+
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCacheOutput struct{ *pulumi.OutputState }
+
+func (BinaryCacheOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*BinaryCache)(nil)).Elem()
+}
+
+func (o BinaryCacheOutput) ToBinaryCacheOutput() BinaryCacheOutput {
+	return o
+}
+
+func (o BinaryCacheOutput) ToBinaryCacheOutputWithContext(ctx context.Context) BinaryCacheOutput {
+	return o
+}
+
+func (o BinaryCacheOutput) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return o.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (o BinaryCacheOutput) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return o.ApplyTWithContext(ctx, func(_ context.Context, v BinaryCache) *BinaryCache {
+		return &v
+	}).(BinaryCachePtrOutput)
+}
+
+// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+func (o BinaryCacheOutput) PublicKey() pulumi.StringOutput {
+	return o.ApplyT(func(v BinaryCache) string { return v.PublicKey }).(pulumi.StringOutput)
+}
+
+// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+func (o BinaryCacheOutput) SigningKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.SigningKey }).(pulumi.StringPtrOutput)
+}
+
+// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+func (o BinaryCacheOutput) SigningKeyFile() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.SigningKeyFile }).(pulumi.StringPtrOutput)
+}
+
+// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+func (o BinaryCacheOutput) UploadUrl() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.UploadUrl }).(pulumi.StringPtrOutput)
+}
+
+// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+func (o BinaryCacheOutput) Url() pulumi.StringOutput {
+	return o.ApplyT(func(v BinaryCache) string { return v.Url }).(pulumi.StringOutput)
+}
+
+type BinaryCachePtrOutput struct{ *pulumi.OutputState }
+
+func (BinaryCachePtrOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((**BinaryCache)(nil)).Elem()
+}
+
+func (o BinaryCachePtrOutput) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return o
+}
+
+func (o BinaryCachePtrOutput) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return o
+}
+
+func (o BinaryCachePtrOutput) Elem() BinaryCacheOutput {
+	return o.ApplyT(func(v *BinaryCache) BinaryCache {
+		if v != nil {
+			return *v
+		}
+		var ret BinaryCache
+		return ret
+	}).(BinaryCacheOutput)
+}
+
+// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+func (o BinaryCachePtrOutput) PublicKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return &v.PublicKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+func (o BinaryCachePtrOutput) SigningKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.SigningKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+func (o BinaryCachePtrOutput) SigningKeyFile() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.SigningKeyFile
+	}).(pulumi.StringPtrOutput)
+}
+
+// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+func (o BinaryCachePtrOutput) UploadUrl() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.UploadUrl
+	}).(pulumi.StringPtrOutput)
+}
+
+// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+func (o BinaryCachePtrOutput) Url() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return &v.Url
+	}).(pulumi.StringPtrOutput)
+}
+
 // What a deployment changes on a host, computed like `nvd diff` by comparing the closure that runs with the new one.
 type ClosureChanges struct {
 	// Packages present only in the new closure, as `name-version`.
@@ -1842,6 +2058,8 @@ func (o SecretFileArrayOutput) Index(i pulumi.IntInput) SecretFileOutput {
 }
 
 func init() {
+	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCacheInput)(nil)).Elem(), BinaryCacheArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCachePtrInput)(nil)).Elem(), BinaryCacheArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ConnectionInput)(nil)).Elem(), ConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckInput)(nil)).Elem(), HealthCheckArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckArrayInput)(nil)).Elem(), HealthCheckArray{})
@@ -1853,6 +2071,8 @@ func init() {
 	pulumi.RegisterInputType(reflect.TypeOf((*ProxyConnectionPtrInput)(nil)).Elem(), ProxyConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileInput)(nil)).Elem(), SecretFileArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileArrayInput)(nil)).Elem(), SecretFileArray{})
+	pulumi.RegisterOutputType(BinaryCacheOutput{})
+	pulumi.RegisterOutputType(BinaryCachePtrOutput{})
 	pulumi.RegisterOutputType(ClosureChangesOutput{})
 	pulumi.RegisterOutputType(ClosureChangesPtrOutput{})
 	pulumi.RegisterOutputType(ConnectionOutput{})

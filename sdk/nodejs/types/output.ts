@@ -8,6 +8,32 @@ import * as outputs from "../types/output";
 import * as utilities from "../utilities";
 
 /**
+ * A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+ */
+export interface BinaryCache {
+    /**
+     * The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+     */
+    publicKey: string;
+    /**
+     * The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+     */
+    signingKey?: string;
+    /**
+     * The absolute path of the secret key file on the deployer, in place of `signingKey`.
+     */
+    signingKeyFile?: string;
+    /**
+     * Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+     */
+    uploadUrl?: string;
+    /**
+     * The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+     */
+    url: string;
+}
+
+/**
  * What a deployment changes on a host, computed like `nvd diff` by comparing the closure that runs with the new one.
  */
 export interface ClosureChanges {

@@ -15,6 +15,8 @@ else:
 from . import _utilities
 
 __all__ = [
+    'BinaryCacheArgs',
+    'BinaryCacheArgsDict',
     'Connection',
     'ConnectionDict',
     'ConnectionArgs',
@@ -34,6 +36,118 @@ __all__ = [
     'SecretFileArgs',
     'SecretFileArgsDict',
 ]
+
+class BinaryCacheArgsDict(TypedDict):
+    """
+    A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+    """
+    public_key: pulumi.Input[_builtins.str]
+    """
+    The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+    """
+    url: pulumi.Input[_builtins.str]
+    """
+    The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+    """
+    signing_key: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+    """
+    signing_key_file: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The absolute path of the secret key file on the deployer, in place of `signingKey`.
+    """
+    upload_url: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+    """
+
+@pulumi.input_type
+class BinaryCacheArgs:
+    def __init__(__self__, *,
+                 public_key: pulumi.Input[_builtins.str],
+                 url: pulumi.Input[_builtins.str],
+                 signing_key: pulumi.Input[Optional[_builtins.str]] = None,
+                 signing_key_file: pulumi.Input[Optional[_builtins.str]] = None,
+                 upload_url: pulumi.Input[Optional[_builtins.str]] = None):
+        """
+        A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+
+        :param pulumi.Input[_builtins.str] public_key: The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        :param pulumi.Input[_builtins.str] url: The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        :param pulumi.Input[_builtins.str] signing_key: The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        :param pulumi.Input[_builtins.str] signing_key_file: The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        :param pulumi.Input[_builtins.str] upload_url: Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        pulumi.set(__self__, "public_key", public_key)
+        pulumi.set(__self__, "url", url)
+        if signing_key is not None:
+            pulumi.set(__self__, "signing_key", signing_key)
+        if signing_key_file is not None:
+            pulumi.set(__self__, "signing_key_file", signing_key_file)
+        if upload_url is not None:
+            pulumi.set(__self__, "upload_url", upload_url)
+
+    @_builtins.property
+    @pulumi.getter(name="publicKey")
+    def public_key(self) -> pulumi.Input[_builtins.str]:
+        """
+        The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        """
+        return pulumi.get(self, "public_key")
+
+    @public_key.setter
+    def public_key(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "public_key", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def url(self) -> pulumi.Input[_builtins.str]:
+        """
+        The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        """
+        return pulumi.get(self, "url")
+
+    @url.setter
+    def url(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "url", value)
+
+    @_builtins.property
+    @pulumi.getter(name="signingKey")
+    def signing_key(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        """
+        return pulumi.get(self, "signing_key")
+
+    @signing_key.setter
+    def signing_key(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "signing_key", value)
+
+    @_builtins.property
+    @pulumi.getter(name="signingKeyFile")
+    def signing_key_file(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        """
+        return pulumi.get(self, "signing_key_file")
+
+    @signing_key_file.setter
+    def signing_key_file(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "signing_key_file", value)
+
+    @_builtins.property
+    @pulumi.getter(name="uploadUrl")
+    def upload_url(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        return pulumi.get(self, "upload_url")
+
+    @upload_url.setter
+    def upload_url(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "upload_url", value)
+
 
 class ConnectionDict(TypedDict):
     """

@@ -25,6 +25,7 @@ class NixosMachineArgs:
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -47,6 +48,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input['BinaryCacheArgs'] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -76,6 +78,8 @@ class NixosMachineArgs:
             auto_rollback = True
         if auto_rollback is not None:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
+        if binary_cache is not None:
+            pulumi.set(__self__, "binary_cache", binary_cache)
         if build_on is None:
             build_on = 'local'
         if build_on is not None:
@@ -170,6 +174,18 @@ class NixosMachineArgs:
     @auto_rollback.setter
     def auto_rollback(self, value: pulumi.Input[Optional[_builtins.bool]]):
         pulumi.set(self, "auto_rollback", value)
+
+    @_builtins.property
+    @pulumi.getter(name="binaryCache")
+    def binary_cache(self) -> pulumi.Input[Optional['BinaryCacheArgs']]:
+        """
+        Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "binary_cache")
+
+    @binary_cache.setter
+    def binary_cache(self, value: pulumi.Input[Optional['BinaryCacheArgs']]):
+        pulumi.set(self, "binary_cache", value)
 
     @_builtins.property
     @pulumi.getter(name="buildOn")
@@ -361,6 +377,7 @@ class NixosMachine(pulumi.CustomResource):
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -390,6 +407,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -438,6 +456,7 @@ class NixosMachine(pulumi.CustomResource):
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -472,6 +491,7 @@ class NixosMachine(pulumi.CustomResource):
             if auto_rollback is None:
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
+            __props__.__dict__["binary_cache"] = binary_cache
             if build_on is None:
                 build_on = 'local'
             __props__.__dict__["build_on"] = build_on
@@ -548,6 +568,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["auto_rollback"] = None
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_system_path"] = None
+        __props__.__dict__["binary_cache"] = None
         __props__.__dict__["build_on"] = None
         __props__.__dict__["build_on_preview"] = None
         __props__.__dict__["compress"] = None
@@ -618,6 +639,14 @@ class NixosMachine(pulumi.CustomResource):
         The store path of the system that ran before this resource first deployed.
         """
         return pulumi.get(self, "baseline_system_path")
+
+    @_builtins.property
+    @pulumi.getter(name="binaryCache")
+    def binary_cache(self) -> pulumi.Output[Optional['outputs.BinaryCache']]:
+        """
+        Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "binary_cache")
 
     @_builtins.property
     @pulumi.getter(name="buildOn")

@@ -16,6 +16,7 @@ from . import _utilities
 from . import outputs
 
 __all__ = [
+    'BinaryCache',
     'ClosureChanges',
     'Connection',
     'Generation',
@@ -26,6 +27,99 @@ __all__ = [
     'ProxyConnection',
     'SecretFile',
 ]
+
+@pulumi.output_type
+class BinaryCache(dict):
+    """
+    A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+    """
+    @staticmethod
+    def __key_warning(key: str):
+        suggest = None
+        if key == "publicKey":
+            suggest = "public_key"
+        elif key == "signingKey":
+            suggest = "signing_key"
+        elif key == "signingKeyFile":
+            suggest = "signing_key_file"
+        elif key == "uploadUrl":
+            suggest = "upload_url"
+
+        if suggest:
+            pulumi.log.warn(f"Key '{key}' not found in BinaryCache. Access the value via the '{suggest}' property getter instead.")
+
+    def __getitem__(self, key: str) -> Any:
+        BinaryCache.__key_warning(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default = None) -> Any:
+        BinaryCache.__key_warning(key)
+        return super().get(key, default)
+
+    def __init__(__self__, *,
+                 public_key: _builtins.str,
+                 url: _builtins.str,
+                 signing_key: Optional[_builtins.str] = None,
+                 signing_key_file: Optional[_builtins.str] = None,
+                 upload_url: Optional[_builtins.str] = None):
+        """
+        A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+
+        :param _builtins.str public_key: The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        :param _builtins.str url: The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        :param _builtins.str signing_key: The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        :param _builtins.str signing_key_file: The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        :param _builtins.str upload_url: Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        pulumi.set(__self__, "public_key", public_key)
+        pulumi.set(__self__, "url", url)
+        if signing_key is not None:
+            pulumi.set(__self__, "signing_key", signing_key)
+        if signing_key_file is not None:
+            pulumi.set(__self__, "signing_key_file", signing_key_file)
+        if upload_url is not None:
+            pulumi.set(__self__, "upload_url", upload_url)
+
+    @_builtins.property
+    @pulumi.getter(name="publicKey")
+    def public_key(self) -> _builtins.str:
+        """
+        The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        """
+        return pulumi.get(self, "public_key")
+
+    @_builtins.property
+    @pulumi.getter
+    def url(self) -> _builtins.str:
+        """
+        The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        """
+        return pulumi.get(self, "url")
+
+    @_builtins.property
+    @pulumi.getter(name="signingKey")
+    def signing_key(self) -> Optional[_builtins.str]:
+        """
+        The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        """
+        return pulumi.get(self, "signing_key")
+
+    @_builtins.property
+    @pulumi.getter(name="signingKeyFile")
+    def signing_key_file(self) -> Optional[_builtins.str]:
+        """
+        The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        """
+        return pulumi.get(self, "signing_key_file")
+
+    @_builtins.property
+    @pulumi.getter(name="uploadUrl")
+    def upload_url(self) -> Optional[_builtins.str]:
+        """
+        Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        return pulumi.get(self, "upload_url")
+
 
 @pulumi.output_type
 class ClosureChanges(dict):
