@@ -23,7 +23,8 @@ import labctl
 import pytest
 from conftest import REPO, HostFactory, Systems, current_system, http_version
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# The archive and the SDK packages need the toolchains `make setup` builds: not the fast tier.
+pytestmark = [pytest.mark.e2e, pytest.mark.lab, pytest.mark.timeout(900)]
 VERSION = subprocess.run(["bash", str(REPO / "scripts" / "version.sh")], check=True, capture_output=True,
                          text=True).stdout.strip()
 ARCHIVE = f"pulumi-resource-nixos-v{VERSION}-linux-amd64.tar.gz"

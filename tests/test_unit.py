@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -480,6 +481,16 @@ def test_input_keys_are_the_schemas() -> None:
     assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
 
 
+def _message_strings(source: str) -> list[str]:
+    """The string literals of a module that can reach a user (docstrings are for readers of the code)."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
 def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_property() -> None:
     """Engine messages name no property of the schema; each setting they can blame has its property path."""
     from nixos_provider.engine.errors import HostKeyMismatch, Setting
@@ -498,7 +509,8 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
             assert path in known, (setting, path)
     engine = Path(nixos_provider.engine.__file__).parent
     for source in engine.glob("*.py"):
-        quoted = set(re.findall(r"`([A-Za-z.\[\]]+)`", source.read_text()))
+        quoted = {name for text in _message_strings(source.read_text())
+                  for name in re.findall(r"`([A-Za-z.\[\]]+)`", text)}
         assert not quoted & known, (source.name, quoted & known)
     mismatch = HostKeyMismatch("root@h:22", "SHA256:a (ssh-ed25519)", "SHA256:b (ssh-ed25519)")
     assert "update the pinned host key" in str(mismatch)
