@@ -48,6 +48,10 @@ class HostKeyMismatch(ConnectError):
         self.seen = seen
 
 
+class ElevationError(EngineError):
+    """sudo would not run a command as another user (a wrong or missing connection.sudoPassword, no rule)."""
+
+
 class HostBusy(EngineError):
     """Another deployment holds the profile's lock on the target; nothing was changed."""
 
