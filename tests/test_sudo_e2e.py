@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from nixos_provider.engine.errors import ElevationError
 from nixos_provider.engine.models import Credentials, Profile, Remote
 from nixos_provider.engine.process import PasswordSudo, Sudo, Target, elevator_for
 from nixos_provider.engine.ssh import connect
+from nixos_provider.pulumi_layer.inputs import Failures, check_connection
 from test_provider_e2e import program, strip_ansi
 
 LAB = labctl.LAB_FLAKE
@@ -242,21 +244,31 @@ def test_up_with_a_wrong_sudo_password_fails_naming_it_and_changes_nothing(
 
 
 @pytest.mark.e2e
-def test_check_rejects_a_malformed_sudo_password_without_echoing_it(project: PulumiProject) -> None:
-    program(project, {
-        "a": {"type": "nixos:NixosMachine", "properties": {
-            "connection": {"host": "127.0.0.1", "user": "bob", "sudoPassword": "two\nlines-secret"}, "systemPath": "/nix/store/x"}},
-        "b": {"type": "nixos:NixosMachine", "properties": {
-            "connection": {"host": "127.0.0.1", "user": "bob", "sudoPassword": 42,
-                           "proxy": {"host": "127.0.0.2", "sudoPassword": "jump-secret"}}, "systemPath": "/nix/store/x"}}})
+def test_check_rejects_a_multi_line_sudo_password_without_echoing_it(project: PulumiProject) -> None:
+    program(project, {"a": {"type": "nixos:NixosMachine", "properties": {
+        "connection": {"host": "127.0.0.1", "user": "bob", "sudoPassword": "two\nlines-secret"},
+        "systemPath": "/nix/store/00000000000000000000000000000000-x"}}})
     project.run("stack", "init", "dev")
     res = project.run("preview", check=False)
     out = strip_ansi(res.stdout + res.stderr)
     assert res.returncode != 0
-    assert "connection.sudoPassword" in out and "must be one non-empty line" in out
-    assert "must be a string, not a number" in out, out
-    assert "connection.proxy.sudoPassword" in out and "needs no sudo" in out
-    assert "lines-secret" not in out and "jump-secret" not in out and "Traceback" not in out
+    assert re.search(r"property connection\.sudoPassword value .*? has a problem: must be one non-empty line", out), out
+    assert "lines-secret" not in out and "Traceback" not in out
+
+
+def test_check_names_a_bad_sudo_password_and_refuses_one_on_a_jump_host() -> None:
+    # The schema's ProxyConnection has no sudoPassword (Pulumi YAML refuses it
+    # already); Check refuses it for the SDKs that pass anything through.
+    f = Failures()
+    check_connection(f, {"host": "h", "sudoPassword": 42, "proxy": {"host": "j", "sudoPassword": "jump-secret"}})
+    assert f.items == [
+        ("connection.sudoPassword", "must be a string, not a number"),
+        ("connection.proxy.sudoPassword", "a jump host only forwards the connection and runs no command, so it needs no sudo"),
+    ]
+    empty = Failures()
+    check_connection(empty, {"host": "h", "sudoPassword": ""})
+    assert empty.items == [
+        ("connection.sudoPassword", "must be one non-empty line (sudo reads the password up to a line break)")]
 
 
 def test_credentials_keep_the_sudo_password_out_of_repr(tmp_path: Path) -> None:

@@ -333,7 +333,7 @@ class Runner(ABC):
         if elevator is None:
             return
         probe, data = elevator.probe()
-        log.debug("%s: checking sudo to %s", self.target, elevator.user)
+        log.debug("%s: can it run commands as %s?", self.target, elevator.user)
         try:
             result = await self._exec(probe, ["sudo"], data or None, self.default_timeout, None, None, 0)
         except TimeoutError:
