@@ -70,7 +70,12 @@ def test_sudo_refusals_are_told_from_command_failures() -> None:
     pw = PasswordSudo("root", "pw")
     assert "incorrect password" in (pw.refusal(1, "Sorry, try again.\nsudo: 1 incorrect password attempt\n") or "")
     assert "connection.sudoPassword" in (pw.refusal(1, "sudo: no password was provided\n") or "")
-    assert pw.refusal(1, "error: the command said: incorrect password attempt\n") is None  # not sudo's line
+    assert "incorrect password" in (pw.refusal(1, "sudo: Authentication failed, try again.\n"
+                                               "sudo-rs: Maximum 3 incorrect authentication attempts\n") or "")
+    # Only sudo's own lines count; sshd's notes may come first.
+    assert pw.refusal(1, "error: incorrect password attempt\n") is None
+    assert "incorrect password" in (pw.refusal(1, "Could not chdir to home directory /run/home/bob\n"
+                                               "Sorry, try again.\n\nsudo: 1 incorrect password attempt\n") or "")
     assert pw.refusal(2, "sudo: 1 incorrect password attempt\n") is None
     assert "set `connection.sudoPassword`" in (Sudo("root").refusal(1, "sudo: a password is required\n") or "")
     assert Sudo("root").refusal(1, "nope\n") is None

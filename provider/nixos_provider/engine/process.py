@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, EngineError, LocalCommandError, NixError, RemoteCommandError
+from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError
 from .lazy import lazy_module
 from .models import Profile
 
@@ -62,8 +62,10 @@ class Elevator(Protocol):
     for sudo with connection.sudoPassword. The runner sends it first, for `run`
     and for `start`, and keeps it out of logs and errors. `probe` is a
     command that only tests the elevation (and its stdin), run once per
-    connection before anything is changed; `refusal` tells sudo's own refusal
-    (bad or missing password) from a failure of the command.
+    connection before anything is changed; `refusal` reads the probe's
+    failure: sudo's own refusal (a bad or missing password), or None. Later
+    commands are not read that way: a command that ran sudo itself may fail
+    with the same words.
     """
 
     @property
@@ -84,14 +86,18 @@ def _sudo_target(user: str) -> list[str]:
 
 
 # sudo's own words when it will not run a command for want of a (right)
-# password. sudo exits 1 then; the command never started.
-_SUDO_WRONG_PASSWORD = ("incorrect password attempt", "Sorry, try again.", "no password was provided")
-_SUDO_NEEDS_PASSWORD = ("a password is required", "a terminal is required")
+# password, in lower case: sudo's, then sudo-rs's (NixOS can use either).
+# sudo exits 1 then, and the command never started.
+_SUDO_WRONG_PASSWORD = ("incorrect password attempt", "sorry, try again.", "no password was provided",
+                        "incorrect authentication attempt", "authentication failed")
+_SUDO_NEEDS_PASSWORD = ("a password is required", "a terminal is required", "interactive authentication is required")
 
 
 def _sudo_said(stderr: str, phrases: tuple[str, ...]) -> bool:
-    return any(p in line for line in stderr.splitlines() if line.startswith("sudo:") or line.startswith("Sorry")
-               for p in phrases)
+    """Whether one of sudo's own lines (not, say, sshd's note about a missing home) says one of phrases."""
+    lines = (line.strip().lower() for line in stderr.splitlines())
+    return any(line.startswith(("sudo", "[sudo", "sorry", "authentication failed")) and any(p in line for p in phrases)
+               for line in lines)
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,7 @@ class Process(ABC):
     async def close(self) -> CommandResult:
         """Kill it if it still runs, let its pipes reach EOF, reap it; bounded in time."""
 
-    def failure(self, result: CommandResult) -> EngineError:
+    def failure(self, result: CommandResult) -> CommandError:
         return self._runner.failure(self.argv, result.exit_status, result.stderr)
 
 
@@ -312,14 +318,8 @@ class Runner(ABC):
             result = await self._exec(final, list(argv), data, limit, env, cwd, niceness)
         except TimeoutError:
             raise self._timed_out(list(argv), limit) from None
-        if result.exit_status != 0:
-            # sudo's refusal is raised even with check=False: the command never
-            # ran, so its exit status would say nothing about it.
-            refused = self._refused(argv, result.exit_status, result.stderr)
-            if refused is not None:
-                raise refused
-            if check:
-                raise self.failure(argv, result.exit_status, result.stderr)
+        if check and result.exit_status != 0:
+            raise self.failure(argv, result.exit_status, result.stderr)
         return result
 
     async def check_elevation(self) -> None:
@@ -347,14 +347,6 @@ class Runner(ABC):
         raise ElevationError(f"sudo on {self.target} refused to run commands as {elevator.user}: {reason}. "
                              "Nothing was changed")
 
-    def _refused(self, argv: Sequence[str], exit_status: int | None, stderr: str) -> ElevationError | None:
-        elevator = self.elevator
-        reason = elevator.refusal(exit_status, stderr) if elevator else None
-        if elevator is None or reason is None:
-            return None
-        return ElevationError(f"sudo on {self.target} refused to run `{' '.join(list(argv)[:3])}` as "
-                              f"{elevator.user}: {reason}; the command did not run")
-
     async def start(self, argv: Sequence[str], *, stdin: bool = True, stderr: Stderr = Stderr.PIPE,
                     env: Mapping[str, str] | None = None, new_session: bool = False) -> Process:
         """Start argv with streaming stdin/stdout. The caller must `close()` the process."""
@@ -367,9 +359,9 @@ class Runner(ABC):
                 proc.stdin.write_eof()  # the command itself was to read nothing
         return proc
 
-    def failure(self, argv: Sequence[str], exit_status: int | None, stderr: str) -> EngineError:
+    def failure(self, argv: Sequence[str], exit_status: int | None, stderr: str) -> CommandError:
         """The error for a command that failed: it names the caller's argv, never the elevation."""
-        return self._refused(argv, exit_status, stderr) or self.error_type(self.target, list(argv), exit_status, stderr)
+        return self.error_type(self.target, list(argv), exit_status, stderr)
 
     @abstractmethod
     def _timed_out(self, argv: list[str], timeout: float | None) -> Exception: ...
