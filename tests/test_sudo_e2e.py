@@ -18,7 +18,7 @@ from typing import Any
 
 import labctl
 import pytest
-from conftest import PulumiProject, Systems, current_system, http_version, in_host, remote_for
+from conftest import HostFactory, PulumiProject, Systems, current_system, http_version, in_host, remote_for
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.activation import SUPERVISOR
 from nixos_provider.engine.errors import ElevationError
@@ -166,6 +166,24 @@ async def test_deploy_and_rollback_as_a_password_sudo_user(lab_host: labctl.LabH
     assert result.generation == 2 and current_system(lab_host) == systems["web"] and http_version(lab_host) == "1"
     state = await engine.rollback_to(remote, Profile(), 1)
     assert state.current_system == systems["base"] == current_system(lab_host)
+
+
+@pytest.mark.systemd
+async def test_on_a_systemd_host_the_supervisor_unit_starts_through_password_sudo(
+        new_host: HostFactory, systems: Systems) -> None:
+    # systemd-run (the supervisor's own transient unit) runs as root only,
+    # so here it is started through sudo -S as well.
+    host = new_host("systemd")
+    labctl.add_password_sudo_user(host)
+    with pytest.raises(ElevationError, match="incorrect password"):
+        await engine.deploy(engine.DeployRequest(as_user(host, host.passwordSudoUser, "wrong"), systems["web"]))
+    assert current_system(host) == systems["base"] and generations(host) == [1]
+    remote = as_user(host, host.passwordSudoUser, host.passwordSudoPassword)
+    result = await engine.deploy(engine.DeployRequest(remote, systems["web"]))
+    assert result.generation == 2 and current_system(host) == systems["web"] and http_version(host) == "1"
+    journal = in_host(host, "journalctl", "--no-pager", "-b", "-o", "cat", check=False).stdout
+    units = set(re.findall(r"pulumi-nixos-[0-9a-f]{16}-activate\.service", journal))
+    assert len(units) == 1, f"expected the supervisor's own unit in the journal, found {units}"
 
 
 # -- through the pulumi CLI -------------------------------------------------------------------------

@@ -628,6 +628,24 @@ def container_enter(state: Path, cmd: list[str]) -> list[str]:
             "env", "-i", f"PATH={CONTAINER_PATH}", "LC_ALL=C.UTF-8", "HOME=/root", *cmd]
 
 
+def add_password_sudo_user(host: LabHost) -> None:
+    """Give a running systemd host the user bob whose sudo asks for his password, as namespace hosts have.
+
+    Systemd hosts serve root only unless a test asks for this: their /etc is
+    volatile, so the user lasts until the host reboots.
+    """
+    if host.mode != "systemd":
+        return  # namespace hosts have bob from the start
+    state = host.state
+    _write(state / "etc-upper" / "lab" / "authorized_keys" / SUDO_USER_NAME,
+           (state / "etc-upper" / "lab" / "authorized_keys" / "root").read_text())
+    run(nsenter(state, ["useradd", "-M", "-d", f"/run/home/{SUDO_USER_NAME}", "-s", "/bin/sh",
+                        "-u", str(SUDO_USER_UID), SUDO_USER_NAME]))
+    run(nsenter(state, ["chpasswd"]), input=f"{SUDO_USER_NAME}:{SUDO_USER_PASSWORD}\n")
+    run(nsenter(state, ["sh", "-c", 'printf "%s\\n" "$1" > /etc/sudoers.d/lab-bob && chmod 0440 /etc/sudoers.d/lab-bob',
+                        "sh", f"{SUDO_USER_NAME} ALL=(ALL) ALL"]))
+
+
 def _prepare_systemd_state(state: Path, host: LabHost, client_pub: str) -> None:
     etc = state / "etc-upper"
     (state / "nix").mkdir(parents=True, exist_ok=True)
