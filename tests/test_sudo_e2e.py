@@ -21,10 +21,11 @@ import pytest
 from conftest import HostFactory, PulumiProject, Systems, current_system, http_version, in_host, remote_for
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.activation import SUPERVISOR
-from nixos_provider.engine.errors import ElevationError
+from nixos_provider.engine.errors import ElevationError, Setting
 from nixos_provider.engine.models import Credentials, Profile, Remote
 from nixos_provider.engine.process import PasswordSudo, Sudo, Target, elevator_for
 from nixos_provider.engine.ssh import connect
+from nixos_provider.pulumi_layer.errors import describe
 from nixos_provider.pulumi_layer.inputs import Failures, check_connection
 from test_provider_e2e import program, strip_ansi
 
@@ -69,7 +70,7 @@ def test_password_sudo_argv_and_stdin_are_exact() -> None:
 def test_sudo_refusals_are_told_from_command_failures() -> None:
     pw = PasswordSudo("root", "pw")
     assert "incorrect password" in (pw.refusal(1, "Sorry, try again.\nsudo: 1 incorrect password attempt\n") or "")
-    assert "connection.sudoPassword" in (pw.refusal(1, "sudo: no password was provided\n") or "")
+    assert "the sudo password" in (pw.refusal(1, "sudo: no password was provided\n") or "")
     assert "incorrect password" in (pw.refusal(1, "sudo: Authentication failed, try again.\n"
                                                "sudo-rs: Maximum 3 incorrect authentication attempts\n") or "")
     # Only sudo's own lines count; sshd's notes may come first.
@@ -77,7 +78,7 @@ def test_sudo_refusals_are_told_from_command_failures() -> None:
     assert "incorrect password" in (pw.refusal(1, "Could not chdir to home directory /run/home/bob\n"
                                                "Sorry, try again.\n\nsudo: 1 incorrect password attempt\n") or "")
     assert pw.refusal(2, "sudo: 1 incorrect password attempt\n") is None
-    assert "set `connection.sudoPassword`" in (Sudo("root").refusal(1, "sudo: a password is required\n") or "")
+    assert "set the sudo password" in (Sudo("root").refusal(1, "sudo: a password is required\n") or "")
     assert Sudo("root").refusal(1, "nope\n") is None
 
 
@@ -149,11 +150,14 @@ async def test_wrong_or_missing_password_is_refused_before_anything_runs(
     bob = lab_host.passwordSudoUser
     with pytest.raises(ElevationError) as wrong:
         await engine.deploy(engine.DeployRequest(as_user(lab_host, bob, "not-the-password"), systems["web"]))
-    assert "`connection.sudoPassword`" in str(wrong.value) and "incorrect password" in str(wrong.value)
+    # The engine names the setting in its own terms; the Pulumi layer puts the property path there.
+    assert wrong.value.blames is Setting.SUDO_PASSWORD
+    assert "sudo rejected the sudo password (incorrect password)" in str(wrong.value)
+    assert "sudo rejected `connection.sudoPassword` (incorrect password)" in describe(wrong.value)
     assert "not-the-password" not in str(wrong.value) and "Nothing was changed" in str(wrong.value)
     with pytest.raises(ElevationError) as missing:
         await engine.read_state(as_user(lab_host, bob, None), Profile())
-    assert "set `connection.sudoPassword`" in str(missing.value)
+    assert missing.value.blames is Setting.SUDO_PASSWORD and "set `connection.sudoPassword`" in describe(missing.value)
     # Nothing was pushed, registered or activated.
     assert generations(lab_host) == [1] and current_system(lab_host) == systems["base"]
     assert in_host(lab_host, "test", "-e", systems["web"], check=False).returncode != 0

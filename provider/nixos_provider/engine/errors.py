@@ -21,6 +21,7 @@ class Setting(Enum):
     PROXY = "a jump host"
     NIXOS_ANYWHERE_COMMAND = "the nixos-anywhere command"
     NIX_COMMAND = "the nix command"
+    SUDO_PASSWORD = "the sudo password"
 
 
 class EngineError(Exception):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError
+from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError, Setting
 from .lazy import lazy_module
 from .models import Profile
 
@@ -117,7 +117,7 @@ class Sudo:
 
     def refusal(self, exit_status: int | None, stderr: str) -> str | None:
         if exit_status == 1 and _sudo_said(stderr, _SUDO_NEEDS_PASSWORD):
-            return "sudo asks for a password: set `connection.sudoPassword` (a secret)"
+            return f"sudo asks for a password: set {Setting.SUDO_PASSWORD.value} (a secret)"
         return None
 
 
@@ -169,9 +169,9 @@ class PasswordSudo:
         if exit_status != 1:
             return None
         if _sudo_said(stderr, _SUDO_WRONG_PASSWORD):
-            return "sudo rejected `connection.sudoPassword` (incorrect password)"
+            return f"sudo rejected {Setting.SUDO_PASSWORD.value} (incorrect password)"
         if _sudo_said(stderr, _SUDO_NEEDS_PASSWORD):
-            return "sudo asks for a password but did not take `connection.sudoPassword`"
+            return f"sudo asks for a password but did not take {Setting.SUDO_PASSWORD.value}"
         return None
 
 
@@ -341,11 +341,13 @@ class Runner(ABC):
         if result.exit_status == 0:
             return
         reason = elevator.refusal(result.exit_status, result.stderr)
+        # A refusal names the sudo password (the Pulumi layer puts its property path there).
+        blames = Setting.SUDO_PASSWORD if reason is not None else None
         if reason is None:
             tail = " ".join(result.stderr.strip().splitlines()[-2:]) or "no message"
             reason = f"exit {result.exit_status}: {tail}"
         raise ElevationError(f"sudo on {self.target} refused to run commands as {elevator.user}: {reason}. "
-                             "Nothing was changed")
+                             "Nothing was changed", blames=blames)
 
     async def start(self, argv: Sequence[str], *, stdin: bool = True, stderr: Stderr = Stderr.PIPE,
                     env: Mapping[str, str] | None = None, new_session: bool = False) -> Process:
