@@ -56,8 +56,15 @@ class TargetState:
 
 
 async def open_target(remote: Remote, profile: Profile, *, compress: bool = False) -> Target:
+    """Connect, and make sure sudo lets the SSH user act as the profile's user before anything else runs."""
     conn = await connect(remote, compress=compress)
-    return Target.for_profile(conn, profile)
+    target = Target.for_profile(conn, profile)
+    try:
+        await target.check_elevation()
+    except BaseException:
+        await conn.close()
+        raise
+    return target
 
 
 async def read_state(remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:

@@ -16,9 +16,13 @@ class Credentials:
     private_key_password: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     agent_socket_path: str | None = None
+    # Not an SSH credential: what sudo on the host asks the SSH user for
+    # (sent on sudo's stdin, see process.PasswordSudo).
+    sudo_password: str | None = field(default=None, repr=False)
 
     @property
     def empty(self) -> bool:
+        """No SSH credential at all (sudo_password is none)."""
         return not (self.private_key or self.password or self.agent_socket_path)
 
 

@@ -12,7 +12,7 @@ import ipaddress
 import json
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
@@ -113,11 +113,19 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
             ssh.normalize_host_key(str(_plain(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
-    for k in ("password", "privateKeyPassword", "agentSocketPath"):
+    for k in ("password", "privateKeyPassword", "agentSocketPath", "sudoPassword"):
         val = conn.get(k)
         if _known(val) and not isinstance(_plain(val), str):
             # Never echo the value: most of these are secrets.
             f.add(f"{prop}.{k}", f"must be a string, not {kind_of(_plain(val))}")
+    sudo_password = conn.get("sudoPassword")
+    if sudo_password is not None and not allow_proxy:
+        f.add(f"{prop}.sudoPassword", "a jump host only forwards the connection and runs no command, so it needs no sudo")
+    elif _known(sudo_password) and isinstance(_plain(sudo_password), str) and (
+            not _plain(sudo_password) or "\n" in _plain(sudo_password) or "\r" in _plain(sudo_password)):
+        # sudo reads the password up to the end of its line, so it can be
+        # neither empty nor more than one line.
+        f.add(f"{prop}.sudoPassword", "must be one non-empty line (sudo reads the password up to a line break)")
     pk = conn.get("privateKey")
     if _known(pk) and not isinstance(_plain(pk), str):
         f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(_plain(pk))}")
@@ -462,9 +470,10 @@ def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
         private_key_password=c.get("privateKeyPassword"),
         password=c.get("password"),
         agent_socket_path=c.get("agentSocketPath"),
+        sudo_password=c.get("sudoPassword"),
     )
     if creds.empty and default_private_key:
-        creds = Credentials(private_key=default_private_key)
+        creds = replace(creds, private_key=default_private_key)
     proxy = to_remote(c["proxy"], default_private_key=default_private_key) if c.get("proxy") else None
     return Remote(
         host=str(c["host"]),
@@ -503,7 +512,7 @@ def secret_connection(conn: Any) -> Any:
     if not isinstance(conn, dict):
         return conn
     out = dict(conn)
-    for k in ("privateKey", "privateKeyPassword", "password"):
+    for k in ("privateKey", "privateKeyPassword", "password", "sudoPassword"):
         if out.get(k) is not None and not isinstance(out[k], Secret):
             out[k] = Secret(out[k])
     if isinstance(out.get("proxy"), dict):

@@ -481,6 +481,8 @@ type Connection struct {
 	Proxy *ProxyConnection `pulumi:"proxy"`
 	// How many more times to try connecting to the host after a failed attempt before giving up.
 	Retries *int `pulumi:"retries"`
+	// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+	SudoPassword *string `pulumi:"sudoPassword"`
 	// The user to log in as on the host.
 	User *string `pulumi:"user"`
 }
@@ -545,6 +547,8 @@ type ConnectionArgs struct {
 	Proxy ProxyConnectionPtrInput `pulumi:"proxy"`
 	// How many more times to try connecting to the host after a failed attempt before giving up.
 	Retries pulumi.IntPtrInput `pulumi:"retries"`
+	// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+	SudoPassword pulumi.StringPtrInput `pulumi:"sudoPassword"`
 	// The user to log in as on the host.
 	User pulumi.StringPtrInput `pulumi:"user"`
 }
@@ -645,6 +649,11 @@ func (o ConnectionOutput) Proxy() ProxyConnectionPtrOutput {
 // How many more times to try connecting to the host after a failed attempt before giving up.
 func (o ConnectionOutput) Retries() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v Connection) *int { return v.Retries }).(pulumi.IntPtrOutput)
+}
+
+// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+func (o ConnectionOutput) SudoPassword() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v Connection) *string { return v.SudoPassword }).(pulumi.StringPtrOutput)
 }
 
 // The user to log in as on the host.

@@ -128,6 +128,10 @@ export interface Connection {
      */
     retries?: number;
     /**
+     * The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+     */
+    sudoPassword?: string;
+    /**
      * The user to log in as on the host.
      */
     user?: string;

@@ -193,6 +193,10 @@ class ConnectionDict(TypedDict):
     """
     How many more times to try connecting to the host after a failed attempt before giving up.
     """
+    sudo_password: NotRequired[_builtins.str]
+    """
+    The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+    """
     user: NotRequired[_builtins.str]
     """
     The user to log in as on the host.
@@ -211,6 +215,7 @@ class Connection:
                  private_key_password: Optional[_builtins.str] = None,
                  proxy: Optional['ProxyConnection'] = None,
                  retries: Optional[_builtins.int] = None,
+                 sudo_password: Optional[_builtins.str] = None,
                  user: Optional[_builtins.str] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -225,6 +230,7 @@ class Connection:
         :param _builtins.str private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param 'ProxyConnection' proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param _builtins.int retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param _builtins.str sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param _builtins.str user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -252,6 +258,8 @@ class Connection:
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -378,6 +386,18 @@ class Connection:
         pulumi.set(self, "retries", value)
 
     @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> Optional[_builtins.str]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
+
+    @sudo_password.setter
+    def sudo_password(self, value: Optional[_builtins.str]):
+        pulumi.set(self, "sudo_password", value)
+
+    @_builtins.property
     @pulumi.getter
     def user(self) -> Optional[_builtins.str]:
         """
@@ -434,6 +454,10 @@ class ConnectionArgsDict(TypedDict):
     """
     How many more times to try connecting to the host after a failed attempt before giving up.
     """
+    sudo_password: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+    """
     user: NotRequired[pulumi.Input[Optional[_builtins.str]]]
     """
     The user to log in as on the host.
@@ -452,6 +476,7 @@ class ConnectionArgs:
                  private_key_password: pulumi.Input[Optional[_builtins.str]] = None,
                  proxy: pulumi.Input[Optional['ProxyConnectionArgs']] = None,
                  retries: pulumi.Input[Optional[_builtins.int]] = None,
+                 sudo_password: pulumi.Input[Optional[_builtins.str]] = None,
                  user: pulumi.Input[Optional[_builtins.str]] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -466,6 +491,7 @@ class ConnectionArgs:
         :param pulumi.Input[_builtins.str] private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param pulumi.Input['ProxyConnectionArgs'] proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param pulumi.Input[_builtins.int] retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param pulumi.Input[_builtins.str] sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param pulumi.Input[_builtins.str] user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -493,6 +519,8 @@ class ConnectionArgs:
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -617,6 +645,18 @@ class ConnectionArgs:
     @retries.setter
     def retries(self, value: pulumi.Input[Optional[_builtins.int]]):
         pulumi.set(self, "retries", value)
+
+    @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
+
+    @sudo_password.setter
+    def sudo_password(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "sudo_password", value)
 
     @_builtins.property
     @pulumi.getter

@@ -312,6 +312,8 @@ class Connection(dict):
             suggest = "private_key"
         elif key == "privateKeyPassword":
             suggest = "private_key_password"
+        elif key == "sudoPassword":
+            suggest = "sudo_password"
 
         if suggest:
             pulumi.log.warn(f"Key '{key}' not found in Connection. Access the value via the '{suggest}' property getter instead.")
@@ -335,6 +337,7 @@ class Connection(dict):
                  private_key_password: Optional[_builtins.str] = None,
                  proxy: Optional['outputs.ProxyConnection'] = None,
                  retries: Optional[_builtins.int] = None,
+                 sudo_password: Optional[_builtins.str] = None,
                  user: Optional[_builtins.str] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -349,6 +352,7 @@ class Connection(dict):
         :param _builtins.str private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param 'ProxyConnection' proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param _builtins.int retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param _builtins.str sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param _builtins.str user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -376,6 +380,8 @@ class Connection(dict):
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -460,6 +466,14 @@ class Connection(dict):
         How many more times to try connecting to the host after a failed attempt before giving up.
         """
         return pulumi.get(self, "retries")
+
+    @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> Optional[_builtins.str]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
 
     @_builtins.property
     @pulumi.getter
