@@ -4,7 +4,7 @@ HOSTS ?= 2
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fresh faults demo lab-up lab-status lab-down lint sdk bench clean
+.PHONY: setup test test-fresh faults demo lab-up lab-status lab-down lint sdk dist bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -40,8 +40,12 @@ lab-down:
 sdk: setup
 	$(ENV) bash scripts/gen-sdk.sh
 
+# The plugin archive and the SDK packages at the provider's version, into dist/ (scripts/dist.sh).
+dist: setup
+	$(ENV) bash scripts/dist.sh
+
 bench: setup
-	$(ENV) python bench/run.py && python bench/fleet.py && python bench/push_compare.py && python bench/fleet_up.py && python bench/cold_start.py
+	$(ENV) python bench/run.py && python bench/fleet.py && python bench/push_compare.py && python bench/fleet_up.py && python bench/cold_start.py && python bench/cache.py
 
 clean: lab-down
 	rm -rf .venv .tools

@@ -13,6 +13,11 @@
 # Around the generated Go package this script adds sdk/go/go.mod and go.sum
 # (module github.com/pulumi-nixos/pulumi-nixos/sdk/go, pulumi sdk/v3 pinned),
 # so `go build ./...` works in sdk/go.
+#
+# The SDKs carry the provider's version (scripts/version.sh, from
+# provider/pyproject.toml): the schema is generated from a copy whose `version`
+# is that one, and `make sdk` (no argument) writes it into schema.json too, so
+# the one place to change the version is pyproject.toml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/sdk}" && cd "${1:-$ROOT/sdk}" && pwd)"
@@ -31,7 +36,12 @@ fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-"$SDKGEN" "$ROOT/schema.json" "$WORK" python nodejs go
+VERSION="$(bash "$ROOT/scripts/version.sh")"
+# Only the top-level "version" line (two-space indent) changes; the rest keeps its layout.
+sed -E '0,/^  "version": "[^"]*",$/s//  "version": "'"$VERSION"'",/' "$ROOT/schema.json" > "$WORK/schema.json"
+grep -qx "  \"version\": \"$VERSION\"," "$WORK/schema.json" \
+  || { echo "gen-sdk: schema.json has no top-level \"version\" line to set" >&2; exit 1; }
+"$SDKGEN" "$WORK/schema.json" "$WORK" python nodejs go
 
 cat > "$WORK/go/go.mod" <<GOMOD
 module $GO_MODULE
@@ -48,4 +58,8 @@ for lang in python nodejs go; do
   rm -rf "${OUT:?}/$lang"
   cp -a "$WORK/$lang" "$OUT/$lang"
 done
-echo "gen-sdk: wrote $OUT/{python,nodejs,go}" >&2
+if [[ -z "${1:-}" ]] && ! cmp -s "$WORK/schema.json" "$ROOT/schema.json"; then
+  cp "$WORK/schema.json" "$ROOT/schema.json"
+  echo "gen-sdk: set schema.json's version to $VERSION" >&2
+fi
+echo "gen-sdk: wrote $OUT/{python,nodejs,go} at version $VERSION" >&2

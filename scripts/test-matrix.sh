@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test-matrix.sh [PYTEST ARGS...]: the test suite on every Nix version users run.
 #
-#   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples)
+#   bookworm  Nix 2.8   the whole suite (unit, lab, engine, e2e, SDKs, examples, release artifacts)
 #   trixie    Nix 2.26  lab, engine and end-to-end tests (deployer and lab hosts on 2.26)
 #   sid       Nix 2.34  the same on 2.34, and the fault suite (tests/test_faults.py)
 #                       whose quick form bookworm runs too: the oldest and the newest Nix
@@ -18,7 +18,8 @@ read -r -a legs <<< "${TEST_RELEASES:-bookworm trixie sid}"
 # What depends on the Nix version. Unit tests, recorded-output tests, SDK
 # generation and the Node/Go examples do not, and run once, in bookworm.
 VERSIONED_TESTS=(tests/test_lab.py tests/test_engine.py tests/test_provider_e2e.py tests/test_fleet_e2e.py
-                 tests/test_preview_e2e.py tests/test_install_e2e.py)
+                 tests/test_preview_e2e.py tests/test_install_e2e.py tests/test_secret_files_e2e.py
+                 tests/test_binary_cache_e2e.py tests/test_sudo_e2e.py)
 for f in tests/test_systemd.py; do [[ -f $f ]] && VERSIONED_TESTS+=("$f"); done
 
 logs="$(mktemp -d)"

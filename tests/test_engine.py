@@ -15,7 +15,7 @@ import labctl
 import pytest
 from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError, RemoteCommandError
+from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError, RemoteCommandError, Setting
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
 from nixos_provider.engine.nix import Nix, parse_flake_ref
 from nixos_provider.engine.process import Target
@@ -231,7 +231,9 @@ async def test_connection_errors_are_one_human_line(lab_host: labctl.LabHost, sy
                    Credentials(private_key=Path(labctl.__file__).parent.joinpath("lib.nix").read_text()))
     with pytest.raises(ConnectError) as bad_key:
         await engine.read_state(wrong, Profile())
-    assert "privateKey" in str(bad_key.value) and "\n" not in str(bad_key.value)
+    assert str(bad_key.value).startswith(f"the private key for root@{lab_host.address}:{lab_host.port} is not a "
+                                         "private key asyncssh can read")
+    assert bad_key.value.blames is Setting.PRIVATE_KEY and "\n" not in str(bad_key.value)
     closed = dataclasses.replace(remote_for(lab_host), port=2399, retries=2)
     with pytest.raises(ConnectError) as refused:
         await engine.read_state(closed, Profile())

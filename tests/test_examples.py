@@ -15,12 +15,18 @@ EXAMPLES = REPO / "examples"
 
 
 def copy_example(name: str, project: PulumiProject) -> None:
-    """Copy an example into the project directory, pointing its provider path at this checkout."""
+    """Copy an example into the project directory and run it with this checkout's provider.
+
+    The example names no plugin path (a user's engine downloads the released plugin; that path is
+    tests/test_dist.py's); here `plugins.providers` points the engine at provider/ instead."""
     shutil.copytree(EXAMPLES / name, project.dir, dirs_exist_ok=True)
+    # Without the package declaration (the released plugin's version): for a versioned package, the
+    # YAML host caches the schema beside the plugin path, schema-nixos.json in this checkout's root.
+    shutil.rmtree(project.dir / "sdks", ignore_errors=True)
     manifest = project.dir / "Pulumi.yaml"
     text = manifest.read_text()
-    assert "path: ../../provider" in text
-    manifest.write_text(text.replace("path: ../../provider", f"path: {REPO / 'provider'}"))
+    assert "plugins:" not in text
+    manifest.write_text(text + f"plugins:\n  providers:\n    - name: nixos\n      path: {REPO / 'provider'}\n")
 
 
 def test_yaml_single_host(project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
@@ -129,7 +135,7 @@ def _node_modules_with_sdk(tmp: Path) -> Path:
     (modules / "@pulumi-nixos").mkdir()
     sdk = modules / "@pulumi-nixos" / "nixos"
     shutil.copytree(sdk_src / "bin", sdk)
-    (sdk / "package.json").write_text((REPO / "sdk" / "nodejs" / "package.json").read_text().replace("${VERSION}", "0.1.0"))
+    shutil.copy(REPO / "sdk" / "nodejs" / "package.json", sdk / "package.json")
     return modules
 
 

@@ -452,7 +452,8 @@ def base_inputs(type_: str, host: labctl.LabHost) -> dict[str, Any]:
 
 
 # A valid first element for arrays of objects, so that only the value put into it is wrong.
-VALID_ELEMENT: dict[str, dict[str, Any]] = {"healthChecks": {"tcp": 8080}, "nixOptions": {"name": "a", "value": "b"}}
+VALID_ELEMENT: dict[str, dict[str, Any]] = {"healthChecks": {"tcp": 8080}, "nixOptions": {"name": "a", "value": "b"},
+                                           "secretFiles": {"path": "/etc/lab-fault/file", "content": "x"}}
 
 
 def put(inputs: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -589,6 +590,7 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
     jump, target = new_host(), new_host()
     # Fresh values, so that finding one anywhere means this run leaked it.
     passphrase, password = f"key-pass-{secrets.token_hex(8)}", f"jump-pass-{secrets.token_hex(8)}"
+    file_secret = f"file-secret-{secrets.token_hex(8)}"
     labctl.run(labctl.nsenter(jump.state, ["chpasswd"]), input=f"{jump.nonRootUser}:{password}\n")
     key = tmp_path / "id_pass"
     labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(key)])
@@ -601,11 +603,13 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
                            "privateKey": {"fn::readFile": str(key)}, "privateKeyPassword": "${keyPass}",
                            "proxy": {"host": jump.address, "port": jump.port, "user": jump.nonRootUser,
                                      "password": "${jumpPass}"}},
-            "flake": f"path:{labctl.LAB_FLAKE}#{flake}"}}
+            "flake": f"path:{labctl.LAB_FLAKE}#{flake}",
+            "secretFiles": [{"path": "/etc/lab-secrets/key", "content": "${fileSecret}"}]}}
 
     def write(flake: str) -> None:
         program(project, configuration={"keyPass": {"type": "String", "secret": True},
-                                        "jumpPass": {"type": "String", "secret": True}}, resources={
+                                        "jumpPass": {"type": "String", "secret": True},
+                                        "fileSecret": {"type": "String", "secret": True}}, resources={
             "web": web(flake),
             # No key of its own: nixos:defaultPrivateKey.
             "app": {"type": "nixos:NixProfile", "properties": {
@@ -616,6 +620,7 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
     project.run("stack", "init", "dev")
     project.run("config", "set", "--secret", "keyPass", passphrase)
     project.run("config", "set", "--secret", "jumpPass", password)
+    project.run("config", "set", "--secret", "fileSecret", file_secret)
     project.run("config", "set", "--secret", "nixos:defaultPrivateKey", "--", Path(target.privateKeyPath).read_text())
     up = project.up("--logtostderr", "-v=3")
     refresh = project.run("refresh", "--yes", "--skip-preview", "--logtostderr", "-v=3")
@@ -624,10 +629,12 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
     project.run("config", "set", "--secret", "keyPass", passphrase + "-wrong")
     failed = project.up("--logtostderr", "-v=3", check=False)
     assert current_system(target) == systems["web"]
+    assert in_host(target, "cat", "/etc/lab-secrets/key").stdout == file_secret
     values = {
         "connection.privateKey": key.read_text().splitlines()[1],
         "connection.privateKeyPassword": passphrase,
         "connection.proxy.password": password,
+        "secretFiles[0].content": file_secret,
         "nixos:defaultPrivateKey": Path(target.privateKeyPath).read_text().splitlines()[1],
     }
     places = {"stack export": project.run("stack", "export").stdout,

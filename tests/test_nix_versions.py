@@ -11,6 +11,7 @@ from nixos_provider.engine.nix_versions import (
     NixVersion,
     error_summary,
     parse_build_outputs,
+    parse_copied_paths,
     parse_generations,
     parse_path_info,
     rejects_flag,
@@ -136,3 +137,11 @@ def test_error_summary_keeps_build_logs() -> None:
     )
     assert error_summary(stderr) == (
         "builder for '/nix/store/x-a.drv' failed with exit code 1; last 2 log lines: > compiling > boom")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_copied_paths(version: str) -> None:
+    """`nix copy --to file://…?secret-key=…`: one line per path uploaded, none when the cache has them all."""
+    assert status(version, "copy-to-cache") == 0
+    assert sorted(parse_copied_paths(out(version, "copy-to-cache", "stderr"))) == sorted(out(version, "store-qR").split())
+    assert parse_copied_paths(out(version, "copy-to-cache-again", "stderr")) == []

@@ -1,12 +1,14 @@
-"""The generated SDKs: fresh against schema.json, and each one builds (tsc, go build, Python import)."""
+"""The generated SDKs: fresh against schema.json, at the provider's version, and each one builds (tsc, go build, Python import)."""
 
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,16 @@ def test_python_sdk_imports() -> None:
     )
     out = run([sys.executable, "-c", code], REPO, 120, PYTHONPATH=str(SDK / "python"))
     assert Path(out.stdout.strip()).is_relative_to(SDK / "python")
+
+
+def test_one_version_everywhere() -> None:
+    """provider/pyproject.toml holds the version; schema.json, every SDK and the YAML example carry it."""
+    version = tomllib.loads((REPO / "provider" / "pyproject.toml").read_text())["project"]["version"]
+    assert run(["bash", str(REPO / "scripts" / "version.sh")], REPO, 30).stdout.strip() == version
+    assert json.loads((REPO / "schema.json").read_text())["version"] == version, "run `make sdk`"
+    assert f'VERSION = "{version}"' in (SDK / "python" / "setup.py").read_text()
+    assert json.loads((SDK / "nodejs" / "package.json").read_text())["version"] == version
+    for plugin_json in (SDK / "python" / "pulumi_nixos" / "pulumi-plugin.json", SDK / "go" / "nixos" / "pulumi-plugin.json"):
+        assert json.loads(plugin_json.read_text())["version"] == version, plugin_json
+    declared = (REPO / "examples" / "yaml-single-host" / "sdks" / "nixos.yaml").read_text()
+    assert f"\nversion: {version}\n" in declared

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
 import re
 import subprocess
 from importlib import resources
@@ -479,6 +481,16 @@ def test_input_keys_are_the_schemas() -> None:
     assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
 
 
+def _message_strings(source: str) -> list[str]:
+    """The string literals of a module that can reach a user (docstrings are for readers of the code)."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
 def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_property() -> None:
     """Engine messages name no property of the schema; each setting they can blame has its property path."""
     from nixos_provider.engine.errors import HostKeyMismatch, Setting
@@ -497,7 +509,8 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
             assert path in known, (setting, path)
     engine = Path(nixos_provider.engine.__file__).parent
     for source in engine.glob("*.py"):
-        quoted = set(re.findall(r"`([A-Za-z.\[\]]+)`", source.read_text()))
+        quoted = {name for text in _message_strings(source.read_text())
+                  for name in re.findall(r"`([A-Za-z.\[\]]+)`", text)}
         assert not quoted & known, (source.name, quoted & known)
     mismatch = HostKeyMismatch("root@h:22", "SHA256:a (ssh-ed25519)", "SHA256:b (ssh-ed25519)")
     assert "update the pinned host key" in str(mismatch)
@@ -531,3 +544,44 @@ def test_a_flake_reference_knows_its_configuration_and_its_siblings() -> None:
     assert parse_flake_ref("/f#nixosConfigurations.web.config.system.build.vm").system is None
     with pytest.raises(ValueError):
         package.of_configuration("web")
+# -- binaryCache --------------------------------------------------------------------
+
+
+def _cache_keys(tmp_path: Any, name: str) -> tuple[str, str]:
+    secret, public = tmp_path / f"{name}.secret", tmp_path / f"{name}.public"
+    subprocess.run(["nix-store", "--generate-binary-cache-key", name, str(secret), str(public)], check=True)
+    return secret.read_text().strip(), public.read_text().strip()
+
+
+def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: Any) -> None:
+    from nixos_provider.pulumi_layer.inputs import check_binary_cache, parse_binary_cache, to_binary_cache
+    secret, public = _cache_keys(tmp_path, "c-1")
+    other_secret, _ = _cache_keys(tmp_path, "c-2")
+
+    def failures(value: Any) -> dict[str, str]:
+        f = Failures()
+        check_binary_cache(f, value)
+        return dict(f.items)
+
+    good = {"url": "https://cache.example.org", "uploadUrl": "s3://bucket?region=eu-west-1", "publicKey": public,
+            "signingKey": Secret(secret)}
+    assert failures(good) == {}
+    assert failures({**good, "signingKey": Secret(other_secret)}) == {
+        "binaryCache.signingKey": "is not the secret key of `publicKey`: targets would refuse what it signs"}
+    # The same key bytes under another name is not the key targets trust either.
+    renamed = "x-9:" + secret.split(":", 1)[1]
+    assert "binaryCache.signingKey" in failures({**good, "signingKey": Secret(renamed)})
+    assert set(failures({"url": "ftp://x", "publicKey": other_secret})) == {"binaryCache.url", "binaryCache.publicKey"}
+    assert set(failures({})) == {"binaryCache.url", "binaryCache.publicKey"}
+    assert set(failures({**good, "signingKeyFile": "/k"})) == {"binaryCache.signingKeyFile"}
+    assert set(failures({"url": "file:///srv/c", "publicKey": public, "signingKeyFile": "k"})) == {
+        "binaryCache.signingKeyFile"}
+    assert failures("https://cache.example.org") == {"binaryCache": "must be an object with `url` and `publicKey`, not a string"}
+    assert failures(UNKNOWN) == {}
+    assert all(secret.split(":")[1] not in reason for reason in failures({**good, "signingKey": "c-1:AAAA"}).values())
+    # Provider config set with `pulumi config set --path` arrives as JSON text.
+    parsed = parse_binary_cache(json.dumps({"url": "http://h:1/c", "publicKey": public}))
+    assert failures(parsed) == {}
+    cache = to_binary_cache({**good, "uploadUrl": None})
+    assert cache is not None and cache.write_url == "https://cache.example.org" and cache.signing_key == secret
+    assert secret not in repr(cache)

@@ -61,6 +61,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly baselineSystemPath: pulumi.Output<string | undefined>;
     /**
+     * Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+     */
+    declare public readonly binaryCache: pulumi.Output<outputs.BinaryCache | undefined>;
+    /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */
     declare public readonly buildOn: pulumi.Output<string | undefined>;
@@ -161,6 +165,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly pushedPaths: pulumi.Output<number | undefined>;
     /**
+     * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+     */
+    declare public readonly secretFiles: pulumi.Output<outputs.SecretFile[] | undefined>;
+    /**
      * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
      */
     declare public readonly substituteOnDestination: pulumi.Output<boolean | undefined>;
@@ -190,6 +198,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["action"] = (args?.action) ?? "switch";
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
+            resourceInputs["binaryCache"] = args?.binaryCache;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
@@ -202,6 +211,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["magicRollback"] = (args?.magicRollback) ?? true;
             resourceInputs["nixOptions"] = args?.nixOptions;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
+            resourceInputs["secretFiles"] = args?.secretFiles;
             resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
             resourceInputs["systemPath"] = args?.systemPath;
             resourceInputs["triggers"] = args?.triggers;
@@ -226,6 +236,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["autoRollback"] = undefined /*out*/;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineSystemPath"] = undefined /*out*/;
+            resourceInputs["binaryCache"] = undefined /*out*/;
             resourceInputs["buildOn"] = undefined /*out*/;
             resourceInputs["buildOnPreview"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
@@ -251,6 +262,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["secretFiles"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
             resourceInputs["systemPath"] = undefined /*out*/;
             resourceInputs["triggers"] = undefined /*out*/;
@@ -276,6 +288,10 @@ export interface NixosMachineArgs {
      * Whether to restore the previous generation when activation or a health check fails.
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
+    /**
+     * Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+     */
+    binaryCache?: pulumi.Input<inputs.BinaryCacheArgs | undefined>;
     /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */
@@ -324,6 +340,10 @@ export interface NixosMachineArgs {
      * What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
      */
     onDestroy?: pulumi.Input<string | undefined>;
+    /**
+     * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+     */
+    secretFiles?: pulumi.Input<pulumi.Input<inputs.SecretFileArgs>[] | undefined>;
     /**
      * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
      */

@@ -2,6 +2,8 @@
 // *** Do not edit by hand unless you're certain you know what you are doing! ***
 
 import * as pulumi from "@pulumi/pulumi";
+import * as inputs from "./types/input";
+import * as outputs from "./types/output";
 import * as utilities from "./utilities";
 
 /**
@@ -42,6 +44,7 @@ export class Provider extends pulumi.ProviderResource {
         let resourceInputs: pulumi.Inputs = {};
         opts = opts || {};
         {
+            resourceInputs["binaryCache"] = pulumi.output(args?.binaryCache).apply(JSON.stringify);
             resourceInputs["defaultPrivateKey"] = args?.defaultPrivateKey ? pulumi.secret(args.defaultPrivateKey) : undefined;
             resourceInputs["defaultUser"] = args?.defaultUser;
             resourceInputs["maxParallelSsh"] = pulumi.output((args?.maxParallelSsh) ?? 8).apply(JSON.stringify);
@@ -60,6 +63,10 @@ export class Provider extends pulumi.ProviderResource {
  * The set of arguments for constructing a Provider resource.
  */
 export interface ProviderArgs {
+    /**
+     * A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+     */
+    binaryCache?: pulumi.Input<inputs.BinaryCacheArgs | undefined>;
     /**
      * The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
      */

@@ -9,7 +9,7 @@ from setuptools.command.install import install
 from subprocess import check_call
 
 
-VERSION = "0.0.0"
+VERSION = "0.1.0"
 def readme():
     try:
         with open('README.md', encoding='utf-8') as f:
@@ -25,6 +25,9 @@ setup(name='pulumi_nixos',
       long_description=readme(),
       long_description_content_type='text/markdown',
       keywords='nixos nix ssh deploy category/infrastructure kind/native',
+      project_urls={
+          'Repository': 'https://github.com/pulumi-nixos/pulumi-nixos'
+      },
       license='Apache-2.0',
       packages=find_packages(),
       package_data={

@@ -46,11 +46,19 @@ HTTP_PORT = 8080
 USER_NAME = "alice"
 USER_UID = 1500
 USER_PASSWORD = "alice-lab-password"
+# A second non-root user whose sudo rule asks for its password (alice's does
+# not): the one connection.sudoPassword is for. Trusted by the host's
+# nix-daemon, so a NixProfile of another user can be pushed as it.
+SUDO_USER_NAME = "bob"
+SUDO_USER_UID = 1501
+SUDO_USER_PASSWORD = "bob-sudo-password"
 NIX = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "substituters", ""]
 # A lab host's own Nix settings (its /etc/nix/nix.conf), the same ones
 # scripts/env.sh gives the deployer: the host has no nixbld group, and the
 # lab's derivations run the machine's /bin/sh, which a sandbox would hide.
 NIX_CONF = "build-users-group =\nsandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n"
+# Namespace hosts only (the user bob exists there alone).
+NIX_CONF_TRUSTING_SUDO_USER = NIX_CONF + f"trusted-users = root {SUDO_USER_NAME}\n"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class LabHost:
     mode: str
     nonRootUser: str = USER_NAME
     nonRootPassword: str = USER_PASSWORD
+    passwordSudoUser: str = SUDO_USER_NAME  # sudo asks it for passwordSudoPassword (namespace hosts only)
+    passwordSudoPassword: str = SUDO_USER_PASSWORD
     release: str = ""  # systemd hosts: the Debian release of their root (trixie, sid)
 
     @property
@@ -227,13 +237,15 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
     )
     _write(etc / "lab" / "authorized_keys" / "root", client_pub)
     _write(etc / "lab" / "authorized_keys" / USER_NAME, client_pub)
+    _write(etc / "lab" / "authorized_keys" / SUDO_USER_NAME, client_pub)
     _write(etc / "lab" / "ssh-port-default", str(host.port))
     _write(
         etc / "lab" / "host.json",
         json.dumps({"name": host.name, "address": host.address, "httpPort": host.httpPort, "sshPort": host.port}),
     )
     _write(etc / "sudoers.d" / "lab-alice", f"{USER_NAME} ALL=(ALL) NOPASSWD: ALL\n", 0o440)
-    _write(etc / "nix" / "nix.conf", NIX_CONF)
+    _write(etc / "sudoers.d" / "lab-bob", f"{SUDO_USER_NAME} ALL=(ALL) ALL\n", 0o440)
+    _write(etc / "nix" / "nix.conf", NIX_CONF_TRUSTING_SUDO_USER)
     if mode == "nixos":
         _write(
             etc / "os-release",
@@ -427,7 +439,11 @@ def start_host(lab_dir: Path, name: str, address: str, mode: str, base_system: s
     host = LabHost(**{**asdict(host), "hostKey": f"{pub[0]} {pub[1]}"})
     _start_holder(state)
     run(nsenter(state, ["useradd", "-M", "-d", f"/run/home/{USER_NAME}", "-s", "/bin/sh", "-u", str(USER_UID), USER_NAME]))
-    run(nsenter(state, ["chpasswd"]), input=f"{USER_NAME}:{USER_PASSWORD}\n")
+    run(nsenter(state, ["useradd", "-M", "-d", f"/run/home/{SUDO_USER_NAME}", "-s", "/bin/sh",
+                        "-u", str(SUDO_USER_UID), SUDO_USER_NAME]))
+    # chpasswd hashes the password into the host's own /etc/shadow (the
+    # overlay), which the machine's real sudo checks through PAM.
+    run(nsenter(state, ["chpasswd"]), input=f"{USER_NAME}:{USER_PASSWORD}\n{SUDO_USER_NAME}:{SUDO_USER_PASSWORD}\n")
     if mode == "nixos":
         assert base_system is not None
         copy_closure_into(state, base_system)
@@ -610,6 +626,24 @@ def container_enter(state: Path, cmd: list[str]) -> list[str]:
         raise LabError(f"systemd lab host at {state} is not running")
     return ["nsenter", f"--target={pid}", "--mount", "--uts", "--ipc", "--pid", "--",
             "env", "-i", f"PATH={CONTAINER_PATH}", "LC_ALL=C.UTF-8", "HOME=/root", *cmd]
+
+
+def add_password_sudo_user(host: LabHost) -> None:
+    """Give a running systemd host the user bob whose sudo asks for his password, as namespace hosts have.
+
+    Systemd hosts serve root only unless a test asks for this: their /etc is
+    volatile, so the user lasts until the host reboots.
+    """
+    if host.mode != "systemd":
+        return  # namespace hosts have bob from the start
+    state = host.state
+    _write(state / "etc-upper" / "lab" / "authorized_keys" / SUDO_USER_NAME,
+           (state / "etc-upper" / "lab" / "authorized_keys" / "root").read_text())
+    run(nsenter(state, ["useradd", "-M", "-d", f"/run/home/{SUDO_USER_NAME}", "-s", "/bin/sh",
+                        "-u", str(SUDO_USER_UID), SUDO_USER_NAME]))
+    run(nsenter(state, ["chpasswd"]), input=f"{SUDO_USER_NAME}:{SUDO_USER_PASSWORD}\n")
+    run(nsenter(state, ["sh", "-c", 'printf "%s\\n" "$1" > /etc/sudoers.d/lab-bob && chmod 0440 /etc/sudoers.d/lab-bob',
+                        "sh", f"{SUDO_USER_NAME} ALL=(ALL) ALL"]))
 
 
 def _prepare_systemd_state(state: Path, host: LabHost, client_pub: str) -> None:

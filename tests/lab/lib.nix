@@ -35,6 +35,7 @@ let
     httpStatus = 200;        # the lab service answers with this status
     httpDown = false;        # the lab service is not started at all
     slowActivation = 0;      # seconds activation sleeps before finishing
+    activationReads = "";    # a file activation reads, as agenix reads its key: missing, activation fails
   };
 
   mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { }, kernel ? "6.6.30" }:
@@ -65,6 +66,7 @@ let
       PATH = "/usr/bin:/bin";
       activationFails = if f.activationFails then "1" else "";
       slowActivation = toString f.slowActivation;
+      activationReads = f.activationReads;
       args = [ "-c" ''
         set -e
         mkdir -p $out/bin $out/sw/bin $out/etc/lab
@@ -75,6 +77,7 @@ let
         printf '%s' "$sshPort" > $out/etc/lab/ssh-port
         printf '%s' "$activationFails" > $out/etc/lab/activation-fails
         printf '%s' "$slowActivation" > $out/etc/lab/slow-activation
+        printf '%s' "$activationReads" > $out/etc/lab/activation-reads
         for p in $pkgPaths; do
           echo "$p" >> $out/etc/lab/packages
           for b in $p/bin/*; do ln -s "$b" $out/sw/bin/; done

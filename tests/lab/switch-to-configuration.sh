@@ -56,6 +56,16 @@ if [ -n "$slow" ] && [ "$slow" != 0 ]; then
   echo "running slow activation script ($slow s)..." >&2
   sleep "$slow"
 fi
+# The activationReads fault: activation needs a file, as agenix's needs its
+# key. It records the content's SHA-256 (never the content) for the tests.
+reads="$(cat "$out/etc/lab/activation-reads" 2>/dev/null || true)"
+if [ -n "$reads" ]; then
+  if [ ! -r "$reads" ]; then
+    echo "activation: cannot read $reads (as agenix cannot decrypt without its key)" >&2
+    exit 1
+  fi
+  sha256sum < "$reads" | cut -d' ' -f1 > "$state/activation-read"
+fi
 ln -sfn "$out" /run/current-system
 
 if [ "$systemd" = 1 ]; then

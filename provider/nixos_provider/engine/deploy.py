@@ -13,15 +13,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from . import profiles
+from . import binary_cache, profiles
 from .activation import ActivationOutcome, Supervisor
-from .errors import DeployError, EngineError, HostBusy
+from .errors import ConnectError, DeployError, EngineError, HostBusy
 from .health import run_health_checks
-from .models import ACTIVATION_TIMEOUT, DeployRequest, DeployResult, Generation, HealthCheck, Profile, PushStats, Remote
+from .models import (
+    ACTIVATION_TIMEOUT,
+    BinaryCache,
+    DeployRequest,
+    DeployResult,
+    Generation,
+    HealthCheck,
+    Profile,
+    PushStats,
+    Remote,
+)
 from .nix import Nix
 from .process import Target
 from .protocol import ActivationSpec, Cause, Phase, SupervisorState
-from .push import PushProgress, choose_compression, push_closure
+from .push import PushProgress, choose_compression, missing_paths, push_closure
 from .ssh import Connection, connect
 from .timeline import Step, Steps
 
@@ -46,8 +56,15 @@ class TargetState:
 
 
 async def open_target(remote: Remote, profile: Profile, *, compress: bool = False) -> Target:
+    """Connect, and make sure sudo lets the SSH user act as the profile's user before anything else runs."""
     conn = await connect(remote, compress=compress)
-    return Target.for_profile(conn, profile)
+    target = Target.for_profile(conn, profile)
+    try:
+        await target.check_elevation()
+    except BaseException:
+        await conn.close()
+        raise
+    return target
 
 
 async def read_state(remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:
@@ -84,11 +101,14 @@ def _tail(text: str, n: int = OUTPUT_TAIL_LINES) -> str:
 class Deployment:
     """Deploys one store path to one profile on one host."""
 
-    def __init__(self, req: DeployRequest, nix: Nix, *, status: StatusFn = _noop, output: StatusFn = _noop) -> None:
+    def __init__(self, req: DeployRequest, nix: Nix, *, status: StatusFn = _noop, output: StatusFn = _noop,
+                 warn: StatusFn = _noop, uploads: binary_cache.CacheUploads | None = None) -> None:
         self.req = req
         self.nix = nix
         self.status = status
         self.output = output
+        self.warn = warn
+        self.uploads = uploads or binary_cache.CacheUploads()
         self.host_key: str | None = req.remote.host_key
         self._new_gen: Generation | None = None
         self.steps = Steps(req.remote.target)
@@ -138,6 +158,9 @@ class Deployment:
 
         pusher = target.for_store()
         self.steps.mark(Step.PUSH)
+        # A remote build copies a derivation's closure, which is not what the cache holds.
+        if req.binary_cache is not None and req.build_drv_on_target is None:
+            await self._through_cache(pusher, req.binary_cache)
         compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
@@ -206,6 +229,35 @@ class Deployment:
             raise
         except EngineError as e:
             raise await self._abort(supervisor, str(e), step="activation") from e
+
+    async def _through_cache(self, target: Target, cache: BinaryCache) -> None:
+        """Upload the closure to the cache (once per process) and let the target substitute it.
+
+        Any failure here only costs the cache's benefit: the direct push that
+        follows copies whatever the target still lacks, and a warning says why.
+        """
+        path = self.req.store_path
+        if not await missing_paths(target, [path]):
+            return  # a valid path has its whole closure: nothing to fetch
+        self.status(f"uploading the closure of {path} to the binary cache {cache.write_url}")
+        try:
+            upload = await self.uploads.upload(self.nix, cache, path)
+        except EngineError as e:
+            self.warn(f"binaryCache: {e}; pushing directly over SSH instead")
+            return
+        if upload.paths:
+            self.status(f"uploaded {upload.paths} paths ({upload.bytes / 1048576:.1f} MiB) to {cache.write_url} "
+                        f"in {upload.seconds:.1f}s")
+        self.status(f"{target.target} is fetching {path} from the binary cache {cache.url}")
+        try:
+            why = await binary_cache.substitute(target, path, cache, timeout=self.req.activation_timeout * 10)
+        except ConnectError:
+            raise  # the host is gone: a direct push could not help
+        except EngineError as e:
+            why = str(e)
+        if why is not None:
+            self.warn(f"binaryCache: {target.target} could not fetch {path} from {cache.url} ({why}); "
+                      "pushing directly over SSH instead")
 
     async def _activate(self, supervisor: Supervisor, push: PushStats) -> DeployResult:
         """Under the lock: register the generation, activate, confirm, check health, finish."""
@@ -369,9 +421,15 @@ def _describe_now(running: str | None, gen: int | None, profile: Profile) -> str
 
 
 async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn = _noop,
-                 output: StatusFn = _noop) -> DeployResult:
-    """Deploy req.store_path; raise DeployError (or ConnectError, NixError) on failure."""
-    return await Deployment(req, nix or Nix(), status=status, output=output).run()
+                 output: StatusFn = _noop, warn: StatusFn = _noop,
+                 uploads: binary_cache.CacheUploads | None = None) -> DeployResult:
+    """Deploy req.store_path; raise DeployError (or ConnectError, NixError) on failure.
+
+    uploads is shared by the deployments of one process, so each closure goes
+    to a binary cache once; warn receives what the user should know but does
+    not fail the deployment (a cache that could not be used).
+    """
+    return await Deployment(req, nix or Nix(), status=status, output=output, warn=warn, uploads=uploads).run()
 
 
 async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,

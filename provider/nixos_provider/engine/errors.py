@@ -21,6 +21,7 @@ class Setting(Enum):
     PROXY = "a jump host"
     NIXOS_ANYWHERE_COMMAND = "the nixos-anywhere command"
     NIX_COMMAND = "the nix command"
+    SUDO_PASSWORD = "the sudo password"
 
 
 class EngineError(Exception):
@@ -46,6 +47,10 @@ class HostKeyMismatch(ConnectError):
         )
         self.expected = expected
         self.seen = seen
+
+
+class ElevationError(EngineError):
+    """sudo would not run a command as another user (a wrong or missing connection.sudoPassword, no rule)."""
 
 
 class HostBusy(EngineError):

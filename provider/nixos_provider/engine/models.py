@@ -16,9 +16,13 @@ class Credentials:
     private_key_password: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     agent_socket_path: str | None = None
+    # Not an SSH credential: what sudo on the host asks the SSH user for
+    # (sent on sudo's stdin, see process.PasswordSudo).
+    sudo_password: str | None = field(default=None, repr=False)
 
     @property
     def empty(self) -> bool:
+        """No SSH credential at all (sudo_password is none)."""
         return not (self.private_key or self.password or self.agent_socket_path)
 
 
@@ -75,6 +79,28 @@ class PushStats:
 
 
 @dataclass(frozen=True)
+class BinaryCache:
+    """A Nix binary cache the deployer uploads closures to once, and targets substitute from.
+
+    url is where targets fetch from (their substituter); upload_url, when set,
+    is where the deployer writes (`file:///srv/cache` behind the HTTP server
+    at url, `s3://...`), else url itself. The signing key comes as its content
+    (a secret) or as a file on the deployer; with neither, paths are uploaded
+    unsigned and only a cache that signs them itself can serve them.
+    """
+
+    url: str
+    public_key: str
+    upload_url: str | None = None
+    signing_key: str | None = field(default=None, repr=False)
+    signing_key_file: str | None = None
+
+    @property
+    def write_url(self) -> str:
+        return self.upload_url or self.url
+
+
+@dataclass(frozen=True)
 class HealthCheck:
     command: str | None = None
     http: str | None = None
@@ -120,6 +146,9 @@ class DeployRequest:
     # Build on the target: copy this derivation's closure and realise it
     # there instead of pushing store_path (which is its output).
     build_drv_on_target: str | None = None
+    # Upload the closure once to this cache and let the target substitute
+    # from it; the direct push is the fallback.
+    binary_cache: BinaryCache | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .nix_versions import (
     PathInfo,
     error_summary,
     parse_build_outputs,
+    parse_copied_paths,
     parse_path_info,
     rejects_flag,
 )
@@ -273,6 +274,13 @@ class Nix:
         if "out" not in outputs:
             raise NixError(f"building {installable} gave no `out` output (outputs: {', '.join(outputs)})")
         return outputs["out"]
+
+    async def copy_to(self, url: str, paths: Sequence[str], *, what: str) -> list[str]:
+        """`nix copy --to url` of the paths' closures; the paths it uploaded (those the store lacked)."""
+        res = await LOCAL.run(self._argv("copy", "--to", url, *paths), check=False)
+        if res.exit_status != 0:
+            raise NixError(f"{what} failed: {error_summary(res.stderr)}")
+        return parse_copied_paths(res.stderr)
 
     async def is_valid(self, path: str) -> bool:
         res = await LOCAL.run(self.store_argv("--check-validity", path), check=False)

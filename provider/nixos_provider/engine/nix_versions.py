@@ -14,6 +14,12 @@ Supported and tested: Debian bookworm's Nix 2.8, trixie's 2.26 and sid's 2.34
   every version; newer ones add fields (startTime, stopTime, ...).
 - `nix-env --list-generations` prints `N   YYYY-MM-DD HH:MM:SS   (current)`
   in every version.
+- Binary caches: `nix copy --to 'file://DIR?secret-key=FILE'` signs what it
+  uploads with the key in FILE in 2.8, 2.26 and 2.34 alike (the store
+  setting `secret-key`), and each prints `copying path '<path>' to '<url>'...`
+  on stderr for every path it uploads (none for a path the cache already
+  has). `nix-store --realise` takes `--option substituters/trusted-public-keys`
+  in every version; a root client of the daemon is trusted, so they apply.
 - Errors: 2.8 prints `error: <what>` on one line; later versions often print
   an empty `error:` followed by an evaluation trace (`… while calling`, code
   frames) and the cause as an indented `error:` at the end of the trace.
@@ -118,6 +124,31 @@ def parse_build_outputs(stdout: str) -> list[dict[str, str]]:
             raise NixOutputError(f"nix build printed a result without outputs: {json.dumps(item)[:120]}")
         result.append({str(k): _full_path(str(v)) for k, v in outputs.items() if v})
     return result
+
+
+# The binary cache store setting naming the file of the key that signs uploads.
+SIGNING_KEY_STORE_SETTING = "secret-key"
+_COPIED_PATH = re.compile(r"^copying path '(/[^']+)' to '")
+
+
+def parse_copied_paths(stderr: str) -> list[str]:
+    """The paths `nix copy --to URL` says it uploaded (stderr at the default verbosity), each once, in order."""
+    seen: dict[str, None] = {}
+    for line in stderr.splitlines():
+        m = _COPIED_PATH.match(line.strip())
+        if m:
+            seen.setdefault(m.group(1))
+    return list(seen)
+
+
+def substituter_options(url: str, public_key: str) -> list[str]:
+    """Options that make a Nix command substitute from exactly this cache, trusting exactly this key.
+
+    A negative TTL of 0: an earlier lookup that found nothing (before the
+    upload) must not hide what is there now.
+    """
+    return ["--option", "substituters", url, "--option", "trusted-public-keys", public_key,
+            "--option", "narinfo-cache-negative-ttl", "0"]
 
 
 _GEN_LINE = re.compile(r"^\s*(\d+)\s+(\d{4}-\d\d-\d\d)\s+(\d\d:\d\d:\d\d)\s*(\(current\))?\s*$")

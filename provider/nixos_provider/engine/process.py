@@ -11,8 +11,8 @@ share the steps that matter here:
 - an `Elevator` turns the argv into one that runs as another user (sudo).
   This is the only place that knows about sudo: errors and logs carry the argv
   the caller gave;
-- every argv is logged at debug level, input never is (a later sudo password
-  travels there).
+- every argv is logged at debug level, input never is (connection.sudoPassword
+  travels there, see `PasswordSudo`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ import contextlib
 import getpass
 import logging
 import os
+import secrets
 import shlex
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .errors import CommandError, CommandNotFound, ConnectError, LocalCommandError, NixError, RemoteCommandError
+from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError, Setting
 from .lazy import lazy_module
 from .models import Profile
 
@@ -57,10 +58,14 @@ class Elevator(Protocol):
     """How a command gains another user's rights on the host that runs it.
 
     `argv` wraps the command; `stdin` is what the wrapper reads before the
-    command's own input. Non-interactive sudo reads nothing. `sudo -S` with
-    a password (connection.sudoPassword) is another Elevator whose `stdin`
-    is that password's line: the runner already sends it first, for `run`
-    and for `start`, and keeps it out of logs and errors.
+    command's own input: nothing for non-interactive sudo, the password's line
+    for sudo with connection.sudoPassword. The runner sends it first, for `run`
+    and for `start`, and keeps it out of logs and errors. `probe` is a
+    command that only tests the elevation (and its stdin), run once per
+    connection before anything is changed; `refusal` reads the probe's
+    failure: sudo's own refusal (a bad or missing password), or None. Later
+    commands are not read that way: a command that ran sudo itself may fail
+    with the same words.
     """
 
     @property
@@ -70,6 +75,30 @@ class Elevator(Protocol):
 
     def stdin(self) -> bytes: ...
 
+    def probe(self) -> tuple[list[str], bytes]: ...
+
+    def refusal(self, exit_status: int | None, stderr: str) -> str | None: ...
+
+
+def _sudo_target(user: str) -> list[str]:
+    # -H: the user's own HOME, so nix-env finds its profile settings.
+    return [] if user == "root" else ["-H", "-u", user]
+
+
+# sudo's own words when it will not run a command for want of a (right)
+# password, in lower case: sudo's, then sudo-rs's (NixOS can use either).
+# sudo exits 1 then, and the command never started.
+_SUDO_WRONG_PASSWORD = ("incorrect password attempt", "sorry, try again.", "no password was provided",
+                        "incorrect authentication attempt", "authentication failed")
+_SUDO_NEEDS_PASSWORD = ("a password is required", "a terminal is required", "interactive authentication is required")
+
+
+def _sudo_said(stderr: str, phrases: tuple[str, ...]) -> bool:
+    """Whether one of sudo's own lines (not, say, sshd's note about a missing home) says one of phrases."""
+    lines = (line.strip().lower() for line in stderr.splitlines())
+    return any(line.startswith(("sudo", "[sudo", "sorry", "authentication failed")) and any(p in line for p in phrases)
+               for line in lines)
+
 
 @dataclass(frozen=True)
 class Sudo:
@@ -78,19 +107,80 @@ class Sudo:
     user: str
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        if self.user == "root":
-            return ["sudo", "-n", "--", *argv]
-        # -H: the user's own HOME, so nix-env finds its profile settings.
-        return ["sudo", "-n", "-H", "-u", self.user, "--", *argv]
+        return ["sudo", "-n", *_sudo_target(self.user), "--", *argv]
 
     def stdin(self) -> bytes:
         return b""
 
+    def probe(self) -> tuple[list[str], bytes]:
+        return self.argv(["true"]), b""
 
-def elevator_for(login_user: str, run_as: str | None) -> Elevator | None:
+    def refusal(self, exit_status: int | None, stderr: str) -> str | None:
+        if exit_status == 1 and _sudo_said(stderr, _SUDO_NEEDS_PASSWORD):
+            return f"sudo asks for a password: set {Setting.SUDO_PASSWORD.value} (a secret)"
+        return None
+
+
+# Runs as the elevated user between sudo and the command: it reads stdin
+# line by line up to the sync line ($1) and then becomes the command, which
+# reads the rest. sudo reads a password only when the policy wants one (a
+# NOPASSWD rule does not), so the password's line may or may not still be
+# there; either way it ends here, never in the command. `read` takes one byte
+# at a time from a pipe and `[` is a shell builtin: nothing is read past the
+# sync line, and the password never becomes an argument.
+_SKIP_TO_SYNC = (
+    'while IFS= read -r line; do [ "$line" = "$1" ] && shift && exec "$@"; done; '
+    'echo "pulumi-nixos: the input of the elevated command lacks its sync line" >&2; exit 125'
+)
+
+
+@dataclass(frozen=True)
+class PasswordSudo:
+    """sudo that reads connection.sudoPassword from stdin (-S), never from argv or a terminal.
+
+    -k makes every command authenticate afresh: sudo neither uses nor leaves a
+    cached credential (its timestamp), so whether it reads the password line
+    never depends on what ran before, and no later process of the SSH user
+    gains root for free. -p '' keeps the prompt out of stderr. A rule that
+    asks no password (NOPASSWD) leaves the line unread: the sync line after it
+    (`_SKIP_TO_SYNC`) keeps it from the command all the same.
+    """
+
+    user: str
+    password: str = field(repr=False)
+    # Per elevator (so per command): a line the password cannot be by accident.
+    sync: str = field(default_factory=lambda: f"pulumi-nixos-sync-{secrets.token_hex(16)}", repr=False)
+
+    def _sudo(self) -> list[str]:
+        return ["sudo", "-k", "-S", "-p", "", *_sudo_target(self.user), "--"]
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return [*self._sudo(), "sh", "-c", _SKIP_TO_SYNC, "sh", self.sync, *argv]
+
+    def stdin(self) -> bytes:
+        return f"{self.password}\n{self.sync}\n".encode()
+
+    def probe(self) -> tuple[list[str], bytes]:
+        # The password's line alone, then EOF: a wrong password is one failed
+        # attempt, never a second one made of whatever line follows.
+        return [*self._sudo(), "true"], f"{self.password}\n".encode()
+
+    def refusal(self, exit_status: int | None, stderr: str) -> str | None:
+        if exit_status != 1:
+            return None
+        if _sudo_said(stderr, _SUDO_WRONG_PASSWORD):
+            return f"sudo rejected {Setting.SUDO_PASSWORD.value} (incorrect password)"
+        if _sudo_said(stderr, _SUDO_NEEDS_PASSWORD):
+            return f"sudo asks for a password but did not take {Setting.SUDO_PASSWORD.value}"
+        return None
+
+
+def elevator_for(login_user: str, run_as: str | None, sudo_password: str | None = None) -> Elevator | None:
     """The elevation needed to run as run_as when logged in as login_user (None: none needed)."""
     if run_as is None or run_as == login_user:
         return None
+    if sudo_password is not None:
+        return PasswordSudo(run_as, sudo_password)
     return Sudo(run_as)
 
 
@@ -184,8 +274,13 @@ class Runner(ABC):
     def login_user(self) -> str: ...
 
     @property
+    def sudo_password(self) -> str | None:
+        """The password sudo asks the login user for (connection.sudoPassword), if any."""
+        return None
+
+    @property
     def elevator(self) -> Elevator | None:
-        return elevator_for(self.login_user, self.run_as)
+        return elevator_for(self.login_user, self.run_as, self.sudo_password)
 
     @property
     def user(self) -> str:
@@ -226,6 +321,33 @@ class Runner(ABC):
         if check and result.exit_status != 0:
             raise self.failure(argv, result.exit_status, result.stderr)
         return result
+
+    async def check_elevation(self) -> None:
+        """Before anything changes: can the login user become run_as? Raise ElevationError naming why not.
+
+        One cheap command through the same sudo every later command uses, so a
+        wrong or missing connection.sudoPassword fails the operation before a
+        push, a generation or an activation has happened.
+        """
+        elevator = self.elevator
+        if elevator is None:
+            return
+        probe, data = elevator.probe()
+        log.debug("%s: can it run commands as %s?", self.target, elevator.user)
+        try:
+            result = await self._exec(probe, ["sudo"], data or None, self.default_timeout, None, None, 0)
+        except TimeoutError:
+            raise self._timed_out(["sudo"], self.default_timeout) from None
+        if result.exit_status == 0:
+            return
+        reason = elevator.refusal(result.exit_status, result.stderr)
+        # A refusal names the sudo password (the Pulumi layer puts its property path there).
+        blames = Setting.SUDO_PASSWORD if reason is not None else None
+        if reason is None:
+            tail = " ".join(result.stderr.strip().splitlines()[-2:]) or "no message"
+            reason = f"exit {result.exit_status}: {tail}"
+        raise ElevationError(f"sudo on {self.target} refused to run commands as {elevator.user}: {reason}. "
+                             "Nothing was changed", blames=blames)
 
     async def start(self, argv: Sequence[str], *, stdin: bool = True, stderr: Stderr = Stderr.PIPE,
                     env: Mapping[str, str] | None = None, new_session: bool = False) -> Process:
@@ -280,6 +402,10 @@ class Target(Runner):
     @property
     def login_user(self) -> str:
         return self.conn.remote.user
+
+    @property
+    def sudo_password(self) -> str | None:
+        return self.conn.remote.credentials.sudo_password
 
     @classmethod
     def for_profile(cls, conn: Connection, profile: Profile) -> Target:

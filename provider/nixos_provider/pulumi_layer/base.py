@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.batch import FleetNix
+from ..engine.binary_cache import CacheUploads
 from ..engine.errors import EngineError
-from ..engine.models import Remote
+from ..engine.models import BinaryCache, Remote
 from ..engine.nix import Nix, parse_flake_ref
 from .errors import describe
 from .inputs import Failures, nix_options, to_remote
@@ -33,6 +34,10 @@ class Context:
     flake_cache: dict[tuple[str, str, bool], str] = field(default_factory=dict)
     # Machines of one flake share one evaluation (Check) and one build (up).
     fleet: FleetNix = field(default_factory=FleetNix)
+    # The provider's `binaryCache` (machines may set their own), and the
+    # uploads of this process: each closure goes to a cache once.
+    binary_cache: BinaryCache | None = None
+    cache_uploads: CacheUploads = field(default_factory=CacheUploads)
 
     def nix(self, options: list[tuple[str, str]] | None = None) -> Nix:
         return Nix(self.nix_command, options or [])

@@ -13,6 +13,7 @@ PROPERTY_OF: dict[Setting, str] = {
     Setting.PROXY: "`connection.proxy`",
     Setting.NIXOS_ANYWHERE_COMMAND: "`install.command` or the provider's `nixosAnywhereCommand`",
     Setting.NIX_COMMAND: "`nixCommand`",
+    Setting.SUDO_PASSWORD: "`connection.sudoPassword`",
 }
 
 

@@ -6,15 +6,19 @@ is what the Pulumi CLI shows next to the resource.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import json
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
-from ..engine.models import COMPRESSIONS, INSTALL_PHASES, Compression, Credentials, HealthCheck, InstallRequest, Remote
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Compression, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
+from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 from .schema import kind_of, type_failures
 
@@ -109,11 +113,19 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
             ssh.normalize_host_key(str(_plain(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
-    for k in ("password", "privateKeyPassword", "agentSocketPath"):
+    for k in ("password", "privateKeyPassword", "agentSocketPath", "sudoPassword"):
         val = conn.get(k)
         if _known(val) and not isinstance(_plain(val), str):
             # Never echo the value: most of these are secrets.
             f.add(f"{prop}.{k}", f"must be a string, not {kind_of(_plain(val))}")
+    sudo_password = conn.get("sudoPassword")
+    if sudo_password is not None and not allow_proxy:
+        f.add(f"{prop}.sudoPassword", "a jump host only forwards the connection and runs no command, so it needs no sudo")
+    elif _known(sudo_password) and isinstance(_plain(sudo_password), str) and (
+            not _plain(sudo_password) or "\n" in _plain(sudo_password) or "\r" in _plain(sudo_password)):
+        # sudo reads the password up to the end of its line, so it can be
+        # neither empty nor more than one line.
+        f.add(f"{prop}.sudoPassword", "must be one non-empty line (sudo reads the password up to a line break)")
     pk = conn.get("privateKey")
     if _known(pk) and not isinstance(_plain(pk), str):
         f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(_plain(pk))}")
@@ -328,6 +340,100 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
     check_nix_options(f, news.get("nixOptions"))
 
 
+# Store URL schemes `nix copy` and substituters understand; anything else is a typo.
+CACHE_SCHEMES = ("file", "http", "https", "s3", "ssh", "ssh-ng", "gs")
+_CACHE_URL = re.compile(r"^([a-z0-9+-]+)://\S+$")
+_NIX_KEY = re.compile(r"^([^:\s]+):([A-Za-z0-9+/]+={0,2})$")
+
+
+def _nix_key(value: str, size: int) -> tuple[str, bytes] | None:
+    """(name, key bytes) of a Nix signing key `name:base64`, when it is one of `size` bytes."""
+    m = _NIX_KEY.match(value.strip())
+    if not m:
+        return None
+    try:
+        raw = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return (m.group(1), raw) if len(raw) == size else None
+
+
+def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
+    if not _known(v):
+        return
+    m = _CACHE_URL.match(_plain(v)) if isinstance(_plain(v), str) else None
+    if not m or m.group(1) not in CACHE_SCHEMES:
+        f.add(prop, f"must be a Nix store URL such as `https://cache.example.org` or `file:///srv/cache` "
+                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(_plain(v))}")
+
+
+def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
+    """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
+    if not _known(cache):
+        return
+    cache = _plain(cache)
+    if not isinstance(cache, dict):
+        f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
+        return
+    for k in cache:
+        if k not in ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile"):
+            f.add(f"{prop}.{k}", "is not a binaryCache setting (url, uploadUrl, publicKey, signingKey, signingKeyFile)")
+    if cache.get("url") is None:
+        f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
+    _check_cache_url(f, f"{prop}.url", cache.get("url"))
+    _check_cache_url(f, f"{prop}.uploadUrl", cache.get("uploadUrl"))
+    public = _plain(cache.get("publicKey"))
+    public_key = _nix_key(public, 32) if isinstance(public, str) else None
+    if cache.get("publicKey") is None:
+        f.add(f"{prop}.publicKey", "is required: the key targets trust, such as `cache-1:AbC...=` "
+                                   "(from `nix-store --generate-binary-cache-key`)")
+    elif _known(public) and public_key is None:
+        f.add(f"{prop}.publicKey", "must be a Nix public key `name:base64` of 32 bytes, as "
+                                   "`nix-store --generate-binary-cache-key` writes it")
+    secret = cache.get("signingKey")
+    if secret is not None and cache.get("signingKeyFile") is not None:
+        f.add(f"{prop}.signingKeyFile", "set either `signingKey` or `signingKeyFile`, not both")
+    if _known(secret):
+        secret_key = _nix_key(_plain(secret), 64) if isinstance(_plain(secret), str) else None
+        if secret_key is None:
+            # Never echo the value: it is a secret.
+            f.add(f"{prop}.signingKey", "must be a Nix secret key `name:base64` of 64 bytes, as "
+                                        "`nix-store --generate-binary-cache-key` writes it")
+        elif public_key is not None and (secret_key[0] != public_key[0] or secret_key[1][32:] != public_key[1]):
+            f.add(f"{prop}.signingKey", "is not the secret key of `publicKey`: targets would refuse what it signs")
+    key_file = cache.get("signingKeyFile")
+    if _known(key_file) and (not isinstance(_plain(key_file), str) or not _plain(key_file).startswith("/")):
+        f.add(f"{prop}.signingKeyFile", "must be the absolute path of a secret key file on the deployer")
+
+
+def parse_binary_cache(value: Any) -> Any:
+    """Provider config arrives as JSON text when set with `pulumi config set`; as an object otherwise."""
+    plain = _plain(value)
+    if isinstance(plain, str):
+        try:
+            return json.loads(plain)
+        except ValueError:
+            return plain  # Check reports it as not an object
+    return value
+
+
+def to_binary_cache(cache: Any) -> BinaryCache | None:
+    c = _plain(cache)
+    if not isinstance(c, dict) or not c.get("url"):
+        return None
+    return BinaryCache(url=str(c["url"]), public_key=str(_plain(c.get("publicKey"))),
+                       upload_url=_plain(c.get("uploadUrl")) or None,
+                       signing_key=_plain(c.get("signingKey")) or None,
+                       signing_key_file=_plain(c.get("signingKeyFile")) or None)
+
+
+def secret_binary_cache(cache: Any) -> Any:
+    """Keep the signing key wrapped as a secret in state."""
+    if not isinstance(cache, dict) or cache.get("signingKey") is None or isinstance(cache["signingKey"], Secret):
+        return cache
+    return {**cache, "signingKey": Secret(cache["signingKey"])}
+
+
 def compression(news: dict[str, Any]) -> Compression:
     """The `compress` input, checked in Check; "auto" when unset."""
     value = news.get("compress")
@@ -364,9 +470,10 @@ def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
         private_key_password=c.get("privateKeyPassword"),
         password=c.get("password"),
         agent_socket_path=c.get("agentSocketPath"),
+        sudo_password=c.get("sudoPassword"),
     )
     if creds.empty and default_private_key:
-        creds = Credentials(private_key=default_private_key)
+        creds = replace(creds, private_key=default_private_key)
     proxy = to_remote(c["proxy"], default_private_key=default_private_key) if c.get("proxy") else None
     return Remote(
         host=str(c["host"]),
@@ -405,9 +512,117 @@ def secret_connection(conn: Any) -> Any:
     if not isinstance(conn, dict):
         return conn
     out = dict(conn)
-    for k in ("privateKey", "privateKeyPassword", "password"):
+    for k in ("privateKey", "privateKeyPassword", "password", "sudoPassword"):
         if out.get(k) is not None and not isinstance(out[k], Secret):
             out[k] = Secret(out[k])
     if isinstance(out.get("proxy"), dict):
         out["proxy"] = secret_connection(out["proxy"])
     return out
+
+
+# -- secretFiles -----------------------------------------------------------------
+
+SECRET_FILE_KEYS = ("path", "content", "owner", "group", "mode", "stage", "keepOnDestroy")
+SECRET_FILE_DEFAULTS: dict[str, Any] = {"owner": "root", "group": "root", "mode": "0400",
+                                        "stage": "before-activation", "keepOnDestroy": False}
+MODE_RE = re.compile(r"^0?[0-7]{3}$")
+# A user or group name as useradd accepts it, or a numeric id.
+ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
+
+
+def check_secret_files(f: Failures, files: Any, prop: str = "secretFiles") -> None:
+    """secretFiles: absolute distinct paths, octal modes, valid accounts, known stages. Contents are never echoed."""
+    if not _known(files):
+        return
+    files = _plain(files)
+    if not isinstance(files, list):
+        f.add(prop, "must be a list of {path, content, owner, group, mode, stage}")
+        return
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(files):
+        p = f"{prop}[{i}]"
+        if not isinstance(entry, dict):
+            f.add(p, "must be an object with `path` and `content`")
+            continue
+        _check_secret_file(f, p, entry)
+        path = entry.get("path")
+        if isinstance(path, str) and path in seen:
+            f.add(f"{p}.path", f"{path!r} is already {prop}[{seen[path]}].path: each file can be declared once")
+        elif isinstance(path, str):
+            seen[path] = i
+
+
+def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
+    for k in entry:
+        if k not in SECRET_FILE_KEYS:
+            f.add(f"{p}.{k}", "is not a property of a secret file" +
+                  (" (it is computed by the provider)" if k == "contentHash" else ""))
+    path = entry.get("path")
+    if path is None:
+        f.add(f"{p}.path", "is required: the absolute path of the file on the host")
+    elif _known(path) and (not isinstance(path, str) or not _is_file_path(path)):
+        f.add(f"{p}.path", f"{_short(path)} must be a normalized absolute file path without `..`, "
+              "such as `/var/lib/secrets/age.key`")
+    elif _known(path) and (path + "/").startswith("/nix/store/"):
+        f.add(f"{p}.path", "must not be in /nix/store: the store is readable by every user, which is what "
+              "secretFiles avoids")
+    content = entry.get("content")
+    if content is None:
+        f.add(f"{p}.content", "is required: the file's content (secret)")
+    for k in ("owner", "group"):
+        name = entry.get(k)
+        if _known(name) and (not isinstance(name, str) or not ACCOUNT_RE.match(name)):
+            f.add(f"{p}.{k}", f"{_short(name)} is not a valid {'user' if k == 'owner' else 'group'} name or id")
+    mode = entry.get("mode")
+    if _known(mode) and (not isinstance(mode, str) or not MODE_RE.match(mode)):
+        f.add(f"{p}.mode", f"{_short(mode)} must be an octal mode as a string, such as \"0400\" or \"0640\"")
+    check_choice(f, f"{p}.stage", entry.get("stage"), STAGES)
+    check_bool(f, f"{p}.keepOnDestroy", entry.get("keepOnDestroy"))
+
+
+def _is_file_path(path: str) -> bool:
+    parts = path.split("/")
+    return (path.startswith("/") and posixpath.normpath(path) == path and path != "/" and ".." not in parts
+            and len(path) <= MAX_REF and "\0" not in path)
+
+
+def normalize_secret_files(files: Any) -> Any:
+    """Fill each file's defaults and keep its content secret, however the program passed it."""
+    if not isinstance(files, list):
+        return files
+    out = []
+    for entry in files:
+        e = {**SECRET_FILE_DEFAULTS, **{k: v for k, v in entry.items() if v is not None}}
+        if not isinstance(e.get("content"), Secret):
+            e["content"] = Secret(e.get("content"))
+        out.append(e)
+    return out
+
+
+def to_secret_files(files: Any) -> tuple[SecretFile, ...]:
+    """The engine's model of checked, known secretFiles."""
+    return tuple(SecretFile(
+        path=e["path"], content=str(e["content"]).encode(), owner=e.get("owner") or "root",
+        group=e.get("group") or "root", mode=e.get("mode") or "0400", stage=e.get("stage") or "before-activation",
+        keep_on_destroy=bool(e.get("keepOnDestroy")),
+    ) for e in (_plain(files) or []))
+
+
+def recorded_files(outputs: Any) -> tuple[RecordedFile, ...]:
+    """What state says is on the host: the `secretFiles` output, hashes instead of contents."""
+    out = []
+    for e in _plain(outputs) or []:
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("contentHash"), str):
+            out.append(RecordedFile(
+                path=e["path"], content_hash=e["contentHash"], owner=e.get("owner") or "root",
+                group=e.get("group") or "root", mode=e.get("mode") or "0400",
+                stage=e.get("stage") or "before-activation", keep_on_destroy=bool(e.get("keepOnDestroy"))))
+    return tuple(out)
+
+
+def secret_files_output(records: tuple[RecordedFile, ...]) -> list[dict[str, Any]] | None:
+    """The `secretFiles` output: each file's settings and the HMAC of its content, never the content."""
+    if not records:
+        return None
+    return [{"path": r.path, "contentHash": r.content_hash, "owner": r.owner, "group": r.group, "mode": r.mode,
+             "stage": r.stage, "keepOnDestroy": r.keep_on_destroy} for r in records]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..engine import secret_files as files
 from ..engine.closure_diff import ClosureChanges, closure_changes
 from ..engine.errors import DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
@@ -14,7 +16,7 @@ from ..engine.nix import DISKO_SCRIPT, Nix, is_store_path, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .errors import describe
-from .properties import UNKNOWN, contains_unknown, reveal
+from .properties import UNKNOWN, Secret, contains_unknown, reveal
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -27,7 +29,7 @@ TYPE = "nixos:index:NixosMachine"
 INPUT_KEYS = [
     "connection", "flake", "systemPath", "buildOn", "substituteOnDestination", "compress", "nixOptions", "action",
     "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy",
-    "triggers", "buildOnPreview", "dryActivate",
+    "triggers", "buildOnPreview", "dryActivate", "secretFiles", "binaryCache",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -36,6 +38,8 @@ COMPUTED = [
     "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
 ]
 SYSTEM = Profile(SYSTEM_PROFILE)
+# The per-machine HMAC key of the secret files' content hashes: state keeps it as a secret.
+FILES_KEY = "secretFilesKey"
 
 
 def _id(remote: Remote) -> str:
@@ -67,6 +71,8 @@ class NixosMachine(DeployedResource):
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
         v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
         v.check_install(f, news)
+        v.check_secret_files(f, news.get("secretFiles"))
+        v.check_binary_cache(f, news.get("binaryCache"))
         if f:
             raise CheckFailed(f)
 
@@ -76,8 +82,12 @@ class NixosMachine(DeployedResource):
                                                                            self.ctx.default_user))
         if checked.get("install") is not None:
             checked["install"] = v.secret_install(checked["install"])
+        if checked.get("binaryCache") is not None:
+            checked["binaryCache"] = v.secret_binary_cache(checked["binaryCache"])
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
+        if checked.get("secretFiles") is not None:
+            checked["secretFiles"] = v.normalize_secret_files(checked["secretFiles"])
         if flake is not None:
             checked["systemPath"] = await self._resolve_flake(news, nixos=True)
         return checked
@@ -85,8 +95,9 @@ class NixosMachine(DeployedResource):
     # -- Diff -------------------------------------------------------------------
 
     def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        result = diff_inputs(olds, news, INPUT_KEYS, [("connection", "host"), ("connection", "port")],
-                             DEPLOY_KEYS)
+        keys = [k for k in INPUT_KEYS if k != "secretFiles"]
+        result = diff_inputs(olds, news, keys, [("connection", "host"), ("connection", "port")], DEPLOY_KEYS)
+        result.detailed.update(_secret_files_diff(olds, news))
         return result
 
     @staticmethod
@@ -104,13 +115,14 @@ class NixosMachine(DeployedResource):
         out = {**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news}
         out["connection"] = v.secret_connection(news.get("connection"))
         out["install"] = v.secret_install(news.get("install"))
+        out["binaryCache"] = v.secret_binary_cache(news.get("binaryCache"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
                                                   "pushedPaths", "pushedBytes", "needsReboot")):
                 out[k] = UNKNOWN
         if olds is not None and olds.get("hostKey"):
             out["hostKey"] = olds["hostKey"]
-        return out
+        return {**out, **_files_preview(olds, news)}
 
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
         if preview:
@@ -121,7 +133,7 @@ class NixosMachine(DeployedResource):
             return ident, self._preview_outputs(news, None, True)
         remote = self._remote(news)
         if news.get("install") is not None:  # `install: {}` installs with every default
-            return _id(remote), await self._install(urn, _id(remote), news)
+            return _id(remote), await self._install(urn, _id(remote), news, {})
         self.ctx.status(urn, f"connecting to {remote.target}")
         # Build while the host is read: the build does not need it, and the
         # machines created together then share one `nix build`.
@@ -141,7 +153,9 @@ class NixosMachine(DeployedResource):
         pinned = baseline.host_key
         base = {
             **news,
+            "secretFiles": None,
             "connection": v.secret_connection(news["connection"]),
+            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
             "hostKey": pinned,
             "baselineGeneration": baseline.generation.number if baseline.generation else None,
             "baselineSystemPath": baseline.current_system or (baseline.generation.store_path if baseline.generation else None),
@@ -151,7 +165,8 @@ class NixosMachine(DeployedResource):
             "needsReboot": bool(baseline.reboot_for),
         }
         ident = _id(remote)
-        return ident, await self._deploy(urn, ident, base, news, pinned, building=building)
+        placement = self._placement({}, news, pinned)
+        return ident, await self._deploy(urn, ident, base, news, pinned, placement, building=building)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
@@ -159,13 +174,14 @@ class NixosMachine(DeployedResource):
             if preview:
                 return self._preview_outputs(news, None, True)
             self.ctx.info(urn, "the installation did not finish last time: checking the host before installing again")
-            return await self._install(urn, ident, news)
+            return await self._install(urn, ident, news, olds)
         if preview and olds.get("install") is not None and not same(olds.get("install"), news.get("install")):
             self.ctx.info(urn, "`install` applies only when the machine is created: the change is recorded, "
                                "nothing is reinstalled")
         deploys = self.needs_deploy(olds, news)
         if preview:
             out = self._preview_outputs(news, olds, deploys)
+            self._note_secret_files(urn, olds, news)
             if deploys:
                 changes = await self._pending_changes(urn, olds, news)
                 out["pendingChanges"] = changes.to_output() if changes else None
@@ -174,13 +190,63 @@ class NixosMachine(DeployedResource):
         pinned = conn_key or olds.get("hostKey")
         base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
                 "connection": v.secret_connection(news["connection"]), "install": v.secret_install(news.get("install")),
-                "hostKey": pinned}
+                "binaryCache": v.secret_binary_cache(news.get("binaryCache")), "hostKey": pinned}
+        placement = self._placement(olds, news, pinned)
         if not deploys:
-            return base
+            return await self._place_files(urn, ident, base, news, placement)
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
-        kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
-        return await self._deploy(urn, ident, base, news, pinned, kept)
+        kept = {**olds, "connection": v.secret_connection(olds.get("connection")),
+                "binaryCache": v.secret_binary_cache(olds.get("binaryCache")), "hostKey": pinned}
+        return await self._deploy(urn, ident, base, news, pinned, placement, kept)
+
+    # -- Secret files ---------------------------------------------------------------------
+
+    def _placement(self, olds: dict[str, Any], news: dict[str, Any], pinned: str | None) -> files.Placement:
+        """What the secret files need on this up: compared with the records (hashes) in the old state."""
+        key = _files_key(olds) or base64.b64decode(files.new_key())
+        return files.Placement(self._remote(news, host_key=pinned), v.recorded_files(olds.get("secretFiles")),
+                               v.to_secret_files(news.get("secretFiles")), key)
+
+    async def _place_files(self, urn: str, ident: str, outputs: dict[str, Any], news: dict[str, Any],
+                           placement: files.Placement, *, after_switch: bool = False) -> dict[str, Any]:
+        """Write what is left to write and remove what was dropped; no activation follows."""
+        plan = placement.plan
+        if plan.after or plan.remove or (plan.before and not after_switch):
+            self.ctx.status(urn, f"placing secret files: {', '.join(plan.changed_paths()) or 'none'}"
+                                 + (f"; removing {', '.join(plan.remove)}" if plan.remove else ""))
+        try:
+            async with self.ctx.ssh_slots:
+                await (placement.after_activation() if after_switch else placement.all_stages())
+        except EngineError as e:
+            done = "the system is deployed, but " if after_switch else "the system was not changed; "
+            raise PartialFailure(f"{done}{describe(e)}", ident, _with_files(outputs, placement), news) from e
+        return _with_files(outputs, placement)
+
+    async def _files_before_activation(self, urn: str, ident: str, failed: dict[str, Any], news: dict[str, Any],
+                                       placement: files.Placement) -> None:
+        if not placement.plan.before:
+            return
+        self.ctx.status(urn, f"placing secret files before activation: "
+                             f"{', '.join(f.path for f in placement.plan.before)}")
+        try:
+            async with self.ctx.ssh_slots:
+                await placement.before_activation()
+        except EngineError as e:
+            raise PartialFailure(f"{describe(e)}; the new system was not activated", ident,
+                                 _with_files(failed, placement), news) from e
+
+    def _note_secret_files(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> None:
+        """Preview: which secret files an up writes or removes (paths only, never contents)."""
+        if contains_unknown(news.get("secretFiles")):
+            self.ctx.info(urn, "secret files: contents not known yet; they are compared during the update")
+            return
+        key = _files_key(olds) or b""
+        plan = files.plan(v.recorded_files(olds.get("secretFiles")), v.to_secret_files(news.get("secretFiles")), key)
+        if plan.changed_paths():
+            self.ctx.info(urn, f"secret files to write: {', '.join(plan.changed_paths())}")
+        if plan.remove:
+            self.ctx.info(urn, f"secret files to remove: {', '.join(plan.remove)}")
 
     # -- Install ------------------------------------------------------------------------
 
@@ -214,17 +280,25 @@ class NixosMachine(DeployedResource):
                               "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)",
                               blames=e.blames) from e
 
-    async def _install(self, urn: str, ident: str, news: dict[str, Any]) -> dict[str, Any]:
-        """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it."""
+    async def _install(self, urn: str, ident: str, news: dict[str, Any], olds: dict[str, Any]) -> dict[str, Any]:
+        """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it.
+
+        Secret files are placed once the installed system runs (both stages:
+        nixos-anywhere's activation has passed); files the first boot needs
+        belong in `install.extraFiles`.
+        """
         nix = self._nix(news)
         remote = self._remote(news)
         base = {
             **news,
             "connection": v.secret_connection(news["connection"]),
+            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
             "install": v.secret_install(news["install"]),
             **{k: None for k in COMPUTED},
             "installStatus": "failed",
             "systemPath": None,
+            "secretFiles": v.secret_files_output(v.recorded_files(olds.get("secretFiles"))),
+            FILES_KEY: olds.get(FILES_KEY),
         }
         try:
             disko, flake = await self._install_source(urn, news, nix)
@@ -263,9 +337,10 @@ class NixosMachine(DeployedResource):
         if result.installed:
             self.ctx.info(urn, f"installed {result.current_system} as generation {outputs['generation']}; "
                                f"host key pinned from {result.host_key_source}")
+        placement = self._placement(olds, news, result.host_key)
         if result.current_system != system:
             # Adopted a NixOS host that runs something else: deploy as for any adopted machine.
-            return await self._deploy(urn, ident, outputs, news, result.host_key)
+            return await self._deploy(urn, ident, outputs, news, result.host_key, placement)
         checks = v.to_health_checks(news.get("healthChecks"))
         if checks:
             try:
@@ -276,7 +351,7 @@ class NixosMachine(DeployedResource):
                 raise PartialFailure(f"{describe(e)}; the host runs the installed system {system} (generation "
                                      f"{outputs['generation']}), which has no earlier generation to roll back to",
                                      ident, outputs, news) from e
-        return outputs
+        return await self._place_files(urn, ident, outputs, news, placement)
 
     async def _pending_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> ClosureChanges | None:
         """Preview: what the new system changes, package by package, when both closures are local."""
@@ -348,10 +423,17 @@ class NixosMachine(DeployedResource):
         return task
 
     async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
-                      pinned: str | None, kept: dict[str, Any] | None = None,
+                      pinned: str | None, placement: files.Placement, kept: dict[str, Any] | None = None,
                       building: asyncio.Task[str] | None = None) -> dict[str, Any]:
-        """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
-        failed = kept if kept is not None else base
+        """Deploy news, with its secret files around the activation; on failure raise PartialFailure
+        with `kept` (or base) updated to what runs and which files are in place."""
+        outputs = await self._deploy_system(urn, ident, base, news, pinned, placement, kept, building)
+        return await self._place_files(urn, ident, outputs, news, placement, after_switch=True)
+
+    async def _deploy_system(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+                             pinned: str | None, placement: files.Placement, kept: dict[str, Any] | None,
+                             building: asyncio.Task[str] | None) -> dict[str, Any]:
+        failed = _with_files(kept if kept is not None else base, placement)
         remote = self._remote(news, host_key=pinned)
         nix = self._nix(news)
         drv: str | None = None
@@ -364,6 +446,8 @@ class NixosMachine(DeployedResource):
                 store_path = await (building or self._build(urn, news, nix))
         except EngineError as e:
             raise PartialFailure(describe(e), ident, failed, news) from e
+        await self._files_before_activation(urn, ident, failed, news, placement)
+        failed = _with_files(failed, placement)
         req = DeployRequest(
             remote=remote,
             store_path=store_path,
@@ -377,11 +461,13 @@ class NixosMachine(DeployedResource):
             substitute_on_destination=bool(news.get("substituteOnDestination")),
             compress=v.compression(news),
             build_drv_on_target=drv,
+            binary_cache=v.to_binary_cache(news.get("binaryCache")) or self.ctx.binary_cache,
         )
         try:
             async with self.ctx.ssh_slots:
                 result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s))
+                                             output=lambda s: self.ctx.info(urn, s),
+                                             warn=lambda s: self.ctx.warn(urn, s), uploads=self.ctx.cache_uploads)
         except DeployError as e:
             after = {**failed}
             if e.now_running:
@@ -475,6 +561,9 @@ class NixosMachine(DeployedResource):
             return _id(remote), outputs, inputs
         # Import: what runs now is the baseline to return to on destroy, and
         # the inputs describe it, so the generated code deploys nothing.
+        # No secret file is recorded yet (the next up writes them), and
+        # outputs never carry their contents.
+        outputs["secretFiles"] = None
         outputs["baselineGeneration"] = outputs["generation"]
         outputs["baselineSystemPath"] = now.current_system
         outputs.setdefault("action", "switch")
@@ -494,14 +583,73 @@ class NixosMachine(DeployedResource):
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
         if state.get("onDestroy", "rollback") == "retain":
-            self.ctx.info(urn, "onDestroy is `retain`: leaving the machine as it is")
+            self.ctx.info(urn, "onDestroy is `retain`: leaving the machine as it is, secret files included")
             return
         remote = self._remote(state, host_key=state.get("hostKey"))
         baseline = state.get("baselineGeneration")
         if baseline is None:
-            self.ctx.warn(urn, "no baseline generation was recorded; leaving the machine as it is")
+            self.ctx.warn(urn, "no baseline generation was recorded; leaving the system as it is")
+        else:
+            self.ctx.status(urn, f"rolling back to the baseline generation {int(baseline)}")
+            async with self.ctx.ssh_slots:
+                await engine.rollback_to(remote, SYSTEM, int(baseline), status=lambda s: self.ctx.status(urn, s),
+                                         fallback_path=state.get("baselineSystemPath"))
+        await self._remove_secret_files(urn, remote, state)
+
+    async def _remove_secret_files(self, urn: str, remote: Remote, state: dict[str, Any]) -> None:
+        """After the rollback: the baseline system predates these files, so nothing running needs them."""
+        recorded = v.recorded_files(state.get("secretFiles"))
+        if not recorded:
             return
-        self.ctx.status(urn, f"rolling back to the baseline generation {int(baseline)}")
+        self.ctx.status(urn, "removing secret files")
         async with self.ctx.ssh_slots:
-            await engine.rollback_to(remote, SYSTEM, int(baseline), status=lambda s: self.ctx.status(urn, s),
-                                     fallback_path=state.get("baselineSystemPath"))
+            kept = await files.remove_for_destroy(remote, recorded)
+        if kept:
+            self.ctx.info(urn, f"secret files kept (keepOnDestroy): {', '.join(kept)}")
+
+
+# -- secret files in state and diffs ---------------------------------------------------
+
+
+def _files_key(olds: dict[str, Any]) -> bytes | None:
+    key = reveal(olds.get(FILES_KEY))
+    return base64.b64decode(key) if isinstance(key, str) and key else None
+
+
+def _with_files(outputs: dict[str, Any], placement: files.Placement) -> dict[str, Any]:
+    """Outputs with the secret files as recorded (hashes, never contents) and the HMAC key as a secret."""
+    records = placement.records()
+    key = Secret(base64.b64encode(placement.key).decode()) if records else None  # no files, no key to keep
+    return {**outputs, "secretFiles": v.secret_files_output(records), FILES_KEY: key}
+
+
+def _files_preview(olds: dict[str, Any] | None, news: dict[str, Any]) -> dict[str, Any]:
+    """The secretFiles outputs a preview shows: the hashes where the key and contents are known."""
+    key = _files_key(olds or {})
+    wanted = news.get("secretFiles")
+    if wanted is None:
+        return {"secretFiles": None, FILES_KEY: (olds or {}).get(FILES_KEY)}
+    if key is None or contains_unknown(wanted):
+        return {"secretFiles": UNKNOWN, FILES_KEY: (olds or {}).get(FILES_KEY) or UNKNOWN}
+    records = tuple(f.record(key) for f in v.to_secret_files(wanted))
+    return {"secretFiles": v.secret_files_output(records), FILES_KEY: (olds or {}).get(FILES_KEY)}
+
+
+def _secret_files_diff(olds: dict[str, Any], news: dict[str, Any]) -> dict[str, str]:
+    """Which secret files change, by their index in the new list; contents are compared by HMAC."""
+    wanted = news.get("secretFiles")
+    if contains_unknown(wanted):
+        return {"secretFiles": "UPDATE"}
+    recorded = {r.path: r for r in v.recorded_files(olds.get("secretFiles"))}
+    key = _files_key(olds) or b""
+    out: dict[str, str] = {}
+    new_files = v.to_secret_files(wanted)
+    for i, f in enumerate(new_files):
+        old = recorded.get(f.path)
+        if old is None:
+            out[f"secretFiles[{i}]"] = "ADD"
+        elif old != f.record(key):
+            out[f"secretFiles[{i}]"] = "UPDATE"
+    if set(recorded) - {f.path for f in new_files}:
+        out["secretFiles"] = "UPDATE"
+    return out

@@ -22,7 +22,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provider_pb2, provider_pb2_grpc
 
-from .. import __version__
+from .. import provider_version
 from ..engine.errors import EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, Profile
@@ -141,7 +141,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
     # -- plugin RPCs ----------------------------------------------------------------
 
     async def GetPluginInfo(self, request: empty_pb2.Empty, context: Ctx) -> plugin_pb2.PluginInfo:
-        return plugin_pb2.PluginInfo(version=__version__)
+        return plugin_pb2.PluginInfo(version=provider_version())
 
     async def GetSchema(self, request: provider_pb2.GetSchemaRequest, context: Ctx,
                         ) -> provider_pb2.GetSchemaResponse:
@@ -173,6 +173,9 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                     val = None
             if news.get(key) is not None and not (isinstance(val, list) and val and all(isinstance(x, str) for x in val)):
                 failures.append(provider_pb2.CheckFailure(property=key, reason="must be a non-empty list of strings"))
+        cache_failures = v.Failures()
+        v.check_binary_cache(cache_failures, v.parse_binary_cache(news.get("binaryCache")))
+        failures.extend(_check_failures(cache_failures))
         return provider_pb2.CheckResponse(inputs=request.news, failures=failures)
 
     async def Configure(self, request: provider_pb2.ConfigureRequest, context: Ctx,
@@ -195,6 +198,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         self.ctx.nixos_anywhere_command = _list(args.get("nixosAnywhereCommand")) or ["nixos-anywhere"]
         self.ctx.default_private_key = reveal(args.get("defaultPrivateKey")) or None
         self.ctx.default_user = reveal(args.get("defaultUser")) or None
+        self.ctx.binary_cache = v.to_binary_cache(v.parse_binary_cache(args.get("binaryCache")))
         slots = reveal(args.get("maxParallelSsh"))
         if slots:
             self.ctx.ssh_slots = asyncio.Semaphore(int(float(slots)))

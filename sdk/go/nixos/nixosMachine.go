@@ -30,6 +30,8 @@ type NixosMachine struct {
 	BaselineGeneration pulumi.IntPtrOutput `pulumi:"baselineGeneration"`
 	// The store path of the system that ran before this resource first deployed.
 	BaselineSystemPath pulumi.StringPtrOutput `pulumi:"baselineSystemPath"`
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache BinaryCachePtrOutput `pulumi:"binaryCache"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -80,6 +82,8 @@ type NixosMachine struct {
 	PushedBytes pulumi.IntPtrOutput `pulumi:"pushedBytes"`
 	// The number of store paths copied to the host by the last deployment.
 	PushedPaths pulumi.IntPtrOutput `pulumi:"pushedPaths"`
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles SecretFileArrayOutput `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrOutput `pulumi:"substituteOnDestination"`
 	// The store path of the NixOS system deployed on the host.
@@ -174,6 +178,8 @@ type nixosMachineArgs struct {
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache *BinaryCache `pulumi:"binaryCache"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn *string `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -198,6 +204,8 @@ type nixosMachineArgs struct {
 	NixOptions []NixOption `pulumi:"nixOptions"`
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy *string `pulumi:"onDestroy"`
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles []SecretFile `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
@@ -214,6 +222,8 @@ type NixosMachineArgs struct {
 	ActivationTimeout pulumi.Float64PtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
+	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+	BinaryCache BinaryCachePtrInput
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrInput
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -238,6 +248,8 @@ type NixosMachineArgs struct {
 	NixOptions NixOptionArrayInput
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy pulumi.StringPtrInput
+	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+	SecretFiles SecretFileArrayInput
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrInput
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
@@ -356,6 +368,11 @@ func (o NixosMachineOutput) BaselineGeneration() pulumi.IntPtrOutput {
 // The store path of the system that ran before this resource first deployed.
 func (o NixosMachineOutput) BaselineSystemPath() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.BaselineSystemPath }).(pulumi.StringPtrOutput)
+}
+
+// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+func (o NixosMachineOutput) BinaryCache() BinaryCachePtrOutput {
+	return o.ApplyT(func(v *NixosMachine) BinaryCachePtrOutput { return v.BinaryCache }).(BinaryCachePtrOutput)
 }
 
 // Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
@@ -481,6 +498,11 @@ func (o NixosMachineOutput) PushedBytes() pulumi.IntPtrOutput {
 // The number of store paths copied to the host by the last deployment.
 func (o NixosMachineOutput) PushedPaths() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.IntPtrOutput { return v.PushedPaths }).(pulumi.IntPtrOutput)
+}
+
+// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+func (o NixosMachineOutput) SecretFiles() SecretFileArrayOutput {
+	return o.ApplyT(func(v *NixosMachine) SecretFileArrayOutput { return v.SecretFiles }).(SecretFileArrayOutput)
 }
 
 // Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.

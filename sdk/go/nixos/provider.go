@@ -51,6 +51,8 @@ func NewProvider(ctx *pulumi.Context,
 }
 
 type providerArgs struct {
+	// A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+	BinaryCache *BinaryCache `pulumi:"binaryCache"`
 	// The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
 	DefaultPrivateKey *string `pulumi:"defaultPrivateKey"`
 	// The SSH user for connections that set no `user` of their own, in place of `root`.
@@ -67,6 +69,8 @@ type providerArgs struct {
 
 // The set of arguments for constructing a Provider resource.
 type ProviderArgs struct {
+	// A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+	BinaryCache BinaryCachePtrInput
 	// The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
 	DefaultPrivateKey pulumi.StringPtrInput
 	// The SSH user for connections that set no `user` of their own, in place of `root`.

@@ -13,6 +13,222 @@ import (
 
 var _ = internal.GetEnvOrDefault
 
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCache struct {
+	// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+	PublicKey string `pulumi:"publicKey"`
+	// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+	SigningKey *string `pulumi:"signingKey"`
+	// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+	SigningKeyFile *string `pulumi:"signingKeyFile"`
+	// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+	UploadUrl *string `pulumi:"uploadUrl"`
+	// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+	Url string `pulumi:"url"`
+}
+
+// BinaryCacheInput is an input type that accepts BinaryCacheArgs and BinaryCacheOutput values.
+// You can construct a concrete instance of `BinaryCacheInput` via:
+//
+//	BinaryCacheArgs{...}
+type BinaryCacheInput interface {
+	pulumi.Input
+
+	ToBinaryCacheOutput() BinaryCacheOutput
+	ToBinaryCacheOutputWithContext(context.Context) BinaryCacheOutput
+}
+
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCacheArgs struct {
+	// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+	PublicKey pulumi.StringInput `pulumi:"publicKey"`
+	// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+	SigningKey pulumi.StringPtrInput `pulumi:"signingKey"`
+	// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+	SigningKeyFile pulumi.StringPtrInput `pulumi:"signingKeyFile"`
+	// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+	UploadUrl pulumi.StringPtrInput `pulumi:"uploadUrl"`
+	// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+	Url pulumi.StringInput `pulumi:"url"`
+}
+
+func (BinaryCacheArgs) ElementType() reflect.Type {
+	return reflect.TypeOf((*BinaryCache)(nil)).Elem()
+}
+
+func (i BinaryCacheArgs) ToBinaryCacheOutput() BinaryCacheOutput {
+	return i.ToBinaryCacheOutputWithContext(context.Background())
+}
+
+func (i BinaryCacheArgs) ToBinaryCacheOutputWithContext(ctx context.Context) BinaryCacheOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCacheOutput)
+}
+
+func (i BinaryCacheArgs) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return i.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (i BinaryCacheArgs) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCacheOutput).ToBinaryCachePtrOutputWithContext(ctx)
+}
+
+// BinaryCachePtrInput is an input type that accepts BinaryCacheArgs, BinaryCachePtr and BinaryCachePtrOutput values.
+// You can construct a concrete instance of `BinaryCachePtrInput` via:
+//
+//	        BinaryCacheArgs{...}
+//
+//	or:
+//
+//	        nil
+type BinaryCachePtrInput interface {
+	pulumi.Input
+
+	ToBinaryCachePtrOutput() BinaryCachePtrOutput
+	ToBinaryCachePtrOutputWithContext(context.Context) BinaryCachePtrOutput
+}
+
+type binaryCachePtrType BinaryCacheArgs
+
+func BinaryCachePtr(v *BinaryCacheArgs) BinaryCachePtrInput {
+	return (*binaryCachePtrType)(v)
+}
+
+func (*binaryCachePtrType) ElementType() reflect.Type {
+	return reflect.TypeOf((**BinaryCache)(nil)).Elem()
+}
+
+func (i *binaryCachePtrType) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return i.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (i *binaryCachePtrType) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(BinaryCachePtrOutput)
+}
+
+// A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+type BinaryCacheOutput struct{ *pulumi.OutputState }
+
+func (BinaryCacheOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*BinaryCache)(nil)).Elem()
+}
+
+func (o BinaryCacheOutput) ToBinaryCacheOutput() BinaryCacheOutput {
+	return o
+}
+
+func (o BinaryCacheOutput) ToBinaryCacheOutputWithContext(ctx context.Context) BinaryCacheOutput {
+	return o
+}
+
+func (o BinaryCacheOutput) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return o.ToBinaryCachePtrOutputWithContext(context.Background())
+}
+
+func (o BinaryCacheOutput) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return o.ApplyTWithContext(ctx, func(_ context.Context, v BinaryCache) *BinaryCache {
+		return &v
+	}).(BinaryCachePtrOutput)
+}
+
+// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+func (o BinaryCacheOutput) PublicKey() pulumi.StringOutput {
+	return o.ApplyT(func(v BinaryCache) string { return v.PublicKey }).(pulumi.StringOutput)
+}
+
+// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+func (o BinaryCacheOutput) SigningKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.SigningKey }).(pulumi.StringPtrOutput)
+}
+
+// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+func (o BinaryCacheOutput) SigningKeyFile() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.SigningKeyFile }).(pulumi.StringPtrOutput)
+}
+
+// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+func (o BinaryCacheOutput) UploadUrl() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v BinaryCache) *string { return v.UploadUrl }).(pulumi.StringPtrOutput)
+}
+
+// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+func (o BinaryCacheOutput) Url() pulumi.StringOutput {
+	return o.ApplyT(func(v BinaryCache) string { return v.Url }).(pulumi.StringOutput)
+}
+
+type BinaryCachePtrOutput struct{ *pulumi.OutputState }
+
+func (BinaryCachePtrOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((**BinaryCache)(nil)).Elem()
+}
+
+func (o BinaryCachePtrOutput) ToBinaryCachePtrOutput() BinaryCachePtrOutput {
+	return o
+}
+
+func (o BinaryCachePtrOutput) ToBinaryCachePtrOutputWithContext(ctx context.Context) BinaryCachePtrOutput {
+	return o
+}
+
+func (o BinaryCachePtrOutput) Elem() BinaryCacheOutput {
+	return o.ApplyT(func(v *BinaryCache) BinaryCache {
+		if v != nil {
+			return *v
+		}
+		var ret BinaryCache
+		return ret
+	}).(BinaryCacheOutput)
+}
+
+// The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+func (o BinaryCachePtrOutput) PublicKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return &v.PublicKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+func (o BinaryCachePtrOutput) SigningKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.SigningKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// The absolute path of the secret key file on the deployer, in place of `signingKey`.
+func (o BinaryCachePtrOutput) SigningKeyFile() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.SigningKeyFile
+	}).(pulumi.StringPtrOutput)
+}
+
+// Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+func (o BinaryCachePtrOutput) UploadUrl() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return v.UploadUrl
+	}).(pulumi.StringPtrOutput)
+}
+
+// The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+func (o BinaryCachePtrOutput) Url() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *BinaryCache) *string {
+		if v == nil {
+			return nil
+		}
+		return &v.Url
+	}).(pulumi.StringPtrOutput)
+}
+
 // What a deployment changes on a host, computed like `nvd diff` by comparing the closure that runs with the new one.
 type ClosureChanges struct {
 	// Packages present only in the new closure, as `name-version`.
@@ -265,6 +481,8 @@ type Connection struct {
 	Proxy *ProxyConnection `pulumi:"proxy"`
 	// How many more times to try connecting to the host after a failed attempt before giving up.
 	Retries *int `pulumi:"retries"`
+	// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+	SudoPassword *string `pulumi:"sudoPassword"`
 	// The user to log in as on the host.
 	User *string `pulumi:"user"`
 }
@@ -329,6 +547,8 @@ type ConnectionArgs struct {
 	Proxy ProxyConnectionPtrInput `pulumi:"proxy"`
 	// How many more times to try connecting to the host after a failed attempt before giving up.
 	Retries pulumi.IntPtrInput `pulumi:"retries"`
+	// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+	SudoPassword pulumi.StringPtrInput `pulumi:"sudoPassword"`
 	// The user to log in as on the host.
 	User pulumi.StringPtrInput `pulumi:"user"`
 }
@@ -429,6 +649,11 @@ func (o ConnectionOutput) Proxy() ProxyConnectionPtrOutput {
 // How many more times to try connecting to the host after a failed attempt before giving up.
 func (o ConnectionOutput) Retries() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v Connection) *int { return v.Retries }).(pulumi.IntPtrOutput)
+}
+
+// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+func (o ConnectionOutput) SudoPassword() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v Connection) *string { return v.SudoPassword }).(pulumi.StringPtrOutput)
 }
 
 // The user to log in as on the host.
@@ -1626,7 +1851,224 @@ type PushStats struct {
 	Seconds float64 `pulumi:"seconds"`
 }
 
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFile struct {
+	// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+	Content string `pulumi:"content"`
+	// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+	ContentHash *string `pulumi:"contentHash"`
+	// The group of the file (a name or a numeric id).
+	Group *string `pulumi:"group"`
+	// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+	KeepOnDestroy *bool `pulumi:"keepOnDestroy"`
+	// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+	Mode *string `pulumi:"mode"`
+	// The user that owns the file (a name or a numeric id).
+	Owner *string `pulumi:"owner"`
+	// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+	Path string `pulumi:"path"`
+	// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+	Stage *string `pulumi:"stage"`
+}
+
+// Defaults sets the appropriate defaults for SecretFile
+func (val *SecretFile) Defaults() *SecretFile {
+	if val == nil {
+		return nil
+	}
+	tmp := *val
+	if tmp.Group == nil {
+		group_ := "root"
+		tmp.Group = &group_
+	}
+	if tmp.KeepOnDestroy == nil {
+		keepOnDestroy_ := false
+		tmp.KeepOnDestroy = &keepOnDestroy_
+	}
+	if tmp.Mode == nil {
+		mode_ := "0400"
+		tmp.Mode = &mode_
+	}
+	if tmp.Owner == nil {
+		owner_ := "root"
+		tmp.Owner = &owner_
+	}
+	if tmp.Stage == nil {
+		stage_ := "before-activation"
+		tmp.Stage = &stage_
+	}
+	return &tmp
+}
+
+// SecretFileInput is an input type that accepts SecretFileArgs and SecretFileOutput values.
+// You can construct a concrete instance of `SecretFileInput` via:
+//
+//	SecretFileArgs{...}
+type SecretFileInput interface {
+	pulumi.Input
+
+	ToSecretFileOutput() SecretFileOutput
+	ToSecretFileOutputWithContext(context.Context) SecretFileOutput
+}
+
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFileArgs struct {
+	// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+	Content pulumi.StringInput `pulumi:"content"`
+	// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+	ContentHash pulumi.StringPtrInput `pulumi:"contentHash"`
+	// The group of the file (a name or a numeric id).
+	Group pulumi.StringPtrInput `pulumi:"group"`
+	// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+	KeepOnDestroy pulumi.BoolPtrInput `pulumi:"keepOnDestroy"`
+	// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+	Mode pulumi.StringPtrInput `pulumi:"mode"`
+	// The user that owns the file (a name or a numeric id).
+	Owner pulumi.StringPtrInput `pulumi:"owner"`
+	// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+	Path pulumi.StringInput `pulumi:"path"`
+	// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+	Stage pulumi.StringPtrInput `pulumi:"stage"`
+}
+
+// Defaults sets the appropriate defaults for SecretFileArgs
+func (val *SecretFileArgs) Defaults() *SecretFileArgs {
+	if val == nil {
+		return nil
+	}
+	tmp := *val
+	if tmp.Group == nil {
+		tmp.Group = pulumi.StringPtr("root")
+	}
+	if tmp.KeepOnDestroy == nil {
+		tmp.KeepOnDestroy = pulumi.BoolPtr(false)
+	}
+	if tmp.Mode == nil {
+		tmp.Mode = pulumi.StringPtr("0400")
+	}
+	if tmp.Owner == nil {
+		tmp.Owner = pulumi.StringPtr("root")
+	}
+	if tmp.Stage == nil {
+		tmp.Stage = pulumi.StringPtr("before-activation")
+	}
+	return &tmp
+}
+func (SecretFileArgs) ElementType() reflect.Type {
+	return reflect.TypeOf((*SecretFile)(nil)).Elem()
+}
+
+func (i SecretFileArgs) ToSecretFileOutput() SecretFileOutput {
+	return i.ToSecretFileOutputWithContext(context.Background())
+}
+
+func (i SecretFileArgs) ToSecretFileOutputWithContext(ctx context.Context) SecretFileOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(SecretFileOutput)
+}
+
+// SecretFileArrayInput is an input type that accepts SecretFileArray and SecretFileArrayOutput values.
+// You can construct a concrete instance of `SecretFileArrayInput` via:
+//
+//	SecretFileArray{ SecretFileArgs{...} }
+type SecretFileArrayInput interface {
+	pulumi.Input
+
+	ToSecretFileArrayOutput() SecretFileArrayOutput
+	ToSecretFileArrayOutputWithContext(context.Context) SecretFileArrayOutput
+}
+
+type SecretFileArray []SecretFileInput
+
+func (SecretFileArray) ElementType() reflect.Type {
+	return reflect.TypeOf((*[]SecretFile)(nil)).Elem()
+}
+
+func (i SecretFileArray) ToSecretFileArrayOutput() SecretFileArrayOutput {
+	return i.ToSecretFileArrayOutputWithContext(context.Background())
+}
+
+func (i SecretFileArray) ToSecretFileArrayOutputWithContext(ctx context.Context) SecretFileArrayOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(SecretFileArrayOutput)
+}
+
+// A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+type SecretFileOutput struct{ *pulumi.OutputState }
+
+func (SecretFileOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*SecretFile)(nil)).Elem()
+}
+
+func (o SecretFileOutput) ToSecretFileOutput() SecretFileOutput {
+	return o
+}
+
+func (o SecretFileOutput) ToSecretFileOutputWithContext(ctx context.Context) SecretFileOutput {
+	return o
+}
+
+// The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+func (o SecretFileOutput) Content() pulumi.StringOutput {
+	return o.ApplyT(func(v SecretFile) string { return v.Content }).(pulumi.StringOutput)
+}
+
+// Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+func (o SecretFileOutput) ContentHash() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.ContentHash }).(pulumi.StringPtrOutput)
+}
+
+// The group of the file (a name or a numeric id).
+func (o SecretFileOutput) Group() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Group }).(pulumi.StringPtrOutput)
+}
+
+// Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+func (o SecretFileOutput) KeepOnDestroy() pulumi.BoolPtrOutput {
+	return o.ApplyT(func(v SecretFile) *bool { return v.KeepOnDestroy }).(pulumi.BoolPtrOutput)
+}
+
+// The file's mode as an octal string, such as `"0400"` or `"0440"`.
+func (o SecretFileOutput) Mode() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Mode }).(pulumi.StringPtrOutput)
+}
+
+// The user that owns the file (a name or a numeric id).
+func (o SecretFileOutput) Owner() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Owner }).(pulumi.StringPtrOutput)
+}
+
+// The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+func (o SecretFileOutput) Path() pulumi.StringOutput {
+	return o.ApplyT(func(v SecretFile) string { return v.Path }).(pulumi.StringOutput)
+}
+
+// When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+func (o SecretFileOutput) Stage() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v SecretFile) *string { return v.Stage }).(pulumi.StringPtrOutput)
+}
+
+type SecretFileArrayOutput struct{ *pulumi.OutputState }
+
+func (SecretFileArrayOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((*[]SecretFile)(nil)).Elem()
+}
+
+func (o SecretFileArrayOutput) ToSecretFileArrayOutput() SecretFileArrayOutput {
+	return o
+}
+
+func (o SecretFileArrayOutput) ToSecretFileArrayOutputWithContext(ctx context.Context) SecretFileArrayOutput {
+	return o
+}
+
+func (o SecretFileArrayOutput) Index(i pulumi.IntInput) SecretFileOutput {
+	return pulumi.All(o, i).ApplyT(func(vs []interface{}) SecretFile {
+		return vs[0].([]SecretFile)[vs[1].(int)]
+	}).(SecretFileOutput)
+}
+
 func init() {
+	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCacheInput)(nil)).Elem(), BinaryCacheArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCachePtrInput)(nil)).Elem(), BinaryCacheArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ConnectionInput)(nil)).Elem(), ConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckInput)(nil)).Elem(), HealthCheckArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckArrayInput)(nil)).Elem(), HealthCheckArray{})
@@ -1636,6 +2078,10 @@ func init() {
 	pulumi.RegisterInputType(reflect.TypeOf((*NixOptionArrayInput)(nil)).Elem(), NixOptionArray{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ProxyConnectionInput)(nil)).Elem(), ProxyConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ProxyConnectionPtrInput)(nil)).Elem(), ProxyConnectionArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileInput)(nil)).Elem(), SecretFileArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*SecretFileArrayInput)(nil)).Elem(), SecretFileArray{})
+	pulumi.RegisterOutputType(BinaryCacheOutput{})
+	pulumi.RegisterOutputType(BinaryCachePtrOutput{})
 	pulumi.RegisterOutputType(ClosureChangesOutput{})
 	pulumi.RegisterOutputType(ClosureChangesPtrOutput{})
 	pulumi.RegisterOutputType(ConnectionOutput{})
@@ -1651,4 +2097,6 @@ func init() {
 	pulumi.RegisterOutputType(PackageChangeArrayOutput{})
 	pulumi.RegisterOutputType(ProxyConnectionOutput{})
 	pulumi.RegisterOutputType(ProxyConnectionPtrOutput{})
+	pulumi.RegisterOutputType(SecretFileOutput{})
+	pulumi.RegisterOutputType(SecretFileArrayOutput{})
 }

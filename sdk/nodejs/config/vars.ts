@@ -2,10 +2,23 @@
 // *** Do not edit by hand unless you're certain you know what you are doing! ***
 
 import * as pulumi from "@pulumi/pulumi";
+import * as inputs from "../types/input";
+import * as outputs from "../types/output";
 import * as utilities from "../utilities";
 
 declare var exports: any;
 const __config = new pulumi.Config("nixos");
+
+/**
+ * A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+ */
+export declare const binaryCache: outputs.BinaryCache | undefined;
+Object.defineProperty(exports, "binaryCache", {
+    get() {
+        return __config.getObject<outputs.BinaryCache>("binaryCache");
+    },
+    enumerable: true,
+});
 
 /**
  * The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).

@@ -8,6 +8,32 @@ import * as outputs from "../types/output";
 import * as utilities from "../utilities";
 
 /**
+ * A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+ */
+export interface BinaryCache {
+    /**
+     * The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+     */
+    publicKey: string;
+    /**
+     * The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+     */
+    signingKey?: string;
+    /**
+     * The absolute path of the secret key file on the deployer, in place of `signingKey`.
+     */
+    signingKeyFile?: string;
+    /**
+     * Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+     */
+    uploadUrl?: string;
+    /**
+     * The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+     */
+    url: string;
+}
+
+/**
  * What a deployment changes on a host, computed like `nvd diff` by comparing the closure that runs with the new one.
  */
 export interface ClosureChanges {
@@ -101,6 +127,10 @@ export interface Connection {
      * How many more times to try connecting to the host after a failed attempt before giving up.
      */
     retries?: number;
+    /**
+     * The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+     */
+    sudoPassword?: string;
     /**
      * The user to log in as on the host.
      */
@@ -346,6 +376,57 @@ export function proxyConnectionProvideDefaults(val: ProxyConnection): ProxyConne
         port: (val.port) ?? 22,
         retries: (val.retries) ?? 3,
         user: (val.user) ?? "root",
+    };
+}
+
+/**
+ * A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+ */
+export interface SecretFile {
+    /**
+     * The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+     */
+    content: string;
+    /**
+     * Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+     */
+    contentHash?: string;
+    /**
+     * The group of the file (a name or a numeric id).
+     */
+    group?: string;
+    /**
+     * Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+     */
+    keepOnDestroy?: boolean;
+    /**
+     * The file's mode as an octal string, such as `"0400"` or `"0440"`.
+     */
+    mode?: string;
+    /**
+     * The user that owns the file (a name or a numeric id).
+     */
+    owner?: string;
+    /**
+     * The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+     */
+    path: string;
+    /**
+     * When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+     */
+    stage?: string;
+}
+/**
+ * secretFileProvideDefaults sets the appropriate defaults for SecretFile
+ */
+export function secretFileProvideDefaults(val: SecretFile): SecretFile {
+    return {
+        ...val,
+        group: (val.group) ?? "root",
+        keepOnDestroy: (val.keepOnDestroy) ?? false,
+        mode: (val.mode) ?? "0400",
+        owner: (val.owner) ?? "root",
+        stage: (val.stage) ?? "before-activation",
     };
 }
 

@@ -15,6 +15,8 @@ else:
 from . import _utilities
 
 __all__ = [
+    'BinaryCacheArgs',
+    'BinaryCacheArgsDict',
     'Connection',
     'ConnectionDict',
     'ConnectionArgs',
@@ -31,7 +33,121 @@ __all__ = [
     'ProxyConnectionDict',
     'ProxyConnectionArgs',
     'ProxyConnectionArgsDict',
+    'SecretFileArgs',
+    'SecretFileArgsDict',
 ]
+
+class BinaryCacheArgsDict(TypedDict):
+    """
+    A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+    """
+    public_key: pulumi.Input[_builtins.str]
+    """
+    The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+    """
+    url: pulumi.Input[_builtins.str]
+    """
+    The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+    """
+    signing_key: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+    """
+    signing_key_file: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The absolute path of the secret key file on the deployer, in place of `signingKey`.
+    """
+    upload_url: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+    """
+
+@pulumi.input_type
+class BinaryCacheArgs:
+    def __init__(__self__, *,
+                 public_key: pulumi.Input[_builtins.str],
+                 url: pulumi.Input[_builtins.str],
+                 signing_key: pulumi.Input[Optional[_builtins.str]] = None,
+                 signing_key_file: pulumi.Input[Optional[_builtins.str]] = None,
+                 upload_url: pulumi.Input[Optional[_builtins.str]] = None):
+        """
+        A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+
+        :param pulumi.Input[_builtins.str] public_key: The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        :param pulumi.Input[_builtins.str] url: The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        :param pulumi.Input[_builtins.str] signing_key: The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        :param pulumi.Input[_builtins.str] signing_key_file: The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        :param pulumi.Input[_builtins.str] upload_url: Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        pulumi.set(__self__, "public_key", public_key)
+        pulumi.set(__self__, "url", url)
+        if signing_key is not None:
+            pulumi.set(__self__, "signing_key", signing_key)
+        if signing_key_file is not None:
+            pulumi.set(__self__, "signing_key_file", signing_key_file)
+        if upload_url is not None:
+            pulumi.set(__self__, "upload_url", upload_url)
+
+    @_builtins.property
+    @pulumi.getter(name="publicKey")
+    def public_key(self) -> pulumi.Input[_builtins.str]:
+        """
+        The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        """
+        return pulumi.get(self, "public_key")
+
+    @public_key.setter
+    def public_key(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "public_key", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def url(self) -> pulumi.Input[_builtins.str]:
+        """
+        The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        """
+        return pulumi.get(self, "url")
+
+    @url.setter
+    def url(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "url", value)
+
+    @_builtins.property
+    @pulumi.getter(name="signingKey")
+    def signing_key(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        """
+        return pulumi.get(self, "signing_key")
+
+    @signing_key.setter
+    def signing_key(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "signing_key", value)
+
+    @_builtins.property
+    @pulumi.getter(name="signingKeyFile")
+    def signing_key_file(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        """
+        return pulumi.get(self, "signing_key_file")
+
+    @signing_key_file.setter
+    def signing_key_file(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "signing_key_file", value)
+
+    @_builtins.property
+    @pulumi.getter(name="uploadUrl")
+    def upload_url(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        return pulumi.get(self, "upload_url")
+
+    @upload_url.setter
+    def upload_url(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "upload_url", value)
+
 
 class ConnectionDict(TypedDict):
     """
@@ -77,6 +193,10 @@ class ConnectionDict(TypedDict):
     """
     How many more times to try connecting to the host after a failed attempt before giving up.
     """
+    sudo_password: NotRequired[_builtins.str]
+    """
+    The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+    """
     user: NotRequired[_builtins.str]
     """
     The user to log in as on the host.
@@ -95,6 +215,7 @@ class Connection:
                  private_key_password: Optional[_builtins.str] = None,
                  proxy: Optional['ProxyConnection'] = None,
                  retries: Optional[_builtins.int] = None,
+                 sudo_password: Optional[_builtins.str] = None,
                  user: Optional[_builtins.str] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -109,6 +230,7 @@ class Connection:
         :param _builtins.str private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param 'ProxyConnection' proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param _builtins.int retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param _builtins.str sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param _builtins.str user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -136,6 +258,8 @@ class Connection:
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -262,6 +386,18 @@ class Connection:
         pulumi.set(self, "retries", value)
 
     @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> Optional[_builtins.str]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
+
+    @sudo_password.setter
+    def sudo_password(self, value: Optional[_builtins.str]):
+        pulumi.set(self, "sudo_password", value)
+
+    @_builtins.property
     @pulumi.getter
     def user(self) -> Optional[_builtins.str]:
         """
@@ -318,6 +454,10 @@ class ConnectionArgsDict(TypedDict):
     """
     How many more times to try connecting to the host after a failed attempt before giving up.
     """
+    sudo_password: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+    """
     user: NotRequired[pulumi.Input[Optional[_builtins.str]]]
     """
     The user to log in as on the host.
@@ -336,6 +476,7 @@ class ConnectionArgs:
                  private_key_password: pulumi.Input[Optional[_builtins.str]] = None,
                  proxy: pulumi.Input[Optional['ProxyConnectionArgs']] = None,
                  retries: pulumi.Input[Optional[_builtins.int]] = None,
+                 sudo_password: pulumi.Input[Optional[_builtins.str]] = None,
                  user: pulumi.Input[Optional[_builtins.str]] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -350,6 +491,7 @@ class ConnectionArgs:
         :param pulumi.Input[_builtins.str] private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param pulumi.Input['ProxyConnectionArgs'] proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param pulumi.Input[_builtins.int] retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param pulumi.Input[_builtins.str] sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param pulumi.Input[_builtins.str] user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -377,6 +519,8 @@ class ConnectionArgs:
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -501,6 +645,18 @@ class ConnectionArgs:
     @retries.setter
     def retries(self, value: pulumi.Input[Optional[_builtins.int]]):
         pulumi.set(self, "retries", value)
+
+    @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
+
+    @sudo_password.setter
+    def sudo_password(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "sudo_password", value)
 
     @_builtins.property
     @pulumi.getter
@@ -1497,5 +1653,187 @@ class ProxyConnectionArgs:
     @user.setter
     def user(self, value: pulumi.Input[Optional[_builtins.str]]):
         pulumi.set(self, "user", value)
+
+
+class SecretFileArgsDict(TypedDict):
+    """
+    A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+    """
+    content: pulumi.Input[_builtins.str]
+    """
+    The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+    """
+    path: pulumi.Input[_builtins.str]
+    """
+    The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+    """
+    content_hash: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+    """
+    group: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The group of the file (a name or a numeric id).
+    """
+    keep_on_destroy: NotRequired[pulumi.Input[Optional[_builtins.bool]]]
+    """
+    Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+    """
+    mode: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The file's mode as an octal string, such as `"0400"` or `"0440"`.
+    """
+    owner: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    The user that owns the file (a name or a numeric id).
+    """
+    stage: NotRequired[pulumi.Input[Optional[_builtins.str]]]
+    """
+    When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+    """
+
+@pulumi.input_type
+class SecretFileArgs:
+    def __init__(__self__, *,
+                 content: pulumi.Input[_builtins.str],
+                 path: pulumi.Input[_builtins.str],
+                 content_hash: pulumi.Input[Optional[_builtins.str]] = None,
+                 group: pulumi.Input[Optional[_builtins.str]] = None,
+                 keep_on_destroy: pulumi.Input[Optional[_builtins.bool]] = None,
+                 mode: pulumi.Input[Optional[_builtins.str]] = None,
+                 owner: pulumi.Input[Optional[_builtins.str]] = None,
+                 stage: pulumi.Input[Optional[_builtins.str]] = None):
+        """
+        A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+
+        :param pulumi.Input[_builtins.str] content: The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        :param pulumi.Input[_builtins.str] path: The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        :param pulumi.Input[_builtins.str] content_hash: Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        :param pulumi.Input[_builtins.str] group: The group of the file (a name or a numeric id).
+        :param pulumi.Input[_builtins.bool] keep_on_destroy: Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        :param pulumi.Input[_builtins.str] mode: The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        :param pulumi.Input[_builtins.str] owner: The user that owns the file (a name or a numeric id).
+        :param pulumi.Input[_builtins.str] stage: When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        pulumi.set(__self__, "content", content)
+        pulumi.set(__self__, "path", path)
+        if content_hash is not None:
+            pulumi.set(__self__, "content_hash", content_hash)
+        if group is None:
+            group = 'root'
+        if group is not None:
+            pulumi.set(__self__, "group", group)
+        if keep_on_destroy is None:
+            keep_on_destroy = False
+        if keep_on_destroy is not None:
+            pulumi.set(__self__, "keep_on_destroy", keep_on_destroy)
+        if mode is None:
+            mode = '0400'
+        if mode is not None:
+            pulumi.set(__self__, "mode", mode)
+        if owner is None:
+            owner = 'root'
+        if owner is not None:
+            pulumi.set(__self__, "owner", owner)
+        if stage is None:
+            stage = 'before-activation'
+        if stage is not None:
+            pulumi.set(__self__, "stage", stage)
+
+    @_builtins.property
+    @pulumi.getter
+    def content(self) -> pulumi.Input[_builtins.str]:
+        """
+        The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        """
+        return pulumi.get(self, "content")
+
+    @content.setter
+    def content(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "content", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def path(self) -> pulumi.Input[_builtins.str]:
+        """
+        The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        """
+        return pulumi.get(self, "path")
+
+    @path.setter
+    def path(self, value: pulumi.Input[_builtins.str]):
+        pulumi.set(self, "path", value)
+
+    @_builtins.property
+    @pulumi.getter(name="contentHash")
+    def content_hash(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        """
+        return pulumi.get(self, "content_hash")
+
+    @content_hash.setter
+    def content_hash(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "content_hash", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def group(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The group of the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "group")
+
+    @group.setter
+    def group(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "group", value)
+
+    @_builtins.property
+    @pulumi.getter(name="keepOnDestroy")
+    def keep_on_destroy(self) -> pulumi.Input[Optional[_builtins.bool]]:
+        """
+        Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        """
+        return pulumi.get(self, "keep_on_destroy")
+
+    @keep_on_destroy.setter
+    def keep_on_destroy(self, value: pulumi.Input[Optional[_builtins.bool]]):
+        pulumi.set(self, "keep_on_destroy", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def mode(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        """
+        return pulumi.get(self, "mode")
+
+    @mode.setter
+    def mode(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "mode", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def owner(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        The user that owns the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "owner")
+
+    @owner.setter
+    def owner(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "owner", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def stage(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        return pulumi.get(self, "stage")
+
+    @stage.setter
+    def stage(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "stage", value)
 
 

@@ -25,6 +25,7 @@ class NixosMachineArgs:
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -36,6 +37,7 @@ class NixosMachineArgs:
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None):
@@ -46,6 +48,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input['BinaryCacheArgs'] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -57,6 +60,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[Sequence[pulumi.Input['SecretFileArgs']]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
@@ -74,6 +78,8 @@ class NixosMachineArgs:
             auto_rollback = True
         if auto_rollback is not None:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
+        if binary_cache is not None:
+            pulumi.set(__self__, "binary_cache", binary_cache)
         if build_on is None:
             build_on = 'local'
         if build_on is not None:
@@ -110,6 +116,8 @@ class NixosMachineArgs:
             on_destroy = 'rollback'
         if on_destroy is not None:
             pulumi.set(__self__, "on_destroy", on_destroy)
+        if secret_files is not None:
+            pulumi.set(__self__, "secret_files", secret_files)
         if substitute_on_destination is None:
             substitute_on_destination = False
         if substitute_on_destination is not None:
@@ -166,6 +174,18 @@ class NixosMachineArgs:
     @auto_rollback.setter
     def auto_rollback(self, value: pulumi.Input[Optional[_builtins.bool]]):
         pulumi.set(self, "auto_rollback", value)
+
+    @_builtins.property
+    @pulumi.getter(name="binaryCache")
+    def binary_cache(self) -> pulumi.Input[Optional['BinaryCacheArgs']]:
+        """
+        Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "binary_cache")
+
+    @binary_cache.setter
+    def binary_cache(self, value: pulumi.Input[Optional['BinaryCacheArgs']]):
+        pulumi.set(self, "binary_cache", value)
 
     @_builtins.property
     @pulumi.getter(name="buildOn")
@@ -300,6 +320,18 @@ class NixosMachineArgs:
         pulumi.set(self, "on_destroy", value)
 
     @_builtins.property
+    @pulumi.getter(name="secretFiles")
+    def secret_files(self) -> pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]]:
+        """
+        Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+        """
+        return pulumi.get(self, "secret_files")
+
+    @secret_files.setter
+    def secret_files(self, value: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]]):
+        pulumi.set(self, "secret_files", value)
+
+    @_builtins.property
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Input[Optional[_builtins.bool]]:
         """
@@ -345,6 +377,7 @@ class NixosMachine(pulumi.CustomResource):
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -357,6 +390,7 @@ class NixosMachine(pulumi.CustomResource):
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None,
@@ -373,6 +407,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -385,6 +420,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
@@ -420,6 +456,7 @@ class NixosMachine(pulumi.CustomResource):
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
@@ -432,6 +469,7 @@ class NixosMachine(pulumi.CustomResource):
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
                  triggers: pulumi.Input[Optional[Sequence[Any]]] = None,
@@ -453,6 +491,7 @@ class NixosMachine(pulumi.CustomResource):
             if auto_rollback is None:
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
+            __props__.__dict__["binary_cache"] = binary_cache
             if build_on is None:
                 build_on = 'local'
             __props__.__dict__["build_on"] = build_on
@@ -481,6 +520,7 @@ class NixosMachine(pulumi.CustomResource):
             if on_destroy is None:
                 on_destroy = 'rollback'
             __props__.__dict__["on_destroy"] = on_destroy
+            __props__.__dict__["secret_files"] = secret_files
             if substitute_on_destination is None:
                 substitute_on_destination = False
             __props__.__dict__["substitute_on_destination"] = substitute_on_destination
@@ -528,6 +568,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["auto_rollback"] = None
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_system_path"] = None
+        __props__.__dict__["binary_cache"] = None
         __props__.__dict__["build_on"] = None
         __props__.__dict__["build_on_preview"] = None
         __props__.__dict__["compress"] = None
@@ -553,6 +594,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["previous_generation"] = None
         __props__.__dict__["pushed_bytes"] = None
         __props__.__dict__["pushed_paths"] = None
+        __props__.__dict__["secret_files"] = None
         __props__.__dict__["substitute_on_destination"] = None
         __props__.__dict__["system_path"] = None
         __props__.__dict__["triggers"] = None
@@ -597,6 +639,14 @@ class NixosMachine(pulumi.CustomResource):
         The store path of the system that ran before this resource first deployed.
         """
         return pulumi.get(self, "baseline_system_path")
+
+    @_builtins.property
+    @pulumi.getter(name="binaryCache")
+    def binary_cache(self) -> pulumi.Output[Optional['outputs.BinaryCache']]:
+        """
+        Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "binary_cache")
 
     @_builtins.property
     @pulumi.getter(name="buildOn")
@@ -797,6 +847,14 @@ class NixosMachine(pulumi.CustomResource):
         The number of store paths copied to the host by the last deployment.
         """
         return pulumi.get(self, "pushed_paths")
+
+    @_builtins.property
+    @pulumi.getter(name="secretFiles")
+    def secret_files(self) -> pulumi.Output[Optional[Sequence['outputs.SecretFile']]]:
+        """
+        Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
+        """
+        return pulumi.get(self, "secret_files")
 
     @_builtins.property
     @pulumi.getter(name="substituteOnDestination")

@@ -16,6 +16,7 @@ from . import _utilities
 from . import outputs
 
 __all__ = [
+    'BinaryCache',
     'ClosureChanges',
     'Connection',
     'Generation',
@@ -24,7 +25,101 @@ __all__ = [
     'NixOption',
     'PackageChange',
     'ProxyConnection',
+    'SecretFile',
 ]
+
+@pulumi.output_type
+class BinaryCache(dict):
+    """
+    A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+    """
+    @staticmethod
+    def __key_warning(key: str):
+        suggest = None
+        if key == "publicKey":
+            suggest = "public_key"
+        elif key == "signingKey":
+            suggest = "signing_key"
+        elif key == "signingKeyFile":
+            suggest = "signing_key_file"
+        elif key == "uploadUrl":
+            suggest = "upload_url"
+
+        if suggest:
+            pulumi.log.warn(f"Key '{key}' not found in BinaryCache. Access the value via the '{suggest}' property getter instead.")
+
+    def __getitem__(self, key: str) -> Any:
+        BinaryCache.__key_warning(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default = None) -> Any:
+        BinaryCache.__key_warning(key)
+        return super().get(key, default)
+
+    def __init__(__self__, *,
+                 public_key: _builtins.str,
+                 url: _builtins.str,
+                 signing_key: Optional[_builtins.str] = None,
+                 signing_key_file: Optional[_builtins.str] = None,
+                 upload_url: Optional[_builtins.str] = None):
+        """
+        A Nix binary cache the deployer uploads each closure to once, signed, and the targets substitute from, instead of each target receiving its own copy over SSH. What a target cannot fetch from the cache (an unsigned or wrongly signed cache, an unreachable URL, an untrusted SSH user) is pushed directly over SSH as without a cache, with a warning that says why.
+
+        :param _builtins.str public_key: The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        :param _builtins.str url: The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        :param _builtins.str signing_key: The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        :param _builtins.str signing_key_file: The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        :param _builtins.str upload_url: Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        pulumi.set(__self__, "public_key", public_key)
+        pulumi.set(__self__, "url", url)
+        if signing_key is not None:
+            pulumi.set(__self__, "signing_key", signing_key)
+        if signing_key_file is not None:
+            pulumi.set(__self__, "signing_key_file", signing_key_file)
+        if upload_url is not None:
+            pulumi.set(__self__, "upload_url", upload_url)
+
+    @_builtins.property
+    @pulumi.getter(name="publicKey")
+    def public_key(self) -> _builtins.str:
+        """
+        The public key the targets trust for this cache, `name:base64` as `nix-store --generate-binary-cache-key` writes it (such as `cache-1:AbC...=`).
+        """
+        return pulumi.get(self, "public_key")
+
+    @_builtins.property
+    @pulumi.getter
+    def url(self) -> _builtins.str:
+        """
+        The cache as the targets reach it, such as `https://cache.example.org` (their substituter for this deployment). The deployer also uploads here unless `uploadUrl` is set; any store URL `nix copy --to` accepts works, with store settings in the query (`?compression=zstd`).
+        """
+        return pulumi.get(self, "url")
+
+    @_builtins.property
+    @pulumi.getter(name="signingKey")
+    def signing_key(self) -> Optional[_builtins.str]:
+        """
+        The secret key that signs what the deployer uploads, `name:base64` as `nix-store --generate-binary-cache-key` writes it; it must belong to `publicKey`. Set this or `signingKeyFile`; with neither, paths are uploaded unsigned, which only works with a cache that signs them itself.
+        """
+        return pulumi.get(self, "signing_key")
+
+    @_builtins.property
+    @pulumi.getter(name="signingKeyFile")
+    def signing_key_file(self) -> Optional[_builtins.str]:
+        """
+        The absolute path of the secret key file on the deployer, in place of `signingKey`.
+        """
+        return pulumi.get(self, "signing_key_file")
+
+    @_builtins.property
+    @pulumi.getter(name="uploadUrl")
+    def upload_url(self) -> Optional[_builtins.str]:
+        """
+        Where the deployer writes the cache, when that differs from where the targets read it: `file:///srv/cache` behind an HTTP server at `url`, `s3://bucket?region=...`, `ssh-ng://cache-host`.
+        """
+        return pulumi.get(self, "upload_url")
+
 
 @pulumi.output_type
 class ClosureChanges(dict):
@@ -217,6 +312,8 @@ class Connection(dict):
             suggest = "private_key"
         elif key == "privateKeyPassword":
             suggest = "private_key_password"
+        elif key == "sudoPassword":
+            suggest = "sudo_password"
 
         if suggest:
             pulumi.log.warn(f"Key '{key}' not found in Connection. Access the value via the '{suggest}' property getter instead.")
@@ -240,6 +337,7 @@ class Connection(dict):
                  private_key_password: Optional[_builtins.str] = None,
                  proxy: Optional['outputs.ProxyConnection'] = None,
                  retries: Optional[_builtins.int] = None,
+                 sudo_password: Optional[_builtins.str] = None,
                  user: Optional[_builtins.str] = None):
         """
         How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
@@ -254,6 +352,7 @@ class Connection(dict):
         :param _builtins.str private_key_password: The passphrase that decrypts `privateKey`, if it is encrypted.
         :param 'ProxyConnection' proxy: A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
         :param _builtins.int retries: How many more times to try connecting to the host after a failed attempt before giving up.
+        :param _builtins.str sudo_password: The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
         :param _builtins.str user: The user to log in as on the host.
         """
         pulumi.set(__self__, "host", host)
@@ -281,6 +380,8 @@ class Connection(dict):
             retries = 3
         if retries is not None:
             pulumi.set(__self__, "retries", retries)
+        if sudo_password is not None:
+            pulumi.set(__self__, "sudo_password", sudo_password)
         if user is None:
             user = 'root'
         if user is not None:
@@ -365,6 +466,14 @@ class Connection(dict):
         How many more times to try connecting to the host after a failed attempt before giving up.
         """
         return pulumi.get(self, "retries")
+
+    @_builtins.property
+    @pulumi.getter(name="sudoPassword")
+    def sudo_password(self) -> Optional[_builtins.str]:
+        """
+        The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+        """
+        return pulumi.get(self, "sudo_password")
 
     @_builtins.property
     @pulumi.getter
@@ -1007,5 +1116,140 @@ class ProxyConnection(dict):
         The user to log in as on the jump host.
         """
         return pulumi.get(self, "user")
+
+
+@pulumi.output_type
+class SecretFile(dict):
+    """
+    A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+    """
+    @staticmethod
+    def __key_warning(key: str):
+        suggest = None
+        if key == "contentHash":
+            suggest = "content_hash"
+        elif key == "keepOnDestroy":
+            suggest = "keep_on_destroy"
+
+        if suggest:
+            pulumi.log.warn(f"Key '{key}' not found in SecretFile. Access the value via the '{suggest}' property getter instead.")
+
+    def __getitem__(self, key: str) -> Any:
+        SecretFile.__key_warning(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default = None) -> Any:
+        SecretFile.__key_warning(key)
+        return super().get(key, default)
+
+    def __init__(__self__, *,
+                 content: _builtins.str,
+                 path: _builtins.str,
+                 content_hash: Optional[_builtins.str] = None,
+                 group: Optional[_builtins.str] = None,
+                 keep_on_destroy: Optional[_builtins.bool] = None,
+                 mode: Optional[_builtins.str] = None,
+                 owner: Optional[_builtins.str] = None,
+                 stage: Optional[_builtins.str] = None):
+        """
+        A file placed on the host over SSH, never through the Nix store (which every user can read): a key for agenix or sops-nix, a credential. It is written atomically (a private temporary file in the same directory, renamed over the old one) with its owner and mode set before it appears. State keeps an HMAC-SHA256 of the content, never the content; changing only the content rewrites the file without deploying the system again.
+
+        :param _builtins.str content: The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        :param _builtins.str path: The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        :param _builtins.str content_hash: Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        :param _builtins.str group: The group of the file (a name or a numeric id).
+        :param _builtins.bool keep_on_destroy: Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        :param _builtins.str mode: The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        :param _builtins.str owner: The user that owns the file (a name or a numeric id).
+        :param _builtins.str stage: When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        pulumi.set(__self__, "content", content)
+        pulumi.set(__self__, "path", path)
+        if content_hash is not None:
+            pulumi.set(__self__, "content_hash", content_hash)
+        if group is None:
+            group = 'root'
+        if group is not None:
+            pulumi.set(__self__, "group", group)
+        if keep_on_destroy is None:
+            keep_on_destroy = False
+        if keep_on_destroy is not None:
+            pulumi.set(__self__, "keep_on_destroy", keep_on_destroy)
+        if mode is None:
+            mode = '0400'
+        if mode is not None:
+            pulumi.set(__self__, "mode", mode)
+        if owner is None:
+            owner = 'root'
+        if owner is not None:
+            pulumi.set(__self__, "owner", owner)
+        if stage is None:
+            stage = 'before-activation'
+        if stage is not None:
+            pulumi.set(__self__, "stage", stage)
+
+    @_builtins.property
+    @pulumi.getter
+    def content(self) -> _builtins.str:
+        """
+        The file's content. Always secret: it travels over SSH on stdin and is never written to the deployer's disk, logs or the plain part of state.
+        """
+        return pulumi.get(self, "content")
+
+    @_builtins.property
+    @pulumi.getter
+    def path(self) -> _builtins.str:
+        """
+        The absolute path on the host, such as `/var/lib/secrets/age.key`. Missing parent directories are created (root, 0755).
+        """
+        return pulumi.get(self, "path")
+
+    @_builtins.property
+    @pulumi.getter(name="contentHash")
+    def content_hash(self) -> Optional[_builtins.str]:
+        """
+        Output only: `hmac-sha256:<hex>` of the content under a per-machine key kept secret in state, so that a short secret cannot be found by hashing guesses.
+        """
+        return pulumi.get(self, "content_hash")
+
+    @_builtins.property
+    @pulumi.getter
+    def group(self) -> Optional[_builtins.str]:
+        """
+        The group of the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "group")
+
+    @_builtins.property
+    @pulumi.getter(name="keepOnDestroy")
+    def keep_on_destroy(self) -> Optional[_builtins.bool]:
+        """
+        Leave the file on the host when the machine is destroyed (by default destroy removes it). With `onDestroy: retain` every file is kept.
+        """
+        return pulumi.get(self, "keep_on_destroy")
+
+    @_builtins.property
+    @pulumi.getter
+    def mode(self) -> Optional[_builtins.str]:
+        """
+        The file's mode as an octal string, such as `"0400"` or `"0440"`.
+        """
+        return pulumi.get(self, "mode")
+
+    @_builtins.property
+    @pulumi.getter
+    def owner(self) -> Optional[_builtins.str]:
+        """
+        The user that owns the file (a name or a numeric id).
+        """
+        return pulumi.get(self, "owner")
+
+    @_builtins.property
+    @pulumi.getter
+    def stage(self) -> Optional[_builtins.str]:
+        """
+        When the file is written: `before-activation` (before the new system is activated, for files its activation reads, such as agenix's or sops-nix's key) or `after-activation` (after a successful switch, health checks included). A failed deployment that rolls back leaves files already written in place; `after-activation` files are then not written.
+        """
+        return pulumi.get(self, "stage")
 
 

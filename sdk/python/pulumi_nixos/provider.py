@@ -13,12 +13,14 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import NotRequired, TypedDict, TypeAlias
 from . import _utilities
+from ._inputs import *
 
 __all__ = ['ProviderArgs', 'Provider']
 
 @pulumi.input_type
 class ProviderArgs:
     def __init__(__self__, *,
+                 binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
@@ -28,6 +30,7 @@ class ProviderArgs:
         """
         The set of arguments for constructing a Provider resource.
 
+        :param pulumi.Input['BinaryCacheArgs'] binary_cache: A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
         :param pulumi.Input[_builtins.str] default_private_key: The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
         :param pulumi.Input[_builtins.str] default_user: The SSH user for connections that set no `user` of their own, in place of `root`.
         :param pulumi.Input[_builtins.int] max_parallel_ssh: The most SSH connections the provider opens at the same time, across all resources.
@@ -35,6 +38,8 @@ class ProviderArgs:
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] nix_command: The command that runs Nix, as program and leading arguments, such as `["nix"]` or `["nix", "--extra-experimental-features", "nix-command flakes"]`. Defaults to `["nix"]`.
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] nixos_anywhere_command: The command that runs nixos-anywhere, as program and leading arguments, used when an `install` sets no `command`. Defaults to `["nixos-anywhere"]`.
         """
+        if binary_cache is not None:
+            pulumi.set(__self__, "binary_cache", binary_cache)
         if default_private_key is not None:
             pulumi.set(__self__, "default_private_key", default_private_key)
         if default_user is not None:
@@ -51,6 +56,18 @@ class ProviderArgs:
             pulumi.set(__self__, "nix_command", nix_command)
         if nixos_anywhere_command is not None:
             pulumi.set(__self__, "nixos_anywhere_command", nixos_anywhere_command)
+
+    @_builtins.property
+    @pulumi.getter(name="binaryCache")
+    def binary_cache(self) -> pulumi.Input[Optional['BinaryCacheArgs']]:
+        """
+        A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+        """
+        return pulumi.get(self, "binary_cache")
+
+    @binary_cache.setter
+    def binary_cache(self, value: pulumi.Input[Optional['BinaryCacheArgs']]):
+        pulumi.set(self, "binary_cache", value)
 
     @_builtins.property
     @pulumi.getter(name="defaultPrivateKey")
@@ -131,6 +148,7 @@ class Provider(pulumi.ProviderResource):
     def __init__(__self__,
                  resource_name: str,
                  opts: Optional[pulumi.ResourceOptions] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
@@ -143,6 +161,7 @@ class Provider(pulumi.ProviderResource):
 
         :param str resource_name: The name of the resource.
         :param pulumi.ResourceOptions opts: Options for the resource.
+        :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
         :param pulumi.Input[_builtins.str] default_private_key: The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
         :param pulumi.Input[_builtins.str] default_user: The SSH user for connections that set no `user` of their own, in place of `root`.
         :param pulumi.Input[_builtins.int] max_parallel_ssh: The most SSH connections the provider opens at the same time, across all resources.
@@ -174,6 +193,7 @@ class Provider(pulumi.ProviderResource):
     def _internal_init(__self__,
                  resource_name: str,
                  opts: Optional[pulumi.ResourceOptions] = None,
+                 binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
@@ -189,6 +209,7 @@ class Provider(pulumi.ProviderResource):
                 raise TypeError('__props__ is only valid when passed in combination with a valid opts.id to get an existing resource')
             __props__ = ProviderArgs.__new__(ProviderArgs)
 
+            __props__.__dict__["binary_cache"] = pulumi.Output.from_input(binary_cache).apply(pulumi.runtime.to_json) if binary_cache is not None else None
             __props__.__dict__["default_private_key"] = None if default_private_key is None else pulumi.Output.secret(default_private_key)
             __props__.__dict__["default_user"] = default_user
             if max_parallel_ssh is None:

@@ -62,3 +62,7 @@ record path-eval-uses-untracked nix eval --raw "path:$work/git#packages.x86_64-l
 # Paths printed in recordings name this run's temporary directory; make them stable.
 sed -i "s|$work|/tmp/WORK|g" "$out"/*
 echo "recorded Nix $version into $out"
+# Uploads to a signed binary cache: the paths copied, then nothing the second time.
+nix-store --generate-binary-cache-key record-1 "$work/cache.secret" "$work/cache.public"
+record copy-to-cache nix copy --to "file://$work/cache?secret-key=$work/cache.secret" "$top"
+record copy-to-cache-again nix copy --to "file://$work/cache?secret-key=$work/cache.secret" "$top"

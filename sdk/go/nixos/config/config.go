@@ -11,6 +11,11 @@ import (
 
 var _ = internal.GetEnvOrDefault
 
+// A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+func GetBinaryCache(ctx *pulumi.Context) string {
+	return config.Get(ctx, "nixos:binaryCache")
+}
+
 // The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
 func GetDefaultPrivateKey(ctx *pulumi.Context) string {
 	return config.Get(ctx, "nixos:defaultPrivateKey")

@@ -13,6 +13,12 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import NotRequired, TypedDict, TypeAlias
 from .. import _utilities
+from .. import outputs as _root_outputs
+
+binaryCache: Optional[str]
+"""
+A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+"""
 
 defaultPrivateKey: Optional[str]
 """

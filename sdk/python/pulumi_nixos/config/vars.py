@@ -13,6 +13,7 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import NotRequired, TypedDict, TypeAlias
 from .. import _utilities
+from .. import outputs as _root_outputs
 
 import types
 
@@ -20,6 +21,13 @@ __config__ = pulumi.Config('nixos')
 
 
 class _ExportableConfig(types.ModuleType):
+    @_builtins.property
+    def binary_cache(self) -> Optional[str]:
+        """
+        A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
+        """
+        return __config__.get('binaryCache')
+
     @_builtins.property
     def default_private_key(self) -> Optional[str]:
         """

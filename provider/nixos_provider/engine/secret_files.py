@@ -1,0 +1,245 @@
+"""Secret files on a target: written over SSH, never through the Nix store.
+
+A secret file is content (a key for agenix or sops-nix, a credential) placed
+at a path with an owner, group and mode, either before the new system is
+activated (its activation needs the file) or after a successful switch.
+
+Each file is written atomically by a constant shell script run as root: a
+temporary file is made in the target's directory with mode 0600 (mktemp),
+filled from stdin, given its owner and mode, and renamed over the target.
+A reader sees the old file or the new one, never part of one, and the file
+is never readable by anyone but root and its owner, not even for an instant.
+The content travels only on stdin: argv (which `ps` shows and the runner
+logs) carries the path, owner, group and mode.
+
+State records a `RecordedFile` per file: its settings and an HMAC-SHA256 of
+its content under a per-machine key that state keeps as a secret. A plain
+SHA-256 of a short secret (a PIN, a word) could be found by hashing guesses;
+the HMAC cannot be checked without the key, and the key is encrypted like
+every other Pulumi secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Literal
+
+from .errors import EngineError
+from .lazy import lazy_module
+from .models import Profile, Remote
+
+if TYPE_CHECKING:
+    from . import process, ssh
+    from .process import Target
+else:
+    # SSH is imported when a file is first written: Check and Diff need only the models.
+    process = lazy_module("nixos_provider.engine.process")
+    ssh = lazy_module("nixos_provider.engine.ssh")
+
+Stage = Literal["before-activation", "after-activation"]
+STAGES: tuple[Stage, ...] = ("before-activation", "after-activation")
+
+# Positional arguments: path owner group mode; the content is stdin.
+# mktemp makes the temporary file 0600 and owned by root, so it is private
+# from its first byte; chown and chmod happen before the rename publishes it.
+# Missing parent directories are made 0755: the names are not secret, the
+# files' own modes guard their contents.
+WRITE_SCRIPT = r"""set -eu
+path=$1 owner=$2 group=$3 mode=$4
+dir=$(dirname -- "$path")
+mkdir -p -m 0755 -- "$dir"
+umask 077
+tmp=$(mktemp -- "$dir/.${path##*/}.XXXXXXXX")
+trap 'rm -f -- "$tmp"' EXIT
+cat > "$tmp"
+chown -- "$owner:$group" "$tmp"
+chmod -- "$mode" "$tmp"
+sync -- "$tmp" 2>/dev/null || true
+mv -f -T -- "$tmp" "$path"
+trap - EXIT
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileSettings:
+    """Where a secret file goes and how: what SecretFile and RecordedFile share."""
+
+    path: str
+    owner: str = "root"
+    group: str = "root"
+    mode: str = "0400"
+    stage: Stage = "before-activation"
+    keep_on_destroy: bool = False
+
+    def settings(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(FileSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretFile(FileSettings):
+    """One file to place on the target, content included."""
+
+    content: bytes = field(repr=False)
+
+    def record(self, key: bytes) -> RecordedFile:
+        return RecordedFile(content_hash=content_hash(key, self.content), **self.settings())  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedFile(FileSettings):
+    """What state keeps about a written file: everything but the content, which is an HMAC."""
+
+    content_hash: str
+
+    def placed_like(self, other: RecordedFile) -> bool:
+        """The same file on the host: content, owner, group and mode (stage and keep are the deployer's)."""
+        return (self.content_hash, self.owner, self.group, self.mode) == (
+            other.content_hash, other.owner, other.group, other.mode)
+
+
+@dataclass(frozen=True)
+class SecretFilePlan:
+    """What one `pulumi up` does: files to write, per stage, and paths to remove after the switch."""
+
+    before: tuple[SecretFile, ...] = ()
+    after: tuple[SecretFile, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.before or self.after or self.remove)
+
+    def changed_paths(self) -> list[str]:
+        return [f.path for f in (*self.before, *self.after)]
+
+
+def new_key() -> str:
+    """A fresh per-machine HMAC key, as state keeps it (base64)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def content_hash(key: bytes, content: bytes) -> str:
+    return "hmac-sha256:" + hmac.new(key, content, hashlib.sha256).hexdigest()
+
+
+def plan(recorded: Sequence[RecordedFile], wanted: Sequence[SecretFile], key: bytes) -> SecretFilePlan:
+    """Compare what state says is on the host with what the program wants."""
+    old = {r.path: r for r in recorded}
+    changed = [f for f in wanted if f.path not in old or not old[f.path].placed_like(f.record(key))]
+    wanted_paths = {f.path for f in wanted}
+    return SecretFilePlan(
+        before=tuple(f for f in changed if f.stage == "before-activation"),
+        after=tuple(f for f in changed if f.stage == "after-activation"),
+        remove=tuple(r.path for r in recorded if r.path not in wanted_paths),
+    )
+
+
+def root_target(target: Target) -> Target:
+    """Secret files are written as root, through the same sudo elevation a deployment uses."""
+    return target.as_user("root")
+
+
+class SecretFileError(EngineError):
+    """Writing or removing a secret file failed; `written` lists the files placed before that."""
+
+    def __init__(self, message: str, written: tuple[SecretFile, ...], removed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.written = written
+        self.removed = removed
+
+
+async def write_files(target: Target, files: Sequence[SecretFile]) -> None:
+    """Write each file atomically, in order; raise SecretFileError naming the file that failed."""
+    root = root_target(target)
+    for i, f in enumerate(files):
+        res = await root.run(["sh", "-c", WRITE_SCRIPT, "sh", f.path, f.owner, f.group, f.mode],
+                             input=f.content, check=False)
+        if res.exit_status != 0:
+            detail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.exit_status}"]
+            raise SecretFileError(f"writing secret file {f.path} on {target.target} failed: {detail[0]}",
+                                  tuple(files[:i]))
+
+
+async def remove_files(target: Target, paths: Sequence[str]) -> None:
+    """Remove files (a missing one is fine: it is gone either way)."""
+    if not paths:
+        return
+    res = await root_target(target).run(["rm", "-f", "--", *paths], check=False)
+    if res.exit_status != 0:
+        detail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.exit_status}"]
+        raise SecretFileError(f"removing secret files on {target.target} failed: {detail[0]}", ())
+
+
+async def apply(remote: Remote, files: Sequence[SecretFile], remove: Sequence[str] = ()) -> None:
+    """On a new connection: write files, then remove paths."""
+    conn = await ssh.connect(remote)
+    try:
+        target = process.Target.for_profile(conn, Profile())
+        await write_files(target, files)
+        try:
+            await remove_files(target, remove)
+        except SecretFileError as e:
+            raise SecretFileError(str(e), tuple(files)) from e
+    finally:
+        await conn.close()
+
+
+class Placement:
+    """Carries out a plan on one host and keeps track of what is there, for state.
+
+    `records()` is always the truth as far as the deployer knows it: files
+    written are recorded with their new hash, files removed are dropped, and
+    after a failure the rest keep their old records, so the next `pulumi up`
+    writes (or removes) them again.
+    """
+
+    def __init__(self, remote: Remote, recorded: Sequence[RecordedFile], wanted: Sequence[SecretFile],
+                 key: bytes) -> None:
+        self.remote = remote
+        self.key = key
+        self.plan = plan(recorded, wanted, key)
+        self._placed = {r.path: r for r in recorded}
+        # Settings the host does not see (stage, keepOnDestroy) take effect without a write.
+        for f in wanted:
+            old = self._placed.get(f.path)
+            if old is not None and old.placed_like(f.record(key)):
+                self._placed[f.path] = f.record(key)
+
+    def records(self) -> tuple[RecordedFile, ...]:
+        return tuple(self._placed.values())
+
+    async def before_activation(self) -> None:
+        await self._apply(self.plan.before, ())
+
+    async def after_activation(self) -> None:
+        await self._apply(self.plan.after, self.plan.remove)
+
+    async def all_stages(self) -> None:
+        """Everything at once: no activation happens in between (a content-only change, an install)."""
+        await self._apply((*self.plan.before, *self.plan.after), self.plan.remove)
+
+    async def _apply(self, files: Sequence[SecretFile], remove: Sequence[str]) -> None:
+        if not files and not remove:
+            return
+        try:
+            await apply(self.remote, files, remove)
+        except SecretFileError as e:
+            self._note(e.written, ())
+            raise
+        self._note(tuple(files), tuple(remove))
+
+    def _note(self, written: tuple[SecretFile, ...], removed: tuple[str, ...]) -> None:
+        for f in written:
+            self._placed[f.path] = f.record(self.key)
+        for path in removed:
+            self._placed.pop(path, None)
+
+
+async def remove_for_destroy(remote: Remote, recorded: Sequence[RecordedFile]) -> tuple[str, ...]:
+    """Destroy: remove every recorded file except those marked keepOnDestroy; returns the paths kept."""
+    await apply(remote, (), [r.path for r in recorded if not r.keep_on_destroy])
+    return tuple(r.path for r in recorded if r.keep_on_destroy)

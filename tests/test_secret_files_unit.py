@@ -1,0 +1,57 @@
+"""secretFiles without a host: the plan an up carries out, the records state keeps, and Check."""
+
+from __future__ import annotations
+
+from nixos_provider.engine.secret_files import WRITE_SCRIPT, SecretFile, content_hash, plan
+from nixos_provider.pulumi_layer import inputs as v
+from nixos_provider.pulumi_layer.properties import Secret
+
+KEY = b"k" * 32
+
+
+def test_plan_writes_changed_files_by_stage_and_removes_dropped_ones() -> None:
+    a = SecretFile(path="/etc/a", content=b"1")
+    b = SecretFile(path="/etc/b", content=b"2", stage="after-activation")
+    c = SecretFile(path="/etc/c", content=b"3")
+    recorded = [a.record(KEY), b.record(KEY), c.record(KEY)]
+    wanted = [SecretFile(path="/etc/a", content=b"new"), SecretFile(path="/etc/b", content=b"2",
+                                                                    stage="after-activation", mode="0440")]
+    p = plan(recorded, wanted, KEY)
+    assert [f.path for f in p.before] == ["/etc/a"]
+    assert [f.path for f in p.after] == ["/etc/b"]  # the mode changed
+    assert p.remove == ("/etc/c",)
+
+
+def test_stage_or_keep_alone_writes_nothing() -> None:
+    a = SecretFile(path="/etc/a", content=b"1")
+    p = plan([a.record(KEY)], [SecretFile(path="/etc/a", content=b"1", stage="after-activation",
+                                          keep_on_destroy=True)], KEY)
+    assert not p
+
+
+def test_content_hash_is_keyed_and_never_the_content() -> None:
+    short = b"1234"
+    h = content_hash(KEY, short)
+    assert h.startswith("hmac-sha256:") and h != content_hash(b"x" * 32, short)
+    assert "1234" not in repr(SecretFile(path="/etc/pin", content=short))
+
+
+def test_write_script_takes_values_as_positional_args_only() -> None:
+    # The script is a constant: path, owner, group and mode arrive as $1..$4, content on stdin.
+    assert "$1" in WRITE_SCRIPT and "{" not in WRITE_SCRIPT.replace("${path##*/}", "")
+    assert "mktemp" in WRITE_SCRIPT and WRITE_SCRIPT.index("chmod") < WRITE_SCRIPT.index("mv -f -T")
+
+
+def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
+    f = v.Failures()
+    v.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
+                             {"path": "/a", "content": "x", "owner": "-x"}, "nope",
+                             {"path": "/nix/store/abc-key", "content": "x"}])
+    props = dict(f.items)
+    assert "in /nix/store" in props["secretFiles[4].path"]
+    assert "secretFiles[0].path" in props and "secretFiles[2].path" in props
+    assert "secretFiles[2].owner" in props and "secretFiles[3]" in props
+    assert "secretFiles[1].mode" not in props  # "777" is a valid octal mode
+    out = v.normalize_secret_files([{"path": "/a", "content": "x"}])
+    assert out == [{"path": "/a", "content": Secret("x"), "owner": "root", "group": "root", "mode": "0400",
+                    "stage": "before-activation", "keepOnDestroy": False}]
