@@ -410,7 +410,7 @@ def test_host_key_expected_after_install() -> None:
     pem = private.export_private_key("openssh").decode()
     pub = private.export_public_key("openssh").decode().strip()
     with_file = _request(extra_files=((inst.HOST_KEY_FILE, pem),))
-    assert inst.expected_host_key(with_file, "ssh-ed25519 AAAAbefore") == (pub, f"the {inst.HOST_KEY_FILE} placed by extraFiles")
+    assert inst.expected_host_key(with_file, "ssh-ed25519 AAAAbefore") == (pub, f"the {inst.HOST_KEY_FILE} placed among the install's extra files")
     copied = _request(copy_host_keys=True)
     assert inst.expected_host_key(copied, pub)[0] == pub
     assert inst.expected_host_key(_request(), pub) == (None, "first use after the reboot")

@@ -105,3 +105,19 @@ class DeployError(EngineError):
         self.generation = generation
         self.rolled_back = rolled_back
         self.output_tail = output_tail
+
+
+class InstallError(EngineError):
+    """nixos-anywhere failed, or the host did not come back as installed.
+
+    `phase` is the nixos-anywhere phase that failed (kexec, disko, install,
+    reboot) or a step of ours (connect, wait); `state` says what the host runs
+    afterwards, as far as we could tell.
+    """
+
+    def __init__(self, message: str, *, phase: str, output_tail: str = "", state: str = "",
+                 blames: Setting | None = None) -> None:
+        super().__init__(message, blames=blames)
+        self.phase = phase
+        self.output_tail = output_tail
+        self.state = state
