@@ -77,7 +77,7 @@ print(json.dumps({"seconds": time.monotonic() - started, "nixos_anywhere_done": 
 
 
 def bench_install(rows: list[tuple[str, str]]) -> None:
-    """A bare lab host to an installed, verified NixOS through engine/install.py and the lab's stand-in."""
+    """A bare lab host to an installed, verified NixOS through engine/install/ and the lab's stand-in."""
     system = labctl.build_system("web")
     disko = json.loads(subprocess.run(
         [*labctl.NIX, "build", "--no-link", "--json",
