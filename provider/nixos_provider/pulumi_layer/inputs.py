@@ -242,8 +242,7 @@ def _check_file_map(f: Failures, prop: str, v: Any, what: str) -> None:
         f.add(prop, f"must be an object mapping absolute paths to {what}")
         return
     for path, content in v.items():
-        norm = posixpath.normpath(path) if isinstance(path, str) else ""
-        if not path.startswith("/") or norm != path or norm == "/" or ".." in path.split("/"):
+        if not (isinstance(path, str) and _is_absolute_file_path(path)):
             f.add(f"{prop}[{path!r}]", "must be a normalized absolute file path such as `/etc/ssh/ssh_host_ed25519_key`")
         elif _known(content) and not isinstance(_plain(content), str):
             f.add(f"{prop}[{path!r}]", f"must be the {what} as a string")
@@ -580,10 +579,13 @@ def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
     check_bool(f, f"{p}.keepOnDestroy", entry.get("keepOnDestroy"))
 
 
+def _is_absolute_file_path(path: str) -> bool:
+    """Absolute, normalized, not `/`, no `..`: a file on the target (install.extraFiles, secretFiles)."""
+    return path.startswith("/") and posixpath.normpath(path) == path and path != "/" and ".." not in path.split("/")
+
+
 def _is_file_path(path: str) -> bool:
-    parts = path.split("/")
-    return (path.startswith("/") and posixpath.normpath(path) == path and path != "/" and ".." not in parts
-            and len(path) <= MAX_REF and "\0" not in path)
+    return _is_absolute_file_path(path) and len(path) <= MAX_REF and "\0" not in path
 
 
 def normalize_secret_files(files: Any) -> Any:
