@@ -26,7 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))
+sys.path.insert(0, str(REPO / "tests"))
 import labctl  # noqa: E402
+from conftest import write_flake  # noqa: E402
 
 LAB_DIR = REPO / ".lab" / "bench-fleet-up"
 SIZES = (1, 10, 20)
@@ -42,15 +44,11 @@ def flake_text(machines: int, round_: int) -> str:
 
 
 def write_program(work: Path, hosts: list[labctl.LabHost], round_: int) -> None:
-    flake = work / "flake"
-    flake.mkdir(exist_ok=True)
-    for f in ("lib.nix", "switch-to-configuration.sh", "lab-service.py"):
-        (flake / f).write_bytes((labctl.LAB_FLAKE / f).read_bytes())
-    (flake / "flake.nix").write_text(flake_text(len(hosts), round_))
+    flake = write_flake(work / "flake", flake_text(len(hosts), round_))
     resources = {f"m{i}": {"type": "nixos:NixosMachine", "properties": {
         "connection": {"host": h.address, "port": h.port,
                        "privateKey": {"fn::secret": {"fn::readFile": h.privateKeyPath}}},
-        "flake": f"path:{flake}#m{i}",
+        "flake": f"{flake}#m{i}",
         "healthChecks": [{"http": f"http://{h.address}:{h.httpPort}/"}]}} for i, h in enumerate(hosts)}
     (work / "Pulumi.yaml").write_text(json.dumps({
         "name": "fleet-up", "runtime": "yaml",
