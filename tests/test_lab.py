@@ -132,6 +132,21 @@ def test_bare_host_is_not_nixos(new_host: HostFactory) -> None:
     assert ssh_ok(host)
 
 
+def _clock_ticks_since_boot() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def _running_since(pid: int, ticks: int) -> bool:
+    """Whether pid is a live (not zombie) process that started at or before ticks."""
+    try:
+        # The command name in field 2 may hold spaces; the fields after it do not.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    state, start = fields[0], int(fields[19])
+    return state != "Z" and start <= ticks
+
+
 def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, systems: Systems) -> None:
     hosts = [new_host() for _ in range(5)]
     assert all(ssh_ok(h) for h in hosts)
@@ -142,11 +157,14 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
     # Leave something running inside each host, as a crashed test would.
     for h in hosts:
         in_host(h, "sh", "-c", "setsid -f sleep 1000 >/dev/null 2>&1 </dev/null")
+    # A namespace id is free for reuse once its last process is gone, and the
+    # other test legs make namespaces all the time: count only the processes
+    # that were already there before the hosts were stopped.
+    before_stop = _clock_ticks_since_boot()
     for h in hosts:
         labctl.stop_host(h.state)
     for h, ns in zip(hosts, namespaces, strict=True):
-        alive = [p for p in labctl.processes_in_namespace(ns)
-                 if Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        alive = [p for p in labctl.processes_in_namespace(ns) if _running_since(p, before_stop)]
         assert alive == [], f"{h.name}: processes left: {alive}"
         assert not h.state.exists()
         assert str(h.state) not in Path("/proc/self/mountinfo").read_text()
