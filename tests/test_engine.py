@@ -15,7 +15,7 @@ import labctl
 import pytest
 from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine.errors import ConnectError, DeployError, HostKeyMismatch, NixError, RemoteCommandError, Setting
+from nixos_provider.engine.errors import ConnectError, DeployError, EngineError, HostKeyMismatch, NixError, RemoteCommandError, Setting
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
 from nixos_provider.engine.nix import Nix, parse_flake_ref
 from nixos_provider.engine.process import Target
@@ -372,3 +372,52 @@ async def test_zstd_push_sends_a_fraction_and_falls_back_without_zstd(
     assert result.push.compression == "none" and result.push.wire_bytes == result.push.bytes
     assert any("zstd is not installed on" in s and "sending uncompressed" in s for s in statuses)
     assert current_system(bare) == system
+
+
+# -- destroy's rollback (the supervisor's rollback-to task) -----------------------------
+
+
+async def test_rollback_to_returns_to_the_generation_and_reactivates_it(lab_host: labctl.LabHost,
+                                                                        systems: Systems) -> None:
+    await deploy(lab_host, systems["web"])
+    await deploy(lab_host, systems["web-v2"])
+    status: list[str] = []
+    now = await engine.rollback_to(remote_for(lab_host), Profile(), 2, status=status.append)
+    assert current_system(lab_host) == systems["web"] and http_version(lab_host) == "1"
+    assert current_gen(lab_host) == 2 and now.generation is not None and now.generation.number == 2
+    assert now.current_system == systems["web"]
+    assert f"re-activating generation 2 ({systems['web']})" in status
+    # The supervisor's workdir is gone; so is its lock holder.
+    assert in_host(lab_host, "sh", "-c", "ls -d /tmp/pulumi-nixos.* 2>/dev/null", check=False).stdout == ""
+
+
+async def test_rollback_to_a_collected_generation_registers_its_path_again(lab_host: labctl.LabHost,
+                                                                           systems: Systems) -> None:
+    await deploy(lab_host, systems["web"])
+    await deploy(lab_host, systems["web-v2"])
+    in_host(lab_host, "nix-env", "-p", SYSTEM, "--delete-generations", "2")
+    with pytest.raises(EngineError, match=r"generation 2 of /nix/var/nix/profiles/system no longer exists on .*"
+                                          r"so there is nothing to roll back to"):
+        await engine.rollback_to(remote_for(lab_host), Profile(), 2)
+    assert current_system(lab_host) == systems["web-v2"] and gens(lab_host) == [1, 3]
+    status: list[str] = []
+    now = await engine.rollback_to(remote_for(lab_host), Profile(), 2, status=status.append,
+                                   fallback_path=systems["web"])
+    assert f"generation 2 is gone; re-registering {systems['web']}" in status
+    assert current_system(lab_host) == systems["web"] and http_version(lab_host) == "1"
+    assert gens(lab_host) == [1, 3, 4] and now.generation is not None and now.generation.number == 4
+
+
+async def test_a_rollback_whose_activation_fails_says_where_the_profile_points(lab_host: labctl.LabHost,
+                                                                               systems: Systems) -> None:
+    with pytest.raises(DeployError):
+        await deploy(lab_host, systems["web-activation-fails"], auto_rollback=False)
+    await deploy(lab_host, systems["web"])
+    output: list[str] = []
+    with pytest.raises(EngineError) as err:
+        await engine.rollback_to(remote_for(lab_host), Profile(), 2, output=output.append)
+    msg = str(err.value)
+    assert msg.startswith(f"rolling /nix/var/nix/profiles/system on {remote_for(lab_host).target} back to "
+                          "generation 2: its activation exited with status 4; the profile now points at generation 2")
+    assert "activation output (last lines):" in msg and current_gen(lab_host) == 2
+    assert any("the following units failed: lab-service.service" in line for line in output)

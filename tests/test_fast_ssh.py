@@ -21,7 +21,7 @@ from nixos_provider.engine.activation import Supervisor
 from nixos_provider.engine.errors import ConnectError, HostBusy, RemoteCommandError
 from nixos_provider.engine.models import Credentials, Remote
 from nixos_provider.engine.process import Target
-from nixos_provider.engine.protocol import ActivationSpec, Cause, Phase
+from nixos_provider.engine.protocol import ActivationSpec, Cause, Phase, RollbackSpec
 from nixos_provider.engine.ssh import Connection, connect, fingerprint
 
 pytestmark = pytest.mark.timeout(60)
@@ -281,3 +281,34 @@ async def test_a_deployer_that_says_nothing_frees_the_lock_after_the_ready_timeo
     await second.start()
     await second.wait_ready(time.monotonic() + 10)
     await second.stop_quietly()
+
+
+# -- destroy's rollback, through the same supervisor ------------------------------------
+
+
+async def test_a_rollback_waits_for_no_one_and_disturbs_no_deployment_in_progress(
+        server: InProcessSSHServer, conn: Connection, tmp_path: Path) -> None:
+    spec = profile_spec(tmp_path, "sleep 2", magic=False)
+    first = await supervise(server, conn, spec, [])
+    rollback = Supervisor(Target(conn), lambda: connect(remote(server)),
+                          RollbackSpec("profile", spec.profile, 1, None, 20, "touch rolled-back"))
+    with pytest.raises(HostBusy, match=rf"{spec.profile} on .* is being deployed by someone else: "
+                                       rf"deployment {first.workdir} of {spec.new_path}"):
+        await rollback.roll_back_to(time.monotonic() + 10)
+    assert (await first.follow(time.monotonic() + 20)).ok
+    await first.finish(time.monotonic() + 10)
+    assert not (Path(spec.new_path) / "rolled-back").exists()
+
+
+async def test_a_rollback_to_a_generation_that_is_gone_changes_nothing_and_says_so(
+        server: InProcessSSHServer, conn: Connection, tmp_path: Path) -> None:
+    profile = tmp_path / "profiles" / "app"
+    profile.parent.mkdir(parents=True)
+    marker = tmp_path / "activated"
+    rollback = Supervisor(Target(conn), lambda: connect(remote(server)),
+                          RollbackSpec("profile", str(profile), 3, str(tmp_path / "not-in-any-store"), 20,
+                                       f"touch {shlex.quote(str(marker))}"))
+    outcome = await rollback.roll_back_to(time.monotonic() + 10)
+    assert outcome.state.phase is Phase.FAILED and outcome.state.cause is Cause.GONE
+    assert outcome.state.detail == f"generation 3 of {profile} no longer exists"
+    assert not marker.exists() and not os.path.lexists(profile)

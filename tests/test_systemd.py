@@ -81,6 +81,18 @@ async def test_switch_under_systemd_runs_the_supervisor_in_its_own_unit(sd_host:
     assert in_host(sd_host, "systemctl", "list-units", "--all", "--no-legend", "pulumi-nixos-*").stdout.strip() == ""
 
 
+async def test_destroy_rollback_runs_in_its_own_unit_and_restarts_the_service(sd_host: labctl.LabHost,
+                                                                               systems: Systems) -> None:
+    await deploy(sd_host, systems["web"])
+    await deploy(sd_host, systems["web-v2"])
+    now = await engine.rollback_to(remote_for(sd_host), Profile(), 2)
+    assert now.current_system == current_system(sd_host) == systems["web"] and current_gen(sd_host) == 2
+    assert unit_state(sd_host, "lab-service.service") == "active" and http_version(sd_host) == "1"
+    units = set(re.findall(r"pulumi-nixos-[0-9a-f]{16}-rollback-to\.service", journal(sd_host)))
+    assert len(units) == 1, f"expected one pulumi-nixos-*-rollback-to.service in the journal, found {units}"
+    assert in_host(sd_host, "systemctl", "list-units", "--all", "--no-legend", "pulumi-nixos-*").stdout.strip() == ""
+
+
 async def test_magic_rollback_survives_the_ssh_service_restart(sd_host: labctl.LabHost, systems: Systems) -> None:
     await deploy(sd_host, systems["web"])
     ssh_pid = in_host(sd_host, "systemctl", "show", "-P", "MainPID", "ssh.service").stdout.strip()

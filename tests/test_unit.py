@@ -18,7 +18,7 @@ from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Profile, Remote
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
-from nixos_provider.engine.protocol import Cause, Phase, SupervisorState, supervisor_argv
+from nixos_provider.engine.protocol import Cause, Phase, RollbackSpec, SupervisorState, supervisor_argv
 from nixos_provider.pulumi_layer.base import Context
 from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.machine import NixosMachine
@@ -93,12 +93,26 @@ def test_supervisor_arguments_are_named_and_complete() -> None:
     assert bare_args[bare_args.index("--magic-rollback") + 1] == "0"
 
 
+def test_the_rollback_task_names_its_generation_and_its_fallback_path() -> None:
+    spec = RollbackSpec("profile", "/p/app", 4, "/nix/store/a-app", 60, "systemctl --user restart app")
+    assert supervisor_argv("rollback-to", "/tmp/d", "t", spec) == [
+        "--task", "rollback-to", "--dir", "/tmp/d", "--token", "t", "--mode", "profile", "--profile", "/p/app",
+        "--to-gen", "4", "--to-path", "/nix/store/a-app", "--activation-timeout", "60",
+        "--activate-command", "systemctl --user restart app"]
+    bare = supervisor_argv("rollback-to", "/tmp/d", "t", RollbackSpec("system", "/s", 1, None, 240))
+    assert "--to-path" not in bare and "--activate-command" not in bare
+
+
 @pytest.mark.parametrize("argv,state", [
     (["--dir", "D", "--token"], "failed usage: --token needs a value"),
     (["--dir", "D", "--token", "t", "--bogus", "x"], "failed usage: unknown option --bogus"),
     (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x"], "failed usage: --action is required"),
     (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x", "--action", "switch", "--mode", "system",
       "--new-gen", "1; touch /tmp/x"], "failed usage: a generation is a number, not 1; touch /tmp/x"),
+    (["--task", "rollback-to", "--dir", "D", "--token", "t", "--profile", "/p", "--mode", "system"],
+     "failed usage: --to-gen is required"),
+    (["--task", "rollback-to", "--dir", "D", "--token", "t", "--profile", "/p", "--mode", "system",
+      "--to-gen", "$(id)"], "failed usage: a generation is a number, not $(id)"),
 ])
 def test_supervisor_refuses_a_malformed_command_line(tmp_path: Any, argv: list[str], state: str) -> None:
     script = resources.files("nixos_provider.engine").joinpath("supervisor.sh")
@@ -127,6 +141,10 @@ def test_supervisor_refuses_a_malformed_command_line(tmp_path: Any, argv: list[s
     ("failed lock: cannot open /p/.lock", Phase.FAILED, Cause.LOCK, None, "cannot open /p/.lock"),
     ("locked-out deployment /tmp/x of /nix/store/y, since 2026", Phase.LOCKED_OUT, None, None,
      "deployment /tmp/x of /nix/store/y, since 2026"),
+    ("failed gone: generation 3 of /p no longer exists", Phase.FAILED, Cause.GONE, None,
+     "generation 3 of /p no longer exists"),
+    ("failed switch: cannot switch /p to generation 3", Phase.FAILED, Cause.SWITCH, None,
+     "cannot switch /p to generation 3"),
     ("done", Phase.DONE, None, None, ""),
     ("something new", Phase.UNKNOWN, None, None, "something new"),
 ])

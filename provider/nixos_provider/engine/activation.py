@@ -17,10 +17,10 @@ from importlib import resources
 
 from .errors import ConnectError, EngineError, HostBusy
 from .process import Target
-from .protocol import ActivationSpec, Control, Go, Phase, SupervisorState, supervisor_argv
+from .protocol import ActivationSpec, Control, Go, Phase, RollbackSpec, SupervisorState, supervisor_argv
 from .ssh import Connection
 
-__all__ = ["ActivationOutcome", "ActivationSpec", "Supervisor"]
+__all__ = ["ActivationOutcome", "ActivationSpec", "RollbackSpec", "Supervisor"]
 
 SUPERVISOR = resources.files(__package__).joinpath("supervisor.sh").read_text()
 POLL_INTERVAL = 0.3
@@ -48,7 +48,7 @@ class ActivationOutcome:
 class Supervisor:
     """One deployment's supervisor on one target."""
 
-    def __init__(self, target: Target, connect: ConnectFn, spec: ActivationSpec,
+    def __init__(self, target: Target, connect: ConnectFn, spec: ActivationSpec | RollbackSpec,
                  status: StatusFn | None = None, output: OutputFn | None = None,
                  phase: PhaseFn | None = None) -> None:
         self.target = target
@@ -119,9 +119,7 @@ class Supervisor:
             if state.phase is Phase.READY:
                 return
             if state.phase is Phase.LOCKED_OUT:
-                holder = state.detail or "another deployment (it did not say which)"
-                raise HostBusy(f"{self.spec.profile} on {self.target.target} is being deployed by someone else: "
-                                  f"{holder}. Nothing was changed; try again when it has finished")
+                raise self._busy(state)
             if state.terminal:
                 raise EngineError(f"the activation supervisor on {self.target.target} stopped before it began: {state}"
                                   + (f"\n{self._log.strip()}" if self._log.strip() else "") + "; nothing was changed")
@@ -129,6 +127,24 @@ class Supervisor:
                 raise EngineError(f"the activation supervisor on {self.target.target} did not start in time; "
                                   "nothing was changed")
             await asyncio.sleep(POLL_INTERVAL / 3)
+
+    def _busy(self, state: SupervisorState) -> HostBusy:
+        holder = state.detail or "another deployment (it did not say which)"
+        return HostBusy(f"{self.spec.profile} on {self.target.target} is being deployed by someone else: "
+                        f"{holder}. Nothing was changed; try again when it has finished")
+
+    async def roll_back_to(self, deadline: float) -> ActivationOutcome:
+        """Run a RollbackSpec to its end under the profile's lock (destroy's rollback).
+
+        Detached like an activation, so a connection dropped by the
+        re-activation (sshd restarting) cannot stop it halfway.
+        """
+        await self.upload()
+        await self.start("rollback-to")
+        outcome = await self.follow(deadline, until=())
+        if outcome.state.phase is Phase.LOCKED_OUT:
+            raise self._busy(outcome.state)
+        return outcome
 
     @contextlib.asynccontextmanager
     async def kept_alive(self) -> AsyncIterator[None]:
@@ -270,11 +286,11 @@ class Supervisor:
     def _report(self, state: SupervisorState) -> None:
         self._phase(state.phase)
         if state.phase is Phase.ACTIVATING:
-            self._status(f"activating {self.spec.new_path}")
+            self._status(f"activating {self.spec.subject}")
         elif state.phase is Phase.WAITING_CONFIRM:
             self._status("waiting for confirmation (magic rollback)")
         elif state.phase is Phase.CONFIRMED:
-            self._status(f"{self.spec.new_path} is active")
+            self._status(f"{self.spec.subject} is active")
         elif state.phase is Phase.ROLLING_BACK:
             self._status("rolling back")
 

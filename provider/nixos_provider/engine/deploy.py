@@ -30,13 +30,14 @@ from .models import (
 )
 from .nix import Nix
 from .process import Target
-from .protocol import ActivationSpec, Cause, Phase, SupervisorState
+from .protocol import ActivationSpec, Cause, Phase, RollbackSpec, SupervisorState
 from .push import PushProgress, choose_compression, missing_paths, push_closure
 from .ssh import Connection, connect
 from .timeline import Step, Steps
 
 StatusFn = Callable[[str], None]
 OUTPUT_TAIL_LINES = 20
+SUPERVISOR_SAYS = "pulumi-nixos: "  # how supervisor.sh's own log lines begin
 
 
 def _noop(_: str) -> None:
@@ -150,8 +151,27 @@ class Deployment:
                 await self._supervisor.close()
 
     async def _run(self, target: Target) -> DeployResult:
+        """The steps of DESIGN §3, from the push on; each is one method below."""
+        push = await self._push(target)
+        if self.req.build_drv_on_target:
+            await self._build_on_target(target)
+        if self.req.action == "dry-activate":
+            return await self._dry_activate(target, push)
+        supervisor = await self._take_lock(target)
+        try:
+            return await self._activate(supervisor, push)
+        except asyncio.CancelledError:
+            # A cancelled `pulumi up`: the host must not be left to a
+            # supervisor nobody waits for. Roll back now, wait, report.
+            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
+        except DeployError:
+            raise
+        except EngineError as e:
+            raise await self._abort(supervisor, str(e), step="activation") from e
+
+    async def _push(self, target: Target) -> PushStats:
+        """Copy the closure (or, for a remote build, the derivation's) to the target's store."""
         req = self.req
-        profile = req.profile.path
 
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
@@ -169,66 +189,7 @@ class Deployment:
         if push.paths:
             sent = f", {push.wire_bytes / 1048576:.1f} MiB sent with zstd" if push.compression == "zstd" else ""
             self.status(f"copied {push.paths} paths ({push.bytes / 1048576:.1f} MiB{sent}) in {push.seconds:.1f}s")
-        if req.build_drv_on_target:
-            self.steps.mark(Step.BUILD)
-            self.status(f"building {req.build_drv_on_target} on {target.target}")
-            res = await pusher.run(["nix-store", "--realise", req.build_drv_on_target], check=False,
-                                   timeout=req.activation_timeout * 10)
-            if res.exit_status != 0 or req.store_path not in res.stdout.split():
-                raise EngineError(f"building {req.build_drv_on_target} on {target.target} failed "
-                                  f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
-
-        if req.action == "dry-activate":
-            before = await profiles.current_generation(target, profile)
-            res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,
-                                   timeout=req.activation_timeout)
-            return DeployResult(req.store_path, before.number if before else 0, None, None, self.host_key or "",
-                                push, None, res.stdout + res.stderr)
-
-        # One deployment per profile per host: the supervisor takes the
-        # profile's lock before anything is registered, and holds it until the
-        # deployment is finished or rolled back.
-        await profiles.ensure_profile_dir(target, profile)
-        spec = ActivationSpec(
-            mode="system" if req.profile.is_system else "profile",
-            profile=profile,
-            new_path=req.store_path,
-            new_gen=None,
-            prev_gen=None,
-            prev_path=None,
-            action=req.action,
-            magic_rollback=req.magic_rollback and req.action != "boot",
-            confirm_timeout=req.confirm_timeout,
-            auto_rollback=req.auto_rollback,
-            activation_timeout=req.activation_timeout,
-            activate_command=req.activate_command,
-        )
-        supervisor = Supervisor(target, self._connect_again, spec, status=self.status, output=self.output,
-                                phase=self._on_phase)
-        self._supervisor = supervisor
-        self.steps.mark(Step.LOCK)
-        await supervisor.upload()
-        await supervisor.start()
-        try:
-            await supervisor.wait_ready(time.monotonic() + 60)
-        except HostBusy:
-            await supervisor.cleanup()
-            raise
-        except EngineError:
-            await supervisor.stop_quietly()
-            raise
-        except asyncio.CancelledError:
-            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
-        try:
-            return await self._activate(supervisor, push)
-        except asyncio.CancelledError:
-            # A cancelled `pulumi up`: the host must not be left to a
-            # supervisor nobody waits for. Roll back now, wait, report.
-            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
-        except DeployError:
-            raise
-        except EngineError as e:
-            raise await self._abort(supervisor, str(e), step="activation") from e
+        return push
 
     async def _through_cache(self, target: Target, cache: BinaryCache) -> None:
         """Upload the closure to the cache (once per process) and let the target substitute it.
@@ -259,70 +220,149 @@ class Deployment:
             self.warn(f"binaryCache: {target.target} could not fetch {path} from {cache.url} ({why}); "
                       "pushing directly over SSH instead")
 
+    async def _build_on_target(self, target: Target) -> None:
+        req = self.req
+        assert req.build_drv_on_target is not None
+        self.steps.mark(Step.BUILD)
+        self.status(f"building {req.build_drv_on_target} on {target.target}")
+        res = await target.for_store().run(["nix-store", "--realise", req.build_drv_on_target], check=False,
+                                           timeout=req.activation_timeout * 10)
+        if res.exit_status != 0 or req.store_path not in res.stdout.split():
+            raise EngineError(f"building {req.build_drv_on_target} on {target.target} failed "
+                              f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
+
+    async def _dry_activate(self, target: Target, push: PushStats) -> DeployResult:
+        """Ask the new system what switching to it would do; nothing is registered or activated."""
+        req = self.req
+        before = await profiles.current_generation(target, req.profile.path)
+        res = await target.run([f"{req.store_path}/bin/switch-to-configuration", "dry-activate"], check=False,
+                               timeout=req.activation_timeout)
+        return DeployResult(req.store_path, before.number if before else 0, None, None, self.host_key or "",
+                            push, None, res.stdout + res.stderr)
+
+    def _activation_spec(self) -> ActivationSpec:
+        req = self.req
+        return ActivationSpec(
+            mode="system" if req.profile.is_system else "profile",
+            profile=req.profile.path,
+            new_path=req.store_path,
+            new_gen=None,
+            prev_gen=None,
+            prev_path=None,
+            action=req.action,
+            magic_rollback=req.magic_rollback and req.action != "boot",
+            confirm_timeout=req.confirm_timeout,
+            auto_rollback=req.auto_rollback,
+            activation_timeout=req.activation_timeout,
+            activate_command=req.activate_command,
+        )
+
+    async def _take_lock(self, target: Target) -> Supervisor:
+        """Start the supervisor; it holds the profile's lock until the deployment is finished or rolled back.
+
+        One deployment per profile per host: nothing is registered before the
+        lock is ours.
+        """
+        await profiles.ensure_profile_dir(target, self.req.profile.path)
+        supervisor = Supervisor(target, self._connect_again, self._activation_spec(), status=self.status,
+                                output=self.output, phase=self._on_phase)
+        self._supervisor = supervisor
+        self.steps.mark(Step.LOCK)
+        await supervisor.upload()
+        await supervisor.start()
+        try:
+            await supervisor.wait_ready(time.monotonic() + 60)
+        except HostBusy:
+            await supervisor.cleanup()
+            raise
+        except EngineError:
+            await supervisor.stop_quietly()
+            raise
+        except asyncio.CancelledError:
+            raise await self._abort(supervisor, "the deployment was cancelled", step="cancel") from None
+        return supervisor
+
     async def _activate(self, supervisor: Supervisor, push: PushStats) -> DeployResult:
         """Under the lock: register the generation, activate, confirm, check health, finish."""
+        spec, before = await self._register(supervisor)
+        deadline = time.monotonic() + self.req.activation_timeout + self.req.confirm_timeout + 60
+        outcome = await supervisor.follow(deadline)
+        if not outcome.ok:
+            raise await self._failure(supervisor, outcome, self._new_gen, step="activation")
+        await self._health_checks(supervisor)
+        outcome = await self._finish(supervisor)
+        return await self._result(supervisor.target, spec, before, push, outcome)
+
+    async def _register(self, supervisor: Supervisor) -> tuple[ActivationSpec, Generation | None]:
+        """Make the new generation and tell the supervisor to activate it; (its spec, the generation before)."""
         req = self.req
-        profile = req.profile.path
         target = supervisor.target
         async with supervisor.kept_alive():
-            now = await profiles.read_host(target, profile, system=req.profile.is_system)
+            now = await profiles.read_host(target, req.profile.path, system=req.profile.is_system)
             before, prev_system = now.generation, now.current_system
             registers = req.action != "test"
             new_gen: Generation | None = None
             self.steps.mark(Step.REGISTER)
             if registers:
                 self.status(f"registering generation for {req.store_path}")
-                new_gen = await profiles.set_profile(target, profile, req.store_path)
+                new_gen = await profiles.set_profile(target, req.profile.path, req.store_path)
             self._new_gen = new_gen
             # nix-env --set reuses the current generation when the path is unchanged;
             # then there is no generation to switch away from or delete on rollback.
             unchanged = before is not None and new_gen is not None and new_gen.number == before.number
             spec = replace(
-                supervisor.spec,
+                self._activation_spec(),
                 new_gen=new_gen.number if new_gen and not unchanged else None,
                 prev_gen=before.number if before and registers and not unchanged else None,
                 prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
             )
             self.steps.mark(Step.ACTIVATE)
             await supervisor.go(spec, _health_check_budget(req))
-        deadline = time.monotonic() + req.activation_timeout + req.confirm_timeout + 60
-        outcome = await supervisor.follow(deadline)
-        target = supervisor.target  # follow() may have reconnected
+        return spec, before
 
-        if not outcome.ok:
-            raise await self._failure(supervisor, outcome, new_gen, step="activation")
+    async def _health_checks(self, supervisor: Supervisor) -> None:
+        """After confirmation: the deployer's checks decide, and a failure rolls back (unless autoRollback is off)."""
+        req = self.req
+        if not req.health_checks or req.action == "boot":
+            return
+        self.steps.mark(Step.HEALTH_CHECK)
+        new_gen = self._new_gen
+        try:
+            await run_health_checks(supervisor.target, req.health_checks, status=self.status)
+        except EngineError as e:
+            if not req.auto_rollback:
+                await supervisor.finish(time.monotonic() + 60)
+                await supervisor.cleanup()
+                raise DeployError(
+                    f"{e}; autoRollback is off, so {req.store_path} stays active on {supervisor.target.target}",
+                    phase="health-check", now_running=req.store_path,
+                    generation=new_gen.number if new_gen else None) from e
+            self.status("health check failed: rolling back")
+            self.steps.mark(Step.ROLLBACK)
+            outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
+            raise await self._failure(supervisor, outcome, new_gen, reason=str(e), step="health-check") from e
 
-        if req.health_checks and req.action != "boot":
-            self.steps.mark(Step.HEALTH_CHECK)
-            try:
-                await run_health_checks(target, req.health_checks, status=self.status)
-            except EngineError as e:
-                if not req.auto_rollback:
-                    await supervisor.finish(time.monotonic() + 60)
-                    await supervisor.cleanup()
-                    raise DeployError(
-                        f"{e}; autoRollback is off, so {req.store_path} stays active on {target.target}",
-                        phase="health-check", now_running=req.store_path,
-                        generation=new_gen.number if new_gen else None) from e
-                self.status("health check failed: rolling back")
-                self.steps.mark(Step.ROLLBACK)
-                outcome = await supervisor.abort(time.monotonic() + 2 * req.activation_timeout + 60)
-                raise await self._failure(supervisor, outcome, new_gen, reason=str(e), step="health-check") from e
-
+    async def _finish(self, supervisor: Supervisor) -> ActivationOutcome:
+        """The deployer's last word: keep the new generation."""
         self.steps.mark(Step.FINISH)
         outcome = await supervisor.finish(time.monotonic() + 60)
-        target = supervisor.target
         if outcome.state.phase is not Phase.DONE:
             # Rolled back after confirmation: the deployer's last word came too late.
-            raise await self._failure(supervisor, outcome, new_gen, step="health-check")
+            raise await self._failure(supervisor, outcome, self._new_gen, step="health-check")
         # Confirmed and healthy: from here on nothing may turn the deployment
-        # into a failure. What we cannot read afterwards is left out, not fatal.
+        # into a failure.
         await supervisor.cleanup()
+        return outcome
+
+    async def _result(self, target: Target, spec: ActivationSpec, before: Generation | None, push: PushStats,
+                      outcome: ActivationOutcome) -> DeployResult:
+        """The outputs of a finished deployment; what cannot be read afterwards is left out, not fatal."""
+        req = self.req
         version: str | None = None
         reboot_for: tuple[str, ...] = ()
-        after = new_gen if new_gen is not None else before
+        after = self._new_gen if self._new_gen is not None else before
         try:
-            reading = await profiles.read_host(target, profile, system=req.profile.is_system,
+            reading = await profiles.read_host(target, req.profile.path, system=req.profile.is_system,
                                                version_of=req.store_path)
             version, reboot_for = reading.nixos_version, reading.pending_boot_files
             after = reading.generation or after
@@ -433,35 +473,55 @@ async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn
 
 
 async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,
-                      activate_command: str | None = None, timeout: float = ACTIVATION_TIMEOUT,
-                      fallback_path: str | None = None) -> TargetState:
-    """Switch a profile back to an existing generation and re-activate it (destroy's rollback).
+                      output: StatusFn = _noop, activate_command: str | None = None,
+                      timeout: float = ACTIVATION_TIMEOUT, fallback_path: str | None = None) -> TargetState:
+    """Return a profile to an existing generation and re-activate it (destroy's rollback).
 
-    If that generation was garbage-collected but fallback_path is still in the
-    target's store, it becomes a new generation instead.
+    The target's supervisor does it, under the profile's lock (a deployment
+    in progress is not disturbed: HostBusy) and detached from this session.
+    If that generation was garbage-collected but fallback_path is still in
+    the target's store, it becomes a new generation instead.
     """
     target = await open_target(remote, profile)
-    try:
-        gens = {g.number: g for g in await profiles.list_generations(target, profile.path)}
-        if generation in gens:
-            await profiles.switch_generation(target, profile.path, generation)
-            path = gens[generation].store_path
-        elif fallback_path and (await target.run(["nix-store", "--check-validity", fallback_path], check=False)).exit_status == 0:
-            status(f"generation {generation} is gone; re-registering {fallback_path}")
-            await profiles.set_profile(target, profile.path, fallback_path)
-            path = fallback_path
+    pinned = replace(remote, host_key=target.conn.host_key, retries=2)
+    spec = RollbackSpec(mode="system" if profile.is_system else "profile", profile=profile.path,
+                        to_gen=generation, to_path=fallback_path, activation_timeout=timeout,
+                        activate_command=activate_command)
+
+    def said(line: str) -> None:
+        # The supervisor's own lines are steps; the rest is the activation's output.
+        if line.startswith(SUPERVISOR_SAYS):
+            status(line.removeprefix(SUPERVISOR_SAYS))
         else:
-            raise EngineError(f"generation {generation} of {profile.path} no longer exists on {remote.target}, "
-                              "so there is nothing to roll back to")
-        status(f"re-activating generation {generation}")
-        if profile.is_system:
-            await target.run([f"{path}/bin/switch-to-configuration", "switch"], timeout=timeout)
-        elif activate_command:
-            await target.run(["sh", "-c", 'cd "$1" && PROFILE="$1" exec /bin/sh -c "$2"', "sh", profile.path,
-                              activate_command], timeout=timeout)
-        return await read_target_state(target, profile)
+            output(line)
+
+    supervisor = Supervisor(target, lambda: connect(pinned), spec, status=status, output=said)
+    try:
+        outcome = await supervisor.roll_back_to(time.monotonic() + timeout + 120)
+        state = outcome.state
+        if state.phase is not Phase.DONE:
+            await supervisor.cleanup()
+            raise EngineError(_rollback_failure(state, spec, remote, outcome.output))
+        await supervisor.cleanup()
+        return await read_target_state(await supervisor.connected(), profile)
     finally:
+        await supervisor.close()
         await target.conn.close()
+
+
+def _rollback_failure(state: SupervisorState, spec: RollbackSpec, remote: Remote, output: str) -> str:
+    if state.cause is Cause.GONE:
+        return (f"generation {spec.to_gen} of {spec.profile} no longer exists on {remote.target}, "
+                "so there is nothing to roll back to")
+    if state.cause is Cause.ACTIVATION_FAILED:
+        why = (f"timed out after {spec.activation_timeout:.0f}s" if state.timed_out
+               else f"exited with status {state.exit_status}")
+        msg = (f"rolling {spec.profile} on {remote.target} back to generation {spec.to_gen}: its activation {why}; "
+               f"the profile now points at generation {spec.to_gen}")
+    else:
+        msg = f"rolling {spec.profile} on {remote.target} back to generation {spec.to_gen} failed: {state}"
+    tail = _tail(output)
+    return msg + (f"\nactivation output (last lines):\n{tail}" if tail else "")
 
 
 async def remove_profile(remote: Remote, profile: Profile) -> None:

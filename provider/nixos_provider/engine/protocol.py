@@ -33,8 +33,36 @@ class ActivationSpec:
     ready_timeout: float = 30.0
 
 
-def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec) -> list[str]:
-    """supervisor.sh's options for one deployment; an unset optional value is left out."""
+    @property
+    def subject(self) -> str:
+        """What this supervisor brings to the profile, for status lines."""
+        return self.new_path
+
+
+@dataclass(frozen=True)
+class RollbackSpec:
+    """destroy's rollback: return a profile to one of its generations and re-activate it.
+
+    When that generation was garbage-collected, `to_path` (its store path, if
+    the target's store still has it) is registered as a new generation instead.
+    """
+
+    mode: str  # "system" | "profile"
+    profile: str
+    to_gen: int
+    to_path: str | None
+    activation_timeout: float
+    activate_command: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return f"generation {self.to_gen}"
+
+
+def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec | RollbackSpec) -> list[str]:
+    """supervisor.sh's options for one deployment (or rollback); an unset optional value is left out."""
+    if isinstance(spec, RollbackSpec):
+        return _rollback_argv(workdir, token, spec)
     argv = ["--task", task, "--dir", workdir, "--token", token, "--mode", spec.mode, "--profile", spec.profile,
             "--new-path", spec.new_path]
     optional = (("--new-gen", spec.new_gen), ("--prev-gen", spec.prev_gen), ("--prev-path", spec.prev_path))
@@ -42,6 +70,17 @@ def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec) -
     argv += ["--action", spec.action, "--magic-rollback", _flag(spec.magic_rollback),
              "--confirm-timeout", str(int(spec.confirm_timeout)), "--auto-rollback", _flag(spec.auto_rollback),
              "--activation-timeout", str(int(spec.activation_timeout)), "--ready-timeout", str(int(spec.ready_timeout))]
+    if spec.activate_command is not None:
+        argv += ["--activate-command", spec.activate_command]
+    return argv
+
+
+def _rollback_argv(workdir: str, token: str, spec: RollbackSpec) -> list[str]:
+    argv = ["--task", "rollback-to", "--dir", workdir, "--token", token, "--mode", spec.mode, "--profile",
+            spec.profile, "--to-gen", str(spec.to_gen)]
+    if spec.to_path is not None:
+        argv += ["--to-path", spec.to_path]
+    argv += ["--activation-timeout", str(int(spec.activation_timeout))]
     if spec.activate_command is not None:
         argv += ["--activate-command", spec.activate_command]
     return argv
@@ -107,6 +146,8 @@ class Cause(Enum):
     ABORTED = "aborted"  # Control.ABORT before or right after activation
     NO_WORD = "no-word-from-the-deployer"  # neither GO nor FINISH came in time
     LOCK = "lock"  # the lock file could not be opened
+    GONE = "gone"  # rollback-to: the generation and its store path are gone
+    SWITCH = "switch"  # rollback-to: nix-env could not re-point the profile
     USAGE = "usage"  # the command line was malformed
     OTHER = "?"
 

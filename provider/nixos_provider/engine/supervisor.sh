@@ -24,17 +24,26 @@
 # says its last word. Rollback: re-point the profile at the previous
 # generation, re-activate it, and delete the failed generation.
 #
+# The second task, rollback-to (destroy's rollback), takes the same lock,
+# re-points the profile at generation --to-gen (or, when that generation was
+# garbage-collected, registers --to-path again if the store still has it),
+# re-activates it, and ends `done`, `failed gone: ...` or
+# `failed activation-failed:N`.
+#
 # Options are named, each followed by its value (never pasted into a script):
 #   --task activate --dir DIR --token TOKEN --mode system|profile --profile PATH
 #   --new-path STORE_PATH --action ACTION [--new-gen N] [--prev-gen N]
 #   [--prev-path STORE_PATH] [--magic-rollback 0|1] [--confirm-timeout S]
 #   [--auto-rollback 0|1] [--activation-timeout S] [--activate-command CMD]
 #   [--ready-timeout S]
+#   --task rollback-to --dir DIR --token TOKEN --mode system|profile
+#   --profile PATH --to-gen N [--to-path STORE_PATH] [--activation-timeout S]
+#   [--activate-command CMD]
 # (new-gen, prev-gen and prev-path are replaced by $dir/go.) A malformed
 # command line ends with the state `failed usage: ...`, when $dir is known.
 set -u
 task=activate dir="" token="" mode="" profile="" new_path="" new_gen="" prev_gen="" prev_path="" action=""
-magic=0 confirm_timeout=30 auto_rollback=1 activation_timeout=240 activate_cmd=""
+magic=0 confirm_timeout=30 auto_rollback=1 activation_timeout=240 activate_cmd="" to_gen="" to_path=""
 # The deployer registers the generation and says go within a second or two;
 # a deployer that died before that must not hold the host for long (one that
 # is merely slow keeps touching $dir/alive).
@@ -59,6 +68,8 @@ while [ $# -gt 0 ]; do
     --activation-timeout) activation_timeout=$2 ;;
     --activate-command) activate_cmd=$2 ;;
     --ready-timeout) ready_timeout=$2 ;;
+    --to-gen) to_gen=$2 ;;
+    --to-path) to_path=$2 ;;
     *) usage="unknown option $1"; break ;;
   esac
   shift 2
@@ -68,14 +79,19 @@ require() { # require OPTION VALUE: the first missing option is the one reported
   [ -n "$2" ] || usage=${usage:-"$1 is required"}
 }
 require --dir "$dir"; require --token "$token"; require --profile "$profile"
-require --new-path "$new_path"; require --action "$action"
+if [ "$task" = rollback-to ]; then
+  require --to-gen "$to_gen"
+  action=switch
+else
+  require --new-path "$new_path"; require --action "$action"
+fi
 if [ -z "$usage" ]; then
   case $task:$mode:$magic:$auto_rollback in
-    activate:system:[01]:[01] | activate:profile:[01]:[01]) ;;
+    activate:system:[01]:[01] | activate:profile:[01]:[01] | rollback-to:system:[01]:[01] | rollback-to:profile:[01]:[01]) ;;
     *) usage="bad --task, --mode, --magic-rollback or --auto-rollback: $task $mode $magic $auto_rollback" ;;
   esac
 fi
-for n in "$new_gen" "$prev_gen"; do
+for n in "$new_gen" "$prev_gen" "$to_gen"; do
   [ -z "$usage" ] && [ -n "$n" ] && ! is_number "$n" && usage="a generation is a number, not $n"
 done
 if [ -z "$usage" ] && ! { is_number "$confirm_timeout" && is_number "$activation_timeout" \
@@ -166,9 +182,39 @@ if ! flock -n 9; then
   state "locked-out $(head -c 400 -- "$lock" | tr '\n' ' ')"
   exit 0
 fi
+if [ "$task" = rollback-to ]; then what="rollback to generation $to_gen"; else what=$new_path; fi
 printf 'deployment %s of %s, since %s (supervisor pid %s)\n' \
-  "$dir" "$new_path" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$$" >"$lock"
+  "$dir" "$what" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$$" >"$lock"
 echo "pulumi-nixos: holding $lock"
+
+# -- rollback-to: destroy's return to an earlier generation ------------------------
+if [ "$task" = rollback-to ]; then
+  state "rolling-back requested"
+  link="$profile-$to_gen-link"
+  if [ -L "$link" ] && [ -e "$link" ]; then
+    nix-env -p "$profile" --switch-generation "$to_gen" 9>&- \
+      || { state "failed switch: cannot switch $profile to generation $to_gen"; exit 0; }
+    path=$(readlink -f -- "$link")
+  elif [ -n "$to_path" ] && nix-store --check-validity "$to_path" 9>&- 2>/dev/null; then
+    echo "pulumi-nixos: generation $to_gen is gone; re-registering $to_path"
+    nix-env -p "$profile" --set "$to_path" 9>&- \
+      || { state "failed switch: cannot register $to_path in $profile"; exit 0; }
+    path=$to_path
+  else
+    state "failed gone: generation $to_gen of $profile no longer exists"
+    exit 0
+  fi
+  echo "pulumi-nixos: re-activating generation $to_gen ($path)"
+  activate "$path" switch
+  code=$?
+  if [ $code -ne 0 ]; then
+    echo "pulumi-nixos: activation exited with status $code"
+    state "failed activation-failed:$code"
+    exit 0
+  fi
+  state done
+  exit 0
+fi
 
 # -- registration, by the deployer ------------------------------------------------
 initial=$(readlink -- "$profile" 2>/dev/null || true)
