@@ -18,6 +18,7 @@ from conftest import REPO, PulumiProject, Systems, current_system, in_host, remo
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import DeployError, EngineError, HostBusy, HostKeyMismatch
 from nixos_provider.engine.models import DeployRequest, HealthCheck, Profile
+from test_engine import current_gen
 from test_provider_e2e import PROVIDER_DIR, machine, program, strip_ansi
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -168,6 +169,30 @@ async def test_a_second_deployment_is_refused_naming_who_holds_the_host(
     again = await engine.deploy(DeployRequest(remote_for(lab_host), systems["web-v2"]))
     assert again.generation == result.generation + 1 and current_system(lab_host) == systems["web-v2"]
     assert in_host(lab_host, "sh", "-c", "ls -d /tmp/pulumi-nixos.* 2>/dev/null", check=False).stdout == ""
+
+
+async def test_destroy_during_another_deployment_is_refused_and_changes_nothing(
+        project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    program(project, {"web": machine(lab_host, "web")})
+    project.run("stack", "init", "dev")
+    project.up()
+    assert current_gen(lab_host) == 2
+    # Someone else deploys web-slow (20 s of activation) to the same machine.
+    other = asyncio.create_task(engine.deploy(DeployRequest(remote_for(lab_host), systems["web-slow"])))
+    deadline = time.monotonic() + 60
+    while supervisor_state(lab_host) != "activating" and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert supervisor_state(lab_host) == "activating"
+    destroy = await asyncio.to_thread(project.run, "destroy", "--yes", "--skip-preview", check=False)
+    out = strip_ansi(destroy.stdout + destroy.stderr)
+    assert destroy.returncode != 0
+    assert "is being deployed by someone else: deployment /tmp/pulumi-nixos." in out and "Nothing was changed" in out
+    result = await other
+    assert result.store_path == current_system(lab_host) == systems["web-slow"]  # not disturbed
+    assert project.resource("NixosMachine")["outputs"]["baselineGeneration"] == 1  # type: ignore[index]
+    # Once it has finished, destroy returns the machine to its baseline.
+    project.run("destroy", "--yes", "--skip-preview")
+    assert current_system(lab_host) == systems["base"] and current_gen(lab_host) == 1
 
 
 def up_while_activating(project: PulumiProject, host: labctl.LabHost, output: int | None) -> subprocess.Popen[str]:
