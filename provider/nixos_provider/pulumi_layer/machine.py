@@ -5,24 +5,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine import secret_files as files
 from ..engine.closure_diff import ClosureChanges, closure_changes
-from ..engine.errors import DeployError, EngineError, HostBusy
+from ..engine.dry_activate import parse_dry_activate
+from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import DISKO_SCRIPT, Nix, is_store_path, parse_flake_ref
+from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
+from ..engine.nix import Nix, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .deploying import Closure, DeploySettings, build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
     from ..engine import install as installer
+    from ..engine.install import source as install_sources
 else:
     engine = lazy_module("nixos_provider.engine.deploy")
+    install_sources = lazy_module("nixos_provider.engine.install.source")
     installer = lazy_module("nixos_provider.engine.install")
 
 TYPE = "nixos:index:NixosMachine"
@@ -254,31 +259,21 @@ class NixosMachine(DeployedResource):
         """(disko script, flake) for nixos-anywhere: both built here when we can, so a
         broken configuration fails before the host is touched."""
         inst = reveal(news["install"])
-        phases = inst.get("phases") or INSTALL_PHASES
-        if inst.get("diskoScript"):
-            await self._build(urn, news, nix)
-            if not await nix.is_valid(inst["diskoScript"]):
-                self.ctx.status(urn, f"realising {inst['diskoScript']}")
-                await nix.build(inst["diskoScript"])
-            return inst["diskoScript"], None
-        ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
-        system, disko = ref.system, ref.build_product(DISKO_SCRIPT)
-        if system is None or disko is None:
-            raise EngineError(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere: use a flake "
-                              "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
-                              "`install.diskoScript`")
-        if inst.get("buildOn") == "remote":
-            return None, str(system)  # nixos-anywhere builds it on the target
-        await self._build(urn, news, nix)
-        if "disko" not in phases:
-            return None, str(system)
-        self.ctx.status(urn, f"building {disko}")
+        flake = news.get("flake")
         try:
-            return await nix.build(disko), None
-        except EngineError as e:
+            source = await install_sources.install_source(
+                nix, build_system=lambda: self._build(urn, news, nix), status=lambda s: self.ctx.status(urn, s),
+                disko_script=inst.get("diskoScript"), build_on_target=inst.get("buildOn") == "remote",
+                flake=parse_flake_ref(str(reveal(flake)), self.ctx.project_dir, nixos=True) if flake is not None else None,
+                phases=inst.get("phases") or ())
+        except install_sources.NoNixosConfiguration as e:
+            raise EngineError(f"{e}: use a flake reference like `.#web` (or `.#nixosConfigurations.<name>.config."
+                              "system.build.toplevel`), or set `install.diskoScript`") from e
+        except install_sources.DiskoScriptFailed as e:
             raise EngineError(f"{e} (the configuration needs disko's NixOS module for `config.system.build."
                               "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)",
                               blames=e.blames) from e
+        return source.disko_script, source.flake
 
     async def _install(self, urn: str, ident: str, news: dict[str, Any], olds: dict[str, Any]) -> dict[str, Any]:
         """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it.
@@ -392,27 +387,11 @@ class NixosMachine(DeployedResource):
         except EngineError as e:
             self.ctx.warn(urn, f"dry-activate failed: {describe(e)}")
             return changes
-        units: list[str] = []
-        for line in result.output.splitlines():
-            if line.startswith("would restart the following units:"):
-                units += [u.strip() for u in line.split(":", 1)[1].split(",") if u.strip()]
-        from dataclasses import replace
-        return replace(changes, would_restart=tuple(units))
+        return replace(changes, would_restart=parse_dry_activate(result.output).restart)
 
     async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
-        path = reveal(news.get("systemPath"))
-        if news.get("flake") is not None:
-            ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
-            self.ctx.status(urn, f"building {ref}")
-            built = await self.ctx.fleet.build(nix, ref)
-            if path and built != path:
-                raise EngineError(f"building {ref} gave {built}, but evaluation said {path}; is the flake impure?")
-            return built
-        assert isinstance(path, str) and is_store_path(path)
-        if not await nix.is_valid(path):
-            self.ctx.status(urn, f"realising {path}")
-            await nix.build(path)
-        return path
+        return await build_closure(self.ctx, urn, nix, Closure.parse(news, "systemPath"), nixos=True,
+                                   check_evaluated=True)
 
     def _start_build(self, urn: str, news: dict[str, Any]) -> asyncio.Task[str] | None:
         """Start building the system now, if it is built here (not on the target)."""
@@ -448,38 +427,11 @@ class NixosMachine(DeployedResource):
             raise PartialFailure(describe(e), ident, failed, news) from e
         await self._files_before_activation(urn, ident, failed, news, placement)
         failed = _with_files(failed, placement)
-        req = DeployRequest(
-            remote=remote,
-            store_path=store_path,
-            profile=SYSTEM,
-            action=news.get("action") or "switch",
-            magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
-            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
-            auto_rollback=news.get("autoRollback", True) is not False,
-            health_checks=v.to_health_checks(news.get("healthChecks")),
-            substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=v.compression(news),
-            build_drv_on_target=drv,
-            binary_cache=v.to_binary_cache(news.get("binaryCache")) or self.ctx.binary_cache,
-        )
-        try:
-            async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s),
-                                             warn=lambda s: self.ctx.warn(urn, s), uploads=self.ctx.cache_uploads)
-        except DeployError as e:
-            after = {**failed}
-            if e.now_running:
-                after["systemPath"] = e.now_running
-            if e.generation is not None:
-                after["generation"] = e.generation
-            raise PartialFailure(describe(e), ident, after, news) from e
-        except HostBusy as e:
-            # Nothing was changed; what runs now is another deployment's business.
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        except EngineError as e:
-            raise PartialFailure(describe(e), ident, await self._observed(failed, remote), news) from e
+        req = deploy_request(remote, store_path, SYSTEM, DeploySettings.parse(news),
+                             action=news.get("action") or "switch", build_drv_on_target=drv,
+                             binary_cache=v.to_binary_cache(news.get("binaryCache")) or self.ctx.binary_cache)
+        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=news, failed=failed,
+                                  after_failure=_now_running, observe=lambda out: self._observed(out, remote))
         # The deployment is confirmed: the new system runs. Nothing from here on
         # may fail the update, or the state would fall behind the host.
         last = await self._last_changes_or_note(urn, nix, base.get("systemPath"), result.store_path)
@@ -487,15 +439,9 @@ class NixosMachine(DeployedResource):
             **base,
             "pendingChanges": None,
             "lastChanges": last.to_output() if last else None,
-            "systemPath": result.store_path,
-            "generation": result.generation,
-            "previousGeneration": result.previous_generation,
-            "hostKey": result.host_key or pinned,
+            **deployed_outputs(result, "systemPath", pinned),
             "nixosVersion": result.nixos_version,
             "needsReboot": bool(result.reboot_for),
-            "deployedAt": now_rfc3339(),
-            "pushedPaths": result.push.paths,
-            "pushedBytes": result.push.bytes,
         }
 
     async def _last_changes_or_note(self, urn: str, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
@@ -609,6 +555,16 @@ class NixosMachine(DeployedResource):
 
 
 # -- secret files in state and diffs ---------------------------------------------------
+
+
+def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
+    """After a failed deployment: the system and generation the engine says the host runs."""
+    after = {**failed}
+    if e.now_running:
+        after["systemPath"] = e.now_running
+    if e.generation is not None:
+        after["generation"] = e.generation
+    return after
 
 
 def _files_key(olds: dict[str, Any]) -> bytes | None:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile
-from ..engine.nix import is_store_path, parse_flake_ref
+from ..engine.models import Profile
 from . import inputs as v
-from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same
+from .deploying import Closure, DeploySettings, build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
 
@@ -28,6 +28,11 @@ INPUT_KEYS = [
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
             "pushedPaths", "pushedBytes"]
+
+
+def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
+    """After a failed deployment: the profile's generation the engine left in place (0: none)."""
+    return {**failed, "storePath": e.now_running, "generation": e.generation or 0}
 
 
 def resolve_profile_path(props: dict[str, Any], ssh_user: str) -> str:
@@ -148,44 +153,17 @@ class NixProfile(DeployedResource):
                       pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
         """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
         failed = kept if kept is not None else base
+        settings = DeploySettings.parse(news)
         remote = self._remote(news, host_key=pinned)
-        profile = self._profile(news)
-        nix = self._nix(news)
+        nix = self.ctx.nix(list(settings.nix_options))
         try:
-            if news.get("flake") is not None:
-                ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=False)
-                self.ctx.status(urn, f"building {ref}")
-                store_path = await self.ctx.fleet.build(nix, ref)
-            else:
-                store_path = str(reveal(news["storePath"]))
-                assert is_store_path(store_path)
-                if not await nix.is_valid(store_path):
-                    await nix.build(store_path)
+            store_path = await build_closure(self.ctx, urn, nix, Closure.parse(news, "storePath"), nixos=False)
         except EngineError as e:
             raise PartialFailure(describe(e), ident, failed, news) from e
-        req = DeployRequest(
-            remote=remote, store_path=store_path, profile=profile, action="switch",
-            magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
-            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
-            auto_rollback=news.get("autoRollback", True) is not False,
-            health_checks=v.to_health_checks(news.get("healthChecks")),
-            activate_command=news.get("activate"),
-            substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=v.compression(news),
-        )
-        try:
-            async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s))
-        except DeployError as e:
-            after = {**failed, "storePath": e.now_running, "generation": e.generation or 0}
-            raise PartialFailure(describe(e), ident, after, news) from e
-        except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        return {**base, "storePath": result.store_path, "generation": result.generation,
-                "previousGeneration": result.previous_generation, "hostKey": result.host_key or pinned,
-                "deployedAt": now_rfc3339(), "pushedPaths": result.push.paths, "pushedBytes": result.push.bytes}
+        req = deploy_request(remote, store_path, self._profile(news), settings, activate_command=news.get("activate"))
+        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=news, failed=failed,
+                                  after_failure=_now_running)
+        return {**base, **deployed_outputs(result, "storePath", pinned)}
 
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
