@@ -366,6 +366,9 @@ def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
                     f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(_plain(v))}")
 
 
+BINARY_CACHE_KEYS = ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile")
+
+
 def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
     """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
     if not _known(cache):
@@ -375,8 +378,8 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
         return
     for k in cache:
-        if k not in ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile"):
-            f.add(f"{prop}.{k}", "is not a binaryCache setting (url, uploadUrl, publicKey, signingKey, signingKeyFile)")
+        if k not in BINARY_CACHE_KEYS:
+            f.add(f"{prop}.{k}", f"is not a binaryCache setting ({', '.join(BINARY_CACHE_KEYS)})")
     if cache.get("url") is None:
         f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
     _check_cache_url(f, f"{prop}.url", cache.get("url"))

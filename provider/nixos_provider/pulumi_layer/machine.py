@@ -42,6 +42,8 @@ COMPUTED = [
     "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
     "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
 ]
+# The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
+CHANGE_REPORTS = ["pendingChanges", "lastChanges"]
 SYSTEM = Profile(SYSTEM_PROFILE)
 # The per-machine HMAC key of the secret files' content hashes: state keeps it as a secret.
 FILES_KEY = "secretFilesKey"
