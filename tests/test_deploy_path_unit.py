@@ -10,8 +10,9 @@ from nixos_provider.engine.install.source import InstallSource, NoNixosConfigura
 from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployResult, Profile, PushStats, Remote
 from nixos_provider.engine.nix import Nix, parse_flake_ref
 from nixos_provider.pulumi_layer import machine
-from nixos_provider.pulumi_layer.deploying import Closure, DeploySettings, deploy_request, deployed_outputs
+from nixos_provider.pulumi_layer.deploying import deploy_request, deployed_outputs
 from nixos_provider.pulumi_layer.properties import Secret
+from nixos_provider.pulumi_layer.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
 
 # What switch-to-configuration printed for a lab change (stderr), with the
 # activation script's own lines between its reports.
@@ -107,3 +108,21 @@ def test_closure_and_outputs_of_a_deployment() -> None:
         "systemPath": "/nix/store/x-s", "generation": 3, "previousGeneration": 2, "hostKey": "ssh-ed25519 AAAA",
         "pushedPaths": 4, "pushedBytes": 512}
     assert set(out) - {"systemPath"} <= set(machine.COMPUTED)
+
+
+def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> None:
+    news = {"connection": {"host": "h", "password": Secret("pw")}, "flake": ".#web", "systemPath": "/nix/store/x-s",
+            "buildOn": "remote", "action": "boot", "confirmTimeout": 9, "nixOptions": [{"name": "a", "value": "b"}],
+            "install": {"diskoScript": "/nix/store/x-d", "extraFiles": Secret({"/etc/k": "key"})},
+            "secretFiles": [{"path": "/etc/s", "content": Secret("sec")}],
+            "binaryCache": {"url": "file:///c", "publicKey": "c:k", "signingKey": Secret("c:secret")}}
+    m = MachineInputs.parse(news)
+    assert (m.closure, m.build_on_target, m.action, m.settings.confirm_timeout) == (
+        Closure(".#web", "/nix/store/x-s"), True, "boot", 9.0)
+    assert m.connection["password"] == "pw" and m.install and m.install["extraFiles"] == {"/etc/k": "key"}
+    assert [f.path for f in m.secret_files] == ["/etc/s"] and m.binary_cache and m.binary_cache.signing_key == "c:secret"
+    assert m.raw is news  # echoed as it came into outputs and failures
+    assert not {"pw", "key", "sec", "c:secret"} & set(repr(m).replace("'", " ").split())
+    assert MachineInputs.parse({"connection": {"host": "h"}, "systemPath": "/nix/store/x-s"}).action == "switch"
+    p = ProfileInputs.parse({"connection": {"host": "h"}, "storePath": "/nix/store/x-p", "activate": "true"})
+    assert (p.closure, p.activate, p.settings) == (Closure(None, "/nix/store/x-p"), "true", DeploySettings())

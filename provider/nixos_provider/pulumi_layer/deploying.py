@@ -9,77 +9,28 @@ runs now (run_deploy), and records the outputs every deployment has
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
 from ..engine.models import (
-    ACTIVATION_TIMEOUT,
-    COMPRESSIONS,
-    CONFIRM_TIMEOUT,
     Action,
     BinaryCache,
-    Compression,
     DeployRequest,
     DeployResult,
-    HealthCheck,
     Profile,
     Remote,
 )
 from ..engine.nix import Nix, is_store_path, parse_flake_ref
 from .base import Context, PartialFailure, now_rfc3339
 from .errors import describe
-from .inputs import nix_options, to_health_checks
-from .properties import reveal
+from .typed_inputs import Closure, DeploySettings
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
 else:
     engine = lazy_module("nixos_provider.engine.deploy")
-
-
-@dataclass(frozen=True)
-class DeploySettings:
-    """How every deployment runs, as both resources declare it (the inputs, checked in Check)."""
-
-    magic_rollback: bool = True
-    confirm_timeout: float = CONFIRM_TIMEOUT
-    activation_timeout: float = ACTIVATION_TIMEOUT
-    auto_rollback: bool = True
-    health_checks: tuple[HealthCheck, ...] = ()
-    substitute_on_destination: bool = False
-    compress: Compression = "auto"
-    nix_options: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, props: Mapping[str, Any]) -> DeploySettings:
-        """From checked, known inputs: unset settings take the engine's defaults."""
-        compress = props.get("compress")
-        return cls(
-            magic_rollback=props.get("magicRollback", True) is not False,
-            confirm_timeout=float(props.get("confirmTimeout") or CONFIRM_TIMEOUT),
-            activation_timeout=float(props.get("activationTimeout") or ACTIVATION_TIMEOUT),
-            auto_rollback=props.get("autoRollback", True) is not False,
-            health_checks=to_health_checks(props.get("healthChecks")),
-            substitute_on_destination=bool(props.get("substituteOnDestination")),
-            compress=compress if compress in COMPRESSIONS else "auto",
-            nix_options=tuple(nix_options(props.get("nixOptions"))),
-        )
-
-
-@dataclass(frozen=True)
-class Closure:
-    """What to deploy: a flake reference to build, or a store path (Check resolved a flake's to it)."""
-
-    flake: str | None
-    store_path: str | None
-
-    @classmethod
-    def parse(cls, props: Mapping[str, Any], path_key: str) -> Closure:
-        flake, path = reveal(props.get("flake")), reveal(props.get(path_key))
-        return cls(str(flake) if flake is not None else None, str(path) if isinstance(path, str) else None)
 
 
 async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, nixos: bool,

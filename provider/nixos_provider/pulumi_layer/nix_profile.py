@@ -10,9 +10,10 @@ from ..engine.lazy import lazy_module
 from ..engine.models import Profile
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same
-from .deploying import Closure, DeploySettings, build_closure, deploy_request, deployed_outputs, run_deploy
+from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
+from .typed_inputs import ProfileInputs
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -113,6 +114,7 @@ class NixProfile(DeployedResource):
             out.update({k: UNKNOWN for k in COMPUTED})
             out["profilePath"] = news.get("profilePath") or UNKNOWN
             return "", out
+        inputs = ProfileInputs.parse(news)
         remote = self._remote(news)
         profile = self._profile(news)
         async with self.ctx.ssh_slots:
@@ -128,7 +130,7 @@ class NixProfile(DeployedResource):
             "generation": baseline.generation.number if baseline.generation else 0,
         }
         ident = self._ident(news)
-        return ident, await self._deploy(urn, ident, base, news, baseline.host_key)
+        return ident, await self._deploy(urn, ident, base, inputs, baseline.host_key)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
@@ -147,21 +149,20 @@ class NixProfile(DeployedResource):
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
         kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
-        return await self._deploy(urn, ident, base, news, pinned, kept)
+        return await self._deploy(urn, ident, base, ProfileInputs.parse(news), pinned, kept)
 
-    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], p: ProfileInputs,
                       pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
+        """Deploy the inputs; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
         failed = kept if kept is not None else base
-        settings = DeploySettings.parse(news)
-        remote = self._remote(news, host_key=pinned)
-        nix = self.ctx.nix(list(settings.nix_options))
+        remote = self._remote_of(p.connection, host_key=pinned)
+        nix = self._deploy_nix(p.settings)
         try:
-            store_path = await build_closure(self.ctx, urn, nix, Closure.parse(news, "storePath"), nixos=False)
+            store_path = await build_closure(self.ctx, urn, nix, p.closure, nixos=False)
         except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        req = deploy_request(remote, store_path, self._profile(news), settings, activate_command=news.get("activate"))
-        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=news, failed=failed,
+            raise PartialFailure(describe(e), ident, failed, p.raw) from e
+        req = deploy_request(remote, store_path, self._profile(p.raw), p.settings, activate_command=p.activate)
+        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=p.raw, failed=failed,
                                   after_failure=_now_running)
         return {**base, **deployed_outputs(result, "storePath", pinned)}
 
