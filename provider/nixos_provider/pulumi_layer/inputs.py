@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
-from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Compression, Credentials, HealthCheck, InstallRequest, Remote
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
 from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -434,12 +434,6 @@ def secret_binary_cache(cache: Any) -> Any:
     if not isinstance(cache, dict) or cache.get("signingKey") is None or isinstance(cache["signingKey"], Secret):
         return cache
     return {**cache, "signingKey": Secret(cache["signingKey"])}
-
-
-def compression(news: dict[str, Any]) -> Compression:
-    """The `compress` input, checked in Check; "auto" when unset."""
-    value = news.get("compress")
-    return value if value in COMPRESSIONS else "auto"  # type: ignore[return-value]
 
 
 def normalize_connection(conn: Any, default_user: str | None) -> Any:
