@@ -126,3 +126,20 @@ def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> 
     assert MachineInputs.parse({"connection": {"host": "h"}, "systemPath": "/nix/store/x-s"}).action == "switch"
     p = ProfileInputs.parse({"connection": {"host": "h"}, "storePath": "/nix/store/x-p", "activate": "true"})
     assert (p.closure, p.activate, p.settings) == (Closure(None, "/nix/store/x-p"), "true", DeploySettings())
+
+
+def test_the_pulumi_layer_names_the_install_properties_a_source_failure_needs() -> None:
+    from nixos_provider.engine.errors import EngineError
+    from nixos_provider.pulumi_layer.base import Context
+    from nixos_provider.pulumi_layer.errors import describe
+    from nixos_provider.pulumi_layer.machine import NixosMachine
+
+    resource = NixosMachine(Context(log=lambda *_: None, project_dir="/f"))
+    m = MachineInputs.parse({"connection": {"host": "h"}, "flake": "/f#packages.x86_64-linux.hello",
+                             "systemPath": "/nix/store/x-s", "install": {}})
+    with pytest.raises(EngineError) as e:
+        _run(resource._install_source("urn", m, Nix(["false"])))
+    assert describe(e.value) == (
+        "cannot find the NixOS configuration of `/f#packages.x86_64-linux.hello` for nixos-anywhere: use a flake "
+        "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
+        "`install.diskoScript`")
