@@ -499,6 +499,23 @@ def test_input_keys_are_the_schemas() -> None:
     assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
 
 
+def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
+    """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
+    from nixos_provider.pulumi_layer import inputs, machine, nix_profile
+    from nixos_provider.pulumi_layer.schema import schema
+
+    doc = schema()
+    for resource, computed in ((machine, [*machine.COMPUTED, *machine.CHANGE_REPORTS]),
+                               (nix_profile, nix_profile.COMPUTED)):
+        declared = doc["resources"][resource.TYPE]
+        assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), resource.TYPE
+    types = doc["types"]
+    assert set(inputs.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
+    assert set(inputs.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
+    # contentHash is the provider's: an output of each recorded file, never an input.
+    assert set(inputs.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
+
+
 def _message_strings(source: str) -> list[str]:
     """The string literals of a module that can reach a user (docstrings are for readers of the code)."""
     tree = ast.parse(source)

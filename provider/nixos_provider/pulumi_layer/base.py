@@ -16,6 +16,7 @@ from ..engine.nix import Nix, parse_flake_ref
 from .errors import describe
 from .inputs import Failures, nix_options, to_remote
 from .properties import UNKNOWN, contains_unknown, reveal
+from .typed_inputs import DeploySettings
 
 LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
 
@@ -69,10 +70,15 @@ class DeployedResource:
     def _nix(self, props: dict[str, Any]) -> Nix:
         return self.ctx.nix(nix_options(props.get("nixOptions")))
 
-    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
-        return to_remote(props["connection"], host_key=host_key, default_private_key=self.ctx.default_private_key,
-                         default_user=self.ctx.default_user)
+    def _deploy_nix(self, settings: DeploySettings) -> Nix:
+        return self.ctx.nix(list(settings.nix_options))
 
+    def _remote(self, props: dict[str, Any], host_key: str | None = None) -> Remote:
+        return self._remote_of(props["connection"], host_key)
+
+    def _remote_of(self, connection: dict[str, Any], host_key: str | None = None) -> Remote:
+        return to_remote(connection, host_key=host_key, default_private_key=self.ctx.default_private_key,
+                         default_user=self.ctx.default_user)
 
     async def _resolve_flake(self, news: dict[str, Any], *, nixos: bool) -> Any:
         """Check: the flake's output path, or UNKNOWN while the flake (or its options) is not known yet."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
-from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Compression, Credentials, HealthCheck, InstallRequest, Remote
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
 from ..engine.nix import is_store_path
 from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -366,6 +366,9 @@ def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
                     f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(_plain(v))}")
 
 
+BINARY_CACHE_KEYS = ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile")
+
+
 def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
     """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
     if not _known(cache):
@@ -375,8 +378,8 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
         return
     for k in cache:
-        if k not in ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile"):
-            f.add(f"{prop}.{k}", "is not a binaryCache setting (url, uploadUrl, publicKey, signingKey, signingKeyFile)")
+        if k not in BINARY_CACHE_KEYS:
+            f.add(f"{prop}.{k}", f"is not a binaryCache setting ({', '.join(BINARY_CACHE_KEYS)})")
     if cache.get("url") is None:
         f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
     _check_cache_url(f, f"{prop}.url", cache.get("url"))
@@ -431,12 +434,6 @@ def secret_binary_cache(cache: Any) -> Any:
     if not isinstance(cache, dict) or cache.get("signingKey") is None or isinstance(cache["signingKey"], Secret):
         return cache
     return {**cache, "signingKey": Secret(cache["signingKey"])}
-
-
-def compression(news: dict[str, Any]) -> Compression:
-    """The `compress` input, checked in Check; "auto" when unset."""
-    value = news.get("compress")
-    return value if value in COMPRESSIONS else "auto"  # type: ignore[return-value]
 
 
 def normalize_connection(conn: Any, default_user: str | None) -> Any:

@@ -5,24 +5,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine import secret_files as files
 from ..engine.closure_diff import ClosureChanges, closure_changes
-from ..engine.errors import DeployError, EngineError, HostBusy
+from ..engine.dry_activate import parse_dry_activate
+from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, INSTALL_PHASES, SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import DISKO_SCRIPT, Nix, is_store_path, parse_flake_ref
+from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
+from ..engine.nix import Nix, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
+from .typed_inputs import Closure, MachineInputs
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
     from ..engine import install as installer
+    from ..engine.install import source as install_sources
 else:
     engine = lazy_module("nixos_provider.engine.deploy")
+    install_sources = lazy_module("nixos_provider.engine.install.source")
     installer = lazy_module("nixos_provider.engine.install")
 
 TYPE = "nixos:index:NixosMachine"
@@ -37,6 +43,8 @@ COMPUTED = [
     "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
     "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
 ]
+# The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
+CHANGE_REPORTS = ["pendingChanges", "lastChanges"]
 SYSTEM = Profile(SYSTEM_PROFILE)
 # The per-machine HMAC key of the secret files' content hashes: state keeps it as a secret.
 FILES_KEY = "secretFilesKey"
@@ -131,13 +139,14 @@ class NixosMachine(DeployedResource):
                 self.ctx.info(urn, "will install NixOS with nixos-anywhere unless the host already runs NixOS "
                                    "(which would be adopted)")
             return ident, self._preview_outputs(news, None, True)
-        remote = self._remote(news)
-        if news.get("install") is not None:  # `install: {}` installs with every default
-            return _id(remote), await self._install(urn, _id(remote), news, {})
+        m = MachineInputs.parse(news)
+        remote = self._remote_of(m.connection)
+        if m.install is not None:  # `install: {}` installs with every default
+            return _id(remote), await self._install(urn, _id(remote), m, {})
         self.ctx.status(urn, f"connecting to {remote.target}")
         # Build while the host is read: the build does not need it, and the
         # machines created together then share one `nix build`.
-        building = self._start_build(urn, news)
+        building = self._start_build(urn, m)
         try:
             async with self.ctx.ssh_slots:
                 baseline = await engine.read_state(remote, SYSTEM)
@@ -165,8 +174,8 @@ class NixosMachine(DeployedResource):
             "needsReboot": bool(baseline.reboot_for),
         }
         ident = _id(remote)
-        placement = self._placement({}, news, pinned)
-        return ident, await self._deploy(urn, ident, base, news, pinned, placement, building=building)
+        placement = self._placement({}, m, pinned)
+        return ident, await self._deploy(urn, ident, base, m, pinned, placement, building=building)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
@@ -174,7 +183,7 @@ class NixosMachine(DeployedResource):
             if preview:
                 return self._preview_outputs(news, None, True)
             self.ctx.info(urn, "the installation did not finish last time: checking the host before installing again")
-            return await self._install(urn, ident, news, olds)
+            return await self._install(urn, ident, MachineInputs.parse(news), olds)
         if preview and olds.get("install") is not None and not same(olds.get("install"), news.get("install")):
             self.ctx.info(urn, "`install` applies only when the machine is created: the change is recorded, "
                                "nothing is reinstalled")
@@ -186,27 +195,27 @@ class NixosMachine(DeployedResource):
                 changes = await self._pending_changes(urn, olds, news)
                 out["pendingChanges"] = changes.to_output() if changes else None
             return out
-        conn_key = reveal(news["connection"]).get("hostKey")
-        pinned = conn_key or olds.get("hostKey")
+        m = MachineInputs.parse(news)
+        pinned = m.connection.get("hostKey") or olds.get("hostKey")
         base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
                 "connection": v.secret_connection(news["connection"]), "install": v.secret_install(news.get("install")),
                 "binaryCache": v.secret_binary_cache(news.get("binaryCache")), "hostKey": pinned}
-        placement = self._placement(olds, news, pinned)
+        placement = self._placement(olds, m, pinned)
         if not deploys:
             return await self._place_files(urn, ident, base, news, placement)
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
         kept = {**olds, "connection": v.secret_connection(olds.get("connection")),
                 "binaryCache": v.secret_binary_cache(olds.get("binaryCache")), "hostKey": pinned}
-        return await self._deploy(urn, ident, base, news, pinned, placement, kept)
+        return await self._deploy(urn, ident, base, m, pinned, placement, kept)
 
     # -- Secret files ---------------------------------------------------------------------
 
-    def _placement(self, olds: dict[str, Any], news: dict[str, Any], pinned: str | None) -> files.Placement:
+    def _placement(self, olds: dict[str, Any], m: MachineInputs, pinned: str | None) -> files.Placement:
         """What the secret files need on this up: compared with the records (hashes) in the old state."""
         key = _files_key(olds) or base64.b64decode(files.new_key())
-        return files.Placement(self._remote(news, host_key=pinned), v.recorded_files(olds.get("secretFiles")),
-                               v.to_secret_files(news.get("secretFiles")), key)
+        return files.Placement(self._remote_of(m.connection, host_key=pinned), v.recorded_files(olds.get("secretFiles")),
+                               m.secret_files, key)
 
     async def _place_files(self, urn: str, ident: str, outputs: dict[str, Any], news: dict[str, Any],
                            placement: files.Placement, *, after_switch: bool = False) -> dict[str, Any]:
@@ -250,45 +259,35 @@ class NixosMachine(DeployedResource):
 
     # -- Install ------------------------------------------------------------------------
 
-    async def _install_source(self, urn: str, news: dict[str, Any], nix: Nix) -> tuple[str | None, str | None]:
+    async def _install_source(self, urn: str, m: MachineInputs, nix: Nix) -> tuple[str | None, str | None]:
         """(disko script, flake) for nixos-anywhere: both built here when we can, so a
         broken configuration fails before the host is touched."""
-        inst = reveal(news["install"])
-        phases = inst.get("phases") or INSTALL_PHASES
-        if inst.get("diskoScript"):
-            await self._build(urn, news, nix)
-            if not await nix.is_valid(inst["diskoScript"]):
-                self.ctx.status(urn, f"realising {inst['diskoScript']}")
-                await nix.build(inst["diskoScript"])
-            return inst["diskoScript"], None
-        ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
-        system, disko = ref.system, ref.build_product(DISKO_SCRIPT)
-        if system is None or disko is None:
-            raise EngineError(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere: use a flake "
-                              "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
-                              "`install.diskoScript`")
-        if inst.get("buildOn") == "remote":
-            return None, str(system)  # nixos-anywhere builds it on the target
-        await self._build(urn, news, nix)
-        if "disko" not in phases:
-            return None, str(system)
-        self.ctx.status(urn, f"building {disko}")
+        inst, flake = m.install or {}, m.closure.flake
         try:
-            return await nix.build(disko), None
-        except EngineError as e:
+            source = await install_sources.install_source(
+                nix, build_system=lambda: self._build(urn, m.closure, nix), status=lambda s: self.ctx.status(urn, s),
+                disko_script=inst.get("diskoScript"), build_on_target=inst.get("buildOn") == "remote",
+                flake=parse_flake_ref(flake, self.ctx.project_dir, nixos=True) if flake is not None else None,
+                phases=inst.get("phases") or ())
+        except install_sources.NoNixosConfiguration as e:
+            raise EngineError(f"{e}: use a flake reference like `.#web` (or `.#nixosConfigurations.<name>.config."
+                              "system.build.toplevel`), or set `install.diskoScript`") from e
+        except install_sources.DiskoScriptFailed as e:
             raise EngineError(f"{e} (the configuration needs disko's NixOS module for `config.system.build."
                               "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)",
                               blames=e.blames) from e
+        return source.disko_script, source.flake
 
-    async def _install(self, urn: str, ident: str, news: dict[str, Any], olds: dict[str, Any]) -> dict[str, Any]:
+    async def _install(self, urn: str, ident: str, m: MachineInputs, olds: dict[str, Any]) -> dict[str, Any]:
         """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it.
 
         Secret files are placed once the installed system runs (both stages:
         nixos-anywhere's activation has passed); files the first boot needs
         belong in `install.extraFiles`.
         """
-        nix = self._nix(news)
-        remote = self._remote(news)
+        news = m.raw
+        nix = self._deploy_nix(m.settings)
+        remote = self._remote_of(m.connection)
         base = {
             **news,
             "connection": v.secret_connection(news["connection"]),
@@ -301,14 +300,14 @@ class NixosMachine(DeployedResource):
             FILES_KEY: olds.get(FILES_KEY),
         }
         try:
-            disko, flake = await self._install_source(urn, news, nix)
+            disko, flake = await self._install_source(urn, m, nix)
         except EngineError as e:
             raise PartialFailure(f"{describe(e)}; nothing was installed and the host was not touched", ident,
                                  {**base, "installError": f"build: {describe(e)}"}, news) from e
-        system = str(reveal(news.get("systemPath")))
-        req = v.to_install_request(reveal(news["install"]), remote, system,
+        system = str(m.closure.store_path)
+        req = v.to_install_request(m.install or {}, remote, system,
                                    command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
-                                   nix_opts=v.nix_options(news.get("nixOptions")))
+                                   nix_opts=list(m.settings.nix_options))
         try:
             async with self.ctx.ssh_slots:
                 result = await installer.install(req, status=lambda s: self.ctx.status(urn, s),
@@ -337,15 +336,15 @@ class NixosMachine(DeployedResource):
         if result.installed:
             self.ctx.info(urn, f"installed {result.current_system} as generation {outputs['generation']}; "
                                f"host key pinned from {result.host_key_source}")
-        placement = self._placement(olds, news, result.host_key)
+        placement = self._placement(olds, m, result.host_key)
         if result.current_system != system:
             # Adopted a NixOS host that runs something else: deploy as for any adopted machine.
-            return await self._deploy(urn, ident, outputs, news, result.host_key, placement)
-        checks = v.to_health_checks(news.get("healthChecks"))
+            return await self._deploy(urn, ident, outputs, m, result.host_key, placement)
+        checks = m.settings.health_checks
         if checks:
             try:
                 async with self.ctx.ssh_slots:
-                    await engine.check_health(self._remote(news, host_key=result.host_key), checks,
+                    await engine.check_health(self._remote_of(m.connection, host_key=result.host_key), checks,
                                               status=lambda s: self.ctx.status(urn, s))
             except EngineError as e:
                 raise PartialFailure(f"{describe(e)}; the host runs the installed system {system} (generation "
@@ -362,7 +361,7 @@ class NixosMachine(DeployedResource):
         if not await nix.is_valid(new) and news.get("buildOnPreview") and news.get("flake") is not None:
             self.ctx.info(urn, f"building {new} for the preview (buildOnPreview)")
             try:
-                await self._build(urn, news, nix)
+                await self._build(urn, Closure.parse(news, "systemPath"), nix)
             except EngineError as e:
                 self.ctx.warn(urn, f"preview build failed: {describe(e)}")
         missing = [label for label, path in (("new", new), ("current", old)) if not await nix.is_valid(path)]
@@ -392,94 +391,49 @@ class NixosMachine(DeployedResource):
         except EngineError as e:
             self.ctx.warn(urn, f"dry-activate failed: {describe(e)}")
             return changes
-        units: list[str] = []
-        for line in result.output.splitlines():
-            if line.startswith("would restart the following units:"):
-                units += [u.strip() for u in line.split(":", 1)[1].split(",") if u.strip()]
-        from dataclasses import replace
-        return replace(changes, would_restart=tuple(units))
+        return replace(changes, would_restart=parse_dry_activate(result.output).restart)
 
-    async def _build(self, urn: str, news: dict[str, Any], nix: Nix) -> str:
-        path = reveal(news.get("systemPath"))
-        if news.get("flake") is not None:
-            ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
-            self.ctx.status(urn, f"building {ref}")
-            built = await self.ctx.fleet.build(nix, ref)
-            if path and built != path:
-                raise EngineError(f"building {ref} gave {built}, but evaluation said {path}; is the flake impure?")
-            return built
-        assert isinstance(path, str) and is_store_path(path)
-        if not await nix.is_valid(path):
-            self.ctx.status(urn, f"realising {path}")
-            await nix.build(path)
-        return path
+    async def _build(self, urn: str, closure: Closure, nix: Nix) -> str:
+        return await build_closure(self.ctx, urn, nix, closure, nixos=True, check_evaluated=True)
 
-    def _start_build(self, urn: str, news: dict[str, Any]) -> asyncio.Task[str] | None:
+    def _start_build(self, urn: str, m: MachineInputs) -> asyncio.Task[str] | None:
         """Start building the system now, if it is built here (not on the target)."""
-        if news.get("buildOn") == "remote":
+        if m.build_on_target:
             return None
-        task = asyncio.ensure_future(self._build(urn, news, self._nix(news)))
+        task = asyncio.ensure_future(self._build(urn, m.closure, self._deploy_nix(m.settings)))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # awaited later, or dropped
         return task
 
-    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], m: MachineInputs,
                       pinned: str | None, placement: files.Placement, kept: dict[str, Any] | None = None,
                       building: asyncio.Task[str] | None = None) -> dict[str, Any]:
-        """Deploy news, with its secret files around the activation; on failure raise PartialFailure
+        """Deploy the inputs, with their secret files around the activation; on failure raise PartialFailure
         with `kept` (or base) updated to what runs and which files are in place."""
-        outputs = await self._deploy_system(urn, ident, base, news, pinned, placement, kept, building)
-        return await self._place_files(urn, ident, outputs, news, placement, after_switch=True)
+        outputs = await self._deploy_system(urn, ident, base, m, pinned, placement, kept, building)
+        return await self._place_files(urn, ident, outputs, m.raw, placement, after_switch=True)
 
-    async def _deploy_system(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+    async def _deploy_system(self, urn: str, ident: str, base: dict[str, Any], m: MachineInputs,
                              pinned: str | None, placement: files.Placement, kept: dict[str, Any] | None,
                              building: asyncio.Task[str] | None) -> dict[str, Any]:
         failed = _with_files(kept if kept is not None else base, placement)
-        remote = self._remote(news, host_key=pinned)
-        nix = self._nix(news)
+        remote = self._remote_of(m.connection, host_key=pinned)
+        nix = self._deploy_nix(m.settings)
         drv: str | None = None
         try:
-            if news.get("buildOn") == "remote" and news.get("flake") is not None:
-                ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=True)
+            if m.build_on_target and m.closure.flake is not None:
+                ref = parse_flake_ref(m.closure.flake, self.ctx.project_dir, nixos=True)
                 drv = await nix.eval_drv_path(ref)
-                store_path = str(reveal(news.get("systemPath")) or await nix.eval_out_path(ref))
+                store_path = m.closure.store_path or await nix.eval_out_path(ref)
             else:
-                store_path = await (building or self._build(urn, news, nix))
+                store_path = await (building or self._build(urn, m.closure, nix))
         except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        await self._files_before_activation(urn, ident, failed, news, placement)
+            raise PartialFailure(describe(e), ident, failed, m.raw) from e
+        await self._files_before_activation(urn, ident, failed, m.raw, placement)
         failed = _with_files(failed, placement)
-        req = DeployRequest(
-            remote=remote,
-            store_path=store_path,
-            profile=SYSTEM,
-            action=news.get("action") or "switch",
-            magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
-            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
-            auto_rollback=news.get("autoRollback", True) is not False,
-            health_checks=v.to_health_checks(news.get("healthChecks")),
-            substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=v.compression(news),
-            build_drv_on_target=drv,
-            binary_cache=v.to_binary_cache(news.get("binaryCache")) or self.ctx.binary_cache,
-        )
-        try:
-            async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s),
-                                             warn=lambda s: self.ctx.warn(urn, s), uploads=self.ctx.cache_uploads)
-        except DeployError as e:
-            after = {**failed}
-            if e.now_running:
-                after["systemPath"] = e.now_running
-            if e.generation is not None:
-                after["generation"] = e.generation
-            raise PartialFailure(describe(e), ident, after, news) from e
-        except HostBusy as e:
-            # Nothing was changed; what runs now is another deployment's business.
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        except EngineError as e:
-            raise PartialFailure(describe(e), ident, await self._observed(failed, remote), news) from e
+        req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action, build_drv_on_target=drv,
+                             binary_cache=m.binary_cache or self.ctx.binary_cache)
+        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=m.raw, failed=failed,
+                                  after_failure=_now_running, observe=lambda out: self._observed(out, remote))
         # The deployment is confirmed: the new system runs. Nothing from here on
         # may fail the update, or the state would fall behind the host.
         last = await self._last_changes_or_note(urn, nix, base.get("systemPath"), result.store_path)
@@ -487,15 +441,9 @@ class NixosMachine(DeployedResource):
             **base,
             "pendingChanges": None,
             "lastChanges": last.to_output() if last else None,
-            "systemPath": result.store_path,
-            "generation": result.generation,
-            "previousGeneration": result.previous_generation,
-            "hostKey": result.host_key or pinned,
+            **deployed_outputs(result, "systemPath", pinned),
             "nixosVersion": result.nixos_version,
             "needsReboot": bool(result.reboot_for),
-            "deployedAt": now_rfc3339(),
-            "pushedPaths": result.push.paths,
-            "pushedBytes": result.push.bytes,
         }
 
     async def _last_changes_or_note(self, urn: str, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
@@ -609,6 +557,16 @@ class NixosMachine(DeployedResource):
 
 
 # -- secret files in state and diffs ---------------------------------------------------
+
+
+def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
+    """After a failed deployment: the system and generation the engine says the host runs."""
+    after = {**failed}
+    if e.now_running:
+        after["systemPath"] = e.now_running
+    if e.generation is not None:
+        after["generation"] = e.generation
+    return after
 
 
 def _files_key(olds: dict[str, Any]) -> bytes | None:

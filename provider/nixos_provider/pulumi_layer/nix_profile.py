@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile
-from ..engine.nix import is_store_path, parse_flake_ref
+from ..engine.models import Profile
 from . import inputs as v
-from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
+from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same
+from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
+from .typed_inputs import ProfileInputs
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -28,6 +29,11 @@ INPUT_KEYS = [
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
             "pushedPaths", "pushedBytes"]
+
+
+def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
+    """After a failed deployment: the profile's generation the engine left in place (0: none)."""
+    return {**failed, "storePath": e.now_running, "generation": e.generation or 0}
 
 
 def resolve_profile_path(props: dict[str, Any], ssh_user: str) -> str:
@@ -108,6 +114,7 @@ class NixProfile(DeployedResource):
             out.update({k: UNKNOWN for k in COMPUTED})
             out["profilePath"] = news.get("profilePath") or UNKNOWN
             return "", out
+        inputs = ProfileInputs.parse(news)
         remote = self._remote(news)
         profile = self._profile(news)
         async with self.ctx.ssh_slots:
@@ -123,7 +130,7 @@ class NixProfile(DeployedResource):
             "generation": baseline.generation.number if baseline.generation else 0,
         }
         ident = self._ident(news)
-        return ident, await self._deploy(urn, ident, base, news, baseline.host_key)
+        return ident, await self._deploy(urn, ident, base, inputs, baseline.host_key)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
@@ -142,50 +149,22 @@ class NixProfile(DeployedResource):
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
         kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
-        return await self._deploy(urn, ident, base, news, pinned, kept)
+        return await self._deploy(urn, ident, base, ProfileInputs.parse(news), pinned, kept)
 
-    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], news: dict[str, Any],
+    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], p: ProfileInputs,
                       pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Deploy news; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
+        """Deploy the inputs; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
         failed = kept if kept is not None else base
-        remote = self._remote(news, host_key=pinned)
-        profile = self._profile(news)
-        nix = self._nix(news)
+        remote = self._remote_of(p.connection, host_key=pinned)
+        nix = self._deploy_nix(p.settings)
         try:
-            if news.get("flake") is not None:
-                ref = parse_flake_ref(str(reveal(news["flake"])), self.ctx.project_dir, nixos=False)
-                self.ctx.status(urn, f"building {ref}")
-                store_path = await self.ctx.fleet.build(nix, ref)
-            else:
-                store_path = str(reveal(news["storePath"]))
-                assert is_store_path(store_path)
-                if not await nix.is_valid(store_path):
-                    await nix.build(store_path)
+            store_path = await build_closure(self.ctx, urn, nix, p.closure, nixos=False)
         except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        req = DeployRequest(
-            remote=remote, store_path=store_path, profile=profile, action="switch",
-            magic_rollback=news.get("magicRollback", True) is not False,
-            confirm_timeout=float(news.get("confirmTimeout") or CONFIRM_TIMEOUT),
-            activation_timeout=float(news.get("activationTimeout") or ACTIVATION_TIMEOUT),
-            auto_rollback=news.get("autoRollback", True) is not False,
-            health_checks=v.to_health_checks(news.get("healthChecks")),
-            activate_command=news.get("activate"),
-            substitute_on_destination=bool(news.get("substituteOnDestination")),
-            compress=v.compression(news),
-        )
-        try:
-            async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
-                                             output=lambda s: self.ctx.info(urn, s))
-        except DeployError as e:
-            after = {**failed, "storePath": e.now_running, "generation": e.generation or 0}
-            raise PartialFailure(describe(e), ident, after, news) from e
-        except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, news) from e
-        return {**base, "storePath": result.store_path, "generation": result.generation,
-                "previousGeneration": result.previous_generation, "hostKey": result.host_key or pinned,
-                "deployedAt": now_rfc3339(), "pushedPaths": result.push.paths, "pushedBytes": result.push.bytes}
+            raise PartialFailure(describe(e), ident, failed, p.raw) from e
+        req = deploy_request(remote, store_path, self._profile(p.raw), p.settings, activate_command=p.activate)
+        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=p.raw, failed=failed,
+                                  after_failure=_now_running)
+        return {**base, **deployed_outputs(result, "storePath", pinned)}
 
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:

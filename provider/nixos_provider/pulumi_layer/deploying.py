@@ -1,0 +1,113 @@
+"""The deploy path NixosMachine and NixProfile share: build, request, deploy, outputs.
+
+Each resource parses its deploy settings once (DeploySettings), builds the
+closure (build_closure), makes the engine's DeployRequest (deploy_request),
+deploys it with the engine's failures mapped to PartialFailure carrying what
+runs now (run_deploy), and records the outputs every deployment has
+(deployed_outputs). The resources keep only what is theirs around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..engine.errors import DeployError, EngineError, HostBusy
+from ..engine.lazy import lazy_module
+from ..engine.models import (
+    Action,
+    BinaryCache,
+    DeployRequest,
+    DeployResult,
+    Profile,
+    Remote,
+)
+from ..engine.nix import Nix, is_store_path, parse_flake_ref
+from .base import Context, PartialFailure, now_rfc3339
+from .errors import describe
+from .typed_inputs import Closure, DeploySettings
+
+if TYPE_CHECKING:
+    from ..engine import deploy as engine
+else:
+    engine = lazy_module("nixos_provider.engine.deploy")
+
+
+async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, nixos: bool,
+                        check_evaluated: bool = False) -> str:
+    """Build the flake (one `nix build` per flake for the whole fleet) or realise the store path.
+
+    check_evaluated: a build that gives another path than Check's evaluation
+    fails (an impure flake would deploy something else than the preview showed).
+    """
+    if closure.flake is not None:
+        ref = parse_flake_ref(closure.flake, ctx.project_dir, nixos=nixos)
+        ctx.status(urn, f"building {ref}")
+        built = await ctx.fleet.build(nix, ref)
+        if check_evaluated and closure.store_path and built != closure.store_path:
+            raise EngineError(f"building {ref} gave {built}, but evaluation said {closure.store_path}; "
+                              "is the flake impure?")
+        return built
+    path = closure.store_path
+    assert isinstance(path, str) and is_store_path(path)
+    if not await nix.is_valid(path):
+        ctx.status(urn, f"realising {path}")
+        await nix.build(path)
+    return path
+
+
+def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: DeploySettings, *,
+                   action: Action = "switch", activate_command: str | None = None,
+                   build_drv_on_target: str | None = None, binary_cache: BinaryCache | None = None) -> DeployRequest:
+    return DeployRequest(
+        remote=remote, store_path=store_path, profile=profile, action=action,
+        magic_rollback=settings.magic_rollback, confirm_timeout=settings.confirm_timeout,
+        activation_timeout=settings.activation_timeout, auto_rollback=settings.auto_rollback,
+        health_checks=settings.health_checks, activate_command=activate_command,
+        substitute_on_destination=settings.substitute_on_destination, compress=settings.compress,
+        build_drv_on_target=build_drv_on_target, binary_cache=binary_cache,
+    )
+
+
+# (outputs before the deployment, the engine's DeployError) -> the outputs of what runs now.
+AfterFailure = Callable[[dict[str, Any], DeployError], dict[str, Any]]
+# Best effort, after a failure the engine could not classify: the outputs of what runs now.
+Observe = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def run_deploy(ctx: Context, urn: str, req: DeployRequest, nix: Nix, *, ident: str, inputs: dict[str, Any],
+                     failed: dict[str, Any], after_failure: AfterFailure,
+                     observe: Observe | None = None) -> DeployResult:
+    """engine.deploy, with its failures as PartialFailure recording what the host runs now.
+
+    failed: the outputs to record when the deployment changed nothing (the old
+    configuration's); a DeployError says what it left running (after_failure);
+    another deployment holding the lock (HostBusy) changed nothing; any other
+    failure is observed when the resource can, else recorded as failed.
+    """
+    try:
+        async with ctx.ssh_slots:
+            return await engine.deploy(req, nix, status=lambda s: ctx.status(urn, s),
+                                       output=lambda s: ctx.info(urn, s), warn=lambda s: ctx.warn(urn, s),
+                                       uploads=ctx.cache_uploads)
+    except DeployError as e:
+        raise PartialFailure(describe(e), ident, after_failure(failed, e), inputs) from e
+    except HostBusy as e:
+        # Nothing was changed; what runs now is another deployment's business.
+        raise PartialFailure(describe(e), ident, failed, inputs) from e
+    except EngineError as e:
+        after = await observe(failed) if observe is not None else failed
+        raise PartialFailure(describe(e), ident, after, inputs) from e
+
+
+def deployed_outputs(result: DeployResult, path_key: str, pinned: str | None) -> dict[str, Any]:
+    """The outputs every confirmed deployment records."""
+    return {
+        path_key: result.store_path,
+        "generation": result.generation,
+        "previousGeneration": result.previous_generation,
+        "hostKey": result.host_key or pinned,
+        "deployedAt": now_rfc3339(),
+        "pushedPaths": result.push.paths,
+        "pushedBytes": result.push.bytes,
+    }

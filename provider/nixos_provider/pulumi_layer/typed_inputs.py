@@ -1,0 +1,126 @@
+"""The inputs of each resource, parsed once at the RPC's entry into frozen models.
+
+Check validated the raw property dict; Create and Update parse it here, and
+the rest of the layer reads fields. The raw dict travels along (`raw`) only
+where it must be echoed: into outputs, and as the inputs of a PartialFailure.
+Preview keeps the raw dict, since unknown values cannot be parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.models import (
+    ACTIVATION_TIMEOUT,
+    COMPRESSIONS,
+    CONFIRM_TIMEOUT,
+    Action,
+    BinaryCache,
+    Compression,
+    HealthCheck,
+)
+from ..engine.secret_files import SecretFile
+from .inputs import nix_options, to_binary_cache, to_health_checks, to_secret_files
+from .properties import reveal
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """How every deployment runs, as both resources declare it (the inputs, checked in Check)."""
+
+    magic_rollback: bool = True
+    confirm_timeout: float = CONFIRM_TIMEOUT
+    activation_timeout: float = ACTIVATION_TIMEOUT
+    auto_rollback: bool = True
+    health_checks: tuple[HealthCheck, ...] = ()
+    substitute_on_destination: bool = False
+    compress: Compression = "auto"
+    nix_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry access tokens
+
+    @classmethod
+    def parse(cls, props: Mapping[str, Any]) -> DeploySettings:
+        """From checked, known inputs: unset settings take the engine's defaults."""
+        compress = props.get("compress")
+        return cls(
+            magic_rollback=props.get("magicRollback", True) is not False,
+            confirm_timeout=float(props.get("confirmTimeout") or CONFIRM_TIMEOUT),
+            activation_timeout=float(props.get("activationTimeout") or ACTIVATION_TIMEOUT),
+            auto_rollback=props.get("autoRollback", True) is not False,
+            health_checks=to_health_checks(props.get("healthChecks")),
+            substitute_on_destination=bool(props.get("substituteOnDestination")),
+            compress=compress if compress in COMPRESSIONS else "auto",
+            nix_options=tuple(nix_options(props.get("nixOptions"))),
+        )
+
+
+@dataclass(frozen=True)
+class Closure:
+    """What to deploy: a flake reference to build, or a store path (Check resolved a flake's to it)."""
+
+    flake: str | None
+    store_path: str | None
+
+    @classmethod
+    def parse(cls, props: Mapping[str, Any], path_key: str) -> Closure:
+        flake, path = reveal(props.get("flake")), reveal(props.get(path_key))
+        return cls(str(flake) if flake is not None else None, str(path) if isinstance(path, str) else None)
+
+
+# The actions a machine's `action` names (Check allows no other).
+_ACTIONS: dict[str, Action] = {"switch": "switch", "boot": "boot", "test": "test"}
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    plain = reveal(value)
+    return dict(plain) if isinstance(plain, dict) else {}
+
+
+@dataclass(frozen=True)
+class DeployInputs:
+    """What both resources' inputs have: the raw dict to echo, the connection, the closure, the settings."""
+
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    connection: dict[str, Any] = field(repr=False)  # plain: credentials included
+    closure: Closure
+    settings: DeploySettings
+
+    @staticmethod
+    def _common(news: dict[str, Any], path_key: str) -> dict[str, Any]:
+        return {"raw": news, "connection": _plain_dict(news.get("connection")),
+                "closure": Closure.parse(news, path_key), "settings": DeploySettings.parse(news)}
+
+
+@dataclass(frozen=True)
+class MachineInputs(DeployInputs):
+    """NixosMachine's checked, known inputs."""
+
+    build_on_target: bool = False
+    action: Action = "switch"
+    install: dict[str, Any] | None = field(default=None, repr=False)  # plain: file contents and disk keys included
+    secret_files: tuple[SecretFile, ...] = field(default=(), repr=False)
+    binary_cache: BinaryCache | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, news: dict[str, Any]) -> MachineInputs:
+        return cls(
+            **cls._common(news, "systemPath"),
+            build_on_target=news.get("buildOn") == "remote",
+            action=_ACTIONS[news.get("action") or "switch"],
+            install=_plain_dict(news["install"]) if news.get("install") is not None else None,
+            secret_files=to_secret_files(news.get("secretFiles")),
+            binary_cache=to_binary_cache(news.get("binaryCache")),
+        )
+
+
+@dataclass(frozen=True)
+class ProfileInputs(DeployInputs):
+    """NixProfile's checked, known inputs."""
+
+    activate: str | None = None
+
+    @classmethod
+    def parse(cls, news: dict[str, Any]) -> ProfileInputs:
+        activate = reveal(news.get("activate"))
+        return cls(**cls._common(news, "storePath"), activate=str(activate) if activate is not None else None)

@@ -1,0 +1,145 @@
+"""The deploy path without a host: dry-activate's report, the install source, the shared deploy settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nixos_provider.engine.dry_activate import DryActivation, parse_dry_activate
+from nixos_provider.engine.install.source import InstallSource, NoNixosConfiguration, install_source
+from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployResult, Profile, PushStats, Remote
+from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.pulumi_layer import machine
+from nixos_provider.pulumi_layer.deploying import deploy_request, deployed_outputs
+from nixos_provider.pulumi_layer.properties import Secret
+from nixos_provider.pulumi_layer.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
+
+# What switch-to-configuration printed for a lab change (stderr), with the
+# activation script's own lines between its reports.
+DRY_OUTPUT = """\
+would stop the following units: old.service, gone.timer
+would NOT stop the following changed units: display-manager.service
+would activate the configuration...
+setting up /etc...
+would restart systemd
+would reload the following units: dbus-broker.service
+would restart the following units: lab-service.service, sshd.service
+would start the following units: old.service, gone.timer, new.service
+"""
+
+
+def test_dry_activate_reads_each_kind_of_change() -> None:
+    assert parse_dry_activate(DRY_OUTPUT) == DryActivation(
+        stop=("old.service", "gone.timer"),
+        skip=("display-manager.service",),
+        reload=("dbus-broker.service",),
+        restart=("lab-service.service", "sshd.service"),
+        start=("old.service", "gone.timer", "new.service"),
+        restart_systemd=True,
+    )
+
+
+def test_dry_activate_without_changes_reports_none() -> None:
+    # The activation script's lines may mention units; only switch-to-configuration's own reports count.
+    quiet = "would activate the configuration...\nrestarting the following units: not-ours.service\n"
+    assert parse_dry_activate(quiet) == DryActivation()
+    assert parse_dry_activate("") == DryActivation()
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_install_source_needs_a_nixos_configuration() -> None:
+    built: list[str] = []
+
+    async def build() -> str:
+        built.append("system")
+        return "/nix/store/x-system"
+
+    with pytest.raises(NoNixosConfiguration) as e:
+        _run(install_source(Nix(["false"]), build_system=build, status=print, disko_script=None,
+                            flake=parse_flake_ref("/f#packages.x86_64-linux.hello", nixos=False), build_on_target=False))
+    assert str(e.value) == "cannot find the NixOS configuration of `/f#packages.x86_64-linux.hello` for nixos-anywhere"
+    assert built == []  # nothing was built for a reference nixos-anywhere cannot use
+
+
+def test_install_source_leaves_the_build_to_the_target_or_skips_disko() -> None:
+    built: list[str] = []
+
+    async def build() -> str:
+        built.append("system")
+        return "/nix/store/x-system"
+
+    ref = parse_flake_ref("/f#web", nixos=True)
+    # `false` as nix: any other build than the system's would fail the test.
+    on_target = _run(install_source(Nix(["false"]), build_system=build, status=print, disko_script=None, flake=ref,
+                                    build_on_target=True))
+    assert on_target == InstallSource(flake="/f#nixosConfigurations.web.config") and built == []
+    no_disko = _run(install_source(Nix(["false"]), build_system=build, status=print, disko_script=None, flake=ref,
+                                   build_on_target=False, phases=("kexec", "install", "reboot")))
+    assert no_disko == InstallSource(flake="/f#nixosConfigurations.web.config") and built == ["system"]
+
+
+def test_deploy_settings_take_the_engine_defaults_and_the_inputs() -> None:
+    assert DeploySettings.parse({}) == DeploySettings(confirm_timeout=CONFIRM_TIMEOUT,
+                                                      activation_timeout=ACTIVATION_TIMEOUT)
+    s = DeploySettings.parse({
+        "magicRollback": False, "confirmTimeout": 5, "activationTimeout": 60, "autoRollback": False,
+        "healthChecks": [{"tcp": 22}], "substituteOnDestination": True, "compress": "zstd",
+        "nixOptions": Secret([{"name": "cores", "value": "1"}]),
+    })
+    assert (s.magic_rollback, s.confirm_timeout, s.activation_timeout, s.auto_rollback) == (False, 5.0, 60.0, False)
+    assert [c.tcp for c in s.health_checks] == [22]
+    assert (s.substitute_on_destination, s.compress, s.nix_options) == (True, "zstd", (("cores", "1"),))
+    req = deploy_request(Remote("h"), "/nix/store/x-p", Profile("/p"), s, activate_command="true")
+    assert (req.magic_rollback, req.confirm_timeout, req.health_checks, req.compress, req.activate_command) == (
+        False, 5.0, s.health_checks, "zstd", "true")
+
+
+def test_closure_and_outputs_of_a_deployment() -> None:
+    assert Closure.parse({"flake": Secret(".#web"), "systemPath": "/nix/store/x-s"}, "systemPath") == Closure(
+        ".#web", "/nix/store/x-s")
+    result = DeployResult(store_path="/nix/store/x-s", generation=3, previous_generation=2,
+                          previous_store_path=None, host_key="", push=PushStats(paths=4, bytes=512),
+                          nixos_version=None, output="")
+    out = deployed_outputs(result, "systemPath", "ssh-ed25519 AAAA")
+    assert {k: v for k, v in out.items() if k != "deployedAt"} == {
+        "systemPath": "/nix/store/x-s", "generation": 3, "previousGeneration": 2, "hostKey": "ssh-ed25519 AAAA",
+        "pushedPaths": 4, "pushedBytes": 512}
+    assert set(out) - {"systemPath"} <= set(machine.COMPUTED)
+
+
+def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> None:
+    news = {"connection": {"host": "h", "password": Secret("pw")}, "flake": ".#web", "systemPath": "/nix/store/x-s",
+            "buildOn": "remote", "action": "boot", "confirmTimeout": 9, "nixOptions": [{"name": "a", "value": "b"}],
+            "install": {"diskoScript": "/nix/store/x-d", "extraFiles": Secret({"/etc/k": "key"})},
+            "secretFiles": [{"path": "/etc/s", "content": Secret("sec")}],
+            "binaryCache": {"url": "file:///c", "publicKey": "c:k", "signingKey": Secret("c:secret")}}
+    m = MachineInputs.parse(news)
+    assert (m.closure, m.build_on_target, m.action, m.settings.confirm_timeout) == (
+        Closure(".#web", "/nix/store/x-s"), True, "boot", 9.0)
+    assert m.connection["password"] == "pw" and m.install and m.install["extraFiles"] == {"/etc/k": "key"}
+    assert [f.path for f in m.secret_files] == ["/etc/s"] and m.binary_cache and m.binary_cache.signing_key == "c:secret"
+    assert m.raw is news  # echoed as it came into outputs and failures
+    assert not {"pw", "key", "sec", "c:secret"} & set(repr(m).replace("'", " ").split())
+    assert MachineInputs.parse({"connection": {"host": "h"}, "systemPath": "/nix/store/x-s"}).action == "switch"
+    p = ProfileInputs.parse({"connection": {"host": "h"}, "storePath": "/nix/store/x-p", "activate": "true"})
+    assert (p.closure, p.activate, p.settings) == (Closure(None, "/nix/store/x-p"), "true", DeploySettings())
+
+
+def test_the_pulumi_layer_names_the_install_properties_a_source_failure_needs() -> None:
+    from nixos_provider.engine.errors import EngineError
+    from nixos_provider.pulumi_layer.base import Context
+    from nixos_provider.pulumi_layer.errors import describe
+    from nixos_provider.pulumi_layer.machine import NixosMachine
+
+    resource = NixosMachine(Context(log=lambda *_: None, project_dir="/f"))
+    m = MachineInputs.parse({"connection": {"host": "h"}, "flake": "/f#packages.x86_64-linux.hello",
+                             "systemPath": "/nix/store/x-s", "install": {}})
+    with pytest.raises(EngineError) as e:
+        _run(resource._install_source("urn", m, Nix(["false"])))
+    assert describe(e.value) == (
+        "cannot find the NixOS configuration of `/f#packages.x86_64-linux.hello` for nixos-anywhere: use a flake "
+        "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
+        "`install.diskoScript`")
