@@ -541,6 +541,7 @@ class NixosMachine(DeployedResource):
             self.ctx.status(urn, f"rolling back to the baseline generation {int(baseline)}")
             async with self.ctx.ssh_slots:
                 await engine.rollback_to(remote, SYSTEM, int(baseline), status=lambda s: self.ctx.status(urn, s),
+                                         output=lambda s: self.ctx.info(urn, s),
                                          fallback_path=state.get("baselineSystemPath"))
         await self._remove_secret_files(urn, remote, state)
 

@@ -206,4 +206,5 @@ class NixProfile(DeployedResource):
                 self.ctx.status(urn, f"rolling {profile.path} back to generation {baseline}")
                 await engine.rollback_to(remote, profile, baseline, activate_command=state.get("activate"),
                                          status=lambda s: self.ctx.status(urn, s),
+                                         output=lambda s: self.ctx.info(urn, s),
                                          fallback_path=state.get("baselineStorePath"))
