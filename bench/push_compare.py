@@ -9,9 +9,13 @@ are deleted on the target. Runs alternate engine, baseline, engine, ... and
 the ratio is taken pair by pair, so a drifting machine speed hits both alike.
 
 The shaped link is an htb class of 100 Mbit/s on `lo` for traffic to the
-bench host's own address only (127.0.43.1); it is removed afterwards.
+bench host's own address only (127.0.BENCH_NET.1); it is removed afterwards.
 
-Run with `python bench/push_compare.py` as root (lab hosts need it).
+Run with `python bench/push_compare.py` as root (lab hosts need it). Settings
+from the environment: BENCH_NET (the lab net, 43 unless set), PUSH_PAYLOAD_MIB
+(200), PUSH_RUNS (counted runs of each setting, 3), PUSH_LINKS (which
+comparisons: `loopback,100mbit`) and PUSH_COPIES (which `nix copy` settings:
+all four unless set, e.g. `ssh://,ssh-ng://`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ sys.path.insert(0, str(REPO / "tests"))
 import labctl  # noqa: E402
 
 LAB_DIR = REPO / ".lab" / "bench-push"
-ADDRESS = "127.0.43.1"
-RUNS = 3
+NET = int(os.environ.get("BENCH_NET", "43"))
+ADDRESS = f"127.0.{NET}.1"
+RUNS = int(os.environ.get("PUSH_RUNS", "3"))
+LINKS = os.environ.get("PUSH_LINKS", "loopback,100mbit").split(",")
 PAYLOAD_MIB = int(os.environ.get("PUSH_PAYLOAD_MIB", "200"))
 FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; in {
   nixosConfigurations.elf = lab.nixosConfiguration { version = "elf"; packages = [ (derivation {
@@ -132,6 +138,8 @@ def main() -> list[tuple[str, str]]:
 
         copies = {"ssh://": "ssh://root@{addr}", "ssh:// compress=true": "ssh://root@{addr}?compress=true",
                   "ssh-ng://": "ssh-ng://root@{addr}", "ssh-ng:// compress=true": "ssh-ng://root@{addr}?compress=true"}
+        if "PUSH_COPIES" in os.environ:
+            copies = {k: v for k, v in copies.items() if k in os.environ["PUSH_COPIES"].split(",")}
 
         def compare(label: str, ours: dict[str, Callable[[], dict[str, float]]]) -> None:
             # Every setting of both sides, alternating; the best of each side is compared pair by pair.
@@ -155,12 +163,14 @@ def main() -> list[tuple[str, str]]:
                          f"ratio {statistics.median(ratios):.2f}x (pairwise, min {min(ratios):.2f} max "
                          f"{max(ratios):.2f}); zstd sent {wire.get('zstd', 0):.0%} of the bytes; {detail}"))
 
-        compare("loopback", {"none": engine("none"), "zstd": engine("zstd")})
-        shape("100mbit")
-        try:
-            compare("100 Mbit/s link", {"zstd": engine("zstd"), "ssh": engine("ssh"), "none": engine("none")})
-        finally:
-            shape(None)
+        if "loopback" in LINKS:
+            compare("loopback", {"none": engine("none"), "zstd": engine("zstd")})
+        if "100mbit" in LINKS:
+            shape("100mbit")
+            try:
+                compare("100 Mbit/s link", {"zstd": engine("zstd"), "ssh": engine("ssh"), "none": engine("none")})
+            finally:
+                shape(None)
     finally:
         labctl.down(LAB_DIR)
         shutil.rmtree(work, ignore_errors=True)

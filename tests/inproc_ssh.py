@@ -50,7 +50,8 @@ class _Session(asyncssh.SSHServer):
 class InProcessSSHServer:
     """Listens on 127.0.0.1; `client_key` logs in as any user; `host_key` is what it presents."""
 
-    def __init__(self) -> None:
+    def __init__(self, encryption_algs: list[str] | None = None) -> None:
+        self.encryption_algs = encryption_algs  # the ciphers it offers (None: asyncssh's defaults)
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         self.record = Record()
@@ -70,7 +71,8 @@ class InProcessSSHServer:
     async def start(self, port: int = 0) -> None:
         self._server = await asyncssh.create_server(
             lambda: _Session(self), "127.0.0.1", port, server_host_keys=[self.host_key],
-            process_factory=self._run, encoding=None, allow_scp=False)
+            process_factory=self._run, encoding=None, allow_scp=False,
+            **({} if self.encryption_algs is None else {"encryption_algs": self.encryption_algs}))
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

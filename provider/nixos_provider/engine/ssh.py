@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 import asyncssh
+from asyncssh.encryption import get_default_encryption_algs
 
 from .errors import ConnectError, HostKeyMismatch, Setting
 from .models import Remote
@@ -28,6 +29,20 @@ _TOFU_HOST_KEY_ALGS = [
     "rsa-sha2-256",
     "ssh-rsa",
 ]
+
+
+# Ciphers, fastest first for this process: asyncssh encrypts in Python around
+# the cryptography library, where AES-GCM runs on the CPU's AES instructions
+# and costs the deployer about 40% less CPU per byte pushed than asyncssh's
+# first choice, chacha20-poly1305 (bench/README.md). The rest of asyncssh's
+# defaults follow, so hosts without AES-GCM still connect.
+_CIPHER_PREFERENCE = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+
+
+def _encryption_algs() -> list[str]:
+    defaults = [alg.decode() for alg in get_default_encryption_algs()]
+    return [alg for alg in _CIPHER_PREFERENCE if alg in defaults] + [
+        alg for alg in defaults if alg not in _CIPHER_PREFERENCE]
 
 
 def normalize_host_key(line: str) -> str:
@@ -133,6 +148,7 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
         "username": remote.user,
         "known_hosts": ([], [], []),
         "server_host_key_algs": [pinned.split()[0]] if pinned else _TOFU_HOST_KEY_ALGS,
+        "encryption_algs": _encryption_algs(),
         "connect_timeout": remote.connect_timeout,
         "login_timeout": remote.connect_timeout,
         "keepalive_interval": 10,
