@@ -12,7 +12,14 @@ from nixos_provider.engine.nix import Nix, parse_flake_ref
 from nixos_provider.pulumi_layer import machine
 from nixos_provider.pulumi_layer.deploying import deploy_request, deployed_outputs
 from nixos_provider.pulumi_layer.properties import Secret
-from nixos_provider.pulumi_layer.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
+from nixos_provider.pulumi_layer.typed_inputs import (
+    Closure,
+    DeploySettings,
+    MachineInputs,
+    ProfileInputs,
+    RecordedMachine,
+    RecordedProfile,
+)
 
 # What switch-to-configuration printed for a lab change (stderr), with the
 # activation script's own lines between its reports.
@@ -143,3 +150,19 @@ def test_the_pulumi_layer_names_the_install_properties_a_source_failure_needs() 
         "cannot find the NixOS configuration of `/f#packages.x86_64-linux.hello` for nixos-anywhere: use a flake "
         "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
         "`install.diskoScript`")
+
+
+def test_delete_reads_the_recorded_state_once_as_the_engine_left_it() -> None:
+    # State as the engine hands it back: numbers as floats, credentials as secrets.
+    conn = Secret({"host": "h", "port": 22.0, "user": "root", "privateKey": "KEY"})
+    machine_state = {"connection": conn, "hostKey": "ssh-ed25519 AAA", "baselineGeneration": 3.0,
+                     "baselineSystemPath": "/nix/store/a-base", "secretFiles": None}
+    m = RecordedMachine.parse(machine_state)
+    assert (m.on_destroy, m.baseline_generation, m.baseline_path, m.host_key) == (
+        "rollback", 3, "/nix/store/a-base", "ssh-ed25519 AAA")
+    assert m.connection["privateKey"] == "KEY" and "KEY" not in repr(m) and m.secret_files == ()
+    assert RecordedMachine.parse({**machine_state, "baselineGeneration": None}).baseline_generation is None
+    p = RecordedProfile.parse({"connection": conn, "profilePath": "/p/app", "user": "alice", "onDestroy": "remove",
+                               "baselineGeneration": 0.0, "activate": "systemctl restart app"})
+    assert p.profile == Profile("/p/app", "alice") and p.on_destroy == "remove" and p.baseline_generation == 0
+    assert p.activate == "systemctl restart app" and p.baseline_path is None

@@ -20,7 +20,7 @@ from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, dif
 from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
-from .typed_inputs import Closure, MachineInputs
+from .typed_inputs import Closure, MachineInputs, RecordedMachine
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -530,24 +530,23 @@ class NixosMachine(DeployedResource):
         return _id(remote), outputs, new_inputs
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
-        if state.get("onDestroy", "rollback") == "retain":
+        recorded = RecordedMachine.parse(state)
+        if recorded.on_destroy == "retain":
             self.ctx.info(urn, "onDestroy is `retain`: leaving the machine as it is, secret files included")
             return
-        remote = self._remote(state, host_key=state.get("hostKey"))
-        baseline = state.get("baselineGeneration")
+        remote = self._remote_of(recorded.connection, recorded.host_key)
+        baseline = recorded.baseline_generation
         if baseline is None:
             self.ctx.warn(urn, "no baseline generation was recorded; leaving the system as it is")
         else:
-            self.ctx.status(urn, f"rolling back to the baseline generation {int(baseline)}")
+            self.ctx.status(urn, f"rolling back to the baseline generation {baseline}")
             async with self.ctx.ssh_slots:
-                await engine.rollback_to(remote, SYSTEM, int(baseline), status=lambda s: self.ctx.status(urn, s),
-                                         output=lambda s: self.ctx.info(urn, s),
-                                         fallback_path=state.get("baselineSystemPath"))
-        await self._remove_secret_files(urn, remote, state)
+                await engine.rollback_to(remote, SYSTEM, baseline, status=lambda s: self.ctx.status(urn, s),
+                                         output=lambda s: self.ctx.info(urn, s), fallback_path=recorded.baseline_path)
+        await self._remove_secret_files(urn, remote, recorded.secret_files)
 
-    async def _remove_secret_files(self, urn: str, remote: Remote, state: dict[str, Any]) -> None:
+    async def _remove_secret_files(self, urn: str, remote: Remote, recorded: tuple[files.RecordedFile, ...]) -> None:
         """After the rollback: the baseline system predates these files, so nothing running needs them."""
-        recorded = v.recorded_files(state.get("secretFiles"))
         if not recorded:
             return
         self.ctx.status(urn, "removing secret files")

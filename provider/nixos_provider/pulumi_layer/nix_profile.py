@@ -13,7 +13,7 @@ from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, dif
 from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
-from .typed_inputs import ProfileInputs
+from .typed_inputs import ProfileInputs, RecordedProfile
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -191,20 +191,18 @@ class NixProfile(DeployedResource):
         return f"{remote.host}:{remote.port}:{profile.path}", outputs, new_inputs
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
-        mode = state.get("onDestroy", "rollback")
-        if mode == "retain":
+        recorded = RecordedProfile.parse(state)
+        if recorded.on_destroy == "retain":
             self.ctx.info(urn, "onDestroy is `retain`: leaving the profile as it is")
             return
-        remote = self._remote(state, host_key=state.get("hostKey"))
-        profile = Profile(str(state["profilePath"]), state.get("user") or None)
-        baseline = int(state.get("baselineGeneration") or 0)
+        remote = self._remote_of(recorded.connection, recorded.host_key)
+        profile, baseline = recorded.profile, recorded.baseline_generation or 0
         async with self.ctx.ssh_slots:
-            if mode == "remove" or baseline == 0:
+            if recorded.on_destroy == "remove" or baseline == 0:
                 self.ctx.status(urn, f"removing {profile.path}")
                 await engine.remove_profile(remote, profile)
             else:
                 self.ctx.status(urn, f"rolling {profile.path} back to generation {baseline}")
-                await engine.rollback_to(remote, profile, baseline, activate_command=state.get("activate"),
+                await engine.rollback_to(remote, profile, baseline, activate_command=recorded.activate,
                                          status=lambda s: self.ctx.status(urn, s),
-                                         output=lambda s: self.ctx.info(urn, s),
-                                         fallback_path=state.get("baselineStorePath"))
+                                         output=lambda s: self.ctx.info(urn, s), fallback_path=recorded.baseline_path)
