@@ -313,6 +313,7 @@ async def test_a_rollback_waits_for_no_one_and_disturbs_no_deployment_in_progres
     with pytest.raises(HostBusy, match=rf"{spec.profile} on .* is being deployed by someone else: "
                                        rf"deployment {first.workdir} of {spec.new_path}"):
         await rollback.roll_back_to(time.monotonic() + 10)
+    assert not Path(rollback.workdir).exists()  # the refused rollback leaves nothing on the host
     assert (await first.follow(time.monotonic() + 20)).ok
     await first.finish(time.monotonic() + 10)
     assert not (Path(spec.new_path) / "rolled-back").exists()

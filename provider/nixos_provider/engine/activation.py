@@ -142,6 +142,8 @@ class Supervisor:
         await self.upload()
         await self.start("rollback-to")
         outcome = await self.follow(deadline, until=())
+        # Ended, whichever way: its workdir (token included) has nothing more to say.
+        await self.cleanup()
         if outcome.state.phase is Phase.LOCKED_OUT:
             raise self._busy(outcome.state)
         return outcome

@@ -498,11 +498,8 @@ async def rollback_to(remote: Remote, profile: Profile, generation: int, *, stat
     supervisor = Supervisor(target, lambda: connect(pinned), spec, status=status, output=said)
     try:
         outcome = await supervisor.roll_back_to(time.monotonic() + timeout + 120)
-        state = outcome.state
-        if state.phase is not Phase.DONE:
-            await supervisor.cleanup()
-            raise EngineError(_rollback_failure(state, spec, remote, outcome.output))
-        await supervisor.cleanup()
+        if outcome.state.phase is not Phase.DONE:
+            raise EngineError(_rollback_failure(outcome.state, spec, remote, outcome.output))
         return await read_target_state(await supervisor.connected(), profile)
     finally:
         await supervisor.close()
