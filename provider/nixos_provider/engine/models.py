@@ -76,6 +76,7 @@ class PushStats:
     missing_before: int = 0
     wire_bytes: int = 0  # what went into the SSH channel: less than `bytes` with zstd
     compression: str = "none"  # what the push used: "zstd", "ssh" or "none"
+    transport: str = ""  # what carried it: "openssh" (the `ssh` client) or "connection" (the provider's own)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ differs between Nix versions (2.8 to 2.34) is nix_versions' business.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -288,11 +289,11 @@ class Nix:
 
     async def closure(self, path: str) -> list[PathInfo]:
         """The closure of path, dependencies first, with NAR sizes."""
-        order = (await self._run_store("-qR", path)).split()
         # A .drv installable means its outputs unless --derivation says otherwise.
         drv = ["--derivation"] if path.endswith(".drv") else []
-        infos = await self._path_infos("-r", *drv, path, what=f"reading the closure of {path}")
-        return [infos[p] for p in order if p in infos]
+        listed, infos = await asyncio.gather(self._run_store("-qR", path),
+                                             self._path_infos("-r", *drv, path, what=f"reading the closure of {path}"))
+        return [infos[p] for p in listed.split() if p in infos]
 
     async def _path_infos(self, *args: str, what: str) -> dict[str, PathInfo]:
         known = _PATH_INFO_FORMAT.get(tuple(self.command))

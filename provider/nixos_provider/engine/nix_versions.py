@@ -31,6 +31,7 @@ unit tests feed them outputs recorded from each real version
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
@@ -73,9 +74,17 @@ def rejects_flag(stderr: str, flag: str) -> bool:
 
 @dataclass(frozen=True)
 class PathInfo:
+    """What the store knows of one valid path: enough to register it in another store as it is here."""
+
     path: str
     nar_size: int
     references: tuple[str, ...]
+    nar_hash: str = ""  # SRI (`sha256-...`) or `sha256:...`, as Nix printed it
+    deriver: str = ""
+    registration_time: int = 0
+    ultimate: bool = False
+    signatures: tuple[str, ...] = ()
+    ca: str = ""  # the content address in Nix's text form (`fixed:r:sha256:...`), "" for none
 
 
 def _full_path(p: str, store_dir: str = STORE_DIR) -> str:
@@ -105,8 +114,34 @@ def parse_path_info(stdout: str) -> dict[str, PathInfo]:
             continue  # not valid in this store
         path = _full_path(str(info.get("path") or key), store_dir)
         refs = tuple(_full_path(str(r), store_dir) for r in info.get("references") or ())
-        infos[path] = PathInfo(path, int(info.get("narSize") or 0), refs)
+        deriver = info.get("deriver")
+        infos[path] = PathInfo(
+            path, int(info.get("narSize") or 0), refs, nar_hash=str(info.get("narHash") or ""),
+            deriver=_full_path(str(deriver), store_dir) if deriver else "",
+            registration_time=int(info.get("registrationTime") or 0), ultimate=bool(info.get("ultimate")),
+            signatures=tuple(str(s) for s in info.get("signatures") or ()), ca=_content_address(info.get("ca")))
     return infos
+
+
+# Format 2's structured content address, as the text form every Nix reads.
+_CA_METHODS = {"nar": "fixed:r:", "flat": "fixed:", "text": "text:", "git": "fixed:git:"}
+
+
+def _content_address(ca: object) -> str:
+    """`ca` of any format -> `fixed:r:sha256:<hash>` (the form `nix-store --serve` parses), "" for none."""
+    if isinstance(ca, str):
+        return ca
+    if not isinstance(ca, dict):
+        return ""
+    prefix = _CA_METHODS.get(str(ca.get("method")))
+    algo, sep, b64 = str(ca.get("hash") or "").partition("-")
+    if prefix is None or not sep:
+        return ""
+    try:
+        digest = base64.b64decode(b64, validate=True)
+    except ValueError:
+        return ""
+    return f"{prefix}{algo}:{digest.hex()}"
 
 
 def parse_build_outputs(stdout: str) -> list[dict[str, str]]:

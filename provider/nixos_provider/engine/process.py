@@ -202,6 +202,30 @@ class Stderr(Enum):
     DISCARD = "discard"
 
 
+_STDERR = {Stderr.PIPE: asyncio.subprocess.PIPE, Stderr.STDOUT: asyncio.subprocess.STDOUT,
+           Stderr.DISCARD: asyncio.subprocess.DEVNULL}
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """Pipe ends a local process uses for stdin / stdout instead of its own pipes (None: its own)."""
+
+    stdin_from: int | None = None
+    stdout_to: int | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.stdin_from is not None or self.stdout_to is not None
+
+    def stdin(self, wanted: bool) -> int:
+        if self.stdin_from is not None:
+            return self.stdin_from
+        return asyncio.subprocess.PIPE if wanted else asyncio.subprocess.DEVNULL
+
+    def stdout(self) -> int:
+        return asyncio.subprocess.PIPE if self.stdout_to is None else self.stdout_to
+
+
 class ByteSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
@@ -292,13 +316,23 @@ class Runner(ABC):
         elevator = self.elevator
         return elevator.argv(argv) if elevator else list(argv)
 
+    def elevated(self, argv: Sequence[str]) -> tuple[list[str], bytes]:
+        """argv as it is executed, and what its elevation reads on stdin before the command's own input.
+
+        For a command whose input the caller assembles (a push through zstd):
+        the caller sends the elevation's input first, then runs the result as
+        the login user.
+        """
+        elevator = self.elevator
+        if elevator is None:
+            return list(argv), b""
+        return elevator.argv(argv), elevator.stdin()
+
     def _prepare(self, argv: Sequence[str]) -> tuple[list[str], bytes]:
         elevator = self.elevator
         who = f" as {elevator.user}" if elevator else ""
         log.debug("%s%s: %s", self.target, who, shlex.join(argv))
-        if elevator is None:
-            return list(argv), b""
-        return elevator.argv(argv), elevator.stdin()
+        return self.elevated(argv)
 
     async def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
                   timeout: float | None | _Default = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None,
@@ -350,10 +384,19 @@ class Runner(ABC):
                              "Nothing was changed", blames=blames)
 
     async def start(self, argv: Sequence[str], *, stdin: bool = True, stderr: Stderr = Stderr.PIPE,
-                    env: Mapping[str, str] | None = None, new_session: bool = False) -> Process:
-        """Start argv with streaming stdin/stdout. The caller must `close()` the process."""
+                    env: Mapping[str, str] | None = None, new_session: bool = False,
+                    stdin_from: int | None = None, stdout_to: int | None = None) -> Process:
+        """Start argv with streaming stdin/stdout. The caller must `close()` the process.
+
+        stdin_from / stdout_to: a pipe's end the process reads from / writes
+        to instead of a pipe of its own (local processes only), so processes
+        can be chained without the provider copying bytes between them.
+        """
         final, preamble = self._prepare(argv)
-        proc = await self._spawn(final, list(argv), stdin or bool(preamble), stderr, env, new_session)
+        if preamble and stdin_from is not None:
+            raise ValueError("an elevated command reads its elevation's input first: it cannot read from a pipe")
+        pipes = Pipes(stdin_from, stdout_to)
+        proc = await self._spawn(final, list(argv), stdin or bool(preamble), stderr, env, new_session, pipes)
         if preamble:
             proc.stdin.write(preamble)
             await proc.stdin.drain()
@@ -374,7 +417,7 @@ class Runner(ABC):
 
     @abstractmethod
     async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
-                     env: Mapping[str, str] | None, new_session: bool) -> Process: ...
+                     env: Mapping[str, str] | None, new_session: bool, pipes: Pipes) -> Process: ...
 
 
 def _decode(data: object) -> str:
@@ -456,9 +499,9 @@ class Target(Runner):
         return CommandResult(status, _decode(proc.stdout), _decode(proc.stderr))
 
     async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
-                     env: Mapping[str, str] | None, new_session: bool) -> Process:
-        if env is not None or stderr is Stderr.STDOUT:
-            raise ValueError("env and a merged stderr apply to local commands only")
+                     env: Mapping[str, str] | None, new_session: bool, pipes: Pipes) -> Process:
+        if env is not None or stderr is Stderr.STDOUT or pipes.used:
+            raise ValueError("env, a merged stderr and given pipes apply to local commands only")
         try:
             proc: asyncssh.SSHClientProcess[bytes] = await self.conn.conn.create_process(
                 shlex.join(argv), encoding=None,
@@ -550,14 +593,11 @@ class Local(Runner):
         return CommandResult(proc.returncode or 0, _decode(out), _decode(err))
 
     async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
-                     env: Mapping[str, str] | None, new_session: bool) -> Process:
-        where = {Stderr.PIPE: asyncio.subprocess.PIPE, Stderr.STDOUT: asyncio.subprocess.STDOUT,
-                 Stderr.DISCARD: asyncio.subprocess.DEVNULL}[stderr]
+                     env: Mapping[str, str] | None, new_session: bool, pipes: Pipes) -> Process:
         proc = await self._create(
-            argv, caller, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=where, env=None if env is None else dict(env),
-            start_new_session=new_session)
-        return _LocalProcess(self, caller, proc, new_session)
+            argv, caller, stdin=pipes.stdin(stdin), stdout=pipes.stdout(), stderr=_STDERR[stderr],
+            env=None if env is None else dict(env), start_new_session=new_session)
+        return LocalProcess(self, caller, proc, new_session)
 
 
 def _kill(proc: asyncio.subprocess.Process, *, group: bool = False) -> None:
@@ -576,7 +616,7 @@ def _kill(proc: asyncio.subprocess.Process, *, group: bool = False) -> None:
             os.kill(proc.pid, signal.SIGKILL)
 
 
-class _LocalProcess(Process):
+class LocalProcess(Process):
     def __init__(self, runner: Runner, argv: Sequence[str], proc: asyncio.subprocess.Process, session: bool) -> None:
         super().__init__(runner, argv)
         self._proc = proc

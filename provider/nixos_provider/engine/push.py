@@ -1,44 +1,60 @@
 """Copy closures to a target: ask what it lacks, stream only that.
 
-`nix-store --export` on the deployer is piped chunk by chunk into
-`nix-store --import` on the target over one SSH channel, so memory stays flat
-whatever the closure size. Nothing is registered as a generation here: an
-interrupted push leaves only complete, valid paths behind (import is
-per-path), and the next push sends what is still missing.
+One `nix-store --export` of the missing paths on the deployer becomes the
+stream the target's `nix-store --serve --write` reads (serve_proto.py): each
+NAR goes straight into the target's store, registered with the hash,
+references, deriver and content address it has here. Memory stays flat on
+both sides whatever the closure size. Nothing is registered as a generation
+here: an interrupted push leaves only complete, valid paths behind (each path
+is added whole or not at all), and the next push sends what is still missing.
+
+The bytes travel through the OpenSSH client (`ssh`, openssh.py) when it can
+reach the host as the provider's own connection does, and otherwise (or if
+`ssh` fails) through that connection (asyncssh). With `ssh` and no
+compression the NAR bytes never pass through Python: splice(2) moves them
+from the export's pipe into the pipe `ssh` reads.
 
 With zstd (when both sides have it, as NixOS systems do) the stream is
 compressed on the deployer by a multi-threaded `zstd` at a fast level and
-decompressed on the target before the import: on a slow link it sends a
-fraction of the bytes, at a CPU cost far below SSH's zlib.
+decompressed on the target before `nix-store --serve`: on a slow link it sends
+a fraction of the bytes, at a CPU cost far below SSH's zlib.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConnectError, EngineError, NixError
+from . import openssh, serve_proto
+from .errors import CommandNotFound, ConnectError, EngineError, NixError
 from .lazy import lazy_module
 from .models import PushStats
 from .nix import Nix, PathInfo
-from .process import LOCAL, ByteSink, ByteSource, Process, Stderr, Target
+from .process import LOCAL, ByteSink, ByteSource, CommandResult, Process, Stderr, Target
 
 if TYPE_CHECKING:
     import asyncssh
 else:
     asyncssh = lazy_module("asyncssh")
 
+log = logging.getLogger(__name__)
+
 CHUNK = 256 * 1024
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number, where the module does not name it
+CLOSE_WAIT = 10.0  # how long the relay thread may take to end once its pipes are closed
 QUERY_BATCH = 400  # paths per remote validity query (keeps command lines short)
 # Level 1 with one thread per core: measured in bench/ as the fastest setting
 # on every link speed tried; higher levels cost more CPU than they save.
 ZSTD_COMPRESS = ["-1", "-T0", "-q", "-c"]
-# A constant script: nothing but the stream reaches it.
-ZSTD_IMPORT = ["sh", "-c", "zstd -d -q -c | nix-store --import"]
 
 
 @dataclass(frozen=True)
@@ -94,95 +110,274 @@ async def choose_compression(target: Target, wanted: str, status: Callable[[str]
 
 
 async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_on_destination: bool = False,
-                       progress: ProgressFn | None = None, compression: str = "none") -> PushStats:
+                       progress: ProgressFn | None = None, compression: str = "none",
+                       status: Callable[[str], None] | None = None) -> PushStats:
     """Copy store_path's closure to the target and say what it took.
 
     compression is what choose_compression said: "zstd" compresses the
-    stream here; "ssh" means the connection itself compresses.
+    stream here; "ssh" means the connection itself compresses. status hears
+    why the push left `ssh` for the provider's own connection, if it did.
     """
     started = time.monotonic()
-    closure: list[PathInfo] = await nix.closure(store_path)
-    order = [p.path for p in closure]
-    missing = await missing_paths(target, order)
-    missing_before = len(missing)
-    if missing and substitute_on_destination:
-        await substitute_on_target(target, missing)
-        missing = await missing_paths(target, missing)
-    if not missing:
-        return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression)
-    sizes = {p.path: p.nar_size for p in closure}
-    total = sum(sizes[p] for p in missing)
-    sent, wire = await _stream_export(nix, target, missing, total, progress, zstd=compression == "zstd")
-    still = await missing_paths(target, missing)
-    if still:
-        raise EngineError(f"after copying, {len(still)} paths are still missing on {target.target} (first: {still[0]})")
-    return PushStats(len(missing), sent, time.monotonic() - started, missing_before, wire, compression)
-
-
-async def _stream_export(nix: Nix, target: Target, paths: list[str], total: int,
-                         progress: ProgressFn | None, *, zstd: bool) -> tuple[int, int]:
-    """Pipe the export into the target's import; (bytes exported, bytes sent over SSH)."""
-    export = await LOCAL.start(nix.store_argv("--export", *paths), stdin=False)
-    compressor: Process | None = None
+    why_not = openssh.unusable(target.conn)
+    # `ssh` logs in while the closure and what the target lacks are worked
+    # out: its connection costs nothing then (a tenth of a second or more).
+    early = asyncio.ensure_future(_open(target, compression, use_ssh=True)) if why_not is None else None
     try:
-        compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD) if zstd else None
-        remote = await target.start(ZSTD_IMPORT if zstd else ["nix-store", "--import"])
+        closure: list[PathInfo] = await nix.closure(store_path)
+        order = [p.path for p in closure]
+        missing = await missing_paths(target, order)
+        missing_before = len(missing)
+        if missing and substitute_on_destination:
+            await substitute_on_target(target, missing)
+            missing = await missing_paths(target, missing)
+        if not missing:
+            return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression)
+        infos = {p.path: p for p in closure}
+        if early is not None:
+            opening, early = early, None
+            try:
+                channel = await opening
+                sent = await _stream(nix, channel, [infos[p] for p in missing], progress)
+                return PushStats(len(missing), sent.nar_bytes, time.monotonic() - started, missing_before,
+                                 sent.wire_bytes, compression, "openssh")
+            except (_SshFailed, CommandNotFound) as e:
+                # Whatever arrived in full stays: send the rest the other way.
+                missing = await missing_paths(target, missing)
+                why_not = f"ssh failed ({e})"
+                if status is not None:
+                    status(f"copying over the provider's own SSH connection: {why_not}")
+        log.debug("push to %s over the provider's connection: %s", target.target, why_not)
+        channel = await _open(target, compression, use_ssh=False)
+        sent = await _stream(nix, channel, [infos[p] for p in missing], progress)
+        return PushStats(len(missing), sent.nar_bytes, time.monotonic() - started, missing_before, sent.wire_bytes,
+                         compression, "connection")
+    finally:
+        if early is not None:
+            await _discard(early)
+
+
+class _SshFailed(Exception):
+    """`ssh` itself failed (it could not connect, or it died): the provider's connection may still carry the push."""
+
+
+@dataclass
+class _Sent:
+    nar_bytes: int = 0
+    wire_bytes: int = 0
+
+
+@dataclass
+class _Channel:
+    """The target's end of a push, started: `nix-store --serve --write`, and the pipe the relay writes into.
+
+    stream_r is the pipe's read end while something local still has to take
+    it: zstd, or (over the provider's connection) Python's pump; -1 once
+    taken (`ssh` reads it itself when nothing is compressed here).
+    """
+
+    target: Target
+    remote: Process
+    stream_w: int
+    stream_r: int
+    preamble: bytes  # the elevation's input: the first bytes of the stream
+    use_ssh: bool
+    zstd: bool
+
+    async def close(self) -> CommandResult:
+        _close(self.stream_w, self.stream_r)
+        self.stream_w = self.stream_r = -1
+        return await self.remote.close()
+
+
+async def _open(target: Target, compression: str, *, use_ssh: bool) -> _Channel:
+    zstd = compression == "zstd"
+    # The elevation (sudo) wraps nix-store alone; its input leads the stream.
+    serve, preamble = target.elevated(["nix-store", "--serve", "--write"])
+    remote_argv = ["sh", "-c", 'zstd -d -q -c | "$@"', "sh", *serve] if zstd else serve
+    stream_r, stream_w = _pipe()
+    try:
+        if use_ssh:
+            runner = openssh.OpenSshTarget(target.conn, compress=compression == "ssh")
+            direct = None if zstd else stream_r
+            remote = await runner.start(remote_argv, stdin=direct is None, stdin_from=direct)
+            if direct is not None:
+                _close(stream_r)  # ssh has its own copy
+                stream_r = -1
+        else:
+            remote = await target.as_user(None).start(remote_argv)
     except BaseException:
-        # What did start must not outlive a push that could not begin.
-        for started in (export, compressor):
-            if started is not None:
-                await started.close()
+        _close(stream_r, stream_w)
         raise
-    counts = [0, 0]  # exported, sent
+    return _Channel(target, remote, stream_w, stream_r, preamble, use_ssh, zstd)
+
+
+async def _discard(early: asyncio.Future[_Channel]) -> None:
+    """An early `ssh` that was not needed (nothing to copy, or a failure before the copy)."""
+    if not early.done():
+        early.cancel()
+    with contextlib.suppress(BaseException):
+        await (await early).close()
+
+
+def _pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    with contextlib.suppress(OSError):
+        # A 1 MiB pipe: fewer, larger moves than the default 64 KiB.
+        fcntl.fcntl(write, F_SETPIPE_SZ, PIPE_SIZE)
+    return read, write
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: ProgressFn | None) -> _Sent:
+    """Send infos' paths through channel (which it closes): export -> relay (a thread) -> [zstd] -> the target."""
+    loop = asyncio.get_running_loop()
+    target, remote = channel.target, channel.remote
+    paths = [i.path for i in infos]
+    total = sum(i.nar_size for i in infos)
+    sent = _Sent()
     last_report = [0.0]
 
     def report() -> None:
+        done_paths = min(len(paths), int(len(paths) * sent.nar_bytes / total)) if total else 0
+        if progress:
+            progress(PushProgress(done_paths, len(paths), min(sent.nar_bytes, total), total))
+
+    def nar_moved(n: int) -> None:  # in the relay's thread
+        sent.nar_bytes += n
         now = time.monotonic()
         if progress and now - last_report[0] > 0.5:
             last_report[0] = now
-            done = counts[0]
-            done_paths = min(len(paths), int(len(paths) * done / total)) if total else 0
-            progress(PushProgress(done_paths, len(paths), min(done, total), total))
+            loop.call_soon_threadsafe(report)
 
-    async def pump(source: ByteSource, sink: ByteSink, index: int) -> None:
-        while chunk := await source.read(CHUNK):
-            sink.write(chunk)
-            await sink.drain()
-            counts[index] += len(chunk)
-            report()
-
+    export_r = -1
+    procs: list[Process] = []
+    relay: asyncio.Future[None] | None = None
+    pump: asyncio.Task[None] | None = None
+    piped: asyncio.ReadTransport | None = None  # the stream's read end, when Python pumps it
+    replies: asyncio.Future[bytes] | None = None
     try:
-        if compressor is None:
-            await pump(export.stdout, remote.stdin, 0)
-            counts[1] = counts[0]
+        export_r, export_w = _pipe()
+        try:
+            procs.append(await LOCAL.start(nix.store_argv("--export", *paths), stdin=False, stdout_to=export_w))
+        finally:
+            _close(export_w)
+        source: ByteSource | None = None  # what Python pumps into the target, if anything
+        if channel.zstd:
+            compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD,
+                                           stdin_from=channel.stream_r)
+            procs.append(compressor)
+            source = compressor.stdout  # counted on its way: the bytes on the wire
+            _close(channel.stream_r)
+            channel.stream_r = -1
+        elif channel.stream_r >= 0:
+            source, piped = await _reader(channel.stream_r)
+            channel.stream_r = -1  # the transport owns it now
+        replies = asyncio.ensure_future(remote.stdout.read())
+        relay = loop.run_in_executor(None, _relay, export_r, channel.stream_w, infos, channel.preamble, nar_moved)
+        channel.stream_w = -1  # the relay closes it when it is done
+        if source is not None:
+            pump = asyncio.ensure_future(_pump(source, remote.stdin, sent))
+        failed = await _first_failure([relay] if pump is None else [relay, pump])
+        if failed is None:
+            if pump is None:
+                sent.wire_bytes = sent.nar_bytes
+            answer = await replies  # to EOF: the remote command has ended
+            result = await remote.wait()
         else:
-            async def feed(into: Process) -> None:
-                try:
-                    await pump(export.stdout, into.stdin, 0)
-                finally:
-                    into.stdin.write_eof()
-
-            await asyncio.gather(feed(compressor), pump(compressor.stdout, remote.stdin, 1))
-        remote.stdin.write_eof()
-        result = await remote.wait()
+            # The stream broke: the remote end has ended, or ends at the EOF
+            # the relay left behind; its exit says which side failed.
+            answer = b""
+            try:
+                result = await asyncio.wait_for(remote.wait(), CLOSE_WAIT)
+            except TimeoutError:
+                result = await remote.close()
     except (ConnectionError, asyncssh.Error) as e:
-        # nix-store --import registers a path only once all of it arrived:
-        # what came in full stays, the rest is copied by the next deploy.
-        raise ConnectError(
-            f"the connection to {target.target} was lost while copying {len(paths)} store paths "
-            f"({counts[1] / 1048576:.1f} MiB sent): {e or type(e).__name__}. Nothing was registered or activated; "
-            "paths that arrived in full stay, and the next deploy copies the rest") from e
+        raise _lost(target, paths, sent, e) from e
     finally:
-        await remote.close()
-        exported = await export.close()
-        if compressor is not None:
-            await compressor.close()
+        # Stop what runs, so the relay thread meets EOF or a broken pipe and
+        # ends; only then close the pipe end it may still be reading.
+        for task in (pump, replies):
+            if task is not None and not task.done():
+                task.cancel()
+        if piped is not None:
+            piped.close()
+        await channel.close()
+        exported = [await proc.close() for proc in procs]
+        if relay is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(relay), CLOSE_WAIT)
+        _close(export_r)
+    export_result = exported[0]
     # Killed (-9) only when it had already written everything: close() stops
     # a process that has not been reaped yet.
-    if exported.exit_status not in (0, -9):
-        raise NixError(f"nix-store --export failed: {exported.stderr.strip()[-500:]}")
+    if export_result.exit_status not in (0, -9):
+        raise NixError(f"nix-store --export failed: {export_result.stderr.strip()[-500:]}")
+    if channel.use_ssh and (failed_ssh := openssh.failed_to_connect(result)) is not None:
+        raise _SshFailed(str(failed_ssh))
+    if not channel.use_ssh and result.exit_status == 255:  # no exit status: the connection dropped
+        raise _lost(target, paths, sent, failed or ConnectionResetError("the channel closed")) from failed
     if result.exit_status != 0:
         raise remote.failure(result)
+    if failed is not None:
+        raise EngineError(f"copying to {target.target} failed: {failed}")
+    try:
+        done = serve_proto.replies_done(answer, len(infos))
+    except serve_proto.StreamError as e:
+        raise EngineError(f"copying to {target.target} failed: {e}") from e
+    if done != len(infos):
+        raise EngineError(f"{target.target} took {done} of the {len(infos)} store paths sent (first missing: "
+                          f"{paths[done]}); the rest is copied by the next deploy")
     if progress:
         progress(PushProgress(len(paths), len(paths), total, total))
-    return counts[0], counts[1]
+    return sent
+
+
+def _lost(target: Target, paths: list[str], sent: _Sent, e: BaseException) -> ConnectError:
+    # Each path is registered only once all of it arrived: what came in
+    # full stays, the rest is copied by the next deploy.
+    return ConnectError(
+        f"the connection to {target.target} was lost while copying {len(paths)} store paths "
+        f"({sent.wire_bytes / 1048576:.1f} MiB sent): {e or type(e).__name__}. Nothing was registered or "
+        "activated; paths that arrived in full stay, and the next deploy copies the rest")
+
+
+async def _first_failure(tasks: list[asyncio.Future[None]]) -> BaseException | None:
+    """Wait for all of tasks, or for the first to fail: its exception (None if all ended well)."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in reversed(tasks):  # the pump's error before the relay's: it says more
+        if task in done and task.exception() is not None:
+            return task.exception()
+    return None
+
+
+def _relay(export_r: int, stream_w: int, infos: list[PathInfo], preamble: bytes,
+           nar_moved: Callable[[int], None]) -> None:
+    """The relay thread: export -> serve stream; its end of the stream is closed however it ends."""
+    try:
+        serve_proto.relay_export(export_r, stream_w, infos, preamble, nar_moved)
+    finally:
+        _close(stream_w)
+
+
+async def _reader(fd: int) -> tuple[ByteSource, asyncio.ReadTransport]:
+    """An asyncio reader of a pipe's read end, and its transport (which owns the fd from now on)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=PIPE_SIZE, loop=loop)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                                os.fdopen(fd, "rb", buffering=0))
+    return reader, transport
+
+
+async def _pump(source: ByteSource, sink: ByteSink, sent: _Sent) -> None:
+    while chunk := await source.read(CHUNK):
+        sink.write(chunk)
+        await sink.drain()
+        sent.wire_bytes += len(chunk)
+    sink.write_eof()

@@ -139,6 +139,14 @@ def _client_keys(remote: Remote) -> list[asyncssh.SSHKey] | None:
                            f"read: {e}", blames=Setting.PRIVATE_KEY) from e
 
 
+def decrypted_private_key(remote: Remote) -> bytes:
+    """remote's private key in OpenSSH's format, without a passphrase (for `ssh`, which must not prompt)."""
+    keys = _client_keys(remote)
+    if not keys:
+        raise ConnectError(f"no private key is set for {remote.target}")
+    return bytes(keys[0].export_private_key("openssh"))
+
+
 async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool) -> Connection:
     pinned = normalize_host_key(remote.host_key) if remote.host_key else None
     checker = _HostKeyChecker(pinned)
