@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import ConnectError, DeployError, EngineError, HostKeyMismatch, NixError, RemoteCommandError, Setting
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
 from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.engine.nix_versions import parse_path_info
 from nixos_provider.engine.process import Target
 from nixos_provider.engine.ssh import connect
 
@@ -51,6 +54,79 @@ async def test_push_sends_only_what_is_missing(lab_host: labctl.LabHost, systems
     bumped = await deploy(lab_host, systems["web-v2"])
     # Only nginx-1.26.1 and the new toplevel are new.
     assert bumped.push.paths == 2
+
+
+CA_FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; motd = builtins.toFile "motd" "hello"; in {
+  nixosConfigurations.ca = lab.nixosConfiguration { version = "ca"; packages = [ (derivation {
+    name = "motd-1.0"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out/etc && cp ${motd} $out/etc/motd && echo ${motd} > $out/etc/motd.source" ];
+  }) ]; };
+}; }"""
+
+
+def registrations(out: str) -> dict[str, tuple[object, ...]]:
+    """`nix path-info --json` -> what a copy must keep of each path (not its time or trust)."""
+    return {p: (i.nar_hash, i.nar_size, i.references, i.deriver, i.ca) for p, i in parse_path_info(out).items()}
+
+
+async def test_push_through_ssh_registers_each_path_as_it_is_here(new_host: HostFactory, tmp_path: Path) -> None:
+    # A text file (content-addressed), a derivation's output that refers to
+    # it, and the system: each must arrive with its registration (hash,
+    # references, deriver, content address), as `nix copy` keeps it.
+    system = await Nix().build(parse_flake_ref(f"{write_flake(tmp_path / 'f', CA_FLAKE)}#ca"))
+    host = new_host()
+    statuses: list[str] = []
+    result = await deploy(host, system, statuses.append, compress="none")
+    assert result.push.transport == "openssh" and result.push.compression == "none"
+    assert current_system(host) == system
+    assert not any("own SSH connection" in s for s in statuses)
+    closure = subprocess.run(["nix-store", "-qR", system], capture_output=True, text=True, check=True).stdout.split()
+    pushed = [p for p in closure if p.endswith("-motd") or "motd-1.0" in p or p == system]
+    assert len(pushed) == 3
+    info = ["nix", "--extra-experimental-features", "nix-command", "path-info", "--json", *pushed]
+    here = registrations(subprocess.run(info, capture_output=True, text=True, check=True).stdout)
+    there = registrations(in_host(host, *info).stdout)
+    assert there == here
+    motd = next(p for p in pushed if p.endswith("-motd"))
+    assert str(here[motd][4]).startswith("text:sha256:"), "the content-addressed path lost its address"
+    package = next(p for p in pushed if "motd-1.0" in p)
+    assert in_host(host, "cat", f"{package}/etc/motd").stdout == "hello"
+    assert in_host(host, "cat", f"{package}/etc/motd.source").stdout.strip() == motd
+
+
+async def test_push_carries_on_over_the_connection_when_ssh_dies(new_host: HostFactory, systems: Systems) -> None:
+    # `ssh` killed as soon as it starts: the push says why it changed course
+    # and completes over the provider's own connection.
+    host = new_host()
+    killed: list[int] = []
+    done = asyncio.Event()
+
+    async def kill_ssh() -> None:
+        me = str(os.getpid())
+        while not done.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+                if comm == "ssh" and fields[1] == me:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), 9)
+                    killed.append(int(pid))
+            await asyncio.sleep(0.005)
+
+    statuses: list[str] = []
+    killer = asyncio.ensure_future(kill_ssh())
+    try:
+        result = await deploy(host, systems["web"], statuses.append)
+    finally:
+        done.set()
+        await killer
+    assert killed, "no ssh process was started for the push"
+    assert result.push.transport == "connection" and result.push.paths == 4
+    assert any(s.startswith("copying over the provider's own SSH connection: ssh failed") for s in statuses), statuses
+    assert current_system(host) == systems["web"] and http_version(host) == "1"
 
 
 async def test_switch_changes_current_system_and_service(lab_host: labctl.LabHost, systems: Systems) -> None:

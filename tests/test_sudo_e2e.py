@@ -163,13 +163,33 @@ async def test_wrong_or_missing_password_is_refused_before_anything_runs(
     assert in_host(lab_host, "test", "-e", systems["web"], check=False).returncode != 0
 
 
-async def test_deploy_and_rollback_as_a_password_sudo_user(lab_host: labctl.LabHost, systems: Systems) -> None:
-    remote = as_user(lab_host, lab_host.passwordSudoUser, lab_host.passwordSudoPassword)
-    result = await engine.deploy(engine.DeployRequest(remote, systems["web"], health_checks=(
+@pytest.mark.parametrize("compress", ["zstd", "none"])
+async def test_deploy_and_rollback_as_a_password_sudo_user(new_host: HostFactory, systems: Systems,
+                                                           compress: str) -> None:
+    # The push goes through `ssh` with the password's line leading the
+    # stream: inside the compressed stream (zstd), or as it is (none).
+    host = new_host()
+    remote = as_user(host, host.passwordSudoUser, host.passwordSudoPassword)
+    result = await engine.deploy(engine.DeployRequest(remote, systems["web"], compress=compress, health_checks=(
         engine.HealthCheck(command="test -w /nix/var/nix/profiles"),)))
-    assert result.generation == 2 and current_system(lab_host) == systems["web"] and http_version(lab_host) == "1"
+    assert result.push.transport == "openssh" and result.push.compression == compress and result.push.paths == 4
+    assert result.generation == 2 and current_system(host) == systems["web"] and http_version(host) == "1"
     state = await engine.rollback_to(remote, Profile(), 1)
-    assert state.current_system == systems["base"] == current_system(lab_host)
+    assert state.current_system == systems["base"] == current_system(host)
+
+
+async def test_a_password_login_pushes_over_the_providers_connection(new_host: HostFactory, systems: Systems) -> None:
+    # `ssh` cannot log in by password without prompting: the provider's own
+    # connection carries the push, elevated through the same sudo password.
+    host = new_host()
+    password = host.passwordSudoPassword
+    remote = Remote(host.address, host.port, host.passwordSudoUser,
+                    Credentials(password=password, sudo_password=password), host_key=host.hostKey)
+    for system, compress in ((systems["web"], "none"), (systems["web-v2"], "zstd")):
+        result = await engine.deploy(engine.DeployRequest(remote, system, compress=compress))
+        assert result.push.transport == "connection" and result.push.compression == compress
+        assert result.push.paths > 0 and current_system(host) == system
+    assert http_version(host) == "2"
 
 
 @pytest.mark.systemd

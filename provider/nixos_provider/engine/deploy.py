@@ -185,6 +185,7 @@ class Deployment:
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
             substitute_on_destination=req.substitute_on_destination, progress=on_progress, compression=compression,
+            status=self.status,
         )
         if push.paths:
             sent = f", {push.wire_bytes / 1048576:.1f} MiB sent with zstd" if push.compression == "zstd" else ""

@@ -215,6 +215,7 @@ class _SshProcess(LocalProcess):
 def failed_to_connect(result: CommandResult) -> ConnectError | None:
     """ssh's own failure (exit 255, or killed), as an error; None when the remote command itself ended."""
     if result.exit_status == 255 or result.exit_status < 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        return ConnectError(f"ssh: {lines[-1] if lines else f'exit {result.exit_status}'}")
+        lines = [line.strip() for line in result.stderr.strip().splitlines() if line.strip()]
+        said = lines[-1] if lines else f"exit {result.exit_status}"
+        return ConnectError(said if said.startswith("ssh:") else f"ssh: {said}")
     return None
