@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))
@@ -75,7 +76,7 @@ async def main():
 started = time.monotonic()
 stats = asyncio.run(main())
 print(json.dumps({"seconds": time.monotonic() - started, "bytes": stats.bytes, "wire": stats.wire_bytes,
-                  "compression": stats.compression}))
+                  "compression": stats.compression, "transport": stats.transport}))
 """
 
 
@@ -115,16 +116,16 @@ def main() -> list[tuple[str, str]]:
             extra = [p for p in closure if p not in base]
             labctl.run(labctl.nsenter(host.state, ["nix-store", "--delete", *extra]))
 
-        def engine(how: str) -> Callable[[], dict[str, float]]:
-            def run() -> dict[str, float]:
+        def engine(how: str) -> Callable[[], dict[str, Any]]:
+            def run() -> dict[str, Any]:
                 out = subprocess.run([sys.executable, "-c", PUSH_ONE, str(REPO / "tests"), json.dumps(host.__dict__),
                                       system, how], check=True, capture_output=True, text=True).stdout
                 clean()
                 return json.loads(out)  # type: ignore[no-any-return]
             return run
 
-        def nix_copy(store: str) -> Callable[[], dict[str, float]]:
-            def run() -> dict[str, float]:
+        def nix_copy(store: str) -> Callable[[], dict[str, Any]]:
+            def run() -> dict[str, Any]:
                 started = time.monotonic()
                 res = subprocess.run(["nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
                                       "--to", store.format(addr=ADDRESS), system], capture_output=True, text=True,
@@ -141,10 +142,11 @@ def main() -> list[tuple[str, str]]:
         if "PUSH_COPIES" in os.environ:
             copies = {k: v for k, v in copies.items() if k in os.environ["PUSH_COPIES"].split(",")}
 
-        def compare(label: str, ours: dict[str, Callable[[], dict[str, float]]]) -> None:
+        def compare(label: str, ours: dict[str, Callable[[], dict[str, Any]]]) -> None:
             # Every setting of both sides, alternating; the best of each side is compared pair by pair.
             times: dict[str, list[float]] = {k: [] for k in [*ours, *copies]}
             wire: dict[str, float] = {}
+            transports: set[str] = set()
             for fn in [*ours.values(), *(nix_copy(v) for v in copies.values())]:
                 fn()  # warm-up
             for _ in range(RUNS):
@@ -152,6 +154,7 @@ def main() -> list[tuple[str, str]]:
                     r = fn()
                     times[name].append(r["seconds"])
                     wire[name] = r.get("wire", 0) / max(r.get("bytes", 1), 1)
+                    transports.add(str(r.get("transport")))
                 for name, store in copies.items():
                     times[name].append(nix_copy(store)()["seconds"])
             best_ours = min(ours, key=lambda k: statistics.median(times[k]))
@@ -161,7 +164,8 @@ def main() -> list[tuple[str, str]]:
             rows.append((f"push {PAYLOAD_MIB} MiB ELF closure, {label}: engine ({best_ours}) vs best `nix copy` "
                          f"({best_copy})",
                          f"ratio {statistics.median(ratios):.2f}x (pairwise, min {min(ratios):.2f} max "
-                         f"{max(ratios):.2f}); zstd sent {wire.get('zstd', 0):.0%} of the bytes; {detail}"))
+                         f"{max(ratios):.2f}); zstd sent {wire.get('zstd', 0):.0%} of the bytes; engine through "
+                         f"{', '.join(sorted(transports))}; {detail}"))
 
         if "loopback" in LINKS:
             compare("loopback", {"none": engine("none"), "zstd": engine("zstd")})

@@ -22,6 +22,7 @@ from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck
 from nixos_provider.engine.nix import Nix, parse_flake_ref
 from nixos_provider.engine.nix_versions import parse_path_info
 from nixos_provider.engine.process import Target
+from nixos_provider.engine.push import push_closure
 from nixos_provider.engine.ssh import connect
 
 pytestmark = pytest.mark.timeout(300)
@@ -92,6 +93,24 @@ async def test_push_through_ssh_registers_each_path_as_it_is_here(new_host: Host
     package = next(p for p in pushed if "motd-1.0" in p)
     assert in_host(host, "cat", f"{package}/etc/motd").stdout == "hello"
     assert in_host(host, "cat", f"{package}/etc/motd.source").stdout.strip() == motd
+
+
+async def test_an_untrusted_user_cannot_push_and_is_told_why(new_host: HostFactory, systems: Systems) -> None:
+    host = new_host()
+    alice = host.nonRootUser
+    target = await engine.open_target(remote_for(host, user=alice), Profile(f"/nix/var/nix/profiles/per-user/{alice}/x",
+                                                                             alice))
+    try:
+        for compression in ("none", "zstd"):
+            with pytest.raises(RemoteCommandError) as refused:
+                await push_closure(Nix(), target.for_store(), systems["web"], compression=compression)
+            said = str(refused.value)
+            assert said.startswith(f"`nix-store --serve --write` failed on {alice}@{host.address}:{host.port}")
+            assert "because it lacks a valid signature" in said and "sudo" not in said and "zstd" not in said
+            assert f"{alice} may not add unsigned store paths" in said and "trusted-users" in said
+    finally:
+        await target.conn.close()
+    assert in_host(host, "test", "-e", systems["web"], check=False).returncode != 0
 
 
 async def test_push_carries_on_over_the_connection_when_ssh_dies(new_host: HostFactory, systems: Systems) -> None:

@@ -55,6 +55,7 @@ QUERY_BATCH = 400  # paths per remote validity query (keeps command lines short)
 # Level 1 with one thread per core: measured in bench/ as the fastest setting
 # on every link speed tried; higher levels cost more CPU than they save.
 ZSTD_COMPRESS = ["-1", "-T0", "-q", "-c"]
+SERVE = ["nix-store", "--serve", "--write"]
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class _Channel:
 async def _open(target: Target, compression: str, *, use_ssh: bool) -> _Channel:
     zstd = compression == "zstd"
     # The elevation (sudo) wraps nix-store alone; its input leads the stream.
-    serve, preamble = target.elevated(["nix-store", "--serve", "--write"])
+    serve, preamble = target.elevated(SERVE)
     remote_argv = ["sh", "-c", 'zstd -d -q -c | "$@"', "sh", *serve] if zstd else serve
     stream_r, stream_w = _pipe()
     try:
@@ -324,7 +325,12 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
     if not channel.use_ssh and result.exit_status == 255:  # no exit status: the connection dropped
         raise _lost(target, paths, sent, failed or ConnectionResetError("the channel closed")) from failed
     if result.exit_status != 0:
-        raise remote.failure(result)
+        # Named as the caller's command: no sudo or zstd wrapper in the message.
+        said = result.stderr
+        if "lacks a valid signature" in said:
+            said += (f"\n{target.user} may not add unsigned store paths to the store on {target.target}: make "
+                     "it a trusted Nix user (`trusted-users` in nix.conf), or deploy as root")
+        raise target.failure(SERVE, result.exit_status, said)
     if failed is not None:
         raise EngineError(f"copying to {target.target} failed: {failed}")
     try:
