@@ -291,8 +291,16 @@ class Nix:
         """The closure of path, dependencies first, with NAR sizes."""
         # A .drv installable means its outputs unless --derivation says otherwise.
         drv = ["--derivation"] if path.endswith(".drv") else []
-        listed, infos = await asyncio.gather(self._run_store("-qR", path),
-                                             self._path_infos("-r", *drv, path, what=f"reading the closure of {path}"))
+        listing = self._run_store("-qR", path)
+        reading = self._path_infos("-r", *drv, path, what=f"reading the closure of {path}")
+        # Both to the end, even when one fails: a task left behind would be
+        # cancelled later, and asyncio (3.11) can hang cancelling a process
+        # that is still starting.
+        listed, infos = await asyncio.gather(listing, reading, return_exceptions=True)
+        for outcome in (listed, infos):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(listed, str) and isinstance(infos, dict)
         return [infos[p] for p in listed.split() if p in infos]
 
     async def _path_infos(self, *args: str, what: str) -> dict[str, PathInfo]:

@@ -214,10 +214,12 @@ async def _open(target: Target, compression: str, *, use_ssh: bool) -> _Channel:
 
 
 async def _discard(early: asyncio.Future[_Channel]) -> None:
-    """An early `ssh` that was not needed (nothing to copy, or a failure before the copy)."""
-    if not early.done():
-        early.cancel()
-    with contextlib.suppress(BaseException):
+    """An early `ssh` that was not needed (nothing to copy, or a failure before the copy).
+
+    Awaited, not cancelled: asyncio (3.11) can hang cancelling a process that
+    is still starting, and starting `ssh` takes milliseconds.
+    """
+    with contextlib.suppress(Exception):
         await (await early).close()
 
 
