@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -329,7 +330,7 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
     if result.exit_status != 0:
         # Named as the caller's command: no sudo or zstd wrapper in the message.
         said = result.stderr
-        if "lacks a valid signature" in said:
+        if re.search(r"lacks a (valid )?signature", said):  # 2.8: "a valid signature"; later: "a signature by"
             said += (f"\n{target.user} may not add unsigned store paths to the store on {target.target}: make "
                      "it a trusted Nix user (`trusted-users` in nix.conf), or deploy as root")
         raise target.failure(SERVE, result.exit_status, said)
