@@ -32,7 +32,7 @@ from conftest import write_flake  # noqa: E402
 
 LAB_DIR = REPO / ".lab" / "bench-fleet-up"
 SIZES = (1, 10, 20)
-STEPS = ("evaluate", "build", "connect", "push", "lock", "register", "activate", "confirm", "health-check", "finish")
+STEPS = ("evaluate", "build", "connect", "wait-transfer", "push", "lock", "register", "activate", "confirm", "health-check", "finish")
 
 
 def flake_text(machines: int, round_: int) -> str:
@@ -74,6 +74,8 @@ def measure(size: int) -> tuple[float, list[dict[str, object]]]:
     try:
         write_program(work, hosts, 1)
         pulumi(work, env, "stack", "init", "bench")
+        if os.environ.get("FLEET_MAX_SSH"):
+            pulumi(work, env, "config", "set", "nixos:maxParallelSsh", os.environ["FLEET_MAX_SSH"])
         pulumi(work, env, "up", "--yes", "--skip-preview")
         write_program(work, hosts, 2)
         timeline = work / "timeline.jsonl"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,34 @@ def test_one_broken_configuration_fails_only_its_machine(
     assert "Traceback" not in out
     assert "resource 'bad' has a problem" in out or "NixosMachine (bad)" in out
     assert "resource 'good'" not in out
+
+
+def test_max_parallel_transfers_from_the_stack_config_bounds_the_copies(
+        project: PulumiProject, new_host: HostFactory, tmp_path: Path) -> None:
+    # Set with `pulumi config set`, the setting arrives as text: it is taken
+    # as the number it says. At most one machine copies its closure at a time.
+    configs = "\n".join(
+        f'nixosConfigurations.c{i} = lab.nixosConfiguration {{ hostName = "c{i}"; version = "copy-{i}";'
+        f' packages = [ {{ name = "blob{i}"; version = "1.0"; size = 4194304; }} ]; }};' for i in range(3))
+    flake = write_flake(tmp_path / "copies", f"{{ outputs = {{ self }}: let lab = import ./lib.nix; in {{\n{configs}\n}}; }}")
+    hosts = [new_host() for _ in range(3)]
+    program(project, {f"c{i}": {"type": "nixos:NixosMachine", "properties": {
+        "connection": connection(host), "flake": f"{flake}#c{i}"}} for i, host in enumerate(hosts)})
+    project.run("stack", "init", "dev")
+    project.run("config", "set", "nixos:maxParallelTransfers", "1")
+    timeline = tmp_path / "timeline.jsonl"
+    project.env["PULUMI_NIXOS_TIMELINE"] = str(timeline)
+    project.up()
+    pushes = sorted((float(x["start"]), float(x["end"])) for x in map(json.loads, timeline.read_text().splitlines())
+                    if x["step"] == "push")
+    assert len(pushes) == 3, timeline.read_text()
+    for (_, first_end), (second_start, _) in itertools.pairwise(pushes):
+        assert second_start >= first_end - 0.01, f"two copies overlapped: {pushes}"
+    for i, host in enumerate(hosts):
+        assert current_system(host).endswith(f"-nixos-system-c{i}-24.05.lab-copy-{i}")
+
+    project.run("config", "set", "nixos:maxParallelTransfers", "0")
+    refused = project.run("preview", check=False)
+    assert refused.returncode != 0
+    assert "maxParallelTransfers" in refused.stdout + refused.stderr
+    assert "must be a whole number of at least 1" in refused.stdout + refused.stderr

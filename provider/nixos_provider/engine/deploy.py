@@ -103,13 +103,15 @@ class Deployment:
     """Deploys one store path to one profile on one host."""
 
     def __init__(self, req: DeployRequest, nix: Nix, *, status: StatusFn = _noop, output: StatusFn = _noop,
-                 warn: StatusFn = _noop, uploads: binary_cache.CacheUploads | None = None) -> None:
+                 warn: StatusFn = _noop, uploads: binary_cache.CacheUploads | None = None,
+                 transfers: asyncio.Semaphore | None = None) -> None:
         self.req = req
         self.nix = nix
         self.status = status
         self.output = output
         self.warn = warn
         self.uploads = uploads or binary_cache.CacheUploads()
+        self.transfers = transfers
         self.host_key: str | None = req.remote.host_key
         self._new_gen: Generation | None = None
         self.steps = Steps(req.remote.target)
@@ -170,14 +172,28 @@ class Deployment:
             raise await self._abort(supervisor, str(e), step="activation") from e
 
     async def _push(self, target: Target) -> PushStats:
-        """Copy the closure (or, for a remote build, the derivation's) to the target's store."""
+        """Copy the closure (or, for a remote build, the derivation's) to the target's store, when a slot is free."""
+        pusher = target.for_store()
+        if self.transfers is None:
+            self.steps.mark(Step.PUSH)
+            return await self._copy(pusher)
+        if self.transfers.locked():
+            self.steps.mark(Step.WAIT_TRANSFER)
+            self.status("waiting for other machines' copies to finish (maxParallelTransfers)")
+        async with self.transfers:
+            self.steps.mark(Step.PUSH)
+            try:
+                return await self._copy(pusher)
+            finally:
+                self.steps.end()  # the slot is free from here: the timeline shows the copies one after another
+
+    async def _copy(self, pusher: Target) -> PushStats:
+        """Through the binary cache when there is one, then directly: whatever the target still lacks."""
         req = self.req
 
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
 
-        pusher = target.for_store()
-        self.steps.mark(Step.PUSH)
         # A remote build copies a derivation's closure, which is not what the cache holds.
         if req.binary_cache is not None and req.build_drv_on_target is None:
             await self._through_cache(pusher, req.binary_cache)
@@ -463,14 +479,18 @@ def _describe_now(running: str | None, gen: int | None, profile: Profile) -> str
 
 async def deploy(req: DeployRequest, nix: Nix | None = None, *, status: StatusFn = _noop,
                  output: StatusFn = _noop, warn: StatusFn = _noop,
-                 uploads: binary_cache.CacheUploads | None = None) -> DeployResult:
+                 uploads: binary_cache.CacheUploads | None = None,
+                 transfers: asyncio.Semaphore | None = None) -> DeployResult:
     """Deploy req.store_path; raise DeployError (or ConnectError, NixError) on failure.
 
     uploads is shared by the deployments of one process, so each closure goes
-    to a binary cache once; warn receives what the user should know but does
-    not fail the deployment (a cache that could not be used).
+    to a binary cache once; transfers, shared likewise, bounds how many of
+    them copy closures at once (the deployer's uplink is shared); warn
+    receives what the user should know but does not fail the deployment (a
+    cache that could not be used).
     """
-    return await Deployment(req, nix or Nix(), status=status, output=output, warn=warn, uploads=uploads).run()
+    return await Deployment(req, nix or Nix(), status=status, output=output, warn=warn, uploads=uploads,
+                            transfers=transfers).run()
 
 
 async def rollback_to(remote: Remote, profile: Profile, generation: int, *, status: StatusFn = _noop,

@@ -27,6 +27,7 @@ class Step(Enum):
     EVALUATE = "evaluate"  # nix eval of configurations (Check, preview)
     BUILD = "build"  # nix build of toplevels
     CONNECT = "connect"  # the first SSH connection, host key checked
+    WAIT_TRANSFER = "wait-transfer"  # for a free copy slot (maxParallelTransfers), when none was
     PUSH = "push"  # what the host lacks, sent and imported
     LOCK = "lock"  # the supervisor uploaded, started, and holding the profile's lock
     REGISTER = "register"  # the new generation registered

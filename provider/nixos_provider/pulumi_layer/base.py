@@ -32,6 +32,8 @@ class Context:
     default_private_key: str | None = None
     default_user: str | None = None
     ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    # Closure copies at once, across machines (maxParallelTransfers).
+    transfer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     flake_cache: dict[tuple[str, str, bool], str] = field(default_factory=dict)
     # Machines of one flake share one evaluation (Check) and one build (up).
     fleet: FleetNix = field(default_factory=FleetNix)

@@ -89,7 +89,7 @@ async def run_deploy(ctx: Context, urn: str, req: DeployRequest, nix: Nix, *, id
         async with ctx.ssh_slots:
             return await engine.deploy(req, nix, status=lambda s: ctx.status(urn, s),
                                        output=lambda s: ctx.info(urn, s), warn=lambda s: ctx.warn(urn, s),
-                                       uploads=ctx.cache_uploads)
+                                       uploads=ctx.cache_uploads, transfers=ctx.transfer_slots)
     except DeployError as e:
         raise PartialFailure(describe(e), ident, after_failure(failed, e), inputs) from e
     except HostBusy as e:

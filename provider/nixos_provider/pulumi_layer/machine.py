@@ -387,7 +387,8 @@ class NixosMachine(DeployedResource):
         req = DeployRequest(remote=remote, store_path=str(news["systemPath"]), profile=SYSTEM, action="dry-activate")
         try:
             async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, self._nix(news), status=lambda s: self.ctx.status(urn, s))
+                result = await engine.deploy(req, self._nix(news), status=lambda s: self.ctx.status(urn, s),
+                                             transfers=self.ctx.transfer_slots)
         except EngineError as e:
             self.ctx.warn(urn, f"dry-activate failed: {describe(e)}")
             return changes

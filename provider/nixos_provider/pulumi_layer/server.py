@@ -162,7 +162,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         failures = []
         for key in ("maxParallelSsh", "maxParallelTransfers"):
             val = reveal(news.get(key))
-            if val is not None and (not isinstance(val, (int, float)) or val < 1 or int(val) != val):
+            if val is not None and _whole_number(val) is None:
                 failures.append(provider_pb2.CheckFailure(property=key, reason="must be a whole number of at least 1"))
         for key in ("nixCommand", "nixosAnywhereCommand"):
             val = reveal(news.get(key))
@@ -199,9 +199,12 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         self.ctx.default_private_key = reveal(args.get("defaultPrivateKey")) or None
         self.ctx.default_user = reveal(args.get("defaultUser")) or None
         self.ctx.binary_cache = v.to_binary_cache(v.parse_binary_cache(args.get("binaryCache")))
-        slots = reveal(args.get("maxParallelSsh"))
+        slots = _whole_number(reveal(args.get("maxParallelSsh")))
         if slots:
-            self.ctx.ssh_slots = asyncio.Semaphore(int(float(slots)))
+            self.ctx.ssh_slots = asyncio.Semaphore(slots)
+        transfers = _whole_number(reveal(args.get("maxParallelTransfers")))
+        if transfers:
+            self.ctx.transfer_slots = asyncio.Semaphore(transfers)
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
@@ -328,6 +331,18 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 return _invoke_result({"storePath": path, "built": built})
             raise EngineError(f"unknown function {request.tok!r}")
         return await self._guard(context, run)
+
+
+def _whole_number(value: Any) -> int | None:
+    """A setting that must be a whole number of at least 1: from the program (a number) or `pulumi config set` (text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1 or int(value) != value:
+        return None
+    return int(value)
 
 
 def _check_failures(failures: v.Failures) -> list[provider_pb2.CheckFailure]:
