@@ -407,6 +407,34 @@ async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path
         await agent.wait()
 
 
+async def test_push_through_ssh_with_a_passphrase_key_and_with_an_agent(new_host: HostFactory, systems: Systems,
+                                                                        tmp_path: Path) -> None:
+    # `ssh` gets the key decrypted, in memory (it must not prompt), or the agent.
+    host = new_host()
+    key = tmp_path / "id_pass"
+    labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)])
+    auth = host.state / "etc-upper/lab/authorized_keys/root"
+    auth.write_text(auth.read_text() + (tmp_path / "id_pass.pub").read_text())
+    with_pass = Remote(host.address, host.port, "root",
+                       Credentials(private_key=key.read_text(), private_key_password="s3cret"))
+    result = await engine.deploy(DeployRequest(with_pass, systems["web"], compress="none"))
+    assert result.push.transport == "openssh" and result.push.paths == 4
+    assert current_system(host) == systems["web"]
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock), stdout=asyncio.subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            await asyncio.sleep(0.05)
+        labctl.run(["ssh-add", host.privateKeyPath], env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        via_agent = Remote(host.address, host.port, "root", Credentials(agent_socket_path=str(sock)))
+        result = await engine.deploy(DeployRequest(via_agent, systems["web-v2"], compress="none"))
+        assert result.push.transport == "openssh" and result.push.paths == 2
+        assert current_system(host) == systems["web-v2"]
+    finally:
+        agent.kill()
+        await agent.wait()
+
+
 async def test_every_local_nix_call_uses_the_configured_installation(
         lab_host: labctl.LabHost, systems: Systems, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nixCommand names an installation: its nix-store does the export, never the one PATH finds first."""

@@ -128,7 +128,7 @@ def test_ssh_argv_is_exactly_this() -> None:
         "-o", "CheckHostIP=no", "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
         "-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
         "-o", f"Ciphers={openssh.CIPHERS}", "-o", "Compression=no", "-o", "LogLevel=ERROR",
-        "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "IdentityFile=/proc/1/fd/6",
+        "-o", "IdentityAgent=none", "-o", "IdentityFile=/proc/1/fd/6", "-o", "IdentitiesOnly=yes",
         "-p", "2222", "-l", "deploy", "--", "host.example",
         "sh -c 'zstd -d | \"$@\"' sh nix-store --serve --write",
     ]
@@ -144,7 +144,7 @@ def test_ssh_is_used_only_where_it_can_log_in_as_the_connection_did() -> None:
     by_agent = connection()
     by_agent.remote = dataclasses.replace(by_agent.remote, credentials=Credentials(agent_socket_path="/run/agent"))
     argv = openssh.ssh_argv(by_agent, ["true"], known_hosts="/k", identity=None)
-    assert "IdentityAgent=/run/agent" in argv and not any(a.startswith("IdentityFile=") for a in argv)
+    assert "IdentityAgent=/run/agent" in argv and not any(a.startswith(("IdentityFile=", "IdentitiesOnly=")) for a in argv)
 
 
 def test_ssh_failures_are_told_from_the_commands_own() -> None:

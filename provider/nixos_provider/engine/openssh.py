@@ -97,11 +97,13 @@ def ssh_argv(conn: Connection, command: Sequence[str], *, known_hosts: str, iden
         "LogLevel": "ERROR",
     }
     if not creds.empty:
-        # Explicit credentials: exactly those, as for the provider's own connection.
-        options["IdentitiesOnly"] = "yes"
+        # Explicit credentials: those, as for the provider's own connection.
+        # IdentitiesOnly would also hide the agent's keys, so only a key alone sets it.
         options["IdentityAgent"] = creds.agent_socket_path or "none"
         if identity is not None:
             options["IdentityFile"] = identity
+            if not creds.agent_socket_path:
+                options["IdentitiesOnly"] = "yes"
     argv = ["ssh", "-F", "/dev/null", "-T", "-x", "-a"]
     for key, value in options.items():
         argv += ["-o", f"{key}={value}"]
