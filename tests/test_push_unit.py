@@ -152,3 +152,9 @@ def test_ssh_failures_are_told_from_the_commands_own() -> None:
     assert lost is not None and str(lost) == "ssh: connect to host h port 22: Connection refused"
     assert openssh.failed_to_connect(CommandResult(-9, "", "")) is not None
     assert openssh.failed_to_connect(CommandResult(1, "", "error: path is not valid")) is None
+
+
+def test_parallelism_settings_take_numbers_and_their_text() -> None:
+    from nixos_provider.pulumi_layer.server import _whole_number
+    assert [_whole_number(v) for v in (4, 4.0, "4", " 16 ", "4.0")] == [4, 4, 4, 16, 4]
+    assert [_whole_number(v) for v in (0, -1, 2.5, "x", "", "inf", "nan", True, None, [4])] == [None] * 10
