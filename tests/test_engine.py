@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import labctl
@@ -381,58 +381,54 @@ async def test_build_on_the_target(lab_host: labctl.LabHost, tmp_path: Path) -> 
     assert result.push.paths >= 2  # the derivations and sources, not the outputs
 
 
-async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path) -> None:
-    key = tmp_path / "id_pass"
-    labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)])
-    auth = lab_host.state / "etc-upper/lab/authorized_keys/root"
-    auth.write_text(auth.read_text() + (tmp_path / "id_pass.pub").read_text())
-    with_pass = Remote(lab_host.address, lab_host.port, "root",
-                       Credentials(private_key=key.read_text(), private_key_password="s3cret"))
-    assert (await engine.read_state(with_pass, Profile())).host_key == lab_host.hostKey
-    wrong = dataclasses.replace(with_pass, credentials=Credentials(private_key=key.read_text(),
-                                                                   private_key_password="nope"))
-    with pytest.raises(ConnectError, match="the passphrase of the private key is wrong"):
-        await engine.read_state(wrong, Profile())
-    sock = tmp_path / "agent.sock"
-    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),
-                                                 stdout=asyncio.subprocess.DEVNULL)
-    try:
-        while not sock.exists():
-            await asyncio.sleep(0.05)
-        labctl.run(["ssh-add", lab_host.privateKeyPath], env={**__import__("os").environ, "SSH_AUTH_SOCK": str(sock)})
-        via_agent = Remote(lab_host.address, lab_host.port, "root", Credentials(agent_socket_path=str(sock)))
-        assert (await engine.read_state(via_agent, Profile())).host_key == lab_host.hostKey
-    finally:
-        agent.kill()
-        await agent.wait()
-
-
-async def test_push_through_ssh_with_a_passphrase_key_and_with_an_agent(new_host: HostFactory, systems: Systems,
-                                                                        tmp_path: Path) -> None:
-    # `ssh` gets the key decrypted, in memory (it must not prompt), or the agent.
-    host = new_host()
+def passphrase_login(host: labctl.LabHost, tmp_path: Path) -> Remote:
+    """A new key with the passphrase `s3cret`, authorized for root on host: the login that uses it."""
     key = tmp_path / "id_pass"
     labctl.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-f", str(key)])
     auth = host.state / "etc-upper/lab/authorized_keys/root"
     auth.write_text(auth.read_text() + (tmp_path / "id_pass.pub").read_text())
-    with_pass = Remote(host.address, host.port, "root",
-                       Credentials(private_key=key.read_text(), private_key_password="s3cret"))
-    result = await engine.deploy(DeployRequest(with_pass, systems["web"], compress="none"))
-    assert result.push.transport == "openssh" and result.push.paths == 4
-    assert current_system(host) == systems["web"]
+    return Remote(host.address, host.port, "root", Credentials(private_key=key.read_text(), private_key_password="s3cret"))
+
+
+@contextlib.asynccontextmanager
+async def agent_login(host: labctl.LabHost, tmp_path: Path) -> AsyncIterator[Remote]:
+    """An ssh-agent holding the lab key, for as long as the block runs: the login through it."""
     sock = tmp_path / "agent.sock"
     agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock), stdout=asyncio.subprocess.DEVNULL)
     try:
         while not sock.exists():
             await asyncio.sleep(0.05)
         labctl.run(["ssh-add", host.privateKeyPath], env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
-        via_agent = Remote(host.address, host.port, "root", Credentials(agent_socket_path=str(sock)))
-        result = await engine.deploy(DeployRequest(via_agent, systems["web-v2"], compress="none"))
-        assert result.push.transport == "openssh" and result.push.paths == 2
-        assert current_system(host) == systems["web-v2"]
+        yield Remote(host.address, host.port, "root", Credentials(agent_socket_path=str(sock)))
     finally:
         agent.kill()
         await agent.wait()
+
+
+async def test_passphrase_key_and_agent(lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    with_pass = passphrase_login(lab_host, tmp_path)
+    key = tmp_path / "id_pass"
+    assert (await engine.read_state(with_pass, Profile())).host_key == lab_host.hostKey
+    wrong = dataclasses.replace(with_pass, credentials=Credentials(private_key=key.read_text(),
+                                                                   private_key_password="nope"))
+    with pytest.raises(ConnectError, match="the passphrase of the private key is wrong"):
+        await engine.read_state(wrong, Profile())
+    async with agent_login(lab_host, tmp_path) as via_agent:
+        assert (await engine.read_state(via_agent, Profile())).host_key == lab_host.hostKey
+
+
+async def test_push_through_ssh_with_a_passphrase_key_and_with_an_agent(new_host: HostFactory, systems: Systems,
+                                                                        tmp_path: Path) -> None:
+    # `ssh` gets the key decrypted, in memory (it must not prompt), or the agent.
+    host = new_host()
+    with_pass = passphrase_login(host, tmp_path)
+    result = await engine.deploy(DeployRequest(with_pass, systems["web"], compress="none"))
+    assert result.push.transport == "openssh" and result.push.paths == 4
+    assert current_system(host) == systems["web"]
+    async with agent_login(host, tmp_path) as via_agent:
+        result = await engine.deploy(DeployRequest(via_agent, systems["web-v2"], compress="none"))
+        assert result.push.transport == "openssh" and result.push.paths == 2
+        assert current_system(host) == systems["web-v2"]
 
 
 async def test_every_local_nix_call_uses_the_configured_installation(

@@ -30,10 +30,9 @@ import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
-from .errors import CommandNotFound, ConnectError, RemoteCommandError
-from .process import CommandResult, LocalProcess, Pipes, Process, Runner, Stderr
+from .errors import CommandNotFound, ConnectError
+from .process import CommandResult, LocalProcess, OnHost, Pipes, Process, Runner, Stderr, close_fds
 from .ssh import Connection, decrypted_private_key
 
 # The only name in the known-hosts file: the host is checked against the key
@@ -111,7 +110,7 @@ def ssh_argv(conn: Connection, command: Sequence[str], *, known_hosts: str, iden
 
 
 @dataclass(frozen=True)
-class OpenSshTarget(Runner):
+class OpenSshTarget(OnHost):
     """Commands on conn's host as its login user, each through its own `ssh` process.
 
     Started commands can read from a pipe the caller made (stdin_from) so a
@@ -121,18 +120,6 @@ class OpenSshTarget(Runner):
     conn: Connection
     compress: bool = False
     run_as: str | None = None
-    error_type: ClassVar[type[RemoteCommandError]] = RemoteCommandError
-
-    @property
-    def target(self) -> str:
-        return self.conn.target
-
-    @property
-    def login_user(self) -> str:
-        return self.conn.remote.user
-
-    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception:
-        return RemoteCommandError(self.target, argv, None, f"timed out after {timeout or 0:.0f}s")
 
     async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
                     env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
@@ -188,9 +175,7 @@ def _path(fd: int) -> str:
 
 
 def _close(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    close_fds(*fds)
     fds.clear()
 
 

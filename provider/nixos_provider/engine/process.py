@@ -429,12 +429,10 @@ def _decode(data: object) -> str:
 # -- on a target, over SSH ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Target(Runner):
-    """Commands on a target over one SSH connection, as run_as (None: the SSH user)."""
+class OnHost(Runner):
+    """A runner whose commands run on the host of `conn` (its SSH login), however they get there."""
 
     conn: Connection
-    run_as: str | None = None
     default_timeout: ClassVar[float | None] = REMOTE_TIMEOUT
     error_type: ClassVar[type[CommandError]] = RemoteCommandError
 
@@ -445,6 +443,17 @@ class Target(Runner):
     @property
     def login_user(self) -> str:
         return self.conn.remote.user
+
+    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception:
+        return RemoteCommandError(self.target, argv, None, f"timed out after {timeout or 0:.0f}s")
+
+
+@dataclass(frozen=True)
+class Target(OnHost):
+    """Commands on a target over one SSH connection, as run_as (None: the SSH user)."""
+
+    conn: Connection
+    run_as: str | None = None
 
     @property
     def sudo_password(self) -> str | None:
@@ -472,9 +481,6 @@ class Target(Runner):
         of signatures.
         """
         return self.as_user("root" if self.run_as == "root" else None)
-
-    def _timed_out(self, argv: list[str], timeout: float | None) -> Exception:
-        return RemoteCommandError(self.target, argv, None, f"timed out after {timeout or 0:.0f}s")
 
     def _lost(self, caller: list[str], e: BaseException) -> ConnectError:
         return ConnectError(f"lost the SSH connection to {self.target} while running `{caller[0]}`: "
@@ -598,6 +604,14 @@ class Local(Runner):
             argv, caller, stdin=pipes.stdin(stdin), stdout=pipes.stdout(), stderr=_STDERR[stderr],
             env=None if env is None else dict(env), start_new_session=new_session)
         return LocalProcess(self, caller, proc, new_session)
+
+
+def close_fds(*fds: int) -> None:
+    """Close file descriptors of ours; -1 (none) and ones already closed are skipped."""
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _kill(proc: asyncio.subprocess.Process, *, group: bool = False) -> None:

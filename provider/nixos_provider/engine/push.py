@@ -39,7 +39,7 @@ from .errors import CommandNotFound, ConnectError, EngineError, NixError
 from .lazy import lazy_module
 from .models import PushStats
 from .nix import Nix, PathInfo
-from .process import LOCAL, ByteSink, ByteSource, CommandResult, Process, Stderr, Target
+from .process import LOCAL, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
 
 if TYPE_CHECKING:
     import asyncssh
@@ -187,7 +187,7 @@ class _Channel:
     zstd: bool
 
     async def close(self) -> CommandResult:
-        _close(self.stream_w, self.stream_r)
+        close_fds(self.stream_w, self.stream_r)
         self.stream_w = self.stream_r = -1
         return await self.remote.close()
 
@@ -204,12 +204,12 @@ async def _open(target: Target, compression: str, *, use_ssh: bool) -> _Channel:
             direct = None if zstd else stream_r
             remote = await runner.start(remote_argv, stdin=direct is None, stdin_from=direct)
             if direct is not None:
-                _close(stream_r)  # ssh has its own copy
+                close_fds(stream_r)  # ssh has its own copy
                 stream_r = -1
         else:
             remote = await target.as_user(None).start(remote_argv)
     except BaseException:
-        _close(stream_r, stream_w)
+        close_fds(stream_r, stream_w)
         raise
     return _Channel(target, remote, stream_w, stream_r, preamble, use_ssh, zstd)
 
@@ -230,13 +230,6 @@ def _pipe() -> tuple[int, int]:
         # A 1 MiB pipe: fewer, larger moves than the default 64 KiB.
         fcntl.fcntl(write, F_SETPIPE_SZ, PIPE_SIZE)
     return read, write
-
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: ProgressFn | None) -> _Sent:
@@ -271,14 +264,14 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
         try:
             procs.append(await LOCAL.start(nix.store_argv("--export", *paths), stdin=False, stdout_to=export_w))
         finally:
-            _close(export_w)
+            close_fds(export_w)
         source: ByteSource | None = None  # what Python pumps into the target, if anything
         if channel.zstd:
             compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD,
                                            stdin_from=channel.stream_r)
             procs.append(compressor)
             source = compressor.stdout  # counted on its way: the bytes on the wire
-            _close(channel.stream_r)
+            close_fds(channel.stream_r)
             channel.stream_r = -1
         elif channel.stream_r >= 0:
             source, piped = await _reader(channel.stream_r)
@@ -317,7 +310,7 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
         if relay is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(relay), CLOSE_WAIT)
-        _close(export_r)
+        close_fds(export_r)
     export_result = exported[0]
     # Killed (-9) only when it had already written everything: close() stops
     # a process that has not been reaped yet.
@@ -372,7 +365,7 @@ def _relay(export_r: int, stream_w: int, infos: list[PathInfo], preamble: bytes,
     try:
         serve_proto.relay_export(export_r, stream_w, infos, preamble, nar_moved)
     finally:
-        _close(stream_w)
+        close_fds(stream_w)
 
 
 async def _reader(fd: int) -> tuple[ByteSource, asyncio.ReadTransport]:
