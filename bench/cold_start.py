@@ -9,6 +9,11 @@ alternating pair by pair, is the same provider with everything imported up front
 (the Pulumi SDK and asyncssh, as it started before the first calls imported only
 what they need); the Python interpreter's own start is printed as the floor.
 
+Python's bytecode is cached as a user's install has it (the plugin archive
+carries it, and a writable install writes it on its first launch): the runs use
+a bytecode cache of their own (PYTHONPYCACHEPREFIX), filled by a first launch
+that is not timed. Without bytecode each launch also compiles every module.
+
 Run with `python bench/cold_start.py` (or `make bench`); no lab host is needed.
 """
 
@@ -18,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +38,17 @@ PROVIDER = [sys.executable, "-m", "nixos_provider"]
 EAGER = [sys.executable, "-c", "import pulumi, pulumi.runtime.proto, asyncssh, runpy; "
          "runpy.run_module('nixos_provider', run_name='__main__')"]
 URN = "urn:pulumi:bench::cold::nixos:index:NixosMachine::web"
+GOAL_TO_PORT = 0.35  # seconds, issue #14
+# Bytecode written once and read by every timed launch, as in an installed plugin.
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+       "PYTHONPYCACHEPREFIX": tempfile.mkdtemp(prefix="pulumi-nixos-bytecode-")}
 
 
 def first_calls(argv: list[str]) -> tuple[float, float]:
     """Seconds from launch to the port, and to the answers of GetSchema, Configure and Check."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=REPO, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                            cwd=REPO, env=ENV)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
@@ -60,12 +70,12 @@ def first_calls(argv: list[str]) -> tuple[float, float]:
 
 def interpreter() -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=ENV)
     return time.monotonic() - started
 
 
 def main() -> None:
-    first_calls(PROVIDER), first_calls(EAGER)  # warm the page cache
+    first_calls(PROVIDER), first_calls(EAGER)  # write the bytecode, warm the page cache
     lazy: list[tuple[float, float]] = []
     eager: list[tuple[float, float]] = []
     for _ in range(RUNS):
@@ -78,7 +88,8 @@ def main() -> None:
     before = statistics.median(t[1] for t in eager)
     print(f"\nmachine: {os.cpu_count()} cores; medians of {RUNS} pairs\n")
     print("| benchmark | result |\n| --- | --- |")
-    print(f"| provider cold start, launch to port | {port:.2f} s (Python alone: {floor:.2f} s) |")
+    print(f"| provider cold start, launch to port | {port:.2f} s, **{port / GOAL_TO_PORT:.2f}x** the goal of "
+          f"{GOAL_TO_PORT} s (Python alone: {floor:.2f} s) |")
     print(f"| provider cold start, launch to GetSchema + Configure + Check answered | {calls:.2f} s; "
           f"everything imported up front (as before): {before:.2f} s; ratio **{statistics.median(ratios):.2f}x** "
           f"(pairwise min {min(ratios):.2f}, max {max(ratios):.2f}) |")

@@ -51,6 +51,14 @@ for v in $PYTHON_VERSIONS; do
   # Console scripts whose #! names this machine's Python, and debugpy: pulumi lists it for
   # debugging programs, and a provider never imports it (a third of the size).
   rm -rf "$tree/bin" "$tree/debugpy" "$tree"/debugpy-*.dist-info
+  # Bytecode for the Pythons this machine has: without it every launch from a read-only
+  # install (and the first from any other) compiles the provider and its libraries, about
+  # a second on a slow machine, on every `pulumi preview`. unchecked-hash pycs do not
+  # depend on file times (the archive's are fixed) and are never rechecked: the tree is
+  # never edited in place. A tree whose Python is missing here compiles on its first run.
+  if "python$v" -c "" >/dev/null 2>&1; then
+    "python$v" -m compileall -q -j 0 --invalidation-mode unchecked-hash "$tree" >/dev/null
+  fi
 done
 cp "$ROOT/provider/pulumi-resource-nixos" "$ROOT/schema.json" "$plugin/"
 chmod 755 "$plugin/pulumi-resource-nixos"

@@ -8,13 +8,21 @@ accepted and returned so the caller can pin it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-
-import asyncssh
-from asyncssh.encryption import get_default_encryption_algs
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .errors import ConnectError, HostKeyMismatch, Setting
+from .lazy import lazy_module
 from .models import Remote
+
+if TYPE_CHECKING:
+    import asyncssh
+else:
+    # asyncssh (with `cryptography`) loads on the first key or connection: the
+    # provider's first calls (schema, configuration, Check) need neither.
+    asyncssh = lazy_module("asyncssh")
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ _CIPHER_PREFERENCE = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 
 
 def _encryption_algs() -> list[str]:
+    from asyncssh.encryption import get_default_encryption_algs
     defaults = [alg.decode() for alg in get_default_encryption_algs()]
     return [alg for alg in _CIPHER_PREFERENCE if alg in defaults] + [
         alg for alg in defaults if alg not in _CIPHER_PREFERENCE]
@@ -60,15 +69,33 @@ def fingerprint(line: str) -> str:
     return f"{key.get_fingerprint('sha256')} ({parts[0]})"
 
 
-class _HostKeyChecker(asyncssh.SSHClient):
+class _HostKeyCheck:
+    """What the host key check saw and decided; asyncssh asks it through `_client_class`."""
+
     def __init__(self, pinned: str | None, *, refuse: bool = False) -> None:
         self.pinned = pinned
         self.refuse = refuse  # only look at the key
         self.seen: str | None = None
 
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+    def accepts(self, key: asyncssh.SSHKey) -> bool:
         self.seen = key.export_public_key("openssh").decode().strip()
         return not self.refuse and (self.pinned is None or self.seen == self.pinned)
+
+    def client(self) -> asyncssh.SSHClient:
+        return _client_class()(self)
+
+
+@functools.cache
+def _client_class() -> Callable[[_HostKeyCheck], asyncssh.SSHClient]:
+    # Made on first use: subclassing asyncssh.SSHClient at import would load asyncssh.
+    class HostKeyCheckingClient(asyncssh.SSHClient):
+        def __init__(self, check: _HostKeyCheck) -> None:
+            self.check = check
+
+        def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+            return self.check.accepts(key)
+
+    return HostKeyCheckingClient
 
 
 class Connection:
@@ -149,7 +176,7 @@ def decrypted_private_key(remote: Remote) -> bytes:
 
 async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool) -> Connection:
     pinned = normalize_host_key(remote.host_key) if remote.host_key else None
-    checker = _HostKeyChecker(pinned)
+    checker = _HostKeyCheck(pinned)
     creds = remote.credentials
     client_keys = _client_keys(remote)
     options: dict[str, object] = {
@@ -173,7 +200,7 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
     if tunnel is not None:
         options["tunnel"] = tunnel.conn
     try:
-        conn = await asyncssh.connect(remote.host, remote.port, client_factory=lambda: checker, **options)  # type: ignore[arg-type]
+        conn = await asyncssh.connect(remote.host, remote.port, client_factory=checker.client, **options)  # type: ignore[arg-type]
     except asyncssh.HostKeyNotVerifiable as e:
         if pinned and checker.seen:
             raise HostKeyMismatch(remote.target, fingerprint(pinned), fingerprint(checker.seen)) from e
@@ -193,14 +220,14 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
 
 async def _offered_host_key(remote: Remote, tunnel: Connection | None) -> str | None:
     """The host key the host presents now, of any type. It is refused during key exchange: no credential is sent."""
-    checker = _HostKeyChecker(None, refuse=True)
+    checker = _HostKeyCheck(None, refuse=True)
     options: dict[str, object] = {"known_hosts": ([], [], []), "server_host_key_algs": _TOFU_HOST_KEY_ALGS,
                                   "connect_timeout": remote.connect_timeout, "username": remote.user,
                                   "client_keys": [], "agent_path": None, "password": None}
     if tunnel is not None:
         options["tunnel"] = tunnel.conn
     try:
-        conn = await asyncssh.connect(remote.host, remote.port, client_factory=lambda: checker, **options)  # type: ignore[arg-type]
+        conn = await asyncssh.connect(remote.host, remote.port, client_factory=checker.client, **options)  # type: ignore[arg-type]
         conn.abort()  # not reached: the key is refused
     except (asyncssh.Error, OSError, TimeoutError):
         pass

@@ -6,9 +6,11 @@ runs `pulumi/__init__.py` and `pulumi/runtime/__init__.py`, which import the
 whole SDK (automation API, runtime, mocks, ...): most of the plugin's start-up
 time, spent on every `pulumi preview` and `up`, for code it never calls.
 
-The plugin's entry point calls `register_bare_parents()` first: `pulumi` and
-`pulumi.runtime` become empty packages that only know where their files are,
-so `import pulumi.runtime.proto` runs that package alone. Only the plugin
+The plugin's entry point calls `register_bare_parents()` first: `pulumi`,
+`pulumi.runtime` and `pulumi.runtime.proto` become empty packages that only
+know where their files are, so `from pulumi.runtime.proto import provider_pb2`
+runs that module (and the modules it imports) alone, not the SDK nor the
+other services' modules (analyzer, language, resource, ...). Only the plugin
 process does this; a process that already imported the SDK keeps it.
 """
 
@@ -22,7 +24,7 @@ from types import ModuleType
 def register_bare_parents() -> None:
     if "pulumi" in sys.modules:
         return
-    for name in ("pulumi", "pulumi.runtime"):
+    for name in ("pulumi", "pulumi.runtime", "pulumi.runtime.proto"):
         spec = importlib.util.find_spec(name)
         if spec is None or spec.submodule_search_locations is None:
             return  # no Pulumi SDK: the import that follows says so

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..deploy import read_target_state
 from ..errors import EngineError, Setting
 from ..lazy import lazy_module
 from ..models import SYSTEM_PROFILE, Generation, InstallRequest, Profile, Remote
@@ -14,8 +13,13 @@ from ..ssh import connect, normalize_host_key
 
 if TYPE_CHECKING:
     import asyncssh
+
+    from .. import deploy
 else:
     asyncssh = lazy_module("asyncssh")
+    # The deployment code loads when a host is probed, not when the provider
+    # starts: Check imports this package for `install.source`.
+    deploy = lazy_module("nixos_provider.engine.deploy")
 
 HOST_KEY_FILE = "/etc/ssh/ssh_host_ed25519_key"
 _SYSTEM = Profile(SYSTEM_PROFILE)
@@ -60,7 +64,7 @@ async def probe(remote: Remote) -> HostProbe:
         target = Target(conn, None)  # all of it is world-readable: no sudo before we know there is one
         release = parse_os_release((await target.run(["cat", "/etc/os-release"], check=False)).stdout)
         is_nixos = release.get("ID") == "nixos" or "nixos" in release.get("ID_LIKE", "").split()
-        state = await read_target_state(target, _SYSTEM)
+        state = await deploy.read_target_state(target, _SYSTEM)
         return HostProbe(conn.host_key, is_nixos, release.get("VARIANT_ID") == "installer", state.current_system,
                          state.generation, state.nixos_version)
     finally:
