@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -620,3 +621,15 @@ def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: 
     cache = to_binary_cache({**good, "uploadUrl": None})
     assert cache is not None and cache.write_url == "https://cache.example.org" and cache.signing_key == secret
     assert secret not in repr(cache)
+
+
+def test_the_plugin_starts_without_ssh_or_the_deployment_code() -> None:
+    # The engine starts the plugin for every preview and up; its first calls need neither.
+    # asyncssh (with cryptography) alone doubled the start (bench/cold_start.py). Modules loaded on
+    # first use are in sys.modules before they run, so the test looks for modules they import.
+    probe = ("import sys, nixos_provider.__main__; "
+             "print(' '.join(sorted(m for m in ('asyncssh.connection', 'cryptography', 'nixos_provider.engine.push', "
+             "'nixos_provider.engine.activation', 'pulumi.runtime.proto.resource_pb2', 'pulumi.automation') "
+             "if m in sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
