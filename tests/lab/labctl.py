@@ -2,7 +2,7 @@
 """labctl: start, stop, reboot and inspect lab hosts.
 
 A lab host is an OpenSSH server on its own loopback address, running inside
-its own mount namespace with a private /nix, /run and (overlaid) /etc.  A
+its own mount namespace with a private /nix, /run, /tmp, /root and (overlaid) /etc.  A
 deployer that pushes a closure to it really crosses stores, and activation
 really changes what runs there.  See docs/lab.md.
 
@@ -210,6 +210,7 @@ def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None
     etc = state / "etc-upper"
     for sub in ("etc-upper", "etc-work", "nix", "run"):
         (state / sub).mkdir(parents=True, exist_ok=True)
+    (state / "root").mkdir(mode=0o700, exist_ok=True)
     (etc / "ssh").mkdir(parents=True, exist_ok=True)
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}", "-f", str(etc / "ssh" / "ssh_host_ed25519_key")])
     _write(
@@ -265,6 +266,10 @@ def _start_holder(state: Path) -> None:
         'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
         # Disk encryption keys land in /tmp: it must be the host's own.
         "mount -t tmpfs -o mode=1777 lab-tmp /tmp; "
+        # root's own home, as on any machine: not the deployer's /root, whose
+        # shell start-up files (a pyenv init here) sshd's bash would run for
+        # every command, and whose ~/.nix-profile all hosts would share.
+        'mount --bind "$s/root" /root; '
         "mkdir -p /run/sshd /run/lab; chmod 0755 /run/sshd; "
         'echo up >&3; exec 3>&-; exec sleep infinity'
     )
