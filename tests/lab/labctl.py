@@ -264,12 +264,13 @@ def _start_holder(state: Path) -> None:
         'mount --bind "$s/nix" /nix; '
         'mount --bind "$s/run" /run; '
         'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
-        # Disk encryption keys land in /tmp: it must be the host's own.
-        "mount -t tmpfs -o mode=1777 lab-tmp /tmp; "
         # root's own home, as on any machine: not the deployer's /root, whose
         # shell start-up files (a pyenv init here) sshd's bash would run for
         # every command, and whose ~/.nix-profile all hosts would share.
         'mount --bind "$s/root" /root; '
+        # Disk encryption keys land in /tmp: it must be the host's own. (Last:
+        # a state directory under /tmp is out of sight after this.)
+        "mount -t tmpfs -o mode=1777 lab-tmp /tmp; "
         "mkdir -p /run/sshd /run/lab; chmod 0755 /run/sshd; "
         'echo up >&3; exec 3>&-; exec sleep infinity'
     )
