@@ -215,6 +215,53 @@ def test_secret_files_placed_rotated_removed_and_destroyed(
     assert read(lab_host, KEEP_PATH) == keep
 
 
+def test_refresh_finds_secret_files_changed_or_removed_on_the_host_and_up_writes_them_again(
+        project: PulumiProject, lab_host: labctl.LabHost, tmp_path: Path) -> None:
+    flake = write_flake(tmp_path / "flake", FLAKE)
+    key = f"AGE-SECRET-KEY-{secrets.token_hex(16).upper()}"
+    token = f"token-{secrets.token_hex(12)}"
+    keep = f"keep-{secrets.token_hex(12)}"
+    files = [{"path": KEY_PATH, "content": {"fn::secret": key}, "owner": "nobody", "group": "nogroup", "mode": "0440"},
+             {"path": TOKEN_PATH, "content": {"fn::secret": token}, "stage": "after-activation", "owner": "0"},
+             {"path": KEEP_PATH, "content": {"fn::secret": keep}, "mode": "600"}]
+    program(project, machine(lab_host, flake, files))
+    project.run("stack", "init", "dev")
+    project.up()
+    gen = generation(lab_host)
+
+    # Untouched files: a refresh changes nothing (names and ids, "0600" and "600" as the program spelled them).
+    quiet = project.run("refresh", "--yes", "--expect-no-changes", check=False)
+    assert quiet.returncode == 0, strip_ansi(quiet.stdout + quiet.stderr)
+    assert "secret file" not in quiet.stdout + quiet.stderr
+
+    # Someone changes them on the host: one removed, one loosened, one overwritten.
+    in_host(lab_host, "rm", TOKEN_PATH)
+    in_host(lab_host, "chmod", "0644", KEY_PATH)
+    in_host(lab_host, "sh", "-c", 'echo tampered > "$1"', "sh", KEEP_PATH)
+    refreshed = project.run("refresh", "--yes")
+    shown = strip_ansi(refreshed.stdout + refreshed.stderr)
+    assert f"secret file {TOKEN_PATH} on the host: missing since it was written" in shown, shown
+    assert f"secret file {KEY_PATH} on the host: mode changed since it was written" in shown, shown
+    assert f"secret file {KEEP_PATH} on the host: content changed since it was written" in shown, shown
+    for secret in (key, token, keep, "tampered"):
+        assert secret not in shown
+    recorded = {f["path"]: f for f in project.resource("NixosMachine")["outputs"]["secretFiles"]}  # type: ignore[index]
+    assert set(recorded) == {KEY_PATH, KEEP_PATH} and recorded[KEY_PATH]["mode"] == "0644"
+    exported = project.run("stack", "export").stdout
+    assert "tampered" not in exported and keep not in exported
+
+    # The preview names what the next up writes; the up restores them without deploying the system again.
+    previewed = project.run("preview", "--diff")
+    preview = strip_ansi(previewed.stdout + previewed.stderr)
+    assert f"secret files to write: {KEY_PATH}, {KEEP_PATH}, {TOKEN_PATH}\n" in preview, preview
+    project.up()
+    assert read(lab_host, TOKEN_PATH) == token and read(lab_host, KEEP_PATH) == keep
+    assert stat(lab_host, KEY_PATH)["mode"] == "440" and read(lab_host, KEY_PATH) == key
+    assert generation(lab_host) == gen
+    again = project.run("refresh", "--yes", "--expect-no-changes", check=False)
+    assert again.returncode == 0 and "secret file" not in again.stdout + again.stderr, strip_ansi(again.stdout)
+
+
 def test_before_activation_file_stays_after_a_rollback_and_state_says_so(
         project: PulumiProject, lab_host: labctl.LabHost, tmp_path: Path) -> None:
     """Rollback policy: files written before a failed activation stay (state records them); after-activation

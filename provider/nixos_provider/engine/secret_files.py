@@ -64,6 +64,23 @@ mv -f -T -- "$tmp" "$path"
 trap - EXIT
 """
 
+# Positional arguments: the recorded paths. For each, one line: `missing`, or
+# `file UID USER GID GROUP MODE` followed by a line with its content in base64
+# (the content goes to the deployer only, over the same SSH channel it was
+# written through, and is turned into the HMAC there). A symlink or anything
+# but a regular file is not what the deployer wrote: `missing`.
+READ_SCRIPT = r"""set -u
+for path do
+  if [ -f "$path" ] && [ ! -L "$path" ] && [ -r "$path" ]; then
+    printf 'file %s\n' "$(stat -c '%u %U %g %G %a' -- "$path")"
+    base64 -w 0 -- "$path" || exit 1
+    echo
+  else
+    echo missing
+  fi
+done
+"""
+
 
 @dataclass(frozen=True, kw_only=True)
 class FileSettings:
@@ -243,3 +260,62 @@ async def remove_for_destroy(remote: Remote, recorded: Sequence[RecordedFile]) -
     """Destroy: remove every recorded file except those marked keepOnDestroy; returns the paths kept."""
     await apply(remote, (), [r.path for r in recorded if not r.keep_on_destroy])
     return tuple(r.path for r in recorded if r.keep_on_destroy)
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """What `pulumi refresh` finds at a recorded path: the file as the host has it now, or nothing."""
+
+    recorded: RecordedFile
+    now: RecordedFile | None  # None: missing (or not a regular file)
+
+    def drift(self) -> str | None:
+        """How the host's file differs from the record, in words; None when it does not."""
+        if self.now is None:
+            return "missing"
+        was, now = self.recorded, self.now
+        changes = [what for what, a, b in (("content", was.content_hash, now.content_hash), ("owner", was.owner, now.owner),
+                                           ("group", was.group, now.group), ("mode", was.mode, now.mode)) if a != b]
+        return ", ".join(f"{c} changed" for c in changes) or None
+
+
+def _found(recorded: RecordedFile, head: str, body: str, key: bytes) -> FoundFile:
+    uid, user, gid, group, mode = head.split()[1:6]
+    # The record keeps the spelling the program used (a name or an id, "0400"
+    # or "400") when the host's file matches it.
+    owner = recorded.owner if recorded.owner in (uid, user) else user
+    group_ = recorded.group if recorded.group in (gid, group) else group
+    mode_ = recorded.mode if int(recorded.mode, 8) == int(mode, 8) else f"{int(mode, 8):04o}"
+    content = base64.b64decode(body)
+    now = RecordedFile(content_hash=content_hash(key, content), owner=owner, group=group_, mode=mode_,
+                       stage=recorded.stage, keep_on_destroy=recorded.keep_on_destroy, path=recorded.path)
+    return FoundFile(recorded, now)
+
+
+async def read_placed(remote: Remote, recorded: Sequence[RecordedFile], key: bytes) -> tuple[FoundFile, ...]:
+    """Refresh: each recorded file as the host has it, compared by the same HMAC state keeps."""
+    if not recorded:
+        return ()
+    conn = await ssh.connect(remote)
+    try:
+        target = process.Target.for_profile(conn, Profile())
+        res = await root_target(target).run(["sh", "-c", READ_SCRIPT, "sh", *(r.path for r in recorded)],
+                                            check=False)
+    finally:
+        await conn.close()
+    lines = res.stdout.splitlines()
+    found: list[FoundFile] = []
+    try:
+        for r in recorded:
+            head = lines.pop(0)
+            if head == "missing":
+                found.append(FoundFile(r, None))
+                continue
+            if not head.startswith("file ") or not lines:
+                raise ValueError(head)
+            found.append(_found(r, head, lines.pop(0), key))
+    except (IndexError, ValueError) as e:
+        # Never the output itself: it carries file contents.
+        detail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.exit_status}"]
+        raise EngineError(f"reading the secret files on {remote.target} failed: {detail[0]}") from e
+    return tuple(found)

@@ -503,6 +503,7 @@ class NixosMachine(DeployedResource):
             "needsReboot": bool(now.reboot_for),
         }
         if not importing:
+            outputs["secretFiles"] = await self._refresh_files(urn, remote, state)
             if now.current_system and inputs.get("systemPath") not in (None, now.current_system):
                 # Drift: the inputs say what runs, so refresh shows the running
                 # system and the next preview `running => declared`.
@@ -529,6 +530,25 @@ class NixosMachine(DeployedResource):
             new_inputs["systemPath"] = now.current_system
             outputs["systemPath"] = now.current_system
         return _id(remote), outputs, new_inputs
+
+    async def _refresh_files(self, urn: str, remote: Remote, state: dict[str, Any]) -> Any:
+        """The secretFiles records as the host has the files now: a file changed or removed on the host is
+        recorded as it is, so the next up writes it again (the preview names it)."""
+        recorded, key = v.recorded_files(state.get("secretFiles")), _files_key(state)
+        if not recorded or key is None:
+            return state.get("secretFiles")
+        try:
+            async with self.ctx.ssh_slots:
+                found = await files.read_placed(remote, recorded, key)
+        except EngineError as e:
+            self.ctx.warn(urn, f"{describe(e)}; the secret files' records are kept as they were")
+            return state.get("secretFiles")
+        for f in found:
+            drift = f.drift()
+            if drift:
+                self.ctx.warn(urn, f"secret file {f.recorded.path} on the host: {drift} since it was written; "
+                                   "the next `pulumi up` writes it again")
+        return v.secret_files_output(tuple(f.now for f in found if f.now is not None))
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
         recorded = RecordedMachine.parse(state)
