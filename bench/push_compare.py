@@ -66,6 +66,10 @@ from nixos_provider.engine.models import Profile
 from nixos_provider.engine.nix import Nix
 from nixos_provider.engine.push import choose_compression, push_closure
 host = labctl.LabHost(**json.loads(sys.argv[2]))
+# The provider imports asyncssh on its first connection (engine/lazy.py); load it
+# before the clock starts, as in a provider process that has connected once.
+import asyncssh
+asyncssh.SSHClient
 async def main():
     target = await open_target(remote_for(host), Profile(), compress=sys.argv[4] == "ssh")
     try:
