@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from nixos_provider.engine.secret_files import WRITE_SCRIPT, SecretFile, content_hash, plan
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from nixos_provider.engine.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
 from nixos_provider.pulumi_layer import inputs as v
 from nixos_provider.pulumi_layer.properties import Secret
 
@@ -55,3 +60,37 @@ def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     out = v.normalize_secret_files([{"path": "/a", "content": "x"}])
     assert out == [{"path": "/a", "content": Secret("x"), "owner": "root", "group": "root", "mode": "0400",
                     "stage": "before-activation", "keepOnDestroy": False}]
+
+
+def test_refresh_reads_files_as_they_are_and_keeps_the_programs_spelling(tmp_path: Path) -> None:
+    # The read script runs here as it runs on a host: this machine's sh, stat and base64.
+    same, loosened, changed, gone, linked = (tmp_path / n for n in ("same", "loosened", "changed", "gone", "linked"))
+    for p, data in ((same, b"s\x00\n"), (loosened, b"l"), (changed, b"new")):
+        p.write_bytes(data)
+        p.chmod(0o600)
+    loosened.chmod(0o644)
+    linked.symlink_to(same)
+    uid, gid = os.getuid(), os.getgid()
+    recorded = [RecordedFile(path=str(same), content_hash=content_hash(KEY, b"s\x00\n"), owner=str(uid),
+                             group=str(gid), mode="600"),
+                RecordedFile(path=str(loosened), content_hash=content_hash(KEY, b"l"), owner=str(uid),
+                             group=str(gid), mode="0600"),
+                RecordedFile(path=str(changed), content_hash=content_hash(KEY, b"old"), owner=str(uid),
+                             group=str(gid), mode="0600"),
+                RecordedFile(path=str(gone), content_hash=content_hash(KEY, b"g"), owner=str(uid), group=str(gid)),
+                RecordedFile(path=str(linked), content_hash=content_hash(KEY, b"s\x00\n"), owner=str(uid),
+                             group=str(gid), mode="600")]
+    out = subprocess.run(["sh", "-c", READ_SCRIPT, "sh", *(r.path for r in recorded)], capture_output=True,
+                         text=True, check=True).stdout
+    found = parse_found(recorded, out, KEY)
+    assert [f.drift() for f in found] == [None, "mode changed", "content changed", "missing", "missing"]
+    assert found[0].now == recorded[0]  # "600" and the numeric owner kept as the program wrote them
+    assert found[1].now is not None and found[1].now.mode == "0644"
+
+
+@pytest.mark.parametrize("output", ["", "file 0 root 0 root 600\n", "garbage\n", "file 0 root 0 root 600\n!!!\n"])
+def test_refresh_refuses_output_that_is_not_one_entry_per_file(output: str) -> None:
+    recorded = [RecordedFile(path="/etc/a", content_hash="hmac-sha256:00")]
+    with pytest.raises(ValueError, match="not one entry per recorded file") as e:
+        parse_found(recorded, output, KEY)
+    assert "root" not in str(e.value)

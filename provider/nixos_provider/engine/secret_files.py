@@ -22,6 +22,7 @@ every other Pulumi secret.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -286,7 +287,7 @@ def _found(recorded: RecordedFile, head: str, body: str, key: bytes) -> FoundFil
     owner = recorded.owner if recorded.owner in (uid, user) else user
     group_ = recorded.group if recorded.group in (gid, group) else group
     mode_ = recorded.mode if int(recorded.mode, 8) == int(mode, 8) else f"{int(mode, 8):04o}"
-    content = base64.b64decode(body)
+    content = base64.b64decode(body, validate=True)
     now = RecordedFile(content_hash=content_hash(key, content), owner=owner, group=group_, mode=mode_,
                        stage=recorded.stage, keep_on_destroy=recorded.keep_on_destroy, path=recorded.path)
     return FoundFile(recorded, now)
@@ -303,7 +304,17 @@ async def read_placed(remote: Remote, recorded: Sequence[RecordedFile], key: byt
                                             check=False)
     finally:
         await conn.close()
-    lines = res.stdout.splitlines()
+    try:
+        return parse_found(recorded, res.stdout, key)
+    except ValueError as e:
+        # Never the output itself: it carries file contents.
+        detail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.exit_status}"]
+        raise EngineError(f"reading the secret files on {remote.target} failed: {detail[0]}") from e
+
+
+def parse_found(recorded: Sequence[RecordedFile], output: str, key: bytes) -> tuple[FoundFile, ...]:
+    """READ_SCRIPT's output for `recorded`, in order; ValueError (without the output) when it is not that."""
+    lines = output.splitlines()
     found: list[FoundFile] = []
     try:
         for r in recorded:
@@ -311,11 +322,9 @@ async def read_placed(remote: Remote, recorded: Sequence[RecordedFile], key: byt
             if head == "missing":
                 found.append(FoundFile(r, None))
                 continue
-            if not head.startswith("file ") or not lines:
-                raise ValueError(head)
+            if not head.startswith("file ") or len(head.split()) != 6 or not lines:
+                raise ValueError("not a file line")
             found.append(_found(r, head, lines.pop(0), key))
-    except (IndexError, ValueError) as e:
-        # Never the output itself: it carries file contents.
-        detail = res.stderr.strip().splitlines()[-1:] or [f"exit {res.exit_status}"]
-        raise EngineError(f"reading the secret files on {remote.target} failed: {detail[0]}") from e
+    except (IndexError, ValueError, binascii.Error) as e:
+        raise ValueError("the output is not one entry per recorded file") from e
     return tuple(found)
