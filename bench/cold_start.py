@@ -20,6 +20,7 @@ Run with `python bench/cold_start.py` (or `make bench`); no lab host is needed.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(ENV["PYTHONPYCACHEPREFIX"], ignore_errors=True)

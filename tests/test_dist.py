@@ -148,8 +148,8 @@ def test_archive_layout_and_plugin_install_from_file(dist: Path, user: UserProje
         assert any(n.startswith(f"lib/{tree}/grpc/_cython/cygrpc.cpython-{tree[2:]}-x86_64-linux-gnu")
                    for n in names), f"no compiled grpc for {tree}"
     # The Python that builds the archive compiles its tree, so a read-only install starts without compiling.
-    built_by = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
-    assert f"lib/cp{built_by[8:]}/nixos_provider/engine/__pycache__/deploy.{built_by}.pyc" in names
+    tag = f"{sys.version_info.major}{sys.version_info.minor}"
+    assert f"lib/cp{tag}/nixos_provider/engine/__pycache__/deploy.cpython-{tag}.pyc" in names
 
     user.install_plugin(dist)
     assert user.installed_plugins() == [("nixos", VERSION)]
