@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
@@ -192,18 +193,24 @@ async def remove_files(target: Target, paths: Sequence[str]) -> None:
         raise SecretFileError(f"removing secret files on {target.target} failed: {detail[0]}", ())
 
 
-async def apply(remote: Remote, files: Sequence[SecretFile], remove: Sequence[str] = ()) -> None:
-    """On a new connection: write files, then remove paths."""
+@contextlib.asynccontextmanager
+async def _on(remote: Remote) -> AsyncIterator[Target]:
+    """A new connection to remote, as its SSH user, closed afterwards: each file step is one."""
     conn = await ssh.connect(remote)
     try:
-        target = process.Target.for_profile(conn, Profile())
+        yield process.Target.for_profile(conn, Profile())
+    finally:
+        await conn.close()
+
+
+async def apply(remote: Remote, files: Sequence[SecretFile], remove: Sequence[str] = ()) -> None:
+    """On a new connection: write files, then remove paths."""
+    async with _on(remote) as target:
         await write_files(target, files)
         try:
             await remove_files(target, remove)
         except SecretFileError as e:
             raise SecretFileError(str(e), tuple(files)) from e
-    finally:
-        await conn.close()
 
 
 class Placement:
@@ -297,13 +304,9 @@ async def read_placed(remote: Remote, recorded: Sequence[RecordedFile], key: byt
     """Refresh: each recorded file as the host has it, compared by the same HMAC state keeps."""
     if not recorded:
         return ()
-    conn = await ssh.connect(remote)
-    try:
-        target = process.Target.for_profile(conn, Profile())
+    async with _on(remote) as target:
         res = await root_target(target).run(["sh", "-c", READ_SCRIPT, "sh", *(r.path for r in recorded)],
                                             check=False)
-    finally:
-        await conn.close()
     try:
         return parse_found(recorded, res.stdout, key)
     except ValueError as e:
