@@ -157,6 +157,8 @@ class PulumiProject:
             "PULUMI_SKIP_UPDATE_CHECK": "1",
             "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "1",
             "PULUMI_HOME": str(backend / ".pulumi-home"),
+            # The provider's evaluation results and stack plans: each test starts with none.
+            "PULUMI_NIXOS_EVALUATION_STORE": str(backend / ".evaluations"),
         }
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ from nixos_provider.engine.nix_versions import (
     NixOutputError,
     NixVersion,
     error_summary,
+    evaluation_error,
     parse_build_outputs,
     parse_copied_paths,
     parse_generations,
@@ -137,6 +138,41 @@ def test_error_summary_keeps_build_logs() -> None:
     )
     assert error_summary(stderr) == (
         "builder for '/nix/store/x-a.drv' failed with exit code 1; last 2 log lines: > compiling > boom")
+
+
+# What each Nix printed for real NixOS configurations (nixpkgs 20.09 on 2.8, 26.05 on 2.26 and 2.34) that fail
+# evaluation, with --show-trace (record-nixos-errors.sh). The user sees the cause, the option and the position in
+# their own flake where Nix names one; never the frames inside nixpkgs.
+@pytest.mark.parametrize("version", VERSIONS)
+def test_evaluation_error_of_an_option_that_does_not_exist(version: str) -> None:
+    msg = evaluation_error(out(version, "eval-error-nooption", "stderr"))
+    assert msg.startswith("The option `services.nginx.enabel' ")
+    assert "does not exist" in msg
+    assert "…" not in msg and "|" not in msg and "lib/modules.nix" not in msg
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_evaluation_error_of_a_failed_assertion(version: str) -> None:
+    msg = evaluation_error(out(version, "eval-error-assertion", "stderr"))
+    assert msg == "Failed assertions: - The ‘fileSystems’ option does not specify your root file system."
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_evaluation_error_of_a_value_of_the_wrong_type(version: str) -> None:
+    msg = evaluation_error(out(version, "eval-error-type", "stderr"))
+    assert "services.openssh.ports" in msg and "is not of type `16 bit unsigned integer" in msg
+    assert "(option" not in msg  # the message names its option; another from the trace would confuse
+    assert "…" not in msg and "|" not in msg
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_evaluation_error_of_a_throw(version: str) -> None:
+    msg = evaluation_error(out(version, "eval-error-throws", "stderr"))
+    if version == "2.8.0":  # 2.8 does not say where a throw is
+        assert msg == "no domain for this machine (option `networking.domain`)"
+    else:
+        assert msg.startswith("no domain for this machine (option `networking.domain`, at /nix/store/")
+        assert msg.endswith("-source/flake.nix:23:51)")
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import NixError, Setting
@@ -21,6 +21,7 @@ from .nix_versions import (
     NixOutputError,
     PathInfo,
     error_summary,
+    evaluation_error,
     parse_build_outputs,
     parse_copied_paths,
     parse_path_info,
@@ -29,7 +30,7 @@ from .nix_versions import (
 from .process import LOCAL
 from .timeline import Step, span
 
-__all__ = ["FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
+__all__ = ["Evaluation", "FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
 
 STORE_PATH_RE = re.compile(r"^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+$")
 EXPERIMENTAL = ["--extra-experimental-features", "nix-command flakes"]
@@ -39,42 +40,18 @@ def is_store_path(value: str) -> bool:
     return bool(STORE_PATH_RE.match(value))
 
 
-def split_attr_path(attr: str) -> list[str]:
-    """`nixosConfigurations."web.example".config` -> its names, as Nix reads an attribute path."""
-    names: list[str] = []
-    current, quoted, i = "", False, 0
-    while i < len(attr):
-        c = attr[i]
-        if quoted and c == "\\" and i + 1 < len(attr):
-            current += attr[i + 1]
-            i += 1
-        elif c == '"':
-            quoted = not quoted
-        elif c == "." and not quoted:
-            names.append(current)
-            current = ""
-        else:
-            current += c
-        i += 1
-    if quoted:
-        raise ValueError(f"attribute path {attr!r} has an unclosed quote")
-    names.append(current)
-    if any(n == "" for n in names):
-        raise ValueError(f"attribute path {attr!r} has an empty name")
-    return names
+# What one evaluation answers: the out path and the derivation of one attribute, as JSON.
+# drvPath is there for every derivation at no extra cost (computing the out
+# path instantiates it); `or null` keeps an attribute that is a plain store path working.
+EVALUATE_APPLY = "x: { out = x.outPath; drv = x.drvPath or null; }"
 
 
-# Evaluates the out paths of many attributes of one flake in one process. The
-# request (the flake and the attribute paths) arrives as JSON in the
-# environment, so nothing a user wrote is ever pasted into the expression.
-EVAL_MANY_ENV = "PULUMI_NIXOS_EVAL_REQUEST"
-EVAL_MANY_EXPR = f"""
-let
-  request = builtins.fromJSON (builtins.getEnv "{EVAL_MANY_ENV}");
-  flake = builtins.getFlake request.flake;
-  get = path: builtins.foldl' (value: name: builtins.getAttr name value) flake path;
-in map (path: (get path).outPath) request.attrs
-"""
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluating (not building) a flake attribute gives."""
+
+    out_path: str
+    drv_path: str | None
 
 
 TOPLEVEL = "config.system.build.toplevel"
@@ -164,6 +141,7 @@ class Nix:
 
     def __init__(self, command: Sequence[str] = ("nix",), options: Sequence[tuple[str, str]] = ()) -> None:
         self.command = list(command)
+        self.settings = tuple(options)
         self.options = [a for name, value in options for a in ("--option", name, value)]
 
     def _argv(self, *args: str) -> list[str]:
@@ -196,14 +174,32 @@ class Nix:
             raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         return res.stdout
 
+    async def evaluate(self, ref: FlakeRef, *, started: Callable[[int], None] | None = None) -> Evaluation:
+        """Evaluate (not build) a flake attribute: its out path and derivation, in one Nix process.
+
+        --show-trace costs nothing when the evaluation succeeds, and when it
+        fails it names the option and the user's own file (evaluation_error).
+        started: called with the process id once it runs (the evaluation pool watches its memory).
+        """
+        with span(str(ref), Step.EVALUATE):
+            res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", str(ref), "--apply", EVALUATE_APPLY),
+                                  check=False, started=started)
+        if res.exit_status != 0:
+            raise NixError(f"evaluating {ref} failed: {evaluation_error(res.stderr)}")
+        try:
+            value = json.loads(res.stdout)
+        except ValueError as e:
+            raise NixError(f"evaluating {ref}: nix eval printed no JSON") from e
+        out, drv = (value.get("out"), value.get("drv")) if isinstance(value, dict) else (None, None)
+        if not isinstance(out, str) or not is_store_path(out):
+            raise NixError(f"evaluating {ref} gave {str(out)[:200]!r}, which is not a store path")
+        if drv is not None and not (isinstance(drv, str) and drv.endswith(".drv") and is_store_path(drv)):
+            raise NixError(f"evaluating {ref} gave the derivation {str(drv)[:200]!r}, which is not one")
+        return Evaluation(out, drv)
+
     async def eval_out_path(self, ref: FlakeRef) -> str:
         """Evaluate (not build) the output path of a flake attribute."""
-        with span(str(ref), Step.EVALUATE):
-            out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.outPath", what=f"evaluating {ref}")
-        path = out.strip()
-        if not is_store_path(path):
-            raise NixError(f"evaluating {ref} gave {path!r}, which is not a store path")
-        return path
+        return (await self.evaluate(ref)).out_path
 
     async def attr_names(self, flake: str, attr: str) -> list[str]:
         """The names of an attribute set in a flake (e.g. its nixosConfigurations), without evaluating them."""
@@ -217,27 +213,26 @@ class Nix:
             raise NixError(f"listing {flake}#{attr} gave {out[:100]!r}, not a list of names")
         return names
 
-    async def eval_out_paths(self, flake: str, attrs: list[str], *, background: bool = False) -> dict[str, str]:
-        """Evaluate the output paths of many attributes of one flake in one Nix process.
+    async def flake_fingerprint(self, flake: str) -> str | None:
+        """What identifies the flake's content and its locked inputs, without evaluating anything; None when
+        the flake has no content hash (a dirty Git tree in some versions) or Nix cannot say.
 
-        --impure only because builtins.getFlake refuses unlocked references
-        (a local path) in pure mode; the flake itself is evaluated as usual.
-        In the background, the process runs at low CPU priority.
+        `nix flake metadata --json` prints `locked` (the flake itself: a narHash or a Git revision) and `locks`
+        (the lock file as Nix resolved it). Equal fingerprints mean an equal evaluation.
         """
-        request = json.dumps({"flake": flake, "attrs": [split_attr_path(a) for a in attrs]})
-        with span(f"{flake} ({len(attrs)} configurations)", Step.EVALUATE):
-            res = await LOCAL.run(self._argv("eval", "--json", "--impure", "--expr", EVAL_MANY_EXPR), check=False,
-                                  env={**os.environ, EVAL_MANY_ENV: request}, niceness=10 if background else 0)
+        res = await LOCAL.run(self._argv("flake", "metadata", "--json", flake), check=False)
         if res.exit_status != 0:
-            raise NixError(f"evaluating {len(attrs)} configurations of {flake} failed: {error_summary(res.stderr)}")
+            return None  # the evaluation that follows says what is wrong
         try:
-            paths = json.loads(res.stdout)
-        except ValueError as e:
-            raise NixError(f"evaluating {flake}: nix eval printed no JSON") from e
-        if not isinstance(paths, list) or len(paths) != len(attrs) or not all(
-                isinstance(p, str) and is_store_path(p) for p in paths):
-            raise NixError(f"evaluating {flake} gave {str(paths)[:200]}, not one store path per configuration")
-        return dict(zip(attrs, paths, strict=True))
+            meta = json.loads(res.stdout)
+        except ValueError:
+            return None
+        locked = meta.get("locked") if isinstance(meta, dict) else None
+        if not isinstance(locked, dict) or not (locked.get("narHash") or locked.get("rev")):
+            return None
+        identity = {k: v for k, v in locked.items() if k != "lastModified"}
+        return json.dumps({"locked": identity, "locks": meta.get("locks")},
+                          sort_keys=True)
 
     async def build_outputs(self, flake: str, attrs: list[str]) -> set[str]:
         """Build many attributes of one flake in one `nix build`; the `out` paths it produced.
@@ -253,14 +248,6 @@ class Nix:
             return {o["out"] for o in parse_build_outputs(out) if "out" in o}
         except NixOutputError as e:
             raise NixError(f"building {flake}: {e}") from e
-
-    async def eval_drv_path(self, ref: FlakeRef) -> str:
-        """Instantiate (not build) the derivation of a flake attribute."""
-        out = await self._run("eval", "--raw", f"{ref.flake}#{ref.attr}.drvPath", what=f"instantiating {ref}")
-        path = out.strip()
-        if not path.endswith(".drv") or not is_store_path(path):
-            raise NixError(f"instantiating {ref} gave {path!r}, which is not a derivation")
-        return path
 
     async def build(self, ref: FlakeRef | str) -> str:
         """Build a flake attribute or realise a store path; return the output path."""
@@ -321,6 +308,10 @@ class Nix:
             return parse_path_info(out)
         except NixOutputError as e:
             raise NixError(f"{what}: {e}") from e
+
+    async def requisites(self, path: str) -> list[str]:
+        """`nix-store -qR`: the closure of a path; of a `.drv`, every derivation it needs (no build)."""
+        return (await self._run_store("-qR", path)).split()
 
     async def _run_store(self, *args: str) -> str:
         res = await LOCAL.run(self.store_argv(*args), check=False)

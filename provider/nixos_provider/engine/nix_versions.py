@@ -23,6 +23,9 @@ Supported and tested: Debian bookworm's Nix 2.8, trixie's 2.26 and sid's 2.34
 - Errors: 2.8 prints `error: <what>` on one line; later versions often print
   an empty `error:` followed by an evaluation trace (`… while calling`, code
   frames) and the cause as an indented `error:` at the end of the trace.
+  With `--show-trace`, 2.8 prints the trace after the cause, innermost frame
+  first; 2.13 and later print it before the cause, innermost frame last. Only
+  2.13 and later name the position of a `throw` in the user's own file.
 
 The parsers take the text a command printed and never run anything, so their
 unit tests feed them outputs recorded from each real version
@@ -236,3 +239,45 @@ def error_summary(stderr: str, max_lines: int = 8) -> str:
         if len(msg) >= max_lines:
             break
     return " ".join(m for m in msg if m) or "unknown error"
+
+
+_OPTION_FRAME = re.compile(r"^… while evaluating the option `(.+)':$")
+_AT_FRAME = re.compile(r"^at (.+):(\d+):(\d+):$")
+# A source tree is nixpkgs when the trace passes through its module system.
+_NIXPKGS_FILE = re.compile(r"^(.*?)/(?:lib/modules\.nix|nixos/modules/.*)$")
+# Every NixOS configuration is evaluated through this option: it says nothing.
+_TOPLEVEL_OPTION = "system.build.toplevel"
+# The module system's own messages name their option: another one from the trace would only confuse.
+_NAMES_OPTION = re.compile(r"option (?:value )?`")
+
+
+def evaluation_error(stderr: str, max_lines: int = 8) -> str:
+    """The cause of a failed evaluation (`nix eval --show-trace`): what went wrong, the option being evaluated
+    and the position in the user's own files, without the frames inside nixpkgs.
+
+    `The option `services.nginx.enabel' does not exist. ...`, `no domain for this machine (option
+    `networking.domain`, at /nix/store/...-source/flake.nix:23:51)`.
+    """
+    lines = [ln.strip() for ln in stderr.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+    if not starts:
+        return error_summary(stderr, max_lines)
+    cause = starts[-1] if len(starts) > 1 and lines[starts[0]] == "error:" else starts[0]
+    message = [lines[cause].removeprefix("error:").strip()]
+    for ln in lines[cause + 1:]:
+        if not ln or _TRACE.match(ln) or ln.startswith("error:") or len(message) >= max_lines:
+            break
+        message.append(ln)
+    text = " ".join(m for m in message if m) or "unknown error"
+    # Innermost frame first: after the cause in 2.8, before it (read backwards) in 2.13 and later.
+    frames = lines[cause - 1::-1] if any(ln.startswith("…") for ln in lines[:cause]) else lines[cause + 1:]
+    nixpkgs = {m.group(1) for f in frames if (a := _AT_FRAME.match(f)) and (m := _NIXPKGS_FILE.match(a.group(1)))}
+    option = next((m.group(1) for f in frames if (m := _OPTION_FRAME.match(f))), None)
+    position = next((f"{a.group(1)}:{a.group(2)}:{a.group(3)}" for f in frames if (a := _AT_FRAME.match(f))
+                     and not any(a.group(1).startswith(root + "/") for root in nixpkgs)), None)
+    where = []
+    if option and option != _TOPLEVEL_OPTION and not _NAMES_OPTION.search(text):
+        where.append(f"option `{option}`")
+    if position and "- In `" not in text:
+        where.append(f"at {position}")
+    return f"{text} ({', '.join(where)})" if where else text

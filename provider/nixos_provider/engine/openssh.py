@@ -28,7 +28,7 @@ import contextlib
 import os
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import CommandNotFound, ConnectError
@@ -122,9 +122,10 @@ class OpenSshTarget(OnHost):
     run_as: str | None = None
 
     async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
-                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
-        if env is not None or cwd is not None or niceness:
-            raise ValueError("env, cwd and niceness apply to local commands only")
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int,
+                    started: Callable[[int], None] | None = None) -> CommandResult:
+        if env is not None or cwd is not None or niceness or started is not None:
+            raise ValueError("env, cwd, niceness and started apply to local commands only")
         proc, files = await self._ssh(argv, asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
                                       asyncio.subprocess.PIPE)
         try:

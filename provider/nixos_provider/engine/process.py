@@ -26,7 +26,7 @@ import secrets
 import shlex
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -336,12 +336,14 @@ class Runner(ABC):
 
     async def run(self, argv: Sequence[str], *, input: str | bytes | None = None, check: bool = True,
                   timeout: float | None | _Default = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None,
-                  cwd: str | None = None, niceness: int = 0) -> CommandResult:
+                  cwd: str | None = None, niceness: int = 0,
+                  started: Callable[[int], None] | None = None) -> CommandResult:
         """Run argv to completion and collect its output.
 
         check: raise the runner's CommandError on a non-zero exit. timeout:
         None means no limit, unset means the runner's default. env replaces
-        the whole environment (local only); niceness lowers the priority.
+        the whole environment (local only); niceness lowers the priority;
+        started is called with the process id once it runs (local only).
         """
         limit = self.default_timeout if isinstance(timeout, _Default) else timeout
         final, preamble = self._prepare(argv)
@@ -349,7 +351,7 @@ class Runner(ABC):
         if preamble:
             data = preamble + (data or b"")
         try:
-            result = await self._exec(final, list(argv), data, limit, env, cwd, niceness)
+            result = await self._exec(final, list(argv), data, limit, env, cwd, niceness, started)
         except TimeoutError:
             raise self._timed_out(list(argv), limit) from None
         if check and result.exit_status != 0:
@@ -413,7 +415,8 @@ class Runner(ABC):
 
     @abstractmethod
     async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
-                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult: ...
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int,
+                    started: Callable[[int], None] | None = None) -> CommandResult: ...
 
     @abstractmethod
     async def _spawn(self, argv: list[str], caller: list[str], stdin: bool, stderr: Stderr,
@@ -487,9 +490,10 @@ class Target(OnHost):
                             f"{self.conn.describe_error(e)}")
 
     async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
-                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
-        if env is not None or cwd is not None or niceness:
-            raise ValueError("env, cwd and niceness apply to local commands only")
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int,
+                    started: Callable[[int], None] | None = None) -> CommandResult:
+        if env is not None or cwd is not None or niceness or started is not None:
+            raise ValueError("env, cwd, niceness and started apply to local commands only")
         try:
             proc = await asyncio.wait_for(
                 self.conn.conn.run(shlex.join(argv), input=input, check=False, encoding=None), timeout=timeout)
@@ -576,11 +580,14 @@ class Local(Runner):
             raise CommandNotFound(caller[0], "is not executable") from e
 
     async def _exec(self, argv: list[str], caller: list[str], input: bytes | None, timeout: float | None,
-                    env: Mapping[str, str] | None, cwd: str | None, niceness: int) -> CommandResult:
+                    env: Mapping[str, str] | None, cwd: str | None, niceness: int,
+                    started: Callable[[int], None] | None = None) -> CommandResult:
         proc = await self._create(
             argv, caller, cwd=cwd, env=None if env is None else dict(env), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE)
+        if started is not None:
+            started(proc.pid)
         if niceness:
             # Set from here, not in a preexec hook: forking a process that runs
             # gRPC's threads (the provider) and running Python before exec breaks

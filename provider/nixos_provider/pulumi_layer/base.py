@@ -8,14 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.batch import FleetNix
 from ..engine.binary_cache import CacheUploads
+from ..engine.builds import FleetBuilds
 from ..engine.errors import EngineError
+from ..engine.evaluation import EvaluationStore, Evaluator
 from ..engine.models import BinaryCache, Remote
-from ..engine.nix import Nix, parse_flake_ref
+from ..engine.nix import Evaluation, FlakeRef, Nix, parse_flake_ref
 from .errors import describe
 from .inputs import Failures, nix_options, to_remote
-from .properties import UNKNOWN, contains_unknown, reveal
+from .properties import UNKNOWN, contains_unknown, is_secret, reveal
 from .typed_inputs import DeploySettings
 
 LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
@@ -34,13 +35,20 @@ class Context:
     ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     # Closure copies at once, across machines (maxParallelTransfers).
     transfer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
-    flake_cache: dict[tuple[str, str, bool], str] = field(default_factory=dict)
-    # Machines of one flake share one evaluation (Check) and one build (up).
-    fleet: FleetNix = field(default_factory=FleetNix)
+    # Evaluations (Check) from a bounded pool, ahead of the stack's Checks and kept between runs.
+    evaluator: Evaluator = field(default_factory=lambda: Evaluator(EvaluationStore.default()))
+    # Machines of one flake built at one moment share one `nix build` (up).
+    builds: FleetBuilds = field(init=False)
     # The provider's `binaryCache` (machines may set their own), and the
     # uploads of this process: each closure goes to a cache once.
     binary_cache: BinaryCache | None = None
     cache_uploads: CacheUploads = field(default_factory=CacheUploads)
+
+    def __post_init__(self) -> None:
+        self.builds = FleetBuilds(self._out_path)
+
+    async def _out_path(self, nix: Nix, ref: FlakeRef) -> str:
+        return (await self.evaluator.evaluate(nix, ref)).out_path
 
     def nix(self, options: list[tuple[str, str]] | None = None) -> Nix:
         return Nix(self.nix_command, options or [])
@@ -54,13 +62,16 @@ class Context:
     def warn(self, urn: str, message: str) -> None:
         self.log("WARNING", message, urn, False)
 
-    async def resolve_flake(self, ref: str, nix: Nix, *, nixos: bool) -> str:
-        """Evaluate a flake reference to its output path (no build), cached per process."""
+    async def evaluate(self, ref: str, nix: Nix, *, nixos: bool, urn: str | None = None,
+                       remember: bool = True) -> Evaluation:
+        """Evaluate a flake reference (no build): its output path and derivation.
+
+        urn: the resource asking; its stack's other flake attributes are evaluated ahead, and this one is
+        remembered for the stack's next run unless remember is False (a secret flake or option).
+        """
         parsed = parse_flake_ref(ref, self.project_dir, nixos=nixos)
-        key = (str(parsed), " ".join(nix.options), nixos)
-        if key not in self.flake_cache:
-            self.flake_cache[key] = await self.fleet.out_path(nix, parsed)
-        return self.flake_cache[key]
+        plan = stack_of(urn) if urn and remember else None
+        return await self.evaluator.evaluate(nix, parsed, plan=plan)
 
 
 class DeployedResource:
@@ -82,12 +93,16 @@ class DeployedResource:
         return to_remote(connection, host_key=host_key, default_private_key=self.ctx.default_private_key,
                          default_user=self.ctx.default_user)
 
-    async def _resolve_flake(self, news: dict[str, Any], *, nixos: bool) -> Any:
+    async def _resolve_flake(self, urn: str, news: dict[str, Any], *, nixos: bool) -> Any:
         """Check: the flake's output path, or UNKNOWN while the flake (or its options) is not known yet."""
         if contains_unknown(news.get("flake")) or contains_unknown(news.get("nixOptions")):
             return UNKNOWN
+        # A flake reference or option that is a secret is never written down to be evaluated ahead.
+        remember = not (is_secret(news.get("flake")) or is_secret(news.get("nixOptions")))
         try:
-            return await self.ctx.resolve_flake(str(reveal(news["flake"])), self._nix(news), nixos=nixos)
+            evaluation = await self.ctx.evaluate(str(reveal(news["flake"])), self._nix(news), nixos=nixos,
+                                                 urn=urn, remember=remember)
+            return evaluation.out_path
         except (EngineError, ValueError) as e:
             f = Failures()
             f.add("flake", describe(e))
@@ -119,6 +134,14 @@ class DiffResult:
     @property
     def changed(self) -> bool:
         return bool(self.detailed)
+
+
+def stack_of(urn: str) -> str:
+    """`urn:pulumi:<stack>::<project>::<type>::<name>` -> `<project>/<stack>`: the plan whose evaluations go ahead."""
+    parts = urn.split("::")
+    stack = parts[0].rsplit(":", 1)[-1] if parts else ""
+    project = parts[1] if len(parts) > 1 else ""
+    return f"{project}/{stack}"
 
 
 def now_rfc3339() -> str:

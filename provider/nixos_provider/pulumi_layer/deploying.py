@@ -43,7 +43,7 @@ async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, n
     if closure.flake is not None:
         ref = parse_flake_ref(closure.flake, ctx.project_dir, nixos=nixos)
         ctx.status(urn, f"building {ref}")
-        built = await ctx.fleet.build(nix, ref)
+        built = await ctx.builds.build(nix, ref)
         if check_evaluated and closure.store_path and built != closure.store_path:
             raise EngineError(f"building {ref} gave {built}, but evaluation said {closure.store_path}; "
                               "is the flake impure?")

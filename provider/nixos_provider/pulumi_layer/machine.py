@@ -9,12 +9,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine import secret_files as files
-from ..engine.closure_diff import ClosureChanges, closure_changes
+from ..engine.closure_diff import DERIVATIONS, ClosureChanges, closure_changes, derivation_changes
 from ..engine.dry_activate import parse_dry_activate
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import Nix, parse_flake_ref
+from ..engine.nix import Evaluation, Nix, parse_flake_ref
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
@@ -40,7 +40,7 @@ INPUT_KEYS = [
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
-    "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
+    "systemDerivation", "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
     "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
 ]
 # The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
@@ -97,7 +97,7 @@ class NixosMachine(DeployedResource):
         if checked.get("secretFiles") is not None:
             checked["secretFiles"] = v.normalize_secret_files(checked["secretFiles"])
         if flake is not None:
-            checked["systemPath"] = await self._resolve_flake(news, nixos=True)
+            checked["systemPath"] = await self._resolve_flake(urn, news, nixos=True)
         return checked
 
     # -- Diff -------------------------------------------------------------------
@@ -126,7 +126,7 @@ class NixosMachine(DeployedResource):
         out["binaryCache"] = v.secret_binary_cache(news.get("binaryCache"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
-                                                  "pushedPaths", "pushedBytes", "needsReboot")):
+                                                  "pushedPaths", "pushedBytes", "needsReboot", "systemDerivation")):
                 out[k] = UNKNOWN
         if olds is not None and olds.get("hostKey"):
             out["hostKey"] = olds["hostKey"]
@@ -194,6 +194,9 @@ class NixosMachine(DeployedResource):
             if deploys:
                 changes = await self._pending_changes(urn, olds, news)
                 out["pendingChanges"] = changes.to_output() if changes else None
+                if changes is not None and changes.source == DERIVATIONS and not changes.note:
+                    # Predicted from the derivations: the new kernel, initrd or modules run only after a reboot.
+                    out["needsReboot"] = bool(changes.boot_changes) or bool(olds.get("needsReboot"))
             return out
         m = MachineInputs.parse(news)
         pinned = m.connection.get("hostKey") or olds.get("hostKey")
@@ -333,6 +336,8 @@ class NixosMachine(DeployedResource):
             "nixosVersion": result.nixos_version,
             "deployedAt": now if result.installed else None,
         }
+        if result.current_system == system and m.closure.flake is not None:
+            outputs["systemDerivation"] = await self._installed_derivation(urn, m, nix, system)
         if result.installed:
             self.ctx.info(urn, f"installed {result.current_system} as generation {outputs['generation']}; "
                                f"host key pinned from {result.host_key_source}")
@@ -366,11 +371,14 @@ class NixosMachine(DeployedResource):
                 self.ctx.warn(urn, f"preview build failed: {describe(e)}")
         missing = [label for label, path in (("new", new), ("current", old)) if not await nix.is_valid(path)]
         if missing:
-            note = (f"no package diff: the {' and '.join(missing)} system is not in the local store"
-                    + (" (set `buildOnPreview: true` to build it during preview)" if "new" in missing else ""))
-            self.ctx.info(urn, note)
-            return ClosureChanges(before=old, after=new, note=note)
-        changes = await closure_changes(nix, old, new)
+            changes = await self._derivation_changes(urn, olds, news, nix)
+            if changes is None:
+                note = (f"no package diff: the {' and '.join(missing)} system is not in the local store"
+                        + (" (set `buildOnPreview: true` to build it during preview)" if "new" in missing else ""))
+                self.ctx.info(urn, note)
+                return ClosureChanges(before=old, after=new, note=note)
+        else:
+            changes = await closure_changes(nix, old, new)
         if news.get("dryActivate"):
             changes = await self._dry_activate(urn, olds, news, changes)
         for line in changes.lines():
@@ -379,6 +387,42 @@ class NixosMachine(DeployedResource):
         # previewed update, so the structured form also travels as one line.
         self.ctx.info(urn, "pendingChanges: " + json.dumps(changes.to_output(), sort_keys=True))
         return changes
+
+    async def _derivation_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
+                                  nix: Nix) -> ClosureChanges | None:
+        """The package diff from the derivation closures (nothing built), when both derivations are here:
+        the old one recorded at deploy, the new one from Check's evaluation (this process, or kept from an
+        earlier run: then its derivation is still in the store)."""
+        before = olds.get("systemDerivation")
+        flake = news.get("flake")
+        if not isinstance(before, str) or flake is None or contains_unknown(flake):
+            return None
+        try:
+            evaluation = await self._evaluation(urn, news, nix)
+        except (EngineError, ValueError):
+            return None
+        after = evaluation.drv_path
+        if after is None or evaluation.out_path != news.get("systemPath"):
+            return None
+        if not await nix.is_valid(before) or not await nix.is_valid(after):
+            return None
+        try:
+            return await derivation_changes(nix, before, after, str(olds.get("systemPath")), evaluation.out_path)
+        except EngineError as e:
+            self.ctx.warn(urn, f"no package diff: reading the derivations failed: {describe(e)}")
+            return None
+
+    async def _installed_derivation(self, urn: str, m: MachineInputs, nix: Nix, system: str) -> str | None:
+        """The installed system's derivation, for the next preview's package diff (never fails the install)."""
+        try:
+            evaluation = await self._evaluation(urn, m.raw, nix)
+        except (EngineError, ValueError):
+            return None
+        return evaluation.drv_path if evaluation.out_path == system else None
+
+    async def _evaluation(self, urn: str, news: dict[str, Any], nix: Nix) -> Evaluation:
+        """The flake's evaluation, as Check made it (a lookup in this process)."""
+        return await self.ctx.evaluate(str(reveal(news["flake"])), nix, nixos=True, urn=urn, remember=False)
 
     async def _dry_activate(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
                             changes: ClosureChanges) -> ClosureChanges:
@@ -419,19 +463,21 @@ class NixosMachine(DeployedResource):
         failed = _with_files(kept if kept is not None else base, placement)
         remote = self._remote_of(m.connection, host_key=pinned)
         nix = self._deploy_nix(m.settings)
-        drv: str | None = None
+        evaluation: Evaluation | None = None
         try:
-            if m.build_on_target and m.closure.flake is not None:
-                ref = parse_flake_ref(m.closure.flake, self.ctx.project_dir, nixos=True)
-                drv = await nix.eval_drv_path(ref)
-                store_path = m.closure.store_path or await nix.eval_out_path(ref)
+            if m.closure.flake is not None:
+                evaluation = await self._evaluation(urn, m.raw, nix)
+            if m.build_on_target and evaluation is not None:
+                store_path = m.closure.store_path or evaluation.out_path
             else:
                 store_path = await (building or self._build(urn, m.closure, nix))
-        except EngineError as e:
+        except (EngineError, ValueError) as e:
             raise PartialFailure(describe(e), ident, failed, m.raw) from e
+        drv = evaluation.drv_path if evaluation is not None and evaluation.out_path == store_path else None
         await self._files_before_activation(urn, ident, failed, m.raw, placement)
         failed = _with_files(failed, placement)
-        req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action, build_drv_on_target=drv,
+        req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action,
+                             build_drv_on_target=drv if m.build_on_target else None,
                              binary_cache=m.binary_cache or self.ctx.binary_cache)
         result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=m.raw, failed=failed,
                                   after_failure=_now_running, observe=lambda out: self._observed(out, remote))
@@ -443,6 +489,7 @@ class NixosMachine(DeployedResource):
             "pendingChanges": None,
             "lastChanges": last.to_output() if last else None,
             **deployed_outputs(result, "systemPath", pinned),
+            "systemDerivation": drv if result.store_path == store_path else None,
             "nixosVersion": result.nixos_version,
             "needsReboot": bool(result.reboot_for),
         }
@@ -473,7 +520,9 @@ class NixosMachine(DeployedResource):
             state = await engine.read_state(remote, SYSTEM)
         except EngineError:
             return base
+        same = state.current_system == base.get("systemPath")
         return {**base, "systemPath": state.current_system,
+                "systemDerivation": base.get("systemDerivation") if same else None,
                 "generation": state.generation.number if state.generation else base.get("generation")}
 
     # -- Read / Delete ----------------------------------------------------------
@@ -497,6 +546,8 @@ class NixosMachine(DeployedResource):
             **props,
             "connection": v.secret_connection(props["connection"]),
             "systemPath": now.current_system,
+            # The recorded derivation describes the recorded system only (drift makes it unknown).
+            "systemDerivation": state.get("systemDerivation") if now.current_system == state.get("systemPath") else None,
             "generation": now.generation.number if now.generation else None,
             "hostKey": now.host_key,
             "nixosVersion": now.nixos_version,
@@ -585,6 +636,8 @@ def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
     after = {**failed}
     if e.now_running:
         after["systemPath"] = e.now_running
+        if e.now_running != failed.get("systemPath"):
+            after["systemDerivation"] = None  # not the system whose derivation was recorded
     if e.generation is not None:
         after["generation"] = e.generation
     return after

@@ -104,3 +104,14 @@ def contains_unknown(value: Any) -> bool:
     if isinstance(value, list):
         return any(contains_unknown(v) for v in value)
     return False
+
+
+def is_secret(value: Any) -> bool:
+    """Whether any part of the value is a secret."""
+    if isinstance(value, Secret):
+        return True
+    if isinstance(value, dict):
+        return any(is_secret(v) for v in value.values())
+    if isinstance(value, list):
+        return any(is_secret(v) for v in value)
+    return False

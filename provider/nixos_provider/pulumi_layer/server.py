@@ -161,7 +161,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                           ) -> provider_pb2.CheckResponse:
         news = from_struct(request.news)
         failures = []
-        for key in ("maxParallelSsh", "maxParallelTransfers"):
+        for key in ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations"):
             val = reveal(news.get(key))
             if val is not None and _whole_number(val) is None:
                 failures.append(provider_pb2.CheckFailure(property=key, reason="must be a whole number of at least 1"))
@@ -206,6 +206,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         transfers = _whole_number(reveal(args.get("maxParallelTransfers")))
         if transfers:
             self.ctx.transfer_slots = asyncio.Semaphore(transfers)
+        self.ctx.evaluator.set_workers(_whole_number(reveal(args.get("maxParallelEvaluations"))))
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
@@ -217,6 +218,21 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 self._cancelled.add(task)
                 task.cancel()
         return tasks
+
+    def interrupted(self) -> None:
+        """SIGINT. The engine sends it to the plugin's process group to stop a plugin it is done with (and SIGKILL
+        5 s later); a Ctrl-C in a terminal sends it to the whole group too. With an operation in flight it is
+        that Ctrl-C: the engine calls Cancel, and a deployment rolls back as it should, so the signal is ignored.
+        With none, the provider stops at once (its evaluations ahead are cancelled, their Nix processes killed)
+        instead of making every `pulumi` command wait those 5 s."""
+        if self._tasks:
+            return
+        stopping = asyncio.ensure_future(self._stop())
+        stopping.add_done_callback(lambda _: os._exit(0))
+
+    async def _stop(self) -> None:
+        await self.ctx.evaluator.aclose(timeout=STOP_GRACE)
+        await self._flush_logs()
 
     async def Cancel(self, request: empty_pb2.Empty, context: Ctx) -> empty_pb2.Empty:
         # Each operation is cancelled once: a deployment that is activating
@@ -327,7 +343,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                     path = await nix.build(parsed)
                     built = True
                 else:
-                    path = await nix.eval_out_path(parsed)
+                    path = (await self.ctx.evaluator.evaluate(nix, parsed)).out_path
                     built = is_store_path(path) and await nix.is_valid(path)
                 return _invoke_result({"storePath": path, "built": built})
             raise EngineError(f"unknown function {request.tok!r}")
@@ -384,12 +400,14 @@ async def serve(argv: list[str]) -> None:
     provider_pb2_grpc.add_ResourceProviderServicer_to_server(provider, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, provider.interrupted)
     print(port, flush=True)
     await exit_when_orphaned(provider)
 
 
 ORPHAN_CHECK_INTERVAL = 1.0
 ORPHAN_GRACE = 10.0
+STOP_GRACE = 3.0  # for evaluations to be killed when the engine stops the plugin (it kills it at 5 s)
 
 
 async def _reachable(address: str | None) -> bool:
@@ -422,8 +440,8 @@ async def exit_when_orphaned(provider: Provider) -> None:
         unreachable = 0 if await _reachable(provider.engine_address) else unreachable + 1
     print("nixos provider: the Pulumi engine is gone; stopping", file=sys.stderr, flush=True)
     tasks = provider.cancel_all()
-    if tasks:
-        await asyncio.wait(tasks, timeout=ORPHAN_GRACE)
+    closing = asyncio.ensure_future(provider.ctx.evaluator.aclose(timeout=ORPHAN_GRACE))
+    await asyncio.wait([*tasks, closing], timeout=ORPHAN_GRACE)
     os._exit(0)
 
 

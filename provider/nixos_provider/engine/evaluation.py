@@ -1,0 +1,542 @@
+"""Evaluating a fleet's configurations: one Nix process each, from a pool bounded by cores and memory.
+
+Each real NixOS configuration (`nixpkgs.lib.nixosSystem`) runs its own module
+system and instantiates its own `pkgs`: seconds and hundreds of MiB to GiB,
+whether it is evaluated alone or beside others in one Nix process. One
+process for many configurations saves almost nothing and holds all their
+memory at once. So, as nix-eval-jobs does for Hydra and colmena:
+
+- **One configuration per process.** A `nix eval` evaluates one attribute and
+  exits, so its memory is one configuration's, and its error is its own.
+- **A bounded pool.** At most `workers` evaluations run at once: the cores, or
+  the `maxParallelEvaluations` setting. Without that setting, a new one also
+  starts only when the memory the machine has available covers the peak of
+  one evaluation (as measured on earlier ones, remembered across runs) on top
+  of what the running ones will still grow to. A process that has to wait is
+  the one a Check is not waiting for.
+- **Evaluate ahead what the stack will ask for.** Pulumi's engine sends one
+  Check at a time, so evaluating ahead is what lets a fleet's Checks overlap.
+  The stack's plan (its URN's stack and project) remembers which attributes
+  its last run asked for; its first Check starts all of them. Where the plan
+  knows nothing (a first preview, a new machine), guesses follow: the
+  configurations of the flake after the one asked for, one at first, two more
+  for every guess a later Check asked for. A one-machine stack thus costs at
+  most one evaluation it does not use.
+- **An unchanged flake is not evaluated again.** `nix flake metadata`
+  fingerprints the flake and its locked inputs without evaluating; an
+  attribute evaluated before under the same fingerprint, Nix and options is
+  answered from the store of earlier results (EvaluationStore), as long as
+  its derivation is still in the Nix store.
+- Whatever still runs when the provider stops is cancelled (close()), which
+  kills its Nix process.
+
+The engine has no Pulumi here: a plan is any string the caller names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NixError
+from .nix import Evaluation, FlakeRef, Nix
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PEAK = 1 << 30  # bytes one evaluation is assumed to need until one has been measured
+RESERVE = 512 << 20  # bytes left to everything else on the machine
+POLL_SECONDS = 0.2  # how often a running evaluation's memory is read
+FIRST_GUESSES = 1  # configurations guessed ahead before any guess proved right
+MORE_GUESSES = 2  # guessed ahead for each guess a Check then asked for
+STORE_VERSION = 1
+STORE_ENV = "PULUMI_NIXOS_EVALUATION_STORE"  # where EvaluationStore keeps its files, in place of the default
+
+
+def cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_memory(pid: int) -> tuple[int, int] | None:
+    """(resident now, peak resident) of a process in bytes, from /proc; None once it is gone."""
+    rss = peak = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return (rss, peak) if rss is not None and peak is not None else None
+
+
+def nix_identity(nix: Nix) -> str:
+    """What makes one Nix evaluate differently from another: the program (its file, size and time), its
+    arguments, the resource's options and NIX_CONFIG. Cheap: nothing is run."""
+    program = shutil.which(nix.command[0]) or nix.command[0]
+    try:
+        real = os.path.realpath(program)
+        st = os.stat(real)
+        stamp = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = program
+    return json.dumps([stamp, nix.command[1:], list(nix.settings), os.environ.get("NIX_CONFIG", "")])
+
+
+# -- what is kept between runs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedRef:
+    """An attribute a stack asked for, with the Nix that evaluates it: enough to evaluate it again ahead."""
+
+    command: tuple[str, ...]
+    settings: tuple[tuple[str, str], ...]
+    flake: str
+    attr: str
+
+    @classmethod
+    def of(cls, nix: Nix, ref: FlakeRef) -> PlannedRef:
+        return cls(tuple(nix.command), tuple(nix.settings), ref.flake, ref.attr)
+
+    def nix(self) -> Nix:
+        return Nix(self.command, self.settings)
+
+    def ref(self) -> FlakeRef:
+        return FlakeRef(self.flake, self.attr)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": list(self.command), "settings": [list(s) for s in self.settings],
+                "flake": self.flake, "attr": self.attr}
+
+    @classmethod
+    def from_json(cls, value: Any) -> PlannedRef | None:
+        try:
+            command, settings = value["command"], value["settings"]
+            if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
+                return None
+            pairs = tuple((str(a), str(b)) for a, b in settings)
+            flake, attr = value["flake"], value["attr"]
+            if not isinstance(flake, str) or not isinstance(attr, str):
+                return None
+            return cls(tuple(command), pairs, flake, attr)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class EvaluationStore:
+    """Results, plans and measured peaks, kept in a directory between runs (best effort: a store that
+    cannot be read or written only costs evaluations). Files are private (0600 in a 0700 directory)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    def default(cls) -> EvaluationStore:
+        base = os.environ.get(STORE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pulumi-nixos")
+        return cls(Path(base) / f"evaluation-v{STORE_VERSION}")
+
+    @staticmethod
+    def _name(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+    def _read(self, kind: str, name: str) -> Any:
+        try:
+            return json.loads((self.directory / kind / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, kind: str, name: str, value: Any) -> None:
+        folder = self.directory / kind
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f)
+            os.replace(tmp, folder / name)
+        except OSError as e:
+            log.debug("evaluation store: cannot write %s/%s: %s", kind, name, e)
+
+    def result(self, identity: str, fingerprint: str, attr: str) -> Evaluation | None:
+        value = self._read("results", self._name(identity, fingerprint, attr))
+        if not isinstance(value, dict) or not isinstance(value.get("out"), str):
+            return None
+        drv = value.get("drv")
+        if drv is not None and (not isinstance(drv, str) or not os.path.exists(drv)):
+            return None  # collected since: evaluate again (the package diff reads it)
+        return Evaluation(value["out"], drv)
+
+    def keep_result(self, identity: str, fingerprint: str, attr: str, evaluation: Evaluation) -> None:
+        self._write("results", self._name(identity, fingerprint, attr),
+                    {"out": evaluation.out_path, "drv": evaluation.drv_path, "at": int(time.time())})
+
+    def plan(self, plan: str) -> list[PlannedRef]:
+        value = self._read("plans", self._name(plan))
+        refs = value.get("refs") if isinstance(value, dict) else None
+        if not isinstance(refs, list):
+            return []
+        return [r for r in map(PlannedRef.from_json, refs) if r is not None]
+
+    def keep_plan(self, plan: str, refs: list[PlannedRef]) -> None:
+        self._write("plans", self._name(plan), {"refs": [r.to_json() for r in refs]})
+
+    def peak(self, identity: str, flake: str) -> int | None:
+        value = self._read("peaks", self._name(identity, flake))
+        return value if isinstance(value, int) and value > 0 else None
+
+    def keep_peak(self, identity: str, flake: str, peak: int) -> None:
+        self._write("peaks", self._name(identity, flake), peak)
+
+
+# -- the pool ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One evaluation's place in the pool."""
+
+    foreground: bool
+    expected_peak: int
+    granted: asyncio.Future[None] | None = None
+    pid: int | None = None
+    rss: int = 0
+    peak: int = 0
+
+
+class _Pool:
+    """At most `workers` evaluations at once; Checks' own first; by memory too unless the workers were set."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._set = workers
+        self._running: list[_Ticket] = []
+        self._waiting: dict[bool, deque[_Ticket]] = {True: deque(), False: deque()}
+
+    @property
+    def workers(self) -> int:
+        return self._set or cores()
+
+    def set_workers(self, workers: int | None) -> None:
+        self._set = workers
+        self._wake()
+
+    def promote(self, ticket: _Ticket) -> None:
+        """A Check now waits for this one: it goes before the evaluations ahead of time."""
+        if ticket.foreground:
+            return
+        ticket.foreground = True
+        if ticket in self._waiting[False]:
+            self._waiting[False].remove(ticket)
+            self._waiting[True].append(ticket)
+            self._wake()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, ticket: _Ticket) -> Any:
+        if not (self._waiting[True] or (not ticket.foreground and self._waiting[False])) and self._admits(ticket):
+            self._running.append(ticket)
+        else:
+            ticket.granted = asyncio.get_running_loop().create_future()
+            self._waiting[ticket.foreground].append(ticket)
+            try:
+                await ticket.granted
+            except asyncio.CancelledError:
+                for queue in self._waiting.values():
+                    if ticket in queue:
+                        queue.remove(ticket)
+                if ticket.granted.done() and not ticket.granted.cancelled():
+                    self._release(ticket)
+                raise
+        try:
+            yield
+        finally:
+            self._release(ticket)
+
+    def _release(self, ticket: _Ticket) -> None:
+        if ticket in self._running:
+            self._running.remove(ticket)
+        self._wake()
+
+    def _admits(self, ticket: _Ticket) -> bool:
+        if len(self._running) >= self.workers:
+            return False
+        if self._set is not None or not self._running:
+            return True  # set by the user; or nothing runs, and one must
+        available = available_memory()
+        if available is None:
+            return True
+        # What the running ones will still grow to is not free, whatever MemAvailable says now.
+        growing = sum(max(0, t.expected_peak - t.rss) for t in self._running)
+        return available - growing >= ticket.expected_peak + RESERVE
+
+    def _wake(self) -> None:
+        for foreground in (True, False):
+            queue = self._waiting[foreground]
+            while queue and self._admits(queue[0]):
+                ticket = queue.popleft()
+                self._running.append(ticket)
+                if ticket.granted is not None and not ticket.granted.done():
+                    ticket.granted.set_result(None)
+            if queue:
+                return  # the first in line waits: nobody overtakes it
+
+    async def watch(self, ticket: _Ticket) -> None:
+        """Follow the ticket's process's memory until it is gone (cancelled by the caller then)."""
+        while True:
+            if ticket.pid is not None:
+                seen = process_memory(ticket.pid)
+                if seen is not None:
+                    ticket.rss, ticket.peak = seen[0], max(ticket.peak, seen[1])
+            await asyncio.sleep(POLL_SECONDS)
+
+
+# -- the evaluator ----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    ticket: _Ticket
+    task: asyncio.Task[Evaluation]
+    guessed: bool = False
+
+
+@dataclass
+class _Plan:
+    """One stack's requests in this process."""
+
+    remembered: list[PlannedRef]
+    asked: list[PlannedRef] = field(default_factory=list)
+    guesses_right: int = 0
+    guessed: int = 0
+    siblings: dict[tuple[str, str, str], asyncio.Task[list[str]]] = field(default_factory=dict)
+
+
+Key = tuple[str, str, str]  # (nix identity, flake, attribute)
+
+
+@dataclass
+class EvaluationCounts:
+    """What this process evaluated, for tests and benchmarks (also in the timeline)."""
+
+    evaluated: int = 0
+    from_store: int = 0
+    peak: int = 0
+
+
+class Evaluator:
+    """Out paths and derivations of flake attributes, for a fleet; see the module's docstring."""
+
+    def __init__(self, store: EvaluationStore | None = None, workers: int | None = None) -> None:
+        self.store = store
+        self._pool = _Pool(workers)
+        self._jobs: dict[Key, _Job] = {}
+        self._fingerprints: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._identities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
+        self._peaks: dict[tuple[str, str], int] = {}
+        self.counts = EvaluationCounts()
+
+    def set_workers(self, workers: int | None) -> None:
+        """maxParallelEvaluations; None: the cores, bounded by memory."""
+        self._pool.set_workers(workers)
+
+    async def evaluate(self, nix: Nix, ref: FlakeRef, *, plan: str | None = None) -> Evaluation:
+        """Evaluate ref (or take it from an evaluation ahead, or from the store of earlier results).
+
+        plan: the stack the request comes from; it is remembered, and the plan's other attributes are
+        evaluated ahead. None: neither (a one-off question).
+        """
+        key = self._key(nix, ref)
+        job = self._jobs.get(key)
+        if job is None:
+            job = self._start(nix, ref, foreground=True)
+        else:
+            self._pool.promote(job.ticket)
+        if plan is not None:
+            self._plan_ahead(plan, nix, ref, job)
+        return await asyncio.shield(job.task)
+
+    async def aclose(self, timeout: float) -> None:
+        """Stop every evaluation (the provider is stopping) and wait until their Nix processes are killed."""
+        listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
+        tasks = [t for t in (*(j.task for j in self._jobs.values()), *self._fingerprints.values(), *listings)
+                 if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    # -- ahead of the Checks --------------------------------------------------------------------------
+
+    def _plan_ahead(self, name: str, nix: Nix, ref: FlakeRef, job: _Job) -> None:
+        plan = self._plans.get(name)
+        if plan is None:
+            remembered = self.store.plan(self._plan_key(name, nix)) if self.store else []
+            plan = self._plans[name] = _Plan(remembered)
+            for planned in remembered:
+                if self._key(planned.nix(), planned.ref()) not in self._jobs:
+                    self._start(planned.nix(), planned.ref(), foreground=False)
+        planned = PlannedRef.of(nix, ref)
+        if planned not in plan.asked:
+            plan.asked.append(planned)
+            if self.store:
+                self.store.keep_plan(self._plan_key(name, nix), plan.asked)
+        if job.guessed:
+            job.guessed = False
+            plan.guesses_right += 1
+        if planned not in plan.remembered:
+            # The stack asks for more than its last run did: guess which configurations follow.
+            self._guess(plan, nix, ref)
+        elif plan.guesses_right:
+            self._guess(plan, nix, ref)
+
+    @staticmethod
+    def _plan_key(name: str, nix: Nix) -> str:
+        return json.dumps([name, nix.command])
+
+    def _guess(self, plan: _Plan, nix: Nix, ref: FlakeRef) -> None:
+        configuration = ref.configuration
+        if configuration is None:
+            return
+        wanted = FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed
+        if wanted <= 0:
+            return
+        identity = self._identity(nix)
+        listing_key = (identity, ref.flake, configuration[1])
+        listing = plan.siblings.get(listing_key)
+        if listing is None:
+            listing = plan.siblings[listing_key] = asyncio.ensure_future(
+                nix.attr_names(ref.flake, "nixosConfigurations"))
+            listing.add_done_callback(_retrieve)
+        task = asyncio.ensure_future(self._start_guesses(plan, nix, ref, listing))
+        task.add_done_callback(_retrieve)
+
+    async def _start_guesses(self, plan: _Plan, nix: Nix, ref: FlakeRef, listing: asyncio.Task[list[str]]) -> None:
+        try:
+            names = await asyncio.shield(listing)
+        except (NixError, ValueError):
+            return  # no list, no guesses: each Check evaluates its own
+        own = ref.configuration
+        assert own is not None
+        written = [FlakeRef(ref.flake, f"nixosConfigurations.{n}.{own[1]}") for n in names]
+        candidates = [ref.of_configuration(n) for n in names]
+        # After the one asked for, in the flake's order: programs tend to declare machines in that order.
+        mine = next((i for i, (w, c) in enumerate(zip(written, candidates, strict=True))
+                     if ref.attr in (w.attr, c.attr)), -1)
+        order = candidates[mine + 1:] + candidates[:max(mine, 0)]
+        for candidate in order:
+            if FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed <= 0:
+                return
+            if self._key(nix, candidate) in self._jobs:
+                continue
+            plan.guessed += 1
+            self._start(nix, candidate, foreground=False).guessed = True
+
+    # -- one evaluation ---------------------------------------------------------------------------------
+
+    def _identity(self, nix: Nix) -> str:
+        k = (tuple(nix.command), tuple(nix.settings))
+        if k not in self._identities:
+            self._identities[k] = nix_identity(nix)
+        return self._identities[k]
+
+    def _key(self, nix: Nix, ref: FlakeRef) -> Key:
+        return (self._identity(nix), ref.flake, ref.attr)
+
+    def _start(self, nix: Nix, ref: FlakeRef, *, foreground: bool) -> _Job:
+        identity = self._identity(nix)
+        expected = self._expected_peak(identity, ref.flake)
+        ticket = _Ticket(foreground=foreground, expected_peak=expected)
+        task = asyncio.ensure_future(self._run(nix, ref, ticket))
+        task.add_done_callback(_retrieve)
+        job = self._jobs[self._key(nix, ref)] = _Job(ticket, task)
+        return job
+
+    def _expected_peak(self, identity: str, flake: str) -> int:
+        known = self._peaks.get((identity, flake))
+        if known is None and self.store is not None:
+            known = self.store.peak(identity, flake)
+            if known is not None:
+                self._peaks[(identity, flake)] = known
+        return known or DEFAULT_PEAK
+
+    async def _fingerprint(self, nix: Nix, flake: str) -> str | None:
+        k = (self._identity(nix), flake)
+        task = self._fingerprints.get(k)
+        if task is None:
+            task = self._fingerprints[k] = asyncio.ensure_future(nix.flake_fingerprint(flake))
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _run(self, nix: Nix, ref: FlakeRef, ticket: _Ticket) -> Evaluation:
+        identity = self._identity(nix)
+        fingerprint = await self._fingerprint(nix, ref.flake) if self.store else None
+        if fingerprint is not None and self.store is not None:
+            kept = self.store.result(identity, fingerprint, ref.attr)
+            if kept is not None:
+                self.counts.from_store += 1
+                return kept
+        async with self._pool.slot(ticket):
+            watching = asyncio.ensure_future(self._pool.watch(ticket))
+
+            def started(pid: int) -> None:
+                ticket.pid = pid
+
+            try:
+                evaluation = await nix.evaluate(ref, started=started)
+            finally:
+                watching.cancel()
+                self._measured(identity, ref.flake, ticket.peak)
+        self.counts.evaluated += 1
+        if fingerprint is not None and self.store is not None:
+            self.store.keep_result(identity, fingerprint, ref.attr, evaluation)
+        return evaluation
+
+    def _measured(self, identity: str, flake: str, peak: int) -> None:
+        if peak <= 0:
+            return
+        self.counts.peak = max(self.counts.peak, peak)
+        k = (identity, flake)
+        # The largest seen in this process; the store keeps the last process's, so it can also shrink.
+        if peak > self._peaks.get(k, 0):
+            self._peaks[k] = peak
+            if self.store is not None:
+                self.store.keep_peak(identity, flake, peak)
+
+    def jobs(self) -> Iterator[tuple[str, str, bool]]:
+        """(flake, attribute, done) of every evaluation this process started: for tests."""
+        for (_identity, flake, attr), job in self._jobs.items():
+            yield flake, attr, job.task.done()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Nobody may wait for a background task: take its outcome so asyncio does not warn."""
+    if not task.cancelled():
+        task.exception()
