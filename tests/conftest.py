@@ -41,7 +41,7 @@ def pytest_report_header() -> str:
 # Fixtures that need the lab (root, Nix builds, lab hosts) or the pulumi CLI:
 # a test using any of them is marked `lab`, so `pytest -m "not lab"` is the
 # fast tier, which needs neither root nor Nix.
-LAB_FIXTURES = {"lab_dir", "systems", "pulumi_available"}
+LAB_FIXTURES = {"lab_dir", "systems", "pulumi_available", "local_nix"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -184,12 +184,22 @@ class PulumiProject:
         raise AssertionError(f"no {type_suffix} in state")
 
 
+def _on_path(program: str, what: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{what} is not on PATH; run the tests through `make test`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_nix() -> str:
+    """This machine's Nix, for tests that evaluate."""
+    return _on_path("nix", "nix")
+
+
 @pytest.fixture(scope="session")
 def pulumi_available() -> str:
-    path = shutil.which("pulumi")
-    if path is None:
-        pytest.fail("the pulumi CLI is not on PATH; run the tests through `make test`")
-    return path
+    return _on_path("pulumi", "the pulumi CLI")
 
 
 @pytest.fixture

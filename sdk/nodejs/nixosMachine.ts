@@ -173,6 +173,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly substituteOnDestination: pulumi.Output<boolean | undefined>;
     /**
+     * The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
+     */
+    declare public /*out*/ readonly systemDerivation: pulumi.Output<string | undefined>;
+    /**
      * The store path of the NixOS system deployed on the host.
      */
     declare public readonly systemPath: pulumi.Output<string>;
@@ -230,6 +234,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["systemDerivation"] = undefined /*out*/;
         } else {
             resourceInputs["action"] = undefined /*out*/;
             resourceInputs["activationTimeout"] = undefined /*out*/;
@@ -264,6 +269,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["pushedPaths"] = undefined /*out*/;
             resourceInputs["secretFiles"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
+            resourceInputs["systemDerivation"] = undefined /*out*/;
             resourceInputs["systemPath"] = undefined /*out*/;
             resourceInputs["triggers"] = undefined /*out*/;
         }

@@ -47,6 +47,7 @@ export class Provider extends pulumi.ProviderResource {
             resourceInputs["binaryCache"] = pulumi.output(args?.binaryCache).apply(JSON.stringify);
             resourceInputs["defaultPrivateKey"] = args?.defaultPrivateKey ? pulumi.secret(args.defaultPrivateKey) : undefined;
             resourceInputs["defaultUser"] = args?.defaultUser;
+            resourceInputs["maxParallelEvaluations"] = pulumi.output(args?.maxParallelEvaluations).apply(JSON.stringify);
             resourceInputs["maxParallelSsh"] = pulumi.output((args?.maxParallelSsh) ?? 8).apply(JSON.stringify);
             resourceInputs["maxParallelTransfers"] = pulumi.output((args?.maxParallelTransfers) ?? 4).apply(JSON.stringify);
             resourceInputs["nixCommand"] = pulumi.output(args?.nixCommand).apply(JSON.stringify);
@@ -75,6 +76,10 @@ export interface ProviderArgs {
      * The SSH user for connections that set no `user` of their own, in place of `root`.
      */
     defaultUser?: pulumi.Input<string | undefined>;
+    /**
+     * The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+     */
+    maxParallelEvaluations?: pulumi.Input<number | undefined>;
     /**
      * The most SSH connections the provider opens at the same time, across all resources.
      */

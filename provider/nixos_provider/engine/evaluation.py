@@ -45,7 +45,6 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,6 +338,22 @@ class _Plan:
 
 
 Key = tuple[str, str, str]  # (nix identity, flake, attribute)
+LockStamp = tuple[int, int] | None
+
+
+def lock_stamp(flake: str) -> LockStamp:
+    """(size, mtime) of a local flake's lock file: an evaluation that writes it changes the flake's fingerprint.
+    None for a flake that is not a local directory, or has no lock file yet."""
+    location = flake.split("?", 1)[0]
+    for scheme in ("path:", "git+file://", "git+file:", "file://"):
+        location = location.removeprefix(scheme)
+    if not location.startswith("/"):
+        return None
+    try:
+        st = os.stat(os.path.join(location, "flake.lock"))
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 @dataclass
@@ -357,7 +372,11 @@ class Evaluator:
         self.store = store
         self._pool = _Pool(workers)
         self._jobs: dict[Key, _Job] = {}
-        self._fingerprints: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        # (identity, flake) -> (its lock file's stamp when fingerprinted, the fingerprint)
+        self._fingerprints: dict[tuple[str, str], tuple[LockStamp, asyncio.Task[str | None]]] = {}
+        self._keeping: set[asyncio.Task[None]] = set()
+        self._guessing: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._plans: dict[str, _Plan] = {}
         self._identities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
         self._peaks: dict[tuple[str, str], int] = {}
@@ -384,10 +403,15 @@ class Evaluator:
         return await asyncio.shield(job.task)
 
     async def aclose(self, timeout: float) -> None:
-        """Stop every evaluation (the provider is stopping) and wait until their Nix processes are killed."""
+        """The provider is stopping: keep what was evaluated, then stop every evaluation still running and wait
+        until their Nix processes are killed."""
+        self._closed = True  # nothing more starts ahead
+        if self._keeping:
+            await asyncio.wait(list(self._keeping), timeout=timeout)
         listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
-        tasks = [t for t in (*(j.task for j in self._jobs.values()), *self._fingerprints.values(), *listings)
-                 if not t.done()]
+        fingerprints = [task for _, task in self._fingerprints.values()]
+        tasks = [t for t in (*self._guessing, *(j.task for j in self._jobs.values()), *fingerprints, *listings,
+                             *self._keeping) if not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -396,6 +420,8 @@ class Evaluator:
     # -- ahead of the Checks --------------------------------------------------------------------------
 
     def _plan_ahead(self, name: str, nix: Nix, ref: FlakeRef, job: _Job) -> None:
+        if self._closed:
+            return
         plan = self._plans.get(name)
         if plan is None:
             remembered = self.store.plan(self._plan_key(name, nix)) if self.store else []
@@ -436,6 +462,8 @@ class Evaluator:
                 nix.attr_names(ref.flake, "nixosConfigurations"))
             listing.add_done_callback(_retrieve)
         task = asyncio.ensure_future(self._start_guesses(plan, nix, ref, listing))
+        self._guessing.add(task)
+        task.add_done_callback(self._guessing.discard)
         task.add_done_callback(_retrieve)
 
     async def _start_guesses(self, plan: _Plan, nix: Nix, ref: FlakeRef, listing: asyncio.Task[list[str]]) -> None:
@@ -452,7 +480,7 @@ class Evaluator:
                      if ref.attr in (w.attr, c.attr)), -1)
         order = candidates[mine + 1:] + candidates[:max(mine, 0)]
         for candidate in order:
-            if FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed <= 0:
+            if self._closed or FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed <= 0:
                 return
             if self._key(nix, candidate) in self._jobs:
                 continue
@@ -487,17 +515,20 @@ class Evaluator:
                 self._peaks[(identity, flake)] = known
         return known or DEFAULT_PEAK
 
-    async def _fingerprint(self, nix: Nix, flake: str) -> str | None:
+    def _fingerprint(self, nix: Nix, flake: str) -> asyncio.Task[str | None]:
+        """The flake's fingerprint, asked once per process, and again once its lock file changed."""
         k = (self._identity(nix), flake)
-        task = self._fingerprints.get(k)
-        if task is None:
-            task = self._fingerprints[k] = asyncio.ensure_future(nix.flake_fingerprint(flake))
+        stamp = lock_stamp(flake)
+        known = self._fingerprints.get(k)
+        if known is None or known[0] != stamp:
+            task = asyncio.ensure_future(nix.flake_fingerprint(flake))
             task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)
+            known = self._fingerprints[k] = (stamp, task)
+        return known[1]
 
     async def _run(self, nix: Nix, ref: FlakeRef, ticket: _Ticket) -> Evaluation:
         identity = self._identity(nix)
-        fingerprint = await self._fingerprint(nix, ref.flake) if self.store else None
+        fingerprint = await asyncio.shield(self._fingerprint(nix, ref.flake)) if self.store else None
         if fingerprint is not None and self.store is not None:
             kept = self.store.result(identity, fingerprint, ref.attr)
             if kept is not None:
@@ -515,9 +546,20 @@ class Evaluator:
                 watching.cancel()
                 self._measured(identity, ref.flake, ticket.peak)
         self.counts.evaluated += 1
-        if fingerprint is not None and self.store is not None:
-            self.store.keep_result(identity, fingerprint, ref.attr, evaluation)
+        if self.store is not None:
+            # The evaluation may have written the flake's lock file (a first evaluation, a new input): then the
+            # next run's fingerprint is the one after it. Found out in the background: the Check waits for nothing.
+            keeping = asyncio.ensure_future(self._keep(nix, ref, identity, evaluation))
+            self._keeping.add(keeping)
+            keeping.add_done_callback(self._keeping.discard)
+            keeping.add_done_callback(_retrieve)
         return evaluation
+
+    async def _keep(self, nix: Nix, ref: FlakeRef, identity: str, evaluation: Evaluation) -> None:
+        assert self.store is not None
+        fingerprint = await asyncio.shield(self._fingerprint(nix, ref.flake))
+        if fingerprint is not None:
+            self.store.keep_result(identity, fingerprint, ref.attr, evaluation)
 
     def _measured(self, identity: str, flake: str, peak: int) -> None:
         if peak <= 0:
@@ -530,10 +572,9 @@ class Evaluator:
             if self.store is not None:
                 self.store.keep_peak(identity, flake, peak)
 
-    def jobs(self) -> Iterator[tuple[str, str, bool]]:
-        """(flake, attribute, done) of every evaluation this process started: for tests."""
-        for (_identity, flake, attr), job in self._jobs.items():
-            yield flake, attr, job.task.done()
+    def busy(self) -> bool:
+        """Whether an evaluation (ahead or not) still runs or waits, or a result is still being kept."""
+        return any(not job.task.done() for job in self._jobs.values()) or bool(self._keeping or self._guessing)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -602,6 +602,9 @@ class Local(Runner):
             raise
         except asyncio.CancelledError:
             _kill(proc)
+            # Reaped before the cancellation goes on: a process left to the garbage collector outlives its loop.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), CLOSE_TIMEOUT)
             raise
         return CommandResult(proc.returncode or 0, _decode(out), _decode(err))
 

@@ -86,6 +86,8 @@ type NixosMachine struct {
 	SecretFiles SecretFileArrayOutput `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrOutput `pulumi:"substituteOnDestination"`
+	// The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
+	SystemDerivation pulumi.StringPtrOutput `pulumi:"systemDerivation"`
 	// The store path of the NixOS system deployed on the host.
 	SystemPath pulumi.StringOutput `pulumi:"systemPath"`
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
@@ -508,6 +510,11 @@ func (o NixosMachineOutput) SecretFiles() SecretFileArrayOutput {
 // Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 func (o NixosMachineOutput) SubstituteOnDestination() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.SubstituteOnDestination }).(pulumi.BoolPtrOutput)
+}
+
+// The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
+func (o NixosMachineOutput) SystemDerivation() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.SystemDerivation }).(pulumi.StringPtrOutput)
 }
 
 // The store path of the NixOS system deployed on the host.

@@ -57,6 +57,8 @@ type providerArgs struct {
 	DefaultPrivateKey *string `pulumi:"defaultPrivateKey"`
 	// The SSH user for connections that set no `user` of their own, in place of `root`.
 	DefaultUser *string `pulumi:"defaultUser"`
+	// The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+	MaxParallelEvaluations *int `pulumi:"maxParallelEvaluations"`
 	// The most SSH connections the provider opens at the same time, across all resources.
 	MaxParallelSsh *int `pulumi:"maxParallelSsh"`
 	// The most closure copies the provider runs at the same time, across all resources.
@@ -75,6 +77,8 @@ type ProviderArgs struct {
 	DefaultPrivateKey pulumi.StringPtrInput
 	// The SSH user for connections that set no `user` of their own, in place of `root`.
 	DefaultUser pulumi.StringPtrInput
+	// The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+	MaxParallelEvaluations pulumi.IntPtrInput
 	// The most SSH connections the provider opens at the same time, across all resources.
 	MaxParallelSsh pulumi.IntPtrInput
 	// The most closure copies the provider runs at the same time, across all resources.

@@ -247,6 +247,8 @@ type ClosureChanges struct {
 	SizeAfter *int `pulumi:"sizeAfter"`
 	// The size of the old closure, in bytes.
 	SizeBefore *int `pulumi:"sizeBefore"`
+	// What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
+	Source *string `pulumi:"source"`
 	// The store path that runs after the deployment.
 	SystemPathAfter *string `pulumi:"systemPathAfter"`
 	// The store path that ran before, or runs now when the changes are pending.
@@ -308,6 +310,11 @@ func (o ClosureChangesOutput) SizeAfter() pulumi.IntPtrOutput {
 // The size of the old closure, in bytes.
 func (o ClosureChangesOutput) SizeBefore() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v ClosureChanges) *int { return v.SizeBefore }).(pulumi.IntPtrOutput)
+}
+
+// What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
+func (o ClosureChangesOutput) Source() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v ClosureChanges) *string { return v.Source }).(pulumi.StringPtrOutput)
 }
 
 // The store path that runs after the deployment.
@@ -427,6 +434,16 @@ func (o ClosureChangesPtrOutput) SizeBefore() pulumi.IntPtrOutput {
 		}
 		return v.SizeBefore
 	}).(pulumi.IntPtrOutput)
+}
+
+// What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
+func (o ClosureChangesPtrOutput) Source() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *ClosureChanges) *string {
+		if v == nil {
+			return nil
+		}
+		return v.Source
+	}).(pulumi.StringPtrOutput)
 }
 
 // The store path that runs after the deployment.

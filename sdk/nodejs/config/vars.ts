@@ -43,6 +43,17 @@ Object.defineProperty(exports, "defaultUser", {
 });
 
 /**
+ * The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+ */
+export declare const maxParallelEvaluations: number | undefined;
+Object.defineProperty(exports, "maxParallelEvaluations", {
+    get() {
+        return __config.getObject<number>("maxParallelEvaluations");
+    },
+    enumerable: true,
+});
+
+/**
  * The most SSH connections the provider opens at the same time, across all resources.
  */
 export declare const maxParallelSsh: number;

@@ -70,6 +70,10 @@ export interface ClosureChanges {
      */
     sizeBefore?: number;
     /**
+     * What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
+     */
+    source?: string;
+    /**
      * The store path that runs after the deployment.
      */
     systemPathAfter?: string;

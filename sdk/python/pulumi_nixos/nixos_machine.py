@@ -541,6 +541,7 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["previous_generation"] = None
             __props__.__dict__["pushed_bytes"] = None
             __props__.__dict__["pushed_paths"] = None
+            __props__.__dict__["system_derivation"] = None
         super(NixosMachine, __self__).__init__(
             'nixos:index:NixosMachine',
             resource_name,
@@ -596,6 +597,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["pushed_paths"] = None
         __props__.__dict__["secret_files"] = None
         __props__.__dict__["substitute_on_destination"] = None
+        __props__.__dict__["system_derivation"] = None
         __props__.__dict__["system_path"] = None
         __props__.__dict__["triggers"] = None
         return NixosMachine(resource_name, opts=opts, __props__=__props__)
@@ -863,6 +865,14 @@ class NixosMachine(pulumi.CustomResource):
         Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         """
         return pulumi.get(self, "substitute_on_destination")
+
+    @_builtins.property
+    @pulumi.getter(name="systemDerivation")
+    def system_derivation(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
+        """
+        return pulumi.get(self, "system_derivation")
 
     @_builtins.property
     @pulumi.getter(name="systemPath")

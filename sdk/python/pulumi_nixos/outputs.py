@@ -164,6 +164,7 @@ class ClosureChanges(dict):
                  removed: Optional[Sequence[_builtins.str]] = None,
                  size_after: Optional[_builtins.int] = None,
                  size_before: Optional[_builtins.int] = None,
+                 source: Optional[_builtins.str] = None,
                  system_path_after: Optional[_builtins.str] = None,
                  system_path_before: Optional[_builtins.str] = None,
                  would_restart: Optional[Sequence[_builtins.str]] = None):
@@ -178,6 +179,7 @@ class ClosureChanges(dict):
         :param Sequence[_builtins.str] removed: Packages present only in the old closure, as `name-version`.
         :param _builtins.int size_after: The size of the new closure, in bytes.
         :param _builtins.int size_before: The size of the old closure, in bytes.
+        :param _builtins.str source: What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
         :param _builtins.str system_path_after: The store path that runs after the deployment.
         :param _builtins.str system_path_before: The store path that ran before, or runs now when the changes are pending.
         :param Sequence[_builtins.str] would_restart: The systemd units that `switch-to-configuration dry-activate` reports it would restart. Only set when `dryActivate` is on.
@@ -198,6 +200,8 @@ class ClosureChanges(dict):
             pulumi.set(__self__, "size_after", size_after)
         if size_before is not None:
             pulumi.set(__self__, "size_before", size_before)
+        if source is not None:
+            pulumi.set(__self__, "source", source)
         if system_path_after is not None:
             pulumi.set(__self__, "system_path_after", system_path_after)
         if system_path_before is not None:
@@ -268,6 +272,14 @@ class ClosureChanges(dict):
         The size of the old closure, in bytes.
         """
         return pulumi.get(self, "size_before")
+
+    @_builtins.property
+    @pulumi.getter
+    def source(self) -> Optional[_builtins.str]:
+        """
+        What the changes were computed from: `closures` (both systems built on the deployer: runtime closures, with sizes) or `derivations` (the derivation closures, from evaluation alone: nothing built, no sizes; build-time dependencies count too).
+        """
+        return pulumi.get(self, "source")
 
     @_builtins.property
     @pulumi.getter(name="systemPathAfter")

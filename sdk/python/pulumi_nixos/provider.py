@@ -23,6 +23,7 @@ class ProviderArgs:
                  binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
+                 max_parallel_evaluations: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_transfers: pulumi.Input[Optional[_builtins.int]] = None,
                  nix_command: pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]] = None,
@@ -33,6 +34,7 @@ class ProviderArgs:
         :param pulumi.Input['BinaryCacheArgs'] binary_cache: A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
         :param pulumi.Input[_builtins.str] default_private_key: The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
         :param pulumi.Input[_builtins.str] default_user: The SSH user for connections that set no `user` of their own, in place of `root`.
+        :param pulumi.Input[_builtins.int] max_parallel_evaluations: The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
         :param pulumi.Input[_builtins.int] max_parallel_ssh: The most SSH connections the provider opens at the same time, across all resources.
         :param pulumi.Input[_builtins.int] max_parallel_transfers: The most closure copies the provider runs at the same time, across all resources.
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] nix_command: The command that runs Nix, as program and leading arguments, such as `["nix"]` or `["nix", "--extra-experimental-features", "nix-command flakes"]`. Defaults to `["nix"]`.
@@ -44,6 +46,8 @@ class ProviderArgs:
             pulumi.set(__self__, "default_private_key", default_private_key)
         if default_user is not None:
             pulumi.set(__self__, "default_user", default_user)
+        if max_parallel_evaluations is not None:
+            pulumi.set(__self__, "max_parallel_evaluations", max_parallel_evaluations)
         if max_parallel_ssh is None:
             max_parallel_ssh = 8
         if max_parallel_ssh is not None:
@@ -92,6 +96,18 @@ class ProviderArgs:
     @default_user.setter
     def default_user(self, value: pulumi.Input[Optional[_builtins.str]]):
         pulumi.set(self, "default_user", value)
+
+    @_builtins.property
+    @pulumi.getter(name="maxParallelEvaluations")
+    def max_parallel_evaluations(self) -> pulumi.Input[Optional[_builtins.int]]:
+        """
+        The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+        """
+        return pulumi.get(self, "max_parallel_evaluations")
+
+    @max_parallel_evaluations.setter
+    def max_parallel_evaluations(self, value: pulumi.Input[Optional[_builtins.int]]):
+        pulumi.set(self, "max_parallel_evaluations", value)
 
     @_builtins.property
     @pulumi.getter(name="maxParallelSsh")
@@ -151,6 +167,7 @@ class Provider(pulumi.ProviderResource):
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
+                 max_parallel_evaluations: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_transfers: pulumi.Input[Optional[_builtins.int]] = None,
                  nix_command: pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]] = None,
@@ -164,6 +181,7 @@ class Provider(pulumi.ProviderResource):
         :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: A binary cache every NixosMachine of this provider deploys through (a machine's own `binaryCache` replaces it): the deployer uploads each closure to it once and the targets substitute from it, so a fleet of one system costs about one closure of upload instead of one per machine.
         :param pulumi.Input[_builtins.str] default_private_key: The content of an OpenSSH private key used by connections that set no credentials of their own (`privateKey`, `password` or `agentSocketPath`).
         :param pulumi.Input[_builtins.str] default_user: The SSH user for connections that set no `user` of their own, in place of `root`.
+        :param pulumi.Input[_builtins.int] max_parallel_evaluations: The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
         :param pulumi.Input[_builtins.int] max_parallel_ssh: The most SSH connections the provider opens at the same time, across all resources.
         :param pulumi.Input[_builtins.int] max_parallel_transfers: The most closure copies the provider runs at the same time, across all resources.
         :param pulumi.Input[Sequence[pulumi.Input[_builtins.str]]] nix_command: The command that runs Nix, as program and leading arguments, such as `["nix"]` or `["nix", "--extra-experimental-features", "nix-command flakes"]`. Defaults to `["nix"]`.
@@ -196,6 +214,7 @@ class Provider(pulumi.ProviderResource):
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  default_private_key: pulumi.Input[Optional[_builtins.str]] = None,
                  default_user: pulumi.Input[Optional[_builtins.str]] = None,
+                 max_parallel_evaluations: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_ssh: pulumi.Input[Optional[_builtins.int]] = None,
                  max_parallel_transfers: pulumi.Input[Optional[_builtins.int]] = None,
                  nix_command: pulumi.Input[Optional[Sequence[pulumi.Input[_builtins.str]]]] = None,
@@ -212,6 +231,7 @@ class Provider(pulumi.ProviderResource):
             __props__.__dict__["binary_cache"] = pulumi.Output.from_input(binary_cache).apply(pulumi.runtime.to_json) if binary_cache is not None else None
             __props__.__dict__["default_private_key"] = None if default_private_key is None else pulumi.Output.secret(default_private_key)
             __props__.__dict__["default_user"] = default_user
+            __props__.__dict__["max_parallel_evaluations"] = pulumi.Output.from_input(max_parallel_evaluations).apply(pulumi.runtime.to_json) if max_parallel_evaluations is not None else None
             if max_parallel_ssh is None:
                 max_parallel_ssh = 8
             __props__.__dict__["max_parallel_ssh"] = pulumi.Output.from_input(max_parallel_ssh).apply(pulumi.runtime.to_json) if max_parallel_ssh is not None else None

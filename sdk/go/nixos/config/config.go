@@ -26,6 +26,11 @@ func GetDefaultUser(ctx *pulumi.Context) string {
 	return config.Get(ctx, "nixos:defaultUser")
 }
 
+// The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+func GetMaxParallelEvaluations(ctx *pulumi.Context) int {
+	return config.GetInt(ctx, "nixos:maxParallelEvaluations")
+}
+
 // The most SSH connections the provider opens at the same time, across all resources.
 func GetMaxParallelSsh(ctx *pulumi.Context) int {
 	v, err := config.TryInt(ctx, "nixos:maxParallelSsh")

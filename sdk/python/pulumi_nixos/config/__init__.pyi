@@ -30,6 +30,11 @@ defaultUser: Optional[str]
 The SSH user for connections that set no `user` of their own, in place of `root`.
 """
 
+maxParallelEvaluations: Optional[int]
+"""
+The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+"""
+
 maxParallelSsh: int
 """
 The most SSH connections the provider opens at the same time, across all resources.

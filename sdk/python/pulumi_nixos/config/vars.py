@@ -43,6 +43,13 @@ class _ExportableConfig(types.ModuleType):
         return __config__.get('defaultUser')
 
     @_builtins.property
+    def max_parallel_evaluations(self) -> Optional[int]:
+        """
+        The most Nix evaluations (`nix eval` processes, one configuration each) the provider runs at the same time, across all resources. Unset: one per CPU core, and a new one starts only while the available memory covers the peak of one evaluation as measured on earlier ones.
+        """
+        return __config__.get_int('maxParallelEvaluations')
+
+    @_builtins.property
     def max_parallel_ssh(self) -> int:
         """
         The most SSH connections the provider opens at the same time, across all resources.

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""A fleet's evaluation on real nixpkgs, through the real `pulumi` CLI, against what users would otherwise run.
+
+The flake is tests/realnixos.py's: `nixpkgs.lib.nixosSystem` servers (openssh, nginx, a user), each its own
+configuration, from the real nixpkgs this Nix evaluates (20.09 on Nix 2.8, the nixos-unstable of early 2026 on
+2.18 and later). Nothing is built and no host is contacted: a preview of machines that do not exist yet only
+evaluates. Each line prints its ratio against its baseline, measured in the same run, pair by pair (the two sides
+alternate, so a drifting machine speed hits both alike):
+
+- fleet: `pulumi preview` of 10 new machines vs the same 10 configurations as separate `nix eval` processes, as
+  many at once as the provider's pool runs (the cores). Twice: a first preview (nothing kept from earlier runs:
+  the provider guesses what comes next), and a preview after the flake changed (the stack's plan known).
+- memory: the largest Nix process of those previews vs one configuration's `nix eval`.
+- one of twenty: `pulumi preview` of a 1-machine stack in a 20-configuration flake vs `nix eval` of that one
+  configuration; and how many configurations the preview evaluated that the stack does not use.
+- unchanged: a repeated `pulumi preview` of the 10 machines with nothing changed vs the preview of an empty stack
+  (the same program without machines): how many Nix evaluations, and the ratio.
+
+Each run changes the flake first (a comment), so neither side finds anything evaluated before, except where the
+line says so. Peak memory comes from a wrapper around `nix` (getrusage of its child), which both sides run through.
+
+`python bench/real_fleet.py` (or `make bench`) uses this machine's Nix; for another, run it in a release root:
+`bash scripts/in-release.sh sid python bench/real_fleet.py`. RUNS (3) sets the pairs per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import realnixos  # noqa: E402
+
+RUNS = int(os.environ.get("RUNS", "3"))
+FLEET = 10
+FLAKE_SIZE = 20
+
+NIX_WRAPPER = """#!{python}
+import resource, subprocess, sys
+code = subprocess.call(["{nix}", *sys.argv[1:]])
+with open("{log}", "a") as f:
+    f.write(f"{{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}} {{' '.join(sys.argv[1:])}}\\n")
+sys.exit(code)
+"""
+TOPLEVEL = ".config.system.build.toplevel"
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.log = work / "nix-calls"
+        self.flake = realnixos.write_flake(work / "flake", machines=FLAKE_SIZE, extra=False)
+        bindir = work / "nix-bin"
+        bindir.mkdir()
+        real_nix, real_store = shutil.which("nix"), shutil.which("nix-store")
+        assert real_nix and real_store, "nix is not on PATH"
+        self.nix = bindir / "nix"
+        self.nix.write_text(NIX_WRAPPER.format(python=sys.executable, nix=real_nix, log=self.log))
+        self.nix.chmod(0o755)
+        (bindir / "nix-store").symlink_to(real_store)
+        (work / "state").mkdir()
+        self.store = work / "evaluations"
+        self.env = {**os.environ, "PULUMI_BACKEND_URL": f"file://{work / 'state'}", "PULUMI_CONFIG_PASSPHRASE": "b",
+                    "PULUMI_SKIP_UPDATE_CHECK": "1", "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "1",
+                    "PULUMI_NIXOS_EVALUATION_STORE": str(self.store)}
+        self.changes = 0
+        self.projects: dict[str, Path] = {}
+
+    def project(self, name: str, machines: list[str]) -> Path:
+        proj = self.work / name
+        proj.mkdir()
+        resources: dict[str, object] = {
+            "nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(self.nix)]}}}
+        for i, m in enumerate(machines):
+            resources[m] = {"type": "nixos:NixosMachine", "options": {"provider": "${nixos}"}, "properties": {
+                "connection": {"host": f"127.0.99.{i + 1}", "password": "unused"}, "flake": f"path:{self.flake}#{m}"}}
+        (proj / "Pulumi.yaml").write_text(json.dumps({
+            "name": name, "runtime": "yaml",
+            "plugins": {"providers": [{"name": "nixos", "path": str(REPO / "provider")}]}, "resources": resources}))
+        subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
+                       check=True, capture_output=True)
+        self.projects[name] = proj
+        return proj
+
+    def change_flake(self) -> None:
+        self.changes += 1
+        with open(self.flake / "flake.nix", "a") as f:
+            f.write(f"# change {self.changes}\n")
+
+    def forget(self) -> None:
+        """As on a machine that never previewed this stack: no results, no plans, no measured peaks."""
+        shutil.rmtree(self.store, ignore_errors=True)
+
+    def calls(self) -> list[tuple[int, str]]:
+        """(peak RSS in KiB, arguments) of each nix call since the last reset."""
+        if not self.log.exists():
+            return []
+        return [(int(line.split(" ", 1)[0]), line.split(" ", 1)[1]) for line in self.log.read_text().splitlines()]
+
+    def evaluated(self) -> list[str]:
+        names = []
+        for _, args in self.calls():
+            if " eval " in f" {args} " and TOPLEVEL in args:
+                names.append(args.split("nixosConfigurations.", 1)[1].split(".", 1)[0])
+        return names
+
+    def timed(self, fn: Callable[[], None]) -> float:
+        self.log.unlink(missing_ok=True)
+        started = time.monotonic()
+        fn()
+        return time.monotonic() - started
+
+    def preview(self, name: str) -> Callable[[], None]:
+        def run() -> None:
+            subprocess.run(["pulumi", "--non-interactive", "preview"], cwd=self.projects[name], env=self.env,
+                           check=True, capture_output=True)
+        return run
+
+    def nix_evals(self, machines: list[str], parallel: int) -> Callable[[], None]:
+        """What a user runs without the provider: one `nix eval` per configuration, `parallel` at a time."""
+        def one(m: str) -> None:
+            subprocess.run([str(self.nix), "eval", "--raw", f"path:{self.flake}#nixosConfigurations.{m}{TOPLEVEL}"
+                            ".outPath"], env=self.env, check=True, capture_output=True)
+
+        def run() -> None:
+            with ThreadPoolExecutor(parallel) as pool:
+                list(pool.map(one, machines))
+        return run
+
+
+def pairs(label: str, a: Callable[[], float], b: Callable[[], float]) -> tuple[list[float], list[float]]:
+    sides: tuple[list[float], list[float]] = ([], [])
+    for i in range(RUNS):
+        sides[0].append(a())
+        sides[1].append(b())
+        print(f"  {label} run {i + 1}: {sides[0][-1]:.1f} s vs {sides[1][-1]:.1f} s", file=sys.stderr)
+    return sides
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return f"**{statistics.median(r):.2f}x** (pairwise min {min(r):.2f}, max {max(r):.2f})"
+
+
+def main() -> list[tuple[str, str]]:
+    nixpkgs = realnixos.find_nixpkgs()
+    if nixpkgs is None:
+        sys.exit(realnixos.HOW)
+    version = subprocess.run(["nix", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    work = Path(tempfile.mkdtemp(prefix="pulumi-nixos-bench-real."))
+    try:
+        bench = Bench(work)
+        fleet = [f"web{i}" for i in range(1, FLEET + 1)]
+        bench.project("fleet", fleet)
+        bench.project("one", ["web1"])
+        bench.project("empty", [])
+        workers = len(os.sched_getaffinity(0))
+        # Warm-up: the nixpkgs input into the store, the flake locked, plugins started once.
+        bench.timed(bench.nix_evals(["web1"], 1))
+        bench.timed(bench.preview("one"))
+        rows = []
+
+        def first_preview(name: str, record: list[list[tuple[int, str]]]) -> Callable[[], float]:
+            def run() -> float:
+                bench.change_flake()
+                bench.forget()
+                t = bench.timed(bench.preview(name))
+                record.append(bench.calls())
+                return t
+            return run
+
+        def changed_preview(name: str, record: list[list[tuple[int, str]]]) -> Callable[[], float]:
+            def run() -> float:
+                bench.change_flake()
+                t = bench.timed(bench.preview(name))
+                record.append(bench.calls())
+                return t
+            return run
+
+        def baseline(machines: list[str], record: list[list[tuple[int, str]]]) -> Callable[[], float]:
+            def run() -> float:
+                bench.change_flake()
+                t = bench.timed(bench.nix_evals(machines, workers))
+                record.append(bench.calls())
+                return t
+            return run
+
+        base_calls: list[list[tuple[int, str]]] = []
+        first_calls: list[list[tuple[int, str]]] = []
+        a, b = pairs("fleet, first preview", first_preview("fleet", first_calls), baseline(fleet, base_calls))
+        rows.append((f"`pulumi preview`, {FLEET} new machines, first preview (nothing kept), vs {FLEET} `nix eval` "
+                     f"processes, {workers} at a time",
+                     f"{statistics.median(a):.1f} s vs {statistics.median(b):.1f} s: {ratio(a, b)}"))
+        bench.forget()
+        bench.timed(bench.preview("fleet"))  # the stack's plan, as after any earlier preview
+        changed_calls: list[list[tuple[int, str]]] = []
+        a, b = pairs("fleet, after a change", changed_preview("fleet", changed_calls), baseline(fleet, base_calls))
+        rows.append(("the same after the flake changed (the stack's plan known), vs the same baseline",
+                     f"{statistics.median(a):.1f} s vs {statistics.median(b):.1f} s: {ratio(a, b)}"))
+
+        def eval_rss(calls: list[tuple[int, str]]) -> list[int]:
+            return [rss for rss, args in calls if " eval " in f" {args} " and TOPLEVEL in args]
+
+        one_rss = statistics.median(r for run in base_calls for r in eval_rss(run))
+        preview_rss = max(r for run in first_calls + changed_calls for r in eval_rss(run))
+        rows.append(("peak RSS of the largest Nix process in those previews, vs one configuration's `nix eval` "
+                     "(median)", f"{preview_rss / 1024:.0f} MiB vs {one_rss / 1024:.0f} MiB: "
+                                 f"**{preview_rss / one_rss:.2f}x**"))
+
+        one_first: list[list[tuple[int, str]]] = []
+        one_base: list[list[tuple[int, str]]] = []
+        a, b = pairs("one of twenty, first", first_preview("one", one_first), baseline(["web1"], one_base))
+        unused = max(sum(1 for _, args in run if " eval " in f" {args} " and TOPLEVEL in args
+                         and "nixosConfigurations.web1." not in args) for run in one_first)
+        rows.append((f"`pulumi preview`, a 1-machine stack in a {FLAKE_SIZE}-configuration flake, first preview, vs "
+                     "`nix eval` of that configuration",
+                     f"{statistics.median(a):.1f} s vs {statistics.median(b):.1f} s: {ratio(a, b)}; configurations "
+                     f"evaluated that the stack does not use: at most {unused}"))
+        bench.forget()
+        bench.timed(bench.preview("one"))
+        one_changed: list[list[tuple[int, str]]] = []
+        a, b = pairs("one of twenty, after a change", changed_preview("one", one_changed), baseline(["web1"], one_base))
+        unused = max(sum(1 for _, args in run if " eval " in f" {args} " and TOPLEVEL in args
+                         and "nixosConfigurations.web1." not in args) for run in one_changed)
+        rows.append(("the same after the flake changed (the stack's plan known)",
+                     f"{statistics.median(a):.1f} s vs {statistics.median(b):.1f} s: {ratio(a, b)}; unused "
+                     f"configurations evaluated: at most {unused}"))
+
+        bench.timed(bench.preview("fleet"))  # everything evaluated and kept
+        evaluations: list[int] = []
+
+        def unchanged() -> float:
+            t = bench.timed(bench.preview("fleet"))
+            evaluations.append(len(bench.evaluated()))
+            return t
+
+        a, b = pairs("unchanged", unchanged, lambda: bench.timed(bench.preview("empty")))
+        rows.append((f"`pulumi preview`, {FLEET} machines, nothing changed, vs the preview of an empty stack",
+                     f"{statistics.median(a):.2f} s vs {statistics.median(b):.2f} s: {ratio(a, b)}; Nix evaluations: "
+                     f"{max(evaluations)}"))
+        print(f"\n{version}, nixpkgs {nixpkgs.release}, {workers} cores, {RUNS} pairs per line", file=sys.stderr)
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    rows = main()
+    print("| benchmark | result |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")

@@ -1,0 +1,185 @@
+"""The evaluation pool (engine/evaluation.py) with the real `nix`, on small flakes of the lab's library.
+
+What a fleet's preview relies on: each configuration evaluated once, in its own process; the stack's plan
+evaluated ahead of its Checks; guesses bounded; results kept between runs until the flake changes; at most
+`workers` processes; a Check's own evaluation before those ahead; everything stopped on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import write_flake
+from nixos_provider.engine import timeline
+from nixos_provider.engine.errors import NixError
+from nixos_provider.engine.evaluation import EvaluationStore, Evaluator
+from nixos_provider.engine.nix import Nix, parse_flake_ref
+
+# Each configuration's evaluation takes a moment (a sum over a long list), so overlaps show.
+FLAKE = """{ outputs = { self }: let
+  lab = import ./lib.nix;
+  sum = n: builtins.foldl' (a: b: a + b) 0 (builtins.genList (x: x) n);
+  # k sums one after another: slow, in little memory (each list is garbage before the next)
+  slow = k: if k == 0 then 0 else sum 300000 + slow (k - 1);
+  machine = name: k: lab.nixosConfiguration { hostName = name; version = "${name}-${toString (slow k)}"; };
+in {
+  nixosConfigurations = {
+    a = machine "a" 2; b = machine "b" 2; c = machine "c" 2; d = machine "d" 2; e = machine "e" 2;
+    f = machine "f" 2;
+    slow = machine "slow" 400;
+    broken = lab.nixosConfiguration { hostName = "broken"; version = throw "broken on purpose"; };
+  };
+}; }"""
+
+
+@pytest.fixture
+def flake(tmp_path: Path, local_nix: str) -> str:
+    return write_flake(tmp_path / "flake", FLAKE)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> EvaluationStore:
+    return EvaluationStore(tmp_path / "store")
+
+
+@pytest.fixture
+def spans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(timeline.ENV, str(path))
+    return path
+
+
+def evaluations(path: Path) -> list[tuple[str, float, float]]:
+    """(configuration, start, end) of each `nix eval` of a configuration, in the order they started."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        x = json.loads(line)
+        if x["step"] == "evaluate" and "nixosConfigurations." in x["subject"]:
+            found.append((x["subject"].split("nixosConfigurations.")[1].split(".")[0], x["start"], x["end"]))
+    return sorted(found, key=lambda e: e[1])
+
+
+def ref(flake: str, name: str):  # type: ignore[no-untyped-def]
+    return parse_flake_ref(f"{flake}#{name}")
+
+
+async def settle(evaluator: Evaluator) -> None:
+    """Wait until nothing runs ahead any more."""
+    for _ in range(600):
+        if not evaluator.busy():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("evaluations ahead did not finish")
+
+
+async def test_a_first_run_guesses_one_configuration_then_more_for_each_right_guess(
+        flake: str, store: EvaluationStore, spans: Path) -> None:
+    evaluator = Evaluator(store, workers=2)
+    nix = Nix()
+    await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")
+    await settle(evaluator)
+    assert sorted(e[0] for e in evaluations(spans)) == ["a", "b"]
+    await evaluator.evaluate(nix, ref(flake, "b"), plan="p/dev")  # the guess was right: two more follow,
+    await settle(evaluator)  # in the flake's order (Nix lists names sorted)
+    assert sorted(e[0] for e in evaluations(spans)) == ["a", "b", "broken", "c"]
+    await evaluator.aclose(5)
+
+
+async def test_the_stack_plan_is_evaluated_ahead_and_results_are_kept_until_the_flake_changes(
+        flake: str, store: EvaluationStore, spans: Path, tmp_path: Path) -> None:
+    nix = Nix()
+    first = Evaluator(store, workers=2)
+    answers = {n: await first.evaluate(nix, ref(flake, n), plan="p/dev") for n in ("c", "e")}
+    await settle(first)
+    await first.aclose(5)
+
+    # A later run of the same stack: nothing changed, nothing is evaluated.
+    spans.unlink(missing_ok=True)
+    second = Evaluator(store, workers=2)
+    assert await second.evaluate(nix, ref(flake, "c"), plan="p/dev") == answers["c"]
+    assert await second.evaluate(nix, ref(flake, "e"), plan="p/dev") == answers["e"]
+    assert evaluations(spans) == [] and second.counts.from_store == 2 and second.counts.evaluated == 0
+    await second.aclose(5)
+
+    # The flake changed: the first Check starts the whole plan (c and e), and guesses nothing.
+    with open(tmp_path / "flake" / "flake.nix", "a") as f:
+        f.write("# changed\n")
+    spans.unlink(missing_ok=True)
+    third = Evaluator(store, workers=2)
+    await third.evaluate(nix, ref(flake, "c"), plan="p/dev")
+    await settle(third)
+    assert sorted(e[0] for e in evaluations(spans)) == ["c", "e"]
+    await third.evaluate(nix, ref(flake, "e"), plan="p/dev")
+    assert len(evaluations(spans)) == 2
+    await third.aclose(5)
+
+    # Another stack has a plan of its own.
+    other = Evaluator(store, workers=2)
+    await other.evaluate(nix, ref(flake, "a"), plan="p/prod")
+    await settle(other)
+    assert "e" not in {n for n, _, _ in evaluations(spans)[2:]}
+    await other.aclose(5)
+
+
+async def test_at_most_the_set_number_of_processes_and_a_check_goes_first(
+        flake: str, store: EvaluationStore, spans: Path) -> None:
+    nix = Nix()
+    planner = Evaluator(store, workers=1)
+    for n in ("a", "b", "c", "d"):
+        await planner.evaluate(nix, ref(flake, n), plan="p/dev")
+    await planner.aclose(5)
+    with open(Path(flake.removeprefix("path:")) / "flake.nix", "a") as f:
+        f.write("# changed\n")
+    spans.unlink(missing_ok=True)
+
+    evaluator = Evaluator(store, workers=1)
+    # The plan is a, b, c, d. The Check of a starts the plan; while a runs, the Check of d arrives: d goes
+    # next, before b and c, which were waiting longer.
+    checking_a = asyncio.ensure_future(evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev"))
+    await asyncio.sleep(0)
+    await evaluator.evaluate(nix, ref(flake, "d"), plan="p/dev")
+    await checking_a
+    await settle(evaluator)
+    ran = evaluations(spans)
+    assert [n for n, _, _ in ran][:2] == ["a", "d"], ran
+    for (_, _, end), (_, start, _) in itertools.pairwise(ran):
+        assert start >= end - 0.01, f"two evaluations overlapped with workers=1: {ran}"
+    await evaluator.aclose(5)
+
+
+async def test_an_error_is_the_configurations_own_even_when_evaluated_ahead(
+        flake: str, store: EvaluationStore) -> None:
+    nix = Nix()
+    evaluator = Evaluator(store, workers=2)
+    await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")
+    with pytest.raises(NixError, match="broken on purpose"):
+        await evaluator.evaluate(nix, ref(flake, "broken"), plan="p/dev")  # a failure is not kept...
+    await evaluator.aclose(5)
+    again = Evaluator(store, workers=2)
+    with pytest.raises(NixError, match="broken on purpose"):  # ...so the next run says it again
+        await again.evaluate(nix, ref(flake, "broken"), plan="p/dev")
+    await again.aclose(5)
+
+
+async def test_close_kills_evaluations_that_run_ahead(flake: str, store: EvaluationStore) -> None:
+    nix = Nix()
+    evaluator = Evaluator(store, workers=2)
+    await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")
+    with pytest.raises(TimeoutError):  # asked for, so in the plan; not waited for
+        await asyncio.wait_for(evaluator.evaluate(nix, ref(flake, "slow"), plan="p/dev"), 0.5)
+    await evaluator.aclose(5)
+    restarted = Evaluator(store, workers=2)
+    await restarted.evaluate(nix, ref(flake, "a"), plan="p/dev")  # starts `slow` ahead (the plan)
+    await asyncio.sleep(1.0)
+    assert restarted.busy()
+    await restarted.aclose(5)
+    ps = os.popen("ps -eo args").read()
+    assert not any(" eval " in line and "nixosConfigurations.slow" in line and flake.removeprefix("path:") in line
+                   for line in ps.splitlines())
