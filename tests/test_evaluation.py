@@ -79,15 +79,15 @@ async def settle(evaluator: Evaluator) -> None:
     raise AssertionError("evaluations ahead did not finish")
 
 
-async def test_a_first_run_guesses_one_configuration_then_more_for_each_right_guess(
+async def test_a_first_run_guesses_one_configuration_then_more_for_each_further_check(
         flake: str, store: EvaluationStore, spans: Path) -> None:
     evaluator = Evaluator(store, workers=2)
     nix = Nix()
     await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")
     await settle(evaluator)
     assert sorted(e[0] for e in evaluations(spans)) == ["a", "b"]
-    await evaluator.evaluate(nix, ref(flake, "b"), plan="p/dev")  # the guess was right: two more follow,
-    await settle(evaluator)  # in the flake's order (Nix lists names sorted)
+    await evaluator.evaluate(nix, ref(flake, "b"), plan="p/dev")  # a fleet: two more follow, nearest first
+    await settle(evaluator)
     assert sorted(e[0] for e in evaluations(spans)) == ["a", "b", "broken", "c"]
     await evaluator.aclose(5)
 

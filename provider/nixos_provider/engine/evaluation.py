@@ -18,10 +18,10 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   Check at a time, so evaluating ahead is what lets a fleet's Checks overlap.
   The stack's plan (its URN's stack and project) remembers which attributes
   its last run asked for; its first Check starts all of them. Where the plan
-  knows nothing (a first preview, a new machine), guesses follow: the
-  configurations of the flake after the one asked for, one at first, two more
-  for every guess a later Check asked for. A one-machine stack thus costs at
-  most one evaluation it does not use.
+  knows nothing (a first preview, a new machine), guesses follow: the flake's
+  configurations nearest to the one asked for (natural order, next first),
+  one at first and two more for each further Check the plan did not know. A
+  one-machine stack thus costs at most one evaluation it does not use.
 - **An unchanged flake is not evaluated again.** `nix flake metadata`
   fingerprints the flake and its locked inputs without evaluating; an
   attribute evaluated before under the same fingerprint, Nix and options is
@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -57,8 +58,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PEAK = 1 << 30  # bytes one evaluation is assumed to need until one has been measured
 RESERVE = 512 << 20  # bytes left to everything else on the machine
 POLL_SECONDS = 0.2  # how often a running evaluation's memory is read
-FIRST_GUESSES = 1  # configurations guessed ahead before any guess proved right
-MORE_GUESSES = 2  # guessed ahead for each guess a Check then asked for
+FIRST_GUESSES = 1  # configurations guessed ahead on the first Check the stack's plan did not know
+MORE_GUESSES = 2  # more for each further such Check: the stack is a fleet
 STORE_VERSION = 1
 STORE_ENV = "PULUMI_NIXOS_EVALUATION_STORE"  # where EvaluationStore keeps its files, in place of the default
 
@@ -323,7 +324,6 @@ class _Pool:
 class _Job:
     ticket: _Ticket
     task: asyncio.Task[Evaluation]
-    guessed: bool = False
 
 
 @dataclass
@@ -332,7 +332,7 @@ class _Plan:
 
     remembered: list[PlannedRef]
     asked: list[PlannedRef] = field(default_factory=list)
-    guesses_right: int = 0
+    unplanned: int = 0  # Checks of this run that the remembered plan did not name
     guessed: int = 0
     siblings: dict[tuple[str, str, str], asyncio.Task[list[str]]] = field(default_factory=dict)
 
@@ -434,13 +434,9 @@ class Evaluator:
             plan.asked.append(planned)
             if self.store:
                 self.store.keep_plan(self._plan_key(name, nix), plan.asked)
-        if job.guessed:
-            job.guessed = False
-            plan.guesses_right += 1
         if planned not in plan.remembered:
             # The stack asks for more than its last run did: guess which configurations follow.
-            self._guess(plan, nix, ref)
-        elif plan.guesses_right:
+            plan.unplanned += 1
             self._guess(plan, nix, ref)
 
     @staticmethod
@@ -451,8 +447,7 @@ class Evaluator:
         configuration = ref.configuration
         if configuration is None:
             return
-        wanted = FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed
-        if wanted <= 0:
+        if self._guesses_left(plan) <= 0:
             return
         identity = self._identity(nix)
         listing_key = (identity, ref.flake, configuration[1])
@@ -471,21 +466,17 @@ class Evaluator:
             names = await asyncio.shield(listing)
         except (NixError, ValueError):
             return  # no list, no guesses: each Check evaluates its own
-        own = ref.configuration
-        assert own is not None
-        written = [FlakeRef(ref.flake, f"nixosConfigurations.{n}.{own[1]}") for n in names]
-        candidates = [ref.of_configuration(n) for n in names]
-        # After the one asked for, in the flake's order: programs tend to declare machines in that order.
-        mine = next((i for i, (w, c) in enumerate(zip(written, candidates, strict=True))
-                     if ref.attr in (w.attr, c.attr)), -1)
-        order = candidates[mine + 1:] + candidates[:max(mine, 0)]
-        for candidate in order:
-            if self._closed or FIRST_GUESSES + MORE_GUESSES * plan.guesses_right - plan.guessed <= 0:
+        for candidate in neighbours(ref, names):
+            if self._closed or self._guesses_left(plan) <= 0:
                 return
             if self._key(nix, candidate) in self._jobs:
                 continue
             plan.guessed += 1
-            self._start(nix, candidate, foreground=False).guessed = True
+            self._start(nix, candidate, foreground=False)
+
+    @staticmethod
+    def _guesses_left(plan: _Plan) -> int:
+        return FIRST_GUESSES + MORE_GUESSES * (plan.unplanned - 1) - plan.guessed
 
     # -- one evaluation ---------------------------------------------------------------------------------
 
@@ -575,6 +566,28 @@ class Evaluator:
     def busy(self) -> bool:
         """Whether an evaluation (ahead or not) still runs or waits, or a result is still being kept."""
         return any(not job.task.done() for job in self._jobs.values()) or bool(self._keeping or self._guessing)
+
+
+def _natural(name: str) -> list[Any]:
+    """web2 before web10: the order a program's loop declares machines in."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def neighbours(ref: FlakeRef, names: list[str]) -> list[FlakeRef]:
+    """The same attribute of the flake's other configurations, nearest to ref's first (in natural order, the
+    next one, then the one before, and so on): programs declare machines in about that order, and Pulumi's
+    engine asks about them in about the order the program declares them."""
+    ordered = sorted(names, key=_natural)
+    own = ref.configuration
+    assert own is not None
+    mine = next((i for i, n in enumerate(ordered) if ref.of_configuration(n).attr == ref.attr
+                 or f"nixosConfigurations.{n}.{own[1]}" == ref.attr), None)
+    if mine is None:
+        return [ref.of_configuration(n) for n in ordered]
+    around = []
+    for step in range(1, len(ordered)):
+        around += [i for i in (mine + step, mine - step) if 0 <= i < len(ordered)]
+    return [ref.of_configuration(ordered[i]) for i in around]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
