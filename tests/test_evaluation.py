@@ -31,7 +31,6 @@ in {
   nixosConfigurations = {
     a = machine "a" 2; b = machine "b" 2; c = machine "c" 2; d = machine "d" 2; e = machine "e" 2;
     f = machine "f" 2;
-    slow = machine "slow" 400;
     broken = lab.nixosConfiguration { hostName = "broken"; version = throw "broken on purpose"; };
   };
 }; }"""
@@ -40,6 +39,12 @@ in {
 @pytest.fixture
 def flake(tmp_path: Path, local_nix: str) -> str:
     return write_flake(tmp_path / "flake", FLAKE)
+
+
+@pytest.fixture
+def slow_flake(tmp_path: Path, local_nix: str) -> str:
+    """The flake with one more configuration, whose evaluation takes many seconds."""
+    return write_flake(tmp_path / "slow-flake", FLAKE.replace('f = machine "f" 2;', 'f = machine "f" 2; slow = machine "slow" 400;'))
 
 
 @pytest.fixture
@@ -168,7 +173,8 @@ async def test_an_error_is_the_configurations_own_even_when_evaluated_ahead(
     await again.aclose(5)
 
 
-async def test_close_kills_evaluations_that_run_ahead(flake: str, store: EvaluationStore) -> None:
+async def test_close_kills_evaluations_that_run_ahead(slow_flake: str, store: EvaluationStore) -> None:
+    flake = slow_flake
     nix = Nix()
     evaluator = Evaluator(store, workers=2)
     await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")

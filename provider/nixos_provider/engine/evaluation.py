@@ -19,9 +19,9 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   The stack's plan (its URN's stack and project) remembers which attributes
   its last run asked for; its first Check starts all of them. Where the plan
   knows nothing (a first preview, a new machine), guesses follow: the flake's
-  configurations nearest to the one asked for (natural order, next first),
-  one at first and two more for each further Check the plan did not know. A
-  one-machine stack thus costs at most one evaluation it does not use.
+  configurations likeliest to come next (named alike, next in natural order
+  first), one at first and two more for each further Check the plan did not
+  know. A one-machine stack thus costs at most one evaluation it does not use.
 - **An unchanged flake is not evaluated again.** `nix flake metadata`
   fingerprints the flake and its locked inputs without evaluating; an
   attribute evaluated before under the same fingerprint, Nix and options is
@@ -573,10 +573,16 @@ def _natural(name: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
+def _shape(name: str) -> str:
+    """web12 -> web#: machines of one fleet tend to share a shape."""
+    return re.sub(r"\d+", "#", name)
+
+
 def neighbours(ref: FlakeRef, names: list[str]) -> list[FlakeRef]:
-    """The same attribute of the flake's other configurations, nearest to ref's first (in natural order, the
-    next one, then the one before, and so on): programs declare machines in about that order, and Pulumi's
-    engine asks about them in about the order the program declares them."""
+    """The same attribute of the flake's other configurations, the likeliest next Checks first: those named in the
+    same shape (`web3` for `web2`), those after it in natural order before those before it, then the others.
+    Programs declare a fleet's machines in about that order, and Pulumi's engine checks them in about the order
+    the program declares them."""
     ordered = sorted(names, key=_natural)
     own = ref.configuration
     assert own is not None
@@ -584,10 +590,11 @@ def neighbours(ref: FlakeRef, names: list[str]) -> list[FlakeRef]:
                  or f"nixosConfigurations.{n}.{own[1]}" == ref.attr), None)
     if mine is None:
         return [ref.of_configuration(n) for n in ordered]
-    around = []
-    for step in range(1, len(ordered)):
-        around += [i for i in (mine + step, mine - step) if 0 <= i < len(ordered)]
-    return [ref.of_configuration(ordered[i]) for i in around]
+    shape = _shape(ordered[mine])
+    after, before = ordered[mine + 1:], ordered[:mine][::-1]
+    alike = [n for n in after + before if _shape(n) == shape]
+    rest = [n for n in after + before if _shape(n) != shape]
+    return [ref.of_configuration(n) for n in alike + rest]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..engine import secret_files as files
-from ..engine.closure_diff import DERIVATIONS, ClosureChanges, closure_changes, derivation_changes
+from ..engine.closure_diff import ClosureChanges, closure_changes, derivation_changes
 from ..engine.dry_activate import parse_dry_activate
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
@@ -194,8 +194,9 @@ class NixosMachine(DeployedResource):
             if deploys:
                 changes = await self._pending_changes(urn, olds, news)
                 out["pendingChanges"] = changes.to_output() if changes else None
-                if changes is not None and changes.source == DERIVATIONS and not changes.note:
-                    # Predicted from the derivations: the new kernel, initrd or modules run only after a reboot.
+                if changes is not None and not changes.note:
+                    # Predicted (from the closures or the derivations): a new kernel, initrd or modules run only
+                    # after a reboot, and one that was already due stays due.
                     out["needsReboot"] = bool(changes.boot_changes) or bool(olds.get("needsReboot"))
             return out
         m = MachineInputs.parse(news)
