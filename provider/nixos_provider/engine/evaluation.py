@@ -19,9 +19,9 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   The stack's plan (its URN's stack and project) remembers which attributes
   its last run asked for; its first Check starts all of them. Where the plan
   knows nothing (a first preview, a new machine), guesses follow: the flake's
-  configurations likeliest to come next (named alike, next in natural order
-  first), one at first and two more for each further Check the plan did not
-  know. A one-machine stack thus costs at most one evaluation it does not use.
+  configurations likeliest to come next (named alike; between, then after
+  the ones asked for so far, in natural order), one at first and two more for
+  each further Check the plan did not know. A one-machine stack thus costs at most one evaluation it does not use.
 - **An unchanged flake is not evaluated again.** `nix flake metadata`
   fingerprints the flake and its locked inputs without evaluating; an
   attribute evaluated before under the same fingerprint, Nix and options is
@@ -46,11 +46,11 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NixError
 from .nix import Evaluation, FlakeRef, Nix
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,17 @@ class _Pool:
         self._set = workers
         self._running: list[_Ticket] = []
         self._waiting: dict[bool, deque[_Ticket]] = {True: deque(), False: deque()}
+        self._claimed: set[_Ticket] = set()  # evaluations started and not finished (running, waiting, or before)
+
+    def claim(self, ticket: _Ticket) -> None:
+        self._claimed.add(ticket)
+
+    def unclaim(self, ticket: _Ticket) -> None:
+        self._claimed.discard(ticket)
+
+    def idle(self) -> bool:
+        """Whether a worker has nothing to do, nor anything coming: room for a guess."""
+        return len(self._claimed) < self.workers
 
     @property
     def workers(self) -> int:
@@ -334,6 +345,8 @@ class _Plan:
     asked: list[PlannedRef] = field(default_factory=list)
     unplanned: int = 0  # Checks of this run that the remembered plan did not name
     guessed: int = 0
+    # What to guess around: the last Check the plan did not name, with its Nix and the flake's names.
+    around: tuple[Nix, FlakeRef, asyncio.Task[list[str]]] | None = None
     siblings: dict[tuple[str, str, str], asyncio.Task[list[str]]] = field(default_factory=dict)
 
 
@@ -375,7 +388,6 @@ class Evaluator:
         # (identity, flake) -> (its lock file's stamp when fingerprinted, the fingerprint)
         self._fingerprints: dict[tuple[str, str], tuple[LockStamp, asyncio.Task[str | None]]] = {}
         self._keeping: set[asyncio.Task[None]] = set()
-        self._guessing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._plans: dict[str, _Plan] = {}
         self._identities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
@@ -400,6 +412,7 @@ class Evaluator:
             self._pool.promote(job.ticket)
         if plan is not None:
             self._plan_ahead(plan, nix, ref, job)
+            self._fill()
         return await asyncio.shield(job.task)
 
     async def aclose(self, timeout: float) -> None:
@@ -410,8 +423,8 @@ class Evaluator:
             await asyncio.wait(list(self._keeping), timeout=timeout)
         listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
         fingerprints = [task for _, task in self._fingerprints.values()]
-        tasks = [t for t in (*self._guessing, *(j.task for j in self._jobs.values()), *fingerprints, *listings,
-                             *self._keeping) if not t.done()]
+        tasks = [t for t in (*(j.task for j in self._jobs.values()), *fingerprints, *listings, *self._keeping)
+                 if not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -447,32 +460,34 @@ class Evaluator:
         configuration = ref.configuration
         if configuration is None:
             return
-        if self._guesses_left(plan) <= 0:
-            return
-        identity = self._identity(nix)
-        listing_key = (identity, ref.flake, configuration[1])
+        listing_key = (self._identity(nix), ref.flake, configuration[1])
         listing = plan.siblings.get(listing_key)
         if listing is None:
             listing = plan.siblings[listing_key] = asyncio.ensure_future(
                 nix.attr_names(ref.flake, "nixosConfigurations"))
             listing.add_done_callback(_retrieve)
-        task = asyncio.ensure_future(self._start_guesses(plan, nix, ref, listing))
-        self._guessing.add(task)
-        task.add_done_callback(self._guessing.discard)
-        task.add_done_callback(_retrieve)
+            listing.add_done_callback(lambda _: self._fill())
+        plan.around = (nix, ref, listing)
 
-    async def _start_guesses(self, plan: _Plan, nix: Nix, ref: FlakeRef, listing: asyncio.Task[list[str]]) -> None:
-        try:
-            names = await asyncio.shield(listing)
-        except (NixError, ValueError):
-            return  # no list, no guesses: each Check evaluates its own
-        for candidate in neighbours(ref, names):
-            if self._closed or self._guesses_left(plan) <= 0:
-                return
-            if self._key(nix, candidate) in self._jobs:
-                continue
-            plan.guessed += 1
-            self._start(nix, candidate, foreground=False)
+    def _fill(self) -> None:
+        """Give idle workers a guess each, chosen now: a guess waits for nobody and takes no worker a Check or
+        the plan needs, and what the Checks have shown so far picks it."""
+        for plan in self._plans.values():
+            while not self._closed and plan.around is not None and self._pool.idle() and self._guesses_left(plan) > 0:
+                nix, ref, listing = plan.around
+                if not listing.done() or listing.cancelled() or listing.exception() is not None:
+                    break  # no list yet (this runs again when it comes), or none: no guesses
+                own = ref.configuration
+                assert own is not None
+                asked = [r.ref() for r in plan.asked
+                         if r.flake == ref.flake and (c := r.ref().configuration) is not None and c[1] == own[1]]
+                candidate = next((c for c in neighbours(ref, listing.result(), asked)
+                                  if self._key(nix, c) not in self._jobs), None)
+                if candidate is None:
+                    plan.around = None
+                    break
+                plan.guessed += 1
+                self._start(nix, candidate, foreground=False)
 
     @staticmethod
     def _guesses_left(plan: _Plan) -> int:
@@ -494,7 +509,15 @@ class Evaluator:
         expected = self._expected_peak(identity, ref.flake)
         ticket = _Ticket(foreground=foreground, expected_peak=expected)
         task = asyncio.ensure_future(self._run(nix, ref, ticket))
-        task.add_done_callback(_retrieve)
+        self._pool.claim(ticket)
+
+        def finished(t: asyncio.Task[Evaluation]) -> None:
+            self._pool.unclaim(ticket)
+            if not t.cancelled():
+                t.exception()  # retrieved: nobody may be waiting
+            self._fill()
+
+        task.add_done_callback(finished)
         job = self._jobs[self._key(nix, ref)] = _Job(ticket, task)
         return job
 
@@ -565,7 +588,9 @@ class Evaluator:
 
     def busy(self) -> bool:
         """Whether an evaluation (ahead or not) still runs or waits, or a result is still being kept."""
-        return any(not job.task.done() for job in self._jobs.values()) or bool(self._keeping or self._guessing)
+        listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
+        return (any(not job.task.done() for job in self._jobs.values()) or bool(self._keeping)
+                or any(not t.done() for t in listings))
 
 
 def _natural(name: str) -> list[Any]:
@@ -578,23 +603,32 @@ def _shape(name: str) -> str:
     return re.sub(r"\d+", "#", name)
 
 
-def neighbours(ref: FlakeRef, names: list[str]) -> list[FlakeRef]:
-    """The same attribute of the flake's other configurations, the likeliest next Checks first: those named in the
-    same shape (`web3` for `web2`), those after it in natural order before those before it, then the others.
-    Programs declare a fleet's machines in about that order, and Pulumi's engine checks them in about the order
-    the program declares them."""
+def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) -> list[FlakeRef]:
+    """The same attribute of the flake's other configurations, the likeliest next Checks first.
+
+    A fleet's machines tend to be named alike (`web3` like `web2`) and to form a run in natural order, while
+    Pulumi's engine checks them in about declaration order, or scrambled (YAML with an explicit provider). So:
+    configurations named like ref's first; of those, the ones between the first and the last asked for so far
+    (asked: this run's Checks of the flake), then the ones after them, then before; the others last.
+    """
     ordered = sorted(names, key=_natural)
     own = ref.configuration
     assert own is not None
-    mine = next((i for i, n in enumerate(ordered) if ref.of_configuration(n).attr == ref.attr
-                 or f"nixosConfigurations.{n}.{own[1]}" == ref.attr), None)
+
+    def position(r: FlakeRef) -> int | None:
+        return next((i for i, n in enumerate(ordered) if r.attr in (ref.of_configuration(n).attr,
+                                                                 f"nixosConfigurations.{n}.{own[1]}")), None)
+
+    mine = position(ref)
     if mine is None:
         return [ref.of_configuration(n) for n in ordered]
+    seen = [i for i in (position(r) for r in (*asked, ref)) if i is not None]
+    low, high = min(seen), max(seen)
+    between, after, before = ordered[low + 1:high], ordered[high + 1:], ordered[:low][::-1]
     shape = _shape(ordered[mine])
-    after, before = ordered[mine + 1:], ordered[:mine][::-1]
-    alike = [n for n in after + before if _shape(n) == shape]
-    rest = [n for n in after + before if _shape(n) != shape]
-    return [ref.of_configuration(n) for n in alike + rest]
+    candidates = [n for n in between + after + before if n != ordered[mine]]
+    alike = [n for n in candidates if _shape(n) == shape]
+    return [ref.of_configuration(n) for n in alike + [n for n in candidates if _shape(n) != shape]]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
