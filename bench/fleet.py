@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Fleet preview: N new machines of one heavy flake against 1, through the real `pulumi` CLI.
+"""Fleet preview: N new machines of one synthetic flake against 1, through the real `pulumi` CLI.
 
-Every configuration of the flake shares one costly evaluation (as every NixOS
-configuration shares nixpkgs). The ratio preview(N)/preview(1) says how much a
-fleet costs over one machine; the runs alternate 1, N, 1, N, ... so a drifting
+Not what a real fleet's evaluation costs: that is bench/real_fleet.py, on real
+nixpkgs. Here every configuration shares one costly evaluation by construction
+(a real `nixosSystem` does not: each evaluates its own module system and
+`pkgs`), and each evaluation is in its own Nix process, so what this measures
+is the provider's own cost per machine (Checks, processes, the plan) on top of
+evaluations that cost little. The runs alternate 1, N, 1, N, ... so a drifting
 machine speed hits both alike. The peak memory of the Nix processes is read by
 a small wrapper around the nix command (getrusage of its child).
 

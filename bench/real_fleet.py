@@ -45,9 +45,12 @@ RUNS = int(os.environ.get("RUNS", "3"))
 FLEET = 10
 FLAKE_SIZE = 20
 
+# The child dies with the wrapper (PR_SET_PDEATHSIG): an evaluation the provider cancels must not go on as an
+# orphan and slow down the next measurement.
 NIX_WRAPPER = """#!{python}
-import resource, subprocess, sys
-code = subprocess.call(["{nix}", *sys.argv[1:]])
+import ctypes, resource, signal, subprocess, sys
+die_with_parent = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+code = subprocess.call(["{nix}", *sys.argv[1:]], preexec_fn=die_with_parent)
 with open("{log}", "a") as f:
     f.write(f"{{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}} {{' '.join(sys.argv[1:])}}\\n")
 sys.exit(code)
