@@ -15,6 +15,9 @@ alternate, so a drifting machine speed hits both alike):
   configuration; and how many configurations the preview evaluated that the stack does not use.
 - unchanged: a repeated `pulumi preview` of the 10 machines with nothing changed vs the preview of an empty stack
   (the same program without machines): how many Nix evaluations, and the ratio.
+- package diff: a machine deployed (a lab system, for real; then the state says a real configuration was, see
+  realnixos.as_deployed) previews a change of that configuration (nginx mainline, the newest kernel): whether
+  the diff is shown, and how many `nix build`s ran (needs root: one lab host on 127.0.BENCH_NET.1, 42 unless set).
 
 Each run changes the flake first (a comment), so neither side finds anything evaluated before, except where the
 line says so. Peak memory comes from a wrapper around `nix` (getrusage of its child), which both sides run through.
@@ -39,9 +42,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "lab"))
+import labctl  # noqa: E402
 import realnixos  # noqa: E402
 
 RUNS = int(os.environ.get("RUNS", "3"))
+NET = int(os.environ.get("BENCH_NET", "42"))
+LAB_DIR = REPO / ".lab" / "bench-real"
 FLEET = 10
 FLAKE_SIZE = 20
 
@@ -79,21 +86,30 @@ class Bench:
         self.changes = 0
         self.projects: dict[str, Path] = {}
 
-    def project(self, name: str, machines: list[str]) -> Path:
+    def project(self, name: str, machines: list[str] | dict[str, str], connection: dict[str, object] | None = None,
+                flake: str | None = None) -> Path:
+        """A stack of machines (resource name -> configuration; a list: the same names) of the flake."""
+        configurations = machines if isinstance(machines, dict) else {m: m for m in machines}
         proj = self.work / name
-        proj.mkdir()
+        if not proj.exists():
+            proj.mkdir()
+            subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
+                           check=True, capture_output=True)
         resources: dict[str, object] = {
             "nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(self.nix)]}}}
-        for i, m in enumerate(machines):
+        for i, (m, configuration) in enumerate(configurations.items()):
             resources[m] = {"type": "nixos:NixosMachine", "options": {"provider": "${nixos}"}, "properties": {
-                "connection": {"host": f"127.0.99.{i + 1}", "password": "unused"}, "flake": f"path:{self.flake}#{m}"}}
+                "connection": connection or {"host": f"127.0.99.{i + 1}", "password": "unused"},
+                "flake": f"{flake or f'path:{self.flake}'}#{configuration}"}}
         (proj / "Pulumi.yaml").write_text(json.dumps({
             "name": name, "runtime": "yaml",
             "plugins": {"providers": [{"name": "nixos", "path": str(REPO / "provider")}]}, "resources": resources}))
-        subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
-                       check=True, capture_output=True)
         self.projects[name] = proj
         return proj
+
+    def pulumi(self, name: str, *args: str) -> str:
+        return subprocess.run(["pulumi", "--non-interactive", *args], cwd=self.projects[name], env=self.env,
+                              check=True, capture_output=True, text=True).stdout
 
     def change_flake(self) -> None:
         self.changes += 1
@@ -139,6 +155,34 @@ class Bench:
             with ThreadPoolExecutor(parallel) as pool:
                 list(pool.map(one, machines))
         return run
+
+
+def package_diff(bench: Bench) -> tuple[str, str]:
+    """A real configuration's change previewed from derivations: shown, and nothing built."""
+    flake = realnixos.write_flake(bench.work / "diff-flake", machines=1)
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    host = labctl.add_host(LAB_DIR, "real1", f"127.0.{NET}.1")
+    try:
+        connection = {"host": host.address, "port": host.port, "privateKey": Path(host.privateKeyPath).read_text()}
+        bench.project("diff", ["web"], connection, flake=f"path:{labctl.LAB_FLAKE}")
+        bench.pulumi("diff", "up", "--yes", "--skip-preview")
+        state = realnixos.as_deployed(json.loads(bench.pulumi("diff", "stack", "export")), flake, "web1",
+                                      realnixos.evaluate(flake, "web1"))
+        (bench.work / "diff-state.json").write_text(json.dumps(state))
+        bench.pulumi("diff", "stack", "import", "--file", str(bench.work / "diff-state.json"))
+        bench.project("diff", {"web": "web1-next"}, connection, flake=f"path:{flake}")
+        bench.log.unlink(missing_ok=True)
+        started = time.monotonic()
+        out = bench.pulumi("diff", "preview")
+        seconds = time.monotonic() - started
+        builds = sum(1 for _, args in bench.calls() if " build " in f" {args} ")
+        shown = [ln.strip() for ln in out.splitlines()
+                 if "(from the derivations" in ln or ln.strip().startswith(("nginx:", "linux:", "needs a reboot"))]
+        return ("preview package diff of a real configuration change (nginx mainline, the newest kernel), nothing "
+                "built", f"{'shown' if len(shown) >= 3 else 'NOT shown'} in {seconds:.1f} s: "
+                         + "; ".join(f"`{ln}`" for ln in shown) + f"; `nix build` runs: {builds}")
+    finally:
+        labctl.stop_host(host.state)
 
 
 def pairs(label: str, a: Callable[[], float], b: Callable[[], float]) -> tuple[list[float], list[float]]:
@@ -251,6 +295,7 @@ def main() -> list[tuple[str, str]]:
         rows.append((f"`pulumi preview`, {FLEET} machines, nothing changed, vs the preview of an empty stack",
                      f"{statistics.median(a):.2f} s vs {statistics.median(b):.2f} s: {ratio(a, b)}; Nix evaluations: "
                      f"{max(evaluations)}"))
+        rows.append(package_diff(bench))
         print(f"\n{version}, nixpkgs {nixpkgs.release}, {workers} cores, {RUNS} pairs per line", file=sys.stderr)
         return rows
     finally:

@@ -15,6 +15,7 @@ or from a nixpkgs checkout PULUMI_NIXOS_NIXPKGS names:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "nixpkgs"
@@ -127,6 +129,29 @@ def write_flake(directory: Path, machines: int = 2, nixpkgs: Nixpkgs | None = No
         "  outputs = { self, nixpkgs }: let" + _MACHINE.replace("STATE_VERSION", state) + "\n"
         "  in {\n    nixosConfigurations = {\n" + "\n".join(configs) + "\n    };\n  };\n}\n")
     return directory
+
+
+def evaluate(flake: Path, name: str) -> dict[str, str]:
+    """What `nix eval` itself says of a configuration: its out path and derivation (`out`, `drv`)."""
+    out = subprocess.run(
+        ["nix", "eval", "--json", f"path:{flake}#nixosConfigurations.{name}.config.system.build.toplevel",
+         "--apply", "x: { out = x.outPath; drv = x.drvPath; }"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def as_deployed(state: dict[str, Any], flake: Path, name: str, evaluation: dict[str, str]) -> dict[str, Any]:
+    """A stack export whose NixosMachine records what a deploy of `name` records (its system and derivation).
+
+    A real NixOS system cannot be built here, so a test or benchmark deploys a lab system for real and then
+    makes the state say that this configuration was deployed, as the deployer that evaluated it would have.
+    """
+    for r in state["deployment"]["resources"]:
+        if r["type"] == "nixos:index:NixosMachine":
+            r["inputs"]["flake"] = r["outputs"]["flake"] = f"path:{flake}#{name}"
+            r["inputs"]["systemPath"] = r["outputs"]["systemPath"] = evaluation["out"]
+            r["outputs"]["systemDerivation"] = evaluation["drv"]
+            r["outputs"]["needsReboot"] = False
+    return state
 
 
 if __name__ == "__main__":

@@ -45,14 +45,6 @@ def nix_calls(log: Path, subcommand: str) -> int:
     return sum(1 for line in log.read_text().splitlines() if f" {subcommand} " in f" {line} ") if log.exists() else 0
 
 
-def direct_evaluation(flake: Path, name: str) -> dict[str, str]:
-    """What `nix eval` itself says of a configuration: the baseline the provider must agree with."""
-    out = subprocess.run(
-        ["nix", "eval", "--json", f"path:{flake}#nixosConfigurations.{name}.config.system.build.toplevel",
-         "--apply", "x: { out = x.outPath; drv = x.drvPath; }"], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
 def is_valid(path: str) -> bool:
     return subprocess.run(["nix-store", "--check-validity", path], capture_output=True).returncode == 0
 
@@ -92,7 +84,7 @@ def test_preview_evaluates_each_real_machine_once_then_never_again_until_the_fla
     assert len(ran) <= 3, ran
     assert nix_calls(log, "build") == 0
     assert no_evaluation_left(flake)
-    expected = direct_evaluation(flake, "web1")
+    expected = realnixos.evaluate(flake, "web1")
     assert first["web1"]["systemPath"] == expected["out"]
     assert re.search(r"-nixos-system-web2-\d\d\.\d\d", first["web2"]["systemPath"])
     assert not is_valid(expected["out"])  # nothing was built
@@ -122,17 +114,8 @@ def test_preview_shows_package_changes_and_a_reboot_from_derivations_with_nothin
                                           "properties": {"connection": connection(host), "flake": f"path:{lab}#web"}}})
     project.run("stack", "init", "dev")
     project.up()
-    # A real NixOS system cannot be built here, so the state is made to say what a deploy of `web1` records:
-    # its system path and its derivation (the deployer evaluated it, so the .drv is in its store).
-    deployed = direct_evaluation(flake, "web1")
-    state = project.state()
-    for r in state["deployment"]["resources"]:  # type: ignore[index]
-        if r["type"] == "nixos:index:NixosMachine":
-            r["inputs"]["flake"] = f"path:{flake}#web1"
-            r["inputs"]["systemPath"] = r["outputs"]["systemPath"] = deployed["out"]
-            r["outputs"]["flake"] = f"path:{flake}#web1"
-            r["outputs"]["systemDerivation"] = deployed["drv"]
-            r["outputs"]["needsReboot"] = False
+    # A real NixOS system cannot be built here: the state is made to say what a deploy of `web1` records.
+    state = realnixos.as_deployed(project.state(), flake, "web1", realnixos.evaluate(flake, "web1"))
     (tmp_path / "state.json").write_text(json.dumps(state))
     project.run("stack", "import", "--file", str(tmp_path / "state.json"))
 
@@ -151,7 +134,7 @@ def test_preview_shows_package_changes_and_a_reboot_from_derivations_with_nothin
     assert re.search(r"needsReboot\s*:\s*true", preview), preview
     assert nix_calls(log, "build") == 0
     assert evaluated(log).count("web1-next") == 1, log.read_text()
-    new = direct_evaluation(flake, "web1-next")
+    new = realnixos.evaluate(flake, "web1-next")
     assert not is_valid(new["out"])  # nothing was built
 
 

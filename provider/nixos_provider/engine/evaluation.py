@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -609,7 +610,8 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     A fleet's machines tend to be named alike (`web3` like `web2`) and to form a run in natural order, while
     Pulumi's engine checks them in about declaration order, or scrambled (YAML with an explicit provider). So:
     configurations named like ref's first; of those, the ones between the first and the last asked for so far
-    (asked: this run's Checks of the flake), then the ones after them, then before; the others last.
+    (asked: this run's Checks of the flake), then the ones beyond them, next after and next before in turn; the
+    others last.
     """
     ordered = sorted(names, key=_natural)
     own = ref.configuration
@@ -625,8 +627,10 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     seen = [i for i in (position(r) for r in (*asked, ref)) if i is not None]
     low, high = min(seen), max(seen)
     between, after, before = ordered[low + 1:high], ordered[high + 1:], ordered[:low][::-1]
+    # Beyond the names asked for: the next one after, then the next one before, and so on.
+    outside = [n for pair in itertools.zip_longest(after, before) for n in pair if n is not None]
     shape = _shape(ordered[mine])
-    candidates = [n for n in between + after + before if n != ordered[mine]]
+    candidates = [n for n in between + outside if n != ordered[mine]]
     alike = [n for n in candidates if _shape(n) == shape]
     return [ref.of_configuration(n) for n in alike + [n for n in candidates if _shape(n) != shape]]
 
