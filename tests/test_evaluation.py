@@ -17,8 +17,8 @@ import pytest
 from conftest import write_flake
 from nixos_provider.engine import timeline
 from nixos_provider.engine.errors import NixError
-from nixos_provider.engine.evaluation import EvaluationStore, Evaluator
-from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.engine.evaluation import EvaluationStore, Evaluator, nix_identity
+from nixos_provider.engine.nix import Evaluation, Nix, parse_flake_ref
 
 # Each configuration's evaluation takes a moment (a sum over a long list), so overlaps show.
 FLAKE = """{ outputs = { self }: let
@@ -189,3 +189,41 @@ async def test_close_kills_evaluations_that_run_ahead(slow_flake: str, store: Ev
     ps = os.popen("ps -eo args").read()
     assert not any(" eval " in line and "nixosConfigurations.slow" in line and flake.removeprefix("path:") in line
                    for line in ps.splitlines())
+
+
+async def test_without_a_set_number_memory_decides_how_many_run(
+        flake: str, store: EvaluationStore, spans: Path) -> None:
+    """Two cores' worth of workers, but one evaluation is known to need more than the machine has available: they
+    run one at a time (one always runs)."""
+    nix = Nix()
+    store.keep_peak(nix_identity(nix), flake, 1 << 50)
+    evaluator = Evaluator(store)  # no maxParallelEvaluations: cores and memory
+    assert evaluator._pool.workers >= 2  # this machine: the test means nothing on one core
+    await asyncio.gather(*(evaluator.evaluate(nix, ref(flake, n)) for n in ("a", "b", "c")))
+    ran = evaluations(spans)
+    assert len(ran) == 3
+    for (_, _, end), (_, start, _) in itertools.pairwise(ran):
+        assert start >= end - 0.01, f"evaluations overlapped although memory allows one: {ran}"
+    await evaluator.aclose(5)
+
+    # With the peak as measured (small), they overlap.
+    spans.unlink()
+    store.keep_peak(nix_identity(nix), flake, 1 << 20)
+    with open(Path(flake.removeprefix("path:")) / "flake.nix", "a") as f:
+        f.write("# changed\n")
+    evaluator = Evaluator(store)
+    await asyncio.gather(*(evaluator.evaluate(nix, ref(flake, n)) for n in ("a", "b", "c", "d")))
+    ran = evaluations(spans)
+    assert any(start < end for (_, _, end), (_, start, _) in itertools.pairwise(ran)), ran
+    await evaluator.aclose(5)
+
+
+def test_the_store_forgets_what_nobody_wrote_for_a_month(tmp_path: Path) -> None:
+    store = EvaluationStore(tmp_path / "store")
+    store.keep_result("nix", "old", "a", Evaluation("/nix/store/" + "a" * 32 + "-a", None))
+    old = next((tmp_path / "store" / "results").iterdir())
+    os.utime(old, (0, 0))
+    store.keep_result("nix", "new", "a", Evaluation("/nix/store/" + "b" * 32 + "-a", None))
+    store.prune()
+    assert store.result("nix", "old", "a") is None
+    assert store.result("nix", "new", "a") == Evaluation("/nix/store/" + "b" * 32 + "-a", None)

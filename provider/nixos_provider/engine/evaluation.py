@@ -62,6 +62,7 @@ POLL_SECONDS = 0.2  # how often a running evaluation's memory is read
 FIRST_GUESSES = 1  # configurations guessed ahead on the first Check the stack's plan did not know
 MORE_GUESSES = 2  # more for each further such Check: the stack is a fleet
 STORE_VERSION = 1
+KEEP_SECONDS = 30 * 86400  # what the store keeps of anything not written since
 STORE_ENV = "PULUMI_NIXOS_EVALUATION_STORE"  # where EvaluationStore keeps its files, in place of the default
 
 
@@ -159,6 +160,7 @@ class EvaluationStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._pruned = False
 
     @classmethod
     def default(cls) -> EvaluationStore:
@@ -199,6 +201,23 @@ class EvaluationStore:
     def keep_result(self, identity: str, fingerprint: str, attr: str, evaluation: Evaluation) -> None:
         self._write("results", self._name(identity, fingerprint, attr),
                     {"out": evaluation.out_path, "drv": evaluation.drv_path, "at": int(time.time())})
+        if not self._pruned:
+            self._pruned = True
+            self.prune()
+
+    def prune(self, max_age: float = KEEP_SECONDS) -> None:
+        """Forget results, plans and peaks nobody wrote for max_age seconds (every change of a flake leaves
+        its configurations' results behind; they never match again)."""
+        cutoff = time.time() - max_age
+        for kind in ("results", "plans", "peaks"):
+            try:
+                entries = list(os.scandir(self.directory / kind))
+            except OSError:
+                continue
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def plan(self, plan: str) -> list[PlannedRef]:
         value = self._read("plans", self._name(plan))

@@ -182,8 +182,10 @@ class Nix:
         started: called with the process id once it runs (the evaluation pool watches its memory).
         """
         with span(str(ref), Step.EVALUATE):
-            res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", str(ref), "--apply", EVALUATE_APPLY),
-                                  check=False, started=started)
+            # Nix's own evaluation cache is off: the provider keeps results itself (evaluation.py), and the cache
+            # would only write rows nobody reads, into one database that the flake's other evaluations also lock.
+            res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", "--option", "eval-cache", "false",
+                                             str(ref), "--apply", EVALUATE_APPLY), check=False, started=started)
         if res.exit_status != 0:
             raise NixError(f"evaluating {ref} failed: {evaluation_error(res.stderr)}")
         try:
