@@ -336,7 +336,7 @@ async def test_connection_errors_are_one_human_line(lab_host: labctl.LabHost, sy
         await engine.read_state(closed, Profile())
     assert str(refused.value) == f"cannot connect to root@{lab_host.address}:2399: connection refused (after 2 attempts)"
     with pytest.raises(NixError) as attr:
-        await Nix().eval_out_path(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#no-such-host"))
+        await Nix().evaluate(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#no-such-host"))
     assert "does not provide attribute" in str(attr.value) and "Traceback" not in str(attr.value)
 
 
@@ -374,8 +374,9 @@ async def test_build_on_the_target(lab_host: labctl.LabHost, tmp_path: Path) -> 
     }; }""")
     nix = Nix()
     ref = parse_flake_ref(f"{flake}#remote")
-    drv, out = await nix.eval_drv_path(ref), await nix.eval_out_path(ref)
-    result = await deploy(lab_host, out, build_drv_on_target=drv)
+    evaluation = await nix.evaluate(ref)
+    out = evaluation.out_path
+    result = await deploy(lab_host, out, build_drv_on_target=evaluation.drv_path)
     assert current_system(lab_host) == out and http_version(lab_host) == "remote-built"
     assert not await nix.is_valid(out), "the system was built on the deployer"
     assert result.push.paths >= 2  # the derivations and sources, not the outputs

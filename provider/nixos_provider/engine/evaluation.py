@@ -629,8 +629,8 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     A fleet's machines tend to be named alike (`web3` like `web2`) and to form a run in natural order, while
     Pulumi's engine checks them in about declaration order, or scrambled (YAML with an explicit provider). So:
     configurations named like ref's first; of those, the ones between the first and the last asked for so far
-    (asked: this run's Checks of the flake), then the ones beyond them, next after and next before in turn; the
-    others last.
+    (asked: this run's Checks of the flake), then the ones beyond them, next after and next before in turn. The
+    others last, and only when ref's name has no number: a numbered fleet (`web#`) goes on with numbers.
     """
     ordered = sorted(names, key=_natural)
     own = ref.configuration
@@ -651,7 +651,9 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     shape = _shape(ordered[mine])
     candidates = [n for n in between + outside if n != ordered[mine]]
     alike = [n for n in candidates if _shape(n) == shape]
-    return [ref.of_configuration(n) for n in alike + [n for n in candidates if _shape(n) != shape]]
+    # A numbered fleet (`web#`) goes on with numbers; names without one say nothing of each other.
+    others = [n for n in candidates if _shape(n) != shape] if shape == ordered[mine] else []
+    return [ref.of_configuration(n) for n in alike + others]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -199,10 +199,6 @@ class Nix:
             raise NixError(f"evaluating {ref} gave the derivation {str(drv)[:200]!r}, which is not one")
         return Evaluation(out, drv)
 
-    async def eval_out_path(self, ref: FlakeRef) -> str:
-        """Evaluate (not build) the output path of a flake attribute."""
-        return (await self.evaluate(ref)).out_path
-
     async def attr_names(self, flake: str, attr: str) -> list[str]:
         """The names of an attribute set in a flake (e.g. its nixosConfigurations), without evaluating them."""
         out = await self._run("eval", "--json", f"{flake}#{attr}", "--apply", "builtins.attrNames",
