@@ -18,16 +18,17 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   Check at a time, so evaluating ahead is what lets a fleet's Checks overlap.
   The stack's plan (its URN's stack and project) remembers which attributes
   its last run asked for; its first Check starts all of them. Where the plan
-  knows nothing (a first preview, a new machine), guesses follow: the flake's
-  configurations likeliest to come next (named alike; between, then after
-  the ones asked for so far, in natural order), one at first and two more for
-  each further Check the plan did not know. A one-machine stack thus costs at most one evaluation it does not use.
+  knows nothing (a first preview, a new machine), guesses fill workers that
+  would idle: the flake's configurations likeliest to come next (named alike;
+  between, then beyond the ones asked for so far, in natural order), one at
+  first and two more for each further Check the plan did not know. A
+  one-machine stack thus costs at most one evaluation it does not use.
 - **An unchanged flake is not evaluated again.** `nix flake metadata`
   fingerprints the flake and its locked inputs without evaluating; an
   attribute evaluated before under the same fingerprint, Nix and options is
   answered from the store of earlier results (EvaluationStore), as long as
   its derivation is still in the Nix store.
-- Whatever still runs when the provider stops is cancelled (close()), which
+- Whatever still runs when the provider stops is cancelled (aclose()), which
   kills its Nix process.
 
 The engine has no Pulumi here: a plan is any string the caller names.
@@ -391,7 +392,7 @@ def lock_stamp(flake: str) -> LockStamp:
 
 @dataclass
 class EvaluationCounts:
-    """What this process evaluated, for tests and benchmarks (also in the timeline)."""
+    """What this process evaluated (each evaluation is also a step in the timeline)."""
 
     evaluated: int = 0
     from_store: int = 0
@@ -431,7 +432,7 @@ class Evaluator:
         else:
             self._pool.promote(job.ticket)
         if plan is not None:
-            self._plan_ahead(plan, nix, ref, job)
+            self._plan_ahead(plan, nix, ref)
             self._fill()
         return await asyncio.shield(job.task)
 
@@ -452,7 +453,7 @@ class Evaluator:
 
     # -- ahead of the Checks --------------------------------------------------------------------------
 
-    def _plan_ahead(self, name: str, nix: Nix, ref: FlakeRef, job: _Job) -> None:
+    def _plan_ahead(self, name: str, nix: Nix, ref: FlakeRef) -> None:
         if self._closed:
             return
         plan = self._plans.get(name)
