@@ -108,27 +108,32 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         task = asyncio.current_task()
         if task:
             self._tasks.add(task)
+        # The operation stops counting as in flight before its answer leaves: the engine may send SIGINT the moment
+        # it has the answer, and that SIGINT must find the provider idle.
         try:
-            return await fn()
-        except PartialFailure as e:
-            detail = provider_pb2.ErrorResourceInitFailed(
-                id=e.resource_id, properties=to_struct(e.outputs), inputs=to_struct(e.inputs), reasons=[str(e)])
-            packed = any_pb2.Any()
-            packed.Pack(detail)
-            status = status_pb2.Status(code=grpc.StatusCode.UNKNOWN.value[0], message=str(e), details=[packed])
-            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-            await context.abort(grpc.StatusCode.UNKNOWN, str(e))
-        except (EngineError, ValueError) as e:
-            await context.abort(grpc.StatusCode.UNKNOWN, describe(e))
-        except asyncio.CancelledError:
-            await context.abort(grpc.StatusCode.CANCELLED, "the operation was cancelled")
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the nixos provider: {type(e).__name__}: {e}")
+            try:
+                return await fn()
+            except PartialFailure as e:
+                detail = provider_pb2.ErrorResourceInitFailed(
+                    id=e.resource_id, properties=to_struct(e.outputs), inputs=to_struct(e.inputs), reasons=[str(e)])
+                packed = any_pb2.Any()
+                packed.Pack(detail)
+                status = status_pb2.Status(code=grpc.StatusCode.UNKNOWN.value[0], message=str(e), details=[packed])
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+                code, message = grpc.StatusCode.UNKNOWN, str(e)
+            except (EngineError, ValueError) as e:
+                code, message = grpc.StatusCode.UNKNOWN, describe(e)
+            except asyncio.CancelledError:
+                code, message = grpc.StatusCode.CANCELLED, "the operation was cancelled"
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                code, message = (grpc.StatusCode.INTERNAL,
+                                 f"internal error in the nixos provider: {type(e).__name__}: {e}")
         finally:
             if task:
                 self._tasks.discard(task)
             await self._flush_logs()
+        await context.abort(code, message)
         raise AssertionError("unreachable")
 
     async def _flush_logs(self) -> None:
