@@ -150,6 +150,15 @@ class PulumiProject:
 
     def __init__(self, workdir: Path, backend: Path) -> None:
         self.dir = workdir
+        # Programs name this folder as the plugin's path: its launcher runs the provider and keeps a copy of what it
+        # writes to stderr, where a traceback would reach users (the CLI prints it when the plugin dies).
+        self.plugin_dir = backend / "plugin"
+        self.plugin_stderr = backend / "plugin-stderr.log"
+        self.plugin_dir.mkdir(exist_ok=True)
+        launcher = self.plugin_dir / "pulumi-resource-nixos"
+        launcher.write_text(f"#!/bin/bash\nexec {REPO / 'provider' / 'pulumi-resource-nixos'} \"$@\" "
+                            f"2> >(exec tee -a {self.plugin_stderr} >&2)\n")
+        launcher.chmod(0o755)
         self.env = {
             **os.environ,
             "PULUMI_BACKEND_URL": f"file://{backend}",
@@ -203,10 +212,13 @@ def pulumi_available() -> str:
 
 
 @pytest.fixture
-def project(tmp_path: Path, pulumi_available: str) -> PulumiProject:
+def project(tmp_path: Path, pulumi_available: str) -> Iterator[PulumiProject]:
     (tmp_path / "state").mkdir()
     (tmp_path / "prog").mkdir()
-    return PulumiProject(tmp_path / "prog", tmp_path / "state")
+    made = PulumiProject(tmp_path / "prog", tmp_path / "state")
+    yield made
+    written = made.plugin_stderr.read_text() if made.plugin_stderr.exists() else ""
+    assert "Traceback" not in written, f"the plugin wrote a traceback to its stderr:\n{written}"
 
 
 def write_flake(dest: Path, body: str) -> str:

@@ -25,7 +25,7 @@ def program(project: PulumiProject, resources: dict[str, Any], outputs: dict[str
             configuration: dict[str, Any] | None = None, name: str = "e2e") -> None:
     doc: dict[str, Any] = {
         "name": name, "runtime": "yaml",
-        "plugins": {"providers": [{"name": "nixos", "path": PROVIDER_DIR}]},
+        "plugins": {"providers": [{"name": "nixos", "path": str(project.plugin_dir)}]},
         "resources": resources,
     }
     if configuration:

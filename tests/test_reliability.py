@@ -19,7 +19,7 @@ from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import DeployError, EngineError, HostBusy, HostKeyMismatch
 from nixos_provider.engine.models import DeployRequest, HealthCheck, Profile
 from test_engine import current_gen
-from test_provider_e2e import PROVIDER_DIR, machine, program, strip_ansi
+from test_provider_e2e import machine, program, strip_ansi
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -117,7 +117,7 @@ exec nix "$@"
 def test_import_by_id_generates_code_that_previews_and_ups_with_no_change(
         project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
     header = {"name": "imp", "runtime": "yaml",
-              "plugins": {"providers": [{"name": "nixos", "path": PROVIDER_DIR}]}}
+              "plugins": {"providers": [{"name": "nixos", "path": str(project.plugin_dir)}]}}
     (project.dir / "Pulumi.yaml").write_text(json.dumps(header))
     project.run("stack", "init", "dev")
     project.run("config", "set", "--secret", "nixos:defaultPrivateKey", "--", Path(lab_host.privateKeyPath).read_text())
@@ -132,7 +132,7 @@ def test_import_by_id_generates_code_that_previews_and_ups_with_no_change(
     # Paste the generated code into the program.
     (project.dir / "Pulumi.yaml").write_text(
         "name: imp\nruntime: yaml\nplugins:\n  providers:\n    - name: nixos\n"
-        f"      path: {PROVIDER_DIR}\n" + code)
+        f"      path: {project.plugin_dir}\n" + code)
     preview = strip_ansi(project.run("preview", "--diff").stdout)
     assert "to update" not in preview and "to replace" not in preview and "to create" not in preview, preview
     up = strip_ansi(project.up().stdout)
@@ -258,7 +258,7 @@ if case == "profile":
 def test_malformed_inputs_fail_check_naming_the_property(project: PulumiProject, lab_host: labctl.LabHost) -> None:
     (project.dir / "Pulumi.yaml").write_text(json.dumps({
         "name": "bad", "runtime": {"name": "python", "options": {"virtualenv": str(REPO / ".venv")}},
-        "plugins": {"providers": [{"name": "nixos", "path": PROVIDER_DIR}]}}))
+        "plugins": {"providers": [{"name": "nixos", "path": str(project.plugin_dir)}]}}))
     (project.dir / "__main__.py").write_text(PYTHON_PROGRAM % {
         "host": lab_host.address, "port": lab_host.port, "flake": f"path:{labctl.LAB_FLAKE}"})
     project.run("stack", "init", "dev")

@@ -184,6 +184,14 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         failures.extend(_check_failures(cache_failures))
         return provider_pb2.CheckResponse(inputs=request.news, failures=failures)
 
+    async def DiffConfig(self, request: provider_pb2.DiffRequest, context: Ctx) -> provider_pb2.DiffResponse:
+        # A changed setting never replaces the provider: that would replace every machine it manages.
+        olds, news = from_struct(request.olds), from_struct(request.news)
+        changed = sorted(k for k in set(olds) | set(news) if reveal(olds.get(k)) != reveal(news.get(k)))
+        return provider_pb2.DiffResponse(
+            changes=provider_pb2.DiffResponse.DIFF_SOME if changed else provider_pb2.DiffResponse.DIFF_NONE,
+            diffs=changed)
+
     async def Configure(self, request: provider_pb2.ConfigureRequest, context: Ctx,
                         ) -> provider_pb2.ConfigureResponse:
         args = from_struct(request.args) if request.HasField("args") else {}
