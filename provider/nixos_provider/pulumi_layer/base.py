@@ -43,6 +43,14 @@ class Context:
     # uploads of this process: each closure goes to a cache once.
     binary_cache: BinaryCache | None = None
     cache_uploads: CacheUploads = field(default_factory=CacheUploads)
+    # Where each resource this process created lives, by URN: (host key, profile path). A replacement is created
+    # before the old resource is deleted; when both reach one machine under two names, the delete must leave
+    # what the replacement deployed.
+    created_on: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def replaced_in_place(self, urn: str, host_key: str | None, profile_path: str) -> bool:
+        """Whether the replacement of urn, created by this process, manages this very profile."""
+        return host_key is not None and self.created_on.get(urn) == (host_key, profile_path)
 
     def __post_init__(self) -> None:
         self.builds = FleetBuilds(self._out_path)
@@ -186,7 +194,18 @@ def diff_inputs(olds: dict[str, Any], news: dict[str, Any], keys: list[str], rep
             name = ".".join(path)
             result.replaces.append(name)
             result.detailed[name] = "UPDATE_REPLACE"
+    result.delete_before_replace = bool(result.replaces) and same_machine(olds, news)
     return result
+
+
+def same_machine(olds: dict[str, Any], news: dict[str, Any]) -> bool:
+    """Whether a replacement stays at the address and port of the old resource. Only then must the old one go first:
+    Pulumi otherwise creates the replacement before deleting, so a move that cannot reach its new host, or meets
+    another host key there, leaves the old host as it was. (One machine under two names is `replaced_in_place`.)"""
+    old, new = reveal(olds.get("connection")), reveal(news.get("connection"))
+    if not isinstance(old, dict) or not isinstance(new, dict) or contains_unknown(new):
+        return False
+    return (old.get("host"), old.get("port", 22)) == (new.get("host"), new.get("port", 22))
 
 
 def _get(d: Any, path: tuple[str, ...]) -> Any:

@@ -142,7 +142,10 @@ class NixosMachine(DeployedResource):
         m = MachineInputs.parse(news)
         remote = self._remote_of(m.connection)
         if m.install is not None:  # `install: {}` installs with every default
-            return _id(remote), await self._install(urn, _id(remote), m, {})
+            installed = await self._install(urn, _id(remote), m, {})
+            if installed.get("hostKey"):
+                self.ctx.created_on[urn] = (installed["hostKey"], SYSTEM_PROFILE)
+            return _id(remote), installed
         self.ctx.status(urn, f"connecting to {remote.target}")
         # Build while the host is read: the build does not need it, and the
         # machines created together then share one `nix build`.
@@ -160,6 +163,7 @@ class NixosMachine(DeployedResource):
             raise EngineError(f"{remote.target} does not run NixOS (no {SYSTEM_PROFILE} and no /run/current-system); "
                               "set `install` to install it with nixos-anywhere")
         pinned = baseline.host_key
+        self.ctx.created_on[urn] = (pinned, SYSTEM_PROFILE)
         base = {
             **news,
             "secretFiles": None,
@@ -606,6 +610,10 @@ class NixosMachine(DeployedResource):
         recorded = RecordedMachine.parse(state)
         if recorded.on_destroy == "retain":
             self.ctx.info(urn, "onDestroy is `retain`: leaving the machine as it is, secret files included")
+            return
+        if self.ctx.replaced_in_place(urn, recorded.host_key, SYSTEM_PROFILE):
+            self.ctx.info(urn, "its replacement manages the same machine (the same host key): leaving the system "
+                               "and secret files the replacement deployed")
             return
         remote = self._remote_of(recorded.connection, recorded.host_key)
         baseline = recorded.baseline_generation

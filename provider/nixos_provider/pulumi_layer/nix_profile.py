@@ -9,7 +9,7 @@ from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import Profile
 from . import inputs as v
-from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same
+from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same, same_machine
 from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, contains_unknown, reveal
@@ -96,6 +96,7 @@ class NixProfile(DeployedResource):
             if olds.get("profilePath") and new_path != olds["profilePath"]:
                 result.replaces.append("profilePath")
                 result.detailed["profilePath"] = "UPDATE_REPLACE"
+                result.delete_before_replace = same_machine(olds, news)
             elif (news.get("user") or None) != (olds.get("user") or None):
                 result.detailed["user"] = "UPDATE"
         return result
@@ -119,6 +120,7 @@ class NixProfile(DeployedResource):
         profile = self._profile(news)
         async with self.ctx.ssh_slots:
             baseline = await engine.read_state(remote, profile)
+        self.ctx.created_on[urn] = (baseline.host_key, profile.path)
         base = {
             **news,
             "connection": v.secret_connection(news["connection"]),
@@ -194,6 +196,10 @@ class NixProfile(DeployedResource):
         recorded = RecordedProfile.parse(state)
         if recorded.on_destroy == "retain":
             self.ctx.info(urn, "onDestroy is `retain`: leaving the profile as it is")
+            return
+        if self.ctx.replaced_in_place(urn, recorded.host_key, recorded.profile.path):
+            self.ctx.info(urn, "its replacement manages the same profile on the same machine (the same host key): "
+                               "leaving what the replacement deployed")
             return
         remote = self._remote_of(recorded.connection, recorded.host_key)
         profile, baseline = recorded.profile, recorded.baseline_generation or 0

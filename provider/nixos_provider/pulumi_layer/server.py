@@ -284,7 +284,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                 detailedDiff={k: provider_pb2.PropertyDiff(kind=kinds.Value(kind), inputDiff=True)
                               for k, kind in result.detailed.items()},
                 hasDetailedDiff=True,
-                deleteBeforeReplace=True,
+                deleteBeforeReplace=result.delete_before_replace,
             )
         return await self._guard(context, run)
 
