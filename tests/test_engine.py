@@ -331,7 +331,7 @@ async def test_connection_errors_are_one_human_line(lab_host: labctl.LabHost, sy
     assert str(bad_key.value).startswith(f"the private key for root@{lab_host.address}:{lab_host.port} is not a "
                                          "private key asyncssh can read")
     assert bad_key.value.blames is Setting.PRIVATE_KEY and "\n" not in str(bad_key.value)
-    closed = dataclasses.replace(remote_for(lab_host), port=2399, retries=2)
+    closed = dataclasses.replace(remote_for(lab_host), port=2399, retries=1)
     with pytest.raises(ConnectError) as refused:
         await engine.read_state(closed, Profile())
     assert str(refused.value) == f"cannot connect to root@{lab_host.address}:2399: connection refused (after 2 attempts)"

@@ -102,10 +102,10 @@ async def test_retries_back_off_and_then_say_how_many_attempts_failed() -> None:
     await door.start()
     try:
         with pytest.raises(ConnectError) as err:
-            await connect(Remote("127.0.0.1", door.port, "root", Credentials(password="x"), retries=3))
+            await connect(Remote("127.0.0.1", door.port, "root", Credentials(password="x"), retries=2))
     finally:
         await door.stop()
-    assert "after 3 attempts" in str(err.value)
+    assert "after 3 attempts" in str(err.value)  # retries: how many more after the first
     assert len(door.arrivals) == 3
     gaps = [b - a for a, b in zip(door.arrivals, door.arrivals[1:], strict=False)]
     assert 0.4 < gaps[0] < 0.9 and 0.9 < gaps[1] < 1.6, gaps  # 0.5 s, then twice that
@@ -115,7 +115,34 @@ async def test_a_refused_port_is_named_in_the_error() -> None:
     port = free_port()
     with pytest.raises(ConnectError, match=rf"cannot connect to root@127.0.0.1:{port}: connection refused "
                                            r"\(after 1 attempt\)"):
-        await connect(Remote("127.0.0.1", port, "root", Credentials(password="x"), retries=1))
+        await connect(Remote("127.0.0.1", port, "root", Credentials(password="x"), retries=0))
+
+
+async def test_a_host_that_never_sends_its_banner_costs_each_attempt_one_connect_timeout() -> None:
+    # A wedged machine: the kernel accepts the TCP connection, sshd never answers. With a pinned key, no second
+    # connection asks it for its key: that one would wait as long again.
+    arrivals: list[float] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrivals.append(time.monotonic())
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pinned = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectError) as err:
+            await connect(Remote("127.0.0.1", port, "root", Credentials(password="x"), host_key=pinned,
+                                 connect_timeout=1, retries=1))
+    finally:
+        server.close()
+    waited = time.monotonic() - started
+    assert str(err.value) == (f"cannot connect to root@127.0.0.1:{port}: timed out during the SSH banner and key "
+                              "exchange (connectTimeout 1 s, 2 attempts)")
+    assert len(arrivals) == 2
+    assert 2.4 < waited < 3.5, waited  # (retries + 1) × connectTimeout, plus 0.5 s of backoff
 
 
 async def test_a_host_that_comes_up_late_is_reached_by_retrying() -> None:

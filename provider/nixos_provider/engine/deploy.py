@@ -119,7 +119,7 @@ class Deployment:
     def _pinned_remote(self) -> Remote:
         # Every later connection (confirmation, reconnects) must present the key
         # the first one pinned.
-        return replace(self.req.remote, host_key=self.host_key, retries=2)
+        return replace(self.req.remote, host_key=self.host_key, retries=1)
 
     async def _connect_again(self) -> Connection:
         return await connect(self._pinned_remote())
@@ -504,7 +504,7 @@ async def rollback_to(remote: Remote, profile: Profile, generation: int, *, stat
     the target's store, it becomes a new generation instead.
     """
     target = await open_target(remote, profile)
-    pinned = replace(remote, host_key=target.conn.host_key, retries=2)
+    pinned = replace(remote, host_key=target.conn.host_key, retries=1)
     spec = RollbackSpec(mode="system" if profile.is_system else "profile", profile=profile.path,
                         to_gen=generation, to_path=fallback_path, activation_timeout=timeout,
                         activate_command=activate_command)

@@ -76,9 +76,15 @@ class _HostKeyCheck:
         self.pinned = pinned
         self.refuse = refuse  # only look at the key
         self.seen: str | None = None
+        # How far the connection got: what a timeout names.
+        self.phase = "the TCP connection"
+
+    def connected(self) -> None:
+        self.phase = "the SSH banner and key exchange"
 
     def accepts(self, key: asyncssh.SSHKey) -> bool:
         self.seen = key.export_public_key("openssh").decode().strip()
+        self.phase = "authentication"
         return not self.refuse and (self.pinned is None or self.seen == self.pinned)
 
     def client(self) -> asyncssh.SSHClient:
@@ -91,6 +97,9 @@ def _client_class() -> Callable[[_HostKeyCheck], asyncssh.SSHClient]:
     class HostKeyCheckingClient(asyncssh.SSHClient):
         def __init__(self, check: _HostKeyCheck) -> None:
             self.check = check
+
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            self.check.connected()
 
         def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
             return self.check.accepts(key)
@@ -136,9 +145,20 @@ class Connection:
         await self.close()
 
 
+class AttemptTimedOut(TimeoutError):
+    """One connection attempt ran out of connectTimeout, in a phase: the TCP connection, the banner and key
+    exchange, or authentication (asyncssh bounds all of them together)."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"timed out during {phase}")
+        self.seconds = seconds
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(e, AttemptTimedOut):
+        return str(e)
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, asyncssh.PermissionDenied):
@@ -205,6 +225,9 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
         if pinned and checker.seen:
             raise HostKeyMismatch(remote.target, fingerprint(pinned), fingerprint(checker.seen)) from e
         raise ConnectError(f"cannot verify the host key of {remote.target}: {_describe(e)}") from e
+    except TimeoutError as e:
+        # A host that never answers would not answer the probe below either: it would only double the wait.
+        raise AttemptTimedOut(checker.phase, remote.connect_timeout) from e
     except (asyncssh.Error, OSError) as e:
         if pinned and checker.seen is None:
             # Key exchange offers only the pinned key's type: a host that no
@@ -235,9 +258,10 @@ async def _offered_host_key(remote: Remote, tunnel: Connection | None) -> str | 
 
 
 async def connect(remote: Remote, *, compress: bool = False) -> Connection:
-    """Connect with bounded retries and backoff. Host key and auth failures are not retried."""
+    """Connect with bounded retries and backoff: `retries` more attempts after a failed one, each bounded by
+    connectTimeout as a whole. Host key and auth failures are not retried."""
     tunnel = await connect(remote.proxy) if remote.proxy is not None else None
-    attempts = max(1, remote.retries)
+    attempts = 1 + max(0, remote.retries)
     delay = 0.5
     last: BaseException | None = None
     for attempt in range(1, attempts + 1):
@@ -264,6 +288,6 @@ async def connect(remote: Remote, *, compress: bool = False) -> Connection:
         await tunnel.close()
     assert last is not None
     via = f" via {remote.proxy.target}" if remote.proxy else ""
-    raise ConnectError(
-        f"cannot connect to {remote.target}{via}: {_describe(last)} (after {attempts} attempt{'s' if attempts > 1 else ''})"
-    ) from last
+    tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+    how_long = f"connectTimeout {last.seconds:g} s, {tries}" if isinstance(last, AttemptTimedOut) else f"after {tries}"
+    raise ConnectError(f"cannot connect to {remote.target}{via}: {_describe(last)} ({how_long})") from last

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..engine.errors import DeployError, EngineError, HostBusy
+from ..engine.errors import ConnectError, DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
 from ..engine.models import (
     Action,
@@ -94,6 +94,10 @@ async def run_deploy(ctx: Context, urn: str, req: DeployRequest, nix: Nix, *, id
         raise PartialFailure(describe(e), ident, after_failure(failed, e), inputs) from e
     except HostBusy as e:
         # Nothing was changed; what runs now is another deployment's business.
+        raise PartialFailure(describe(e), ident, failed, inputs) from e
+    except ConnectError as e:
+        # Not reached (or lost before the lock was taken): nothing changed, and a host that did not answer the
+        # deployment's attempts would make observing it wait as long again.
         raise PartialFailure(describe(e), ident, failed, inputs) from e
     except EngineError as e:
         after = await observe(failed) if observe is not None else failed

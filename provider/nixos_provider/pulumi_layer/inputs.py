@@ -106,7 +106,7 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
     if _known(user) and (not isinstance(_plain(user), str) or not USER_RE.match(_plain(user))):
         f.add(f"{prop}.user", f"{_plain(user)!r} is not a valid user name")
     check_seconds(f, f"{prop}.connectTimeout", conn.get("connectTimeout"), 1, 3600)
-    check_int(f, f"{prop}.retries", conn.get("retries"), 1, 100)
+    check_int(f, f"{prop}.retries", conn.get("retries"), 0, 100)
     key = conn.get("hostKey")
     if _known(key):
         try:
