@@ -172,7 +172,9 @@ def test_evaluation_error_of_a_throw(version: str) -> None:
         assert msg == "no domain for this machine (option `networking.domain`)"
     else:
         assert msg.startswith("no domain for this machine (option `networking.domain`, at /nix/store/")
-        assert msg.endswith("-source/flake.nix:23:51)")
+        # The line Nix showed under the position, so the user sees which definition it was.
+        assert msg.endswith('-source/flake.nix:23:51: `throws = machine "e4" { networking.domain = throw "no domain '
+                            'for this machine"; };`)')
 
 
 @pytest.mark.parametrize("version", VERSIONS)

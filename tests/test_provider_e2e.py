@@ -72,6 +72,28 @@ def test_preview_reaches_the_provider_check(project: PulumiProject) -> None:
     assert "Traceback" not in out
 
 
+def test_flake_errors_keep_their_place(project: PulumiProject, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "flake.nix").write_text("{\n  outputs = { self }: {\n    nixosConfigurations.web = 1 {\n  };\n}\n")
+    program(project, {"web": {"type": "nixos:NixosMachine", "properties": {
+        "connection": {"host": "127.0.99.1", "password": "unused"}, "flake": "${flake}"}}},
+            configuration={"flake": {"type": "String"}})
+    project.run("stack", "init", "dev")
+    cases = {
+        # Where the syntax error is, in the user's own file, with the line Nix pointed at.
+        f"path:{broken}#web": rf"syntax error, unexpected .* \(at {re.escape(str(broken))}/flake\.nix:5:\d+: `}}`\)",
+        f"path:{LAB}#nope": r"does not provide attribute .*'nixosConfigurations\.nope\.config\.system\.build\.toplevel'",
+    }
+    for flake, expected in cases.items():
+        project.run("config", "set", "flake", flake)
+        res = project.run("preview", check=False)
+        out = strip_ansi(res.stdout + res.stderr)
+        problem = next((ln for ln in out.splitlines() if "resource 'web': property flake value" in ln), "")
+        assert res.returncode != 0 and re.search(expected, problem), out
+        assert "Traceback" not in out
+
+
 def test_up_adopts_deploys_and_is_idempotent_then_destroy_rolls_back(
         project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
     program(project, {"web": machine(lab_host, "web", confirmTimeout=10,

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import NixError, Setting
 from .nix_versions import (
@@ -38,6 +39,37 @@ EXPERIMENTAL = ["--extra-experimental-features", "nix-command flakes"]
 
 def is_store_path(value: str) -> bool:
     return bool(STORE_PATH_RE.match(value))
+
+
+_STORE_SOURCE = re.compile(r"/nix/store/[0-9a-z]{32}-source/([^\s:`'\"]+)")
+
+
+def local_flake_dir(flake: str) -> Path | None:
+    """The directory of a flake on this machine (`path:`, `git+file://` or a plain path), if it is one."""
+    url = flake.split("?", 1)[0]
+    for prefix in ("path:", "git+file://", ""):
+        if url.startswith(prefix) and url[len(prefix):].startswith("/"):
+            folder = Path(url[len(prefix):])
+            return folder if folder.is_dir() else None
+    return None
+
+
+def in_local_files(message: str, flake: str) -> str:
+    """Positions in the store copy of a local flake, shown in the user's own files: the same relative path under
+    the flake's directory, with the same content (so never a file of another input, or one edited since)."""
+    folder = local_flake_dir(flake)
+    if folder is None:
+        return message
+
+    def local(m: re.Match[str]) -> str:
+        mine = folder / m.group(1)
+        try:
+            same = mine.is_file() and Path(m.group(0)).read_bytes() == mine.read_bytes()
+        except OSError:
+            same = False
+        return str(mine) if same else m.group(0)
+
+    return _STORE_SOURCE.sub(local, message)
 
 
 # What one evaluation answers: the out path and the derivation of one attribute, as JSON.
@@ -187,7 +219,7 @@ class Nix:
             res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", "--option", "eval-cache", "false",
                                              str(ref), "--apply", EVALUATE_APPLY), check=False, started=started)
         if res.exit_status != 0:
-            raise NixError(f"evaluating {ref} failed: {evaluation_error(res.stderr)}")
+            raise NixError(f"evaluating {ref} failed: {in_local_files(evaluation_error(res.stderr), ref.flake)}")
         try:
             value = json.loads(res.stdout)
         except ValueError as e:

@@ -273,11 +273,24 @@ def evaluation_error(stderr: str, max_lines: int = 8) -> str:
     frames = lines[cause - 1::-1] if any(ln.startswith("…") for ln in lines[:cause]) else lines[cause + 1:]
     nixpkgs = {m.group(1) for f in frames if (a := _AT_FRAME.match(f)) and (m := _NIXPKGS_FILE.match(a.group(1)))}
     option = next((m.group(1) for f in frames if (m := _OPTION_FRAME.match(f))), None)
-    position = next((f"{a.group(1)}:{a.group(2)}:{a.group(3)}" for f in frames if (a := _AT_FRAME.match(f))
-                     and not any(a.group(1).startswith(root + "/") for root in nixpkgs)), None)
+    at = next((a for f in frames if (a := _AT_FRAME.match(f))
+               and not any(a.group(1).startswith(root + "/") for root in nixpkgs)), None)
     where = []
     if option and option != _TOPLEVEL_OPTION and not _NAMES_OPTION.search(text):
         where.append(f"option `{option}`")
-    if position and "- In `" not in text:
-        where.append(f"at {position}")
+    if at is not None and "- In `" not in text:
+        where.append(f"at {at.group(1)}:{at.group(2)}:{at.group(3)}" + _source_line(lines, at))
     return f"{text} ({', '.join(where)})" if where else text
+
+
+_CODE_FRAME = re.compile(r"^(\d+)\| ?(.*)$")
+
+
+def _source_line(lines: list[str], at: re.Match[str]) -> str:
+    """The line of the user's file that the position points into, as Nix printed it under `at …:`."""
+    start = lines.index(at.group(0))
+    for ln in lines[start + 1:start + 6]:
+        if (code := _CODE_FRAME.match(ln)) and code.group(1) == at.group(2) and code.group(2).strip():
+            text = code.group(2).strip()
+            return f": `{text if len(text) <= 100 else text[:99] + '…'}`"
+    return ""
