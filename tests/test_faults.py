@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import grpc
 import labctl
 import pytest
-from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, in_host, remote_for, write_flake
+from conftest import LAB_NET, REPO, HostFactory, PulumiProject, Systems, current_system, in_host, remote_for, write_flake
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
@@ -35,8 +36,9 @@ from nixos_provider.engine.errors import DeployError, EngineError
 from nixos_provider.engine.models import DeployRequest, HealthCheck
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 from test_engine import current_gen, gens
-from test_provider_e2e import PROVIDER_DIR, machine, program, strip_ansi
+from test_provider_e2e import PROVIDER_DIR, connection, machine, program, strip_ansi
 from test_reliability import up_while_activating
+from test_unreachable_hosts_e2e import system_link, without_ciphertexts
 
 FULL = os.environ.get("PULUMI_NIXOS_FAULTS") == "full"
 pytestmark = [pytest.mark.timeout(3600 if FULL else 900)]
@@ -59,7 +61,8 @@ class Row:
     figure: str = ""
 
 
-ORDER = ["push", "sigint", "sigkill", "magic", "fails", "fleet", "malformed", "hostile", "secrets", "hostkey"]
+ORDER = ["push", "sigint", "sigkill", "magic", "fails", "fleet", "malformed", "hostile", "secrets", "hostkey",
+         "wedged", "move"]
 TABLE: dict[str, Row] = {}
 
 
@@ -686,3 +689,102 @@ def test_a_changed_host_key_is_refused(project: PulumiProject, new_host: HostFac
         results.append(None if ok else f"{key_type}: {out[-600:]}")
     record("hostkey", "the host key changed (same type, another type)", "refused, naming the mismatch", results)
 
+
+
+# -- 11. a wedged host in a fleet (issue 24) -------------------------------------------------------
+
+
+@contextmanager
+def wedged(host: labctl.LabHost) -> Iterator[None]:
+    """sshd stopped as a hung machine's is: the kernel still accepts connections; nothing answers."""
+    in_host(host, "sh", "-c", 'kill -STOP "$(cat /run/sshd.pid)"')
+    try:
+        yield
+    finally:
+        in_host(host, "sh", "-c", 'kill -CONT "$(cat /run/sshd.pid)"')
+
+
+def test_a_wedged_host_costs_only_its_machine(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    hosts = [new_host() for _ in range(3)]
+    timeout, retries = 4, 1
+    bound = (retries + 1) * timeout + 0.5  # each attempt one connectTimeout, then 0.5 s of backoff
+
+    def fleet(config: str) -> dict[str, Any]:
+        return {f"m{i}": {**machine(h, config), "properties": {
+            **machine(h, config)["properties"],
+            "connection": {**connection(h), "connectTimeout": timeout, "retries": retries}}}
+            for i, h in enumerate(hosts)}
+
+    program(project, fleet("web"))
+    project.run("stack", "init", "dev")
+    project.up()
+    results: list[str | None] = []
+    slowest = 0.0
+    configs = ["web-v2", "web"]
+    for r in range(runs(5, 1)):
+        stuck, declared = hosts[r % 3], configs[r % 2]
+        before = current_system(stuck)
+        program(project, fleet(declared))
+        with wedged(stuck):
+            started = time.monotonic()
+            up = project.up(check=False)
+            took = time.monotonic() - started
+        slowest = max(slowest, took)
+        out = strip_ansi(up.stdout + up.stderr)
+        said = (f"cannot connect to root@{stuck.address}:{stuck.port}: timed out during the SSH banner and key "
+                f"exchange (connectTimeout {timeout} s, {retries + 1} attempts)")
+        others = [current_system(h) for h in hosts if h is not stuck]
+        refresh = strip_ansi(project.run("refresh", "--yes", "--skip-preview").stdout)
+        problems = [what for what, bad in [
+            ("up succeeded", up.returncode == 0), ("no error naming the host and the phase", said not in out),
+            (f"took {took:.1f} s", took > bound + 15), ("another machine was not deployed", others != [systems[declared]] * 2),
+            ("the wedged host changed", current_system(stuck) != before), ("refresh found a change", "updated" in refresh)]
+            if bad]
+        results.append(f"run {r}: {', '.join(problems)}:\n{out[-800:]}" if problems else None)
+        project.up()  # the wedged machine catches up
+    record("wedged", "a wedged host (sshd accepts connections, never answers) in a fleet of 3",
+           f"its machine fails, naming the host and the phase, within (retries + 1) × connectTimeout + backoff "
+           f"({bound:g} s) plus the CLI's time; the others deploy; refresh agrees", results,
+           f"slowest `pulumi up`: {slowest:.1f} s (connectTimeout {timeout} s, retries {retries})")
+
+
+# -- 12. a machine that moves, to a host that cannot be reached or is not the one pinned (issue 24) --
+
+
+def test_a_failed_move_leaves_the_old_host(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    a, b = new_host(), new_host()
+    program(project, {"web": machine(a, "web")})
+    project.run("stack", "init", "dev")
+    project.up()
+    results: list[str | None] = []
+    here, there = a, b
+    for r in range(runs(5, 1)):
+        at_here = machine(here, "web")
+        before = project.resource("NixosMachine")
+        link = system_link(here)
+        attempts = {
+            "a typo": {**connection(here), "host": f"127.0.{LAB_NET + 9}.251"},
+            "another host key": {**connection(there), "hostKey": here.hostKey},
+        }
+        problems = []
+        for what, conn in attempts.items():
+            program(project, {"web": {**at_here, "properties": {**at_here["properties"], "connection": conn}}})
+            if project.up(check=False).returncode == 0:
+                problems.append(f"{what}: up succeeded")
+        after = project.resource("NixosMachine")
+        if (current_system(here), system_link(here)) != (systems["web"], link):
+            problems.append(f"the old host changed: runs {current_system(here)}, {system_link(here)}")
+        if without_ciphertexts(after["outputs"]) != without_ciphertexts(before["outputs"]) or "pendingReplacement" in after:
+            problems.append("the state changed")
+        program(project, {"web": at_here})
+        if project.run("preview", "--expect-no-changes", check=False).returncode != 0:
+            problems.append("the program as it was plans a change")
+        program(project, {"web": machine(there, "web")})
+        moved = strip_ansi(project.up(check=False).stdout)
+        if current_system(there) != systems["web"] or "created replacement" not in moved:
+            problems.append(f"the move failed:\n{moved[-800:]}")
+        results.append(f"run {r}: {'; '.join(problems)}" if problems else None)
+        here, there = there, here
+    record("move", "a machine moves to a host that cannot be reached, or shows another key than the pinned one",
+           "the old host keeps its system and generation; state unchanged; the program as it was plans nothing; "
+           "a move to a good host then succeeds", results)
