@@ -38,6 +38,7 @@ from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 from test_engine import current_gen, gens
 from test_provider_e2e import PROVIDER_DIR, connection, machine, program, strip_ansi
 from test_reliability import up_while_activating
+from test_systemd import reboot_during_activation
 from test_unreachable_hosts_e2e import system_link, without_ciphertexts
 
 FULL = os.environ.get("PULUMI_NIXOS_FAULTS") == "full"
@@ -62,7 +63,7 @@ class Row:
 
 
 ORDER = ["push", "sigint", "sigkill", "magic", "fails", "fleet", "malformed", "hostile", "secrets", "hostkey",
-         "wedged", "move"]
+         "wedged", "move", "reboot"]
 TABLE: dict[str, Row] = {}
 
 
@@ -788,3 +789,25 @@ def test_a_failed_move_leaves_the_old_host(project: PulumiProject, new_host: Hos
     record("move", "a machine moves to a host that cannot be reached, or shows another key than the pinned one",
            "the old host keeps its system and generation; state unchanged; the program as it was plans nothing; "
            "a move to a good host then succeeds", results)
+
+
+# -- 13. the machine reboots during activation (issue 24) --------------------------------------------
+
+
+def test_a_reboot_during_activation(project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    if (why := labctl.systemd_unavailable()) is not None:
+        pytest.skip(why)
+    host = new_host("systemd")
+    results: list[str | None] = []
+    slowest = 0.0
+    for r in range(runs(5, 1)):
+        try:
+            took = reboot_during_activation(project, host, systems)
+            slowest = max(slowest, float(took.split()[0]))
+            results.append(None)
+        except AssertionError as e:
+            results.append(f"run {r}: {str(e)[-1500:]}")
+    record("reboot", "the machine restarts 3 s into a 20 s activation (systemd host; it boots the new system)",
+           "noticed when the host answers again; rolled back to the confirmed generation, the new one removed; "
+           "the error says so and what runs; state and refresh agree with the host", results,
+           f"slowest: {slowest:.0f} s from the host's restart to the end of `pulumi up`")

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
-from .errors import ConnectError, EngineError, HostBusy
+from .errors import ConnectError, EngineError, HostBusy, HostRebooted
 from .process import Target
 from .protocol import ActivationSpec, Control, Go, Phase, RollbackSpec, SupervisorState, supervisor_argv
 from .ssh import Connection
@@ -24,6 +24,9 @@ __all__ = ["ActivationOutcome", "ActivationSpec", "RollbackSpec", "Supervisor"]
 
 SUPERVISOR = resources.files(__package__).joinpath("supervisor.sh").read_text()
 POLL_INTERVAL = 0.3
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# The exit status of a control write that found no work directory: the supervisor is gone.
+NO_WORKDIR = 75
 # How often the deployer says it is alive while it registers; supervisor.sh
 # waits 30 s after the last time.
 KEEPALIVE_INTERVAL = 5.0
@@ -65,30 +68,60 @@ class Supervisor:
         # The connection this supervisor opened to replace a lost one; the
         # first connection belongs to the caller.
         self._own: Connection | None = None
+        # The boot this supervisor runs in: another one means the host rebooted and the supervisor died with it.
+        self.boot_id: str | None = None
 
     def _args(self, task: str) -> list[str]:
         return supervisor_argv(task, self.workdir, self.token, self.spec)
 
     async def upload(self) -> None:
-        await self.target.run(
-            ["sh", "-c", 'umask 077 && mkdir -- "$1" && cat > "$1/supervisor.sh" && : > "$1/log"', "sh", self.workdir],
+        res = await self.target.run(
+            ["sh", "-c", 'umask 077 && mkdir -- "$1" && cat > "$1/supervisor.sh" && : > "$1/log" && cat "$2"',
+             "sh", self.workdir, BOOT_ID],
             input=SUPERVISOR,
         )
+        self.boot_id = res.stdout.strip() or None
         if self._uses_systemd is None:
             res = await self.target.run(["sh", "-c", "test -d /run/systemd/system && command -v systemd-run"], check=False)
             self._uses_systemd = res.exit_status == 0
 
     async def _write(self, control: Control, content: str) -> None:
         """Write one control file into the workdir, atomically (the supervisor polls for it)."""
-        argv = ["sh", "-c", 'printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
+        argv = ["sh", "-c", f'test -d "$1" || exit {NO_WORKDIR}; printf %s "$3" > "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"',
                 "sh", self.workdir, control.value, content]
         try:
-            await self.target.run(argv, timeout=10)
+            res = await self.target.run(argv, timeout=10, check=False)
         except EngineError:
             # The connection may have died with the old system's sshd: once
             # more over a new one (the write is idempotent).
             await self._replace(await self.connect())
-            await self.target.run(argv, timeout=30)
+            res = await self.target.run(argv, timeout=30, check=False)
+        if res.exit_status == NO_WORKDIR:
+            raise await self._gone()
+        if res.exit_status != 0:
+            raise EngineError(f"cannot tell the activation supervisor on {self.target.target} to {control.value}: "
+                              f"{res.stderr.strip() or f'exit status {res.exit_status}'}")
+
+    async def _gone(self) -> HostRebooted:
+        """The work directory is gone: say whether the host booted again (the usual reason) or it was removed."""
+        res = await self.target.run(["cat", BOOT_ID], check=False, timeout=10)
+        return self._vanished(res.stdout.strip())
+
+    async def back(self, deadline: float) -> tuple[Target, HostRebooted]:
+        """After the supervisor vanished: the host once it answers again (a host going down loses /tmp before
+        sshd), and why the supervisor is gone, now that the boot id can tell."""
+        try:
+            target = await self.connected()
+        except ConnectError:
+            target = await self._reconnect(deadline)
+        return target, await self._gone()
+
+    def _vanished(self, boot_id: str) -> HostRebooted:
+        if self.boot_id and boot_id and boot_id != self.boot_id:
+            return HostRebooted(f"{self.target.target} rebooted during the deployment (its boot id changed), "
+                                "and the activation supervisor with it")
+        return HostRebooted(f"the activation supervisor's work directory {self.workdir} on {self.target.target} "
+                            "vanished during the deployment")
 
     async def connected(self) -> Target:
         """The target, over a new connection if the current one no longer answers."""
@@ -216,12 +249,19 @@ class Supervisor:
         await self.target.run(["sh", "-c", ': > "$1/state" && shift && exec "$@"', "sh", self.workdir, *argv])
 
     async def _poll(self, conn_target: Target) -> SupervisorState:
+        # The boot id and whether the work directory is there come first: a host that rebooted has neither its
+        # supervisor nor its state file any more (an empty state would read as "starting" until the deadline).
         res = await conn_target.run(
-            ["sh", "-c", 'cat "$1/state" 2>/dev/null; echo "@@pulumi-nixos@@"; tail -c +"$2" "$1/log" 2>/dev/null',
-             "sh", self.workdir, str(len(self._log.encode()) + 1)],
+            ["sh", "-c", 'cat "$3"; test -d "$1" && echo here || echo gone; echo "@@pulumi-nixos@@"; '
+             'cat "$1/state" 2>/dev/null; echo "@@pulumi-nixos@@"; tail -c +"$2" "$1/log" 2>/dev/null',
+             "sh", self.workdir, str(len(self._log.encode()) + 1), BOOT_ID],
             check=False, timeout=30,
         )
-        state, _, new_output = res.stdout.partition("@@pulumi-nixos@@\n")
+        head, _, rest = res.stdout.partition("@@pulumi-nixos@@\n")
+        boot_id, _, where = head.strip().rpartition("\n")
+        if where == "gone" or (self.boot_id and boot_id and boot_id != self.boot_id):
+            raise self._vanished(boot_id)
+        state, _, new_output = rest.partition("@@pulumi-nixos@@\n")
         if new_output:
             self._log += new_output
             # Report whole lines only; `tail -c` may cut one in two.

@@ -9,13 +9,14 @@ the previous generation, and the error says where the machine is now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import binary_cache, profiles
 from .activation import ActivationOutcome, Supervisor
-from .errors import ConnectError, DeployError, EngineError, HostBusy
+from .errors import ConnectError, DeployError, EngineError, HostBusy, HostRebooted
 from .health import run_health_checks
 from .models import (
     ACTIVATION_TIMEOUT,
@@ -114,6 +115,9 @@ class Deployment:
         self.transfers = transfers
         self.host_key: str | None = req.remote.host_key
         self._new_gen: Generation | None = None
+        # The generation before this deployment, and what it runs: where a rollback returns to.
+        self._prev_gen: int | None = None
+        self._prev_path: str | None = None
         self.steps = Steps(req.remote.target)
 
     def _pinned_remote(self) -> Remote:
@@ -301,14 +305,66 @@ class Deployment:
 
     async def _activate(self, supervisor: Supervisor, push: PushStats) -> DeployResult:
         """Under the lock: register the generation, activate, confirm, check health, finish."""
-        spec, before = await self._register(supervisor)
-        deadline = time.monotonic() + self.req.activation_timeout + self.req.confirm_timeout + 60
-        outcome = await supervisor.follow(deadline)
-        if not outcome.ok:
-            raise await self._failure(supervisor, outcome, self._new_gen, step="activation")
-        await self._health_checks(supervisor)
-        outcome = await self._finish(supervisor)
+        try:
+            spec, before = await self._register(supervisor)
+            deadline = time.monotonic() + self.req.activation_timeout + self.req.confirm_timeout + 60
+            outcome = await supervisor.follow(deadline)
+            if not outcome.ok:
+                raise await self._failure(supervisor, outcome, self._new_gen, step="activation")
+            await self._health_checks(supervisor)
+            outcome = await self._finish(supervisor)
+        except HostRebooted as e:
+            raise await self._after_reboot(supervisor, e) from e
         return await self._result(supervisor.target, spec, before, push, outcome)
+
+    async def _after_reboot(self, supervisor: Supervisor, e: HostRebooted) -> DeployError:
+        """The host booted again before the deployment was finished, and its supervisor is gone. Whatever it came
+        back on was never confirmed: return it to the generation before, deliberately, as the supervisor would
+        have, and say what it runs now."""
+        req = self.req
+        new_gen, prev_gen = self._new_gen, self._prev_gen
+        self.status("the activation supervisor is gone: waiting for the host")
+        try:
+            target, e = await supervisor.back(time.monotonic() + req.activation_timeout + req.confirm_timeout + 60)
+            # sshd may answer before the boot has finished activating what it booted: a rollback now would race it.
+            self.status("waiting for the host to finish booting")
+            with contextlib.suppress(EngineError):  # a boot that never settles: roll back all the same
+                await target.run(["sh", "-c", "test ! -d /run/systemd/system || systemctl is-system-running --wait"],
+                                 check=False, timeout=req.activation_timeout + 60)
+            booted = await read_target_state(target, req.profile)
+        except EngineError as unreadable:
+            return DeployError(f"deploying {req.store_path} failed: {e}; the host cannot be read now ({unreadable}). "
+                               "Run `pulumi refresh` once it answers", phase="activation")
+        # Early in a boot /run/current-system may not be there yet: the profile's generation is what it boots.
+        path = (booted.current_system if req.profile.is_system else None) or (
+            booted.generation.store_path if booted.generation else None)
+        gen = booted.generation.number if booted.generation and booted.generation.store_path == path else None
+        came_back = f"generation {gen} ({path})" if gen is not None else str(path)
+        first = f"deploying {req.store_path} failed: {e}. It came back on {came_back}, unconfirmed"
+        registered = new_gen is not None and prev_gen is not None and prev_gen != new_gen.number
+        if not registered:
+            # Nothing was registered (or nothing new): the boot default is what it was.
+            running = booted.current_system if req.profile.is_system else None
+            return DeployError(f"{first}; nothing was registered, so nothing is rolled back",
+                               phase="activation", now_running=running,
+                               generation=booted.generation.number if booted.generation else None)
+        assert new_gen is not None and prev_gen is not None
+        self.status(f"the host rebooted during activation: rolling back to generation {prev_gen}")
+        self.steps.mark(Step.ROLLBACK)
+        try:
+            now = await rollback_to(self._pinned_remote(), req.profile, prev_gen, status=self.status,
+                                    output=self.output, activate_command=req.activate_command,
+                                    timeout=req.activation_timeout, fallback_path=self._prev_path)
+            target = await supervisor.connected()
+            await target.run(["nix-env", "-p", req.profile.path, "--delete-generations", str(new_gen.number)])
+        except EngineError as failed:
+            return DeployError(f"{first}; rolling it back to generation {prev_gen} failed: {failed}. Run "
+                               "`pulumi refresh` to see what it runs", phase="rollback")
+        running = now.current_system if req.profile.is_system else (now.generation.store_path if now.generation else None)
+        gen_now = now.generation.number if now.generation else None
+        return DeployError(f"{first}. Rolled back: {_describe_now(running, gen_now, req.profile)}; generation "
+                           f"{new_gen.number} was removed.", phase="activation", now_running=running,
+                           generation=gen_now, rolled_back=True)
 
     async def _register(self, supervisor: Supervisor) -> tuple[ActivationSpec, Generation | None]:
         """Make the new generation and tell the supervisor to activate it; (its spec, the generation before)."""
@@ -324,6 +380,8 @@ class Deployment:
                 self.status(f"registering generation for {req.store_path}")
                 new_gen = await profiles.set_profile(target, req.profile.path, req.store_path)
             self._new_gen = new_gen
+            self._prev_gen = before.number if before is not None else None
+            self._prev_path = prev_system if req.profile.is_system else (before.store_path if before else None)
             # nix-env --set reuses the current generation when the path is unchanged;
             # then there is no generation to switch away from or delete on rollback.
             unchanged = before is not None and new_gen is not None and new_gen.number == before.number

@@ -94,6 +94,11 @@ class CommandNotFound(NixError):
         self.why = why
 
 
+class HostRebooted(EngineError):
+    """The target booted again while a supervisor ran: the supervisor, its lock and its work directory are gone
+    with the old boot, so nothing on the host will confirm, roll back or finish that deployment any more."""
+
+
 class DeployError(EngineError):
     """A deployment failed. `now_running` says what the target runs afterwards."""
 

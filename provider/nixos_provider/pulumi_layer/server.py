@@ -420,7 +420,10 @@ async def serve(argv: list[str]) -> None:
 
 ORPHAN_CHECK_INTERVAL = 1.0
 ORPHAN_GRACE = 10.0
-STOP_GRACE = 3.0  # for evaluations to be killed when the engine stops the plugin (it kills it at 5 s)
+# When the engine stops the plugin (SIGINT, then SIGKILL to the group 5 s later): up to this long to keep the
+# results evaluated (the fingerprint of a flake whose lock file the evaluation wrote takes a `nix flake
+# metadata`, seconds on a busy machine), then the evaluations still running are killed.
+STOP_GRACE = 4.0
 
 
 async def _reachable(address: str | None) -> bool:
