@@ -243,6 +243,23 @@ def test_pulumi_up_on_a_systemd_host(project: PulumiProject, sd_host: labctl.Lab
     assert project.resource("NixosMachine")["outputs"]["systemPath"] == systems["web"]  # type: ignore[index]
 
 
+def up_until_activating(project: PulumiProject, host: labctl.LabHost) -> subprocess.Popen[str]:
+    """`pulumi up` started in the background, returned once the host's supervisor unit runs the activation (its
+    state file says so: the unit itself starts before the generation is registered)."""
+    up = subprocess.Popen(["pulumi", "--non-interactive", "up", "--yes", "--skip-preview"], cwd=project.dir,
+                          env=project.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not SUPERVISOR_UNIT.search(
+            in_host(host, "systemctl", "list-units", "--no-legend", "--state=active", "pulumi-nixos-*").stdout
+    ) or not in_host(host, "sh", "-c", "cat /tmp/pulumi-nixos.*/state", check=False).stdout.startswith("activating"):
+        if up.poll() is not None or time.monotonic() > deadline:
+            up.kill()
+            out, _ = up.communicate()
+            pytest.fail(f"activation never started:\n{out}")
+        time.sleep(0.2)
+    return up
+
+
 @pytest.mark.e2e
 def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
         project: PulumiProject, sd_host: labctl.LabHost, systems: Systems) -> None:
@@ -251,15 +268,9 @@ def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
     project.run("stack", "init", "dev")
     project.up()
     program(project, {"web": machine(sd_host, "web-slow", confirmTimeout=3)}, outputs)
-    up = subprocess.Popen(["pulumi", "--non-interactive", "up", "--yes", "--skip-preview"], cwd=project.dir,
-                          env=project.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    up = up_until_activating(project, sd_host)
     try:
-        # Interrupt once the supervisor's unit runs the slow activation, as ^C would.
-        deadline = time.monotonic() + 120
-        while not SUPERVISOR_UNIT.search(
-                in_host(sd_host, "systemctl", "list-units", "--no-legend", "--state=active", "pulumi-nixos-*").stdout):
-            assert up.poll() is None and time.monotonic() < deadline, "activation never started"
-            time.sleep(0.2)
+        # Interrupt while the supervisor's unit runs the slow activation, as ^C would.
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=120)
     finally:
@@ -285,26 +296,21 @@ def test_interrupted_pulumi_up_leaves_host_and_state_at_the_old_system(
 def reboot_during_activation(project: PulumiProject, host: labctl.LabHost, systems: Systems) -> str:
     """Deploy web, then web-slow (a 20 s activation), and restart the machine 3 s into that activation. It boots
     its boot default, the new system. The `pulumi up` must notice when the host answers again, roll it back to
-    the confirmed generation, say so, and record what runs. Returns how long it took after the host was back."""
+    the confirmed generation, say so, and record what runs. Returns how long from the restart to the end of the
+    `pulumi up` (the lab's boot of the new system takes its 20 s activation)."""
     outputs = {"systemPath": "${web.systemPath}", "generation": "${web.generation}"}
     program(project, {"web": machine(host, "web")}, outputs)
     project.run("stack", "select", "--create", "dev")
     project.up()
     before = gens(host)
     program(project, {"web": machine(host, "web-slow", confirmTimeout=3)}, outputs)
-    up = subprocess.Popen(["pulumi", "--non-interactive", "up", "--yes", "--skip-preview"], cwd=project.dir,
-                          env=project.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    up = up_until_activating(project, host)
     try:
-        deadline = time.monotonic() + 120
-        while not SUPERVISOR_UNIT.search(
-                in_host(host, "systemctl", "list-units", "--no-legend", "--state=active", "pulumi-nixos-*").stdout):
-            assert up.poll() is None and time.monotonic() < deadline, "activation never started"
-            time.sleep(0.2)
         time.sleep(3)
+        restarted = time.monotonic()
         labctl.boot(host)
-        back = time.monotonic()
         out, _ = up.communicate(timeout=300)
-        took = time.monotonic() - back
+        took = time.monotonic() - restarted
     finally:
         if up.poll() is None:
             up.kill()
@@ -329,7 +335,7 @@ def test_a_reboot_during_activation_is_noticed_at_once_and_rolled_back(
         project: PulumiProject, sd_host: labctl.LabHost, systems: Systems) -> None:
     took = reboot_during_activation(project, sd_host, systems)
     # Noticed once the host answers again (the deployer used to poll until its deadline, 290 s away).
-    assert float(took.split()[0]) < 90, took
+    assert float(took.split()[0]) < 120, took
 
 
 @pytest.mark.lab

@@ -27,6 +27,7 @@ POLL_INTERVAL = 0.3
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # The exit status of a control write that found no work directory: the supervisor is gone.
 NO_WORKDIR = 75
+VANISHED_GRACE = 30.0
 # How often the deployer says it is alive while it registers; supervisor.sh
 # waits 30 s after the last time.
 KEEPALIVE_INTERVAL = 5.0
@@ -108,20 +109,31 @@ class Supervisor:
         return self._vanished(res.stdout.strip())
 
     async def back(self, deadline: float) -> tuple[Target, HostRebooted]:
-        """After the supervisor vanished: the host once it answers again (a host going down loses /tmp before
-        sshd), and why the supervisor is gone, now that the boot id can tell."""
-        try:
-            target = await self.connected()
-        except ConnectError:
-            target = await self._reconnect(deadline)
-        return target, await self._gone()
+        """After the supervisor vanished: the host once it answers in another boot, and why the supervisor is gone.
+
+        A host going down loses /tmp before sshd stops, so a missing work directory in the same boot is taken
+        for a removal only once the host has kept that boot for VANISHED_GRACE seconds.
+        """
+        same_boot_since: float | None = None
+        while True:
+            try:
+                target = await self.connected()
+                why = await self._gone()
+            except ConnectError:
+                target = await self._reconnect(deadline)
+                continue
+            now = time.monotonic()
+            same_boot_since = same_boot_since or now
+            if why.booted_again or now - same_boot_since > VANISHED_GRACE or now > deadline:
+                return target, why
+            await asyncio.sleep(1.0)
 
     def _vanished(self, boot_id: str) -> HostRebooted:
         if self.boot_id and boot_id and boot_id != self.boot_id:
             return HostRebooted(f"{self.target.target} rebooted during the deployment (its boot id changed), "
-                                "and the activation supervisor with it")
+                                "and the activation supervisor with it", booted_again=True)
         return HostRebooted(f"the activation supervisor's work directory {self.workdir} on {self.target.target} "
-                            "vanished during the deployment")
+                            "vanished during the deployment", booted_again=False)
 
     async def connected(self) -> Target:
         """The target, over a new connection if the current one no longer answers."""

@@ -322,7 +322,7 @@ class Deployment:
         back on was never confirmed: return it to the generation before, deliberately, as the supervisor would
         have, and say what it runs now."""
         req = self.req
-        new_gen, prev_gen = self._new_gen, self._prev_gen
+        prev_gen = self._prev_gen
         self.status("the activation supervisor is gone: waiting for the host")
         try:
             target, e = await supervisor.back(time.monotonic() + req.activation_timeout + req.confirm_timeout + 60)
@@ -339,16 +339,17 @@ class Deployment:
         path = (booted.current_system if req.profile.is_system else None) or (
             booted.generation.store_path if booted.generation else None)
         gen = booted.generation.number if booted.generation and booted.generation.store_path == path else None
-        came_back = f"generation {gen} ({path})" if gen is not None else str(path)
+        came_back = f"generation {gen} ({path})" if gen is not None else (path or "a system it does not name")
         first = f"deploying {req.store_path} failed: {e}. It came back on {came_back}, unconfirmed"
-        registered = new_gen is not None and prev_gen is not None and prev_gen != new_gen.number
-        if not registered:
-            # Nothing was registered (or nothing new): the boot default is what it was.
+        # What the profile holds now decides, not what this process saw: the reboot may have cut the answer to
+        # `nix-env --set` short after the generation was made.
+        made = booted.generation if booted.generation and booted.generation.store_path == req.store_path else None
+        if made is None or prev_gen is None or made.number == prev_gen:
             running = booted.current_system if req.profile.is_system else None
-            return DeployError(f"{first}; nothing was registered, so nothing is rolled back",
+            return DeployError(f"{first}; no generation of it was made, so nothing is rolled back",
                                phase="activation", now_running=running,
                                generation=booted.generation.number if booted.generation else None)
-        assert new_gen is not None and prev_gen is not None
+        new_gen = made
         self.status(f"the host rebooted during activation: rolling back to generation {prev_gen}")
         self.steps.mark(Step.ROLLBACK)
         try:
@@ -373,6 +374,9 @@ class Deployment:
         async with supervisor.kept_alive():
             now = await profiles.read_host(target, req.profile.path, system=req.profile.is_system)
             before, prev_system = now.generation, now.current_system
+            # Where a rollback returns to, known before anything is registered (a reboot may come at any moment).
+            self._prev_gen = before.number if before is not None else None
+            self._prev_path = prev_system if req.profile.is_system else (before.store_path if before else None)
             registers = req.action != "test"
             new_gen: Generation | None = None
             self.steps.mark(Step.REGISTER)
@@ -380,8 +384,6 @@ class Deployment:
                 self.status(f"registering generation for {req.store_path}")
                 new_gen = await profiles.set_profile(target, req.profile.path, req.store_path)
             self._new_gen = new_gen
-            self._prev_gen = before.number if before is not None else None
-            self._prev_path = prev_system if req.profile.is_system else (before.store_path if before else None)
             # nix-env --set reuses the current generation when the path is unchanged;
             # then there is no generation to switch away from or delete on rollback.
             unchanged = before is not None and new_gen is not None and new_gen.number == before.number

@@ -95,8 +95,12 @@ class CommandNotFound(NixError):
 
 
 class HostRebooted(EngineError):
-    """The target booted again while a supervisor ran: the supervisor, its lock and its work directory are gone
-    with the old boot, so nothing on the host will confirm, roll back or finish that deployment any more."""
+    """The target booted again while a supervisor ran (or its work directory vanished): the supervisor, its lock
+    and its work directory are gone, so nothing on the host will confirm, roll back or finish that deployment."""
+
+    def __init__(self, message: str, *, booted_again: bool) -> None:
+        super().__init__(message)
+        self.booted_again = booted_again  # False: the same boot, the work directory removed
 
 
 class DeployError(EngineError):
