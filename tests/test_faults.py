@@ -430,7 +430,8 @@ class ProviderProcess:
 def provider(tmp_path: Path) -> Iterator[ProviderProcess]:
     p = ProviderProcess(tmp_path)
     yield p
-    p.close()
+    written = p.close()
+    assert "Traceback" not in written, f"the plugin wrote a traceback to its stderr:\n{written}"
 
 
 SCHEMA = json.loads((REPO / "schema.json").read_text())

@@ -36,7 +36,8 @@ def plugin(tmp_path: Path) -> Iterator[Plugin]:
     p.channel.close()
     if p.proc.poll() is None:
         p.proc.kill()
-    p.proc.communicate(timeout=10)
+    _, written = p.proc.communicate(timeout=10)
+    assert "Traceback" not in written, f"the plugin wrote a traceback to its stderr:\n{written}"
 
 
 def test_an_idle_plugin_stops_at_once_on_sigint(plugin: Plugin) -> None:
