@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -216,28 +217,26 @@ async def test_a_refused_login_is_not_retried_and_says_which_credential(server: 
 
 
 def profile_spec(tmp_path: Path, activate: str, *, magic: bool = True, ready_timeout: int = 30) -> ActivationSpec:
-    """A profile deployment whose activation runs `activate`: no Nix needed (no previous generation)."""
+    """A new profile (no previous generation) of a small store path, whose activation runs `activate`. The
+    supervisor registers it with this machine's nix-env."""
     new = tmp_path / "new-path"
     new.mkdir(exist_ok=True)
-    return ActivationSpec("profile", str(tmp_path / "profiles" / "app"), str(new), 1, None, None, "switch",
-                          magic, 3, True, 20, activate, ready_timeout)
+    (new / "app").write_text("app\n")
+    added = subprocess.run(["nix-store", "--add", str(new)], capture_output=True, text=True, check=True)
+    return ActivationSpec("profile", str(tmp_path / "profiles" / "app"), added.stdout.strip(), None, None, None,
+                          "switch", magic, 3, True, 20, activate, ready_timeout)
 
 
 async def supervise(server: InProcessSSHServer, conn: Connection, spec: ActivationSpec,
-                    status: list[str], registering: float = 0, keep_alive: bool = True) -> Supervisor:
-    profile = Path(spec.profile)
-    profile.parent.mkdir(parents=True, exist_ok=True)
+                    status: list[str], before_go: float = 0, keep_alive: bool = True) -> Supervisor:
+    Path(spec.profile).parent.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(Target(conn), lambda: connect(remote(server, retries=1)), spec, status.append)
     await sup.upload()
     await sup.start()
     await sup.wait_ready(time.monotonic() + 10)
     async with (sup.kept_alive() if keep_alive else contextlib.nullcontext()):
-        # Registration, as nix-env makes it: the profile's first generation.
-        await asyncio.sleep(registering)
-        if not profile.exists():
-            Path(f"{profile}-1-link").symlink_to(spec.new_path)
-            profile.symlink_to(f"{profile.name}-1-link")
-        await sup.go(spec, hold=10)
+        await asyncio.sleep(before_go)  # the deployer reading the host
+        await sup.go(hold=10)
     return sup
 
 
@@ -245,8 +244,12 @@ async def test_supervisor_activates_is_confirmed_over_a_new_connection_and_finis
         server: InProcessSSHServer, conn: Connection, tmp_path: Path) -> None:
     marker = tmp_path / "activated"
     status: list[str] = []
-    sup = await supervise(server, conn, profile_spec(tmp_path, f"echo \"$PROFILE\" > {shlex.quote(str(marker))}"),
-                          status)
+    spec = profile_spec(tmp_path, f"echo \"$PROFILE\" > {shlex.quote(str(marker))}")
+    sup = await supervise(server, conn, spec, status)
+    registered = await sup.registration(time.monotonic() + 20)
+    # The supervisor made the profile's first generation, under its lock.
+    assert (registered.new_gen, registered.prev_gen, registered.prev_path) == (1, None, None)
+    assert os.readlink(spec.profile) == "app-1-link" and os.readlink(f"{spec.profile}-1-link") == spec.new_path
     outcome = await sup.follow(time.monotonic() + 20)
     assert outcome.state.phase is Phase.CONFIRMED
     assert marker.read_text().strip() == str(tmp_path / "profiles" / "app")
@@ -254,7 +257,7 @@ async def test_supervisor_activates_is_confirmed_over_a_new_connection_and_finis
     done = await sup.finish(time.monotonic() + 10)
     assert done.state.phase is Phase.DONE
     # (`activating` may pass between two polls.)
-    waiting, active = "waiting for confirmation (magic rollback)", f"{tmp_path / 'new-path'} is active"
+    waiting, active = "waiting for confirmation (magic rollback)", f"{spec.new_path} is active"
     assert waiting in status and active in status and status.index(waiting) < status.index(active)
     # What ran on the host, in order: upload, probe for systemd, start (detached), then polls and control files.
     commands = server.record.commands
@@ -301,12 +304,12 @@ async def test_a_second_deployment_of_the_same_profile_is_told_who_holds_it(
     await first.finish(time.monotonic() + 10)
 
 
-async def test_a_slow_registration_is_waited_for_while_the_deployer_says_it_is_alive(
+async def test_a_slow_deployer_is_waited_for_while_it_says_it_is_alive(
         server: InProcessSSHServer, conn: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(activation, "KEEPALIVE_INTERVAL", 0.5)
     marker = tmp_path / "activated"
     sup = await supervise(server, conn, profile_spec(tmp_path, f"touch {shlex.quote(str(marker))}", ready_timeout=2),
-                          [], registering=4)
+                          [], before_go=4)
     assert (await sup.follow(time.monotonic() + 20)).state.phase is Phase.CONFIRMED
     assert marker.exists()
     await sup.finish(time.monotonic() + 10)
@@ -316,10 +319,10 @@ async def test_a_deployer_that_says_nothing_frees_the_lock_after_the_ready_timeo
         server: InProcessSSHServer, conn: Connection, tmp_path: Path) -> None:
     marker = tmp_path / "activated"
     spec = profile_spec(tmp_path, f"touch {shlex.quote(str(marker))}", ready_timeout=2)
-    sup = await supervise(server, conn, spec, [], registering=4, keep_alive=False)
+    sup = await supervise(server, conn, spec, [], before_go=4, keep_alive=False)
     outcome = await sup.follow(time.monotonic() + 20)
     assert outcome.state.phase is Phase.ROLLED_BACK and outcome.state.cause is Cause.NO_WORD
-    assert not marker.exists()  # it never activated
+    assert not marker.exists() and not os.path.lexists(spec.profile)  # it never registered nor activated
     # The lock is free: the next deployment of the profile starts at once.
     second = Supervisor(Target(conn), lambda: connect(remote(server)), spec)
     await second.upload()

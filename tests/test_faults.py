@@ -37,7 +37,7 @@ from nixos_provider.engine.models import DeployRequest, HealthCheck
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 from test_engine import current_gen, gens
 from test_provider_e2e import PROVIDER_DIR, connection, machine, program, strip_ansi
-from test_reliability import up_while_activating
+from test_reliability import descendants, is_provider, supervisor_state, up_while_activating
 from test_systemd import reboot_during_activation
 from test_unreachable_hosts_e2e import system_link, without_ciphertexts
 
@@ -63,7 +63,7 @@ class Row:
 
 
 ORDER = ["push", "sigint", "sigkill", "magic", "fails", "fleet", "malformed", "hostile", "secrets", "hostkey",
-         "wedged", "move", "reboot"]
+         "wedged", "move", "reboot", "registration"]
 TABLE: dict[str, Row] = {}
 
 
@@ -813,3 +813,72 @@ def test_a_reboot_during_activation(project: PulumiProject, new_host: HostFactor
            "the error says so and what runs; state and refresh agree with the host", results,
            f"slowest: {slowest:.0f} s from the restart to the end of `pulumi up` (the lab's boot runs the new system's "
            "20 s activation)")
+
+
+# -- 14. the deployer stalls while the generation is registered (issue 24) ---------------------------
+
+SLOW_REGISTRATION = 35  # seconds: longer than the supervisor waits for a silent deployer (30)
+
+
+@contextmanager
+def slow_registration(host: labctl.LabHost) -> Iterator[None]:
+    """`nix-env --set` on this host takes SLOW_REGISTRATION seconds (and says so in /run/registering), whoever runs
+    it: a nix-env in front of the real one, bind-mounted over /usr/local/bin in this host's mount namespace only
+    (made a slave first, so nothing propagates back to the machine)."""
+    wrapper = (f"#!/bin/sh\ncase \" $* \" in *\" --set \"*) touch /run/registering; sleep {SLOW_REGISTRATION}; "
+               "rm -f /run/registering ;; esac\nexec /usr/bin/nix-env \"$@\"\n")
+    subprocess.run(labctl.nsenter(host.state, [
+        "sh", "-c", "mkdir -p /run/slow-bin && cat > /run/slow-bin/nix-env && chmod 755 /run/slow-bin/nix-env "
+        "&& mount --make-rslave / && mount --bind /run/slow-bin /usr/local/bin"]), input=wrapper, text=True, check=True)
+    try:
+        yield
+    finally:
+        in_host(host, "umount", "/usr/local/bin", check=False)
+
+
+def agreement(project: PulumiProject, host: labctl.LabHost) -> tuple[str, str, object]:
+    """(the profile's generation, /run/current-system, the state's systemPath)."""
+    profile = in_host(host, "readlink", "-e", "/nix/var/nix/profiles/system").stdout.strip()
+    outputs = project.resource("NixosMachine")["outputs"]
+    return profile, current_system(host), outputs["systemPath"]  # type: ignore[index]
+
+
+def test_a_deployer_that_stalls_during_registration(project: PulumiProject, new_host: HostFactory,
+                                                     systems: Systems) -> None:
+    host = new_host()
+    program(project, {"web": machine(host, "web", confirmTimeout=5)})
+    project.run("stack", "init", "dev")
+    project.up()
+    results: list[str | None] = []
+    with slow_registration(host):
+        for r in range(runs(3, 1)):
+            program(project, {"web": machine(host, "web-v2", confirmTimeout=5)})
+            up = subprocess.Popen(["pulumi", "--non-interactive", "up", "--yes", "--skip-preview"], cwd=project.dir,
+                                  env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+            deadline = time.monotonic() + 120
+            while in_host(host, "test", "-e", "/run/registering", check=False).returncode != 0:
+                assert up.poll() is None and time.monotonic() < deadline, "registration never started"
+                time.sleep(0.2)
+            # The deployer stops answering (a laptop lid, a stalled CI runner) while nix-env makes the generation.
+            providers = [pid for pid in descendants(up.pid) if is_provider(pid)]
+            for pid in providers:
+                os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + SLOW_REGISTRATION + 60
+            while not supervisor_state(host).startswith(("rolled-back", "failed", "done")):
+                assert time.monotonic() < deadline, f"the supervisor is still {supervisor_state(host)!r}"
+                time.sleep(0.5)
+            time.sleep(1)
+            for pid in providers:
+                os.kill(pid, signal.SIGCONT)
+            out, _ = up.communicate(timeout=180)
+            profile, running, recorded = agreement(project, host)
+            ok = (up.returncode != 0 and profile == running == recorded == systems["web"]
+                  and in_host(host, "test", "-e", "/run/registering", check=False).returncode != 0)
+            results.append(None if ok else f"run {r}: profile {profile}, running {running}, state {recorded}, "
+                                           f"up exit {up.returncode}:\n{strip_ansi(out)[-1000:]}")
+            program(project, {"web": machine(host, "web", confirmTimeout=5)})
+            project.run("refresh", "--yes", "--skip-preview")
+    record("registration", f"the deployer stops (SIGSTOP) while nix-env registers the generation ({SLOW_REGISTRATION} s, "
+           "longer than the supervisor waits for a silent deployer)",
+           "the profile, /run/current-system and the state agree, on the old system", results)

@@ -19,7 +19,7 @@ from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Profile, Remote
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
-from nixos_provider.engine.protocol import Cause, Phase, RollbackSpec, SupervisorState, supervisor_argv
+from nixos_provider.engine.protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
 from nixos_provider.pulumi_layer.base import Context
 from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.machine import NixosMachine
@@ -79,9 +79,9 @@ def test_supervisor_arguments_are_named_and_complete() -> None:
     sup = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
     args = sup._args("activate")
     assert args[:6] == ["--task", "activate", "--dir", sup.workdir, "--token", sup.token]
+    # The generations are not the deployer's to say: the supervisor registers, under its lock (`Registered`).
     assert args[6:] == ["--mode", "system", "--profile", "/nix/var/nix/profiles/system", "--new-path", "/nix/store/a-new",
-                        "--new-gen", "3", "--prev-gen", "2", "--prev-path", "/nix/store/b-old", "--action", "switch",
-                        "--magic-rollback", "1", "--confirm-timeout", "30", "--auto-rollback", "1",
+                        "--action", "switch", "--magic-rollback", "1", "--confirm-timeout", "30", "--auto-rollback", "1",
                         "--activation-timeout", "240", "--ready-timeout", "30"]
     other = Supervisor(Target(_Conn("root")), None, spec)  # type: ignore[arg-type]
     assert other.token != sup.token and other.workdir != sup.workdir  # a stale token can never confirm
@@ -89,7 +89,6 @@ def test_supervisor_arguments_are_named_and_complete() -> None:
     bare = dataclasses.replace(spec, new_gen=None, prev_gen=None, prev_path=None, magic_rollback=False,
                                activate_command="echo $PROFILE; exit 3")
     bare_args = supervisor_argv("activate", "/tmp/d", "t", bare)
-    assert "--new-gen" not in bare_args and "--prev-path" not in bare_args
     assert bare_args[-2:] == ["--activate-command", "echo $PROFILE; exit 3"]
     assert bare_args[bare_args.index("--magic-rollback") + 1] == "0"
 
@@ -104,12 +103,21 @@ def test_the_rollback_task_names_its_generation_and_its_fallback_path() -> None:
     assert "--to-path" not in bare and "--activate-command" not in bare
 
 
+def test_what_the_supervisor_registered_is_read_once_the_file_is_whole() -> None:
+    assert Registered.parse("") is None and Registered.parse("3\n2\n") is None
+    assert Registered.parse("3\n2\n/nix/store/b-old\n") == Registered(3, 2, "/nix/store/b-old")
+    # `test`, or the same path again: nothing new to switch away from.
+    assert Registered.parse("\n\n/nix/store/b-old\n") == Registered(None, None, "/nix/store/b-old")
+    assert Registered.parse("1\n\n\n") == Registered(1, None, None)  # a new profile
+
+
 @pytest.mark.parametrize("argv,state", [
     (["--dir", "D", "--token"], "failed usage: --token needs a value"),
     (["--dir", "D", "--token", "t", "--bogus", "x"], "failed usage: unknown option --bogus"),
     (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x"], "failed usage: --action is required"),
+    # Generations are the supervisor's to register, not the deployer's to say.
     (["--dir", "D", "--token", "t", "--profile", "/p", "--new-path", "/x", "--action", "switch", "--mode", "system",
-      "--new-gen", "1; touch /tmp/x"], "failed usage: a generation is a number, not 1; touch /tmp/x"),
+      "--new-gen", "1"], "failed usage: unknown option --new-gen"),
     (["--task", "rollback-to", "--dir", "D", "--token", "t", "--profile", "/p", "--mode", "system"],
      "failed usage: --to-gen is required"),
     (["--task", "rollback-to", "--dir", "D", "--token", "t", "--profile", "/p", "--mode", "system",
@@ -128,7 +136,10 @@ def test_supervisor_refuses_a_malformed_command_line(tmp_path: Any, argv: list[s
 @pytest.mark.parametrize("line,phase,cause,status,detail", [
     ("", Phase.STARTING, None, None, ""),
     ("ready", Phase.READY, None, None, ""),
+    ("registering", Phase.REGISTERING, None, None, ""),
     ("activating", Phase.ACTIVATING, None, None, ""),
+    ("failed register: nix-env could not make /nix/store/x a generation of /p", Phase.FAILED, Cause.REGISTER, None,
+     "nix-env could not make /nix/store/x a generation of /p"),
     ("waiting-confirm", Phase.WAITING_CONFIRM, None, None, ""),
     ("rolling-back activation-failed:4", Phase.ROLLING_BACK, Cause.ACTIVATION_FAILED, 4, ""),
     ("rolled-back aborted", Phase.ROLLED_BACK, Cause.ABORTED, None, ""),

@@ -12,12 +12,12 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from .errors import ConnectError, EngineError, HostBusy, HostRebooted
 from .process import Target
-from .protocol import ActivationSpec, Control, Go, Phase, RollbackSpec, SupervisorState, supervisor_argv
+from .protocol import ActivationSpec, Control, Go, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
 from .ssh import Connection
 
 __all__ = ["ActivationOutcome", "ActivationSpec", "RollbackSpec", "Supervisor"]
@@ -71,6 +71,8 @@ class Supervisor:
         self._own: Connection | None = None
         # The boot this supervisor runs in: another one means the host rebooted and the supervisor died with it.
         self.boot_id: str | None = None
+        # What it registered, once it has (read with its state).
+        self.registered: Registered | None = None
 
     def _args(self, task: str) -> list[str]:
         return supervisor_argv(task, self.workdir, self.token, self.spec)
@@ -217,10 +219,30 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
 
-    async def go(self, spec: ActivationSpec, hold: float) -> None:
-        """The generation is registered: tell the supervisor which, and how long health checks may take."""
-        self.spec = spec
-        await self._write(Control.GO, Go(spec.new_gen, spec.prev_gen, spec.prev_path, hold).text())
+    async def go(self, hold: float) -> None:
+        """Tell the supervisor to register the generation and activate it, and how long health checks may take."""
+        await self._write(Control.GO, Go(hold).text())
+
+    async def registration(self, deadline: float) -> ActivationSpec:
+        """Wait until the supervisor has registered the generation; the spec with what it made."""
+        assert isinstance(self.spec, ActivationSpec)
+        while self.registered is None:
+            try:
+                state = await self._poll(self.target)
+            except ConnectError:
+                await self._reconnect(deadline)
+                continue
+            if self.registered is not None:
+                break
+            if state.terminal:
+                raise EngineError(f"the activation supervisor on {self.target.target} stopped before it registered "
+                                  f"{self.spec.new_path}: {state.detail or state.line}; nothing was activated")
+            if time.monotonic() > deadline:
+                raise EngineError(f"registering {self.spec.new_path} on {self.target.target} did not finish in time")
+            await asyncio.sleep(POLL_INTERVAL / 3)
+        spec = self.spec = replace(self.spec, new_gen=self.registered.new_gen, prev_gen=self.registered.prev_gen,
+                                   prev_path=self.registered.prev_path)
+        return spec
 
     async def finish(self, deadline: float) -> ActivationOutcome:
         """Keep the new generation: the supervisor records `done` and releases the lock."""
@@ -265,6 +287,7 @@ class Supervisor:
         # supervisor nor its state file any more (an empty state would read as "starting" until the deadline).
         res = await conn_target.run(
             ["sh", "-c", 'cat "$3"; test -d "$1" && echo here || echo gone; echo "@@pulumi-nixos@@"; '
+             'cat "$1/registered" 2>/dev/null; echo "@@pulumi-nixos@@"; '
              'cat "$1/state" 2>/dev/null; echo "@@pulumi-nixos@@"; tail -c +"$2" "$1/log" 2>/dev/null',
              "sh", self.workdir, str(len(self._log.encode()) + 1), BOOT_ID],
             check=False, timeout=30,
@@ -273,6 +296,9 @@ class Supervisor:
         boot_id, _, where = head.strip().rpartition("\n")
         if where == "gone" or (self.boot_id and boot_id and boot_id != self.boot_id):
             raise self._vanished(boot_id)
+        registered, _, rest = rest.partition("@@pulumi-nixos@@\n")
+        if self.registered is None:
+            self.registered = Registered.parse(registered)
         state, _, new_output = rest.partition("@@pulumi-nixos@@\n")
         if new_output:
             self._log += new_output

@@ -368,7 +368,12 @@ class Deployment:
                            generation=gen_now, rolled_back=True)
 
     async def _register(self, supervisor: Supervisor) -> tuple[ActivationSpec, Generation | None]:
-        """Make the new generation and tell the supervisor to activate it; (its spec, the generation before)."""
+        """Say go: the supervisor registers the generation under its lock, then activates it. (The spec as
+        registered, the generation before.)
+
+        The deployer only reads the host first. Registering here would race the supervisor: one that gave up
+        waiting while a slow `nix-env --set` was still running would leave the profile a generation ahead.
+        """
         req = self.req
         target = supervisor.target
         async with supervisor.kept_alive():
@@ -377,24 +382,19 @@ class Deployment:
             # Where a rollback returns to, known before anything is registered (a reboot may come at any moment).
             self._prev_gen = before.number if before is not None else None
             self._prev_path = prev_system if req.profile.is_system else (before.store_path if before else None)
-            registers = req.action != "test"
-            new_gen: Generation | None = None
             self.steps.mark(Step.REGISTER)
-            if registers:
+            if req.action != "test":
                 self.status(f"registering generation for {req.store_path}")
-                new_gen = await profiles.set_profile(target, req.profile.path, req.store_path)
-            self._new_gen = new_gen
-            # nix-env --set reuses the current generation when the path is unchanged;
-            # then there is no generation to switch away from or delete on rollback.
-            unchanged = before is not None and new_gen is not None and new_gen.number == before.number
-            spec = replace(
-                self._activation_spec(),
-                new_gen=new_gen.number if new_gen and not unchanged else None,
-                prev_gen=before.number if before and registers and not unchanged else None,
-                prev_path=(prev_system if req.profile.is_system else (before.store_path if before else None)),
-            )
-            self.steps.mark(Step.ACTIVATE)
-            await supervisor.go(spec, _health_check_budget(req))
+            await supervisor.go(_health_check_budget(req))
+        try:
+            spec = await supervisor.registration(time.monotonic() + 120)
+        except HostRebooted:
+            raise
+        except EngineError as e:
+            raise DeployError(f"deploying {req.store_path} to {req.remote.target} failed: {e}", phase="register",
+                              now_running=self._prev_path, generation=self._prev_gen) from e
+        self.steps.mark(Step.ACTIVATE)
+        self._new_gen = Generation(spec.new_gen, req.store_path) if spec.new_gen is not None else None
         return spec, before
 
     async def _health_checks(self, supervisor: Supervisor) -> None:

@@ -5,7 +5,9 @@ Three channels, each with one type here:
 - control files the deployer writes into the deployment's directory
   (`Control`; `go` carries a `Go`);
 - the one-line `state` file the supervisor writes, parsed once
-  (`SupervisorState.parse`) and read by activation.py and deploy.py alike.
+  (`SupervisorState.parse`) and read by activation.py and deploy.py alike,
+  and the `registered` file it writes once it made the generation
+  (`Registered.parse`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class ActivationSpec:
     mode: str  # "system" | "profile"
     profile: str
     new_path: str
+    # What the supervisor registered (`Registered`): None until it has.
     new_gen: int | None
     prev_gen: int | None
     prev_path: str | None
@@ -65,8 +68,6 @@ def supervisor_argv(task: str, workdir: str, token: str, spec: ActivationSpec | 
         return _rollback_argv(workdir, token, spec)
     argv = ["--task", task, "--dir", workdir, "--token", token, "--mode", spec.mode, "--profile", spec.profile,
             "--new-path", spec.new_path]
-    optional = (("--new-gen", spec.new_gen), ("--prev-gen", spec.prev_gen), ("--prev-path", spec.prev_path))
-    argv += [a for name, value in optional if value is not None for a in (name, str(value))]
     argv += ["--action", spec.action, "--magic-rollback", _flag(spec.magic_rollback),
              "--confirm-timeout", str(int(spec.confirm_timeout)), "--auto-rollback", _flag(spec.auto_rollback),
              "--activation-timeout", str(int(spec.activation_timeout)), "--ready-timeout", str(int(spec.ready_timeout))]
@@ -97,22 +98,39 @@ class Control(Enum):
     CONFIRM = "confirm"  # the token, written over a new connection (magic rollback)
     FINISH = "finish"  # keep the new generation
     ABORT = "abort"  # roll back at the next step
-    ALIVE = "alive"  # touched while the deployer registers: it is still there
+    ALIVE = "alive"  # touched while the deployer reads the host before go: it is still there
 
 
 @dataclass(frozen=True)
 class Go:
-    """What the supervisor learns once the deployer has registered the generation."""
+    """The deployer's go: register the generation and activate it."""
+
+    hold: float  # how long, after activation, the deployer's last word may take (its health checks)
+
+    def text(self) -> str:
+        return f"{int(self.hold)}\n"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What the supervisor registered, under the lock: the new generation (None when nothing new: `test`, or the
+    same path again), the one before it (None then too, or when the profile is new) and what ran before."""
 
     new_gen: int | None
     prev_gen: int | None
     prev_path: str | None
-    hold: float  # how long, after activation, the deployer's last word may take (its health checks)
 
-    def text(self) -> str:
-        lines = ["" if self.new_gen is None else str(self.new_gen),
-                 "" if self.prev_gen is None else str(self.prev_gen), self.prev_path or "", str(int(self.hold))]
-        return "\n".join(lines) + "\n"
+    @classmethod
+    def parse(cls, text: str) -> Registered | None:
+        """None until the file is there (it is written whole, then moved into place)."""
+        lines = text.split("\n")
+        if len(lines) < 4:
+            return None
+
+        def number(value: str) -> int | None:
+            return int(value) if value.isdigit() else None
+
+        return cls(number(lines[0]), number(lines[1]), lines[2] or None)
 
 
 class Phase(Enum):
@@ -120,6 +138,7 @@ class Phase(Enum):
 
     STARTING = ""  # no state written yet
     READY = "ready"  # holds the profile's lock; waits for Control.GO
+    REGISTERING = "registering"  # nix-env makes the new generation, under the lock
     ACTIVATING = "activating"
     WAITING_CONFIRM = "waiting-confirm"
     CONFIRMED = "confirmed"  # waits for Control.FINISH
@@ -146,6 +165,7 @@ class Cause(Enum):
     ABORTED = "aborted"  # Control.ABORT before or right after activation
     NO_WORD = "no-word-from-the-deployer"  # neither GO nor FINISH came in time
     LOCK = "lock"  # the lock file could not be opened
+    REGISTER = "register"  # nix-env could not make the new generation; nothing was activated
     GONE = "gone"  # rollback-to: the generation and its store path are gone
     SWITCH = "switch"  # rollback-to: nix-env could not re-point the profile
     USAGE = "usage"  # the command line was malformed

@@ -11,8 +11,12 @@
 # A second deployment's supervisor finds the lock taken and says so.
 #
 # The life of one deployment, as the one-line file $dir/state shows it:
-#   ready            the lock is ours; the deployer registers the generation and
-#                    writes $dir/go (new_gen, prev_gen, prev_path, hold seconds)
+#   ready            the lock is ours; waiting for the deployer's $dir/go (how
+#                    long its health checks may take after activation)
+#   registering      nix-env makes the new generation, here under the lock, so a
+#                    deployer that stops answering cannot leave the profile a
+#                    generation ahead; then $dir/registered says which
+#                    (new_gen, prev_gen, prev_path, a line each)
 #   activating       the new generation's activation runs
 #   waiting-confirm  magic rollback: waiting for this deployment's token in
 #                    $dir/confirm, written by the deployer over a NEW connection
@@ -32,21 +36,20 @@
 #
 # Options are named, each followed by its value (never pasted into a script):
 #   --task activate --dir DIR --token TOKEN --mode system|profile --profile PATH
-#   --new-path STORE_PATH --action ACTION [--new-gen N] [--prev-gen N]
-#   [--prev-path STORE_PATH] [--magic-rollback 0|1] [--confirm-timeout S]
-#   [--auto-rollback 0|1] [--activation-timeout S] [--activate-command CMD]
-#   [--ready-timeout S]
+#   --new-path STORE_PATH --action ACTION [--magic-rollback 0|1]
+#   [--confirm-timeout S] [--auto-rollback 0|1] [--activation-timeout S]
+#   [--activate-command CMD] [--ready-timeout S]
 #   --task rollback-to --dir DIR --token TOKEN --mode system|profile
 #   --profile PATH --to-gen N [--to-path STORE_PATH] [--activation-timeout S]
 #   [--activate-command CMD]
-# (new-gen, prev-gen and prev-path are replaced by $dir/go.) A malformed
-# command line ends with the state `failed usage: ...`, when $dir is known.
+# A malformed command line ends with the state `failed usage: ...`, when $dir
+# is known.
 set -u
 task=activate dir="" token="" mode="" profile="" new_path="" new_gen="" prev_gen="" prev_path="" action=""
 magic=0 confirm_timeout=30 auto_rollback=1 activation_timeout=240 activate_cmd="" to_gen="" to_path=""
-# The deployer registers the generation and says go within a second or two;
-# a deployer that died before that must not hold the host for long (one that
-# is merely slow keeps touching $dir/alive).
+# The deployer says go within a second or two; a deployer that died before
+# that must not hold the host for long (one that is merely slow keeps touching
+# $dir/alive).
 ready_timeout=30
 usage=""
 while [ $# -gt 0 ]; do
@@ -58,9 +61,6 @@ while [ $# -gt 0 ]; do
     --mode) mode=$2 ;;
     --profile) profile=$2 ;;
     --new-path) new_path=$2 ;;
-    --new-gen) new_gen=$2 ;;
-    --prev-gen) prev_gen=$2 ;;
-    --prev-path) prev_path=$2 ;;
     --action) action=$2 ;;
     --magic-rollback) magic=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
@@ -91,7 +91,7 @@ if [ -z "$usage" ]; then
     *) usage="bad --task, --mode, --magic-rollback or --auto-rollback: $task $mode $magic $auto_rollback" ;;
   esac
 fi
-for n in "$new_gen" "$prev_gen" "$to_gen"; do
+for n in "$to_gen"; do
   [ -z "$usage" ] && [ -n "$n" ] && ! is_number "$n" && usage="a generation is a number, not $n"
 done
 if [ -z "$usage" ] && ! { is_number "$confirm_timeout" && is_number "$activation_timeout" \
@@ -155,18 +155,8 @@ rollback() { # rollback REASON
   state "rolled-back $1"
 }
 
-# Before activation nothing ran: undo a registration the deployer may have
-# made (the profile moved since we took the lock), and stop.
+# Before go nothing was registered or activated: stop, having changed nothing.
 unregister() { # unregister REASON
-  moved=$(readlink -- "$profile" 2>/dev/null || true)
-  if [ "$moved" != "$initial" ] && [ -n "$moved" ]; then
-    if [ -n "$initial" ]; then
-      nix-env -p "$profile" --switch-generation "$(gen_of "$initial")" 9>&-
-      nix-env -p "$profile" --delete-generations "$(gen_of "$moved")" 9>&- || true
-    else
-      rm -f "$profile" "$(dirname -- "$profile")/$moved"
-    fi
-  fi
   state "rolled-back $1"
 }
 
@@ -216,10 +206,10 @@ if [ "$task" = rollback-to ]; then
   exit 0
 fi
 
-# -- registration, by the deployer ------------------------------------------------
+# -- the deployer's go --------------------------------------------------------------
 initial=$(readlink -- "$profile" 2>/dev/null || true)
 state ready
-# The deployer touches $dir/alive every few seconds while it registers (a
+# The deployer touches $dir/alive every few seconds while it reads the host (a
 # busy host can take long): give up ready_timeout after its last sign of life.
 deadline=$(( $(now) + ready_timeout ))
 while [ ! -f "$dir/go" ]; do
@@ -231,7 +221,31 @@ while [ ! -f "$dir/go" ]; do
   fi
   sleep 0.1
 done
-{ read -r new_gen; read -r prev_gen; read -r prev_path; read -r hold; } <"$dir/go"
+read -r hold <"$dir/go"
+
+# -- registration, under the lock --------------------------------------------------
+if [ "$mode" = system ]; then
+  prev_path=$(readlink -e /run/current-system 2>/dev/null || true)
+else
+  prev_path=$(readlink -e -- "$profile" 2>/dev/null || true)
+fi
+if [ "$action" != test ]; then
+  state registering
+  echo "pulumi-nixos: registering $new_path in $profile"
+  if ! nix-env -p "$profile" --set "$new_path" 9>&-; then
+    state "failed register: nix-env could not make $new_path a generation of $profile"
+    exit 0
+  fi
+  registered=$(readlink -- "$profile" 2>/dev/null || true)
+  # nix-env --set reuses the current generation when the path is unchanged:
+  # then there is no generation to switch away from or delete on rollback.
+  if [ -n "$registered" ] && [ "$registered" != "$initial" ]; then
+    new_gen=$(gen_of "$registered")
+    if [ -n "$initial" ]; then prev_gen=$(gen_of "$initial"); fi
+  fi
+fi
+printf '%s\n%s\n%s\n' "$new_gen" "$prev_gen" "$prev_path" >"$dir/registered.tmp" \
+  && mv -f "$dir/registered.tmp" "$dir/registered"
 
 # -- activation --------------------------------------------------------------------
 state activating
