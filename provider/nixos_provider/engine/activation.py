@@ -28,8 +28,8 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # The exit status of a control write that found no work directory: the supervisor is gone.
 NO_WORKDIR = 75
 VANISHED_GRACE = 30.0
-# How often the deployer says it is alive while it registers; supervisor.sh
-# waits 30 s after the last time.
+# How often the deployer says it is alive while it reads the host before go;
+# supervisor.sh waits 30 s after the last time.
 KEEPALIVE_INTERVAL = 5.0
 
 StatusFn = Callable[[str], None]
@@ -197,11 +197,11 @@ class Supervisor:
 
     @contextlib.asynccontextmanager
     async def kept_alive(self) -> AsyncIterator[None]:
-        """While the deployer registers the generation, touch Control.ALIVE every few seconds.
+        """While the deployer reads the host before its go, touch Control.ALIVE every few seconds.
 
         The supervisor gives up a fixed time after its last sign of life, so a
         deployer that died frees the profile's lock soon, while one that is
-        merely slow (a busy host, a slow `nix-env`) is waited for.
+        merely slow (a busy host) is waited for.
         """
         async def beat() -> None:
             while True:

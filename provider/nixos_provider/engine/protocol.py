@@ -94,7 +94,7 @@ def _flag(value: bool) -> str:
 class Control(Enum):
     """Files the deployer writes into the deployment's directory; the supervisor polls for them."""
 
-    GO = "go"  # the generation is registered: a Go
+    GO = "go"  # register the generation and activate it: a Go
     CONFIRM = "confirm"  # the token, written over a new connection (magic rollback)
     FINISH = "finish"  # keep the new generation
     ABORT = "abort"  # roll back at the next step
