@@ -227,3 +227,40 @@ def test_the_store_forgets_what_nobody_wrote_for_a_month(tmp_path: Path) -> None
     store.prune()
     assert store.result("nix", "old", "a") is None
     assert store.result("nix", "new", "a") == Evaluation("/nix/store/" + "b" * 32 + "-a", None)
+
+
+async def test_a_flake_without_a_lock_file_is_locked_by_one_process_before_any_other_reads_it(
+        tmp_path: Path, store: EvaluationStore) -> None:
+    """Every Nix process on a flake whose lock is missing writes one, by truncating the file and writing it again:
+    processes started together race, and one of them reads, or leaves, an empty flake.lock. The fingerprint's
+    `nix flake metadata` writes it first, alone; the listing and the evaluations start after it."""
+    write_flake(tmp_path / "lib", "{ outputs = { self }: { lab = import ./lib.nix; }; }")
+    flake = write_flake(tmp_path / "flake", FLAKE.replace("{ outputs = { self }: let\n  lab = import ./lib.nix;",
+                                                          '{ inputs.lib.url = "path:' + str(tmp_path / "lib") + '";\n'
+                                                          "outputs = { self, lib }: let\n  lab = lib.lab;"))
+    lock = tmp_path / "flake" / "flake.lock"
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "nix"
+    # Logs each call's subcommand, with whether the lock file was there when it started, and when it ended.
+    wrapper.write_text(f'#!/bin/bash\nsub=$(printf "%s\\n" "$@" | grep -m1 -x -e eval -e metadata)\n'
+                       f'[ -s {lock} ] && had=locked || had=unlocked\necho "start $sub $had" >> {calls}\n'
+                       f'nix "$@"; rc=$?\necho "end $sub" >> {calls}\nexit $rc\n')
+    wrapper.chmod(0o755)
+    nix = Nix([str(wrapper)])
+    evaluator = Evaluator(store, workers=2)
+    await evaluator.evaluate(nix, ref(flake, "a"), plan="p/dev")  # a first run: a listing and a guess too
+    await settle(evaluator)
+    await evaluator.aclose(5)
+    log = calls.read_text().splitlines()
+    assert log[:2] == ["start metadata unlocked", "end metadata"], log
+    evals = [line for line in log if line.startswith("start eval")]
+    assert len(evals) == 3 and all(line == "start eval locked" for line in evals), log  # a, the listing, b
+    assert json.loads(lock.read_text())["nodes"]["lib"]["locked"]["type"] == "path"
+
+    # The next run: the lock is there and unchanged, the results are kept; nothing is evaluated.
+    calls.unlink()
+    again = Evaluator(store, workers=2)
+    await again.evaluate(nix, ref(flake, "a"), plan="p/dev")
+    await again.evaluate(nix, ref(flake, "b"), plan="p/dev")
+    assert again.counts.evaluated == 0 and again.counts.from_store == 2, calls.read_text()
+    await again.aclose(5)

@@ -28,6 +28,12 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   attribute evaluated before under the same fingerprint, Nix and options is
   answered from the store of earlier results (EvaluationStore), as long as
   its derivation is still in the Nix store.
+- **One writer of the lock file.** Every Nix process that reads a flake
+  writes its lock file when the lock is missing or stale, by truncating and
+  rewriting it: processes started together on a fresh flake race, and one of
+  them can read, or leave, an empty flake.lock. So the fingerprint comes
+  first, always: its `nix flake metadata` is the one process that writes the
+  lock, and the listing and every evaluation of the flake wait for it.
 - Whatever still runs when the provider stops is cancelled (aclose()), which
   kills its Nix process.
 
@@ -375,6 +381,14 @@ Key = tuple[str, str, str]  # (nix identity, flake, attribute)
 LockStamp = tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class Locked:
+    """A flake's fingerprint (None: Nix could not say) and its lock file's stamp when it was taken."""
+
+    fingerprint: str | None
+    stamp: LockStamp
+
+
 def lock_stamp(flake: str) -> LockStamp:
     """(size, mtime) of a local flake's lock file: an evaluation that writes it changes the flake's fingerprint.
     None for a flake that is not a local directory, or has no lock file yet."""
@@ -406,9 +420,7 @@ class Evaluator:
         self.store = store
         self._pool = _Pool(workers)
         self._jobs: dict[Key, _Job] = {}
-        # (identity, flake) -> (its lock file's stamp when fingerprinted, the fingerprint)
-        self._fingerprints: dict[tuple[str, str], tuple[LockStamp, asyncio.Task[str | None]]] = {}
-        self._keeping: set[asyncio.Task[None]] = set()
+        self._fingerprints: dict[tuple[str, str], asyncio.Task[Locked]] = {}  # by (identity, flake)
         self._closed = False
         self._plans: dict[str, _Plan] = {}
         self._identities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
@@ -437,14 +449,11 @@ class Evaluator:
         return await asyncio.shield(job.task)
 
     async def aclose(self, timeout: float) -> None:
-        """The provider is stopping: keep what was evaluated, then stop every evaluation still running and wait
-        until their Nix processes are killed."""
+        """The provider is stopping: stop every evaluation still running (what finished is already kept) and wait
+        up to `timeout` until their Nix processes are killed."""
         self._closed = True  # nothing more starts ahead
-        if self._keeping:
-            await asyncio.wait(list(self._keeping), timeout=timeout)
         listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
-        fingerprints = [task for _, task in self._fingerprints.values()]
-        tasks = [t for t in (*(j.task for j in self._jobs.values()), *fingerprints, *listings, *self._keeping)
+        tasks = [t for t in (*(j.task for j in self._jobs.values()), *self._fingerprints.values(), *listings)
                  if not t.done()]
         for task in tasks:
             task.cancel()
@@ -485,7 +494,7 @@ class Evaluator:
         listing = plan.siblings.get(listing_key)
         if listing is None:
             listing = plan.siblings[listing_key] = asyncio.ensure_future(
-                nix.attr_names(ref.flake, "nixosConfigurations"))
+                self._listing(nix, ref.flake))
             listing.add_done_callback(_retrieve)
             listing.add_done_callback(lambda _: self._fill())
         plan.around = (nix, ref, listing)
@@ -550,22 +559,41 @@ class Evaluator:
                 self._peaks[(identity, flake)] = known
         return known or DEFAULT_PEAK
 
-    def _fingerprint(self, nix: Nix, flake: str) -> asyncio.Task[str | None]:
+    def _fingerprint(self, nix: Nix, flake: str) -> asyncio.Task[Locked]:
         """The flake's fingerprint, asked once per process, and again once its lock file changed."""
         k = (self._identity(nix), flake)
-        stamp = lock_stamp(flake)
         known = self._fingerprints.get(k)
-        if known is None or known[0] != stamp:
-            task = asyncio.ensure_future(nix.flake_fingerprint(flake))
-            task.add_done_callback(_retrieve)
-            known = self._fingerprints[k] = (stamp, task)
-        return known[1]
+        if known is None or (known.done() and not known.cancelled() and known.exception() is None
+                             and known.result().stamp != lock_stamp(flake)):
+            known = self._fingerprints[k] = asyncio.ensure_future(self._fingerprint_once(nix, flake))
+            known.add_done_callback(_retrieve)
+        return known
+
+    @staticmethod
+    async def _fingerprint_once(nix: Nix, flake: str) -> Locked:
+        before = lock_stamp(flake)
+        fingerprint = await nix.flake_fingerprint(flake)
+        after = lock_stamp(flake)
+        if after != before:
+            # The metadata call wrote the lock file (the flake had none, or a stale one), and what it printed
+            # describes the tree before that: the tree from now on has the new lock in it.
+            fingerprint = await nix.flake_fingerprint(flake)
+            after = lock_stamp(flake)
+        return Locked(fingerprint, after)
+
+    async def _locked(self, nix: Nix, flake: str) -> Locked:
+        """The flake's fingerprint, once its lock file is written: what every Nix process on the flake awaits."""
+        return await asyncio.shield(self._fingerprint(nix, flake))
+
+    async def _listing(self, nix: Nix, flake: str) -> list[str]:
+        await self._locked(nix, flake)
+        return await nix.attr_names(flake, "nixosConfigurations")
 
     async def _run(self, nix: Nix, ref: FlakeRef, ticket: _Ticket) -> Evaluation:
         identity = self._identity(nix)
-        fingerprint = await asyncio.shield(self._fingerprint(nix, ref.flake)) if self.store else None
-        if fingerprint is not None and self.store is not None:
-            kept = self.store.result(identity, fingerprint, ref.attr)
+        locked = await self._locked(nix, ref.flake)
+        if locked.fingerprint is not None and self.store is not None:
+            kept = self.store.result(identity, locked.fingerprint, ref.attr)
             if kept is not None:
                 self.counts.from_store += 1
                 return kept
@@ -581,20 +609,11 @@ class Evaluator:
                 watching.cancel()
                 self._measured(identity, ref.flake, ticket.peak)
         self.counts.evaluated += 1
-        if self.store is not None:
-            # The evaluation may have written the flake's lock file (a first evaluation, a new input): then the
-            # next run's fingerprint is the one after it. Found out in the background: the Check waits for nothing.
-            keeping = asyncio.ensure_future(self._keep(nix, ref, identity, evaluation))
-            self._keeping.add(keeping)
-            keeping.add_done_callback(self._keeping.discard)
-            keeping.add_done_callback(_retrieve)
+        # Kept under the fingerprint it was evaluated with, unless the lock file changed meanwhile (someone
+        # updated an input): which of the two it saw is then unknown, and the next run evaluates again.
+        if locked.fingerprint is not None and self.store is not None and lock_stamp(ref.flake) == locked.stamp:
+            self.store.keep_result(identity, locked.fingerprint, ref.attr, evaluation)
         return evaluation
-
-    async def _keep(self, nix: Nix, ref: FlakeRef, identity: str, evaluation: Evaluation) -> None:
-        assert self.store is not None
-        fingerprint = await asyncio.shield(self._fingerprint(nix, ref.flake))
-        if fingerprint is not None:
-            self.store.keep_result(identity, fingerprint, ref.attr, evaluation)
 
     def _measured(self, identity: str, flake: str, peak: int) -> None:
         if peak <= 0:
@@ -608,10 +627,9 @@ class Evaluator:
                 self.store.keep_peak(identity, flake, peak)
 
     def busy(self) -> bool:
-        """Whether an evaluation (ahead or not) still runs or waits, or a result is still being kept."""
+        """Whether an evaluation (ahead or not) or a listing still runs or waits."""
         listings = [t for plan in self._plans.values() for t in plan.siblings.values()]
-        return (any(not job.task.done() for job in self._jobs.values()) or bool(self._keeping)
-                or any(not t.done() for t in listings))
+        return any(not job.task.done() for job in self._jobs.values()) or any(not t.done() for t in listings)
 
 
 def _natural(name: str) -> list[Any]:

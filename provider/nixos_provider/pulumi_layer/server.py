@@ -420,10 +420,9 @@ async def serve(argv: list[str]) -> None:
 
 ORPHAN_CHECK_INTERVAL = 1.0
 ORPHAN_GRACE = 10.0
-# When the engine stops the plugin (SIGINT, then SIGKILL to the group 5 s later): up to this long to keep the
-# results evaluated (the fingerprint of a flake whose lock file the evaluation wrote takes a `nix flake
-# metadata`, seconds on a busy machine), then the evaluations still running are killed.
-STOP_GRACE = 4.0
+# When the engine stops the plugin (SIGINT, then SIGKILL to the group 5 s later): up to this long for the
+# evaluations still running to be killed and reaped (what finished is kept already).
+STOP_GRACE = 2.0
 
 
 async def _reachable(address: str | None) -> bool:
