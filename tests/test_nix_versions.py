@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from nixos_provider.engine.nix_versions import (
     evaluation_error,
     parse_build_outputs,
     parse_copied_paths,
+    parse_gc_summary,
     parse_generations,
     parse_path_info,
     rejects_flag,
@@ -104,6 +106,16 @@ def test_generations(version: str) -> None:
     assert gens[0].date.endswith("Z") and "T" in gens[0].date
     assert status(version, "list-generations-missing") == 0
     assert parse_generations(out(version, "list-generations-missing")) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_deleted_generations_and_the_garbage_collectors_summary(version: str) -> None:
+    assert status(version, "delete-generations") == 0
+    assert [(g.number, g.current) for g in parse_generations(out(version, "list-generations-after-delete"))] == [
+        (2, True)]
+    assert status(version, "gc") == 0
+    paths, freed = parse_gc_summary(out(version, "gc"))
+    assert paths > 0 and re.fullmatch(r"[\d.]+ [KMG]iB", freed), (paths, freed)
 
 
 def test_generations_reject_what_they_do_not_know() -> None:

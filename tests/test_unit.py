@@ -16,12 +16,20 @@ import nixos_provider.engine
 import pytest
 from nixos_provider.engine.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.errors import RemoteCommandError
-from nixos_provider.engine.models import Profile, Remote
+from nixos_provider.engine.models import Generation, Profile, Remote, Retention
 from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
 from nixos_provider.engine.process import Target
+from nixos_provider.engine.profiles import doomed_generations
 from nixos_provider.engine.protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
 from nixos_provider.pulumi_layer.base import Context
-from nixos_provider.pulumi_layer.inputs import Failures, check_connection, check_flake, check_health_checks, check_store_path
+from nixos_provider.pulumi_layer.inputs import (
+    Failures,
+    check_connection,
+    check_deploy_settings,
+    check_flake,
+    check_health_checks,
+    check_store_path,
+)
 from nixos_provider.pulumi_layer.machine import NixosMachine
 from nixos_provider.pulumi_layer.nix_profile import NixProfile
 from nixos_provider.pulumi_layer.properties import SECRET_SIG, SIG_KEY, UNKNOWN, UNKNOWN_STR, Secret, decode, encode
@@ -210,6 +218,29 @@ def test_health_check_validation() -> None:
     assert ("healthChecks[1].tcp", "must be between 1 and 65535, not 99999") in items
     assert ("healthChecks[2]", "needs exactly one of `command`, `http` or `tcp` (got none)") in items
     assert not [p for p, _ in items if p.startswith("healthChecks[3]")]
+
+
+def gens(*numbers: int, current: int) -> list[Generation]:
+    return [Generation(n, f"/nix/store/{'a' * 32}-system-{n}", n == current) for n in numbers]
+
+
+def test_keep_generations_lets_go_of_all_but_the_newest_the_current_and_the_baseline() -> None:
+    assert doomed_generations(gens(1, 2, 3, 4, 5, 6, 7, current=7), Retention(keep=3, protect=(1,))) == [2, 3, 4]
+    assert doomed_generations(gens(1, 2, 3, current=3), Retention(keep=3, protect=(1,))) == []
+    assert doomed_generations(gens(1, 2, 3, 4, current=4), Retention()) == []  # unset: every one is kept
+    # Switched back by hand to an old generation: it runs, so it stays.
+    assert doomed_generations(gens(3, 4, 5, 6, current=3), Retention(keep=1)) == [4, 5]
+    assert doomed_generations(gens(2, 9, 10, current=10), Retention(keep=1, protect=(2,))) == [9]
+
+
+def test_keep_generations_and_collect_garbage_are_checked() -> None:
+    def settings(**news: Any) -> list[tuple[str, str]]:
+        return failures(check_deploy_settings, news, ("collectGarbage",))
+    assert settings(keepGenerations=3, collectGarbage=True) == []
+    assert settings(keepGenerations=0) == [("keepGenerations", "must be between 1 and 10000, not 0")]
+    assert settings(keepGenerations=2.5) == [("keepGenerations", "must be a whole number, not 2.5")]
+    assert settings(collectGarbage="yes") == [("collectGarbage", "must be true or false, not 'yes'")]
+    assert settings(keepGenerations=UNKNOWN) == []
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1/80; touch /tmp/x; echo", "$(touch /tmp/x)", "`touch /tmp/x`",

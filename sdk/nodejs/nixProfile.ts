@@ -59,6 +59,10 @@ export class NixProfile extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly baselineStorePath: pulumi.Output<string | undefined>;
     /**
+     * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+     */
+    declare public readonly collectGarbage: pulumi.Output<boolean | undefined>;
+    /**
      * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
     declare public readonly compress: pulumi.Output<string | undefined>;
@@ -90,6 +94,10 @@ export class NixProfile extends pulumi.CustomResource {
      * The OpenSSH public host key pinned for the host, as one line such as `ssh-ed25519 AAAA...`.
      */
     declare public /*out*/ readonly hostKey: pulumi.Output<string>;
+    /**
+     * How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+     */
+    declare public readonly keepGenerations: pulumi.Output<number | undefined>;
     /**
      * Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
      */
@@ -156,11 +164,13 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["activate"] = args?.activate;
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
+            resourceInputs["collectGarbage"] = (args?.collectGarbage) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
             resourceInputs["connection"] = args ? pulumi.output(args.connection).apply(inputs.connectionArgsProvideDefaults) : undefined;
             resourceInputs["flake"] = args?.flake;
             resourceInputs["healthChecks"] = args?.healthChecks;
+            resourceInputs["keepGenerations"] = args?.keepGenerations;
             resourceInputs["magicRollback"] = (args?.magicRollback) ?? true;
             resourceInputs["nixOptions"] = args?.nixOptions;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
@@ -184,6 +194,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["autoRollback"] = undefined /*out*/;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineStorePath"] = undefined /*out*/;
+            resourceInputs["collectGarbage"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
             resourceInputs["confirmTimeout"] = undefined /*out*/;
             resourceInputs["connection"] = undefined /*out*/;
@@ -192,6 +203,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["generation"] = undefined /*out*/;
             resourceInputs["healthChecks"] = undefined /*out*/;
             resourceInputs["hostKey"] = undefined /*out*/;
+            resourceInputs["keepGenerations"] = undefined /*out*/;
             resourceInputs["magicRollback"] = undefined /*out*/;
             resourceInputs["nixOptions"] = undefined /*out*/;
             resourceInputs["onDestroy"] = undefined /*out*/;
@@ -227,6 +239,10 @@ export interface NixProfileArgs {
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
     /**
+     * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+     */
+    collectGarbage?: pulumi.Input<boolean | undefined>;
+    /**
      * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
     compress?: pulumi.Input<string | undefined>;
@@ -246,6 +262,10 @@ export interface NixProfileArgs {
      * Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
      */
     healthChecks?: pulumi.Input<pulumi.Input<inputs.HealthCheckArgs>[] | undefined>;
+    /**
+     * How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+     */
+    keepGenerations?: pulumi.Input<number | undefined>;
     /**
      * Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
      */

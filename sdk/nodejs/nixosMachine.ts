@@ -73,6 +73,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly buildOnPreview: pulumi.Output<boolean | undefined>;
     /**
+     * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+     */
+    declare public readonly collectGarbage: pulumi.Output<boolean | undefined>;
+    /**
      * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
     declare public readonly compress: pulumi.Output<string | undefined>;
@@ -124,6 +128,10 @@ export class NixosMachine extends pulumi.CustomResource {
      * When nixos-anywhere finished installing the machine (RFC 3339), if it did.
      */
     declare public /*out*/ readonly installedAt: pulumi.Output<string | undefined>;
+    /**
+     * How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+     */
+    declare public readonly keepGenerations: pulumi.Output<number | undefined>;
     /**
      * What the last deployment changed on the host. Set after a deployment.
      */
@@ -205,6 +213,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["binaryCache"] = args?.binaryCache;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
+            resourceInputs["collectGarbage"] = (args?.collectGarbage) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
             resourceInputs["connection"] = args ? pulumi.output(args.connection).apply(inputs.connectionArgsProvideDefaults) : undefined;
@@ -212,6 +221,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["flake"] = args?.flake;
             resourceInputs["healthChecks"] = args?.healthChecks;
             resourceInputs["install"] = args ? pulumi.output(args.install).apply(v => v === undefined ? undefined : inputs.installArgsProvideDefaults(v)) : undefined;
+            resourceInputs["keepGenerations"] = args?.keepGenerations;
             resourceInputs["magicRollback"] = (args?.magicRollback) ?? true;
             resourceInputs["nixOptions"] = args?.nixOptions;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
@@ -244,6 +254,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["binaryCache"] = undefined /*out*/;
             resourceInputs["buildOn"] = undefined /*out*/;
             resourceInputs["buildOnPreview"] = undefined /*out*/;
+            resourceInputs["collectGarbage"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
             resourceInputs["confirmTimeout"] = undefined /*out*/;
             resourceInputs["connection"] = undefined /*out*/;
@@ -257,6 +268,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["installError"] = undefined /*out*/;
             resourceInputs["installStatus"] = undefined /*out*/;
             resourceInputs["installedAt"] = undefined /*out*/;
+            resourceInputs["keepGenerations"] = undefined /*out*/;
             resourceInputs["lastChanges"] = undefined /*out*/;
             resourceInputs["magicRollback"] = undefined /*out*/;
             resourceInputs["needsReboot"] = undefined /*out*/;
@@ -307,6 +319,10 @@ export interface NixosMachineArgs {
      */
     buildOnPreview?: pulumi.Input<boolean | undefined>;
     /**
+     * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+     */
+    collectGarbage?: pulumi.Input<boolean | undefined>;
+    /**
      * How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
      */
     compress?: pulumi.Input<string | undefined>;
@@ -334,6 +350,10 @@ export interface NixosMachineArgs {
      * Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
      */
     install?: pulumi.Input<inputs.InstallArgs | undefined>;
+    /**
+     * How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+     */
+    keepGenerations?: pulumi.Input<number | undefined>;
     /**
      * Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
      */

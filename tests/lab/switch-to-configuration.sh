@@ -44,6 +44,12 @@ fi
 if [ "$action" = switch ] || [ "$action" = boot ]; then
   echo "updating GRUB 2 menu..." >&2
   ln -sfn "$out" "$lab/boot-default"
+  # The menu: one entry per generation of the system profile, as GRUB's builder lists them.
+  for link in /nix/var/nix/profiles/system-*-link; do
+    [ -e "$link" ] || continue
+    n="${link#/nix/var/nix/profiles/system-}"
+    printf '%s %s\n' "${n%-link}" "$(readlink -f "$link")"
+  done | sort -n > "$lab/boot-entries"
 fi
 [ "$action" = boot ] && exit 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from . import binary_cache, profiles
@@ -315,6 +315,7 @@ class Deployment:
             outcome = await self._finish(supervisor)
         except HostRebooted as e:
             raise await self._after_reboot(supervisor, e) from e
+        await self._retain(supervisor.target)
         return await self._result(supervisor.target, spec, before, push, outcome)
 
     async def _after_reboot(self, supervisor: Supervisor, e: HostRebooted) -> DeployError:
@@ -431,6 +432,30 @@ class Deployment:
         await supervisor.cleanup()
         return outcome
 
+    async def _retain(self, target: Target) -> None:
+        """keepGenerations and collectGarbage, once the deployment is confirmed: what fails here is a warning, never
+        the deployment's failure (the new system runs, and the next deployment tries again)."""
+        retention, profile = self.req.retention, self.req.profile.path
+        try:
+            doomed = (profiles.doomed_generations(await profiles.list_generations(target, profile), retention)
+                      if retention.keep is not None else [])
+            if doomed:
+                self.status(f"deleting {len(doomed)} older generations of {profile}")
+                if await profiles.delete_generations(target, profile, doomed, boot_entries=self.req.profile.is_system):
+                    protected = f", and generation {_listed(retention.protect)} to return to" if retention.protect else ""
+                    self.output(f"deleted generation {_listed(doomed)} of {profile} "
+                                f"(keepGenerations {retention.keep}{protected})")
+                else:
+                    self.warn(f"another deployment of {profile} is under way: generation {_listed(doomed)} "
+                              "stays until the next deployment")
+            if retention.collect_garbage:
+                self.status(f"collecting garbage on {target.target}")
+                gc = await profiles.collect_garbage(target, retention.gc_timeout)
+                self.output(f"garbage collection on {target.target}: {gc.paths} store paths deleted, {gc.freed} freed")
+        except EngineError as e:
+            self.warn(f"{self.req.store_path} is deployed and confirmed, but cleaning up after it failed "
+                      f"(the next deployment tries again): {e}")
+
     async def _result(self, target: Target, spec: ActivationSpec, before: Generation | None, push: PushStats,
                       outcome: ActivationOutcome) -> DeployResult:
         """The outputs of a finished deployment; what cannot be read afterwards is left out, not fatal."""
@@ -506,6 +531,10 @@ class Deployment:
             msg += f"\nactivation output (last lines):\n{tail}"
         return DeployError(msg, phase=state.failed_step or step, now_running=running, generation=gen_now,
                            rolled_back=state.phase is Phase.ROLLED_BACK, output_tail=tail)
+
+
+def _listed(numbers: Sequence[int]) -> str:
+    return ", ".join(str(n) for n in numbers)
 
 
 def _health_check_budget(req: DeployRequest) -> float:

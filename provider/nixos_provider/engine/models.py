@@ -126,6 +126,17 @@ class HealthCheck:
 # The defaults of every deployment; schema.json documents the same values (a test holds them equal).
 CONFIRM_TIMEOUT = 30.0  # magic rollback: how long the host waits for the deployer's token
 ACTIVATION_TIMEOUT = 240.0  # how long activation (or a rollback's re-activation) may take
+GC_TIMEOUT = 600.0  # collectGarbage: how long the target's garbage collector may run
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What a confirmed deployment leaves of the profile's older generations, and of the target's store."""
+
+    keep: int | None = None  # the newest generations kept (the new one among them); None keeps every one
+    protect: tuple[int, ...] = ()  # kept whatever their age: the baseline that a destroy returns to
+    collect_garbage: bool = False  # then run the target's garbage collector, for at most gc_timeout
+    gc_timeout: float = GC_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,7 @@ class DeployRequest:
     # Upload the closure once to this cache and let the target substitute
     # from it; the direct push is the fallback.
     binary_cache: BinaryCache | None = None
+    retention: Retention = field(default_factory=Retention)
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,18 @@ def parse_generations(stdout: str) -> list[GenerationLine]:
     return lines
 
 
+_GC_SUMMARY = re.compile(r"^(\d+) store paths deleted, ([\d.]+ [KMGT]?i?B) freed\s*$", re.MULTILINE)
+
+
+def parse_gc_summary(output: str) -> tuple[int, str]:
+    """`nix-store --gc`'s last line (stdout on 2.8 to 2.34): the paths it deleted and what that freed, as Nix
+    writes it (`0.00 MiB` on 2.8, `0.0 KiB` on 2.34)."""
+    m = _GC_SUMMARY.search(output)
+    if m is None:
+        raise NixOutputError(f"nix-store --gc printed no summary: {output.strip()[-120:]!r}")
+    return int(m.group(1)), m.group(2)
+
+
 _TRACE = re.compile(r"^(…|at |\(stack trace|\(use '--show-trace'|\d+\||\||\^|For full logs|Try 'nix)")
 
 

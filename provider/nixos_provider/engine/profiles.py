@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import EngineError
-from .models import BOOT_FILES, Generation
-from .nix_versions import NixOutputError, parse_generations
+from .models import BOOT_FILES, Generation, Retention
+from .nix_versions import NixOutputError, parse_gc_summary, parse_generations
 from .process import Target
 
 
@@ -117,6 +117,62 @@ async def set_profile(target: Target, profile: str, store_path: str) -> Generati
 
 async def switch_generation(target: Target, profile: str, number: int) -> None:
     await target.run(["nix-env", "-p", profile, "--switch-generation", str(number)])
+
+
+def doomed_generations(generations: list[Generation], retention: Retention) -> list[int]:
+    """The generations `retention` lets go: all but the newest `keep`, the current one and the protected ones."""
+    if retention.keep is None:
+        return []
+    numbers = sorted(g.number for g in generations)
+    kept = set(numbers[-retention.keep:]) | set(retention.protect) | {g.number for g in generations if g.current}
+    return [n for n in numbers if n not in kept]
+
+
+def deployment_lock(profile: str) -> str:
+    """The file whose flock says a deployment of the profile is under way (supervisor.sh takes it, by this name)."""
+    return os.path.join(os.path.dirname(profile), f".{os.path.basename(profile)}.pulumi-nixos.lock")
+
+
+# Under the deployments' lock, so that no deployment registers or activates a generation between the deletion and
+# the boot entries; 75 when one holds it. Then the system profile's boot entries are written again from what is
+# left, as `nixos-rebuild boot` does: the current generation's `switch-to-configuration boot`.
+_DELETE_GENERATIONS = r"""
+lock=$1 profile=$2 boot=$3; shift 3
+exec 9>>"$lock" || exit 1
+flock -n 9 || exit 75
+nix-env -p "$profile" --delete-generations "$@" || exit 1
+[ "$boot" = 1 ] || exit 0
+"$profile/bin/switch-to-configuration" boot
+"""
+LOCKED = 75
+
+
+async def delete_generations(target: Target, profile: str, numbers: list[int], *, boot_entries: bool) -> bool:
+    """Delete these generations of the profile, by number (one that a later deployment adds is never among them),
+    and with `boot_entries` write the boot entries again; False, with nothing done, while a deployment runs."""
+    res = await target.run(["sh", "-c", _DELETE_GENERATIONS, "sh", deployment_lock(profile), profile,
+                            "1" if boot_entries else "0", *(str(n) for n in numbers)], check=False)
+    if res.exit_status == LOCKED:
+        return False
+    if res.exit_status != 0:
+        raise EngineError(f"deleting generations {', '.join(map(str, numbers))} of {profile} on {target.target} "
+                          f"failed: {res.stderr.strip()[-400:]}")
+    return True
+
+
+@dataclass(frozen=True)
+class GarbageCollected:
+    paths: int
+    freed: str  # as Nix says it: "12.34 MiB"
+
+
+async def collect_garbage(target: Target, timeout: float) -> GarbageCollected:
+    """The target's garbage collector (`nix-store --gc`), for at most `timeout` seconds: what it deleted."""
+    res = await target.for_store().run(["nix-store", "--gc"], timeout=timeout)
+    try:
+        return GarbageCollected(*parse_gc_summary(res.stdout))
+    except NixOutputError as e:
+        raise EngineError(f"garbage collection on {target.target}: {e}") from e
 
 
 async def remove_profile(target: Target, profile: str) -> None:

@@ -161,6 +161,7 @@ unregister() { # unregister REASON
 }
 
 # -- the lock ------------------------------------------------------------------
+# (profiles.deployment_lock names the same file: keepGenerations deletes generations under it.)
 lock="$(dirname -- "$profile")/.$(basename -- "$profile").pulumi-nixos.lock"
 # (A failed redirection of `exec` would end the shell: try with touch first.)
 if ! touch -- "$lock"; then

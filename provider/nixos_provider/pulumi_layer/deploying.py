@@ -21,6 +21,7 @@ from ..engine.models import (
     DeployResult,
     Profile,
     Remote,
+    Retention,
 )
 from ..engine.nix import Nix, is_store_path, parse_flake_ref
 from .base import Context, PartialFailure, now_rfc3339
@@ -58,7 +59,10 @@ async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, n
 
 def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: DeploySettings, *,
                    action: Action = "switch", activate_command: str | None = None,
-                   build_drv_on_target: str | None = None, binary_cache: BinaryCache | None = None) -> DeployRequest:
+                   build_drv_on_target: str | None = None, binary_cache: BinaryCache | None = None,
+                   baseline: Any = None) -> DeployRequest:
+    """baseline: the recorded baselineGeneration, which keepGenerations never deletes (a destroy returns to it)."""
+    protect = (baseline,) if isinstance(baseline, int) and not isinstance(baseline, bool) and baseline > 0 else ()
     return DeployRequest(
         remote=remote, store_path=store_path, profile=profile, action=action,
         magic_rollback=settings.magic_rollback, confirm_timeout=settings.confirm_timeout,
@@ -66,6 +70,8 @@ def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: 
         health_checks=settings.health_checks, activate_command=activate_command,
         substitute_on_destination=settings.substitute_on_destination, compress=settings.compress,
         build_drv_on_target=build_drv_on_target, binary_cache=binary_cache,
+        retention=Retention(keep=settings.keep_generations, protect=protect,
+                            collect_garbage=settings.collect_garbage),
     )
 
 

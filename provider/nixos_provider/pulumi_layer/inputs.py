@@ -337,6 +337,7 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
     check_choice(f, "compress", news.get("compress"), COMPRESSIONS)
     check_health_checks(f, news.get("healthChecks"))
     check_nix_options(f, news.get("nixOptions"))
+    check_int(f, "keepGenerations", news.get("keepGenerations"), 1, 10000)
 
 
 # Store URL schemes `nix copy` and substituters understand; anything else is a typo.

@@ -35,7 +35,7 @@ TYPE = "nixos:index:NixosMachine"
 INPUT_KEYS = [
     "connection", "flake", "systemPath", "buildOn", "substituteOnDestination", "compress", "nixOptions", "action",
     "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy",
-    "triggers", "buildOnPreview", "dryActivate", "secretFiles", "binaryCache",
+    "triggers", "buildOnPreview", "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -77,7 +77,8 @@ class NixosMachine(DeployedResource):
             f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate",
+                                          "collectGarbage"))
         v.check_install(f, news)
         v.check_secret_files(f, news.get("secretFiles"))
         v.check_binary_cache(f, news.get("binaryCache"))
@@ -483,7 +484,8 @@ class NixosMachine(DeployedResource):
         failed = _with_files(failed, placement)
         req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action,
                              build_drv_on_target=drv if m.build_on_target else None,
-                             binary_cache=m.binary_cache or self.ctx.binary_cache)
+                             binary_cache=m.binary_cache or self.ctx.binary_cache,
+                             baseline=base.get("baselineGeneration"))
         result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=m.raw, failed=failed,
                                   after_failure=_now_running, observe=lambda out: self._observed(out, remote))
         # The deployment is confirmed: the new system runs. Nothing from here on

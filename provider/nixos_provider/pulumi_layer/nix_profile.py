@@ -24,7 +24,7 @@ TYPE = "nixos:index:NixProfile"
 INPUT_KEYS = [
     "connection", "profile", "profilePath", "user", "flake", "storePath", "activate", "substituteOnDestination",
     "compress", "nixOptions", "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks",
-    "onDestroy", "triggers",
+    "onDestroy", "triggers", "keepGenerations", "collectGarbage",
 ]
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
@@ -74,7 +74,7 @@ class NixProfile(DeployedResource):
         v.check_store_path(f, "storePath", store)
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
         v.check_command(f, "activate", news.get("activate"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback"))
+        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
         if f:
             raise CheckFailed(f)
         checked = dict(news)
@@ -163,7 +163,8 @@ class NixProfile(DeployedResource):
             store_path = await build_closure(self.ctx, urn, nix, p.closure, nixos=False)
         except EngineError as e:
             raise PartialFailure(describe(e), ident, failed, p.raw) from e
-        req = deploy_request(remote, store_path, self._profile(p.raw), p.settings, activate_command=p.activate)
+        req = deploy_request(remote, store_path, self._profile(p.raw), p.settings, activate_command=p.activate,
+                             baseline=base.get("baselineGeneration"))
         result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=p.raw, failed=failed,
                                   after_failure=_now_running)
         return {**base, **deployed_outputs(result, "storePath", pinned)}

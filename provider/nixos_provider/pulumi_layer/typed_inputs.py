@@ -41,6 +41,8 @@ class DeploySettings:
     substitute_on_destination: bool = False
     compress: Compression = "auto"
     nix_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry access tokens
+    keep_generations: int | None = None
+    collect_garbage: bool = False
 
     @classmethod
     def parse(cls, props: Mapping[str, Any]) -> DeploySettings:
@@ -55,6 +57,8 @@ class DeploySettings:
             substitute_on_destination=bool(props.get("substituteOnDestination")),
             compress=compress if compress in COMPRESSIONS else "auto",
             nix_options=tuple(nix_options(props.get("nixOptions"))),
+            keep_generations=int(props["keepGenerations"]) if props.get("keepGenerations") is not None else None,
+            collect_garbage=props.get("collectGarbage") is True,
         )
 
 

@@ -28,6 +28,8 @@ type NixProfile struct {
 	BaselineGeneration pulumi.IntPtrOutput `pulumi:"baselineGeneration"`
 	// The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
 	BaselineStorePath pulumi.StringPtrOutput `pulumi:"baselineStorePath"`
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage pulumi.BoolPtrOutput `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrOutput `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -44,6 +46,8 @@ type NixProfile struct {
 	HealthChecks HealthCheckArrayOutput `pulumi:"healthChecks"`
 	// The OpenSSH public host key pinned for the host, as one line such as `ssh-ed25519 AAAA...`.
 	HostKey pulumi.StringOutput `pulumi:"hostKey"`
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations pulumi.IntPtrOutput `pulumi:"keepGenerations"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback pulumi.BoolPtrOutput `pulumi:"magicRollback"`
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
@@ -85,6 +89,9 @@ func NewNixProfile(ctx *pulumi.Context,
 	}
 	if args.AutoRollback == nil {
 		args.AutoRollback = pulumi.BoolPtr(true)
+	}
+	if args.CollectGarbage == nil {
+		args.CollectGarbage = pulumi.BoolPtr(false)
 	}
 	if args.Compress == nil {
 		args.Compress = pulumi.StringPtr("auto")
@@ -141,6 +148,8 @@ type nixProfileArgs struct {
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage *bool `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress *string `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -151,6 +160,8 @@ type nixProfileArgs struct {
 	Flake *string `pulumi:"flake"`
 	// Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
 	HealthChecks []HealthCheck `pulumi:"healthChecks"`
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations *int `pulumi:"keepGenerations"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback *bool `pulumi:"magicRollback"`
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
@@ -179,6 +190,8 @@ type NixProfileArgs struct {
 	ActivationTimeout pulumi.Float64PtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage pulumi.BoolPtrInput
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrInput
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -189,6 +202,8 @@ type NixProfileArgs struct {
 	Flake pulumi.StringPtrInput
 	// Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
 	HealthChecks HealthCheckArrayInput
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations pulumi.IntPtrInput
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback pulumi.BoolPtrInput
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
@@ -321,6 +336,11 @@ func (o NixProfileOutput) BaselineStorePath() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.BaselineStorePath }).(pulumi.StringPtrOutput)
 }
 
+// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+func (o NixProfileOutput) CollectGarbage() pulumi.BoolPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.BoolPtrOutput { return v.CollectGarbage }).(pulumi.BoolPtrOutput)
+}
+
 // How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 func (o NixProfileOutput) Compress() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.Compress }).(pulumi.StringPtrOutput)
@@ -359,6 +379,11 @@ func (o NixProfileOutput) HealthChecks() HealthCheckArrayOutput {
 // The OpenSSH public host key pinned for the host, as one line such as `ssh-ed25519 AAAA...`.
 func (o NixProfileOutput) HostKey() pulumi.StringOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringOutput { return v.HostKey }).(pulumi.StringOutput)
+}
+
+// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+func (o NixProfileOutput) KeepGenerations() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.IntPtrOutput { return v.KeepGenerations }).(pulumi.IntPtrOutput)
 }
 
 // Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.

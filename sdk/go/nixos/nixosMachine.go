@@ -36,6 +36,8 @@ type NixosMachine struct {
 	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview pulumi.BoolPtrOutput `pulumi:"buildOnPreview"`
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage pulumi.BoolPtrOutput `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrOutput `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -62,6 +64,8 @@ type NixosMachine struct {
 	InstallStatus pulumi.StringPtrOutput `pulumi:"installStatus"`
 	// When nixos-anywhere finished installing the machine (RFC 3339), if it did.
 	InstalledAt pulumi.StringPtrOutput `pulumi:"installedAt"`
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations pulumi.IntPtrOutput `pulumi:"keepGenerations"`
 	// What the last deployment changed on the host. Set after a deployment.
 	LastChanges ClosureChangesPtrOutput `pulumi:"lastChanges"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
@@ -118,6 +122,9 @@ func NewNixosMachine(ctx *pulumi.Context,
 	}
 	if args.BuildOnPreview == nil {
 		args.BuildOnPreview = pulumi.BoolPtr(false)
+	}
+	if args.CollectGarbage == nil {
+		args.CollectGarbage = pulumi.BoolPtr(false)
 	}
 	if args.Compress == nil {
 		args.Compress = pulumi.StringPtr("auto")
@@ -186,6 +193,8 @@ type nixosMachineArgs struct {
 	BuildOn *string `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview *bool `pulumi:"buildOnPreview"`
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage *bool `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress *string `pulumi:"compress"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -200,6 +209,8 @@ type nixosMachineArgs struct {
 	HealthChecks []HealthCheck `pulumi:"healthChecks"`
 	// Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
 	Install *Install `pulumi:"install"`
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations *int `pulumi:"keepGenerations"`
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback *bool `pulumi:"magicRollback"`
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
@@ -230,6 +241,8 @@ type NixosMachineArgs struct {
 	BuildOn pulumi.StringPtrInput
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
 	BuildOnPreview pulumi.BoolPtrInput
+	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+	CollectGarbage pulumi.BoolPtrInput
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrInput
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -244,6 +257,8 @@ type NixosMachineArgs struct {
 	HealthChecks HealthCheckArrayInput
 	// Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
 	Install InstallPtrInput
+	// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+	KeepGenerations pulumi.IntPtrInput
 	// Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
 	MagicRollback pulumi.BoolPtrInput
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
@@ -387,6 +402,11 @@ func (o NixosMachineOutput) BuildOnPreview() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.BuildOnPreview }).(pulumi.BoolPtrOutput)
 }
 
+// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+func (o NixosMachineOutput) CollectGarbage() pulumi.BoolPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.CollectGarbage }).(pulumi.BoolPtrOutput)
+}
+
 // How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 func (o NixosMachineOutput) Compress() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Compress }).(pulumi.StringPtrOutput)
@@ -450,6 +470,11 @@ func (o NixosMachineOutput) InstallStatus() pulumi.StringPtrOutput {
 // When nixos-anywhere finished installing the machine (RFC 3339), if it did.
 func (o NixosMachineOutput) InstalledAt() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.InstalledAt }).(pulumi.StringPtrOutput)
+}
+
+// How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+func (o NixosMachineOutput) KeepGenerations() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.IntPtrOutput { return v.KeepGenerations }).(pulumi.IntPtrOutput)
 }
 
 // What the last deployment changed on the host. Set after a deployment.

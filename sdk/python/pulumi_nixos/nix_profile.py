@@ -25,10 +25,12 @@ class NixProfileArgs:
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input['HealthCheckArgs']]]] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -45,10 +47,12 @@ class NixProfileArgs:
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the package to deploy, such as `.#homeConfigurations.alice.activationPackage`. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `storePath`.
         :param pulumi.Input[Sequence[pulumi.Input['HealthCheckArgs']]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
+        :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches the profile back to the generation it had before this resource first deployed (or removes it if it did not exist); `remove` deletes the profile and its generations; `retain` leaves it as it is.
@@ -70,6 +74,10 @@ class NixProfileArgs:
             auto_rollback = True
         if auto_rollback is not None:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
+        if collect_garbage is None:
+            collect_garbage = False
+        if collect_garbage is not None:
+            pulumi.set(__self__, "collect_garbage", collect_garbage)
         if compress is None:
             compress = 'auto'
         if compress is not None:
@@ -82,6 +90,8 @@ class NixProfileArgs:
             pulumi.set(__self__, "flake", flake)
         if health_checks is not None:
             pulumi.set(__self__, "health_checks", health_checks)
+        if keep_generations is not None:
+            pulumi.set(__self__, "keep_generations", keep_generations)
         if magic_rollback is None:
             magic_rollback = True
         if magic_rollback is not None:
@@ -156,6 +166,18 @@ class NixProfileArgs:
         pulumi.set(self, "auto_rollback", value)
 
     @_builtins.property
+    @pulumi.getter(name="collectGarbage")
+    def collect_garbage(self) -> pulumi.Input[Optional[_builtins.bool]]:
+        """
+        Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+        """
+        return pulumi.get(self, "collect_garbage")
+
+    @collect_garbage.setter
+    def collect_garbage(self, value: pulumi.Input[Optional[_builtins.bool]]):
+        pulumi.set(self, "collect_garbage", value)
+
+    @_builtins.property
     @pulumi.getter
     def compress(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
@@ -202,6 +224,18 @@ class NixProfileArgs:
     @health_checks.setter
     def health_checks(self, value: pulumi.Input[Optional[Sequence[pulumi.Input['HealthCheckArgs']]]]):
         pulumi.set(self, "health_checks", value)
+
+    @_builtins.property
+    @pulumi.getter(name="keepGenerations")
+    def keep_generations(self) -> pulumi.Input[Optional[_builtins.int]]:
+        """
+        How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+        """
+        return pulumi.get(self, "keep_generations")
+
+    @keep_generations.setter
+    def keep_generations(self, value: pulumi.Input[Optional[_builtins.int]]):
+        pulumi.set(self, "keep_generations", value)
 
     @_builtins.property
     @pulumi.getter(name="magicRollback")
@@ -321,11 +355,13 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -346,11 +382,13 @@ class NixProfile(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] connection: How to reach the host over SSH.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the package to deploy, such as `.#homeConfigurations.alice.activationPackage`. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `storePath`.
         :param pulumi.Input[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
+        :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new profile, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches the profile back to the generation it had before this resource first deployed (or removes it if it did not exist); `remove` deletes the profile and its generations; `retain` leaves it as it is.
@@ -390,11 +428,13 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -420,6 +460,9 @@ class NixProfile(pulumi.CustomResource):
             if auto_rollback is None:
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
+            if collect_garbage is None:
+                collect_garbage = False
+            __props__.__dict__["collect_garbage"] = collect_garbage
             if compress is None:
                 compress = 'auto'
             __props__.__dict__["compress"] = compress
@@ -431,6 +474,7 @@ class NixProfile(pulumi.CustomResource):
             __props__.__dict__["connection"] = connection
             __props__.__dict__["flake"] = flake
             __props__.__dict__["health_checks"] = health_checks
+            __props__.__dict__["keep_generations"] = keep_generations
             if magic_rollback is None:
                 magic_rollback = True
             __props__.__dict__["magic_rollback"] = magic_rollback
@@ -481,6 +525,7 @@ class NixProfile(pulumi.CustomResource):
         __props__.__dict__["auto_rollback"] = None
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_store_path"] = None
+        __props__.__dict__["collect_garbage"] = None
         __props__.__dict__["compress"] = None
         __props__.__dict__["confirm_timeout"] = None
         __props__.__dict__["connection"] = None
@@ -489,6 +534,7 @@ class NixProfile(pulumi.CustomResource):
         __props__.__dict__["generation"] = None
         __props__.__dict__["health_checks"] = None
         __props__.__dict__["host_key"] = None
+        __props__.__dict__["keep_generations"] = None
         __props__.__dict__["magic_rollback"] = None
         __props__.__dict__["nix_options"] = None
         __props__.__dict__["on_destroy"] = None
@@ -542,6 +588,14 @@ class NixProfile(pulumi.CustomResource):
         The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
         """
         return pulumi.get(self, "baseline_store_path")
+
+    @_builtins.property
+    @pulumi.getter(name="collectGarbage")
+    def collect_garbage(self) -> pulumi.Output[Optional[_builtins.bool]]:
+        """
+        Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+        """
+        return pulumi.get(self, "collect_garbage")
 
     @_builtins.property
     @pulumi.getter
@@ -606,6 +660,14 @@ class NixProfile(pulumi.CustomResource):
         The OpenSSH public host key pinned for the host, as one line such as `ssh-ed25519 AAAA...`.
         """
         return pulumi.get(self, "host_key")
+
+    @_builtins.property
+    @pulumi.getter(name="keepGenerations")
+    def keep_generations(self) -> pulumi.Output[Optional[_builtins.int]]:
+        """
+        How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+        """
+        return pulumi.get(self, "keep_generations")
 
     @_builtins.property
     @pulumi.getter(name="magicRollback")

@@ -28,12 +28,14 @@ class NixosMachineArgs:
                  binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input['HealthCheckArgs']]]] = None,
                  install: pulumi.Input[Optional['InstallArgs']] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -51,12 +53,14 @@ class NixosMachineArgs:
         :param pulumi.Input['BinaryCacheArgs'] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
+        :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[_builtins.bool] dry_activate: Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
         :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[pulumi.Input['HealthCheckArgs']]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
         :param pulumi.Input['InstallArgs'] install: Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
+        :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
@@ -88,6 +92,10 @@ class NixosMachineArgs:
             build_on_preview = False
         if build_on_preview is not None:
             pulumi.set(__self__, "build_on_preview", build_on_preview)
+        if collect_garbage is None:
+            collect_garbage = False
+        if collect_garbage is not None:
+            pulumi.set(__self__, "collect_garbage", collect_garbage)
         if compress is None:
             compress = 'auto'
         if compress is not None:
@@ -106,6 +114,8 @@ class NixosMachineArgs:
             pulumi.set(__self__, "health_checks", health_checks)
         if install is not None:
             pulumi.set(__self__, "install", install)
+        if keep_generations is not None:
+            pulumi.set(__self__, "keep_generations", keep_generations)
         if magic_rollback is None:
             magic_rollback = True
         if magic_rollback is not None:
@@ -212,6 +222,18 @@ class NixosMachineArgs:
         pulumi.set(self, "build_on_preview", value)
 
     @_builtins.property
+    @pulumi.getter(name="collectGarbage")
+    def collect_garbage(self) -> pulumi.Input[Optional[_builtins.bool]]:
+        """
+        Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+        """
+        return pulumi.get(self, "collect_garbage")
+
+    @collect_garbage.setter
+    def collect_garbage(self, value: pulumi.Input[Optional[_builtins.bool]]):
+        pulumi.set(self, "collect_garbage", value)
+
+    @_builtins.property
     @pulumi.getter
     def compress(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
@@ -282,6 +304,18 @@ class NixosMachineArgs:
     @install.setter
     def install(self, value: pulumi.Input[Optional['InstallArgs']]):
         pulumi.set(self, "install", value)
+
+    @_builtins.property
+    @pulumi.getter(name="keepGenerations")
+    def keep_generations(self) -> pulumi.Input[Optional[_builtins.int]]:
+        """
+        How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+        """
+        return pulumi.get(self, "keep_generations")
+
+    @keep_generations.setter
+    def keep_generations(self, value: pulumi.Input[Optional[_builtins.int]]):
+        pulumi.set(self, "keep_generations", value)
 
     @_builtins.property
     @pulumi.getter(name="magicRollback")
@@ -380,6 +414,7 @@ class NixosMachine(pulumi.CustomResource):
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
@@ -387,6 +422,7 @@ class NixosMachine(pulumi.CustomResource):
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
                  install: pulumi.Input[Optional[Union['InstallArgs', 'InstallArgsDict']]] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -410,6 +446,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
+        :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] connection: How to reach the host over SSH.
@@ -417,6 +454,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
         :param pulumi.Input[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
         :param pulumi.Input[Union['InstallArgs', 'InstallArgsDict']] install: Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
+        :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
@@ -459,6 +497,7 @@ class NixosMachine(pulumi.CustomResource):
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
+                 collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
@@ -466,6 +505,7 @@ class NixosMachine(pulumi.CustomResource):
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
                  install: pulumi.Input[Optional[Union['InstallArgs', 'InstallArgsDict']]] = None,
+                 keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
@@ -498,6 +538,9 @@ class NixosMachine(pulumi.CustomResource):
             if build_on_preview is None:
                 build_on_preview = False
             __props__.__dict__["build_on_preview"] = build_on_preview
+            if collect_garbage is None:
+                collect_garbage = False
+            __props__.__dict__["collect_garbage"] = collect_garbage
             if compress is None:
                 compress = 'auto'
             __props__.__dict__["compress"] = compress
@@ -513,6 +556,7 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["flake"] = flake
             __props__.__dict__["health_checks"] = health_checks
             __props__.__dict__["install"] = install
+            __props__.__dict__["keep_generations"] = keep_generations
             if magic_rollback is None:
                 magic_rollback = True
             __props__.__dict__["magic_rollback"] = magic_rollback
@@ -572,6 +616,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["binary_cache"] = None
         __props__.__dict__["build_on"] = None
         __props__.__dict__["build_on_preview"] = None
+        __props__.__dict__["collect_garbage"] = None
         __props__.__dict__["compress"] = None
         __props__.__dict__["confirm_timeout"] = None
         __props__.__dict__["connection"] = None
@@ -585,6 +630,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["install_error"] = None
         __props__.__dict__["install_status"] = None
         __props__.__dict__["installed_at"] = None
+        __props__.__dict__["keep_generations"] = None
         __props__.__dict__["last_changes"] = None
         __props__.__dict__["magic_rollback"] = None
         __props__.__dict__["needs_reboot"] = None
@@ -665,6 +711,14 @@ class NixosMachine(pulumi.CustomResource):
         Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         """
         return pulumi.get(self, "build_on_preview")
+
+    @_builtins.property
+    @pulumi.getter(name="collectGarbage")
+    def collect_garbage(self) -> pulumi.Output[Optional[_builtins.bool]]:
+        """
+        Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
+        """
+        return pulumi.get(self, "collect_garbage")
 
     @_builtins.property
     @pulumi.getter
@@ -769,6 +823,14 @@ class NixosMachine(pulumi.CustomResource):
         When nixos-anywhere finished installing the machine (RFC 3339), if it did.
         """
         return pulumi.get(self, "installed_at")
+
+    @_builtins.property
+    @pulumi.getter(name="keepGenerations")
+    def keep_generations(self) -> pulumi.Output[Optional[_builtins.int]]:
+        """
+        How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
+        """
+        return pulumi.get(self, "keep_generations")
 
     @_builtins.property
     @pulumi.getter(name="lastChanges")

@@ -66,3 +66,7 @@ echo "recorded Nix $version into $out"
 nix-store --generate-binary-cache-key record-1 "$work/cache.secret" "$work/cache.public"
 record copy-to-cache nix copy --to "file://$work/cache?secret-key=$work/cache.secret" "$top"
 record copy-to-cache-again nix copy --to "file://$work/cache?secret-key=$work/cache.secret" "$top"
+# keepGenerations and collectGarbage: a generation deleted, then the garbage collector and its summary line.
+record delete-generations nix-env -p "$work/profile" --delete-generations 1
+record list-generations-after-delete nix-env -p "$work/profile" --list-generations
+record gc nix-store --gc
