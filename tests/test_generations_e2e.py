@@ -55,10 +55,11 @@ def test_six_deploys_keep_three_generations_and_the_baseline_then_rollback_and_d
         program(project, {"web": {"type": "nixos:NixosMachine", "properties": {
             "connection": connection(lab_host), "flake": config, "keepGenerations": 3, **props}}})
 
-    project.run("stack", "init", "dev")
     deployed: dict[int, str] = {}
     for n in range(1, 7):
         web(f"{flake}#v{n}", collectGarbage=n == 6)
+        if n == 1:
+            project.run("stack", "init", "dev")
         up = strip_ansi(project.up().stdout)
         deployed[n] = project.resource("NixosMachine")["outputs"]["systemPath"]
         assert current_system(lab_host) == deployed[n]

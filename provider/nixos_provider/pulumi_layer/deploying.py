@@ -61,8 +61,10 @@ def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: 
                    action: Action = "switch", activate_command: str | None = None,
                    build_drv_on_target: str | None = None, binary_cache: BinaryCache | None = None,
                    baseline: Any = None) -> DeployRequest:
-    """baseline: the recorded baselineGeneration, which keepGenerations never deletes (a destroy returns to it)."""
-    protect = (baseline,) if isinstance(baseline, int) and not isinstance(baseline, bool) and baseline > 0 else ()
+    """baseline: the recorded baselineGeneration, which keepGenerations never deletes (a destroy returns to it); a
+    number, as state gives it back (a float)."""
+    known = isinstance(baseline, (int, float)) and not isinstance(baseline, bool) and baseline >= 1
+    protect = (int(baseline),) if known else ()
     return DeployRequest(
         remote=remote, store_path=store_path, profile=profile, action=action,
         magic_rollback=settings.magic_rollback, confirm_timeout=settings.confirm_timeout,
