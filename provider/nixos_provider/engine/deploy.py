@@ -443,11 +443,11 @@ class Deployment:
                 self.status(f"deleting {len(doomed)} older generations of {profile}")
                 if await profiles.delete_generations(target, profile, doomed, boot_entries=self.req.profile.is_system):
                     protected = f", and generation {_listed(retention.protect)} to return to" if retention.protect else ""
-                    self.output(f"deleted generation {_listed(doomed)} of {profile} "
+                    self.output(f"deleted {_generations(doomed)} of {profile} "
                                 f"(keepGenerations {retention.keep}{protected})")
                 else:
-                    self.warn(f"another deployment of {profile} is under way: generation {_listed(doomed)} "
-                              "stays until the next deployment")
+                    self.warn(f"another deployment of {profile} is under way: {_generations(doomed)} "
+                              "left until the next deployment")
             if retention.collect_garbage:
                 self.status(f"collecting garbage on {target.target}")
                 gc = await profiles.collect_garbage(target, retention.gc_timeout)
@@ -535,6 +535,10 @@ class Deployment:
 
 def _listed(numbers: Sequence[int]) -> str:
     return ", ".join(str(n) for n in numbers)
+
+
+def _generations(numbers: Sequence[int]) -> str:
+    return f"generation{'s' if len(numbers) > 1 else ''} {_listed(numbers)}"
 
 
 def _health_check_budget(req: DeployRequest) -> float:

@@ -563,8 +563,10 @@ class Evaluator:
         """The flake's fingerprint, asked once per process, and again once its lock file changed."""
         k = (self._identity(nix), flake)
         known = self._fingerprints.get(k)
-        if known is None or (known.done() and not known.cancelled() and known.exception() is None
-                             and known.result().stamp != lock_stamp(flake)):
+        # Asked again when the lock file changed since, or when the last asking came to nothing (cancelled).
+        stale = known is not None and known.done() and (
+            known.cancelled() or known.exception() is not None or known.result().stamp != lock_stamp(flake))
+        if known is None or stale:
             known = self._fingerprints[k] = asyncio.ensure_future(self._fingerprint_once(nix, flake))
             known.add_done_callback(_retrieve)
         return known
