@@ -19,7 +19,8 @@ import pytest
 from conftest import PulumiProject, Systems, current_system, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine import profiles
-from nixos_provider.engine.models import DeployRequest, Profile
+from nixos_provider.engine.models import DeployRequest, Profile, Retention
+from nixos_provider.engine.nix import Nix, parse_flake_ref
 from test_provider_e2e import LAB, connection, program, strip_ansi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -34,8 +35,8 @@ FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; in {
 }; }"""
 
 
-def generations(host: labctl.LabHost) -> list[int]:
-    out = in_host(host, "nix-env", "-p", PROFILE, "--list-generations").stdout
+def generations(host: labctl.LabHost, profile: str = PROFILE) -> list[int]:
+    out = in_host(host, "nix-env", "-p", profile, "--list-generations").stdout
     return [int(line.split()[0]) for line in out.splitlines() if line.strip()]
 
 
@@ -113,3 +114,18 @@ async def test_generations_are_left_alone_while_another_deployment_holds_the_pro
         with contextlib.suppress(ProcessLookupError):
             os.killpg(holder.pid, signal.SIGKILL)
         await target.conn.close()
+
+
+async def test_a_users_profile_keeps_its_newest_generation(lab_host: labctl.LabHost) -> None:
+    """NixProfile's path through the same code: alice's profile, her lock file beside it, no boot entries."""
+    apps = [await Nix().build(parse_flake_ref(f"path:{labctl.LAB_FLAKE}#app-v{n}", nixos=False)) for n in (1, 2)]
+    profile = Profile("/nix/var/nix/profiles/per-user/alice/app", "alice")
+    said: list[str] = []
+    for app in (*apps, apps[0]):
+        await engine.deploy(DeployRequest(remote_for(lab_host), app, profile=profile, retention=Retention(keep=1)),
+                            output=said.append)
+    assert generations(lab_host, profile.path) == [3]
+    assert in_host(lab_host, "readlink", "-f", profile.path).stdout.strip() == apps[0]
+    assert [line for line in said if line.startswith("deleted")] == [
+        f"deleted generation 1 of {profile.path} (keepGenerations 1)",
+        f"deleted generation 2 of {profile.path} (keepGenerations 1)"]
