@@ -86,6 +86,29 @@ def find_nixpkgs() -> Nixpkgs | None:
     return Nixpkgs(f"path:{_unpacked(tarball)}", "20.09", "20.09") if tarball.exists() else None
 
 
+def find_nixpkgs_tree() -> Path | None:
+    """The leg's real nixpkgs as a folder, for configurations without a flake (`nixpkgs` is a path there)."""
+    given = os.environ.get(ENV)
+    if given and (Path(given) / "nixos" / "default.nix").exists():
+        return Path(given).resolve()
+    tarball = (Path(given) if given else SHARED) / (NEW if nix_version() >= (2, 18) else OLD)
+    return _unpacked(tarball) if tarball.exists() else None
+
+
+def write_configuration(directory: Path, nixpkgs: Path, extra: str = "") -> Path:
+    """A configuration.nix of the same small server as the flake's machines, for `nixpkgs/nixos`; `extra` is
+    Nix text added to the module (e.g. a mistake)."""
+    state = "20.09" if nix_version() < (2, 18) else "25.11"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "configuration.nix"
+    path.write_text(
+        "{ pkgs, ... }: {\n"
+        '  boot.loader.grub.device = "/dev/vda";\n  fileSystems."/".device = "/dev/vda1";\n'
+        '  networking.hostName = "classic";\n  services.openssh.enable = true;\n  services.nginx.enable = true;\n'
+        f'  users.users.alice = {{ isNormalUser = true; }};\n  system.stateVersion = "{state}";\n  {extra}\n}}\n')
+    return path
+
+
 # One machine: a small server, as the issue's users run (openssh, nginx, a user); `extra` is a module.
 _MACHINE = """
     machine = name: extra: nixpkgs.lib.nixosSystem {

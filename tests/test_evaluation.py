@@ -18,7 +18,7 @@ from conftest import write_flake
 from nixos_provider.engine import timeline
 from nixos_provider.engine.errors import NixError
 from nixos_provider.engine.evaluation import EvaluationStore, Evaluator, nix_identity
-from nixos_provider.engine.nix import Evaluation, Nix, parse_flake_ref
+from nixos_provider.engine.nix import Evaluation, FileRef, Nix, parse_flake_ref
 
 # Each configuration's evaluation takes a moment (a sum over a long list), so overlaps show.
 FLAKE = """{ outputs = { self }: let
@@ -131,6 +131,35 @@ async def test_the_stack_plan_is_evaluated_ahead_and_results_are_kept_until_the_
     await settle(other)
     assert "e" not in {n for n, _, _ in evaluations(spans)[2:]}
     await other.aclose(5)
+
+
+async def test_systems_without_a_flake_are_planned_ahead_but_never_kept_and_never_guessed(
+        tmp_path: Path, store: EvaluationStore, spans: Path, local_nix: str) -> None:
+    folder = Path(write_flake(tmp_path / "classic", FLAKE).removeprefix("path:"))
+    # Machines in a plain Nix file, as `nixos-rebuild --file default.nix --attr a` takes them.
+    (folder / "default.nix").write_text(
+        "let lab = import ./lib.nix; machine = name: lab.nixosConfiguration { hostName = name; version = name; };\n"
+        'in { a = machine "a"; b = machine "b"; c = machine "c"; }\n')
+    file = str(folder / "default.nix")
+
+    def started() -> list[str]:
+        return sorted(x["subject"].split(" of ")[0] for x in map(json.loads, spans.read_text().splitlines())
+                      if x["step"] == "evaluate") if spans.exists() else []
+
+    nix = Nix()
+    first = Evaluator(store, workers=2)
+    answers = {n: await first.evaluate(nix, FileRef(file, n), plan="p/dev") for n in ("a", "c")}
+    await settle(first)
+    assert started() == ["a", "c"]  # no guesses: there is no flake to list
+    assert answers["a"].out_path.endswith("-nixos-system-a-24.05.lab-a")
+    await first.aclose(5)
+
+    spans.unlink()
+    second = Evaluator(store, workers=2)
+    await second.evaluate(nix, FileRef(file, "a"), plan="p/dev")  # starts the plan: `c` ahead
+    await settle(second)
+    assert started() == ["a", "c"] and second.counts.from_store == 0 and second.counts.evaluated == 2
+    await second.aclose(5)
 
 
 async def test_at_most_the_set_number_of_processes_and_a_check_goes_first(

@@ -253,7 +253,7 @@ def test_install_inputs_are_checked_before_anything_runs(project: PulumiProject)
         assert f"property {prop} value" in out and reason in out, (prop, out)
     out = problems({"systemPath": "/nix/store/" + "a" * 32 + "-nixos-system", "install": {}})
     assert "property install.diskoScript value" in out
-    assert "is required when installing a prebuilt `systemPath`" in out
+    assert "is required when installing from `systemPath`" in out
 
 
 def test_missing_nixos_anywhere_fails_without_touching_the_host(

@@ -66,7 +66,8 @@ def test_preview_reaches_the_provider_check(project: PulumiProject) -> None:
         return re.search(rf"property {re.escape(prop)} value .*? has a problem: {re.escape(reason)}", out) is not None
 
     assert problem("connection.port", "must be between 1 and 65535, not 70000")
-    assert problem("systemPath", "set exactly one of `flake` and `systemPath`, not both")
+    assert problem("systemPath", "set exactly one of `flake`, `systemPath`, `configuration` and `expression`, "
+                                 "not both `flake` and `systemPath`")
     assert problem("action", "must be one of 'switch', 'boot', 'test', not 'reboot'")
     assert problem("healthChecks[0]", "needs exactly one of `command`, `http` or `tcp` (got http, tcp)")
     assert "Traceback" not in out

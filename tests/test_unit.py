@@ -606,6 +606,45 @@ def test_the_schema_documents_the_engine_defaults() -> None:
         assert props["activationTimeout"]["default"] == ACTIVATION_TIMEOUT
 
 
+def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:
+    from nixos_provider.engine.nix import EVALUATE_ANY_APPLY, EVALUATE_APPLY, FileRef
+
+    # A configuration.nix: `<nixpkgs>/nixos` evaluates it, as nixos-rebuild does; no value inside an expression.
+    conf = FileRef("/p/my conf;.nix", "", "/np")
+    assert conf.eval_args() == [
+        "--file", "/np/nixos", "--argstr", "configuration", "/p/my conf;.nix", "-I", "nixpkgs=/np",
+        "-I", "nixos-config=/p/my conf;.nix", TOPLEVEL, "--apply", EVALUATE_APPLY]
+    assert str(conf) == "/p/my conf;.nix" and conf.configuration is None
+    # An attribute of a Nix file: a NixOS evaluation or a system; `<nixpkgs>` only when given.
+    assert FileRef("/p/default.nix", "machines.web").eval_args() == [
+        "--file", "/p/default.nix", "machines.web", "--apply", EVALUATE_ANY_APPLY]
+    assert FileRef("/p/default.nix", "web", "/np").eval_args()[:4] == ["--file", "/p/default.nix", "-I", "nixpkgs=/np"]
+    assert str(FileRef("/p/default.nix", "web")) == "web of /p/default.nix"
+    # The evaluator's plan keeps both kinds across runs.
+    from nixos_provider.engine.evaluation import PlannedRef
+    from nixos_provider.engine.nix import Nix
+
+    for ref in (conf, FileRef("/p/default.nix", "web"), parse_flake_ref("/f#web")):
+        planned = PlannedRef.of(Nix(["nix"], [("cores", "1")]), ref)
+        assert PlannedRef.from_json(json.loads(json.dumps(planned.to_json()))) == planned
+    assert PlannedRef.from_json({"command": ["nix"], "settings": [], "file": 1, "attr": "web"}) is None
+
+
+def test_a_machines_source_resolves_against_the_project() -> None:
+    from nixos_provider.engine.nix import FileRef
+    from nixos_provider.pulumi_layer.typed_inputs import Closure
+
+    def ref(**props: Any) -> Any:
+        return Closure.parse(props, "systemPath").ref("/proj", nixos=True)
+
+    assert ref(configuration="hosts/web.nix", nixpkgs="../nixpkgs") == FileRef("/proj/hosts/web.nix", "", "/nixpkgs")
+    assert ref(expression="/x/default.nix", attribute="web") == FileRef("/x/default.nix", "web", None)
+    assert ref(flake=".#web") == FlakeRef("/proj", f"nixosConfigurations.web.{TOPLEVEL}")
+    assert ref(systemPath="/nix/store/x-s") is None
+    assert Closure.parse({"configuration": "c.nix"}, "systemPath").evaluated
+    assert not Closure.parse({"systemPath": "/nix/store/x-s"}, "systemPath").evaluated
+
+
 def test_a_flake_reference_knows_its_configuration_and_its_siblings() -> None:
     ref = parse_flake_ref("/f#web")
     assert ref.configuration == ("web", "config.system.build.toplevel")

@@ -49,6 +49,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly activationTimeout: pulumi.Output<number | undefined>;
     /**
+     * With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+     */
+    declare public readonly attribute: pulumi.Output<string | undefined>;
+    /**
      * Whether to restore the previous generation when activation or a health check fails.
      */
     declare public readonly autoRollback: pulumi.Output<boolean | undefined>;
@@ -81,6 +85,10 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly compress: pulumi.Output<string | undefined>;
     /**
+     * A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+     */
+    declare public readonly configuration: pulumi.Output<string | undefined>;
+    /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */
     declare public readonly confirmTimeout: pulumi.Output<number | undefined>;
@@ -97,7 +105,11 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly dryActivate: pulumi.Output<boolean | undefined>;
     /**
-     * The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+     * A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+     */
+    declare public readonly expression: pulumi.Output<string | undefined>;
+    /**
+     * The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
      */
     declare public readonly flake: pulumi.Output<string | undefined>;
     /**
@@ -152,6 +164,10 @@ export class NixosMachine extends pulumi.CustomResource {
      * The NixOS version of the deployed system, as `nixos-version` prints it.
      */
     declare public /*out*/ readonly nixosVersion: pulumi.Output<string | undefined>;
+    /**
+     * With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+     */
+    declare public readonly nixpkgs: pulumi.Output<string | undefined>;
     /**
      * What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
      */
@@ -209,21 +225,25 @@ export class NixosMachine extends pulumi.CustomResource {
             }
             resourceInputs["action"] = (args?.action) ?? "switch";
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
+            resourceInputs["attribute"] = args?.attribute;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
             resourceInputs["binaryCache"] = args?.binaryCache;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
             resourceInputs["collectGarbage"] = (args?.collectGarbage) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
+            resourceInputs["configuration"] = args?.configuration;
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
             resourceInputs["connection"] = args ? pulumi.output(args.connection).apply(inputs.connectionArgsProvideDefaults) : undefined;
             resourceInputs["dryActivate"] = (args?.dryActivate) ?? false;
+            resourceInputs["expression"] = args?.expression;
             resourceInputs["flake"] = args?.flake;
             resourceInputs["healthChecks"] = args?.healthChecks;
             resourceInputs["install"] = args ? pulumi.output(args.install).apply(v => v === undefined ? undefined : inputs.installArgsProvideDefaults(v)) : undefined;
             resourceInputs["keepGenerations"] = args?.keepGenerations;
             resourceInputs["magicRollback"] = (args?.magicRollback) ?? true;
             resourceInputs["nixOptions"] = args?.nixOptions;
+            resourceInputs["nixpkgs"] = args?.nixpkgs;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
             resourceInputs["secretFiles"] = args?.secretFiles;
             resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
@@ -248,6 +268,7 @@ export class NixosMachine extends pulumi.CustomResource {
         } else {
             resourceInputs["action"] = undefined /*out*/;
             resourceInputs["activationTimeout"] = undefined /*out*/;
+            resourceInputs["attribute"] = undefined /*out*/;
             resourceInputs["autoRollback"] = undefined /*out*/;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineSystemPath"] = undefined /*out*/;
@@ -256,10 +277,12 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["buildOnPreview"] = undefined /*out*/;
             resourceInputs["collectGarbage"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
+            resourceInputs["configuration"] = undefined /*out*/;
             resourceInputs["confirmTimeout"] = undefined /*out*/;
             resourceInputs["connection"] = undefined /*out*/;
             resourceInputs["deployedAt"] = undefined /*out*/;
             resourceInputs["dryActivate"] = undefined /*out*/;
+            resourceInputs["expression"] = undefined /*out*/;
             resourceInputs["flake"] = undefined /*out*/;
             resourceInputs["generation"] = undefined /*out*/;
             resourceInputs["healthChecks"] = undefined /*out*/;
@@ -274,6 +297,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["needsReboot"] = undefined /*out*/;
             resourceInputs["nixOptions"] = undefined /*out*/;
             resourceInputs["nixosVersion"] = undefined /*out*/;
+            resourceInputs["nixpkgs"] = undefined /*out*/;
             resourceInputs["onDestroy"] = undefined /*out*/;
             resourceInputs["pendingChanges"] = undefined /*out*/;
             resourceInputs["previousGeneration"] = undefined /*out*/;
@@ -303,6 +327,10 @@ export interface NixosMachineArgs {
      */
     activationTimeout?: pulumi.Input<number | undefined>;
     /**
+     * With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+     */
+    attribute?: pulumi.Input<string | undefined>;
+    /**
      * Whether to restore the previous generation when activation or a health check fails.
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
@@ -327,6 +355,10 @@ export interface NixosMachineArgs {
      */
     compress?: pulumi.Input<string | undefined>;
     /**
+     * A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+     */
+    configuration?: pulumi.Input<string | undefined>;
+    /**
      * How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
      */
     confirmTimeout?: pulumi.Input<number | undefined>;
@@ -339,7 +371,11 @@ export interface NixosMachineArgs {
      */
     dryActivate?: pulumi.Input<boolean | undefined>;
     /**
-     * The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+     * A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+     */
+    expression?: pulumi.Input<string | undefined>;
+    /**
+     * The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
      */
     flake?: pulumi.Input<string | undefined>;
     /**
@@ -363,6 +399,10 @@ export interface NixosMachineArgs {
      */
     nixOptions?: pulumi.Input<pulumi.Input<inputs.NixOptionArgs>[] | undefined>;
     /**
+     * With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+     */
+    nixpkgs?: pulumi.Input<string | undefined>;
+    /**
      * What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
      */
     onDestroy?: pulumi.Input<string | undefined>;
@@ -375,7 +415,7 @@ export interface NixosMachineArgs {
      */
     substituteOnDestination?: pulumi.Input<boolean | undefined>;
     /**
-     * The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+     * The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
      */
     systemPath?: pulumi.Input<string | undefined>;
     /**

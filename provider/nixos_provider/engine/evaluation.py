@@ -34,6 +34,10 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   them can read, or leave, an empty flake.lock. So the fingerprint comes
   first, always: its `nix flake metadata` is the one process that writes the
   lock, and the listing and every evaluation of the flake wait for it.
+- **A system without a flake** (a `configuration.nix`, or an attribute of a Nix file)
+  goes through the same pool and plan, but nothing tells what it reads
+  before it is evaluated: no fingerprint, so it is evaluated on every run
+  (as nixos-rebuild and colmena do), and there are no siblings to guess.
 - Whatever still runs when the provider stops is cancelled (aclose()), which
   kills its Nix process.
 
@@ -59,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nix import Evaluation, FlakeRef, Nix
+from .nix import Evaluation, FileRef, FlakeRef, Nix, SourceRef
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +133,19 @@ class PlannedRef:
 
     command: tuple[str, ...]
     settings: tuple[tuple[str, str], ...]
-    flake: str
-    attr: str
+    ref: SourceRef
 
     @classmethod
-    def of(cls, nix: Nix, ref: FlakeRef) -> PlannedRef:
-        return cls(tuple(nix.command), tuple(nix.settings), ref.flake, ref.attr)
+    def of(cls, nix: Nix, ref: SourceRef) -> PlannedRef:
+        return cls(tuple(nix.command), tuple(nix.settings), ref)
 
     def nix(self) -> Nix:
         return Nix(self.command, self.settings)
 
-    def ref(self) -> FlakeRef:
-        return FlakeRef(self.flake, self.attr)
-
     def to_json(self) -> dict[str, Any]:
-        return {"command": list(self.command), "settings": [list(s) for s in self.settings],
-                "flake": self.flake, "attr": self.attr}
+        named: dict[str, Any] = ({"flake": self.ref.flake, "attr": self.ref.attr} if isinstance(self.ref, FlakeRef)
+                                 else {"file": self.ref.file, "attr": self.ref.attr, "nixpkgs": self.ref.nixpkgs})
+        return {"command": list(self.command), "settings": [list(s) for s in self.settings], **named}
 
     @classmethod
     def from_json(cls, value: Any) -> PlannedRef | None:
@@ -153,10 +154,18 @@ class PlannedRef:
             if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
                 return None
             pairs = tuple((str(a), str(b)) for a, b in settings)
-            flake, attr = value["flake"], value["attr"]
-            if not isinstance(flake, str) or not isinstance(attr, str):
+            attr = value["attr"]
+            if not isinstance(attr, str):
                 return None
-            return cls(tuple(command), pairs, flake, attr)
+            if "file" in value:
+                file, nixpkgs = value["file"], value.get("nixpkgs")
+                if not isinstance(file, str) or not (nixpkgs is None or isinstance(nixpkgs, str)):
+                    return None
+                return cls(tuple(command), pairs, FileRef(file, attr, nixpkgs))
+            flake = value["flake"]
+            if not isinstance(flake, str):
+                return None
+            return cls(tuple(command), pairs, FlakeRef(flake, attr))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -236,12 +245,12 @@ class EvaluationStore:
     def keep_plan(self, plan: str, refs: list[PlannedRef]) -> None:
         self._write("plans", self._name(plan), {"refs": [r.to_json() for r in refs]})
 
-    def peak(self, identity: str, flake: str) -> int | None:
-        value = self._read("peaks", self._name(identity, flake))
+    def peak(self, identity: str, source: str) -> int | None:
+        value = self._read("peaks", self._name(identity, source))
         return value if isinstance(value, int) and value > 0 else None
 
-    def keep_peak(self, identity: str, flake: str, peak: int) -> None:
-        self._write("peaks", self._name(identity, flake), peak)
+    def keep_peak(self, identity: str, source: str, peak: int) -> None:
+        self._write("peaks", self._name(identity, source), peak)
 
 
 # -- the pool ---------------------------------------------------------------------------------------------
@@ -377,7 +386,7 @@ class _Plan:
     siblings: dict[tuple[str, str, str], asyncio.Task[list[str]]] = field(default_factory=dict)
 
 
-Key = tuple[str, str, str]  # (nix identity, flake, attribute)
+Key = tuple[str, str, str]  # (nix identity, source (the flake), attribute)
 LockStamp = tuple[int, int] | None
 
 
@@ -414,7 +423,8 @@ class EvaluationCounts:
 
 
 class Evaluator:
-    """Out paths and derivations of flake attributes, for a fleet; see the module's docstring."""
+    """Out paths and derivations of flake attributes (and of systems without a flake), for a fleet; see the
+    module's docstring."""
 
     def __init__(self, store: EvaluationStore | None = None, workers: int | None = None) -> None:
         self.store = store
@@ -431,7 +441,7 @@ class Evaluator:
         """maxParallelEvaluations; None: the cores, bounded by memory."""
         self._pool.set_workers(workers)
 
-    async def evaluate(self, nix: Nix, ref: FlakeRef, *, plan: str | None = None) -> Evaluation:
+    async def evaluate(self, nix: Nix, ref: SourceRef, *, plan: str | None = None) -> Evaluation:
         """Evaluate ref (or take it from an evaluation ahead, or from the store of earlier results).
 
         plan: the stack the request comes from; it is remembered, and the plan's other attributes are
@@ -462,7 +472,7 @@ class Evaluator:
 
     # -- ahead of the Checks --------------------------------------------------------------------------
 
-    def _plan_ahead(self, name: str, nix: Nix, ref: FlakeRef) -> None:
+    def _plan_ahead(self, name: str, nix: Nix, ref: SourceRef) -> None:
         if self._closed:
             return
         plan = self._plans.get(name)
@@ -470,17 +480,19 @@ class Evaluator:
             remembered = self.store.plan(self._plan_key(name, nix)) if self.store else []
             plan = self._plans[name] = _Plan(remembered)
             for planned in remembered:
-                if self._key(planned.nix(), planned.ref()) not in self._jobs:
-                    self._start(planned.nix(), planned.ref(), foreground=False)
+                if self._key(planned.nix(), planned.ref) not in self._jobs:
+                    self._start(planned.nix(), planned.ref, foreground=False)
         planned = PlannedRef.of(nix, ref)
         if planned not in plan.asked:
             plan.asked.append(planned)
             if self.store:
                 self.store.keep_plan(self._plan_key(name, nix), plan.asked)
         if planned not in plan.remembered:
-            # The stack asks for more than its last run did: guess which configurations follow.
+            # The stack asks for more than its last run did: guess which configurations follow (a flake's
+            # siblings; a system without a flake has none to list).
             plan.unplanned += 1
-            self._guess(plan, nix, ref)
+            if isinstance(ref, FlakeRef):
+                self._guess(plan, nix, ref)
 
     @staticmethod
     def _plan_key(name: str, nix: Nix) -> str:
@@ -509,8 +521,8 @@ class Evaluator:
                     break  # no list yet (this runs again when it comes), or none: no guesses
                 own = ref.configuration
                 assert own is not None
-                asked = [r.ref() for r in plan.asked
-                         if r.flake == ref.flake and (c := r.ref().configuration) is not None and c[1] == own[1]]
+                asked = [r.ref for r in plan.asked if isinstance(r.ref, FlakeRef) and r.ref.flake == ref.flake
+                         and (c := r.ref.configuration) is not None and c[1] == own[1]]
                 candidate = next((c for c in neighbours(ref, listing.result(), asked)
                                   if self._key(nix, c) not in self._jobs), None)
                 if candidate is None:
@@ -531,12 +543,12 @@ class Evaluator:
             self._identities[k] = nix_identity(nix)
         return self._identities[k]
 
-    def _key(self, nix: Nix, ref: FlakeRef) -> Key:
-        return (self._identity(nix), ref.flake, ref.attr)
+    def _key(self, nix: Nix, ref: SourceRef) -> Key:
+        return (self._identity(nix), ref.source, ref.attr)
 
-    def _start(self, nix: Nix, ref: FlakeRef, *, foreground: bool) -> _Job:
+    def _start(self, nix: Nix, ref: SourceRef, *, foreground: bool) -> _Job:
         identity = self._identity(nix)
-        expected = self._expected_peak(identity, ref.flake)
+        expected = self._expected_peak(identity, ref.source)
         ticket = _Ticket(foreground=foreground, expected_peak=expected)
         task = asyncio.ensure_future(self._run(nix, ref, ticket))
         self._pool.claim(ticket)
@@ -551,12 +563,12 @@ class Evaluator:
         job = self._jobs[self._key(nix, ref)] = _Job(ticket, task)
         return job
 
-    def _expected_peak(self, identity: str, flake: str) -> int:
-        known = self._peaks.get((identity, flake))
+    def _expected_peak(self, identity: str, source: str) -> int:
+        known = self._peaks.get((identity, source))
         if known is None and self.store is not None:
-            known = self.store.peak(identity, flake)
+            known = self.store.peak(identity, source)
             if known is not None:
-                self._peaks[(identity, flake)] = known
+                self._peaks[(identity, source)] = known
         return known or DEFAULT_PEAK
 
     def _fingerprint(self, nix: Nix, flake: str) -> asyncio.Task[Locked]:
@@ -591,9 +603,11 @@ class Evaluator:
         await self._locked(nix, flake)
         return await nix.attr_names(flake, "nixosConfigurations")
 
-    async def _run(self, nix: Nix, ref: FlakeRef, ticket: _Ticket) -> Evaluation:
+    async def _run(self, nix: Nix, ref: SourceRef, ticket: _Ticket) -> Evaluation:
         identity = self._identity(nix)
-        locked = await self._locked(nix, ref.flake)
+        # A system without a flake has no lock file and no fingerprint (what it reads is known only to the
+        # evaluation): it is evaluated on every run, as nixos-rebuild and colmena do.
+        locked = await self._locked(nix, ref.flake) if isinstance(ref, FlakeRef) else Locked(None, None)
         if locked.fingerprint is not None and self.store is not None:
             kept = self.store.result(identity, locked.fingerprint, ref.attr)
             if kept is not None:
@@ -609,24 +623,25 @@ class Evaluator:
                 evaluation = await nix.evaluate(ref, started=started)
             finally:
                 watching.cancel()
-                self._measured(identity, ref.flake, ticket.peak)
+                self._measured(identity, ref.source, ticket.peak)
         self.counts.evaluated += 1
         # Kept under the fingerprint it was evaluated with, unless the lock file changed meanwhile (someone
         # updated an input): which of the two it saw is then unknown, and the next run evaluates again.
-        if locked.fingerprint is not None and self.store is not None and lock_stamp(ref.flake) == locked.stamp:
+        if (isinstance(ref, FlakeRef) and locked.fingerprint is not None and self.store is not None
+                and lock_stamp(ref.flake) == locked.stamp):
             self.store.keep_result(identity, locked.fingerprint, ref.attr, evaluation)
         return evaluation
 
-    def _measured(self, identity: str, flake: str, peak: int) -> None:
+    def _measured(self, identity: str, source: str, peak: int) -> None:
         if peak <= 0:
             return
         self.counts.peak = max(self.counts.peak, peak)
-        k = (identity, flake)
+        k = (identity, source)
         # The largest seen in this process; the store keeps the last process's, so it can also shrink.
         if peak > self._peaks.get(k, 0):
             self._peaks[k] = peak
             if self.store is not None:
-                self.store.keep_peak(identity, flake, peak)
+                self.store.keep_peak(identity, source, peak)
 
     def busy(self) -> bool:
         """Whether an evaluation (ahead or not) or a listing still runs or waits."""

@@ -31,7 +31,7 @@ from .nix_versions import (
 from .process import LOCAL
 from .timeline import Step, span
 
-__all__ = ["Evaluation", "FlakeRef", "Nix", "PathInfo", "is_store_path", "parse_flake_ref"]
+__all__ = ["Evaluation", "FileRef", "FlakeRef", "Nix", "PathInfo", "SourceRef", "is_store_path", "parse_flake_ref"]
 
 STORE_PATH_RE = re.compile(r"^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+$")
 EXPERIMENTAL = ["--extra-experimental-features", "nix-command flakes"]
@@ -76,6 +76,10 @@ def in_local_files(message: str, flake: str) -> str:
 # drvPath is there for every derivation at no extra cost (computing the out
 # path instantiates it); `or null` keeps an attribute that is a plain store path working.
 EVALUATE_APPLY = "x: { out = x.outPath; drv = x.drvPath or null; }"
+# The same for an attribute of a Nix file, which may be a NixOS evaluation (what `import <nixpkgs/nixos> { ... }`
+# and `lib.nixosSystem` give) or the system derivation itself.
+EVALUATE_ANY_APPLY = ("x: let top = if x ? config.system.build.toplevel then x.config.system.build.toplevel else x; "
+                      "in { out = top.outPath; drv = top.drvPath or null; }")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,11 @@ class FlakeRef:
         return f"{self.flake}#{self.attr}"
 
     @property
+    def source(self) -> str:
+        """What identifies the input, for the evaluator's keys."""
+        return self.flake
+
+    @property
     def configuration(self) -> tuple[str, str] | None:
         """(`<name>` as written, `<rest>`) for an attribute of a NixOS configuration; None otherwise."""
         m = _CONFIGURATION.match(self.attr)
@@ -132,11 +141,57 @@ class FlakeRef:
         return self.build_product("config")
 
 
+@dataclass(frozen=True)
+class FileRef:
+    """A NixOS system without a flake, as nixos-rebuild, colmena and morph take one.
+
+    With `attr` empty, `file` is a NixOS configuration module (`configuration.nix`), evaluated with
+    `<nixpkgs>/nixos` as `nixos-rebuild` does; else `file` is a Nix file and `attr` the attribute in it that is a
+    NixOS evaluation or a system (`nixos-rebuild --file F --attr A`). `nixpkgs`: what `<nixpkgs>` means while
+    evaluating (required for a configuration module). Every value reaches Nix as an argument of its own
+    (`--argstr`, `-I`, the attribute path), never inside an expression.
+    """
+
+    file: str  # absolute
+    attr: str = ""
+    nixpkgs: str | None = None  # absolute
+
+    def __str__(self) -> str:
+        return f"{self.attr} of {self.file}" if self.attr else self.file
+
+    @property
+    def source(self) -> str:
+        """What identifies the input, for the evaluator's keys."""
+        return json.dumps([self.file, self.nixpkgs])
+
+    @property
+    def configuration(self) -> None:
+        """Never a flake's NixOS configuration: nothing to guess siblings from."""
+        return None
+
+    def eval_args(self) -> list[str]:
+        """The arguments of `nix eval` that name the system, and the --apply that reads it."""
+        search = ["-I", f"nixpkgs={self.nixpkgs}"] if self.nixpkgs else []
+        if not self.attr:
+            assert self.nixpkgs, "a configuration module needs the nixpkgs to evaluate it with"
+            return ["--file", os.path.join(self.nixpkgs, "nixos"), "--argstr", "configuration", self.file, *search,
+                    "-I", f"nixos-config={self.file}", TOPLEVEL, "--apply", EVALUATE_APPLY]
+        return ["--file", self.file, *search, self.attr, "--apply", EVALUATE_ANY_APPLY]
+
+
+SourceRef = FlakeRef | FileRef  # what is evaluated: a flake attribute, or a system without a flake
+
+
 def quote_attr(name: str) -> str:
     """A name as it is written in an attribute path: quoted when Nix would not read it bare."""
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_'-]*", name):
         return name
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def resolve_path(path: str, base_dir: str | None = None) -> str:
+    """A local path as given, absolute: a relative one starts at base_dir (the Pulumi project's folder)."""
+    return os.path.normpath(os.path.join(base_dir or os.getcwd(), path))
 
 
 def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True) -> FlakeRef:
@@ -156,7 +211,7 @@ def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True
             scheme, flake = prefix, flake[len(prefix):]
     looks_like_path = scheme != "" or (":" not in flake and (flake.startswith((".", "/")) or "/" in flake))
     if flake == "" or (looks_like_path and not flake.startswith("/")):
-        flake = os.path.normpath(os.path.join(base_dir or os.getcwd(), flake or "."))
+        flake = resolve_path(flake or ".", base_dir)
     flake = scheme + flake
     if nixos and "." not in attr and '"' not in attr:
         attr = f"nixosConfigurations.{attr}.{TOPLEVEL}"
@@ -206,8 +261,9 @@ class Nix:
             raise NixError(f"{what} failed: {error_summary(res.stderr)}")
         return res.stdout
 
-    async def evaluate(self, ref: FlakeRef, *, started: Callable[[int], None] | None = None) -> Evaluation:
-        """Evaluate (not build) a flake attribute: its out path and derivation, in one Nix process.
+    async def evaluate(self, ref: SourceRef, *, started: Callable[[int], None] | None = None) -> Evaluation:
+        """Evaluate (not build) a flake attribute or a system without a flake: its out path and derivation, in
+        one Nix process.
 
         --show-trace costs nothing when the evaluation succeeds, and when it
         fails it names the option and the user's own file (evaluation_error).
@@ -216,10 +272,13 @@ class Nix:
         with span(str(ref), Step.EVALUATE):
             # Nix's own evaluation cache is off: the provider keeps results itself (evaluation.py), and the cache
             # would only write rows nobody reads, into one database that the flake's other evaluations also lock.
-            res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", "--option", "eval-cache", "false",
-                                             str(ref), "--apply", EVALUATE_APPLY), check=False, started=started)
+            names = (["--option", "eval-cache", "false", str(ref), "--apply", EVALUATE_APPLY]
+                     if isinstance(ref, FlakeRef) else ref.eval_args())
+            res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", *names), check=False, started=started)
         if res.exit_status != 0:
-            raise NixError(f"evaluating {ref} failed: {in_local_files(evaluation_error(res.stderr), ref.flake)}")
+            message = evaluation_error(res.stderr)
+            raise NixError(f"evaluating {ref} failed: "
+                           f"{in_local_files(message, ref.flake) if isinstance(ref, FlakeRef) else message}")
         try:
             value = json.loads(res.stdout)
         except ValueError as e:
@@ -292,6 +351,17 @@ class Nix:
         if "out" not in outputs:
             raise NixError(f"building {installable} gave no `out` output (outputs: {', '.join(outputs)})")
         return outputs["out"]
+
+    async def realise(self, drv: str) -> str:
+        """Build a derivation's `out` (`nix-store --realise drv!out`, the same in every Nix); its path."""
+        with span(drv, Step.BUILD):
+            res = await LOCAL.run(self.store_argv("--realise", f"{drv}!out"), check=False)
+        if res.exit_status != 0:
+            raise NixError(f"building {drv} failed: {error_summary(res.stderr)}")
+        outputs = [line for line in res.stdout.split() if is_store_path(line)]
+        if not outputs:
+            raise NixError(f"building {drv} printed no output path")
+        return outputs[0]
 
     async def copy_to(self, url: str, paths: Sequence[str], *, what: str) -> list[str]:
         """`nix copy --to url` of the paths' closures; the paths it uploaded (those the store lacked)."""

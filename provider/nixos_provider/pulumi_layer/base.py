@@ -13,11 +13,11 @@ from ..engine.builds import FleetBuilds
 from ..engine.errors import EngineError
 from ..engine.evaluation import EvaluationStore, Evaluator
 from ..engine.models import BinaryCache, Remote
-from ..engine.nix import Evaluation, FlakeRef, Nix, parse_flake_ref
+from ..engine.nix import Evaluation, FlakeRef, Nix, SourceRef
 from .errors import describe
 from .inputs import Failures, nix_options, to_remote
 from .properties import UNKNOWN, contains_unknown, is_secret, reveal
-from .typed_inputs import DeploySettings
+from .typed_inputs import SOURCE_KEYS, Closure, DeploySettings
 
 LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
 
@@ -70,16 +70,15 @@ class Context:
     def warn(self, urn: str, message: str) -> None:
         self.log("WARNING", message, urn, False)
 
-    async def evaluate(self, ref: str, nix: Nix, *, nixos: bool, urn: str | None = None,
+    async def evaluate(self, ref: SourceRef, nix: Nix, *, urn: str | None = None,
                        remember: bool = True) -> Evaluation:
-        """Evaluate a flake reference (no build): its output path and derivation.
+        """Evaluate a flake reference or a system without a flake (no build): its output path and derivation.
 
-        urn: the resource asking; its stack's other flake attributes are evaluated ahead, and this one is
-        remembered for the stack's next run unless remember is False (a secret flake or option).
+        urn: the resource asking; its stack's other attributes are evaluated ahead, and this one is
+        remembered for the stack's next run unless remember is False (a secret source or option).
         """
-        parsed = parse_flake_ref(ref, self.project_dir, nixos=nixos)
         plan = stack_of(urn) if urn and remember else None
-        return await self.evaluator.evaluate(nix, parsed, plan=plan)
+        return await self.evaluator.evaluate(nix, ref, plan=plan)
 
 
 class DeployedResource:
@@ -101,19 +100,26 @@ class DeployedResource:
         return to_remote(connection, host_key=host_key, default_private_key=self.ctx.default_private_key,
                          default_user=self.ctx.default_user)
 
-    async def _resolve_flake(self, urn: str, news: dict[str, Any], *, nixos: bool) -> Any:
-        """Check: the flake's output path, or UNKNOWN while the flake (or its options) is not known yet."""
-        if contains_unknown(news.get("flake")) or contains_unknown(news.get("nixOptions")):
+    def _source(self, props: dict[str, Any], *, nixos: bool) -> SourceRef | None:
+        """The source the inputs name (a flake reference, or a system without a flake), known and revealed."""
+        return Closure.parse(props, "").ref(self.ctx.project_dir, nixos=nixos)
+
+    async def _resolve_source(self, urn: str, news: dict[str, Any], *, nixos: bool) -> Any:
+        """Check: the source's output path, or UNKNOWN while the source (or its options) is not known yet."""
+        given = [k for k in SOURCE_KEYS if news.get(k) is not None]
+        if any(contains_unknown(news.get(k)) for k in (*given, "nixOptions")):
             return UNKNOWN
-        # A flake reference or option that is a secret is never written down to be evaluated ahead.
-        remember = not (is_secret(news.get("flake")) or is_secret(news.get("nixOptions")))
+        # A source or option that is a secret is never written down to be evaluated ahead.
+        remember = not any(is_secret(news.get(k)) for k in (*given, "nixOptions"))
+        ref = self._source(news, nixos=nixos)
+        assert ref is not None, "Check resolves only an evaluated source"
         try:
-            evaluation = await self.ctx.evaluate(str(reveal(news["flake"])), self._nix(news), nixos=nixos,
-                                                 urn=urn, remember=remember)
+            evaluation = await self.ctx.evaluate(ref, self._nix(news), urn=urn, remember=remember)
             return evaluation.out_path
         except (EngineError, ValueError) as e:
             f = Failures()
-            f.add("flake", describe(e))
+            # The message goes to the property that names the system: `flake`, `configuration` or `expression`.
+            f.add(next((k for k in ("flake", "configuration", "expression") if k in given), "flake"), describe(e))
             raise CheckFailed(f) from e
 
 

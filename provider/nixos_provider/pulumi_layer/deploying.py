@@ -23,7 +23,7 @@ from ..engine.models import (
     Remote,
     Retention,
 )
-from ..engine.nix import Nix, is_store_path, parse_flake_ref
+from ..engine.nix import FlakeRef, Nix, is_store_path
 from .base import Context, PartialFailure, now_rfc3339
 from .errors import describe
 from .typed_inputs import Closure, DeploySettings
@@ -36,18 +36,25 @@ else:
 
 async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, nixos: bool,
                         check_evaluated: bool = False) -> str:
-    """Build the flake (one `nix build` per flake for the whole fleet) or realise the store path.
+    """Build the flake (one `nix build` per flake for the whole fleet), a system without a flake (its derivation,
+    from the evaluation), or realise the store path.
 
     check_evaluated: a build that gives another path than Check's evaluation
     fails (an impure flake would deploy something else than the preview showed).
     """
-    if closure.flake is not None:
-        ref = parse_flake_ref(closure.flake, ctx.project_dir, nixos=nixos)
+    ref = closure.ref(ctx.project_dir, nixos=nixos)
+    if ref is not None:
         ctx.status(urn, f"building {ref}")
-        built = await ctx.builds.build(nix, ref)
+        if isinstance(ref, FlakeRef):
+            built = await ctx.builds.build(nix, ref)
+        else:
+            evaluation = await ctx.evaluate(ref, nix, urn=urn, remember=False)
+            if evaluation.drv_path is None:
+                raise EngineError(f"{ref} is the store path {evaluation.out_path}, not a derivation to build")
+            built = await nix.realise(evaluation.drv_path)
         if check_evaluated and closure.store_path and built != closure.store_path:
             raise EngineError(f"building {ref} gave {built}, but evaluation said {closure.store_path}; "
-                              "is the flake impure?")
+                              "is the configuration impure?")
         return built
     path = closure.store_path
     assert isinstance(path, str) and is_store_path(path)

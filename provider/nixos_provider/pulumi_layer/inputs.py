@@ -10,6 +10,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.lazy import lazy_module
 from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
-from ..engine.nix import is_store_path
+from ..engine.nix import is_store_path, resolve_path
 from ..engine.secret_files import STAGES, RecordedFile, SecretFile
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
 from .schema import kind_of, type_failures
@@ -204,6 +205,59 @@ def check_flake(f: Failures, prop: str, v: Any) -> None:
         f.add(prop, f"{_short(v)} is not a flake reference with an attribute, such as `.#web`")
 
 
+SYSTEM_SOURCES = ("flake", "systemPath", "configuration", "expression")
+_ATTRIBUTE = re.compile(r"[^\x00-\x1f\x7f]+")
+
+
+def check_system_source(f: Failures, news: dict[str, Any], base_dir: str | None) -> None:
+    """NixosMachine's system: exactly one of `flake`, `systemPath`, `configuration` (with `nixpkgs`) and
+    `expression` (with `attribute`, and `nixpkgs` if it likes); the files are on this machine."""
+    given = [k for k in SYSTEM_SOURCES if news.get(k) is not None]
+    if len(given) > 1:
+        f.add(given[1], f"set exactly one of `flake`, `systemPath`, `configuration` and `expression`, not both "
+                        f"`{given[0]}` and `{given[1]}`")
+    elif not given:
+        f.add("flake", "set exactly one of `flake` (e.g. `.#web`), `systemPath` (a /nix/store path), `configuration` "
+                       "(a configuration.nix, with `nixpkgs`) and `expression` (a Nix file, with `attribute`)")
+    configuration, expression = news.get("configuration"), news.get("expression")
+    nixpkgs, attribute = news.get("nixpkgs"), news.get("attribute")
+    if configuration is not None and nixpkgs is None:
+        f.add("nixpkgs", "is required with `configuration`: the nixpkgs tree to evaluate it with, as a path (its "
+                         "`nixos` folder evaluates the configuration, and `<nixpkgs>` means it)")
+    if nixpkgs is not None and configuration is None and expression is None:
+        f.add("nixpkgs", "goes with `configuration` or `expression` only (a flake pins its own nixpkgs)")
+    if expression is not None and attribute is None:
+        f.add("attribute", "is required with `expression`: the attribute of the file that is the machine's NixOS "
+                           "system, as `nixos-rebuild --file F --attr A` takes it")
+    if attribute is not None and expression is None:
+        f.add("attribute", "goes with `expression` only")
+    _check_local_path(f, "configuration", configuration, base_dir, "a NixOS configuration module (configuration.nix)")
+    _check_local_path(f, "expression", expression, base_dir, "a Nix file")
+    _check_local_path(f, "nixpkgs", nixpkgs, base_dir, "a nixpkgs tree", inside="nixos/default.nix")
+    attribute = _plain(attribute)
+    if _known(attribute) and not (isinstance(attribute, str) and len(attribute) <= MAX_REF
+                                  and _ATTRIBUTE.fullmatch(attribute) and not attribute.startswith(("-", "."))
+                                  and not attribute.endswith(".")):
+        f.add("attribute", f"{_short(attribute)} is not an attribute path, such as `web` or `machines.web`")
+
+
+def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what: str, inside: str = "") -> None:
+    """A file or folder on this machine (a folder of a Nix file has its default.nix); relative to base_dir."""
+    v = _plain(v)
+    if not _known(v):
+        return
+    if not isinstance(v, str) or not v or len(v) > MAX_REF or "\0" in v:
+        f.add(prop, f"{_short(v)} is not a path to {what}")
+        return
+    path = resolve_path(v, base_dir)
+    if not os.path.exists(path):
+        f.add(prop, f"{path} does not exist (a relative path starts at the Pulumi project's folder)")
+    elif inside and not os.path.isfile(os.path.join(path, inside)):
+        f.add(prop, f"{path} is not {what}: it has no {inside}")
+    elif not inside and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "default.nix")):
+        f.add(prop, f"{path} is a folder without a default.nix, not {what}")
+
+
 def check_command(f: Failures, prop: str, v: Any) -> None:
     """A shell command run on the target (NixProfile `activate`)."""
     if _known(v) and not isinstance(_plain(v), str):
@@ -282,12 +336,15 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     kexec = inst.get("kexecUrl")
     if _known(kexec) and (not isinstance(_plain(kexec), str) or not _plain(kexec)):
         f.add("install.kexecUrl", "must be a URL or a local path to a kexec tarball")
-    if news.get("flake") is None and news.get("systemPath") is not None:
+    without = next((k for k in ("systemPath", "configuration", "expression") if news.get(k) is not None), None)
+    if news.get("flake") is None and without is not None:
+        # nixos-anywhere builds only a flake itself; anything else goes to it built, as store paths.
         if inst.get("diskoScript") is None:
-            f.add("install.diskoScript", "is required when installing a prebuilt `systemPath`: nixos-anywhere takes "
-                  "`--store-paths <diskoScript> <systemPath>` (or set `flake` instead of `systemPath`)")
+            f.add("install.diskoScript", f"is required when installing from `{without}`: nixos-anywhere takes "
+                  "`--store-paths <diskoScript> <system>` (or set `flake` instead)")
         if inst.get("buildOn") == "remote":
-            f.add("install.buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
+            f.add("install.buildOn", f"`remote` lets nixos-anywhere build a `flake` on the target; `{without}` is built "
+                                     "here")
     conn = news.get("connection")
     if isinstance(conn, dict) and conn.get("proxy") is not None:
         f.add("install", "cannot be used with `connection.proxy`: nixos-anywhere must reach the host directly")

@@ -14,13 +14,13 @@ from ..engine.dry_activate import parse_dry_activate
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import Evaluation, Nix, parse_flake_ref
+from ..engine.nix import Evaluation, FlakeRef, Nix
 from . import inputs as v
 from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
 from .errors import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
-from .typed_inputs import Closure, MachineInputs, RecordedMachine
+from .typed_inputs import SOURCE_KEYS, Closure, MachineInputs, RecordedMachine
 
 if TYPE_CHECKING:
     from ..engine import deploy as engine
@@ -33,9 +33,10 @@ else:
 
 TYPE = "nixos:index:NixosMachine"
 INPUT_KEYS = [
-    "connection", "flake", "systemPath", "buildOn", "substituteOnDestination", "compress", "nixOptions", "action",
-    "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy",
-    "triggers", "buildOnPreview", "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage",
+    "connection", "flake", "configuration", "expression", "attribute", "nixpkgs", "systemPath", "buildOn",
+    "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
+    "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy", "triggers", "buildOnPreview",
+    "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -66,10 +67,7 @@ class NixosMachine(DeployedResource):
             f.add(k, "is not a property of NixosMachine")
         v.check_connection(f, news.get("connection"))
         flake, path = news.get("flake"), news.get("systemPath")
-        if flake is not None and path is not None:
-            f.add("systemPath", "set exactly one of `flake` and `systemPath`, not both")
-        elif flake is None and path is None:
-            f.add("flake", "set exactly one of `flake` (e.g. `.#web`) and `systemPath` (a /nix/store path)")
+        v.check_system_source(f, news, self.ctx.project_dir)
         v.check_flake(f, "flake", flake)
         v.check_store_path(f, "systemPath", path)
         v.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
@@ -97,8 +95,8 @@ class NixosMachine(DeployedResource):
         checked.setdefault("onDestroy", "rollback")
         if checked.get("secretFiles") is not None:
             checked["secretFiles"] = v.normalize_secret_files(checked["secretFiles"])
-        if flake is not None:
-            checked["systemPath"] = await self._resolve_flake(urn, news, nixos=True)
+        if Closure.parse(news, "systemPath").evaluated:
+            checked["systemPath"] = await self._resolve_source(urn, news, nixos=True)
         return checked
 
     # -- Diff -------------------------------------------------------------------
@@ -270,14 +268,14 @@ class NixosMachine(DeployedResource):
 
     async def _install_source(self, urn: str, m: MachineInputs, nix: Nix) -> tuple[str | None, str | None]:
         """(disko script, flake) for nixos-anywhere: both built here when we can, so a
-        broken configuration fails before the host is touched."""
-        inst, flake = m.install or {}, m.closure.flake
+        broken configuration fails before the host is touched. A system without a flake goes as a store path,
+        like `systemPath`, with `install.diskoScript` (Check requires it)."""
+        inst, ref = m.install or {}, m.closure.ref(self.ctx.project_dir, nixos=True)
         try:
             source = await install_sources.install_source(
                 nix, build_system=lambda: self._build(urn, m.closure, nix), status=lambda s: self.ctx.status(urn, s),
                 disko_script=inst.get("diskoScript"), build_on_target=inst.get("buildOn") == "remote",
-                flake=parse_flake_ref(flake, self.ctx.project_dir, nixos=True) if flake is not None else None,
-                phases=inst.get("phases") or ())
+                flake=ref if isinstance(ref, FlakeRef) else None, phases=inst.get("phases") or ())
         except install_sources.NoNixosConfiguration as e:
             raise EngineError(f"{e}: use a flake reference like `.#web` (or `.#nixosConfigurations.<name>.config."
                               "system.build.toplevel`), or set `install.diskoScript`") from e
@@ -342,7 +340,7 @@ class NixosMachine(DeployedResource):
             "nixosVersion": result.nixos_version,
             "deployedAt": now if result.installed else None,
         }
-        if result.current_system == system and m.closure.flake is not None:
+        if result.current_system == system and m.closure.evaluated:
             outputs["systemDerivation"] = await self._installed_derivation(urn, m, nix, system)
         if result.installed:
             self.ctx.info(urn, f"installed {result.current_system} as generation {outputs['generation']}; "
@@ -369,7 +367,7 @@ class NixosMachine(DeployedResource):
         if not isinstance(old, str) or not isinstance(new, str) or contains_unknown(news.get("connection")):
             return None
         nix = self._nix(news)
-        if not await nix.is_valid(new) and news.get("buildOnPreview") and news.get("flake") is not None:
+        if not await nix.is_valid(new) and news.get("buildOnPreview") and Closure.parse(news, "systemPath").evaluated:
             self.ctx.info(urn, f"building {new} for the preview (buildOnPreview)")
             try:
                 await self._build(urn, Closure.parse(news, "systemPath"), nix)
@@ -400,8 +398,8 @@ class NixosMachine(DeployedResource):
         the old one recorded at deploy, the new one from Check's evaluation (this process, or kept from an
         earlier run: then its derivation is still in the store)."""
         before = olds.get("systemDerivation")
-        flake = news.get("flake")
-        if not isinstance(before, str) or flake is None or contains_unknown(flake):
+        sources = [news.get(k) for k in SOURCE_KEYS if news.get(k) is not None]
+        if not isinstance(before, str) or not sources or contains_unknown(sources):
             return None
         try:
             evaluation = await self._evaluation(urn, news, nix)
@@ -427,8 +425,12 @@ class NixosMachine(DeployedResource):
         return evaluation.drv_path if evaluation.out_path == system else None
 
     async def _evaluation(self, urn: str, news: dict[str, Any], nix: Nix) -> Evaluation:
-        """The flake's evaluation, as Check made it (a lookup in this process)."""
-        return await self.ctx.evaluate(str(reveal(news["flake"])), nix, nixos=True, urn=urn, remember=False)
+        """The source's evaluation, as Check made it (a lookup in this process; for a system without a flake, Check's
+        evaluation of this run when it is the same process, else a new one)."""
+        ref = self._source(news, nixos=True)
+        if ref is None:
+            raise ValueError("the machine names no source to evaluate")
+        return await self.ctx.evaluate(ref, nix, urn=urn, remember=False)
 
     async def _dry_activate(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
                             changes: ClosureChanges) -> ClosureChanges:
@@ -471,7 +473,7 @@ class NixosMachine(DeployedResource):
         nix = self._deploy_nix(m.settings)
         evaluation: Evaluation | None = None
         try:
-            if m.closure.flake is not None:
+            if m.closure.evaluated:
                 evaluation = await self._evaluation(urn, m.raw, nix)
             if m.build_on_target and evaluation is not None:
                 store_path = m.closure.store_path or evaluation.out_path
@@ -581,7 +583,7 @@ class NixosMachine(DeployedResource):
         # The defaults Check fills in, so the generated code's Check adds nothing to diff against.
         new_inputs.setdefault("action", "switch")
         new_inputs.setdefault("onDestroy", "rollback")
-        if new_inputs.get("flake") is None and new_inputs.get("systemPath") is None:
+        if not Closure.parse(new_inputs, "systemPath").evaluated and new_inputs.get("systemPath") is None:
             if now.current_system is None:
                 raise EngineError(f"cannot import {remote.target}: it has no /run/current-system, so there is no "
                                   "system to describe (is it running NixOS?)")

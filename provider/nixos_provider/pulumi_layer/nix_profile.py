@@ -83,7 +83,7 @@ class NixProfile(DeployedResource):
                                                                            self.ctx.default_user))
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
-            checked["storePath"] = await self._resolve_flake(urn, news, nixos=False)
+            checked["storePath"] = await self._resolve_source(urn, news, nixos=False)
         return checked
 
     def diff(self, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:

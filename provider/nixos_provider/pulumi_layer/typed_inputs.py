@@ -24,6 +24,7 @@ from ..engine.models import (
     HealthCheck,
     Profile,
 )
+from ..engine.nix import FileRef, SourceRef, parse_flake_ref, resolve_path
 from ..engine.secret_files import RecordedFile, SecretFile
 from .inputs import nix_options, recorded_files, to_binary_cache, to_health_checks, to_secret_files
 from .properties import reveal
@@ -62,17 +63,48 @@ class DeploySettings:
         )
 
 
+# The inputs that name a system to evaluate (NixProfile has only `flake`).
+SOURCE_KEYS = ("flake", "configuration", "expression", "attribute", "nixpkgs")
+
+
 @dataclass(frozen=True)
 class Closure:
-    """What to deploy: a flake reference to build, or a store path (Check resolved a flake's to it)."""
+    """What to deploy: a source to evaluate and build (a flake reference, or a system without a flake: a
+    `configuration` module, or an `attribute` of an `expression` file, with `nixpkgs`), or a store path (Check
+    resolved a source's to it)."""
 
     flake: str | None
     store_path: str | None
+    configuration: str | None = None
+    expression: str | None = None
+    attribute: str | None = None
+    nixpkgs: str | None = None
 
     @classmethod
     def parse(cls, props: Mapping[str, Any], path_key: str) -> Closure:
-        flake, path = reveal(props.get("flake")), reveal(props.get(path_key))
-        return cls(str(flake) if flake is not None else None, str(path) if isinstance(path, str) else None)
+        def text(key: str) -> str | None:
+            value = reveal(props.get(key))
+            return str(value) if value is not None else None
+
+        path = reveal(props.get(path_key))
+        return cls(text("flake"), str(path) if isinstance(path, str) else None, configuration=text("configuration"),
+                   expression=text("expression"), attribute=text("attribute"), nixpkgs=text("nixpkgs"))
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether the store path comes from evaluating a source (not given as is)."""
+        return self.flake is not None or self.configuration is not None or self.expression is not None
+
+    def ref(self, project_dir: str | None, *, nixos: bool) -> SourceRef | None:
+        """The source to evaluate, relative paths resolved against the project's folder; None for a store path."""
+        nixpkgs = resolve_path(self.nixpkgs, project_dir) if self.nixpkgs is not None else None
+        if self.flake is not None:
+            return parse_flake_ref(self.flake, project_dir, nixos=nixos)
+        if self.configuration is not None:
+            return FileRef(resolve_path(self.configuration, project_dir), "", nixpkgs)
+        if self.expression is not None:
+            return FileRef(resolve_path(self.expression, project_dir), self.attribute or "", nixpkgs)
+        return None
 
 
 # The actions a machine's `action` names (Check allows no other).

@@ -24,6 +24,8 @@ type NixosMachine struct {
 	Action pulumi.StringPtrOutput `pulumi:"action"`
 	// How long, in seconds, activation may run before it is treated as failed.
 	ActivationTimeout pulumi.Float64PtrOutput `pulumi:"activationTimeout"`
+	// With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+	Attribute pulumi.StringPtrOutput `pulumi:"attribute"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrOutput `pulumi:"autoRollback"`
 	// The number of the system profile generation that ran before this resource first deployed. Destroying the resource with `onDestroy` set to `rollback` returns to it.
@@ -40,6 +42,8 @@ type NixosMachine struct {
 	CollectGarbage pulumi.BoolPtrOutput `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrOutput `pulumi:"compress"`
+	// A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Configuration pulumi.StringPtrOutput `pulumi:"configuration"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrOutput `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
@@ -48,7 +52,9 @@ type NixosMachine struct {
 	DeployedAt pulumi.StringPtrOutput `pulumi:"deployedAt"`
 	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
 	DryActivate pulumi.BoolPtrOutput `pulumi:"dryActivate"`
-	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+	// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Expression pulumi.StringPtrOutput `pulumi:"expression"`
+	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	Flake pulumi.StringPtrOutput `pulumi:"flake"`
 	// The number of the system profile generation that the deployment registered.
 	Generation pulumi.IntOutput `pulumi:"generation"`
@@ -76,6 +82,8 @@ type NixosMachine struct {
 	NixOptions NixOptionArrayOutput `pulumi:"nixOptions"`
 	// The NixOS version of the deployed system, as `nixos-version` prints it.
 	NixosVersion pulumi.StringPtrOutput `pulumi:"nixosVersion"`
+	// With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+	Nixpkgs pulumi.StringPtrOutput `pulumi:"nixpkgs"`
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy pulumi.StringPtrOutput `pulumi:"onDestroy"`
 	// What the pending deployment would change on the host. Set during preview, when both closures are available locally.
@@ -185,6 +193,8 @@ type nixosMachineArgs struct {
 	Action *string `pulumi:"action"`
 	// How long, in seconds, activation may run before it is treated as failed.
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
+	// With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+	Attribute *string `pulumi:"attribute"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
 	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
@@ -197,13 +207,17 @@ type nixosMachineArgs struct {
 	CollectGarbage *bool `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress *string `pulumi:"compress"`
+	// A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Configuration *string `pulumi:"configuration"`
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout *float64 `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
 	Connection Connection `pulumi:"connection"`
 	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
 	DryActivate *bool `pulumi:"dryActivate"`
-	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+	// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Expression *string `pulumi:"expression"`
+	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	Flake *string `pulumi:"flake"`
 	// Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
 	HealthChecks []HealthCheck `pulumi:"healthChecks"`
@@ -215,13 +229,15 @@ type nixosMachineArgs struct {
 	MagicRollback *bool `pulumi:"magicRollback"`
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
 	NixOptions []NixOption `pulumi:"nixOptions"`
+	// With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+	Nixpkgs *string `pulumi:"nixpkgs"`
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy *string `pulumi:"onDestroy"`
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles []SecretFile `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
-	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	SystemPath *string `pulumi:"systemPath"`
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
 	Triggers []interface{} `pulumi:"triggers"`
@@ -233,6 +249,8 @@ type NixosMachineArgs struct {
 	Action pulumi.StringPtrInput
 	// How long, in seconds, activation may run before it is treated as failed.
 	ActivationTimeout pulumi.Float64PtrInput
+	// With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+	Attribute pulumi.StringPtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
 	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
@@ -245,13 +263,17 @@ type NixosMachineArgs struct {
 	CollectGarbage pulumi.BoolPtrInput
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
 	Compress pulumi.StringPtrInput
+	// A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Configuration pulumi.StringPtrInput
 	// How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 	ConfirmTimeout pulumi.Float64PtrInput
 	// How to reach the host over SSH.
 	Connection ConnectionInput
 	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
 	DryActivate pulumi.BoolPtrInput
-	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+	// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+	Expression pulumi.StringPtrInput
+	// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	Flake pulumi.StringPtrInput
 	// Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
 	HealthChecks HealthCheckArrayInput
@@ -263,13 +285,15 @@ type NixosMachineArgs struct {
 	MagicRollback pulumi.BoolPtrInput
 	// Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
 	NixOptions NixOptionArrayInput
+	// With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+	Nixpkgs pulumi.StringPtrInput
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy pulumi.StringPtrInput
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles SecretFileArrayInput
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
 	SubstituteOnDestination pulumi.BoolPtrInput
-	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	SystemPath pulumi.StringPtrInput
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
 	Triggers pulumi.ArrayInput
@@ -372,6 +396,11 @@ func (o NixosMachineOutput) ActivationTimeout() pulumi.Float64PtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.Float64PtrOutput { return v.ActivationTimeout }).(pulumi.Float64PtrOutput)
 }
 
+// With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+func (o NixosMachineOutput) Attribute() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Attribute }).(pulumi.StringPtrOutput)
+}
+
 // Whether to restore the previous generation when activation or a health check fails.
 func (o NixosMachineOutput) AutoRollback() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.AutoRollback }).(pulumi.BoolPtrOutput)
@@ -412,6 +441,11 @@ func (o NixosMachineOutput) Compress() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Compress }).(pulumi.StringPtrOutput)
 }
 
+// A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+func (o NixosMachineOutput) Configuration() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Configuration }).(pulumi.StringPtrOutput)
+}
+
 // How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
 func (o NixosMachineOutput) ConfirmTimeout() pulumi.Float64PtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.Float64PtrOutput { return v.ConfirmTimeout }).(pulumi.Float64PtrOutput)
@@ -432,7 +466,12 @@ func (o NixosMachineOutput) DryActivate() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.DryActivate }).(pulumi.BoolPtrOutput)
 }
 
-// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+func (o NixosMachineOutput) Expression() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Expression }).(pulumi.StringPtrOutput)
+}
+
+// The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 func (o NixosMachineOutput) Flake() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Flake }).(pulumi.StringPtrOutput)
 }
@@ -500,6 +539,11 @@ func (o NixosMachineOutput) NixOptions() NixOptionArrayOutput {
 // The NixOS version of the deployed system, as `nixos-version` prints it.
 func (o NixosMachineOutput) NixosVersion() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.NixosVersion }).(pulumi.StringPtrOutput)
+}
+
+// With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+func (o NixosMachineOutput) Nixpkgs() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Nixpkgs }).(pulumi.StringPtrOutput)
 }
 
 // What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.

@@ -24,20 +24,24 @@ class NixosMachineArgs:
                  connection: pulumi.Input['ConnectionArgs'],
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
+                 attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
+                 configuration: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
+                 expression: pulumi.Input[Optional[_builtins.str]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input['HealthCheckArgs']]]] = None,
                  install: pulumi.Input[Optional['InstallArgs']] = None,
                  keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
+                 nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -49,24 +53,28 @@ class NixosMachineArgs:
         :param pulumi.Input['ConnectionArgs'] connection: How to reach the host over SSH.
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
+        :param pulumi.Input[_builtins.str] attribute: With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input['BinaryCacheArgs'] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+        :param pulumi.Input[_builtins.str] configuration: A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[_builtins.bool] dry_activate: Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
-        :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+        :param pulumi.Input[_builtins.str] expression: A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[pulumi.Input['HealthCheckArgs']]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
         :param pulumi.Input['InstallArgs'] install: Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
         :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
+        :param pulumi.Input[_builtins.str] nixpkgs: With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
         :param pulumi.Input[Sequence[pulumi.Input['SecretFileArgs']]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
-        :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+        :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         """
         pulumi.set(__self__, "connection", connection)
@@ -78,6 +86,8 @@ class NixosMachineArgs:
             activation_timeout = 240
         if activation_timeout is not None:
             pulumi.set(__self__, "activation_timeout", activation_timeout)
+        if attribute is not None:
+            pulumi.set(__self__, "attribute", attribute)
         if auto_rollback is None:
             auto_rollback = True
         if auto_rollback is not None:
@@ -100,6 +110,8 @@ class NixosMachineArgs:
             compress = 'auto'
         if compress is not None:
             pulumi.set(__self__, "compress", compress)
+        if configuration is not None:
+            pulumi.set(__self__, "configuration", configuration)
         if confirm_timeout is None:
             confirm_timeout = 30
         if confirm_timeout is not None:
@@ -108,6 +120,8 @@ class NixosMachineArgs:
             dry_activate = False
         if dry_activate is not None:
             pulumi.set(__self__, "dry_activate", dry_activate)
+        if expression is not None:
+            pulumi.set(__self__, "expression", expression)
         if flake is not None:
             pulumi.set(__self__, "flake", flake)
         if health_checks is not None:
@@ -122,6 +136,8 @@ class NixosMachineArgs:
             pulumi.set(__self__, "magic_rollback", magic_rollback)
         if nix_options is not None:
             pulumi.set(__self__, "nix_options", nix_options)
+        if nixpkgs is not None:
+            pulumi.set(__self__, "nixpkgs", nixpkgs)
         if on_destroy is None:
             on_destroy = 'rollback'
         if on_destroy is not None:
@@ -172,6 +188,18 @@ class NixosMachineArgs:
     @activation_timeout.setter
     def activation_timeout(self, value: pulumi.Input[Optional[_builtins.float]]):
         pulumi.set(self, "activation_timeout", value)
+
+    @_builtins.property
+    @pulumi.getter
+    def attribute(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+        """
+        return pulumi.get(self, "attribute")
+
+    @attribute.setter
+    def attribute(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "attribute", value)
 
     @_builtins.property
     @pulumi.getter(name="autoRollback")
@@ -246,6 +274,18 @@ class NixosMachineArgs:
         pulumi.set(self, "compress", value)
 
     @_builtins.property
+    @pulumi.getter
+    def configuration(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        """
+        return pulumi.get(self, "configuration")
+
+    @configuration.setter
+    def configuration(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "configuration", value)
+
+    @_builtins.property
     @pulumi.getter(name="confirmTimeout")
     def confirm_timeout(self) -> pulumi.Input[Optional[_builtins.float]]:
         """
@@ -271,9 +311,21 @@ class NixosMachineArgs:
 
     @_builtins.property
     @pulumi.getter
+    def expression(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        """
+        return pulumi.get(self, "expression")
+
+    @expression.setter
+    def expression(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "expression", value)
+
+    @_builtins.property
+    @pulumi.getter
     def flake(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
-        The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+        The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         """
         return pulumi.get(self, "flake")
 
@@ -342,6 +394,18 @@ class NixosMachineArgs:
         pulumi.set(self, "nix_options", value)
 
     @_builtins.property
+    @pulumi.getter
+    def nixpkgs(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+        """
+        return pulumi.get(self, "nixpkgs")
+
+    @nixpkgs.setter
+    def nixpkgs(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "nixpkgs", value)
+
+    @_builtins.property
     @pulumi.getter(name="onDestroy")
     def on_destroy(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
@@ -381,7 +445,7 @@ class NixosMachineArgs:
     @pulumi.getter(name="systemPath")
     def system_path(self) -> pulumi.Input[Optional[_builtins.str]]:
         """
-        The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+        The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         """
         return pulumi.get(self, "system_path")
 
@@ -410,21 +474,25 @@ class NixosMachine(pulumi.CustomResource):
                  opts: Optional[pulumi.ResourceOptions] = None,
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
+                 attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
+                 configuration: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
+                 expression: pulumi.Input[Optional[_builtins.str]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
                  install: pulumi.Input[Optional[Union['InstallArgs', 'InstallArgsDict']]] = None,
                  keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
+                 nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -442,25 +510,29 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.ResourceOptions opts: Options for the resource.
         :param pulumi.Input[_builtins.str] action: How the new system is activated: `switch` makes it run now and the boot default; `boot` makes it the boot default only; `test` makes it run now without changing the boot default.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
+        :param pulumi.Input[_builtins.str] attribute: With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
+        :param pulumi.Input[_builtins.str] configuration: A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
         :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] connection: How to reach the host over SSH.
         :param pulumi.Input[_builtins.bool] dry_activate: Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
-        :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+        :param pulumi.Input[_builtins.str] expression: A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        :param pulumi.Input[_builtins.str] flake: The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]] health_checks: Checks that must pass after activation. If one fails, the deployment fails and, with `autoRollback` on, the previous generation is restored.
         :param pulumi.Input[Union['InstallArgs', 'InstallArgsDict']] install: Installs NixOS with nixos-anywhere when the resource is created. Without it, creating the resource adopts a machine that already runs NixOS.
         :param pulumi.Input[_builtins.int] keep_generations: How many of the profile's newest generations a confirmed deployment keeps (the new one among them); older ones are deleted, and on a NixOS system the boot entries are written again (`switch-to-configuration boot`). The baseline generation, which a destroy returns to, is always kept. Unset keeps every generation. A change takes effect at the next deployment.
         :param pulumi.Input[_builtins.bool] magic_rollback: Whether the host rolls itself back when the deployer cannot reach it again after activation. After activating the new system, the deployer must confirm over a new SSH connection within `confirmTimeout`, or the host restores the previous generation on its own.
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
+        :param pulumi.Input[_builtins.str] nixpkgs: With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
         :param pulumi.Input[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
-        :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake` and `systemPath`.
+        :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         """
         ...
@@ -493,21 +565,25 @@ class NixosMachine(pulumi.CustomResource):
                  opts: Optional[pulumi.ResourceOptions] = None,
                  action: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
+                 attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
+                 configuration: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  connection: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  dry_activate: pulumi.Input[Optional[_builtins.bool]] = None,
+                 expression: pulumi.Input[Optional[_builtins.str]] = None,
                  flake: pulumi.Input[Optional[_builtins.str]] = None,
                  health_checks: pulumi.Input[Optional[Sequence[pulumi.Input[Union['HealthCheckArgs', 'HealthCheckArgsDict']]]]] = None,
                  install: pulumi.Input[Optional[Union['InstallArgs', 'InstallArgsDict']]] = None,
                  keep_generations: pulumi.Input[Optional[_builtins.int]] = None,
                  magic_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
+                 nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -528,6 +604,7 @@ class NixosMachine(pulumi.CustomResource):
             if activation_timeout is None:
                 activation_timeout = 240
             __props__.__dict__["activation_timeout"] = activation_timeout
+            __props__.__dict__["attribute"] = attribute
             if auto_rollback is None:
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
@@ -544,6 +621,7 @@ class NixosMachine(pulumi.CustomResource):
             if compress is None:
                 compress = 'auto'
             __props__.__dict__["compress"] = compress
+            __props__.__dict__["configuration"] = configuration
             if confirm_timeout is None:
                 confirm_timeout = 30
             __props__.__dict__["confirm_timeout"] = confirm_timeout
@@ -553,6 +631,7 @@ class NixosMachine(pulumi.CustomResource):
             if dry_activate is None:
                 dry_activate = False
             __props__.__dict__["dry_activate"] = dry_activate
+            __props__.__dict__["expression"] = expression
             __props__.__dict__["flake"] = flake
             __props__.__dict__["health_checks"] = health_checks
             __props__.__dict__["install"] = install
@@ -561,6 +640,7 @@ class NixosMachine(pulumi.CustomResource):
                 magic_rollback = True
             __props__.__dict__["magic_rollback"] = magic_rollback
             __props__.__dict__["nix_options"] = nix_options
+            __props__.__dict__["nixpkgs"] = nixpkgs
             if on_destroy is None:
                 on_destroy = 'rollback'
             __props__.__dict__["on_destroy"] = on_destroy
@@ -610,6 +690,7 @@ class NixosMachine(pulumi.CustomResource):
 
         __props__.__dict__["action"] = None
         __props__.__dict__["activation_timeout"] = None
+        __props__.__dict__["attribute"] = None
         __props__.__dict__["auto_rollback"] = None
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_system_path"] = None
@@ -618,10 +699,12 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["build_on_preview"] = None
         __props__.__dict__["collect_garbage"] = None
         __props__.__dict__["compress"] = None
+        __props__.__dict__["configuration"] = None
         __props__.__dict__["confirm_timeout"] = None
         __props__.__dict__["connection"] = None
         __props__.__dict__["deployed_at"] = None
         __props__.__dict__["dry_activate"] = None
+        __props__.__dict__["expression"] = None
         __props__.__dict__["flake"] = None
         __props__.__dict__["generation"] = None
         __props__.__dict__["health_checks"] = None
@@ -636,6 +719,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["needs_reboot"] = None
         __props__.__dict__["nix_options"] = None
         __props__.__dict__["nixos_version"] = None
+        __props__.__dict__["nixpkgs"] = None
         __props__.__dict__["on_destroy"] = None
         __props__.__dict__["pending_changes"] = None
         __props__.__dict__["previous_generation"] = None
@@ -663,6 +747,14 @@ class NixosMachine(pulumi.CustomResource):
         How long, in seconds, activation may run before it is treated as failed.
         """
         return pulumi.get(self, "activation_timeout")
+
+    @_builtins.property
+    @pulumi.getter
+    def attribute(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
+        """
+        return pulumi.get(self, "attribute")
 
     @_builtins.property
     @pulumi.getter(name="autoRollback")
@@ -729,6 +821,14 @@ class NixosMachine(pulumi.CustomResource):
         return pulumi.get(self, "compress")
 
     @_builtins.property
+    @pulumi.getter
+    def configuration(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        A NixOS configuration without a flake: the path of its `configuration.nix` (a module), evaluated with `nixpkgs`'s `nixos` folder as `nixos-rebuild` does, with `<nixpkgs>` and `<nixos-config>` meaning `nixpkgs` and this file. Relative paths are resolved against the Pulumi project directory. Nothing tells what such a configuration reads before it is evaluated, so it is evaluated on every preview and up (a flake is evaluated again only when it changed). Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        """
+        return pulumi.get(self, "configuration")
+
+    @_builtins.property
     @pulumi.getter(name="confirmTimeout")
     def confirm_timeout(self) -> pulumi.Output[Optional[_builtins.float]]:
         """
@@ -762,9 +862,17 @@ class NixosMachine(pulumi.CustomResource):
 
     @_builtins.property
     @pulumi.getter
+    def expression(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
+        """
+        return pulumi.get(self, "expression")
+
+    @_builtins.property
+    @pulumi.getter
     def flake(self) -> pulumi.Output[Optional[_builtins.str]]:
         """
-        The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake` and `systemPath`.
+        The flake reference of the NixOS configuration to deploy. A short form such as `.#web` means `nixosConfigurations.web.config.system.build.toplevel`; a full attribute path such as `path#nixosConfigurations.web.config.system.build.toplevel` is used as it is. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         """
         return pulumi.get(self, "flake")
 
@@ -871,6 +979,14 @@ class NixosMachine(pulumi.CustomResource):
         The NixOS version of the deployed system, as `nixos-version` prints it.
         """
         return pulumi.get(self, "nixos_version")
+
+    @_builtins.property
+    @pulumi.getter
+    def nixpkgs(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
+        """
+        return pulumi.get(self, "nixpkgs")
 
     @_builtins.property
     @pulumi.getter(name="onDestroy")
