@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,11 @@ def test_a_configuration_nix_and_an_expression_attribute_deploy_like_a_flake(
     (work / "default.nix").write_text(
         # A function with defaults, as `nixos-rebuild --file` calls it; `<nixpkgs>` is the `nixpkgs` input.
         '{ pkgs ? import <nixpkgs> { } }: {\n'
-        '  machines.web = pkgs.lab.nixosConfiguration { hostName = "web"; version = "expr"; packages = [ pkgs.nginx ]; };\n'
-        '}\n')
+        '  machines.web = pkgs.lab.nixosConfiguration {\n'
+        '    hostName = "web"; version = "expr";\n'
+        # A package of this run's own, so the new system was never built before (the store outlives a run).
+        f'    packages = [ pkgs.nginx {{ name = "stamp"; version = "{time.time_ns()}"; size = 16; }} ];\n'
+        '  };\n}\n')
     provider = {"nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(nix)]}}}
     nixpkgs = str(LAB_NIXPKGS)
 
@@ -86,6 +90,11 @@ def test_a_configuration_nix_and_an_expression_attribute_deploy_like_a_flake(
                     "machines.web.config.system.build.toplevel")
     previewed = preview_inputs(project)
     assert previewed["web"]["systemPath"] == expr["out"]
+    # The package diff, from the recorded derivation and the new one, with nothing built.
+    shown = strip_ansi(project.run("preview").stdout)
+    assert "  - openssl-3.0.13" in shown and "  + stamp-" in shown, shown
+    assert "(from the derivations, nothing built" in shown, shown
+    assert not is_valid(expr["out"])
     assert current_system(host) == classic["out"]  # preview changed nothing
     project.up()
     assert project.outputs()["systemPath"] == expr["out"] == current_system(host)
