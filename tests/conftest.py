@@ -170,9 +170,10 @@ class PulumiProject:
             "PULUMI_NIXOS_EVALUATION_STORE": str(backend / ".evaluations"),
         }
 
-    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["pulumi", "--non-interactive", *args],
-                              cwd=self.dir, env=self.env, text=True, capture_output=True, timeout=timeout)
+    def run(self, *args: str, check: bool = True, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["pulumi", "--non-interactive", *args], cwd=self.dir, env={**self.env, **(env or {})},
+                              text=True, capture_output=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"pulumi {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

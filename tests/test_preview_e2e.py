@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -60,14 +61,23 @@ def test_preview_shows_package_changes_size_and_units_per_machine(
     assert "would restart: lab-service.service" in section
     assert "(steady)" not in preview or "nginx" not in preview.split("(steady)")[-1]
     assert current_system(changing) == before_path  # preview changed nothing
+    # Written for people: no raw JSON, and each progress line once.
+    assert '{"' not in preview and "pendingChanges" not in preview, preview
+    progress = [line for line in preview.splitlines() if "(changing)" not in line and "changing update" in line]
+    assert all(a != b for a, b in itertools.pairwise(progress)), progress
 
-    # The same, structured, in --json.
-    data = json.loads(project.run("preview", "--json").stdout)
-    lines = [d["message"] for d in data["diagnostics"]
-             if d.get("urn", "").endswith("::changing") and d["message"].startswith("pendingChanges: ")]
-    assert len(lines) == 1
-    pending = json.loads(lines[0].removeprefix("pendingChanges: "))
-    assert not [d for d in data["diagnostics"] if d.get("urn", "").endswith("::steady")]
+    # The same, structured, for programs: the previewed update's `pendingChanges` output, in Pulumi's streaming
+    # JSON (a plain `--json` digest leaves a preview's outputs out).
+    events = [json.loads(line) for line in project.run(
+        "preview", "--json", env={"PULUMI_ENABLE_STREAMING_JSON_PREVIEW": "1"}).stdout.splitlines()]
+    outputs = {e["resOutputsEvent"]["metadata"]["urn"].rsplit("::", 1)[1]: e["resOutputsEvent"]["metadata"]["new"]
+               .get("outputs", {}) for e in events if "resOutputsEvent" in e
+               and e["resOutputsEvent"]["metadata"]["type"] == "nixos:index:NixosMachine"}
+    pending = outputs["changing"]["pendingChanges"]
+    assert outputs["steady"].get("pendingChanges") is None
+    diagnostics = [e["diagnosticEvent"] for e in events if "diagnosticEvent" in e]
+    assert not [d for d in diagnostics if d.get("urn", "").endswith("::steady")]
+    assert not [d for d in diagnostics if '{"' in d["message"]]
     assert {c["name"]: (c["before"], c["after"]) for c in pending["changed"]}["nginx"] == (["1.24.0"], ["1.26.1"])
     assert pending["added"] == ["redis-7.2.4"] and pending["removed"] == ["lab-tools"]
     assert pending["sizeAfter"] - pending["sizeBefore"] > 0

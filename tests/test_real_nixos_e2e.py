@@ -127,6 +127,7 @@ def test_preview_shows_package_changes_and_a_reboot_from_derivations_with_nothin
     # (`preview --diff` shows the property diff; a plain preview shows the diagnostics too.)
     preview = strip_ansi(project.run("preview").stdout)
     assert "(from the derivations, nothing built; build-time dependencies included)" in preview, preview
+    assert '{"' not in preview, preview  # written for people
     nginx = re.search(r"nginx: (\S+) → (\S+)", preview)
     assert nginx and nginx.group(1) != nginx.group(2), preview
     assert re.search(r"linux: \S+ → \S+", preview), preview

@@ -281,6 +281,18 @@ def _ctx() -> Context:
     return Context(log=lambda *a: None)
 
 
+def test_a_progress_line_is_shown_once_until_another_comes() -> None:
+    shown: list[tuple[str, str, str, bool]] = []
+    ctx = Context(log=lambda *a: shown.append(a))
+    for urn, line in [("a", "copying 2 paths, 0.1 MiB, 100%"), ("a", "copying 2 paths, 0.1 MiB, 100%"),
+                      ("b", "copying 2 paths, 0.1 MiB, 100%"), ("a", "copied 2 paths"), ("a", "copying 2 paths, 0.1 MiB, 100%")]:
+        ctx.status(urn, line)
+    assert [(urn, msg) for _, msg, urn, _ in shown] == [
+        ("a", "copying 2 paths, 0.1 MiB, 100%"), ("b", "copying 2 paths, 0.1 MiB, 100%"), ("a", "copied 2 paths"),
+        ("a", "copying 2 paths, 0.1 MiB, 100%")]
+    assert all(ephemeral for *_, ephemeral in shown)
+
+
 def test_machine_diff_replaces_on_host_and_port_and_deploys_on_system_path() -> None:
     m = NixosMachine(_ctx())
     old = {"connection": {"host": "a", "port": 22, "user": "root", "privateKey": Secret("K1")},

@@ -47,6 +47,7 @@ class Context:
     # before the old resource is deleted; when both reach one machine under two names, the delete must leave
     # what the replacement deployed.
     created_on: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _last_status: dict[str, str] = field(default_factory=dict, repr=False)  # by URN
 
     def replaced_in_place(self, urn: str, host_key: str | None, profile_path: str) -> bool:
         """Whether the replacement of urn, created by this process, manages this very profile."""
@@ -62,6 +63,11 @@ class Context:
         return Nix(self.nix_command, options or [])
 
     def status(self, urn: str, message: str) -> None:
+        """An ephemeral progress line; the same line twice in a row for a resource is shown once (a push reports
+        100% on its last chunk, and again when the target has taken every path)."""
+        if self._last_status.get(urn) == message:
+            return
+        self._last_status[urn] = message
         self.log("INFO", message, urn, True)
 
     def info(self, urn: str, message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -385,11 +384,11 @@ class NixosMachine(DeployedResource):
             changes = await closure_changes(nix, old, new)
         if news.get("dryActivate"):
             changes = await self._dry_activate(urn, olds, news, changes)
+        # For people, these lines; for programs, the `pendingChanges` output of this previewed update, which
+        # Pulumi's streaming JSON (`PULUMI_ENABLE_STREAMING_JSON_PREVIEW=1 pulumi preview --json`) carries in its
+        # resOutputsEvent (the digest of a plain `--json` leaves a preview's outputs out).
         for line in changes.lines():
             self.ctx.info(urn, line)
-        # `pulumi preview --json` carries diagnostics but not the outputs of a
-        # previewed update, so the structured form also travels as one line.
-        self.ctx.info(urn, "pendingChanges: " + json.dumps(changes.to_output(), sort_keys=True))
         return changes
 
     async def _derivation_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
