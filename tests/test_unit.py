@@ -609,13 +609,14 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
 
 
 def test_the_schema_documents_the_engine_defaults() -> None:
-    from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT
+    from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, REBOOT_TIMEOUT
     from nixos_provider.pulumi_layer.schema import input_properties
 
     for resource in ("nixos:index:NixosMachine", "nixos:index:NixProfile"):
         props = input_properties(resource)
         assert props["confirmTimeout"]["default"] == CONFIRM_TIMEOUT
         assert props["activationTimeout"]["default"] == ACTIVATION_TIMEOUT
+    assert input_properties("nixos:index:NixosMachine")["rebootTimeout"]["default"] == REBOOT_TIMEOUT
 
 
 def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:

@@ -189,6 +189,14 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly pushedPaths: pulumi.Output<number | undefined>;
     /**
+     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+     */
+    declare public readonly reboot: pulumi.Output<string | undefined>;
+    /**
+     * How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+     */
+    declare public readonly rebootTimeout: pulumi.Output<number | undefined>;
+    /**
      * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
      */
     declare public readonly secretFiles: pulumi.Output<outputs.SecretFile[] | undefined>;
@@ -245,6 +253,8 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["nixOptions"] = args?.nixOptions;
             resourceInputs["nixpkgs"] = args?.nixpkgs;
             resourceInputs["onDestroy"] = (args?.onDestroy) ?? "rollback";
+            resourceInputs["reboot"] = (args?.reboot) ?? "never";
+            resourceInputs["rebootTimeout"] = (args?.rebootTimeout) ?? 600;
             resourceInputs["secretFiles"] = args?.secretFiles;
             resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
             resourceInputs["systemPath"] = args?.systemPath;
@@ -303,6 +313,8 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["reboot"] = undefined /*out*/;
+            resourceInputs["rebootTimeout"] = undefined /*out*/;
             resourceInputs["secretFiles"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
             resourceInputs["systemDerivation"] = undefined /*out*/;
@@ -406,6 +418,14 @@ export interface NixosMachineArgs {
      * What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
      */
     onDestroy?: pulumi.Input<string | undefined>;
+    /**
+     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+     */
+    reboot?: pulumi.Input<string | undefined>;
+    /**
+     * How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+     */
+    rebootTimeout?: pulumi.Input<number | undefined>;
     /**
      * Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
      */

@@ -372,10 +372,8 @@ def boot(host: LabHost) -> None:
     _start_nix_daemon(state)
     default = state / "etc-upper" / "lab" / "boot-default"
     if default.is_symlink():
-        system = os.readlink(default)
-        in_ns(["ln", "-sfn", system, "/run/booted-system"])
-        # Boot-time activation: the same script NixOS's stage 2 runs.
-        in_ns([f"{system}/bin/switch-to-configuration", "test"])
+        # The boot loader's choice (a one-shot entry, else the default), then the boot-time activation.
+        in_ns(["/bin/sh", str(SYSTEMD_UNITS / "lab-boot.sh")])
     else:
         in_ns(["/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config", "-o", f"Port={host.port}"])
     if not wait_for_port(host.address, host.port):
@@ -589,7 +587,8 @@ def _nspawn_record(state: Path) -> dict[str, object] | None:
     return record
 
 
-def _nspawn_pid(state: Path) -> int | None:
+def _power_pid(state: Path) -> int | None:
+    """The host's "power supply": the wrapper that runs its systemd-nspawn, again after a reboot."""
     record = _nspawn_record(state)
     if record is None or not isinstance(record.get("pid"), int):
         return None
@@ -599,10 +598,29 @@ def _nspawn_pid(state: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    # The pid is this host's nspawn, not a recycled number.
+    # The pid is this host's wrapper, not a recycled number.
     if not _pid_alive(pid) or f"--machine={record.get('machine')}".encode() not in cmdline:
         return None
     return pid
+
+
+def _nspawn_pid(state: Path) -> int | None:
+    """The host's systemd-nspawn now (None while it is down, or between a reboot and the next boot)."""
+    power = _power_pid(state)
+    if power is None:
+        return None
+    try:
+        children = Path(f"/proc/{power}/task/{power}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"systemd-nspawn"):
+            return int(child)
+    return None
 
 
 def container_init_pid(state: Path) -> int | None:
@@ -700,12 +718,31 @@ def _nspawn_argv(host: LabHost, root: Path) -> list[str]:
         f"--bind-ro={etc / 'nix' / 'nix.conf'}:/etc/nix/nix.conf",
         f"--bind-ro={etc / 'hostname'}:/etc/hostname",
         f"--bind-ro={SYSTEMD_UNITS / 'lab-boot.service'}:/etc/systemd/system/lab-boot.service",
+        f"--bind-ro={SYSTEMD_UNITS / 'lab-boot-loader.service'}:/etc/systemd/system/lab-boot-loader.service",
+        f"--bind-ro={SYSTEMD_UNITS / 'lab-boot.sh'}:/usr/local/lib/lab-boot.sh",
         f"--bind-ro={SYSTEMD_UNITS / 'multi-user.conf'}:/etc/systemd/system/multi-user.target.d/lab.conf",
         f"--bind-ro={SYSTEMD_UNITS / 'ssh.conf'}:/etc/systemd/system/ssh.service.d/lab.conf",
     ]
     return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--volatile=overlay",
             f"--directory={root}", f"--machine={_machine_name(state)}", f"--hostname={host.name}",
             "--link-journal=no", "--console=read-only", *binds]
+
+
+POWER_SUPPLY = """
+echo $$ > "$1/cgroup.procs" || exit 1
+shift
+stopping= child=
+trap 'stopping=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null' TERM INT
+while :; do
+  "$@" < /dev/null &
+  child=$!
+  while :; do
+    wait "$child"; rc=$?
+    kill -0 "$child" 2>/dev/null || break  # a trapped signal ends `wait` early: wait for the exit itself
+  done
+  [ "$rc" = 133 ] && [ -z "$stopping" ] || exit "$rc"
+done
+"""
 
 
 def start_container(host: LabHost) -> None:
@@ -718,8 +755,9 @@ def start_container(host: LabHost) -> None:
     _remove_cgroup(cgroup)
     cgroup.mkdir(parents=True, exist_ok=True)
     argv = _nspawn_argv(host, root)
-    # The cgroup directory is $1: the wrapper moves itself there, then becomes nspawn.
-    wrapper = ["/bin/sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "lab-nspawn", str(cgroup), *argv]
+    # The cgroup directory is $1: the wrapper moves itself there, then runs nspawn, and again when the container
+    # rebooted (nspawn's exit status 133), as a machine's firmware boots it again. SIGTERM powers it off for good.
+    wrapper = ["/bin/sh", "-c", POWER_SUPPLY, "lab-nspawn", str(cgroup), *argv]
     machine = os.environ.get("PULUMI_NIXOS_MACHINE_PID", "")
     if machine.isdigit() and _ns_of(int(machine)) not in (None, _ns_of(os.getpid())):
         # A test leg (scripts/in-release.sh) runs in a root of its own, whose
@@ -769,16 +807,16 @@ def stop_container(state: Path) -> None:
     """Power the container off (systemd-nspawn turns SIGTERM into an orderly
     shutdown); kill it when it does not stop in time."""
     record = _nspawn_record(state) or {}
-    pid = _nspawn_pid(state)
+    pid = _power_pid(state)
     if pid is not None:
         init = container_init_pid(state)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)  # the wrapper passes it on to nspawn, and boots nothing after it
         deadline = time.monotonic() + POWEROFF_TIMEOUT
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if _pid_alive(pid):
             # Killing a PID namespace's init kills every process in it.
-            for victim in (init, pid):
+            for victim in (init, _nspawn_pid(state), pid):
                 if victim is not None:
                     try:
                         os.kill(victim, signal.SIGKILL)

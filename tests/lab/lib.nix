@@ -38,6 +38,22 @@ let
     activationReads = "";    # a file activation reads, as agenix reads its key: missing, activation fails
   };
 
+  # The lab's `bootctl` (systemd-boot's tool), in every system's sw/bin as NixOS has it: the menu is the
+  # system profile's generations (/etc/lab/boot-entries, written by switch-to-configuration), the default entry
+  # /etc/lab/boot-default, and a one-shot entry (`set-oneshot nixos-generation-N.conf`) is
+  # /etc/lab/boot-oneshot, which the next boot uses up (tests/lab/systemd/lab-boot.sh).
+  bootctl = builtins.toFile "lab-bootctl" ''
+    #!/bin/sh
+    set -eu
+    case "''${1:-}" in
+      is-installed) echo yes ;;
+      set-oneshot)
+        [ -n "''${2:-}" ] || { echo "bootctl: set-oneshot needs a boot loader entry" >&2; exit 1; }
+        printf '%s\n' "$2" > /etc/lab/boot-oneshot ;;
+      *) echo "bootctl (lab): ''${1:-} is not supported here" >&2; exit 1 ;;
+    esac
+  '';
+
   mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { }, kernel ? "6.6.30" }:
     let
       f = defaultFaults // faults;
@@ -62,7 +78,7 @@ let
       stc = ./switch-to-configuration.sh;
       service = ./lab-service.py;
       pkgPaths = pkgs;
-      inherit serviceJson sshPort nixosVersion linux initrd modules;
+      inherit serviceJson sshPort nixosVersion linux initrd modules bootctl;
       PATH = "/usr/bin:/bin";
       activationFails = if f.activationFails then "1" else "";
       slowActivation = toString f.slowActivation;
@@ -88,6 +104,8 @@ let
         ln -s $modules $out/kernel-modules
         cp $service $out/sw/bin/lab-service
         chmod +x $out/sw/bin/lab-service
+        cp $bootctl $out/sw/bin/bootctl
+        chmod +x $out/sw/bin/bootctl
         sed "s|@out@|$out|g" $stc > $out/bin/switch-to-configuration
         chmod +x $out/bin/switch-to-configuration
       '' ];

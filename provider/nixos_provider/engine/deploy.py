@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from . import binary_cache, profiles
+from . import binary_cache, profiles, reboot
 from .activation import ActivationOutcome, Supervisor
 from .errors import ConnectError, DeployError, EngineError, HostBusy, HostRebooted
 from .health import run_health_checks
@@ -163,6 +163,8 @@ class Deployment:
             await self._build_on_target(target)
         if self.req.action == "dry-activate":
             return await self._dry_activate(target, push)
+        if await self._reboots(target):
+            return await self._reboot(target, push)
         supervisor = await self._take_lock(target)
         try:
             return await self._activate(supervisor, push)
@@ -174,6 +176,37 @@ class Deployment:
             raise
         except EngineError as e:
             raise await self._abort(supervisor, str(e), step="activation") from e
+
+    async def _reboots(self, target: Target) -> bool:
+        """Whether this deployment boots the new system once instead of switching to it (reboot.py)."""
+        req = self.req
+        if req.reboot == "never" or not req.profile.is_system or req.action not in ("switch", "boot"):
+            return False
+        return req.reboot == "always" or await reboot.needs_reboot(target, req.store_path)
+
+    async def _reboot(self, target: Target, push: PushStats) -> DeployResult:
+        """Boot the new system once; keep it once it booted and is healthy (engine/reboot.py)."""
+        req = self.req
+        self.steps.mark(Step.REBOOT)
+        booting = reboot.RebootDeployment(req, target, connect=lambda: open_target(self._pinned_remote(), req.profile),
+                                          status=self.status, output=self.output)
+        try:
+            running = await booting.run()
+            assert booting.new is not None and booting.prev is not None
+            self._new_gen = booting.new
+            await self._retain(running)
+            version: str | None = None
+            reboot_for: tuple[str, ...] = ()
+            with contextlib.suppress(EngineError):
+                reading = await profiles.read_host(running, req.profile.path, system=True, version_of=req.store_path)
+                version, reboot_for = reading.nixos_version, reading.pending_boot_files
+            return DeployResult(store_path=req.store_path, generation=booting.new.number,
+                                previous_generation=booting.prev.number, previous_store_path=booting.prev.store_path,
+                                host_key=self.host_key or "", push=push, nixos_version=version, output="",
+                                reboot_for=reboot_for)
+        finally:
+            if booting.target is not target:
+                await booting.target.conn.close()
 
     async def _push(self, target: Target) -> PushStats:
         """Copy the closure (or, for a remote build, the derivation's) to the target's store, when a slot is free."""

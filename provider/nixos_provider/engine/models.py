@@ -127,6 +127,10 @@ class HealthCheck:
 CONFIRM_TIMEOUT = 30.0  # magic rollback: how long the host waits for the deployer's token
 ACTIVATION_TIMEOUT = 240.0  # how long activation (or a rollback's re-activation) may take
 GC_TIMEOUT = 600.0  # collectGarbage: how long the target's garbage collector may run
+REBOOT_TIMEOUT = 600.0  # reboot: how long the host may take to go down, boot and settle
+
+# reboot: "ifNeeded" when the new system's kernel, initrd or modules differ from the booted ones (needsReboot's rule)
+RebootMode = Literal["never", "ifNeeded", "always"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,9 @@ class DeployRequest:
     # from it; the direct push is the fallback.
     binary_cache: BinaryCache | None = None
     retention: Retention = field(default_factory=Retention)
+    # Boot the new system once, and keep it only when it booted and is healthy (engine/reboot.py).
+    reboot: RebootMode = "never"
+    reboot_timeout: float = REBOOT_TIMEOUT
 
 
 @dataclass(frozen=True)

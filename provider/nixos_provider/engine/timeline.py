@@ -36,6 +36,7 @@ class Step(Enum):
     HEALTH_CHECK = "health-check"
     FINISH = "finish"  # the supervisor told to keep it, the host read back
     ROLLBACK = "rollback"  # a failure or a cancel: back to the previous generation
+    REBOOT = "reboot"  # boot the new system once (reboot), wait for it, check it, keep it
 
 
 def record(subject: str, step: Step, start: float, end: float) -> None:

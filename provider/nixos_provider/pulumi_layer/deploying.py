@@ -81,6 +81,7 @@ def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: 
         build_drv_on_target=build_drv_on_target, binary_cache=binary_cache,
         retention=Retention(keep=settings.keep_generations, protect=protect,
                             collect_garbage=settings.collect_garbage),
+        reboot=settings.reboot, reboot_timeout=settings.reboot_timeout,
     )
 
 

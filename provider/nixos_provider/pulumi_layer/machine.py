@@ -35,7 +35,7 @@ INPUT_KEYS = [
     "connection", "flake", "configuration", "expression", "attribute", "nixpkgs", "systemPath", "buildOn",
     "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
     "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy", "triggers", "buildOnPreview",
-    "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage",
+    "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage", "reboot", "rebootTimeout",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -73,6 +73,11 @@ class NixosMachine(DeployedResource):
         if news.get("buildOn") == "remote" and path is not None:
             f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
+        v.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
+        v.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
+        if news.get("reboot") not in (None, "never") and news.get("action") == "test":
+            f.add("reboot", "`test` activates without a boot entry, so there is nothing to reboot into; use `switch` "
+                            "or `boot` with a reboot")
         v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
         v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate",
                                           "collectGarbage"))
@@ -196,10 +201,14 @@ class NixosMachine(DeployedResource):
             if deploys:
                 changes = await self._pending_changes(urn, olds, news)
                 out["pendingChanges"] = changes.to_output() if changes else None
+                reboots = _reboots(news, changes)
+                if reboots:
+                    self.ctx.info(urn, f"  reboots into it once, and keeps it only when it boots and passes its "
+                                       f"health checks (reboot: {news.get('reboot')})")
                 if changes is not None and not changes.note:
                     # Predicted (from the closures or the derivations): a new kernel, initrd or modules run only
-                    # after a reboot, and one that was already due stays due.
-                    out["needsReboot"] = bool(changes.boot_changes) or bool(olds.get("needsReboot"))
+                    # after a reboot, and one that was already due stays due, unless this deployment reboots.
+                    out["needsReboot"] = not reboots and (bool(changes.boot_changes) or bool(olds.get("needsReboot")))
             return out
         m = MachineInputs.parse(news)
         pinned = m.connection.get("hostKey") or olds.get("hostKey")
@@ -665,6 +674,14 @@ def _with_files(outputs: dict[str, Any], placement: files.Placement) -> dict[str
     records = placement.records()
     key = Secret(base64.b64encode(placement.key).decode()) if records else None  # no files, no key to keep
     return {**outputs, "secretFiles": v.secret_files_output(records), FILES_KEY: key}
+
+
+def _reboots(news: dict[str, Any], changes: ClosureChanges | None) -> bool:
+    """Whether the previewed deployment reboots the host (`reboot`; for ifNeeded, the predicted boot changes)."""
+    mode = news.get("reboot")
+    if mode == "always":
+        return news.get("action") in (None, "switch", "boot")
+    return mode == "ifNeeded" and changes is not None and not changes.note and bool(changes.boot_changes)
 
 
 def _files_preview(olds: dict[str, Any] | None, news: dict[str, Any]) -> dict[str, Any]:

@@ -18,11 +18,13 @@ from ..engine.models import (
     ACTIVATION_TIMEOUT,
     COMPRESSIONS,
     CONFIRM_TIMEOUT,
+    REBOOT_TIMEOUT,
     Action,
     BinaryCache,
     Compression,
     HealthCheck,
     Profile,
+    RebootMode,
 )
 from ..engine.nix import FileRef, SourceRef, parse_flake_ref, resolve_path
 from ..engine.secret_files import RecordedFile, SecretFile
@@ -44,6 +46,8 @@ class DeploySettings:
     nix_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry access tokens
     keep_generations: int | None = None
     collect_garbage: bool = False
+    reboot: RebootMode = "never"
+    reboot_timeout: float = REBOOT_TIMEOUT
 
     @classmethod
     def parse(cls, props: Mapping[str, Any]) -> DeploySettings:
@@ -60,7 +64,12 @@ class DeploySettings:
             nix_options=tuple(nix_options(props.get("nixOptions"))),
             keep_generations=int(props["keepGenerations"]) if props.get("keepGenerations") is not None else None,
             collect_garbage=props.get("collectGarbage") is True,
+            reboot=_REBOOTS.get(str(props.get("reboot")), "never"),
+            reboot_timeout=float(props.get("rebootTimeout") or REBOOT_TIMEOUT),
         )
+
+
+_REBOOTS: dict[str, RebootMode] = {"never": "never", "ifNeeded": "ifNeeded", "always": "always"}
 
 
 # The inputs that name a system to evaluate (NixProfile has only `flake`).

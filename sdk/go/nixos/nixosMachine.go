@@ -94,6 +94,10 @@ type NixosMachine struct {
 	PushedBytes pulumi.IntPtrOutput `pulumi:"pushedBytes"`
 	// The number of store paths copied to the host by the last deployment.
 	PushedPaths pulumi.IntPtrOutput `pulumi:"pushedPaths"`
+	// Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+	Reboot pulumi.StringPtrOutput `pulumi:"reboot"`
+	// How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+	RebootTimeout pulumi.Float64PtrOutput `pulumi:"rebootTimeout"`
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles SecretFileArrayOutput `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
@@ -152,6 +156,12 @@ func NewNixosMachine(ctx *pulumi.Context,
 	}
 	if args.OnDestroy == nil {
 		args.OnDestroy = pulumi.StringPtr("rollback")
+	}
+	if args.Reboot == nil {
+		args.Reboot = pulumi.StringPtr("never")
+	}
+	if args.RebootTimeout == nil {
+		args.RebootTimeout = pulumi.Float64Ptr(600.0)
 	}
 	if args.SubstituteOnDestination == nil {
 		args.SubstituteOnDestination = pulumi.BoolPtr(false)
@@ -233,6 +243,10 @@ type nixosMachineArgs struct {
 	Nixpkgs *string `pulumi:"nixpkgs"`
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy *string `pulumi:"onDestroy"`
+	// Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+	Reboot *string `pulumi:"reboot"`
+	// How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+	RebootTimeout *float64 `pulumi:"rebootTimeout"`
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles []SecretFile `pulumi:"secretFiles"`
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
@@ -289,6 +303,10 @@ type NixosMachineArgs struct {
 	Nixpkgs pulumi.StringPtrInput
 	// What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
 	OnDestroy pulumi.StringPtrInput
+	// Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+	Reboot pulumi.StringPtrInput
+	// How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+	RebootTimeout pulumi.Float64PtrInput
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles SecretFileArrayInput
 	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
@@ -569,6 +587,16 @@ func (o NixosMachineOutput) PushedBytes() pulumi.IntPtrOutput {
 // The number of store paths copied to the host by the last deployment.
 func (o NixosMachineOutput) PushedPaths() pulumi.IntPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.IntPtrOutput { return v.PushedPaths }).(pulumi.IntPtrOutput)
+}
+
+// Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+func (o NixosMachineOutput) Reboot() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.Reboot }).(pulumi.StringPtrOutput)
+}
+
+// How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+func (o NixosMachineOutput) RebootTimeout() pulumi.Float64PtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.Float64PtrOutput { return v.RebootTimeout }).(pulumi.Float64PtrOutput)
 }
 
 // Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.

@@ -43,6 +43,8 @@ class NixosMachineArgs:
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input['NixOptionArgs']]]] = None,
                  nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
@@ -72,6 +74,8 @@ class NixosMachineArgs:
         :param pulumi.Input[Sequence[pulumi.Input['NixOptionArgs']]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] nixpkgs: With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[_builtins.str] reboot: Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+        :param pulumi.Input[_builtins.float] reboot_timeout: How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
         :param pulumi.Input[Sequence[pulumi.Input['SecretFileArgs']]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
@@ -142,6 +146,14 @@ class NixosMachineArgs:
             on_destroy = 'rollback'
         if on_destroy is not None:
             pulumi.set(__self__, "on_destroy", on_destroy)
+        if reboot is None:
+            reboot = 'never'
+        if reboot is not None:
+            pulumi.set(__self__, "reboot", reboot)
+        if reboot_timeout is None:
+            reboot_timeout = 600
+        if reboot_timeout is not None:
+            pulumi.set(__self__, "reboot_timeout", reboot_timeout)
         if secret_files is not None:
             pulumi.set(__self__, "secret_files", secret_files)
         if substitute_on_destination is None:
@@ -418,6 +430,30 @@ class NixosMachineArgs:
         pulumi.set(self, "on_destroy", value)
 
     @_builtins.property
+    @pulumi.getter
+    def reboot(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+        """
+        return pulumi.get(self, "reboot")
+
+    @reboot.setter
+    def reboot(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "reboot", value)
+
+    @_builtins.property
+    @pulumi.getter(name="rebootTimeout")
+    def reboot_timeout(self) -> pulumi.Input[Optional[_builtins.float]]:
+        """
+        How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+        """
+        return pulumi.get(self, "reboot_timeout")
+
+    @reboot_timeout.setter
+    def reboot_timeout(self, value: pulumi.Input[Optional[_builtins.float]]):
+        pulumi.set(self, "reboot_timeout", value)
+
+    @_builtins.property
     @pulumi.getter(name="secretFiles")
     def secret_files(self) -> pulumi.Input[Optional[Sequence[pulumi.Input['SecretFileArgs']]]]:
         """
@@ -494,6 +530,8 @@ class NixosMachine(pulumi.CustomResource):
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
@@ -530,6 +568,8 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]] nix_options: Extra Nix options passed to the `nix` commands the provider runs, locally and on the host.
         :param pulumi.Input[_builtins.str] nixpkgs: With `configuration` (required) or `expression`: the path of the nixpkgs tree to evaluate with, such as a pinned checkout; `<nixpkgs>` means it while evaluating. Relative paths are resolved against the Pulumi project directory.
         :param pulumi.Input[_builtins.str] on_destroy: What happens on the host when the resource is destroyed: `rollback` switches back to the generation that ran before this resource first deployed; `retain` leaves the current system running.
+        :param pulumi.Input[_builtins.str] reboot: Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+        :param pulumi.Input[_builtins.float] reboot_timeout: How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
         :param pulumi.Input[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
         :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
@@ -585,6 +625,8 @@ class NixosMachine(pulumi.CustomResource):
                  nix_options: pulumi.Input[Optional[Sequence[pulumi.Input[Union['NixOptionArgs', 'NixOptionArgsDict']]]]] = None,
                  nixpkgs: pulumi.Input[Optional[_builtins.str]] = None,
                  on_destroy: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot: pulumi.Input[Optional[_builtins.str]] = None,
+                 reboot_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  secret_files: pulumi.Input[Optional[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]]] = None,
                  substitute_on_destination: pulumi.Input[Optional[_builtins.bool]] = None,
                  system_path: pulumi.Input[Optional[_builtins.str]] = None,
@@ -644,6 +686,12 @@ class NixosMachine(pulumi.CustomResource):
             if on_destroy is None:
                 on_destroy = 'rollback'
             __props__.__dict__["on_destroy"] = on_destroy
+            if reboot is None:
+                reboot = 'never'
+            __props__.__dict__["reboot"] = reboot
+            if reboot_timeout is None:
+                reboot_timeout = 600
+            __props__.__dict__["reboot_timeout"] = reboot_timeout
             __props__.__dict__["secret_files"] = secret_files
             if substitute_on_destination is None:
                 substitute_on_destination = False
@@ -725,6 +773,8 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["previous_generation"] = None
         __props__.__dict__["pushed_bytes"] = None
         __props__.__dict__["pushed_paths"] = None
+        __props__.__dict__["reboot"] = None
+        __props__.__dict__["reboot_timeout"] = None
         __props__.__dict__["secret_files"] = None
         __props__.__dict__["substitute_on_destination"] = None
         __props__.__dict__["system_derivation"] = None
@@ -1027,6 +1077,22 @@ class NixosMachine(pulumi.CustomResource):
         The number of store paths copied to the host by the last deployment.
         """
         return pulumi.get(self, "pushed_paths")
+
+    @_builtins.property
+    @pulumi.getter
+    def reboot(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+        """
+        return pulumi.get(self, "reboot")
+
+    @_builtins.property
+    @pulumi.getter(name="rebootTimeout")
+    def reboot_timeout(self) -> pulumi.Output[Optional[_builtins.float]]:
+        """
+        How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
+        """
+        return pulumi.get(self, "reboot_timeout")
 
     @_builtins.property
     @pulumi.getter(name="secretFiles")
