@@ -117,6 +117,35 @@ def test_canary_rollout_halts_when_the_canary_fails_then_rolls_the_fleet(
     outputs = project.outputs()
     assert outputs["wave0"] == [systems["web-v2"]] and outputs["wave2"] == [systems["web-v2"]]
 
+@pytest.mark.systemd
+@pytest.mark.skipif(labctl.systemd_unavailable() is not None,
+                    reason=f"systemd lab hosts cannot run here: {labctl.systemd_unavailable()}")
+def test_canary_rollout_reboots_wave_after_wave(project: PulumiProject, new_host: HostFactory,
+                                                systems: Systems) -> None:
+    copy_python_example("canary-rollout", project)
+    hosts = [new_host("systemd") for _ in range(3)]  # waves: [canary], [1, 2]
+    project.run("stack", "init", "dev")
+    for i, host in enumerate(hosts):
+        project.run("config", "set", "--path", f"hosts[{i}]", host.address)
+    project.run("config", "set", "port", str(hosts[0].port))
+    project.run("config", "set", "flake", str(REPO / "tests" / "lab"))
+    project.run("config", "set", "--secret", "privateKey", "--", Path(hosts[0].privateKeyPath).read_text())
+    project.run("config", "set", "reboot", "ifNeeded")
+    project.up()  # `web` has base's kernel: switched, no reboot
+
+    def booted_at(host: labctl.LabHost) -> str:  # when the boot loader chose what runs (the machine's clock)
+        return in_host(host, "stat", "-c", "%y", "/run/booted-system").stdout.strip()
+
+    first = [booted_at(h) for h in hosts]
+    project.run("config", "set", "release", "web-kernel")
+    project.up()
+    boots = [booted_at(h) for h in hosts]
+    assert all(a != b for a, b in zip(first, boots, strict=True))  # each host rebooted
+    assert all(in_host(h, "readlink", "/run/booted-system").stdout.strip() == systems["web-kernel"] for h in hosts)
+    assert boots[0] < min(boots[1:]), boots  # the canary's wave first, then the next wave
+    assert [_system_link(h) for h in hosts] == ["system-3-link"] * 3
+
+
 def _node_modules_with_sdk(tmp: Path) -> Path:
     """node_modules for a TypeScript program: the cached tools plus the compiled generated SDK."""
     tools = Path(subprocess.run(["bash", str(REPO / "scripts" / "setup-node.sh")], check=True,

@@ -32,6 +32,9 @@ release = config.get("release") or "web"
 flake = config.get("flake") or "../../tests/lab"
 port = config.get_int("port") or 22
 private_key = config.require_secret("privateKey")
+# `ifNeeded`: a wave whose new kernel needs one reboots into it once, and keeps it only once it booted and passed its
+# health checks; the next wave starts after that.
+reboot = config.get("reboot") or "never"
 
 previous_wave: list[nixos.NixosMachine] = []
 rollout: list[list[str]] = []
@@ -45,6 +48,7 @@ for number, wave in enumerate(waves(hosts, config.get_int("canaries") or 1, conf
             # machine returns to its previous generation.
             health_checks=[nixos.HealthCheckArgs(http=f"http://{host}:8080/", retries=3, interval=1)],
             confirm_timeout=20,
+            reboot=reboot,
             opts=pulumi.ResourceOptions(depends_on=previous_wave),
         )
         for host in wave

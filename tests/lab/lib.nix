@@ -99,9 +99,11 @@ let
           for b in $p/bin/*; do ln -s "$b" $out/sw/bin/; done
         done
         touch $out/etc/lab/packages
-        ln -s $linux/share/payload $out/kernel
-        ln -s $initrd/share/payload $out/initrd
-        ln -s $modules $out/kernel-modules
+        # The boot files' store paths written into the builder, as NixOS's toplevel builder has them (a
+        # preview predicts a reboot from the derivation alone).
+        ln -s ${linux}/share/payload $out/kernel
+        ln -s ${initrd}/share/payload $out/initrd
+        ln -s ${modules} $out/kernel-modules
         cp $service $out/sw/bin/lab-service
         chmod +x $out/sw/bin/lab-service
         cp $bootctl $out/sw/bin/bootctl
