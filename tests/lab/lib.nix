@@ -48,8 +48,8 @@ let
     case "''${1:-}" in
       is-installed) echo yes ;;
       set-oneshot)
-        [ -n "''${2:-}" ] || { echo "bootctl: set-oneshot needs a boot loader entry" >&2; exit 1; }
-        printf '%s\n' "$2" > /etc/lab/boot-oneshot ;;
+        [ "$#" -ge 2 ] || { echo "bootctl: set-oneshot needs a boot loader entry" >&2; exit 1; }
+        if [ -n "$2" ]; then printf '%s\n' "$2" > /etc/lab/boot-oneshot; else rm -f /etc/lab/boot-oneshot; fi ;;
       *) echo "bootctl (lab): ''${1:-} is not supported here" >&2; exit 1 ;;
     esac
   '';

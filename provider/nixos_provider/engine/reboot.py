@@ -87,7 +87,7 @@ printf 'prev %s\nnew %s\n' "$prev" "$gen"
 
 # Step 4, or the failure's cleanup, under the lock: keep the new generation (`keep`: the profile's, and the default
 # entry) or drop it (the profile stays at the one before); the boot entries are written again; the mark goes.
-_SETTLE = r"""
+_SETTLE = _NIXOS_PATH + r"""
 lock=$1 profile=$2 gen=$3 mark=$4 verdict=$5
 exec 9>>"$lock" || exit 1
 flock -w 60 9 || exit 75
@@ -98,6 +98,8 @@ else
 fi
 "$profile/bin/switch-to-configuration" boot >&2 || exit 1
 rm -f "$mark"
+# A deployment cancelled before its reboot: the one-shot entry goes too (an empty entry removes it).
+[ "$verdict" != drop-forget ] || bootctl set-oneshot "" || true
 """
 
 # After a boot: its id, what it booted and runs, and the mark.
@@ -178,8 +180,14 @@ class RebootDeployment:
         await self._boot_once(token)
         assert self.prev is not None and self.new is not None
         self.status(f"rebooting {req.remote.target} into generation {self.new.number} (once)")
-        with contextlib.suppress(EngineError):  # the connection may drop before the answer
-            await self.target.run(["systemctl", "--no-block", "reboot"], timeout=30)
+        try:
+            with contextlib.suppress(EngineError):  # the connection may drop before the answer
+                await self.target.run(["systemctl", "--no-block", "reboot"], timeout=30)
+        except asyncio.CancelledError:
+            # Cancelled before the host went down: no boot of it may come later, unasked.
+            with contextlib.suppress(EngineError):
+                await asyncio.shield(self._settle("drop", forget_oneshot=True))
+            raise
         boot = await self._back(before.boot_id, time.monotonic() + req.reboot_timeout)
         if boot is None and self.unsettled is not None:
             # It answers, but its boot never finished (a hung boot), or the booted system takes no new SSH
@@ -312,8 +320,10 @@ class RebootDeployment:
                            phase="health-check", now_running=boot.current, generation=self.prev.number,
                            rolled_back=True)
 
-    async def _settle(self, verdict: str) -> None:
+    async def _settle(self, verdict: str, *, forget_oneshot: bool = False) -> None:
         assert self.new is not None
+        if forget_oneshot:
+            verdict += "-forget"
         res = await self.target.run(["sh", "-c", _SETTLE, "sh", profiles.deployment_lock(self._profile),
                                      self._profile, str(self.new.number), reboot_mark(self._profile), verdict],
                                     check=False, timeout=self.req.activation_timeout)
