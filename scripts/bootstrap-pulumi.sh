@@ -1,104 +1,131 @@
 #!/usr/bin/env bash
-# Build the Pulumi CLI and the language hosts this project needs from the Go
-# module proxy, at pinned versions, into a per-version cache directory outside
-# the checkout, so a fresh clone on the same machine finds them again.
+# Build the Pulumi CLI and the language hosts this project needs, at pinned
+# versions, into a cache outside the checkout (one directory per component and
+# version, so a fresh clone on the same machine, or a second CLI version, builds
+# only what it lacks), and print a bin directory holding all of them.
 #
 # Why these versions:
-#  * CLI: pkg/v3 at PULUMI_VERSION, the same version as the pinned Python SDK.
-#  * Python and Node.js language hosts: their Go sources left the sdk/v3 module
-#    (after v3.79.0 and v3.68.0; they became untagged nested modules that the
-#    module proxy does not serve), so they are built from the last sdk/v3 that
-#    holds them.  The language-host protocol is backwards compatible;
-#    pulumi-language-python-exec, the Python side of the host, comes from
-#    sdk/v3 at PULUMI_VERSION so it matches the Python SDK.
-#  * YAML language host: the newest pulumi-yaml the proxy serves.
+#  * CLI: pkg/v3 at PULUMI_VERSION (PULUMI_VERSION=3.259.0 gives the oldest CLI
+#    the tests run on; see the README).
+#  * Python and Node.js language hosts: their modules are not served by the Go
+#    module proxy after v3.79.0 and v3.68.0.  Their own source at v3.259.0 sits
+#    in ../shared/pulumi-language-hosts/ (or $PULUMI_LANGUAGE_HOSTS_SRC); it is
+#    built from there, with everything it imports from the module proxy.  A
+#    clone without it gets the last hosts the proxy serves (which lack the
+#    GeneratePackage RPC that `pulumi package gen-sdk` needs), and says so.
+#    pulumi-language-python-exec, the Python side of the host, comes from sdk/v3
+#    at the pinned Python SDK's version so the two match.
+#  * YAML language host: pulumi-yaml v1.25.0 (the `config:` project form).
 set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 PULUMI_VERSION="${PULUMI_VERSION:-3.259.0}"
-PYTHON_HOST_SDK_VERSION="${PYTHON_HOST_SDK_VERSION:-3.79.0}"
-NODEJS_HOST_SDK_VERSION="${NODEJS_HOST_SDK_VERSION:-3.68.0}"
-PULUMI_YAML_VERSION="${PULUMI_YAML_VERSION:-1.19.1}"
+PYTHON_SDK_VERSION="$(sed -n 's/^ *"pulumi==\([0-9.]*\)",$/\1/p' "$ROOT/provider/pyproject.toml")"
+HOSTS_SOURCE_VERSION=3.259.0
+HOSTS_SOURCE="${PULUMI_LANGUAGE_HOSTS_SRC:-$ROOT/../shared/pulumi-language-hosts/v$HOSTS_SOURCE_VERSION}"
+LEGACY_PYTHON_HOST=3.79.0
+LEGACY_NODEJS_HOST=3.68.0
+PULUMI_YAML_VERSION="${PULUMI_YAML_VERSION:-1.25.0}"
 
-CACHE_ROOT="${PULUMI_NIXOS_CACHE:-$HOME/.cache/pulumi-nixos}"
-KEY="pulumi-${PULUMI_VERSION}_py-${PYTHON_HOST_SDK_VERSION}_node-${NODEJS_HOST_SDK_VERSION}_yaml-${PULUMI_YAML_VERSION}"
-DEST="$CACHE_ROOT/$KEY/bin"
-STAMP="$CACHE_ROOT/$KEY/.complete"
+CACHE_ROOT="${PULUMI_NIXOS_CACHE:-$HOME/.cache/pulumi-nixos}/pulumi"
+log() { echo "bootstrap-pulumi: $*" >&2; }
 
-# pulumi-resource-pulumi-python serves Python dynamic providers (the lab
-# programs' tiny resources); it ships in the SDK module at the CLI's version.
-# Checked apart from the stamp, so caches built before it was added get it.
-DYNAMIC_PROVIDER="$DEST/pulumi-resource-pulumi-python"
-install_python_sdk_scripts() {
-  local sdk_dir
-  sdk_dir="$(cd "${1:-/tmp}" && GOFLAGS= go mod download -json "github.com/pulumi/pulumi/sdk/v3@v${PULUMI_VERSION}" \
-    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-  install -m 0755 "$sdk_dir/python/cmd/pulumi-language-python-exec" "$DEST/pulumi-language-python-exec"
-  install -m 0755 "$sdk_dir/python/dist/pulumi-resource-pulumi-python" "$DYNAMIC_PROVIDER"
-}
+if [[ -f "$HOSTS_SOURCE/sdk/python/cmd/pulumi-language-python/main.go" ]]; then
+  HOSTS_KEY="hosts-v$HOSTS_SOURCE_VERSION-$(cd "$HOSTS_SOURCE" && find sdk -type f | sort | xargs sha256sum | sha256sum | cut -c1-12)"
+else
+  HOSTS_KEY="hosts-legacy-py$LEGACY_PYTHON_HOST-node$LEGACY_NODEJS_HOST"
+  log "no language-host source at $HOSTS_SOURCE: using the Python v$LEGACY_PYTHON_HOST and Node.js" \
+    "v$LEGACY_NODEJS_HOST hosts (programs run; \`pulumi package gen-sdk\` needs the current ones)"
+fi
+CLI_DIR="$CACHE_ROOT/cli-v$PULUMI_VERSION"
+HOSTS_DIR="$CACHE_ROOT/$HOSTS_KEY"
+YAML_DIR="$CACHE_ROOT/yaml-v$PULUMI_YAML_VERSION"
+SDK_SCRIPTS_DIR="$CACHE_ROOT/python-sdk-scripts-v$PYTHON_SDK_VERSION"
+BIN="$CACHE_ROOT/bin-cli-v${PULUMI_VERSION}_${HOSTS_KEY}_yaml-v${PULUMI_YAML_VERSION}_py-v$PYTHON_SDK_VERSION"
 
-# One build at a time: a second caller waits and then finds the stamp.
+# One build at a time: a second caller waits and then finds the stamps.
 mkdir -p "$CACHE_ROOT"
-exec 9>"$CACHE_ROOT/.$KEY.lock"
+exec 9>"$CACHE_ROOT/.lock"
 flock 9
 
-if [[ -f "$STAMP" ]]; then
-  [[ -x "$DYNAMIC_PROVIDER" ]] || install_python_sdk_scripts
-  echo "$DEST"
-  exit 0
-fi
+if [[ -f "$BIN/.complete" ]]; then echo "$BIN"; exit 0; fi
 
-command -v go >/dev/null || { echo "bootstrap-pulumi: Go is required to build the Pulumi CLI" >&2; exit 1; }
-
-mkdir -p "$DEST"
+command -v go >/dev/null || { log "Go is required to build the Pulumi CLI"; exit 1; }
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 export GOFLAGS=-mod=mod
 export CGO_ENABLED=0
+PULUMI_LDFLAGS="-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version"
 
-log() { echo "bootstrap-pulumi: $*" >&2; }
+# component DIR: true when DIR was built before (its stamp is there).
+component() { [[ -f "$1/.complete" ]]; }
+finish() { touch "$1/.complete"; }
 
-build_in_module() {
-  # build_in_module NAME OUTPUT PACKAGE LDFLAGS GO.MOD-BODY
-  local name="$1" out="$2" pkg="$3" ldflags="$4" body="$5"
-  local dir="$WORK/$name"
-  mkdir -p "$dir"
-  printf 'module pulumi-nixos.local/build/%s\n\ngo 1.24\n\n%s\n' "$name" "$body" > "$dir/go.mod"
-  log "building $name ($pkg)"
-  (cd "$dir" && go mod download >&2 && go build -trimpath -ldflags "$ldflags" -o "$out" "$pkg" >&2)
+build() { # build MODULE-DIR OUTPUT PACKAGE LDFLAGS
+  log "building $(basename "$2") ($3)"
+  (cd "$1" && go mod download >&2 && go build -trimpath -ldflags "$4" -o "$2" "$3" >&2)
 }
 
-if [[ ! -x "$DEST/pulumi" ]]; then
-  build_in_module cli "$DEST/pulumi" github.com/pulumi/pulumi/pkg/v3/cmd/pulumi \
-    "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${PULUMI_VERSION}" \
+build_in_module() { # build_in_module NAME OUTPUT PACKAGE LDFLAGS GO.MOD-BODY
+  local dir="$WORK/$1"
+  mkdir -p "$dir"
+  printf 'module pulumi-nixos.local/build/%s\n\ngo 1.24\n\n%s\n' "$1" "$5" > "$dir/go.mod"
+  build "$dir" "$2" "$3" "$4"
+}
+
+if ! component "$CLI_DIR"; then
+  mkdir -p "$CLI_DIR"
+  build_in_module cli "$CLI_DIR/pulumi" github.com/pulumi/pulumi/pkg/v3/cmd/pulumi "$PULUMI_LDFLAGS=v$PULUMI_VERSION" \
 "require (
-	github.com/pulumi/pulumi/pkg/v3 v${PULUMI_VERSION}
-	github.com/pulumi/pulumi/sdk/v3 v${PULUMI_VERSION}
+	github.com/pulumi/pulumi/pkg/v3 v$PULUMI_VERSION
+	github.com/pulumi/pulumi/sdk/v3 v$PULUMI_VERSION
 )
 replace github.com/atotto/clipboard => github.com/tgummerer/clipboard v0.0.0-20241001131231-d02d263e614e"
+  finish "$CLI_DIR"
 fi
 
-build_langhost() { # build_langhost LANG SDK_VERSION
-  local lang="$1" version="$2"
-  if [[ ! -x "$DEST/pulumi-language-$lang" ]]; then
-    build_in_module "lang-$lang" "$DEST/pulumi-language-$lang" \
-      "github.com/pulumi/pulumi/sdk/v3/$lang/cmd/pulumi-language-$lang" \
-      "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v${version}" \
-      "require github.com/pulumi/pulumi/sdk/v3 v${version}"
+if ! component "$HOSTS_DIR"; then
+  mkdir -p "$HOSTS_DIR"
+  if [[ $HOSTS_KEY == hosts-v* ]]; then
+    for lang in python nodejs; do
+      cp -r "$HOSTS_SOURCE/sdk/$lang/cmd/pulumi-language-$lang" "$WORK/lang-$lang"
+      build "$WORK/lang-$lang" "$HOSTS_DIR/pulumi-language-$lang" . "$PULUMI_LDFLAGS=v$HOSTS_SOURCE_VERSION"
+    done
+  else
+    for spec in python:$LEGACY_PYTHON_HOST nodejs:$LEGACY_NODEJS_HOST; do
+      lang=${spec%%:*} version=${spec#*:}
+      build_in_module "lang-$lang" "$HOSTS_DIR/pulumi-language-$lang" \
+        "github.com/pulumi/pulumi/sdk/v3/$lang/cmd/pulumi-language-$lang" "$PULUMI_LDFLAGS=v$version" \
+        "require github.com/pulumi/pulumi/sdk/v3 v$version"
+    done
   fi
-}
-build_langhost python "$PYTHON_HOST_SDK_VERSION"
-build_langhost nodejs "$NODEJS_HOST_SDK_VERSION"
-
-if [[ ! -x "$DEST/pulumi-language-yaml" ]]; then
-  build_in_module lang-yaml "$DEST/pulumi-language-yaml" \
-    github.com/pulumi/pulumi-yaml/cmd/pulumi-language-yaml \
-    "-s -w -X github.com/pulumi/pulumi-yaml/pkg/version.Version=v${PULUMI_YAML_VERSION}" \
-    "require github.com/pulumi/pulumi-yaml v${PULUMI_YAML_VERSION}"
+  finish "$HOSTS_DIR"
 fi
 
-# The Python host runs pulumi-language-python-exec next to itself; take it
-# from the SDK module at the CLI's version so it matches the pinned Python SDK.
-install_python_sdk_scripts "$WORK"
+if ! component "$YAML_DIR"; then
+  mkdir -p "$YAML_DIR"
+  build_in_module lang-yaml "$YAML_DIR/pulumi-language-yaml" github.com/pulumi/pulumi-yaml/cmd/pulumi-language-yaml \
+    "-s -w -X github.com/pulumi/pulumi-yaml/pkg/version.Version=v$PULUMI_YAML_VERSION" \
+    "require github.com/pulumi/pulumi-yaml v$PULUMI_YAML_VERSION"
+  finish "$YAML_DIR"
+fi
 
-touch "$STAMP"
-echo "$DEST"
+# The Python host runs pulumi-language-python-exec next to itself, and
+# pulumi-resource-pulumi-python serves Python dynamic providers (the lab
+# programs' tiny resources): both are scripts in the SDK module.
+if ! component "$SDK_SCRIPTS_DIR"; then
+  mkdir -p "$SDK_SCRIPTS_DIR"
+  sdk_dir="$(cd "$WORK" && GOFLAGS= go mod download -json "github.com/pulumi/pulumi/sdk/v3@v$PYTHON_SDK_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  install -m 0755 "$sdk_dir/python/cmd/pulumi-language-python-exec" "$SDK_SCRIPTS_DIR/"
+  install -m 0755 "$sdk_dir/python/dist/pulumi-resource-pulumi-python" "$SDK_SCRIPTS_DIR/"
+  finish "$SDK_SCRIPTS_DIR"
+fi
+
+rm -rf "$BIN"
+mkdir -p "$BIN"
+for dir in "$CLI_DIR" "$HOSTS_DIR" "$YAML_DIR" "$SDK_SCRIPTS_DIR"; do
+  for tool in "$dir"/*; do ln "$tool" "$BIN/"; done
+done
+finish "$BIN"
+echo "$BIN"

@@ -2,13 +2,17 @@
 # Regenerate the Python, Node.js and Go SDKs from schema.json into sdk/ (or the
 # directory given as $1). Deterministic: the same schema gives the same files.
 #
-# The generators are pulumi's own (github.com/pulumi/pulumi/pkg/v3/codegen at
-# the pinned CLI version), run by scripts/sdkgen. `pulumi package gen-sdk` would
-# call the same generators through the language hosts' GeneratePackage RPC, but
-# the Python and Node.js hosts this project builds (v3.79.0, v3.68.0) predate
-# that RPC ("method GeneratePackage not implemented") and the Go host cannot be
-# built from the module proxy. sdkgen is built once into a cache directory
-# outside the checkout, keyed by its sources.
+# The Python and Node.js SDKs come from `pulumi package gen-sdk`, which sends the
+# schema to each language host's GeneratePackage RPC (the current hosts, built
+# by scripts/bootstrap-pulumi.sh from ../shared/pulumi-language-hosts/).  The Go
+# SDK needs the Go language host, whose module the Go module proxy refuses
+# (`go mod download github.com/pulumi/pulumi/sdk/go/pulumi-language-go/v3@v3.259.0`:
+# "403 Forbidden ... This module version is not available"), so scripts/sdkgen
+# makes the call that host makes, codegen/go.GeneratePackage from pkg/v3 at the
+# pinned CLI version.  sdkgen also stands in for the Python and Node.js hosts
+# where only the old ones could be built (they predate GeneratePackage), and
+# says so.  It is built once into a cache directory outside the checkout, keyed
+# by its sources.
 #
 # Around the generated Go package this script adds sdk/go/go.mod and go.sum
 # (module github.com/pulumi-nixos/pulumi-nixos/sdk/go, pulumi sdk/v3 pinned),
@@ -41,7 +45,17 @@ VERSION="$(bash "$ROOT/scripts/version.sh")"
 sed -E '0,/^  "version": "[^"]*",$/s//  "version": "'"$VERSION"'",/' "$ROOT/schema.json" > "$WORK/schema.json"
 grep -qx "  \"version\": \"$VERSION\"," "$WORK/schema.json" \
   || { echo "gen-sdk: schema.json has no top-level \"version\" line to set" >&2; exit 1; }
-"$SDKGEN" "$WORK/schema.json" "$WORK" python nodejs go
+if pulumi package gen-sdk "$WORK/schema.json" --language python --out "$WORK" 2> "$WORK/gen-sdk.log"; then
+  pulumi package gen-sdk "$WORK/schema.json" --language nodejs --out "$WORK" 2>> "$WORK/gen-sdk.log" \
+    || { cat "$WORK/gen-sdk.log" >&2; exit 1; }
+  "$SDKGEN" "$WORK/schema.json" "$WORK" go
+elif grep -q GeneratePackage "$WORK/gen-sdk.log"; then
+  echo "gen-sdk: this machine's Python language host predates GeneratePackage; sdkgen makes its call" >&2
+  "$SDKGEN" "$WORK/schema.json" "$WORK" python nodejs go
+else
+  cat "$WORK/gen-sdk.log" >&2
+  exit 1
+fi
 
 cat > "$WORK/go/go.mod" <<GOMOD
 module $GO_MODULE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,13 +37,24 @@ def test_yaml_single_host(project: PulumiProject, lab_host: labctl.LabHost, syst
                        "flake": f"path:{labctl.LAB_FLAKE}#web",
                        "healthUrl": f"http://{lab_host.address}:{lab_host.httpPort}/"}.items():
         project.run("config", "set", key, value)
-    project.up()
+    up = project.up()
+    # pulumi-yaml warns of a root-level `configuration:` block on every run; the example uses `config:`.
+    assert "deprecated" not in up.stdout + up.stderr
     outputs = project.outputs()
     assert outputs["systemPath"] == systems["web"] == current_system(lab_host)
     assert outputs["generation"] == 2 and outputs["baselineGeneration"] == 1
     assert http_version(lab_host) == "1"
     project.run("destroy", "--yes", "--skip-preview")
     assert current_system(lab_host) == systems["base"]
+
+
+def test_yaml_projects_declare_config_as_pulumi_yaml_wants() -> None:
+    """The demo's and the examples' projects: `config:`, which pulumi-yaml 1.25 reads without a deprecation warning."""
+    projects = [REPO / "Pulumi.yaml", *EXAMPLES.glob("*/Pulumi.yaml"), *(REPO / "tests").glob("**/Pulumi.yaml")]
+    yaml_projects = [p for p in projects if "runtime: yaml" in p.read_text()]
+    assert REPO / "Pulumi.yaml" in yaml_projects and len(yaml_projects) >= 2
+    for project in yaml_projects:
+        assert not re.search(r"^configuration:", project.read_text(), re.M), project
 
 
 def copy_python_example(name: str, project: PulumiProject) -> None:

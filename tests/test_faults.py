@@ -612,9 +612,9 @@ def test_secrets_never_appear_in_plain_text(project: PulumiProject, new_host: Ho
             "secretFiles": [{"path": "/etc/lab-secrets/key", "content": "${fileSecret}"}]}}
 
     def write(flake: str) -> None:
-        program(project, configuration={"keyPass": {"type": "String", "secret": True},
-                                        "jumpPass": {"type": "String", "secret": True},
-                                        "fileSecret": {"type": "String", "secret": True}}, resources={
+        program(project, config={"keyPass": {"type": "string", "secret": True},
+                                 "jumpPass": {"type": "string", "secret": True},
+                                 "fileSecret": {"type": "string", "secret": True}}, resources={
             "web": web(flake),
             # No key of its own: nixos:defaultPrivateKey.
             "app": {"type": "nixos:NixProfile", "properties": {

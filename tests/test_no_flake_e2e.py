@@ -147,7 +147,7 @@ def test_real_configuration_nix_previews_its_system_and_its_errors_with_nothing_
                                           "properties": {"connection": {"host": "127.0.99.1", "password": "unused"},
                                                          "configuration": "${configuration}",
                                                          "nixpkgs": str(real_nixpkgs)}}},
-            configuration={"configuration": {"type": "String"}})
+            config={"configuration": {"type": "string"}})
     project.run("stack", "init", "dev")
     project.run("config", "set", "configuration", str(good))
     expected = nix_eval("--file", f"{real_nixpkgs}/nixos", "--argstr", "configuration", str(good),

@@ -154,7 +154,7 @@ def test_module_system_errors_fail_check_on_flake_with_their_cause(
         "nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(nix)]}},
         "web": {"type": "nixos:NixosMachine", "options": {"provider": "${nixos}"}, "properties": {
             "connection": {"host": "127.0.99.1", "password": "unused"}, "flake": f"path:{flake}#${{config}}"}},
-    }, configuration={"config": {"type": "String"}})
+    }, config={"config": {"type": "string"}})
     project.run("stack", "init", "dev")
     for config, words in ERRORS.items():
         project.run("config", "set", "config", config)

@@ -75,7 +75,7 @@ def files_program(blob_file: Path, *, token: bool = True) -> list[dict[str, Any]
     return files
 
 
-CONFIG = {"ageKey": {"type": "String"}, "token": {"type": "String"}, "keepMe": {"type": "String"}}
+CONFIG = {"ageKey": {"type": "string"}, "token": {"type": "string"}, "keepMe": {"type": "string"}}
 
 
 def deployer_files_containing(needle: str, roots: list[Path], newer_than: float) -> list[str]:
@@ -123,7 +123,7 @@ def test_secret_files_placed_rotated_removed_and_destroyed(
     blob1 = secrets.token_hex(150_000)  # 300 KB
     blob2 = secrets.token_hex(150_000)
     blob_file.write_text(blob1)
-    program(project, machine(lab_host, flake, files_program(blob_file)), configuration=CONFIG)
+    program(project, machine(lab_host, flake, files_program(blob_file)), config=CONFIG)
     project.run("stack", "init", "dev")
     project.run("config", "set", "--secret", "ageKey", key1)
     project.run("config", "set", "--secret", "keepMe", keep)
@@ -195,7 +195,7 @@ def test_secret_files_placed_rotated_removed_and_destroyed(
     assert "- 1 changed" in rotated.stdout or "1 updated" in rotated.stdout
 
     # A dropped entry is removed on the next up.
-    program(project, machine(lab_host, flake, files_program(blob_file, token=False)), configuration=CONFIG)
+    program(project, machine(lab_host, flake, files_program(blob_file, token=False)), config=CONFIG)
     project.up()
     assert not exists(lab_host, TOKEN_PATH)
     assert exists(lab_host, KEY_PATH) and generation(lab_host) == gen

@@ -227,7 +227,7 @@ def sudo_program(project: PulumiProject, host: labctl.LabHost, config: str, app:
             "connection": sudo_connection(host), "user": host.nonRootUser, "profile": "app",
             "flake": f"path:{LAB}#{app}", "activate": 'echo "$(id -un) activated $PROFILE" > /tmp/app-active'}}
     program(project, resources, {"generation": "${web.generation}", "systemPath": "${web.systemPath}"},
-            configuration={"sudoPass": {"type": "String", "secret": True}}, name="sudo")
+            config={"sudoPass": {"type": "string", "secret": True}}, name="sudo")
 
 
 @pytest.mark.e2e
