@@ -5,8 +5,9 @@
 # only what it lacks), and print a bin directory holding all of them.
 #
 # Why these versions:
-#  * CLI: pkg/v3 at PULUMI_VERSION (PULUMI_VERSION=3.259.0 gives the oldest CLI
-#    the tests run on; see the README).
+#  * CLI: pkg/v3 at PULUMI_VERSION, the newest the module proxy serves that
+#    passes the tests; `bootstrap-pulumi.sh oldest` builds the oldest CLI the
+#    tests still run one deployment on (see the README).
 #  * Python and Node.js language hosts: their modules are not served by the Go
 #    module proxy after v3.79.0 and v3.68.0.  Their own source at v3.259.0 sits
 #    in ../shared/pulumi-language-hosts/ (or $PULUMI_LANGUAGE_HOSTS_SRC); it is
@@ -19,7 +20,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-PULUMI_VERSION="${PULUMI_VERSION:-3.259.0}"
+case "${1:-pinned}" in
+  pinned) PULUMI_VERSION="${PULUMI_VERSION:-3.276.0}" ;;
+  oldest) PULUMI_VERSION=3.259.0 ;;
+  *) echo "usage: bootstrap-pulumi.sh [pinned|oldest]" >&2; exit 2 ;;
+esac
 PYTHON_SDK_VERSION="$(sed -n 's/^ *"pulumi==\([0-9.]*\)",$/\1/p' "$ROOT/provider/pyproject.toml")"
 HOSTS_SOURCE_VERSION=3.259.0
 HOSTS_SOURCE="${PULUMI_LANGUAGE_HOSTS_SRC:-$ROOT/../shared/pulumi-language-hosts/v$HOSTS_SOURCE_VERSION}"

@@ -8,7 +8,7 @@
 #                                                       module proxy serves it (GOPROXY=file://...)
 #
 # The plugin archive carries its Python libraries, installed for each CPython in
-# PYTHON_VERSIONS (default 3.11 3.12 3.13) and manylinux (glibc 2.28+) x86_64: lib/cpXY/
+# PYTHON_VERSIONS (default 3.11 to 3.14) and manylinux (glibc 2.28+) x86_64: lib/cpXY/
 # holds the provider and everything it imports, so the archive runs offline on any
 # linux-amd64 machine with one of those Pythons, and installing it downloads nothing more.
 # docs/distribution.md says why it is built this way.
@@ -19,7 +19,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/dist}" && cd "${1:-$ROOT/dist}" && pwd)"
 VERSION="$(bash "$ROOT/scripts/version.sh")"
-PYTHON_VERSIONS="${PYTHON_VERSIONS:-3.11 3.12 3.13}"
+PYTHON_VERSIONS="${PYTHON_VERSIONS:-3.11 3.12 3.13 3.14}"
 PY="$ROOT/.venv/bin/python"
 GO_MODULE="github.com/pulumi-nixos/pulumi-nixos/sdk/go"
 # Reproducible archives: fixed times, owners and order.

@@ -43,6 +43,10 @@ pulumi_dir=$(bash scripts/bootstrap-pulumi.sh)
 mkdir -p .tools
 printf '%s\n' "$pulumi_dir" > .tools/pulumi-bin
 echo "setup: pulumi $("$pulumi_dir/pulumi" version) in $pulumi_dir"
+# The oldest CLI the tests deploy with (tests/test_provider_e2e.py).
+oldest_dir=$(bash scripts/bootstrap-pulumi.sh oldest)
+printf '%s\n' "$oldest_dir" > .tools/pulumi-bin-oldest
+echo "setup: the oldest supported pulumi, $("$oldest_dir/pulumi" version), in $oldest_dir"
 
 # Nix 2.26 and 2.34 for the test matrix and the lab's systemd hosts; built
 # side by side on first use (mostly waiting on downloads), cached after.

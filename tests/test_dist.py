@@ -19,9 +19,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import labctl
 import pytest
 from conftest import REPO, HostFactory, Systems, current_system, http_version
+from google.protobuf import empty_pb2
+from pulumi.runtime.proto import provider_pb2_grpc
 
 # The archive and the SDK packages need the toolchains `make setup` builds: not the fast tier.
 pytestmark = [pytest.mark.e2e, pytest.mark.lab, pytest.mark.timeout(900)]
@@ -140,7 +143,7 @@ def test_archive_layout_and_plugin_install_from_file(dist: Path, user: UserProje
     assert launcher.mode & 0o111, "the launcher is not executable"
     assert "schema.json" in names
     trees = sorted({n.split("/")[1] for n in names if n.startswith("lib/") and n.count("/") >= 2})
-    assert trees == ["cp311", "cp312", "cp313"]
+    assert trees == ["cp311", "cp312", "cp313", "cp314"]
     for tree in trees:
         for package in ("nixos_provider/__main__.py", "nixos_provider/engine/supervisor.sh", "grpc/__init__.py",
                         "asyncssh/__init__.py", "pulumi/__init__.py", "cryptography/__init__.py"):
@@ -170,8 +173,33 @@ def test_launcher_names_the_pythons_it_carries_when_none_is_found(dist: Path, tm
     proc = subprocess.run([str(tmp_path / "plugin" / "pulumi-resource-nixos")], capture_output=True, text=True,
                           env={**os.environ, "PULUMI_NIXOS_PYTHON": "/bin/false"}, timeout=30)
     assert proc.returncode == 1
-    assert "no CPython this plugin carries libraries for (3.11 3.12 3.13)" in proc.stderr
+    assert "no CPython this plugin carries libraries for (3.11 3.12 3.13 3.14)" in proc.stderr
     assert "PULUMI_NIXOS_PYTHON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_archive_runs_on_cpython_3_14(dist: Path, tmp_path: Path) -> None:
+    """Debian sid's python3 is CPython 3.14: there the launcher picks lib/cp314, and the plugin serves."""
+    root = Path((REPO / ".tools" / "root-sid").read_text().strip())
+    assert (root / "usr" / "bin" / "python3.14").exists(), "the sid root has no python3.14 (scripts/release-root.sh)"
+    with tarfile.open(dist / ARCHIVE) as archive:
+        archive.extractall(tmp_path / "plugin", filter="data")
+    # The archive bound into the root in a mount namespace of its own: the cached root itself is not changed.
+    inside = "mount --bind \"$1\" \"$2/mnt\" && mount -t proc proc \"$2/proc\" && exec chroot \"$2\" /mnt/pulumi-resource-nixos"
+    plugin = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", inside, "sh",
+                               str(tmp_path / "plugin"), str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+    try:
+        port = plugin.stdout.readline().strip() if plugin.stdout else ""
+        assert port.isdigit(), plugin.communicate(timeout=10)[1] if plugin.poll() is not None else port
+        assert os.readlink(f"/proc/{plugin.pid}/exe").endswith("/usr/bin/python3.14")
+        environ = Path(f"/proc/{plugin.pid}/environ").read_bytes().split(b"\0")
+        assert b"PYTHONPATH=/mnt/lib/cp314" in environ
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = provider_pb2_grpc.ResourceProviderStub(channel).GetPluginInfo(empty_pb2.Empty(), timeout=30)
+        assert info.version == VERSION
+    finally:
+        plugin.kill()
+        plugin.wait()
 
 
 def test_yaml_example_downloads_the_plugin_and_deploys(dist: Path, user: UserProject, plugin_server: PluginServer,

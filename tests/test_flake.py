@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 import realnixos
+from conftest import PulumiProject
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 # A module the provider imports -> the Python distribution (and nixpkgs attribute) that carries it.
 DISTRIBUTION = {"pulumi": "pulumi", "grpc": "grpcio", "google.protobuf": "protobuf",
@@ -125,3 +126,20 @@ def test_the_dev_shell_has_python_with_the_test_tools_nix_openssh_and_zstd(flake
     assert {"pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "mypy"} <= modules, modules
     assert set(flake["dependencies"]) <= modules
     assert flake["shellDrvPath"].endswith("-nix-shell.drv")
+
+
+def test_pulumi_finds_the_plugin_on_path(project: PulumiProject, tmp_path: Path) -> None:
+    """What `nix profile install` gives: `pulumi-resource-nixos` on PATH, which the engine runs (an ambient plugin)
+    for a program that names no plugin path and declares no package."""
+    bin_dir = tmp_path / "profile" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "pulumi-resource-nixos").symlink_to(project.plugin_dir / "pulumi-resource-nixos")
+    (project.dir / "Pulumi.yaml").write_text(json.dumps({"name": "on-path", "runtime": "yaml", "resources": {
+        "web": {"type": "nixos:NixosMachine", "properties": {"connection": {"host": "127.0.0.1", "port": 70000},
+                                                            "flake": ".#web"}}}}))
+    project.run("stack", "init", "dev")
+    path = {"PATH": f"{bin_dir}:{project.env['PATH']}"}
+    preview = project.run("preview", check=False, env=path)
+    assert "connection.port" in preview.stdout and "must be between 1 and 65535, not 70000" in preview.stdout, preview
+    # The engine says which one it ran (this checkout's .venv/bin has another, further down PATH).
+    assert f"using pulumi-resource-nixos from $PATH at {bin_dir}/pulumi-resource-nixos" in preview.stdout

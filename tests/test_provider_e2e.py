@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 PROVIDER_DIR = str(REPO / "provider")
 LAB = labctl.LAB_FLAKE
+# The CLI the suite runs on (scripts/bootstrap-pulumi.sh), and the oldest one it still deploys with.
+PINNED_CLI = "3.276.0"
+OLDEST_CLI = "3.259.0"
 
 
 def connection(host: labctl.LabHost) -> dict[str, Any]:
@@ -47,11 +51,28 @@ def strip_ansi(text: str) -> str:
 def test_cli_version_and_schema(project: PulumiProject) -> None:
     version = project.run("version").stdout.strip()
     print(f"pulumi version: {version}")
-    assert version == "v3.259.0"
+    assert version == f"v{PINNED_CLI}"
     out = project.run("package", "get-schema", str(REPO / "provider" / "pulumi-resource-nixos")).stdout
     schema = json.loads(out)
     assert set(schema["resources"]) == {"nixos:index:NixosMachine", "nixos:index:NixProfile"}
     assert schema["types"]["nixos:index:Connection"]["properties"]["privateKey"]["secret"] is True
+
+
+def test_the_oldest_supported_cli_deploys_and_destroys(
+        project: PulumiProject, lab_host: labctl.LabHost, systems: Systems) -> None:
+    """The suite runs on the pinned CLI; users with an older one get the same deployment (the README's range)."""
+    oldest = Path((REPO / ".tools" / "pulumi-bin-oldest").read_text().strip())
+    env = {"PATH": f"{oldest}{os.pathsep}{os.environ['PATH']}"}
+    assert project.run("version", env=env).stdout.strip() == f"v{OLDEST_CLI}"
+    program(project, {"web": machine(lab_host, "web", confirmTimeout=10)},
+            {"systemPath": "${web.systemPath}", "generation": "${web.generation}"})
+    project.run("stack", "init", "dev", env=env)
+    project.run("up", "--yes", "--skip-preview", env=env)
+    outputs = json.loads(project.run("stack", "output", "--json", env=env).stdout)
+    assert outputs == {"systemPath": systems["web"], "generation": 2}
+    assert current_system(lab_host) == systems["web"]
+    project.run("destroy", "--yes", "--skip-preview", env=env)
+    assert current_system(lab_host) == systems["base"]
 
 
 def test_preview_reaches_the_provider_check(project: PulumiProject) -> None:
