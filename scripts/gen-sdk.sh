@@ -8,8 +8,8 @@
 # SDK needs the Go language host, whose module the Go module proxy refuses
 # (`go mod download github.com/pulumi/pulumi/sdk/go/pulumi-language-go/v3@v3.259.0`:
 # "403 Forbidden ... This module version is not available"), so scripts/sdkgen
-# makes the call that host makes, codegen/go.GeneratePackage from pkg/v3 at the
-# pinned CLI version.  sdkgen also stands in for the Python and Node.js hosts
+# makes the call that host makes, codegen/go.GeneratePackage from pkg/v3 at
+# v3.259.0 (scripts/sdkgen/go.mod).  sdkgen also stands in for the Python and Node.js hosts
 # where only the old ones could be built (they predate GeneratePackage), and
 # says so.  It is built once into a cache directory outside the checkout, keyed
 # by its sources.

@@ -124,6 +124,18 @@ def remote_for(host: labctl.LabHost, **kw: object) -> Remote:
                   Credentials(private_key=key), **kw)  # type: ignore[arg-type]
 
 
+def has_provider_traceback(out: str) -> bool:
+    """A traceback of ours in the CLI's output (the plugin's frames name nixos_provider), or one of unknown origin.
+
+    The one traceback allowed is upstream's: a Python program's pending registrations, which Pulumi's Python SDK
+    (3.259 and later, on the current language host) fails to log to an engine that a failed resource stopped
+    ("Resource monitor has terminated"). It names no frame of the provider's.
+    """
+    if "nixos_provider" in out:
+        return True
+    return "Traceback" in out and "Resource monitor has terminated" not in out
+
+
 def in_host(host: labctl.LabHost, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command inside the lab host's namespace (the test's view of the target, not the deployer's)."""
     return subprocess.run(labctl.nsenter(host.state, list(argv)), text=True, capture_output=True, check=check)
