@@ -23,6 +23,7 @@ import realnixos
 from conftest import PulumiProject
 
 REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "provider" / "pyproject.toml").read_text())["project"]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 # A module the provider imports -> the Python distribution (and nixpkgs attribute) that carries it.
@@ -97,18 +98,17 @@ def test_the_package_depends_on_exactly_what_the_provider_imports(flake: dict[st
     imported = imported_distributions()
     assert imported == {"pulumi", "grpcio", "protobuf", "googleapis-common-protos", "asyncssh"}
     # bcrypt: asyncssh's optional extra for passphrase-protected OpenSSH keys, as pyproject.toml has it.
-    assert sorted(flake["dependencies"]) == sorted(imported | {"bcrypt"})
-    pins = tomllib.loads((REPO / "provider" / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert {pin.split("==")[0] for pin in pins} == imported | {"bcrypt"}
-    assert flake["name"] == "pulumi-resource-nixos-0.1.0"
-    assert python_inputs(flake["drvPath"]) >= imported | {"bcrypt"}
+    runtime = imported | {"bcrypt"}
+    assert sorted(flake["dependencies"]) == sorted(runtime)
+    assert {pin.split("==")[0] for pin in PROJECT["dependencies"]} == runtime
+    assert flake["name"] == f"pulumi-resource-nixos-{PROJECT['version']}"
+    assert python_inputs(flake["drvPath"]) >= runtime
 
 
 def test_the_app_runs_the_entry_point_the_plugin_archive_runs(flake: dict[str, Any]) -> None:
     assert flake["app"] == {"type": "app", "program": f"{flake['out']}/bin/pulumi-resource-nixos"}
     assert flake["mainProgram"] == "pulumi-resource-nixos"
-    scripts = tomllib.loads((REPO / "provider" / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["pulumi-resource-nixos"] == "nixos_provider.__main__:main"
+    assert PROJECT["scripts"]["pulumi-resource-nixos"] == "nixos_provider.__main__:main"
     launcher = (REPO / "provider" / "pulumi-resource-nixos").read_text()
     assert "-m nixos_provider" in launcher and "PULUMI_NIXOS_SCHEMA=" in launcher
     # The wrapper gives the schema the way the archive's launcher does: the checkout's schema.json, in the store.

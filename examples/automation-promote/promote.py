@@ -3,7 +3,7 @@
     python promote.py RELEASE [--staging STACK] [--production STACK]
 
 1. `pulumi up` of the staging stack at RELEASE;
-2. a smoke check of what staging now serves: each URL in its `url` output must answer HTTP 200;
+2. a smoke check of what staging now serves: the URL in its `url` output must answer HTTP 200;
 3. only then `pulumi up` of the production stack at the same RELEASE, and a check that production runs the very
    system staging was checked on.
 
