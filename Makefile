@@ -45,7 +45,7 @@ dist: setup
 	$(ENV) bash scripts/dist.sh
 
 bench: setup
-	$(ENV) python bench/run.py && python bench/real_fleet.py && python bench/fleet.py && python bench/push_compare.py && python bench/fleet_up.py && python bench/cold_start.py && python bench/cache.py
+	$(ENV) python bench/run.py && python bench/real_fleet.py && python bench/fleet.py && python bench/push_compare.py && python bench/fleet_up.py && python bench/cold_start.py && python bench/cache.py && python bench/substitute.py
 
 clean: lab-down
 	rm -rf .venv .tools

@@ -70,22 +70,25 @@ host = labctl.LabHost(**json.loads(sys.argv[2]))
 # before the clock starts, as in a provider process that has connected once.
 import asyncssh
 asyncssh.SSHClient
+# argv: tests dir, host (JSON), store path, compression, and (bench/substitute.py) substituteOnDestination's policy.
 async def main():
     target = await open_target(remote_for(host), Profile(), compress=sys.argv[4] == "ssh")
     try:
         how = await choose_compression(target, sys.argv[4])
-        return await push_closure(Nix(), target, sys.argv[3], compression=how)
+        policy = sys.argv[5] if len(sys.argv) > 5 else "never"
+        return await push_closure(Nix(), target, sys.argv[3], compression=how, substitute=policy)
     finally:
         await target.conn.close()
 started = time.monotonic()
 stats = asyncio.run(main())
 print(json.dumps({"seconds": time.monotonic() - started, "bytes": stats.bytes, "wire": stats.wire_bytes,
-                  "compression": stats.compression, "transport": stats.transport}))
+                  "compression": stats.compression, "transport": stats.transport, "pushed": stats.paths,
+                  "substituted": stats.substituted}))
 """
 
 
-def shape(rate: str | None) -> None:
-    """Limit traffic to ADDRESS on lo to rate (None: remove the limit)."""
+def shape(rate: str | None, address: str = ADDRESS) -> None:
+    """Limit traffic to address on lo to rate, in htb class 1:20 (None: remove the limit)."""
     subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
     if rate is None:
         return
@@ -93,7 +96,7 @@ def shape(rate: str | None) -> None:
                 ["class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", "100gbit"],
                 ["class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate", rate, "ceil", rate],
                 ["filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "u32",
-                 "match", "ip", "dst", f"{ADDRESS}/32", "flowid", "1:20"]):
+                 "match", "ip", "dst", f"{address}/32", "flowid", "1:20"]):
         subprocess.run(["tc", *cmd], check=True, capture_output=True)
 
 

@@ -66,7 +66,7 @@ started = time.monotonic()
 def output(line):
     steps[line] = time.monotonic() - started
 req = InstallRequest(remote_for(host), sys.argv[3], disko_script=sys.argv[4], post_kexec_ssh_port=host.port,
-                     substitute_on_destination=False,
+                     substitute_on_destination="never",
                      disk_encryption_keys=(("/tmp/disk.key", "bench-passphrase"),))
 result = asyncio.run(install.install(req, output=output))
 assert result.installed and result.current_system == sys.argv[3]

@@ -98,7 +98,10 @@ def test_deploy_settings_take_the_engine_defaults_and_the_inputs() -> None:
     })
     assert (s.magic_rollback, s.confirm_timeout, s.activation_timeout, s.auto_rollback) == (False, 5.0, 60.0, False)
     assert [c.tcp for c in s.health_checks] == [22]
-    assert (s.substitute_on_destination, s.compress, s.nix_options) == (True, "zstd", (("cores", "1"),))
+    assert (s.substitute_on_destination, s.compress, s.nix_options) == ("always", "zstd", (("cores", "1"),))
+    # Unset asks the host's caches with a short timeout; false never asks.
+    assert DeploySettings.parse({}).substitute_on_destination == "auto"
+    assert DeploySettings.parse({"substituteOnDestination": False}).substitute_on_destination == "never"
     req = deploy_request(Remote("h"), "/nix/store/x-p", Profile("/p"), s, activate_command="true")
     assert (req.magic_rollback, req.confirm_timeout, req.health_checks, req.compress, req.activate_command) == (
         False, 5.0, s.health_checks, "zstd", "true")
@@ -108,12 +111,12 @@ def test_closure_and_outputs_of_a_deployment() -> None:
     assert Closure.parse({"flake": Secret(".#web"), "systemPath": "/nix/store/x-s"}, "systemPath") == Closure(
         ".#web", "/nix/store/x-s")
     result = DeployResult(store_path="/nix/store/x-s", generation=3, previous_generation=2,
-                          previous_store_path=None, host_key="", push=PushStats(paths=4, bytes=512),
+                          previous_store_path=None, host_key="", push=PushStats(paths=4, bytes=512, substituted=7),
                           nixos_version=None, output="")
     out = deployed_outputs(result, "systemPath", "ssh-ed25519 AAAA")
     assert {k: v for k, v in out.items() if k != "deployedAt"} == {
         "systemPath": "/nix/store/x-s", "generation": 3, "previousGeneration": 2, "hostKey": "ssh-ed25519 AAAA",
-        "pushedPaths": 4, "pushedBytes": 512}
+        "pushedPaths": 4, "pushedBytes": 512, "substitutedPaths": 7}
     assert set(out) - {"systemPath"} <= set(machine.COMPUTED)
 
 

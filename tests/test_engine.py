@@ -363,7 +363,7 @@ async def test_five_hosts_concurrently(new_host: HostFactory, systems: Systems) 
 
 
 async def test_compressed_push_and_substitute_on_destination(lab_host: labctl.LabHost, systems: Systems) -> None:
-    result = await deploy(lab_host, systems["web-v3"], compress="ssh", substitute_on_destination=True)
+    result = await deploy(lab_host, systems["web-v3"], compress="ssh", substitute_on_destination="always")
     assert result.push.paths == 5 and current_system(lab_host) == systems["web-v3"]
 
 

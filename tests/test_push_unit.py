@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from nixos_provider.engine import openssh, serve_proto
+from nixos_provider.engine import openssh, serve_proto, substitution
 from nixos_provider.engine.models import Credentials, Remote
 from nixos_provider.engine.nix_versions import PathInfo, parse_path_info
 from nixos_provider.engine.process import CommandResult
@@ -158,3 +158,25 @@ def test_parallelism_settings_take_numbers_and_their_text() -> None:
     from nixos_provider.pulumi_layer.server import _whole_number
     assert [_whole_number(v) for v in (4, 4.0, "4", " 16 ", "4.0")] == [4, 4, 4, 16, 4]
     assert [_whole_number(v) for v in (0, -1, 2.5, "x", "", "inf", "nan", True, None, [4])] == [None] * 10
+
+
+def test_what_the_targets_caches_offer_is_read_from_nix_own_account() -> None:
+    a, b, own = (STORE + c * 32 + n for c, n in (("4", "-pkg-a-1"), ("1", "-pkg-b-1"), ("9", "-own")))
+    # Nix 2.8, a cache holding a, and an unreachable one (both on stderr, as `nix-store --realise` prints them).
+    nix_2_8 = ("warning: error: unable to download 'https://cache.nixos.org/nix-cache-info': Couldn't resolve host "
+               "name (6); retrying in 272 ms\n"
+               f"warning: unable to download 'https://cache.nixos.org/nix-cache-info': Couldn't resolve host name (6)\n"
+               f"these 2 paths will be fetched (1.50 MiB download, 6.00 MiB unpacked):\n  {a}\n  {b}\n"
+               f"don't know how to build these paths:\n  {own}\n"
+               f"copying path '{a}' from 'http://127.0.0.9:80/cache'...\n"
+               f"error: build of '{own}' failed\n")
+    offer = substitution.parse_dry_run(nix_2_8)
+    assert offer.paths == (a, b) and offer.download_bytes == 1572864
+    assert offer.unreachable == ("https://cache.nixos.org: Couldn't resolve host name (6)",)
+    # Nix 2.34 says KiB for small downloads, and "this path" for one.
+    nix_2_34 = f"this path will be fetched (0.1 KiB download, 0.1 KiB unpacked):\n  {a}\n" \
+               f"don't know how to build these paths:\n  {b}\n  {own}\n"
+    offer = substitution.parse_dry_run(nix_2_34)
+    assert offer.paths == (a,) and offer.download_bytes == 102 and offer.unreachable == ()
+    # Nothing offered: no cache, or paths built here.
+    assert substitution.parse_dry_run(f"don't know how to build these paths:\n  {own}\n").paths == ()

@@ -135,9 +135,13 @@ export class NixProfile extends pulumi.CustomResource {
      */
     declare public readonly storePath: pulumi.Output<string>;
     /**
-     * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+     * Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
      */
     declare public readonly substituteOnDestination: pulumi.Output<boolean | undefined>;
+    /**
+     * The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+     */
+    declare public /*out*/ readonly substitutedPaths: pulumi.Output<number | undefined>;
     /**
      * Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
      */
@@ -177,7 +181,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["profile"] = args?.profile;
             resourceInputs["profilePath"] = args?.profilePath;
             resourceInputs["storePath"] = args?.storePath;
-            resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
+            resourceInputs["substituteOnDestination"] = args?.substituteOnDestination;
             resourceInputs["triggers"] = args?.triggers;
             resourceInputs["user"] = args?.user;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
@@ -188,6 +192,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["substitutedPaths"] = undefined /*out*/;
         } else {
             resourceInputs["activate"] = undefined /*out*/;
             resourceInputs["activationTimeout"] = undefined /*out*/;
@@ -214,6 +219,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["pushedPaths"] = undefined /*out*/;
             resourceInputs["storePath"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
+            resourceInputs["substitutedPaths"] = undefined /*out*/;
             resourceInputs["triggers"] = undefined /*out*/;
             resourceInputs["user"] = undefined /*out*/;
         }
@@ -291,7 +297,7 @@ export interface NixProfileArgs {
      */
     storePath?: pulumi.Input<string | undefined>;
     /**
-     * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+     * Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
      */
     substituteOnDestination?: pulumi.Input<boolean | undefined>;
     /**

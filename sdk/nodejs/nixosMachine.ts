@@ -201,9 +201,13 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly secretFiles: pulumi.Output<outputs.SecretFile[] | undefined>;
     /**
-     * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+     * Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
      */
     declare public readonly substituteOnDestination: pulumi.Output<boolean | undefined>;
+    /**
+     * The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+     */
+    declare public /*out*/ readonly substitutedPaths: pulumi.Output<number | undefined>;
     /**
      * The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
      */
@@ -256,7 +260,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["reboot"] = (args?.reboot) ?? "never";
             resourceInputs["rebootTimeout"] = (args?.rebootTimeout) ?? 600;
             resourceInputs["secretFiles"] = args?.secretFiles;
-            resourceInputs["substituteOnDestination"] = (args?.substituteOnDestination) ?? false;
+            resourceInputs["substituteOnDestination"] = args?.substituteOnDestination;
             resourceInputs["systemPath"] = args?.systemPath;
             resourceInputs["triggers"] = args?.triggers;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
@@ -274,6 +278,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["previousGeneration"] = undefined /*out*/;
             resourceInputs["pushedBytes"] = undefined /*out*/;
             resourceInputs["pushedPaths"] = undefined /*out*/;
+            resourceInputs["substitutedPaths"] = undefined /*out*/;
             resourceInputs["systemDerivation"] = undefined /*out*/;
         } else {
             resourceInputs["action"] = undefined /*out*/;
@@ -317,6 +322,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["rebootTimeout"] = undefined /*out*/;
             resourceInputs["secretFiles"] = undefined /*out*/;
             resourceInputs["substituteOnDestination"] = undefined /*out*/;
+            resourceInputs["substitutedPaths"] = undefined /*out*/;
             resourceInputs["systemDerivation"] = undefined /*out*/;
             resourceInputs["systemPath"] = undefined /*out*/;
             resourceInputs["triggers"] = undefined /*out*/;
@@ -431,7 +437,7 @@ export interface NixosMachineArgs {
      */
     secretFiles?: pulumi.Input<pulumi.Input<inputs.SecretFileArgs>[] | undefined>;
     /**
-     * Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+     * Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
      */
     substituteOnDestination?: pulumi.Input<boolean | undefined>;
     /**

@@ -208,7 +208,7 @@ def copy_closure_into(state: Path, store_path: str) -> None:
 
 def _prepare_etc(state: Path, host: LabHost, client_pub: str, mode: str) -> None:
     etc = state / "etc-upper"
-    for sub in ("etc-upper", "etc-work", "nix", "run"):
+    for sub in ("etc-upper", "etc-work", "nix", "run", "boot"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     (state / "root").mkdir(mode=0o700, exist_ok=True)
     (etc / "ssh").mkdir(parents=True, exist_ok=True)
@@ -262,6 +262,7 @@ def _start_holder(state: Path) -> None:
         # directory that itself lives under /tmp.
         'set -e; s=$1; exec 3>"$s/ready"; '
         'mount --bind "$s/nix" /nix; '
+        'mkdir -p "$s/boot"; mount --bind "$s/boot" /boot; '
         'mount --bind "$s/run" /run; '
         'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$s/etc-upper,workdir=$s/etc-work" /etc; '
         # root's own home, as on any machine: not the deployer's /root, whose
@@ -652,6 +653,21 @@ def container_enter(state: Path, cmd: list[str]) -> list[str]:
             "env", "-i", f"PATH={CONTAINER_PATH}", "LC_ALL=C.UTF-8", "HOME=/root", *cmd]
 
 
+def trust_cache(host: LabHost, url: str, public_key: str) -> None:
+    """Make a host substitute from url, trusting public_key, through its own nix.conf: as NixOS hosts trust the
+    public cache, not as a deployer's `--option` would.
+
+    Written in place, on the host's disk: the running host sees the file by its inode (a namespace host's overlay
+    has it in its upper layer, a systemd host has it bound), and a systemd host keeps it across reboots.
+    """
+    conf = host.state / "etc-upper" / "nix" / "nix.conf"
+    kept = [line for line in conf.read_text().splitlines()
+            if not line.startswith(("substituters", "trusted-public-keys"))]
+    with open(conf, "r+") as f:
+        f.write("\n".join([*kept, f"substituters = {url}", f"trusted-public-keys = {public_key}"]) + "\n")
+        f.truncate()
+
+
 def add_password_sudo_user(host: LabHost) -> None:
     """Give a running systemd host the user bob whose sudo asks for his password, as namespace hosts have.
 
@@ -673,6 +689,7 @@ def add_password_sudo_user(host: LabHost) -> None:
 def _prepare_systemd_state(state: Path, host: LabHost, client_pub: str) -> None:
     etc = state / "etc-upper"
     (state / "nix").mkdir(parents=True, exist_ok=True)
+    (state / "boot").mkdir(parents=True, exist_ok=True)  # the disk's /boot: GRUB's grub.cfg and grubenv
     (etc / "ssh").mkdir(parents=True, exist_ok=True)
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}",
          "-f", str(etc / "ssh" / "ssh_host_ed25519_key")])
@@ -711,6 +728,7 @@ def _nspawn_argv(host: LabHost, root: Path) -> list[str]:
     state, etc = host.state, host.state / "etc-upper"
     binds = [
         f"--bind={state / 'nix'}:/nix",
+        f"--bind={state / 'boot'}:/boot",
         f"--bind={etc / 'lab'}:/etc/lab",
         f"--bind-ro={etc / 'ssh' / 'ssh_host_ed25519_key'}:/etc/ssh/ssh_host_ed25519_key",
         f"--bind-ro={etc / 'ssh' / 'ssh_host_ed25519_key.pub'}:/etc/ssh/ssh_host_ed25519_key.pub",

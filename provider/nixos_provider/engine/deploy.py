@@ -237,7 +237,7 @@ class Deployment:
         compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
             self.nix, pusher, req.build_drv_on_target or req.store_path,
-            substitute_on_destination=req.substitute_on_destination, progress=on_progress, compression=compression,
+            substitute=req.substitute_on_destination, progress=on_progress, compression=compression,
             status=self.status,
         )
         if push.paths:

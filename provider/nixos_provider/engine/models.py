@@ -66,6 +66,9 @@ class Generation:
 
 Compression = Literal["auto", "zstd", "ssh", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("auto", "zstd", "ssh", "none")
+# Whether the target fetches from its own binary caches first (substitution.py):
+# "auto" asks them with a short timeout, "always" with the target's own settings.
+SubstitutePolicy = Literal["auto", "always", "never"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class PushStats:
     wire_bytes: int = 0  # what went into the SSH channel: less than `bytes` with zstd
     compression: str = "none"  # what the push used: "zstd", "ssh" or "none"
     transport: str = ""  # what carried it: "openssh" (the `ssh` client) or "connection" (the provider's own)
+    substituted: int = 0  # paths the target fetched from its own binary caches instead
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class DeployRequest:
     auto_rollback: bool = True
     health_checks: tuple[HealthCheck, ...] = ()
     activate_command: str | None = None  # NixProfile: run after switching the profile
-    substitute_on_destination: bool = False
+    substitute_on_destination: SubstitutePolicy = "auto"
     # "auto": zstd when the target has it, else none; "zstd": zstd, or none
     # (with a status line) when the target lacks it; "ssh": SSH's zlib.
     compress: Compression = "auto"

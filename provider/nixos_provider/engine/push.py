@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import openssh, serve_proto
+from . import openssh, serve_proto, substitution
 from .errors import CommandNotFound, ConnectError, EngineError, NixError
 from .lazy import lazy_module
-from .models import PushStats
+from .models import PushStats, SubstitutePolicy
 from .nix import Nix, PathInfo
 from .process import LOCAL, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
 
@@ -91,12 +91,6 @@ async def missing_paths(target: Target, paths: Sequence[str]) -> list[str]:
     return [p for p in paths if p in invalid]
 
 
-async def substitute_on_target(target: Target, paths: Sequence[str]) -> None:
-    """Let the target fetch what it can from its own binary caches; failures are fine."""
-    if paths:
-        await target.run(["nix-store", "--realise", *paths], check=False, timeout=1800)
-
-
 async def choose_compression(target: Target, wanted: str, status: Callable[[str], None] | None = None) -> str:
     """What a push will use: "zstd" when asked for (or "auto") and both sides have zstd, else "none" or "ssh"."""
     if wanted in ("ssh", "none"):
@@ -111,14 +105,16 @@ async def choose_compression(target: Target, wanted: str, status: Callable[[str]
     return "none"
 
 
-async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_on_destination: bool = False,
+async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute: SubstitutePolicy = "never",
                        progress: ProgressFn | None = None, compression: str = "none",
                        status: Callable[[str], None] | None = None) -> PushStats:
     """Copy store_path's closure to the target and say what it took.
 
-    compression is what choose_compression said: "zstd" compresses the
-    stream here; "ssh" means the connection itself compresses. status hears
-    why the push left `ssh` for the provider's own connection, if it did.
+    substitute says whether the target first fetches what its own binary
+    caches hold (substitution.py). compression is what choose_compression
+    said: "zstd" compresses the stream here; "ssh" means the connection
+    itself compresses. status hears what the caches offered, and why the push
+    left `ssh` for the provider's own connection, if it did.
     """
     started = time.monotonic()
     why_not = openssh.unusable(target.conn)
@@ -128,13 +124,14 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
     try:
         closure: list[PathInfo] = await nix.closure(store_path)
         order = [p.path for p in closure]
-        missing = await missing_paths(target, order)
-        missing_before = len(missing)
-        if missing and substitute_on_destination:
-            await substitute_on_target(target, missing)
-            missing = await missing_paths(target, missing)
+        if substitute == "never":
+            missing = await missing_paths(target, order)
+            missing_before = len(missing)
+        else:
+            missing_before, missing = await _substitute(target, order, substitute, status)
+        substituted = missing_before - len(missing)
         if not missing:
-            return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression)
+            return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression, substituted=substituted)
         infos = {p.path: p for p in closure}
         if early is not None:
             opening, early = early, None
@@ -142,7 +139,7 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
                 channel = await opening
                 sent = await _stream(nix, channel, [infos[p] for p in missing], progress)
                 return PushStats(len(missing), sent.nar_bytes, time.monotonic() - started, missing_before,
-                                 sent.wire_bytes, compression, "openssh")
+                                 sent.wire_bytes, compression, "openssh", substituted)
             except (_SshFailed, CommandNotFound) as e:
                 # Whatever arrived in full stays: send the rest the other way.
                 missing = await missing_paths(target, missing)
@@ -153,10 +150,34 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute_
         channel = await _open(target, compression, use_ssh=False)
         sent = await _stream(nix, channel, [infos[p] for p in missing], progress)
         return PushStats(len(missing), sent.nar_bytes, time.monotonic() - started, missing_before, sent.wire_bytes,
-                         compression, "connection")
+                         compression, "connection", substituted)
     finally:
         if early is not None:
             await _discard(early)
+
+
+async def _substitute(target: Target, closure: list[str], policy: SubstitutePolicy,
+                      status: Callable[[str], None] | None) -> tuple[int, list[str]]:
+    """Let the target fetch what it lacks of the closure from its binary caches: how many paths it lacked,
+    and which it still lacks."""
+    started = time.monotonic()
+    if status is not None:
+        status(f"{target.target} is fetching what it lacks of {len(closure)} paths from its binary caches")
+    done = await substitution.fetch_missing(target, closure, policy)
+    lacked, still = len(done.lacked), list(done.still_missing)
+    if status is not None and lacked:
+        status(_fetch_summary(target.target, done.offer, lacked, len(still), time.monotonic() - started))
+    return lacked, still
+
+
+def _fetch_summary(host: str, offer: substitution.Offer, missing: int, still: int, seconds: float) -> str:
+    if offer.unreachable and not offer.paths:
+        return f"{host}'s binary caches did not answer ({'; '.join(offer.unreachable)}); pushing all {missing} paths"
+    if not offer.paths:
+        return f"{host}'s binary caches offer none of the {missing} paths it lacks; pushing them"
+    rest = f"; pushing the other {still}" if still else ""
+    return (f"{host} fetched {missing - still} of the {missing} paths it lacked from its binary caches "
+            f"({_mib(offer.download_bytes)} downloaded) in {seconds:.1f}s{rest}")
 
 
 class _SshFailed(Exception):

@@ -130,4 +130,5 @@ def deployed_outputs(result: DeployResult, path_key: str, pinned: str | None) ->
         "deployedAt": now_rfc3339(),
         "pushedPaths": result.push.paths,
         "pushedBytes": result.push.bytes,
+        "substitutedPaths": result.push.substituted,
     }

@@ -41,7 +41,7 @@ INPUT_KEYS = [
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
     "systemDerivation", "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
-    "deployedAt", "pushedPaths", "pushedBytes", "installStatus", "installedAt", "installError", "needsReboot",
+    "deployedAt", "pushedPaths", "pushedBytes", "substitutedPaths", "installStatus", "installedAt", "installError", "needsReboot",
 ]
 # The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
 CHANGE_REPORTS = ["pendingChanges", "lastChanges"]
@@ -129,7 +129,8 @@ class NixosMachine(DeployedResource):
         out["binaryCache"] = v.secret_binary_cache(news.get("binaryCache"))
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
-                                                  "pushedPaths", "pushedBytes", "needsReboot", "systemDerivation")):
+                                                  "pushedPaths", "pushedBytes", "substitutedPaths", "needsReboot",
+                                                  "systemDerivation")):
                 out[k] = UNKNOWN
         if olds is not None and olds.get("hostKey"):
             out["hostKey"] = olds["hostKey"]

@@ -28,7 +28,7 @@ INPUT_KEYS = [
 ]
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
-            "pushedPaths", "pushedBytes"]
+            "pushedPaths", "pushedBytes", "substitutedPaths"]
 
 
 def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
@@ -144,7 +144,8 @@ class NixProfile(DeployedResource):
         if preview:
             if deploys:
                 base.update({"storePath": news.get("storePath"), "generation": UNKNOWN, "deployedAt": UNKNOWN,
-                             "pushedPaths": UNKNOWN, "pushedBytes": UNKNOWN, "previousGeneration": UNKNOWN})
+                             "pushedPaths": UNKNOWN, "pushedBytes": UNKNOWN, "substitutedPaths": UNKNOWN,
+                             "previousGeneration": UNKNOWN})
             return base
         if not deploys:
             return base

@@ -25,6 +25,7 @@ from ..engine.models import (
     HealthCheck,
     Profile,
     RebootMode,
+    SubstitutePolicy,
 )
 from ..engine.nix import FileRef, SourceRef, parse_flake_ref, resolve_path
 from ..engine.secret_files import RecordedFile, SecretFile
@@ -41,7 +42,7 @@ class DeploySettings:
     activation_timeout: float = ACTIVATION_TIMEOUT
     auto_rollback: bool = True
     health_checks: tuple[HealthCheck, ...] = ()
-    substitute_on_destination: bool = False
+    substitute_on_destination: SubstitutePolicy = "auto"
     compress: Compression = "auto"
     nix_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry access tokens
     keep_generations: int | None = None
@@ -59,7 +60,7 @@ class DeploySettings:
             activation_timeout=float(props.get("activationTimeout") or ACTIVATION_TIMEOUT),
             auto_rollback=props.get("autoRollback", True) is not False,
             health_checks=to_health_checks(props.get("healthChecks")),
-            substitute_on_destination=bool(props.get("substituteOnDestination")),
+            substitute_on_destination=_SUBSTITUTE.get(props.get("substituteOnDestination"), "auto"),
             compress=compress if compress in COMPRESSIONS else "auto",
             nix_options=tuple(nix_options(props.get("nixOptions"))),
             keep_generations=int(props["keepGenerations"]) if props.get("keepGenerations") is not None else None,
@@ -70,6 +71,8 @@ class DeploySettings:
 
 
 _REBOOTS: dict[str, RebootMode] = {"never": "never", "ifNeeded": "ifNeeded", "always": "always"}
+# substituteOnDestination: unset asks the host's caches with short timeouts.
+_SUBSTITUTE: dict[Any, SubstitutePolicy] = {True: "always", False: "never"}
 
 
 # The inputs that name a system to evaluate (NixProfile has only `flake`).

@@ -66,8 +66,10 @@ type NixProfile struct {
 	PushedPaths pulumi.IntPtrOutput `pulumi:"pushedPaths"`
 	// The store path the profile points to.
 	StorePath pulumi.StringOutput `pulumi:"storePath"`
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination pulumi.BoolPtrOutput `pulumi:"substituteOnDestination"`
+	// The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+	SubstitutedPaths pulumi.IntPtrOutput `pulumi:"substitutedPaths"`
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
 	Triggers pulumi.ArrayOutput `pulumi:"triggers"`
 	// The user who owns the profile. When it differs from the SSH user, the deployer switches to it with `sudo`. When unset, the SSH user owns the profile.
@@ -105,9 +107,6 @@ func NewNixProfile(ctx *pulumi.Context,
 	}
 	if args.OnDestroy == nil {
 		args.OnDestroy = pulumi.StringPtr("rollback")
-	}
-	if args.SubstituteOnDestination == nil {
-		args.SubstituteOnDestination = pulumi.BoolPtr(false)
 	}
 	opts = internal.PkgResourceDefaultOpts(opts)
 	var resource NixProfile
@@ -174,7 +173,7 @@ type nixProfileArgs struct {
 	ProfilePath *string `pulumi:"profilePath"`
 	// The store path of a prebuilt package to deploy. Set exactly one of `flake` and `storePath`.
 	StorePath *string `pulumi:"storePath"`
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
 	Triggers []interface{} `pulumi:"triggers"`
@@ -216,7 +215,7 @@ type NixProfileArgs struct {
 	ProfilePath pulumi.StringPtrInput
 	// The store path of a prebuilt package to deploy. Set exactly one of `flake` and `storePath`.
 	StorePath pulumi.StringPtrInput
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination pulumi.BoolPtrInput
 	// Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
 	Triggers pulumi.ArrayInput
@@ -431,9 +430,14 @@ func (o NixProfileOutput) StorePath() pulumi.StringOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringOutput { return v.StorePath }).(pulumi.StringOutput)
 }
 
-// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 func (o NixProfileOutput) SubstituteOnDestination() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.BoolPtrOutput { return v.SubstituteOnDestination }).(pulumi.BoolPtrOutput)
+}
+
+// The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+func (o NixProfileOutput) SubstitutedPaths() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.IntPtrOutput { return v.SubstitutedPaths }).(pulumi.IntPtrOutput)
 }
 
 // Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.

@@ -100,8 +100,10 @@ type NixosMachine struct {
 	RebootTimeout pulumi.Float64PtrOutput `pulumi:"rebootTimeout"`
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles SecretFileArrayOutput `pulumi:"secretFiles"`
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination pulumi.BoolPtrOutput `pulumi:"substituteOnDestination"`
+	// The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+	SubstitutedPaths pulumi.IntPtrOutput `pulumi:"substitutedPaths"`
 	// The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.
 	SystemDerivation pulumi.StringPtrOutput `pulumi:"systemDerivation"`
 	// The store path of the NixOS system deployed on the host.
@@ -162,9 +164,6 @@ func NewNixosMachine(ctx *pulumi.Context,
 	}
 	if args.RebootTimeout == nil {
 		args.RebootTimeout = pulumi.Float64Ptr(600.0)
-	}
-	if args.SubstituteOnDestination == nil {
-		args.SubstituteOnDestination = pulumi.BoolPtr(false)
 	}
 	opts = internal.PkgResourceDefaultOpts(opts)
 	var resource NixosMachine
@@ -249,7 +248,7 @@ type nixosMachineArgs struct {
 	RebootTimeout *float64 `pulumi:"rebootTimeout"`
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles []SecretFile `pulumi:"secretFiles"`
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination *bool `pulumi:"substituteOnDestination"`
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	SystemPath *string `pulumi:"systemPath"`
@@ -309,7 +308,7 @@ type NixosMachineArgs struct {
 	RebootTimeout pulumi.Float64PtrInput
 	// Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
 	SecretFiles SecretFileArrayInput
-	// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+	// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 	SubstituteOnDestination pulumi.BoolPtrInput
 	// The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	SystemPath pulumi.StringPtrInput
@@ -604,9 +603,14 @@ func (o NixosMachineOutput) SecretFiles() SecretFileArrayOutput {
 	return o.ApplyT(func(v *NixosMachine) SecretFileArrayOutput { return v.SecretFiles }).(SecretFileArrayOutput)
 }
 
-// Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+// Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
 func (o NixosMachineOutput) SubstituteOnDestination() pulumi.BoolPtrOutput {
 	return o.ApplyT(func(v *NixosMachine) pulumi.BoolPtrOutput { return v.SubstituteOnDestination }).(pulumi.BoolPtrOutput)
+}
+
+// The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+func (o NixosMachineOutput) SubstitutedPaths() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.IntPtrOutput { return v.SubstitutedPaths }).(pulumi.IntPtrOutput)
 }
 
 // The store derivation (`.drv`) of the deployed system, when the deployer evaluated it from `flake`. The preview compares it with the new configuration's derivation to show package changes before anything is built.

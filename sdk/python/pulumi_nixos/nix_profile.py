@@ -59,7 +59,7 @@ class NixProfileArgs:
         :param pulumi.Input[_builtins.str] profile: The name of the profile, placed at `/nix/var/nix/profiles/per-user/<user>/<profile>`. Set exactly one of `profile` and `profilePath`.
         :param pulumi.Input[_builtins.str] profile_path: The absolute path of the profile, such as `/nix/var/nix/profiles/per-user/alice/home-manager`. Set exactly one of `profile` and `profilePath`.
         :param pulumi.Input[_builtins.str] store_path: The store path of a prebuilt package to deploy. Set exactly one of `flake` and `storePath`.
-        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         :param pulumi.Input[_builtins.str] user: The user who owns the profile. When it differs from the SSH user, the deployer switches to it with `sudo`. When unset, the SSH user owns the profile.
         """
@@ -108,8 +108,6 @@ class NixProfileArgs:
             pulumi.set(__self__, "profile_path", profile_path)
         if store_path is not None:
             pulumi.set(__self__, "store_path", store_path)
-        if substitute_on_destination is None:
-            substitute_on_destination = False
         if substitute_on_destination is not None:
             pulumi.set(__self__, "substitute_on_destination", substitute_on_destination)
         if triggers is not None:
@@ -313,7 +311,7 @@ class NixProfileArgs:
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Input[Optional[_builtins.bool]]:
         """
-        Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         """
         return pulumi.get(self, "substitute_on_destination")
 
@@ -395,7 +393,7 @@ class NixProfile(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] profile: The name of the profile, placed at `/nix/var/nix/profiles/per-user/<user>/<profile>`. Set exactly one of `profile` and `profilePath`.
         :param pulumi.Input[_builtins.str] profile_path: The absolute path of the profile, such as `/nix/var/nix/profiles/per-user/alice/home-manager`. Set exactly one of `profile` and `profilePath`.
         :param pulumi.Input[_builtins.str] store_path: The store path of a prebuilt package to deploy. Set exactly one of `flake` and `storePath`.
-        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         :param pulumi.Input[_builtins.str] user: The user who owns the profile. When it differs from the SSH user, the deployer switches to it with `sudo`. When unset, the SSH user owns the profile.
         """
@@ -485,8 +483,6 @@ class NixProfile(pulumi.CustomResource):
             __props__.__dict__["profile"] = profile
             __props__.__dict__["profile_path"] = profile_path
             __props__.__dict__["store_path"] = store_path
-            if substitute_on_destination is None:
-                substitute_on_destination = False
             __props__.__dict__["substitute_on_destination"] = substitute_on_destination
             __props__.__dict__["triggers"] = triggers
             __props__.__dict__["user"] = user
@@ -498,6 +494,7 @@ class NixProfile(pulumi.CustomResource):
             __props__.__dict__["previous_generation"] = None
             __props__.__dict__["pushed_bytes"] = None
             __props__.__dict__["pushed_paths"] = None
+            __props__.__dict__["substituted_paths"] = None
         super(NixProfile, __self__).__init__(
             'nixos:index:NixProfile',
             resource_name,
@@ -545,6 +542,7 @@ class NixProfile(pulumi.CustomResource):
         __props__.__dict__["pushed_paths"] = None
         __props__.__dict__["store_path"] = None
         __props__.__dict__["substitute_on_destination"] = None
+        __props__.__dict__["substituted_paths"] = None
         __props__.__dict__["triggers"] = None
         __props__.__dict__["user"] = None
         return NixProfile(resource_name, opts=opts, __props__=__props__)
@@ -745,9 +743,17 @@ class NixProfile(pulumi.CustomResource):
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Output[Optional[_builtins.bool]]:
         """
-        Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         """
         return pulumi.get(self, "substitute_on_destination")
+
+    @_builtins.property
+    @pulumi.getter(name="substitutedPaths")
+    def substituted_paths(self) -> pulumi.Output[Optional[_builtins.int]]:
+        """
+        The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+        """
+        return pulumi.get(self, "substituted_paths")
 
     @_builtins.property
     @pulumi.getter

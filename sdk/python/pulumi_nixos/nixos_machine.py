@@ -77,7 +77,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.str] reboot: Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
         :param pulumi.Input[_builtins.float] reboot_timeout: How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
         :param pulumi.Input[Sequence[pulumi.Input['SecretFileArgs']]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
-        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         """
@@ -156,8 +156,6 @@ class NixosMachineArgs:
             pulumi.set(__self__, "reboot_timeout", reboot_timeout)
         if secret_files is not None:
             pulumi.set(__self__, "secret_files", secret_files)
-        if substitute_on_destination is None:
-            substitute_on_destination = False
         if substitute_on_destination is not None:
             pulumi.set(__self__, "substitute_on_destination", substitute_on_destination)
         if system_path is not None:
@@ -469,7 +467,7 @@ class NixosMachineArgs:
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Input[Optional[_builtins.bool]]:
         """
-        Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         """
         return pulumi.get(self, "substitute_on_destination")
 
@@ -571,7 +569,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] reboot: Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
         :param pulumi.Input[_builtins.float] reboot_timeout: How long, in seconds, a host may take to go down, boot and finish booting after a `reboot`.
         :param pulumi.Input[Sequence[pulumi.Input[Union['SecretFileArgs', 'SecretFileArgsDict']]]] secret_files: Files placed on the host over SSH before or after activation (keys for agenix or sops-nix, credentials), never through the Nix store. Removing an entry removes its file on the next `pulumi up`. The output lists each file with the HMAC of its content (`contentHash`), never the content.
-        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        :param pulumi.Input[_builtins.bool] substitute_on_destination: Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         :param pulumi.Input[_builtins.str] system_path: The store path of a prebuilt NixOS system (a `system.build.toplevel`), such as `/nix/store/...-nixos-system-web-24.05`. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
         :param pulumi.Input[Sequence[Any]] triggers: Arbitrary values; a change to any of them forces a redeployment even when nothing else changed.
         """
@@ -693,8 +691,6 @@ class NixosMachine(pulumi.CustomResource):
                 reboot_timeout = 600
             __props__.__dict__["reboot_timeout"] = reboot_timeout
             __props__.__dict__["secret_files"] = secret_files
-            if substitute_on_destination is None:
-                substitute_on_destination = False
             __props__.__dict__["substitute_on_destination"] = substitute_on_destination
             __props__.__dict__["system_path"] = system_path
             __props__.__dict__["triggers"] = triggers
@@ -713,6 +709,7 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["previous_generation"] = None
             __props__.__dict__["pushed_bytes"] = None
             __props__.__dict__["pushed_paths"] = None
+            __props__.__dict__["substituted_paths"] = None
             __props__.__dict__["system_derivation"] = None
         super(NixosMachine, __self__).__init__(
             'nixos:index:NixosMachine',
@@ -777,6 +774,7 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["reboot_timeout"] = None
         __props__.__dict__["secret_files"] = None
         __props__.__dict__["substitute_on_destination"] = None
+        __props__.__dict__["substituted_paths"] = None
         __props__.__dict__["system_derivation"] = None
         __props__.__dict__["system_path"] = None
         __props__.__dict__["triggers"] = None
@@ -1106,9 +1104,17 @@ class NixosMachine(pulumi.CustomResource):
     @pulumi.getter(name="substituteOnDestination")
     def substitute_on_destination(self) -> pulumi.Output[Optional[_builtins.bool]]:
         """
-        Whether the host may fetch store paths from its own binary caches instead of receiving them over SSH.
+        Whether the host first fetches what it lacks from its own binary caches (the `substituters` of its nix.conf, such as cache.nixos.org) and the deployer pushes only the rest over SSH. Unset (the default): ask the host's caches with two attempts per download and a 5-second connect timeout, and push whatever they do not deliver; `true`: ask them with the host's own retries and timeouts; `false`: never ask, push everything. A status line says what the caches offered.
         """
         return pulumi.get(self, "substitute_on_destination")
+
+    @_builtins.property
+    @pulumi.getter(name="substitutedPaths")
+    def substituted_paths(self) -> pulumi.Output[Optional[_builtins.int]]:
+        """
+        The number of store paths the host fetched from its own binary caches in the last deployment, instead of receiving them from the deployer (`substituteOnDestination`).
+        """
+        return pulumi.get(self, "substituted_paths")
 
     @_builtins.property
     @pulumi.getter(name="systemDerivation")

@@ -1,0 +1,147 @@
+"""Let the target fetch what its own binary caches hold, before anything is pushed.
+
+A real NixOS closure is mostly on the public cache: fetching that part from
+there spares the deployer's uplink. Nix decides, on the target, what its
+configured substituters offer. `nix-store --realise` of the missing paths
+first prints which "will be fetched" apart from those it "don't know how to
+build" (after asking each cache for their narinfo: what `nix copy
+--substitute-on-destination` has the target do), then fetches. A path that no
+cache holds fails the command, and without `--keep-going` that failure can
+cancel the fetches still under way (seen on every Nix of the matrix), hence
+`--keep-going`. The same command then lists what is still missing: that is
+what gets pushed. One command, one round trip.
+
+In "auto" mode each download gets two attempts and a short connect timeout, so
+a host whose caches cannot be reached (an air-gapped fleet keeping the default
+cache.nixos.org) costs a fraction of a second, not Nix's five attempts per
+cache with back-off. Not one attempt: Nix turns a cache off, silently, after
+one failed download (the narinfo then reads as "don't know how to build"), and
+one refused connection under load was enough for that in the lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .models import SubstitutePolicy
+from .process import Target
+
+QUERY_BATCH = 400  # paths per dry run (keeps command lines short)
+# "auto": two attempts per download, each connected within this many seconds.
+PROBE_CONNECT_TIMEOUT = 5
+PROBE_OPTIONS = ["--option", "download-attempts", "2", "--option", "connect-timeout", str(PROBE_CONNECT_TIMEOUT)]
+FETCH_TIMEOUT = 1800.0
+
+_FETCHED = re.compile(r"^(?:this path|these \d+ paths) will be fetched(?: \((?P<size>[\d.]+) (?P<unit>[KMGT]i?B) download)?")
+# The last word on a cache that did not answer (the attempts before it end in "; retrying in N ms").
+_UNREACHABLE = re.compile(r"^warning: unable to download '(?P<url>[^']*)/nix-cache-info': (?P<why>[^\n]*)$", re.M)
+_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What the target's caches offer of the paths it lacks."""
+
+    paths: tuple[str, ...]  # in the order they were asked for
+    download_bytes: int  # as Nix estimated it (compressed NARs)
+    unreachable: tuple[str, ...] = ()  # "url: why" of each cache that did not answer
+
+
+def parse_dry_run(output: str) -> Offer:
+    """The paths a `nix-store --realise --dry-run` says will be fetched, and the caches it could not reach.
+
+    Nix prints (on stderr, the same words from 2.8 to 2.34) a header per
+    kind of work, each followed by its paths indented by two spaces.
+    """
+    paths: list[str] = []
+    size = 0.0
+    in_fetched = False
+    for line in output.splitlines():
+        if line.startswith("  /"):
+            if in_fetched:
+                paths.append(line.strip())
+            continue
+        header = _FETCHED.match(line)
+        in_fetched = header is not None
+        if header is not None and header["size"]:
+            size += float(header["size"]) * _UNITS.get(header["unit"], 1 << 20)
+    unreachable = tuple(dict.fromkeys(f"{m['url']}: {m['why'].strip()}" for m in _UNREACHABLE.finditer(output)))
+    return Offer(tuple(paths), int(size), unreachable)
+
+
+# One batch of the closure, one round trip. stdout: the paths the target
+# lacked, a line "--", then those it still lacks; stderr: Nix's account of
+# what it fetched. Derivations (a closure pushed for a build on the target)
+# are left out of the realise, which would build them. Store paths hold no
+# blanks, and `set -f` keeps a `?` in one from being expanded.
+_FETCH_SCRIPT = """set -f
+lacked=$(nix-store --check-validity --print-invalid "$@") || exit 1
+printf '%s\\n--\\n' "$lacked"
+outputs=$(printf '%s\\n' "$lacked" | grep -v '[.]drv$')
+[ -n "$outputs" ] || {{ printf '%s\\n' "$lacked"; exit 0; }}
+nix-store --realise --keep-going {options} $outputs >/dev/null
+exec nix-store --check-validity --print-invalid $lacked
+"""
+_FETCH_SCRIPTS: dict[SubstitutePolicy, str] = {
+    "auto": _FETCH_SCRIPT.format(options=" ".join(PROBE_OPTIONS)),
+    "always": _FETCH_SCRIPT.format(options=""),
+}
+
+
+# One fetch per host at a time (deployments of one provider process: a machine and its profiles). Two Nix processes
+# using a cache for the first time at once can both write it into the narinfo disk cache, and then one of them
+# reads the narinfos it fetched as unusable: "don't know how to build" (seen in the lab on Nix 2.8, about one run
+# in six of a machine and a profile of one host). Their downloads share the host's link anyway.
+# Keyed by the event loop too: a lock belongs to the loop it first waited in.
+_HOST_LOCKS: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Lock] = {}
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one fetch did: the paths the target lacked, what its caches offered, and what it still lacks."""
+
+    lacked: tuple[str, ...]
+    offer: Offer
+    still_missing: tuple[str, ...]
+
+
+async def fetch_missing(target: Target, paths: Sequence[str], policy: SubstitutePolicy) -> Fetched:
+    """Find what the target lacks of paths and let it realise that from its binary caches, in one go.
+
+    What it could not fetch is left missing, for the push.
+    """
+    host = (asyncio.get_running_loop(), target.target.rpartition("@")[2])
+    async with _HOST_LOCKS.setdefault(host, asyncio.Lock()):
+        return await _fetch_missing(target, paths, _FETCH_SCRIPTS["auto" if policy == "auto" else "always"])
+
+
+async def _fetch_missing(target: Target, paths: Sequence[str], script: str) -> Fetched:
+    lacked: set[str] = set()
+    found: list[str] = []
+    size = 0
+    unreachable: list[str] = []
+    still: set[str] = set()
+    for i in range(0, len(paths), QUERY_BATCH):
+        batch = list(paths[i:i + QUERY_BATCH])
+        if unreachable and not found:
+            # Caches that did not answer one batch will not answer the next: only ask what is missing.
+            res = await target.run(["nix-store", "--check-validity", "--print-invalid", *batch])
+            lacked.update(res.stdout.split())
+            still.update(res.stdout.split())
+            continue
+        res = await target.run(["sh", "-c", script, "sh", *batch], timeout=FETCH_TIMEOUT)
+        before, _, after = res.stdout.partition("\n--\n")
+        asked = set(batch)
+        lacked.update(p for p in before.split() if p in asked)
+        still.update(p for p in after.split() if p in asked)
+        offer = parse_dry_run(res.stderr)
+        found += offer.paths
+        size += offer.download_bytes
+        unreachable += [u for u in offer.unreachable if u not in unreachable]
+    wanted = set(found)
+    return Fetched(tuple(p for p in paths if p in lacked), Offer(tuple(p for p in paths if p in wanted), size,
+                                                                 tuple(unreachable)),
+                   tuple(p for p in paths if p in still))
