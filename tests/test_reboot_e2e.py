@@ -3,7 +3,8 @@ part 1), through the real `pulumi` CLI on systemd lab hosts.
 
 A container restart is the reboot (`systemctl reboot` inside; the lab boots the container again). The lab's boot
 loader honours a default entry (the profile's generation, `switch-to-configuration boot`) and a one-shot entry
-(`bootctl set-oneshot`, used up by the next boot), as systemd-boot does: tests/lab/systemd/lab-boot.sh.
+(`bootctl set-oneshot`, used up by the next boot), as systemd-boot does, or, for the `web-grub*` systems, GRUB's
+`next_entry` (`grub-reboot`, named by the titles in a grub.cfg written as NixOS writes it): tests/lab/systemd/lab-boot.sh.
 """
 
 from __future__ import annotations
@@ -143,3 +144,39 @@ def test_check_refuses_a_reboot_without_a_boot_entry(project: PulumiProject, new
     deployed(project, host, "web", reboot="always", action="test")
     out = strip_ansi(project.run("preview", check=False).stdout)
     assert "`test` activates without a boot entry" in out, out
+
+
+def grub(host: labctl.LabHost, *argv: str) -> str:
+    return in_host(host, *argv).stdout
+
+
+def test_grub_boots_the_new_generation_once_with_grub_reboot(
+        project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    """GRUB as NixOS installs it: the one-shot entry is next_entry in grubenv (grub-reboot), named by grub.cfg's
+    titles; kept, it becomes the default entry; failing its check, the host reboots into the default."""
+    host = new_host("systemd")
+    deployed(project, host, "web-grub", reboot="ifNeeded")
+    project.run("stack", "init", "dev")
+    project.up()  # base's kernel: switched, and from now on GRUB writes the menu
+    assert current_system(host) == systems["web-grub"]
+    checks = [{"http": f"http://{host.address}:8080/", "retries": 1, "interval": 1}]
+
+    before = boot_id(host)
+    deployed(project, host, "web-grub-kernel", reboot="ifNeeded", healthChecks=checks)
+    up = strip_ansi(project.up().stdout)
+    assert "into generation 3 (once)" in up, up
+    assert boot_id(host) != before
+    assert booted(host) == current_system(host) == systems["web-grub-kernel"] and http_version(host) == "grub-kernel"
+    # Kept: the menu's default entry boots it, and no one-shot entry is left.
+    cfg = grub(host, "cat", "/boot/grub/grub.cfg")
+    assert f'menuentry "NixOS" --class nixos --unrestricted {{\n  linux {systems["web-grub-kernel"]}/kernel' in cfg, cfg
+    assert "next_entry=" not in grub(host, "cat", "/boot/grub/grubenv")
+    assert profile_link(host) == "system-3-link"
+
+    deployed(project, host, "web-grub-500", reboot="ifNeeded", healthChecks=checks)
+    out = failed_up(project)
+    assert "after rebooting into" in out and "generation 4 was removed" in out, out
+    assert "Rebooted: the host runs generation 3" in out, out
+    assert booted(host) == current_system(host) == systems["web-grub-kernel"]
+    assert profile_link(host) == "system-3-link" and "system-4-link" not in generations(host)
+    assert "Configuration 4 " not in grub(host, "cat", "/boot/grub/grub.cfg")

@@ -727,3 +727,50 @@ def test_the_plugin_starts_without_ssh_or_the_deployment_code() -> None:
              "if m in sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
+
+
+# A grub.cfg as NixOS's install-grub.pl writes it: the default entry, then every generation in a submenu, newest
+# first; generation 3 has a specialisation, so it is a submenu whose first entry is its default.
+GRUB_CFG = """if [ -s $prefix/grubenv ]; then
+  load_env
+fi
+function savedefault {
+  saved_entry="${chosen}"
+  save_env saved_entry
+}
+menuentry "NixOS" --class nixos --unrestricted {
+  linux /nix/store/a-linux/bzImage init=/nix/store/c-nixos-system/init
+}
+
+submenu "NixOS - All configurations" --class submenu {
+menuentry "NixOS - Configuration 12 (2026-12-04 - 26.05pre)" --class nixos {
+  linux /nix/store/a-linux/bzImage init=/nix/store/d-nixos-system/init
+}
+submenu "NixOS - Configuration 3 (2026-12-01 - 26.05pre)" --class submenu {
+menuentry "NixOS - Configuration 3 - Default (2026-12-01 - 26.05pre)" --class nixos {
+  linux x
+}
+menuentry "NixOS - Configuration 3 - (web - 2026-12-01 - 26.05pre)" --class nixos {
+  linux x
+}
+}
+menuentry "NixOS - Configuration 1 (2026-11-01 - 26.05pre)" --class nixos {
+  linux x
+}
+}
+"""
+
+
+@pytest.mark.parametrize(("generation", "entry"), [
+    ("12", "NixOS - All configurations>NixOS - Configuration 12 (2026-12-04 - 26.05pre)"),
+    ("3", "NixOS - All configurations>NixOS - Configuration 3 (2026-12-01 - 26.05pre)>"
+          "NixOS - Configuration 3 - Default (2026-12-01 - 26.05pre)"),
+    ("1", "NixOS - All configurations>NixOS - Configuration 1 (2026-11-01 - 26.05pre)"),
+    ("2", ""),
+])
+def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation: str, entry: str) -> None:
+    from nixos_provider.engine import reboot
+    (tmp_path / "grub.cfg").write_text(GRUB_CFG)
+    script = reboot._ONE_SHOT.replace("/boot/grub/grub.cfg", str(tmp_path / "grub.cfg")) + '\ngrub_entry "$1"'
+    res = subprocess.run(["sh", "-c", script, "sh", generation], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == entry

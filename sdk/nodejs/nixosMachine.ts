@@ -189,7 +189,7 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly pushedPaths: pulumi.Output<number | undefined>;
     /**
-     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry, or GRUB's `grub-reboot`) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot or GRUB; with `action` `switch` or `boot`.
      */
     declare public readonly reboot: pulumi.Output<string | undefined>;
     /**
@@ -425,7 +425,7 @@ export interface NixosMachineArgs {
      */
     onDestroy?: pulumi.Input<string | undefined>;
     /**
-     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot; with `action` `switch` or `boot`.
+     * Whether a deployment reboots the host into the new system: `never` (the default: `needsReboot` says when one is due), `ifNeeded` (when the new system's kernel, initrd or kernel modules differ from the booted ones: the rule of `needsReboot`) or `always`. The new generation is booted once (systemd-boot's one-shot entry, or GRUB's `grub-reboot`) while the generation before stays the default entry; it becomes the default only once the host booted it and passed the health checks. A host that comes back on the old system, or fails its checks, is rebooted into the default; one that does not come back boots the default on its next boot or power cycle. Needs systemd-boot or GRUB; with `action` `switch` or `boot`.
      */
     reboot?: pulumi.Input<string | undefined>;
     /**

@@ -4,10 +4,11 @@
   outputs = { self }:
     let
       lab = import ./lib.nix;
-      web = { version ? "1", nginx ? "1.24.0", extra ? [ ], faults ? { }, service ? { }, kernel ? "6.6.30" }:
+      web = { version ? "1", nginx ? "1.24.0", extra ? [ ], faults ? { }, service ? { }, kernel ? "6.6.30",
+              bootLoader ? "systemd-boot" }:
         lab.nixosConfiguration {
           hostName = "web";
-          inherit version faults service kernel;
+          inherit version faults service kernel bootLoader;
           # disko's LUKS key: nixos-anywhere uploads it (--disk-encryption-keys).
           diskKeyFiles = [ "/tmp/disk.key" ];
           packages = [
@@ -34,6 +35,10 @@
         web-moves-ssh = web { version = "moved"; faults.sshPort = 2299; };
         web-http-500 = web { version = "500"; faults.httpStatus = 500; };
         web-http-down = web { version = "down"; faults.httpDown = true; };
+        # GRUB as the boot loader (grub-reboot, grub.cfg as NixOS writes it).
+        web-grub = web { version = "grub"; bootLoader = "grub"; };
+        web-grub-kernel = web { version = "grub-kernel"; kernel = "6.6.31"; bootLoader = "grub"; };
+        web-grub-500 = web { version = "grub-500"; kernel = "6.6.32"; bootLoader = "grub"; faults.httpStatus = 500; };
         web-slow = web { version = "slow"; faults.slowActivation = 20; };
       };
       packages.x86_64-linux = {

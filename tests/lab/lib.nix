@@ -54,7 +54,45 @@ let
     esac
   '';
 
-  mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { }, kernel ? "6.6.30" }:
+  # GRUB's tools, for a lab system whose boot loader is GRUB (`bootLoader = "grub"`), in its sw/bin as NixOS's grub
+  # module puts them: grubenv is GRUB's environment block (a header, `name=value` lines, `#` up to 1024 bytes),
+  # `grub-reboot ENTRY` sets next_entry in it, and the boot uses it up (tests/lab/systemd/lab-boot.sh), as NixOS's
+  # grub.cfg does. That system's bootctl says systemd-boot is not installed, as bootctl on a GRUB machine does.
+  grubEditenv = builtins.toFile "lab-grub-editenv" ''
+    #!/bin/sh
+    set -eu
+    [ "$#" -ge 2 ] || { echo "Usage: grub-editenv FILENAME COMMAND" >&2; exit 1; }
+    file=$1 cmd=$2; shift 2
+    vars=$(grep -v '^#' "$file" 2>/dev/null || true)
+    drop() { printf '%s\n' "$vars" | grep -v "^$1=" || true; }
+    case "$cmd" in
+      list) printf '%s\n' "$vars" | sed '/^$/d'; exit 0 ;;
+      set) for kv in "$@"; do vars="$(drop "''${kv%%=*}")
+    $kv"; done ;;
+      unset) for k in "$@"; do vars=$(drop "$k"); done ;;
+      *) echo "grub-editenv (lab): $cmd is not supported here" >&2; exit 1 ;;
+    esac
+    mkdir -p "$(dirname "$file")"
+    { echo '# GRUB Environment Block'; printf '%s\n' "$vars" | sed '/^$/d'; } > "$file.new"
+    head -c $((1024 - $(wc -c < "$file.new"))) /dev/zero | tr '\0' '#' >> "$file.new"
+    mv "$file.new" "$file"
+  '';
+  grubReboot = builtins.toFile "lab-grub-reboot" ''
+    #!/bin/sh
+    set -eu
+    [ "$#" -eq 1 ] || { echo "Usage: grub-reboot [OPTION] MENU_ENTRY" >&2; exit 1; }
+    exec "$(dirname "$0")/grub-editenv" /boot/grub/grubenv set "next_entry=$1"
+  '';
+  grubBootctl = builtins.toFile "lab-bootctl-on-grub" ''
+    #!/bin/sh
+    case "''${1:-}" in
+      is-installed) echo no; exit 1 ;;
+      *) echo "bootctl: systemd-boot is not installed" >&2; exit 1 ;;
+    esac
+  '';
+
+  mkSystem = { hostName ? "lab", version ? "1", packages ? [ ], service ? { }, faults ? { }, kernel ? "6.6.30",
+               bootLoader ? "systemd-boot" }:
     let
       f = defaultFaults // faults;
       # The boot files a NixOS toplevel links to: a new kernel, initrd or
@@ -70,7 +108,9 @@ let
       } // service);
       sshPort = if f.sshPort == null then "" else toString f.sshPort;
       nixosVersion = "24.05.lab-${version}";
-    in derivation {
+      # Only a GRUB system's derivation has these: every other lab system stays as it was.
+      grub = if bootLoader == "grub" then { bootctl = grubBootctl; inherit grubEditenv grubReboot; } else { };
+    in derivation ({
       inherit system;
       name = "nixos-system-${hostName}-${nixosVersion}";
       builder = "/bin/sh";
@@ -108,10 +148,16 @@ let
         chmod +x $out/sw/bin/lab-service
         cp $bootctl $out/sw/bin/bootctl
         chmod +x $out/sw/bin/bootctl
+        if [ -n "''${grubEditenv:-}" ]; then
+          cp $grubEditenv $out/sw/bin/grub-editenv
+          cp $grubReboot $out/sw/bin/grub-reboot
+          chmod +x $out/sw/bin/grub-editenv $out/sw/bin/grub-reboot
+          echo grub > $out/etc/lab/boot-loader
+        fi
         sed "s|@out@|$out|g" $stc > $out/bin/switch-to-configuration
         chmod +x $out/bin/switch-to-configuration
       '' ];
-    };
+    } // grub);
 
   # What disko's script does to a lab host, run there by nixos-anywhere in the
   # installer: check that the LUKS key files it needs arrived (present, mode

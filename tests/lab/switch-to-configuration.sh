@@ -50,6 +50,24 @@ if [ "$action" = switch ] || [ "$action" = boot ]; then
     n="${link#/nix/var/nix/profiles/system-}"
     printf '%s %s\n' "${n%-link}" "$(readlink -f "$link")"
   done | sort -n > "$lab/boot-entries"
+  # A GRUB system writes grub.cfg as NixOS's install-grub.pl does, for the parts a deployer reads: the default
+  # entry "NixOS", then the submenu "NixOS - All configurations" with "NixOS - Configuration N (date - version)",
+  # newest first, each booting its system (init=).
+  if [ "$(cat "$out/etc/lab/boot-loader" 2>/dev/null || true)" = grub ]; then
+    mkdir -p /boot/grub
+    {
+      echo 'if [ -s $prefix/grubenv ]; then load_env; fi'
+      echo 'if [ "${next_entry}" ]; then set default="${next_entry}"; set next_entry=; save_env next_entry; else set default=0; fi'
+      printf 'menuentry "NixOS" --class nixos --unrestricted {\n  linux %s/kernel init=%s/init\n}\n' "$out" "$out"
+      echo 'submenu "NixOS - All configurations" --class submenu {'
+      sort -rn "$lab/boot-entries" | while read -r n path; do
+        printf 'menuentry "NixOS - Configuration %s (%s - %s)" --class nixos {\n  linux %s/kernel init=%s/init\n}\n' \
+          "$n" "$(date -u +%F)" "$(cat "$path/nixos-version")" "$path" "$path"
+      done
+      echo '}'
+    } > /boot/grub/grub.cfg.new
+    mv /boot/grub/grub.cfg.new /boot/grub/grub.cfg
+  fi
 fi
 [ "$action" = boot ] && exit 0
 

@@ -6,7 +6,8 @@ not boot. Here the new generation is booted *once*:
 1. Under the deployments' lock (the supervisors' lock file): the new system becomes a generation, then the profile
    goes back to the generation before, whose `switch-to-configuration boot` keeps it the default boot entry, and
    the new generation becomes the boot loader's one-shot entry (systemd-boot: `bootctl set-oneshot
-   nixos-generation-N.conf`, the EFI variable the boot loader uses up on the next boot). A mark with this
+   nixos-generation-N.conf`, the EFI variable the boot loader uses up on the next boot; GRUB: `grub-reboot` with
+   the entry's titles, next_entry in grubenv, which NixOS's grub.cfg uses up). A mark with this
    deployment's token is left beside the profile.
 2. Reboot, and wait for the host within `reboot_timeout`: another boot id, and a boot that has settled
    (`systemctl is-system-running --wait`).
@@ -54,17 +55,56 @@ done
 echo no
 """
 
+# The boot loader's one-shot entry. systemd-boot: `bootctl set-oneshot` (an EFI variable the boot loader uses
+# up). GRUB: `grub-reboot` sets next_entry in /boot/grub/grubenv, which NixOS's grub.cfg (install-grub.pl) uses up
+# at the next boot; the entry is named by its titles, "NixOS - All configurations>NixOS - Configuration N (date -
+# version)", read from grub.cfg (with specialisations, generation N is a submenu whose first entry is its default).
+# NixOS's grub module puts grub-reboot and grub-editenv in the system's sw/bin.
+_ONE_SHOT = _NIXOS_PATH + r"""
+loader() {
+  if [ "$(bootctl is-installed 2>/dev/null)" = yes ]; then echo systemd-boot
+  elif command -v grub-reboot >/dev/null 2>&1 && [ -f /boot/grub/grub.cfg ]; then echo grub
+  fi
+}
+grub_entry() {
+  awk -v n="$1" '
+    function title(line) { sub(/^[ \t]*(menuentry|submenu)[ \t]+"/, "", line); sub(/".*$/, "", line); return line }
+    /^[ \t]*submenu[ \t]+"/ { path[++depth] = title($0); entry[depth] = 0; next }
+    /^[ \t]*menuentry[ \t]+"/ {
+      t = title($0); entry[depth + 1] = 1
+      if (depth >= 1 && path[1] ~ / - All configurations$/ &&
+          (index(t, " - Configuration " n " (") || (depth >= 2 && index(path[2], " - Configuration " n " (")))) {
+        p = ""; for (i = 1; i <= depth; i++) p = p path[i] ">"; print p t; exit
+      }
+      next
+    }
+    /^[ \t]*}[ \t]*$/ { if (entry[depth + 1]) entry[depth + 1] = 0; else if (depth > 0) depth-- }
+  ' /boot/grub/grub.cfg
+}
+# set_oneshot N: boot generation N once; set_oneshot "": forget the one-shot entry.
+set_oneshot() {
+  case "$(loader)" in
+    systemd-boot) if [ -n "$1" ]; then bootctl set-oneshot "nixos-generation-$1.conf"; else bootctl set-oneshot ""; fi ;;
+    grub)
+      if [ -z "$1" ]; then grub-editenv /boot/grub/grubenv unset next_entry; return; fi
+      entry=$(grub_entry "$1")
+      [ -n "$entry" ] || { echo "no entry for generation $1 in /boot/grub/grub.cfg" >&2; return 1; }
+      grub-reboot "$entry" ;;
+    *) echo "no boot loader with a one-shot entry" >&2; return 1 ;;
+  esac
+}
+"""
+
 # systemd runs, and the boot loader takes a one-shot entry. Prints what is missing, or nothing.
-_PROBE = _NIXOS_PATH + r"""
+_PROBE = _ONE_SHOT + r"""
 [ -d /run/systemd/system ] || { echo "systemd does not run on it"; exit 0; }
-command -v bootctl >/dev/null 2>&1 || { echo "it has no bootctl (systemd-boot)"; exit 0; }
-installed=$(bootctl is-installed 2>/dev/null || true)
-[ "$installed" = yes ] || echo "its boot loader is not systemd-boot (\`bootctl is-installed\` says ${installed:-nothing})"
+[ -n "$(loader)" ] || echo "its boot loader is neither systemd-boot (\`bootctl is-installed\` says \
+$(bootctl is-installed 2>/dev/null || echo nothing)) nor GRUB with NixOS's grub.cfg (grub-reboot, /boot/grub/grub.cfg)"
 """
 
 # Step 1, under the lock (75 when a deployment holds it). Prints `prev P` and `new N`. Whatever fails after the new
 # generation was made puts the profile and the boot entries back as they were.
-_BOOT_ONCE = _NIXOS_PATH + r"""
+_BOOT_ONCE = _ONE_SHOT + r"""
 lock=$1 profile=$2 new=$3 mark=$4 token=$5
 exec 9>>"$lock" || exit 1
 flock -n 9 || exit 75
@@ -80,14 +120,14 @@ undo() {
   rm -f "$mark"
 }
 { nix-env -p "$profile" --switch-generation "$prev" && "$profile/bin/switch-to-configuration" boot >&2 \
-  && printf '%s %s\n' "$token" "$gen" > "$mark" && bootctl set-oneshot "nixos-generation-$gen.conf"; } \
+  && printf '%s %s\n' "$token" "$gen" > "$mark" && set_oneshot "$gen"; } \
   || { status=$?; undo; exit "$status"; }
 printf 'prev %s\nnew %s\n' "$prev" "$gen"
 """
 
 # Step 4, or the failure's cleanup, under the lock: keep the new generation (`keep`: the profile's, and the default
 # entry) or drop it (the profile stays at the one before); the boot entries are written again; the mark goes.
-_SETTLE = _NIXOS_PATH + r"""
+_SETTLE = _ONE_SHOT + r"""
 lock=$1 profile=$2 gen=$3 mark=$4 verdict=$5
 exec 9>>"$lock" || exit 1
 flock -w 60 9 || exit 75
@@ -99,7 +139,7 @@ fi
 "$profile/bin/switch-to-configuration" boot >&2 || exit 1
 rm -f "$mark"
 # A deployment cancelled before its reboot: the one-shot entry goes too (an empty entry removes it).
-[ "$verdict" != drop-forget ] || bootctl set-oneshot "" || true
+[ "$verdict" != drop-forget ] || set_oneshot "" || true
 """
 
 # After a boot: its id, what it booted and runs, and the mark.
@@ -172,7 +212,7 @@ class RebootDeployment:
         missing = (await self.target.run(["sh", "-c", _PROBE], timeout=30)).stdout.strip()
         if missing:
             raise EngineError(f"cannot reboot {req.remote.target} into {req.store_path} with a way back: {missing}; "
-                              "a one-shot boot entry needs systemd-boot. Nothing was changed (set `reboot: never`, "
+                              "a one-shot boot entry needs systemd-boot or GRUB. Nothing was changed (set `reboot: never`, "
                               "and reboot by hand when `needsReboot` says so)")
         before = await read_boot(self.target, reboot_mark(self._profile))
         token = secrets.token_hex(16)

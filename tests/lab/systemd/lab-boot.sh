@@ -19,6 +19,21 @@ if [ "$step" != activate ]; then
       n="$(printf '%s' "$oneshot" | sed 's/^nixos-generation-//; s/\.conf$//')"
       system="$(awk -v n="$n" '$1 == n { print $2 }' "$lab/boot-entries" 2>/dev/null || true)" ;;
   esac
+  # GRUB: next_entry in grubenv (grub-reboot), used up by this boot as NixOS's grub.cfg does; a title path
+  # ("submenu>entry") names the entry whose init= is the system.
+  grubenv=/boot/grub/grubenv
+  next="$(sed -n 's/^next_entry=//p' "$grubenv" 2>/dev/null | head -n 1)"
+  if [ -n "$next" ]; then
+    oneshot="$next"
+    sed -i '/^next_entry=/d' "$grubenv"
+    submenu="" title="$next"
+    case "$next" in *">"*) submenu="${next%%>*}" title="${next#*>}" ;; esac
+    system="$(awk -v submenu="$submenu" -v title="$title" '
+      /^submenu "/ { inside = (index($0, "submenu \"" submenu "\"") == 1); next }
+      /^menuentry "/ { found = (index($0, "menuentry \"" title "\"") == 1) && (submenu == "" || inside); next }
+      found && /init=/ { sub(/.*init=/, ""); sub(/\/init$/, ""); print; exit }
+    ' /boot/grub/grub.cfg 2>/dev/null || true)"
+  fi
   if [ -z "$system" ]; then
     [ -z "$oneshot" ] || echo "lab-boot: no boot entry $oneshot: booting the default" >&2
     system="$(readlink "$lab/boot-default")"
