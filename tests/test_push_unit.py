@@ -170,13 +170,13 @@ def test_what_the_targets_caches_offer_is_read_from_nix_own_account() -> None:
                f"don't know how to build these paths:\n  {own}\n"
                f"copying path '{a}' from 'http://127.0.0.9:80/cache'...\n"
                f"error: build of '{own}' failed\n")
-    offer = substitution.parse_dry_run(nix_2_8)
+    offer = substitution.parse_realise_summary(nix_2_8)
     assert offer.paths == (a, b) and offer.download_bytes == 1572864
     assert offer.unreachable == ("https://cache.nixos.org: Couldn't resolve host name (6)",)
     # Nix 2.34 says KiB for small downloads, and "this path" for one.
     nix_2_34 = f"this path will be fetched (0.1 KiB download, 0.1 KiB unpacked):\n  {a}\n" \
                f"don't know how to build these paths:\n  {b}\n  {own}\n"
-    offer = substitution.parse_dry_run(nix_2_34)
+    offer = substitution.parse_realise_summary(nix_2_34)
     assert offer.paths == (a,) and offer.download_bytes == 102 and offer.unreachable == ()
     # Nothing offered: no cache, or paths built here.
-    assert substitution.parse_dry_run(f"don't know how to build these paths:\n  {own}\n").paths == ()
+    assert substitution.parse_realise_summary(f"don't know how to build these paths:\n  {own}\n").paths == ()

@@ -180,3 +180,15 @@ def test_grub_boots_the_new_generation_once_with_grub_reboot(
     assert booted(host) == current_system(host) == systems["web-grub-kernel"]
     assert profile_link(host) == "system-3-link" and "system-4-link" not in generations(host)
     assert "Configuration 4 " not in grub(host, "cat", "/boot/grub/grub.cfg")
+
+
+def test_a_host_without_a_one_shot_entry_is_refused_before_anything_changes(
+        project: PulumiProject, new_host: HostFactory, systems: Systems) -> None:
+    host = new_host()  # a namespace host: no systemd, so no boot loader's one-shot entry to trust
+    before = current_system(host)
+    deployed(project, host, "web", reboot="always")
+    project.run("stack", "init", "dev")
+    out = " ".join(failed_up(project).split())
+    assert f"cannot reboot root@{host.address}:{host.port} into {systems['web']} with a way back: systemd does not " \
+           "run on it; a one-shot boot entry needs systemd-boot or GRUB. Nothing was changed" in out, out
+    assert current_system(host) == before and generations(host) == ["system-1-link"]

@@ -162,7 +162,7 @@ async def _substitute(target: Target, closure: list[str], policy: SubstitutePoli
     and which it still lacks."""
     started = time.monotonic()
     if status is not None:
-        status(f"{target.target} is fetching what it lacks of {len(closure)} paths from its binary caches")
+        status(f"asking {target.target} for what it lacks of {len(closure)} paths, to fetch from its binary caches")
     done = await substitution.fetch_missing(target, closure, policy)
     lacked, still = len(done.lacked), list(done.still_missing)
     if status is not None and lacked:

@@ -98,8 +98,10 @@ set_oneshot() {
 # systemd runs, and the boot loader takes a one-shot entry. Prints what is missing, or nothing.
 _PROBE = _ONE_SHOT + r"""
 [ -d /run/systemd/system ] || { echo "systemd does not run on it"; exit 0; }
-[ -n "$(loader)" ] || echo "its boot loader is neither systemd-boot (\`bootctl is-installed\` says \
-$(bootctl is-installed 2>/dev/null || echo nothing)) nor GRUB with NixOS's grub.cfg (grub-reboot, /boot/grub/grub.cfg)"
+[ -z "$(loader)" ] || exit 0
+said=$(bootctl is-installed 2>/dev/null || true)
+echo "its boot loader is neither systemd-boot (\`bootctl is-installed\` says ${said:-nothing}) nor GRUB with" \
+  "NixOS's grub.cfg (grub-reboot, /boot/grub/grub.cfg)"
 """
 
 # Step 1, under the lock (75 when a deployment holds it). Prints `prev P` and `new N`. Whatever fails after the new

@@ -13,10 +13,11 @@ what gets pushed. One command, one round trip.
 
 In "auto" mode each download gets two attempts and a short connect timeout, so
 a host whose caches cannot be reached (an air-gapped fleet keeping the default
-cache.nixos.org) costs a fraction of a second, not Nix's five attempts per
-cache with back-off. Not one attempt: Nix turns a cache off, silently, after
-one failed download (the narinfo then reads as "don't know how to build"), and
-one refused connection under load was enough for that in the lab.
+cache.nixos.org) costs about 0.3 s, not Nix's five attempts per cache with
+back-off (about 4.5 s each). Two, not one: Nix turns a cache off for the rest
+of the command after a failed download, without a word, and its paths then
+read as "don't know how to build"; a second attempt rides out a dropped
+connection.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from dataclasses import dataclass
 from .models import SubstitutePolicy
 from .process import Target
 
-QUERY_BATCH = 400  # paths per dry run (keeps command lines short)
+QUERY_BATCH = 400  # paths per fetch script (the SSH command is one string of at most 128 KiB on the target)
 # "auto": two attempts per download, each connected within this many seconds.
-PROBE_CONNECT_TIMEOUT = 5
-PROBE_OPTIONS = ["--option", "download-attempts", "2", "--option", "connect-timeout", str(PROBE_CONNECT_TIMEOUT)]
+AUTO_CONNECT_TIMEOUT = 5
+AUTO_OPTIONS = ["--option", "download-attempts", "2", "--option", "connect-timeout", str(AUTO_CONNECT_TIMEOUT)]
 FETCH_TIMEOUT = 1800.0
 
 _FETCHED = re.compile(r"^(?:this path|these \d+ paths) will be fetched(?: \((?P<size>[\d.]+) (?P<unit>[KMGT]i?B) download)?")
@@ -50,11 +51,12 @@ class Offer:
     unreachable: tuple[str, ...] = ()  # "url: why" of each cache that did not answer
 
 
-def parse_dry_run(output: str) -> Offer:
-    """The paths a `nix-store --realise --dry-run` says will be fetched, and the caches it could not reach.
+def parse_realise_summary(output: str) -> Offer:
+    """The paths `nix-store --realise` says it will fetch, and the caches it could not reach.
 
-    Nix prints (on stderr, the same words from 2.8 to 2.34) a header per
-    kind of work, each followed by its paths indented by two spaces.
+    Before it starts, Nix prints (on stderr, the same words from 2.8 to 2.34,
+    and as `--dry-run` prints them) a header per kind of work, each followed
+    by its paths indented by two spaces.
     """
     paths: list[str] = []
     size = 0.0
@@ -86,15 +88,16 @@ nix-store --realise --keep-going {options} $outputs >/dev/null
 exec nix-store --check-validity --print-invalid $lacked
 """
 _FETCH_SCRIPTS: dict[SubstitutePolicy, str] = {
-    "auto": _FETCH_SCRIPT.format(options=" ".join(PROBE_OPTIONS)),
+    "auto": _FETCH_SCRIPT.format(options=" ".join(AUTO_OPTIONS)),
     "always": _FETCH_SCRIPT.format(options=""),
 }
 
 
-# One fetch per host at a time (deployments of one provider process: a machine and its profiles). Two Nix processes
-# using a cache for the first time at once can both write it into the narinfo disk cache, and then one of them
-# reads the narinfos it fetched as unusable: "don't know how to build" (seen in the lab on Nix 2.8, about one run
-# in six of a machine and a profile of one host). Their downloads share the host's link anyway.
+# One fetch per host at a time (deployments of one provider process: a machine and its profiles). In the lab, a
+# machine and a profile of one host fetching at once from a cache neither had used made one of them answer "don't
+# know how to build" for paths whose narinfos the cache had just served (Nix 2.8, about one run in five; the
+# likeliest cause is the narinfo disk cache both were filling). Not seen since the fetches take turns. Their
+# downloads share the host's link anyway.
 # Keyed by the event loop too: a lock belongs to the loop it first waited in.
 _HOST_LOCKS: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Lock] = {}
 
@@ -137,7 +140,7 @@ async def _fetch_missing(target: Target, paths: Sequence[str], script: str) -> F
         asked = set(batch)
         lacked.update(p for p in before.split() if p in asked)
         still.update(p for p in after.split() if p in asked)
-        offer = parse_dry_run(res.stderr)
+        offer = parse_realise_summary(res.stderr)
         found += offer.paths
         size += offer.download_bytes
         unreachable += [u for u in offer.unreachable if u not in unreachable]
