@@ -52,7 +52,7 @@ if [ "$action" = switch ] || [ "$action" = boot ]; then
   done | sort -n > "$lab/boot-entries"
   # A GRUB system writes grub.cfg as NixOS's install-grub.pl does, for the parts a deployer reads: the default
   # entry "NixOS", then the submenu "NixOS - All configurations" with "NixOS - Configuration N (date - version)",
-  # newest first, each booting its system (init=).
+  # newest first, each booting its system (init=); the date is the generation link's, as install-grub.pl's lstat.
   if [ "$(cat "$out/etc/lab/boot-loader" 2>/dev/null || true)" = grub ]; then
     mkdir -p /boot/grub
     {
@@ -62,7 +62,8 @@ if [ "$action" = switch ] || [ "$action" = boot ]; then
       echo 'submenu "NixOS - All configurations" --class submenu {'
       sort -rn "$lab/boot-entries" | while read -r n path; do
         printf 'menuentry "NixOS - Configuration %s (%s - %s)" --class nixos {\n  linux %s/kernel init=%s/init\n}\n' \
-          "$n" "$(date -u +%F)" "$(cat "$path/nixos-version")" "$path" "$path"
+          "$n" "$(date -u -d "@$(stat -c %Y "/nix/var/nix/profiles/system-$n-link")" +%F)" \
+          "$(cat "$path/nixos-version")" "$path" "$path"
       done
       echo '}'
     } > /boot/grub/grub.cfg.new
