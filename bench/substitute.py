@@ -39,7 +39,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "provider"))
 import labctl  # noqa: E402
+from nixos_provider.engine.nix_versions import parse_path_info  # noqa: E402
 from push_compare import PUSH_ONE, shape  # noqa: E402
 
 LAB_DIR = REPO / ".lab" / "bench-substitute"
@@ -73,13 +75,9 @@ def serve(root: Path) -> tuple[subprocess.Popen[bytes], int]:
         port = int(s.getsockname()[1])
     server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", CACHE_ADDRESS, "--directory",
                                str(root), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection((CACHE_ADDRESS, port), timeout=0.2).close()
-            return server, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the cache's HTTP server did not start")
+    if not labctl.wait_for_port(CACHE_ADDRESS, port):
+        raise SystemExit("the cache's HTTP server did not start")
+    return server, port
 
 
 def main() -> list[tuple[str, str]]:
@@ -95,10 +93,9 @@ def main() -> list[tuple[str, str]]:
                                         .replace("@RANGE@", " ".join(str(i) for i in range(PACKAGES)))
                                         .replace("@OWN@", str(OWN_MIB * 1048576)))
         system = labctl.build_system("mostly-upstream", work)
-        info = json.loads(subprocess.run([*labctl.NIX, "path-info", "--json", "--recursive", system], check=True,
-                                         capture_output=True, text=True).stdout)
-        sizes = {p["path"]: p["narSize"] for p in (info if isinstance(info, list) else
-                                                    [{"path": k, **v} for k, v in info.items()])}
+        info = parse_path_info(subprocess.run([*labctl.NIX, "path-info", "--json", "--recursive", system],
+                                              check=True, capture_output=True, text=True).stdout)
+        sizes = {path: p.nar_size for path, p in info.items()}
         upstream = [p for p in sizes if Path(p).name.split("-", 1)[1].startswith(("upstream-", "linux",
                                                                                    "initrd-linux"))]
         share = sum(sizes[p] for p in upstream) / sum(sizes.values())

@@ -180,3 +180,19 @@ def test_what_the_targets_caches_offer_is_read_from_nix_own_account() -> None:
     assert offer.paths == (a,) and offer.download_bytes == 102 and offer.unreachable == ()
     # Nothing offered: no cache, or paths built here.
     assert substitution.parse_realise_summary(f"don't know how to build these paths:\n  {own}\n").paths == ()
+
+
+def test_caches_that_do_not_answer_are_not_asked_again_for_the_next_batch(
+        monkeypatch: pytest.MonkeyPatch, local_nix: str) -> None:
+    """Nix on this machine, a cache nothing listens on, one path per command: the first batch finds the cache
+    silent; the later paths are left unasked (the push asks only whether they are missing)."""
+    import asyncio
+
+    from nixos_provider.engine.process import LOCAL
+    monkeypatch.setattr(substitution, "PATHS_PER_COMMAND", 1)
+    monkeypatch.setenv("NIX_CONFIG", "substituters = http://127.0.0.1:1/nothing\nbuild-users-group =\nsandbox = false")
+    paths = [STORE + c * 32 + "-absent" for c in "0123"]
+    done = asyncio.run(substitution.fetch_missing(LOCAL, paths, "auto"))
+    assert done.lacked == done.still_missing == (paths[0],)
+    assert done.offer.paths == () and done.offer.unreachable[0].startswith("http://127.0.0.1:1/nothing: ")
+    assert done.unasked == tuple(paths[1:])

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 REMOTE_TIMEOUT = 120.0
 # How long closing a started process waits for each of its pipes and its exit.
 CLOSE_TIMEOUT = 10.0
+# Store paths per remote command: over SSH a command is one string, at most 128 KiB on the target.
+PATHS_PER_COMMAND = 400
 
 
 # -- who runs it -------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .errors import CommandNotFound, ConnectError, EngineError, NixError
 from .lazy import lazy_module
 from .models import PushStats, SubstitutePolicy
 from .nix import Nix, PathInfo
-from .process import LOCAL, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
+from .process import LOCAL, PATHS_PER_COMMAND, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
 
 if TYPE_CHECKING:
     import asyncssh
@@ -52,7 +52,6 @@ CHUNK = 256 * 1024
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's number, where the module does not name it
 CLOSE_WAIT = 10.0  # how long the relay thread may take to end once its pipes are closed
-QUERY_BATCH = 400  # paths per remote validity query (keeps command lines short)
 # Level 1 with one thread per core: measured in bench/ as the fastest setting
 # on every link speed tried; higher levels cost more CPU than they save.
 ZSTD_COMPRESS = ["-1", "-T0", "-q", "-c"]
@@ -84,8 +83,8 @@ ProgressFn = Callable[[PushProgress], None]
 async def missing_paths(target: Target, paths: Sequence[str]) -> list[str]:
     """The subset of paths that are not valid in the target's store, in the given order."""
     invalid: set[str] = set()
-    for i in range(0, len(paths), QUERY_BATCH):
-        batch = list(paths[i:i + QUERY_BATCH])
+    for i in range(0, len(paths), PATHS_PER_COMMAND):
+        batch = list(paths[i:i + PATHS_PER_COMMAND])
         res = await target.run(["nix-store", "--check-validity", "--print-invalid", *batch])
         invalid.update(res.stdout.split())
     return [p for p in paths if p in invalid]
@@ -164,7 +163,9 @@ async def _substitute(target: Target, closure: list[str], policy: SubstitutePoli
     if status is not None:
         status(f"asking {target.target} for what it lacks of {len(closure)} paths, to fetch from its binary caches")
     done = await substitution.fetch_missing(target, closure, policy)
-    lacked, still = len(done.lacked), list(done.still_missing)
+    # What it did not ask its caches for (they did not answer) is only checked for: later in closure order.
+    unasked = await missing_paths(target, done.unasked)
+    lacked, still = len(done.lacked) + len(unasked), [*done.still_missing, *unasked]
     if status is not None and lacked:
         status(_fetch_summary(target.target, done.offer, lacked, len(still), time.monotonic() - started))
     return lacked, still

@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .models import SubstitutePolicy
-from .process import Target
+from .process import PATHS_PER_COMMAND, Target
 
-QUERY_BATCH = 400  # paths per fetch script (the SSH command is one string of at most 128 KiB on the target)
 # "auto": two attempts per download, each connected within this many seconds.
 AUTO_CONNECT_TIMEOUT = 5
 AUTO_OPTIONS = ["--option", "download-attempts", "2", "--option", "connect-timeout", str(AUTO_CONNECT_TIMEOUT)]
@@ -74,7 +73,7 @@ def parse_realise_summary(output: str) -> Offer:
     return Offer(tuple(paths), int(size), unreachable)
 
 
-# One batch of the closure, one round trip. stdout: the paths the target
+# One batch of the closure (PATHS_PER_COMMAND paths), one round trip. stdout: the paths the target
 # lacked, a line "--", then those it still lacks; stderr: Nix's account of
 # what it fetched. Derivations (a closure pushed for a build on the target)
 # are left out of the realise, which would build them. Store paths hold no
@@ -104,11 +103,16 @@ _HOST_LOCKS: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Lock] = {}
 
 @dataclass(frozen=True)
 class Fetched:
-    """What one fetch did: the paths the target lacked, what its caches offered, and what it still lacks."""
+    """What one fetch did: the paths the target lacked, what its caches offered, and what it still lacks.
+
+    unasked: the paths of the batches after one whose caches did not answer, not looked at (they will not answer
+    the next batch either); what the target lacks of them is still to be found out.
+    """
 
     lacked: tuple[str, ...]
     offer: Offer
     still_missing: tuple[str, ...]
+    unasked: tuple[str, ...] = ()
 
 
 async def fetch_missing(target: Target, paths: Sequence[str], policy: SubstitutePolicy) -> Fetched:
@@ -127,14 +131,12 @@ async def _fetch_missing(target: Target, paths: Sequence[str], script: str) -> F
     size = 0
     unreachable: list[str] = []
     still: set[str] = set()
-    for i in range(0, len(paths), QUERY_BATCH):
-        batch = list(paths[i:i + QUERY_BATCH])
+    unasked: Sequence[str] = ()
+    for i in range(0, len(paths), PATHS_PER_COMMAND):
         if unreachable and not found:
-            # Caches that did not answer one batch will not answer the next: only ask what is missing.
-            res = await target.run(["nix-store", "--check-validity", "--print-invalid", *batch])
-            lacked.update(res.stdout.split())
-            still.update(res.stdout.split())
-            continue
+            unasked = paths[i:]
+            break
+        batch = list(paths[i:i + PATHS_PER_COMMAND])
         res = await target.run(["sh", "-c", script, "sh", *batch], timeout=FETCH_TIMEOUT)
         before, _, after = res.stdout.partition("\n--\n")
         asked = set(batch)
@@ -147,4 +149,4 @@ async def _fetch_missing(target: Target, paths: Sequence[str], script: str) -> F
     wanted = set(found)
     return Fetched(tuple(p for p in paths if p in lacked), Offer(tuple(p for p in paths if p in wanted), size,
                                                                  tuple(unreachable)),
-                   tuple(p for p in paths if p in still))
+                   tuple(p for p in paths if p in still), tuple(unasked))
