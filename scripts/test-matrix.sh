@@ -21,7 +21,8 @@ VERSIONED_TESTS=(tests/test_lab.py tests/test_engine.py tests/test_provider_e2e.
                  tests/test_evaluation.py tests/test_real_nixos_e2e.py
                  tests/test_preview_e2e.py tests/test_install_e2e.py tests/test_secret_files_e2e.py
                  tests/test_binary_cache_e2e.py tests/test_sudo_e2e.py tests/test_generations_e2e.py
-                 tests/test_no_flake_e2e.py tests/test_reboot_e2e.py tests/test_flake.py tests/test_substitution_e2e.py)
+                 tests/test_no_flake_e2e.py tests/test_reboot_e2e.py tests/test_flake.py tests/test_substitution_e2e.py
+                 tests/test_build_host_e2e.py)
 for f in tests/test_systemd.py; do [[ -f $f ]] && VERSIONED_TESTS+=("$f"); done
 
 logs="$(mktemp -d)"

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -376,10 +377,55 @@ async def test_build_on_the_target(lab_host: labctl.LabHost, tmp_path: Path) -> 
     ref = parse_flake_ref(f"{flake}#remote")
     evaluation = await nix.evaluate(ref)
     out = evaluation.out_path
-    result = await deploy(lab_host, out, build_drv_on_target=evaluation.drv_path)
+    result = await deploy(lab_host, out, build_drv=evaluation.drv_path)
     assert current_system(lab_host) == out and http_version(lab_host) == "remote-built"
     assert not await nix.is_valid(out), "the system was built on the deployer"
     assert result.push.paths >= 2  # the derivations and sources, not the outputs
+
+
+BUILT_ELSEWHERE = """{ outputs = { self }: let lab = import ./lib.nix; in {
+  nixosConfigurations.built = lab.nixosConfiguration { version = "built-on-%s";
+    packages = [ { name = "built-elsewhere"; version = "%s"; size = 2097152; } ]; };
+}; }"""
+
+
+async def test_a_build_host_relays_to_a_user_the_target_does_not_trust(new_host: HostFactory, tmp_path: Path) -> None:
+    """The target's SSH user imports through sudo (its Nix does not trust it): the build host's copy is refused, so
+    the deployer relays, and says why."""
+    builder, target = new_host(), new_host()
+    nonce = uuid.uuid4().hex[:8]
+    flake = write_flake(tmp_path / "f", BUILT_ELSEWHERE % (nonce, nonce))
+    evaluation = await Nix().evaluate(parse_flake_ref(f"{flake}#built"))
+    warnings: list[str] = []
+    alice = target.nonRootUser
+    req = DeployRequest(remote_for(target, user=alice), evaluation.out_path,
+                        build_drv=evaluation.drv_path, build_host=remote_for(builder))
+    result = await engine.deploy(req, warn=warnings.append)
+    assert current_system(target) == evaluation.out_path
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"buildHost: the build host could not copy to {alice}@{target.address}:{target.port}")
+    assert "signature" in warnings[0] and warnings[0].endswith("through the deployer"), warnings
+    assert result.push.bytes > 2 * 1024 * 1024, result.push  # the package went through the deployer
+
+
+async def test_a_failed_build_on_the_build_host_changes_nothing(new_host: HostFactory, tmp_path: Path) -> None:
+    builder, target = new_host(), new_host()
+    flake = write_flake(tmp_path / "f", """{ outputs = { self }: let lab = import ./lib.nix; in {
+      nixosConfigurations.broken = lab.nixosConfiguration { version = "broken";
+        packages = [ (derivation { name = "fails-1"; system = "x86_64-linux"; builder = "/bin/sh";
+                                   args = [ "-c" "echo this package does not build >&2; exit 3" ]; }) ]; };
+    }; }""")
+    evaluation = await Nix().evaluate(parse_flake_ref(f"{flake}#broken"))
+    before = current_system(target)
+    req = DeployRequest(remote_for(target), evaluation.out_path, build_drv=evaluation.drv_path,
+                        build_host=remote_for(builder))
+    with pytest.raises(EngineError) as failed:
+        await engine.deploy(req)
+    said = str(failed.value)
+    assert re.match(rf"building {re.escape(evaluation.drv_path)} on the build host root@{re.escape(builder.address)}:"
+                    rf"{builder.port} failed \(exit \d+\):", said), said
+    assert "this package does not build" in said
+    assert current_system(target) == before
 
 
 def passphrase_login(host: labctl.LabHost, tmp_path: Path) -> Remote:

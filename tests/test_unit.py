@@ -774,3 +774,42 @@ def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation
     script = reboot._ONE_SHOT.replace("/boot/grub/grub.cfg", str(tmp_path / "grub.cfg")) + '\ngrub_entry "$1"'
     res = subprocess.run(["sh", "-c", script, "sh", generation], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == entry
+
+
+def test_build_host_check_failures_name_the_property() -> None:
+    from nixos_provider.pulumi_layer.machine import _check_build_host
+    conn = {"host": "builder.example", "port": 22}
+    assert failures(_check_build_host, {"flake": ".#web", "buildHost": conn}) == []
+    assert failures(_check_build_host, {"flake": ".#web"}) == []
+    assert failures(_check_build_host, {"flake": ".#web", "buildHost": {**conn, "host": "a b", "port": 0}}) == [
+        ("buildHost.host", "'a b' is not a host name or IP address"),
+        ("buildHost.port", "must be between 1 and 65535, not 0")]
+    said = failures(_check_build_host, {"flake": ".#web", "buildOn": "remote", "buildHost": conn})
+    assert said == [("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")]
+    said = failures(_check_build_host, {"systemPath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn})
+    assert [p for p, _ in said] == ["buildHost"] and "prebuilt `systemPath` has nothing to build" in said[0][1]
+    said = failures(_check_build_host, {"flake": ".#web", "buildHost": {**conn, "sudoPassword": Secret("pw")}})
+    assert [p for p, _ in said] == ["buildHost.sudoPassword"] and "pw" not in said[0][1]
+
+
+async def test_the_agent_lists_and_signs_with_its_one_key_and_refuses_the_rest() -> None:
+    import struct
+
+    import asyncssh
+    from nixos_provider.engine.agent import KeyAgent
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    agent = await KeyAgent(key).start()
+    try:
+        async with asyncssh.connect_agent(agent.path) as client:
+            [listed] = await client.get_keys()
+            assert listed.public_data == key.public_data
+            signature = await listed.sign_async(b"to sign")
+            assert key.convert_to_public().verify(b"to sign", signature)
+        other = asyncssh.generate_private_key("ssh-ed25519").public_data
+        asking = bytes([13]) + struct.pack(">I", len(other)) + other + struct.pack(">I", 1) + b"x" + struct.pack(">I", 0)
+        assert agent.answer(asking) == bytes([5])  # another key's blob: refused
+        assert agent.answer(bytes([17])) == bytes([5])  # adding a key: refused
+        assert agent.answer(bytes([13, 0, 0])) == bytes([5])  # malformed
+    finally:
+        await agent.close()
+    assert not Path(agent.path).parent.exists()

@@ -69,6 +69,14 @@ export class NixosMachine extends pulumi.CustomResource {
      */
     declare public readonly binaryCache: pulumi.Output<outputs.BinaryCache | undefined>;
     /**
+     * Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+     */
+    declare public readonly buildHost: pulumi.Output<outputs.Connection | undefined>;
+    /**
+     * The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+     */
+    declare public /*out*/ readonly buildHostKey: pulumi.Output<string | undefined>;
+    /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */
     declare public readonly buildOn: pulumi.Output<string | undefined>;
@@ -240,6 +248,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["attribute"] = args?.attribute;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
             resourceInputs["binaryCache"] = args?.binaryCache;
+            resourceInputs["buildHost"] = args ? pulumi.output(args.buildHost).apply(v => v === undefined ? undefined : inputs.connectionArgsProvideDefaults(v)) : undefined;
             resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["buildOnPreview"] = (args?.buildOnPreview) ?? false;
             resourceInputs["collectGarbage"] = (args?.collectGarbage) ?? false;
@@ -265,6 +274,7 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["triggers"] = args?.triggers;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineSystemPath"] = undefined /*out*/;
+            resourceInputs["buildHostKey"] = undefined /*out*/;
             resourceInputs["deployedAt"] = undefined /*out*/;
             resourceInputs["generation"] = undefined /*out*/;
             resourceInputs["hostKey"] = undefined /*out*/;
@@ -288,6 +298,8 @@ export class NixosMachine extends pulumi.CustomResource {
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineSystemPath"] = undefined /*out*/;
             resourceInputs["binaryCache"] = undefined /*out*/;
+            resourceInputs["buildHost"] = undefined /*out*/;
+            resourceInputs["buildHostKey"] = undefined /*out*/;
             resourceInputs["buildOn"] = undefined /*out*/;
             resourceInputs["buildOnPreview"] = undefined /*out*/;
             resourceInputs["collectGarbage"] = undefined /*out*/;
@@ -356,6 +368,10 @@ export interface NixosMachineArgs {
      * Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
      */
     binaryCache?: pulumi.Input<inputs.BinaryCacheArgs | undefined>;
+    /**
+     * Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+     */
+    buildHost?: pulumi.Input<inputs.ConnectionArgs | undefined>;
     /**
      * Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
      */

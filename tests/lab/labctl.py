@@ -668,6 +668,17 @@ def trust_cache(host: LabHost, url: str, public_key: str) -> None:
         f.truncate()
 
 
+# Where a misrouted SSH connection goes: a loopback address no lab host or service listens on.
+NOWHERE = "127.0.0.254"
+
+
+def misroute(host: LabHost, address: str) -> None:
+    """From host, SSH to address is refused, as a name that resolves into another network would be; the deployer
+    still reaches address. Its SSH client's own configuration sends it to NOWHERE, until the host reboots."""
+    run(nsenter(host.state, ["sh", "-c", 'printf "\nHost %s\n    HostName %s\n" "$1" "$2" >> /etc/ssh/ssh_config',
+                             "sh", address, NOWHERE]))
+
+
 def add_password_sudo_user(host: LabHost) -> None:
     """Give a running systemd host the user bob whose sudo asks for his password, as namespace hosts have.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from . import binary_cache, profiles, reboot
 from .activation import ActivationOutcome, Supervisor
+from .build_host import BuildHost
 from .errors import ConnectError, DeployError, EngineError, HostBusy, HostRebooted
 from .health import run_health_checks
 from .models import (
@@ -114,6 +115,7 @@ class Deployment:
         self.uploads = uploads or binary_cache.CacheUploads()
         self.transfers = transfers
         self.host_key: str | None = req.remote.host_key
+        self.build_host_key: str | None = None
         self._new_gen: Generation | None = None
         # The generation before this deployment, and what it runs: where a rollback returns to.
         self._prev_gen: int | None = None
@@ -158,9 +160,12 @@ class Deployment:
 
     async def _run(self, target: Target) -> DeployResult:
         """The steps of DESIGN §3, from the push on; each is one method below."""
-        push = await self._push(target)
-        if self.req.build_drv_on_target:
-            await self._build_on_target(target)
+        if self.req.build_host is not None:
+            push = await self._build_on_build_host(target, self.req.build_host)
+        else:
+            push = await self._push(target)
+            if self.req.build_drv:
+                await self._build_on_target(target)
         if self.req.action == "dry-activate":
             return await self._dry_activate(target, push)
         if await self._reboots(target):
@@ -203,13 +208,13 @@ class Deployment:
             return DeployResult(store_path=req.store_path, generation=booting.new.number,
                                 previous_generation=booting.prev.number, previous_store_path=booting.prev.store_path,
                                 host_key=self.host_key or "", push=push, nixos_version=version, output="",
-                                reboot_for=reboot_for)
+                                reboot_for=reboot_for, build_host_key=self.build_host_key)
         finally:
             if booting.target is not target:
                 await booting.target.conn.close()
 
     async def _push(self, target: Target) -> PushStats:
-        """Copy the closure (or, for a remote build, the derivation's) to the target's store, when a slot is free."""
+        """Copy the closure (or, for a remote build, the derivation's) to the host's store, when a slot is free."""
         pusher = target.for_store()
         if self.transfers is None:
             self.steps.mark(Step.PUSH)
@@ -225,18 +230,18 @@ class Deployment:
                 self.steps.end()  # the slot is free from here: the timeline shows the copies one after another
 
     async def _copy(self, pusher: Target) -> PushStats:
-        """Through the binary cache when there is one, then directly: whatever the target still lacks."""
+        """Through the binary cache when there is one, then directly: whatever the host still lacks."""
         req = self.req
 
         def on_progress(p: PushProgress) -> None:
             self.status(p.describe())
 
         # A remote build copies a derivation's closure, which is not what the cache holds.
-        if req.binary_cache is not None and req.build_drv_on_target is None:
+        if req.binary_cache is not None and req.build_drv is None:
             await self._through_cache(pusher, req.binary_cache)
         compression = await choose_compression(pusher, req.compress, self.status)
         push = await push_closure(
-            self.nix, pusher, req.build_drv_on_target or req.store_path,
+            self.nix, pusher, req.build_drv or req.store_path,
             substitute=req.substitute_on_destination, progress=on_progress, compression=compression,
             status=self.status,
         )
@@ -276,14 +281,41 @@ class Deployment:
 
     async def _build_on_target(self, target: Target) -> None:
         req = self.req
-        assert req.build_drv_on_target is not None
+        assert req.build_drv is not None
         self.steps.mark(Step.BUILD)
-        self.status(f"building {req.build_drv_on_target} on {target.target}")
-        res = await target.for_store().run(["nix-store", "--realise", req.build_drv_on_target], check=False,
+        self.status(f"building {req.build_drv} on {target.target}")
+        res = await target.for_store().run(["nix-store", "--realise", req.build_drv], check=False,
                                            timeout=req.activation_timeout * 10)
         if res.exit_status != 0 or req.store_path not in res.stdout.split():
-            raise EngineError(f"building {req.build_drv_on_target} on {target.target} failed "
+            raise EngineError(f"building {req.build_drv} on {target.target} failed "
                               f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
+
+    async def _build_on_build_host(self, target: Target, remote: Remote) -> PushStats:
+        """The derivations to the build host, the build there, the system from there to the target (build_host.py).
+
+        What the deployer sent (the derivations, and what it relayed) is the push's account."""
+        req = self.req
+        assert req.build_drv is not None
+        self.status(f"connecting to the build host {remote.target}")
+        builder = await BuildHost.open(remote, target.conn.remote)
+        try:
+            self.build_host_key = builder.host_key
+            sent = await self._push(Target(builder.conn))
+            self.steps.mark(Step.BUILD)
+            self.status(f"building {req.build_drv} on the build host {remote.target}")
+            await builder.build(req.build_drv, req.store_path, req.activation_timeout * 10)
+            self.steps.mark(Step.COPY)
+            copied = await builder.copy_to(target.for_store(), req.store_path, self.host_key or target.conn.host_key,
+                                           substitute=req.substitute_on_destination,
+                                           timeout=req.activation_timeout * 10, status=self.status, warn=self.warn)
+        finally:
+            await builder.close()
+        self.status(f"{target.target} has the {copied.closure} paths of {req.store_path}: "
+                    f"{copied.substituted} from its binary caches, {copied.direct} from the build host directly, "
+                    f"{copied.relayed} relayed by the deployer ({copied.seconds:.1f}s)")
+        return replace(sent, paths=sent.paths + copied.relayed, bytes=sent.bytes + copied.relayed_bytes,
+                       wire_bytes=sent.wire_bytes + copied.relayed_bytes,
+                       substituted=sent.substituted + copied.substituted)
 
     async def _dry_activate(self, target: Target, push: PushStats) -> DeployResult:
         """Ask the new system what switching to it would do; nothing is registered or activated."""
@@ -513,6 +545,7 @@ class Deployment:
             nixos_version=version,
             output=outcome.output,
             reboot_for=reboot_for,
+            build_host_key=self.build_host_key,
         )
 
     async def _abort(self, supervisor: Supervisor, why: str, *, step: str) -> DeployError:

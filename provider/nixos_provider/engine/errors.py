@@ -49,6 +49,13 @@ class HostKeyMismatch(ConnectError):
         self.seen = seen
 
 
+class BuildHostError(EngineError):
+    """The build host could not be reached, or could not build: nothing on the target was changed.
+
+    A setting it blames is the build host's own: `blames` names the connection's field, and the caller knows it
+    is the build host's."""
+
+
 class ElevationError(EngineError):
     """sudo would not run a command as another user (a wrong or missing connection.sudoPassword, no rule)."""
 

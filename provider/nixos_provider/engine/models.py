@@ -163,9 +163,10 @@ class DeployRequest:
     # "auto": zstd when the target has it, else none; "zstd": zstd, or none
     # (with a status line) when the target lacks it; "ssh": SSH's zlib.
     compress: Compression = "auto"
-    # Build on the target: copy this derivation's closure and realise it
-    # there instead of pushing store_path (which is its output).
-    build_drv_on_target: str | None = None
+    # Build remotely: copy this derivation's closure, not store_path (its output), and realise it on
+    # build_host, which then copies the output to the target (build_host.py), or on the target itself.
+    build_drv: str | None = None
+    build_host: Remote | None = None
     # Upload the closure once to this cache and let the target substitute
     # from it; the direct push is the fallback.
     binary_cache: BinaryCache | None = None
@@ -186,6 +187,7 @@ class DeployResult:
     nixos_version: str | None
     output: str
     reboot_for: tuple[str, ...] = ()  # boot files of the new system the host runs only after a reboot
+    build_host_key: str | None = None  # the build host's key, as pinned by this deployment
 
 
 INSTALL_PHASES = ("kexec", "disko", "install", "reboot")

@@ -127,7 +127,7 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute:
             missing = await missing_paths(target, order)
             missing_before = len(missing)
         else:
-            missing_before, missing = await _substitute(target, order, substitute, status)
+            missing_before, missing = await fetch_from_caches(target, order, substitute, status)
         substituted = missing_before - len(missing)
         if not missing:
             return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression, substituted=substituted)
@@ -155,7 +155,7 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute:
             await _discard(early)
 
 
-async def _substitute(target: Target, closure: list[str], policy: SubstitutePolicy,
+async def fetch_from_caches(target: Target, closure: list[str], policy: SubstitutePolicy,
                       status: Callable[[str], None] | None) -> tuple[int, list[str]]:
     """Let the target fetch what it lacks of the closure from its binary caches: how many paths it lacked,
     and which it still lacks."""

@@ -186,15 +186,21 @@ def _client_keys(remote: Remote) -> list[asyncssh.SSHKey] | None:
                            f"read: {e}", blames=Setting.PRIVATE_KEY) from e
 
 
-def decrypted_private_key(remote: Remote) -> bytes:
-    """remote's private key in OpenSSH's format, without a passphrase (for `ssh`, which must not prompt)."""
+def private_key(remote: Remote) -> asyncssh.SSHKey:
+    """remote's private key, decrypted."""
     keys = _client_keys(remote)
     if not keys:
         raise ConnectError(f"no private key is set for {remote.target}")
-    return bytes(keys[0].export_private_key("openssh"))
+    return keys[0]
 
 
-async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool) -> Connection:
+def decrypted_private_key(remote: Remote) -> bytes:
+    """remote's private key in OpenSSH's format, without a passphrase (for `ssh`, which must not prompt)."""
+    return bytes(private_key(remote).export_private_key("openssh"))
+
+
+async def _connect_once(remote: Remote, tunnel: Connection | None, compress: bool,
+                        forward_agent: str | None = None) -> Connection:
     pinned = normalize_host_key(remote.host_key) if remote.host_key else None
     checker = _HostKeyCheck(pinned)
     creds = remote.credentials
@@ -217,6 +223,8 @@ async def _connect_once(remote: Remote, tunnel: Connection | None, compress: boo
         options["agent_path"] = creds.agent_socket_path
         options["password"] = creds.password
         options["ignore_encrypted"] = True
+    if forward_agent is not None:
+        options["agent_forwarding"] = forward_agent
     if tunnel is not None:
         options["tunnel"] = tunnel.conn
     try:
@@ -257,16 +265,19 @@ async def _offered_host_key(remote: Remote, tunnel: Connection | None) -> str | 
     return checker.seen
 
 
-async def connect(remote: Remote, *, compress: bool = False) -> Connection:
+async def connect(remote: Remote, *, compress: bool = False, forward_agent: str | None = None) -> Connection:
     """Connect with bounded retries and backoff: `retries` more attempts after a failed one, each bounded by
-    connectTimeout as a whole. Host key and auth failures are not retried."""
+    connectTimeout as a whole. Host key and auth failures are not retried.
+
+    forward_agent: the socket of an SSH agent that commands on the host may use (agent forwarding).
+    """
     tunnel = await connect(remote.proxy) if remote.proxy is not None else None
     attempts = 1 + max(0, remote.retries)
     delay = 0.5
     last: BaseException | None = None
     for attempt in range(1, attempts + 1):
         try:
-            return await _connect_once(remote, tunnel, compress)
+            return await _connect_once(remote, tunnel, compress, forward_agent)
         except (HostKeyMismatch, asyncssh.PermissionDenied) as e:
             if tunnel is not None:
                 await tunnel.close()

@@ -29,6 +29,7 @@ class Step(Enum):
     CONNECT = "connect"  # the first SSH connection, host key checked
     WAIT_TRANSFER = "wait-transfer"  # for a free copy slot (maxParallelTransfers), when none was
     PUSH = "push"  # what the host lacks, sent and imported
+    COPY = "copy"  # a build host's result to the target: its own caches, the build host, or relayed
     LOCK = "lock"  # the supervisor uploaded, started, and holding the profile's lock
     REGISTER = "register"  # the new generation registered
     ACTIVATE = "activate"  # switch-to-configuration (or the profile's activate)

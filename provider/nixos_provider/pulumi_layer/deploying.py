@@ -66,7 +66,8 @@ async def build_closure(ctx: Context, urn: str, nix: Nix, closure: Closure, *, n
 
 def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: DeploySettings, *,
                    action: Action = "switch", activate_command: str | None = None,
-                   build_drv_on_target: str | None = None, binary_cache: BinaryCache | None = None,
+                   build_drv: str | None = None, build_host: Remote | None = None,
+                   binary_cache: BinaryCache | None = None,
                    baseline: Any = None) -> DeployRequest:
     """baseline: the recorded baselineGeneration, which keepGenerations never deletes (a destroy returns to it); a
     number, as state gives it back (a float)."""
@@ -78,7 +79,7 @@ def deploy_request(remote: Remote, store_path: str, profile: Profile, settings: 
         activation_timeout=settings.activation_timeout, auto_rollback=settings.auto_rollback,
         health_checks=settings.health_checks, activate_command=activate_command,
         substitute_on_destination=settings.substitute_on_destination, compress=settings.compress,
-        build_drv_on_target=build_drv_on_target, binary_cache=binary_cache,
+        build_drv=build_drv, build_host=build_host, binary_cache=binary_cache,
         retention=Retention(keep=settings.keep_generations, protect=protect,
                             collect_garbage=settings.collect_garbage),
         reboot=settings.reboot, reboot_timeout=settings.reboot_timeout,

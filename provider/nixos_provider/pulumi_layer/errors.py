@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.errors import EngineError, Setting
+from ..engine.errors import BuildHostError, EngineError, Setting
 
 # Each setting an engine error can blame, as the program sets it.
 PROPERTY_OF: dict[Setting, str] = {
@@ -21,5 +21,8 @@ def describe(e: BaseException) -> str:
     """The error's message, with the setting it blames named as the program's property."""
     text = str(e)
     if isinstance(e, EngineError) and e.blames is not None:
-        text = text.replace(e.blames.value, PROPERTY_OF[e.blames], 1)
+        prop = PROPERTY_OF[e.blames]
+        if isinstance(e, BuildHostError):
+            prop = prop.replace("`connection.", "`buildHost.")
+        text = text.replace(e.blames.value, prop, 1)
     return text

@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -572,6 +573,26 @@ def secret_connection(conn: Any) -> Any:
     if isinstance(out.get("proxy"), dict):
         out["proxy"] = secret_connection(out["proxy"])
     return out
+
+
+def secret_fields(props: dict[str, Any]) -> dict[str, Any]:
+    """props with every field that holds a credential wrapped as a secret: what state and outputs keep of inputs.
+
+    The one list of a machine's secret-bearing inputs; every output a resource
+    returns (Check's, preview's, a deployment's, a failure's, refresh's) passes here."""
+    out = dict(props)
+    for key, wrap in SECRET_BEARING:
+        if key in out:
+            out[key] = wrap(out[key])
+    return out
+
+
+SECRET_BEARING: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("connection", secret_connection),
+    ("buildHost", secret_connection),
+    ("binaryCache", secret_binary_cache),
+    ("install", secret_install),
+)
 
 
 # -- secretFiles -----------------------------------------------------------------

@@ -36,12 +36,14 @@ INPUT_KEYS = [
     "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
     "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy", "triggers", "buildOnPreview",
     "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage", "reboot", "rebootTimeout",
+    "buildHost",
 ]
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
     "systemDerivation", "generation", "previousGeneration", "baselineGeneration", "baselineSystemPath", "hostKey", "nixosVersion",
     "deployedAt", "pushedPaths", "pushedBytes", "substitutedPaths", "installStatus", "installedAt", "installError", "needsReboot",
+    "buildHostKey",
 ]
 # The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
 CHANGE_REPORTS = ["pendingChanges", "lastChanges"]
@@ -52,6 +54,31 @@ FILES_KEY = "secretFilesKey"
 
 def _id(remote: Remote) -> str:
     return f"{remote.host}:{remote.port}"
+
+
+def _check_build_host(f: v.Failures, news: dict[str, Any]) -> None:
+    """buildHost: a connection like `connection`, to a host that builds what the inputs evaluate."""
+    build_host = news.get("buildHost")
+    if build_host is None:
+        return
+    v.check_connection(f, build_host, "buildHost")
+    if isinstance(build_host, dict) and build_host.get("sudoPassword") is not None:
+        f.add("buildHost.sudoPassword", "the build host's SSH user builds and imports derivations itself, without "
+                                        "sudo: it must be root or one of the build host's trusted-users")
+    if news.get("buildOn") == "remote":
+        f.add("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")
+    elif news.get("systemPath") is not None:
+        f.add("buildHost", "a prebuilt `systemPath` has nothing to build; a build host builds a `flake`, "
+                           "`configuration` or `expression`")
+
+
+def _build_host_key(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
+    """The build host key the last deployment pinned, while buildHost still names that host."""
+    old, new = reveal(olds.get("buildHost")), reveal(news.get("buildHost"))
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    same_host = (reveal(old.get("host")), reveal(old.get("port"))) == (reveal(new.get("host")), reveal(new.get("port")))
+    return olds.get("buildHostKey") if same_host else None
 
 
 class NixosMachine(DeployedResource):
@@ -72,6 +99,7 @@ class NixosMachine(DeployedResource):
         v.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
         if news.get("buildOn") == "remote" and path is not None:
             f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
+        _check_build_host(f, news)
         v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
         v.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
         v.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
@@ -88,13 +116,11 @@ class NixosMachine(DeployedResource):
             raise CheckFailed(f)
 
         checked = dict(news)
+        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        if checked.get("buildHost") is not None:
+            checked["buildHost"] = v.normalize_connection(checked["buildHost"], self.ctx.default_user)
         # Credentials are secret in state whether or not the program said so.
-        checked["connection"] = v.secret_connection(v.normalize_connection(checked.get("connection"),
-                                                                           self.ctx.default_user))
-        if checked.get("install") is not None:
-            checked["install"] = v.secret_install(checked["install"])
-        if checked.get("binaryCache") is not None:
-            checked["binaryCache"] = v.secret_binary_cache(checked["binaryCache"])
+        checked = v.secret_fields(checked)
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if checked.get("secretFiles") is not None:
@@ -123,10 +149,10 @@ class NixosMachine(DeployedResource):
     # -- Create / Update ------------------------------------------------------------
 
     def _preview_outputs(self, news: dict[str, Any], olds: dict[str, Any] | None, deploys: bool) -> dict[str, Any]:
-        out = {**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news}
-        out["connection"] = v.secret_connection(news.get("connection"))
-        out["install"] = v.secret_install(news.get("install"))
-        out["binaryCache"] = v.secret_binary_cache(news.get("binaryCache"))
+        out = v.secret_fields({**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news})
+        pinned_builder = _build_host_key(olds or {}, news)
+        out["buildHostKey"] = UNKNOWN if deploys and news.get("buildHost") is not None and not pinned_builder \
+            else pinned_builder
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
                                                   "pushedPaths", "pushedBytes", "substitutedPaths", "needsReboot",
@@ -169,10 +195,8 @@ class NixosMachine(DeployedResource):
         pinned = baseline.host_key
         self.ctx.created_on[urn] = (pinned, SYSTEM_PROFILE)
         base = {
-            **news,
+            **v.secret_fields(news),
             "secretFiles": None,
-            "connection": v.secret_connection(news["connection"]),
-            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
             "hostKey": pinned,
             "baselineGeneration": baseline.generation.number if baseline.generation else None,
             "baselineSystemPath": baseline.current_system or (baseline.generation.store_path if baseline.generation else None),
@@ -213,16 +237,15 @@ class NixosMachine(DeployedResource):
             return out
         m = MachineInputs.parse(news)
         pinned = m.connection.get("hostKey") or olds.get("hostKey")
-        base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **news, "systemPath": olds.get("systemPath"),
-                "connection": v.secret_connection(news["connection"]), "install": v.secret_install(news.get("install")),
-                "binaryCache": v.secret_binary_cache(news.get("binaryCache")), "hostKey": pinned}
+        base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **v.secret_fields(news),
+                "systemPath": olds.get("systemPath"), "hostKey": pinned,
+                "buildHostKey": _build_host_key(olds, news)}
         placement = self._placement(olds, m, pinned)
         if not deploys:
             return await self._place_files(urn, ident, base, news, placement)
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
-        kept = {**olds, "connection": v.secret_connection(olds.get("connection")),
-                "binaryCache": v.secret_binary_cache(olds.get("binaryCache")), "hostKey": pinned}
+        kept = {**v.secret_fields(olds), "hostKey": pinned}
         return await self._deploy(urn, ident, base, m, pinned, placement, kept)
 
     # -- Secret files ---------------------------------------------------------------------
@@ -305,10 +328,7 @@ class NixosMachine(DeployedResource):
         nix = self._deploy_nix(m.settings)
         remote = self._remote_of(m.connection)
         base = {
-            **news,
-            "connection": v.secret_connection(news["connection"]),
-            "binaryCache": v.secret_binary_cache(news.get("binaryCache")),
-            "install": v.secret_install(news["install"]),
+            **v.secret_fields(news),
             **{k: None for k in COMPUTED},
             "installStatus": "failed",
             "systemPath": None,
@@ -460,7 +480,7 @@ class NixosMachine(DeployedResource):
 
     def _start_build(self, urn: str, m: MachineInputs) -> asyncio.Task[str] | None:
         """Start building the system now, if it is built here (not on the target)."""
-        if m.build_on_target:
+        if m.build_on_target or m.build_host is not None:
             return None
         task = asyncio.ensure_future(self._build(urn, m.closure, self._deploy_nix(m.settings)))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # awaited later, or dropped
@@ -484,7 +504,7 @@ class NixosMachine(DeployedResource):
         try:
             if m.closure.evaluated:
                 evaluation = await self._evaluation(urn, m.raw, nix)
-            if m.build_on_target and evaluation is not None:
+            if (m.build_on_target or m.build_host is not None) and evaluation is not None:
                 store_path = m.closure.store_path or evaluation.out_path
             else:
                 store_path = await (building or self._build(urn, m.closure, nix))
@@ -493,9 +513,10 @@ class NixosMachine(DeployedResource):
         drv = evaluation.drv_path if evaluation is not None and evaluation.out_path == store_path else None
         await self._files_before_activation(urn, ident, failed, m.raw, placement)
         failed = _with_files(failed, placement)
+        builder = None if m.build_host is None else self._remote_of(m.build_host, base.get("buildHostKey"))
         req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action,
-                             build_drv_on_target=drv if m.build_on_target else None,
-                             binary_cache=m.binary_cache or self.ctx.binary_cache,
+                             build_drv=drv if m.build_on_target or builder is not None else None,
+                             build_host=builder, binary_cache=m.binary_cache or self.ctx.binary_cache,
                              baseline=base.get("baselineGeneration"))
         result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=m.raw, failed=failed,
                                   after_failure=_now_running, observe=lambda out: self._observed(out, remote))
@@ -510,6 +531,7 @@ class NixosMachine(DeployedResource):
             "systemDerivation": drv if result.store_path == store_path else None,
             "nixosVersion": result.nixos_version,
             "needsReboot": bool(result.reboot_for),
+            "buildHostKey": result.build_host_key,
         }
 
     async def _last_changes_or_note(self, urn: str, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
@@ -561,8 +583,7 @@ class NixosMachine(DeployedResource):
         async with self.ctx.ssh_slots:
             now = await engine.read_state(remote, SYSTEM)
         outputs = {
-            **props,
-            "connection": v.secret_connection(props["connection"]),
+            **v.secret_fields(props),
             "systemPath": now.current_system,
             # The recorded derivation describes the recorded system only (drift makes it unknown).
             "systemDerivation": state.get("systemDerivation") if now.current_system == state.get("systemPath") else None,

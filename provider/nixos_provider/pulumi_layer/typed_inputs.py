@@ -148,6 +148,7 @@ class MachineInputs(DeployInputs):
     """NixosMachine's checked, known inputs."""
 
     build_on_target: bool = False
+    build_host: dict[str, Any] | None = field(default=None, repr=False)  # plain: credentials included
     action: Action = "switch"
     install: dict[str, Any] | None = field(default=None, repr=False)  # plain: file contents and disk keys included
     secret_files: tuple[SecretFile, ...] = field(default=(), repr=False)
@@ -158,6 +159,7 @@ class MachineInputs(DeployInputs):
         return cls(
             **cls._common(news, "systemPath"),
             build_on_target=news.get("buildOn") == "remote",
+            build_host=_plain_dict(news["buildHost"]) if news.get("buildHost") is not None else None,
             action=_ACTIONS[news.get("action") or "switch"],
             install=_plain_dict(news["install"]) if news.get("install") is not None else None,
             secret_files=to_secret_files(news.get("secretFiles")),

@@ -34,6 +34,10 @@ type NixosMachine struct {
 	BaselineSystemPath pulumi.StringPtrOutput `pulumi:"baselineSystemPath"`
 	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
 	BinaryCache BinaryCachePtrOutput `pulumi:"binaryCache"`
+	// Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+	BuildHost ConnectionPtrOutput `pulumi:"buildHost"`
+	// The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+	BuildHostKey pulumi.StringPtrOutput `pulumi:"buildHostKey"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -131,6 +135,9 @@ func NewNixosMachine(ctx *pulumi.Context,
 	if args.AutoRollback == nil {
 		args.AutoRollback = pulumi.BoolPtr(true)
 	}
+	if args.BuildHost != nil {
+		args.BuildHost = args.BuildHost.ToConnectionPtrOutput().ApplyT(func(v *Connection) *Connection { return v.Defaults() }).(ConnectionPtrOutput)
+	}
 	if args.BuildOn == nil {
 		args.BuildOn = pulumi.StringPtr("local")
 	}
@@ -208,6 +215,8 @@ type nixosMachineArgs struct {
 	AutoRollback *bool `pulumi:"autoRollback"`
 	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
 	BinaryCache *BinaryCache `pulumi:"binaryCache"`
+	// Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+	BuildHost *Connection `pulumi:"buildHost"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn *string `pulumi:"buildOn"`
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -268,6 +277,8 @@ type NixosMachineArgs struct {
 	AutoRollback pulumi.BoolPtrInput
 	// Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
 	BinaryCache BinaryCachePtrInput
+	// Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+	BuildHost ConnectionPtrInput
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrInput
 	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
@@ -436,6 +447,16 @@ func (o NixosMachineOutput) BaselineSystemPath() pulumi.StringPtrOutput {
 // Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
 func (o NixosMachineOutput) BinaryCache() BinaryCachePtrOutput {
 	return o.ApplyT(func(v *NixosMachine) BinaryCachePtrOutput { return v.BinaryCache }).(BinaryCachePtrOutput)
+}
+
+// Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+func (o NixosMachineOutput) BuildHost() ConnectionPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) ConnectionPtrOutput { return v.BuildHost }).(ConnectionPtrOutput)
+}
+
+// The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+func (o NixosMachineOutput) BuildHostKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixosMachine) pulumi.StringPtrOutput { return v.BuildHostKey }).(pulumi.StringPtrOutput)
 }
 
 // Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.

@@ -603,6 +603,47 @@ func (i ConnectionArgs) ToConnectionOutputWithContext(ctx context.Context) Conne
 	return pulumi.ToOutputWithContext(ctx, i).(ConnectionOutput)
 }
 
+func (i ConnectionArgs) ToConnectionPtrOutput() ConnectionPtrOutput {
+	return i.ToConnectionPtrOutputWithContext(context.Background())
+}
+
+func (i ConnectionArgs) ToConnectionPtrOutputWithContext(ctx context.Context) ConnectionPtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(ConnectionOutput).ToConnectionPtrOutputWithContext(ctx)
+}
+
+// ConnectionPtrInput is an input type that accepts ConnectionArgs, ConnectionPtr and ConnectionPtrOutput values.
+// You can construct a concrete instance of `ConnectionPtrInput` via:
+//
+//	        ConnectionArgs{...}
+//
+//	or:
+//
+//	        nil
+type ConnectionPtrInput interface {
+	pulumi.Input
+
+	ToConnectionPtrOutput() ConnectionPtrOutput
+	ToConnectionPtrOutputWithContext(context.Context) ConnectionPtrOutput
+}
+
+type connectionPtrType ConnectionArgs
+
+func ConnectionPtr(v *ConnectionArgs) ConnectionPtrInput {
+	return (*connectionPtrType)(v)
+}
+
+func (*connectionPtrType) ElementType() reflect.Type {
+	return reflect.TypeOf((**Connection)(nil)).Elem()
+}
+
+func (i *connectionPtrType) ToConnectionPtrOutput() ConnectionPtrOutput {
+	return i.ToConnectionPtrOutputWithContext(context.Background())
+}
+
+func (i *connectionPtrType) ToConnectionPtrOutputWithContext(ctx context.Context) ConnectionPtrOutput {
+	return pulumi.ToOutputWithContext(ctx, i).(ConnectionPtrOutput)
+}
+
 // How to reach a host over SSH. Property names follow pulumi-command's `remote.Connection`, so users of that provider recognise them. The host key is always checked: either against `hostKey`, or against the key pinned in state when the host was first reached.
 type ConnectionOutput struct{ *pulumi.OutputState }
 
@@ -616,6 +657,16 @@ func (o ConnectionOutput) ToConnectionOutput() ConnectionOutput {
 
 func (o ConnectionOutput) ToConnectionOutputWithContext(ctx context.Context) ConnectionOutput {
 	return o
+}
+
+func (o ConnectionOutput) ToConnectionPtrOutput() ConnectionPtrOutput {
+	return o.ToConnectionPtrOutputWithContext(context.Background())
+}
+
+func (o ConnectionOutput) ToConnectionPtrOutputWithContext(ctx context.Context) ConnectionPtrOutput {
+	return o.ApplyTWithContext(ctx, func(_ context.Context, v Connection) *Connection {
+		return &v
+	}).(ConnectionPtrOutput)
 }
 
 // The path of an SSH agent socket to take keys from. When unset, the agent named by the `SSH_AUTH_SOCK` environment variable of the provider is used, if any.
@@ -676,6 +727,150 @@ func (o ConnectionOutput) SudoPassword() pulumi.StringPtrOutput {
 // The user to log in as on the host.
 func (o ConnectionOutput) User() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v Connection) *string { return v.User }).(pulumi.StringPtrOutput)
+}
+
+type ConnectionPtrOutput struct{ *pulumi.OutputState }
+
+func (ConnectionPtrOutput) ElementType() reflect.Type {
+	return reflect.TypeOf((**Connection)(nil)).Elem()
+}
+
+func (o ConnectionPtrOutput) ToConnectionPtrOutput() ConnectionPtrOutput {
+	return o
+}
+
+func (o ConnectionPtrOutput) ToConnectionPtrOutputWithContext(ctx context.Context) ConnectionPtrOutput {
+	return o
+}
+
+func (o ConnectionPtrOutput) Elem() ConnectionOutput {
+	return o.ApplyT(func(v *Connection) Connection {
+		if v != nil {
+			return *v
+		}
+		var ret Connection
+		return ret
+	}).(ConnectionOutput)
+}
+
+// The path of an SSH agent socket to take keys from. When unset, the agent named by the `SSH_AUTH_SOCK` environment variable of the provider is used, if any.
+func (o ConnectionPtrOutput) AgentSocketPath() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.AgentSocketPath
+	}).(pulumi.StringPtrOutput)
+}
+
+// How long to wait, in seconds, for the SSH connection to the host to be established before an attempt fails.
+func (o ConnectionPtrOutput) ConnectTimeout() pulumi.Float64PtrOutput {
+	return o.ApplyT(func(v *Connection) *float64 {
+		if v == nil {
+			return nil
+		}
+		return v.ConnectTimeout
+	}).(pulumi.Float64PtrOutput)
+}
+
+// The address of the host: a DNS name, an IPv4 address or an IPv6 address.
+func (o ConnectionPtrOutput) Host() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return &v.Host
+	}).(pulumi.StringPtrOutput)
+}
+
+// The OpenSSH public host key of the host to pin, as one line such as `ssh-ed25519 AAAA...`. When absent, the first key the host presents is pinned in the stack's state and trusted from then on. A host that later presents a different key is refused with an error.
+func (o ConnectionPtrOutput) HostKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.HostKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// A password to authenticate to the host with, when key authentication is not used.
+func (o ConnectionPtrOutput) Password() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.Password
+	}).(pulumi.StringPtrOutput)
+}
+
+// The SSH port of the host.
+func (o ConnectionPtrOutput) Port() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *Connection) *int {
+		if v == nil {
+			return nil
+		}
+		return v.Port
+	}).(pulumi.IntPtrOutput)
+}
+
+// The content of an OpenSSH private key to authenticate with (not a path to one). When no credentials are set at all, the provider's `defaultPrivateKey` is used, then the SSH agent.
+func (o ConnectionPtrOutput) PrivateKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.PrivateKey
+	}).(pulumi.StringPtrOutput)
+}
+
+// The passphrase that decrypts `privateKey`, if it is encrypted.
+func (o ConnectionPtrOutput) PrivateKeyPassword() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.PrivateKeyPassword
+	}).(pulumi.StringPtrOutput)
+}
+
+// A jump host to reach the target through, like `ssh -J`. The connection to the target is tunnelled over an SSH connection to this host.
+func (o ConnectionPtrOutput) Proxy() ProxyConnectionPtrOutput {
+	return o.ApplyT(func(v *Connection) *ProxyConnection {
+		if v == nil {
+			return nil
+		}
+		return v.Proxy
+	}).(ProxyConnectionPtrOutput)
+}
+
+// How many more times to try connecting to the host after a failed attempt before giving up.
+func (o ConnectionPtrOutput) Retries() pulumi.IntPtrOutput {
+	return o.ApplyT(func(v *Connection) *int {
+		if v == nil {
+			return nil
+		}
+		return v.Retries
+	}).(pulumi.IntPtrOutput)
+}
+
+// The password sudo asks `user` for, when `user` is not root and its sudo rule requires a password. Every command that needs another user (root for the system, the owner of a `NixProfile`) then runs through `sudo -S`, which reads the password on its standard input: it never appears in a command line, a log or an error. A wrong password fails the operation before anything on the host is changed.
+func (o ConnectionPtrOutput) SudoPassword() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.SudoPassword
+	}).(pulumi.StringPtrOutput)
+}
+
+// The user to log in as on the host.
+func (o ConnectionPtrOutput) User() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *Connection) *string {
+		if v == nil {
+			return nil
+		}
+		return v.User
+	}).(pulumi.StringPtrOutput)
 }
 
 // One generation of a Nix profile on a host.
@@ -2087,6 +2282,7 @@ func init() {
 	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCacheInput)(nil)).Elem(), BinaryCacheArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*BinaryCachePtrInput)(nil)).Elem(), BinaryCacheArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*ConnectionInput)(nil)).Elem(), ConnectionArgs{})
+	pulumi.RegisterInputType(reflect.TypeOf((*ConnectionPtrInput)(nil)).Elem(), ConnectionArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckInput)(nil)).Elem(), HealthCheckArgs{})
 	pulumi.RegisterInputType(reflect.TypeOf((*HealthCheckArrayInput)(nil)).Elem(), HealthCheckArray{})
 	pulumi.RegisterInputType(reflect.TypeOf((*InstallInput)(nil)).Elem(), InstallArgs{})
@@ -2102,6 +2298,7 @@ func init() {
 	pulumi.RegisterOutputType(ClosureChangesOutput{})
 	pulumi.RegisterOutputType(ClosureChangesPtrOutput{})
 	pulumi.RegisterOutputType(ConnectionOutput{})
+	pulumi.RegisterOutputType(ConnectionPtrOutput{})
 	pulumi.RegisterOutputType(GenerationOutput{})
 	pulumi.RegisterOutputType(GenerationArrayOutput{})
 	pulumi.RegisterOutputType(HealthCheckOutput{})

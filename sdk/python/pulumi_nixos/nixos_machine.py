@@ -27,6 +27,7 @@ class NixosMachineArgs:
                  attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional['BinaryCacheArgs']] = None,
+                 build_host: pulumi.Input[Optional['ConnectionArgs']] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -58,6 +59,7 @@ class NixosMachineArgs:
         :param pulumi.Input[_builtins.str] attribute: With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input['BinaryCacheArgs'] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        :param pulumi.Input['ConnectionArgs'] build_host: Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
@@ -98,6 +100,8 @@ class NixosMachineArgs:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
         if binary_cache is not None:
             pulumi.set(__self__, "binary_cache", binary_cache)
+        if build_host is not None:
+            pulumi.set(__self__, "build_host", build_host)
         if build_on is None:
             build_on = 'local'
         if build_on is not None:
@@ -234,6 +238,18 @@ class NixosMachineArgs:
     @binary_cache.setter
     def binary_cache(self, value: pulumi.Input[Optional['BinaryCacheArgs']]):
         pulumi.set(self, "binary_cache", value)
+
+    @_builtins.property
+    @pulumi.getter(name="buildHost")
+    def build_host(self) -> pulumi.Input[Optional['ConnectionArgs']]:
+        """
+        Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "build_host")
+
+    @build_host.setter
+    def build_host(self, value: pulumi.Input[Optional['ConnectionArgs']]):
+        pulumi.set(self, "build_host", value)
 
     @_builtins.property
     @pulumi.getter(name="buildOn")
@@ -511,6 +527,7 @@ class NixosMachine(pulumi.CustomResource):
                  attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
+                 build_host: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -549,6 +566,7 @@ class NixosMachine(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] attribute: With `expression`: the attribute path of the machine's system in that file, such as `web` or `machines.web`.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
         :param pulumi.Input[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']] binary_cache: Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
+        :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] build_host: Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
         :param pulumi.Input[_builtins.str] build_on: Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
         :param pulumi.Input[_builtins.bool] build_on_preview: Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
@@ -606,6 +624,7 @@ class NixosMachine(pulumi.CustomResource):
                  attribute: pulumi.Input[Optional[_builtins.str]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
                  binary_cache: pulumi.Input[Optional[Union['BinaryCacheArgs', 'BinaryCacheArgsDict']]] = None,
+                 build_host: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
                  build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  build_on_preview: pulumi.Input[Optional[_builtins.bool]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
@@ -649,6 +668,7 @@ class NixosMachine(pulumi.CustomResource):
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
             __props__.__dict__["binary_cache"] = binary_cache
+            __props__.__dict__["build_host"] = build_host
             if build_on is None:
                 build_on = 'local'
             __props__.__dict__["build_on"] = build_on
@@ -696,6 +716,7 @@ class NixosMachine(pulumi.CustomResource):
             __props__.__dict__["triggers"] = triggers
             __props__.__dict__["baseline_generation"] = None
             __props__.__dict__["baseline_system_path"] = None
+            __props__.__dict__["build_host_key"] = None
             __props__.__dict__["deployed_at"] = None
             __props__.__dict__["generation"] = None
             __props__.__dict__["host_key"] = None
@@ -740,6 +761,8 @@ class NixosMachine(pulumi.CustomResource):
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_system_path"] = None
         __props__.__dict__["binary_cache"] = None
+        __props__.__dict__["build_host"] = None
+        __props__.__dict__["build_host_key"] = None
         __props__.__dict__["build_on"] = None
         __props__.__dict__["build_on_preview"] = None
         __props__.__dict__["collect_garbage"] = None
@@ -835,6 +858,22 @@ class NixosMachine(pulumi.CustomResource):
         Deploy through this binary cache instead of the provider's `binaryCache`: the deployer uploads the closure to it once (shared by every machine of the same system in this deployment) and the target substitutes from it; what the target cannot fetch there is pushed directly over SSH, with a warning. Changing it does not redeploy.
         """
         return pulumi.get(self, "binary_cache")
+
+    @_builtins.property
+    @pulumi.getter(name="buildHost")
+    def build_host(self) -> pulumi.Output[Optional['outputs.Connection']]:
+        """
+        Build the system on this host instead of where the provider runs (as nixos-rebuild's `--build-host`): the provider copies the derivations to it and it builds them, fetching what it can from its own binary caches; the target fetches what its own caches hold of the result, and the build host copies the rest to the target directly, logging in as the deployment does (the target's pinned host key, the deployment's key or agent forwarded over the provider's connection, never written to the build host). When it cannot (the target is reached through a jump host, logs in with a password or imports through sudo, or the build host cannot reach it), the provider relays the result and warns. The SSH user must be root or one of the build host's `trusted-users`; its `hostKey`, if not set, is pinned at the first deployment (`buildHostKey`). Needs a `flake`, `configuration` or `expression`; not with `buildOn: remote`. Changing it does not redeploy.
+        """
+        return pulumi.get(self, "build_host")
+
+    @_builtins.property
+    @pulumi.getter(name="buildHostKey")
+    def build_host_key(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+        """
+        return pulumi.get(self, "build_host_key")
 
     @_builtins.property
     @pulumi.getter(name="buildOn")

@@ -1,0 +1,203 @@
+"""Build on a build host, then let the build host copy the result to the target.
+
+What crosses the deployer's link is the derivations (push.py, as for any
+closure), not the system: the build host builds them (fetching what it can
+from its own binary caches), the target fetches what its own caches hold of
+the result, and the build host sends the rest straight to the target with
+`nix-copy-closure`, logging in as the deployment does: the target's pinned
+host key in a known_hosts file of its own, the deployment's key through agent
+forwarding (agent.py), never on the build host's disk.
+
+When the build host cannot do that (the target is reached through a jump
+host or logs in with a password, or the copy fails: the build host cannot
+reach it, or the SSH user is not trusted by the target's Nix and imports
+through sudo), the deployer relays: `nix-store --export` on the build host, `nix-store --import`
+on the target, through this process, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .agent import KeyAgent
+from .errors import BuildHostError, ConnectError
+from .models import Remote, SubstitutePolicy
+from .process import Target
+from .push import CHUNK, fetch_from_caches, missing_paths
+from .ssh import Connection, connect, private_key
+
+StatusFn = Callable[[str], None]
+
+# The target's key for the build host's `ssh`, and the directory it lives in, made private before anything is written.
+_KNOWN_HOSTS = 'set -eu; umask 077; d=$(mktemp -d "${TMPDIR:-/tmp}/pulumi-nixos-copy.XXXXXX"); cat > "$d/known_hosts"; echo "$d"'
+# One export of paths given on stdin (a closure is too long for one SSH command line); no globbing of their names.
+_EXPORT = "set -f; exec nix-store --export $(cat)"
+
+
+@dataclass(frozen=True)
+class Copied:
+    """How the built system reached the target."""
+
+    closure: int  # paths of the system's closure
+    substituted: int  # fetched by the target from its own binary caches
+    direct: int  # sent by the build host straight to the target
+    relayed: int  # sent through the deployer
+    relayed_bytes: int
+    seconds: float
+
+
+def _known_hosts_line(remote: Remote, host_key: str) -> str:
+    name = remote.host if remote.port == 22 else f"[{remote.host}]:{remote.port}"
+    return f"{name} {host_key}\n"
+
+
+class BuildHost:
+    """The deployer's connection to a build host, forwarding the target's credentials while it is open."""
+
+    def __init__(self, remote: Remote, conn: Connection, agent: KeyAgent | None, forwarded: str | None) -> None:
+        self.remote = remote
+        self.conn = conn
+        self.store = Target(conn)  # the SSH user imports and builds: it must be root or a trusted user
+        self._agent = agent
+        self.forwarded = forwarded  # the agent socket the build host's commands may use, if any
+
+    @property
+    def host_key(self) -> str:
+        return self.conn.host_key
+
+    @classmethod
+    async def open(cls, remote: Remote, target: Remote) -> BuildHost:
+        """Connect to the build host, forwarding an agent that can log in to target when there is one."""
+        agent: KeyAgent | None = None
+        forwarded = _agent_of(target)
+        if forwarded is None and target.credentials.private_key:
+            agent = await KeyAgent(private_key(target)).start()
+            forwarded = agent.path
+        try:
+            conn = await connect(remote, forward_agent=forwarded)
+        except ConnectError as e:
+            if agent is not None:
+                await agent.close()
+            raise BuildHostError(f"cannot use the build host: {e}", blames=e.blames) from e
+        except BaseException:
+            if agent is not None:
+                await agent.close()
+            raise
+        return cls(remote, conn, agent, forwarded)
+
+    async def close(self) -> None:
+        await self.conn.close()
+        if self._agent is not None:
+            await self._agent.close()
+
+    async def build(self, drv: str, out: str, timeout: float) -> None:
+        """Realise drv on the build host; its output must be out."""
+        res = await self.store.run(["nix-store", "--realise", drv], check=False, timeout=timeout)
+        if res.exit_status != 0 or out not in res.stdout.split():
+            tail = "\n  ".join(res.stderr.strip().splitlines()[-5:])
+            raise BuildHostError(f"building {drv} on the build host {self.store.target} failed "
+                                 f"(exit {res.exit_status}):\n  {tail}")
+
+    async def copy_to(self, target: Target, out: str, host_key: str, *, substitute: SubstitutePolicy,
+                      timeout: float, status: StatusFn, warn: StatusFn) -> Copied:
+        """Get out's closure from the build host to target: its own caches first, then straight from the build
+        host, else through the deployer."""
+        started = time.monotonic()
+        res = await self.store.run(["nix-store", "--query", "--requisites", out])
+        closure = res.stdout.split()
+        if substitute == "never":
+            missing = await missing_paths(target, closure)
+            substituted = 0
+        else:
+            lacked, missing = await fetch_from_caches(target, closure, substitute, status)
+            substituted = lacked - len(missing)
+        direct = relayed = relayed_bytes = 0
+        if missing:
+            why_not = self._cannot_copy_directly(target)
+            if why_not is None:
+                status(f"the build host {self.store.target} is copying {len(missing)} paths to {target.target}")
+                why_not = await self._copy_directly(target, out, host_key, timeout)
+                still = await missing_paths(target, missing)
+                direct, missing = len(missing) - len(still), still
+            if missing:
+                warn(f"buildHost: {why_not}; relaying {len(missing)} paths from {self.store.target} to "
+                     f"{target.target} through the deployer")
+                relayed_bytes = await self._relay(target, missing, timeout)
+                relayed = len(missing)
+        return Copied(len(closure), substituted, direct, relayed, relayed_bytes, time.monotonic() - started)
+
+    def _cannot_copy_directly(self, target: Target) -> str | None:
+        """Why the build host cannot log in to target as the deployment does, if it cannot."""
+        remote = target.conn.remote
+        if remote.proxy is not None:
+            return f"{target.target} is reached through a jump host, which the build host does not use"
+        if self.forwarded is None:
+            what = "a password" if remote.credentials.password else "no key or agent the provider can forward"
+            return f"the deployment logs in to {target.target} with {what}"
+        return None
+
+    async def _copy_directly(self, target: Target, out: str, host_key: str, timeout: float) -> str | None:
+        """`nix-copy-closure` on the build host; None when it succeeded, else why it did not.
+
+        It imports as the SSH user, never through sudo: a user the target's Nix trusts (root, or one of its
+        trusted-users) can; another one is refused for want of signatures, and the deployer relays."""
+        remote = target.conn.remote
+        made = await self.store.run(["sh", "-c", _KNOWN_HOSTS], input=_known_hosts_line(remote, host_key))
+        workdir = made.stdout.strip()
+        options = [f"-p {remote.port}", f"-o UserKnownHostsFile={workdir}/known_hosts",
+                   "-o GlobalKnownHostsFile=/dev/null", "-o StrictHostKeyChecking=yes", "-o BatchMode=yes",
+                   f"-o ConnectTimeout={max(1, int(remote.connect_timeout))}", "-o ServerAliveInterval=10"]
+        argv = ["env", f"NIX_SSHOPTS={' '.join(options)}", "nix-copy-closure", "--to",
+                f"{remote.user}@{remote.host}", out]
+        try:
+            res = await self.store.run(argv, check=False, timeout=timeout)
+        finally:
+            await self.store.run(["rm", "-rf", "--", workdir], check=False)
+        if res.exit_status == 0:
+            return None
+        return f"the build host could not copy to {target.target} (exit {res.exit_status}: {_reason(res.stderr)})"
+
+    async def _relay(self, target: Target, paths: list[str], timeout: float) -> int:
+        """Export paths on the build host and import them on target, through this process; the bytes moved."""
+        export = await self.store.start(["sh", "-c", _EXPORT])
+        importing = await target.start(["nix-store", "--import"])
+        moved = 0
+        try:
+            export.stdin.write(("\n".join(paths) + "\n").encode())
+            export.stdin.write_eof()
+            while chunk := await export.stdout.read(CHUNK):
+                importing.stdin.write(chunk)
+                await importing.stdin.drain()
+                moved += len(chunk)
+            importing.stdin.write_eof()
+            exported, imported = await export.wait(), await importing.wait()
+        finally:
+            await export.close()
+            await importing.close()
+        for process, result in ((export, exported), (importing, imported)):
+            if result.exit_status != 0:
+                raise process.failure(result)
+        return moved
+
+
+def _agent_of(target: Remote) -> str | None:
+    """The agent the deployment itself logs in with, if it logs in with one: forwarded as it is."""
+    creds = target.credentials
+    if creds.agent_socket_path:
+        return creds.agent_socket_path
+    if creds.empty and not creds.password:
+        return os.environ.get("SSH_AUTH_SOCK") or None
+    return None
+
+
+def _reason(stderr: str) -> str:
+    """What stopped a copy, in one line: ssh's own complaint or Nix's first error (the last one is often only
+    "unexpected end-of-file"), with what to change when the target's Nix did not trust the user."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = next((line for line in lines if line.startswith(("ssh:", "error:"))), lines[-1] if lines else "no message")
+    if "signature" in said:
+        said += "; a user in the target's trusted-users can take the build host's copy"
+    return said
