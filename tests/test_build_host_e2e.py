@@ -86,5 +86,7 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     assert failed.returncode != 0
     assert (f"cannot use the build host: host key mismatch for root@{builder.address}:{builder.port}" in said
             and "update `buildHost.hostKey`" in said), said
+    assert (f"update `buildHost.hostKey`); root@{direct.address}:{direct.port} was not changed: it still runs "
+            f"generation 2 ({system})") in said, said
     assert current_system(direct) == current_system(relayed) == system
     assert project.outputs()["directSystemPath"] == system

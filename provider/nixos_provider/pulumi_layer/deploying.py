@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..engine.errors import ConnectError, DeployError, EngineError, HostBusy
+from ..engine.errors import BuildHostError, ConnectError, DeployError, EngineError, HostBusy
 from ..engine.lazy import lazy_module
 from ..engine.models import (
     Action,
@@ -112,6 +112,13 @@ async def run_deploy(ctx: Context, urn: str, req: DeployRequest, nix: Nix, *, id
     except HostBusy as e:
         # Nothing was changed; what runs now is another deployment's business.
         raise PartialFailure(describe(e), ident, failed, inputs) from e
+    except BuildHostError as e:
+        # The build host failed before anything reached the target: it runs what it ran.
+        runs = failed.get("generation")  # a number, as state gives it back (a float)
+        now = (f"it still runs generation {int(runs)} ({failed.get('systemPath')})" if isinstance(runs, (int, float))
+               else "it runs what it ran")
+        raise PartialFailure(f"{describe(e)}; {req.remote.target} was not changed: {now}", ident, failed,
+                             inputs) from e
     except ConnectError as e:
         # Not reached (or lost before the lock was taken): nothing changed, and a host that did not answer the
         # deployment's attempts would make observing it wait as long again.
