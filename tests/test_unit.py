@@ -813,3 +813,47 @@ async def test_the_agent_lists_and_signs_with_its_one_key_and_refuses_the_rest()
     finally:
         await agent.close()
     assert not Path(agent.path).parent.exists()
+
+
+def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() -> None:
+    """Over the schema: each input whose type has `secret` fields (at any depth: a connection's proxy) passes
+    through secret_fields, the one list every output site uses, and comes out with each of them wrapped.
+    secretFiles are the exception on purpose: state keeps only their HMACs (test_secret_files_unit)."""
+    from nixos_provider.pulumi_layer.inputs import secret_fields
+    from nixos_provider.pulumi_layer.schema import schema
+    doc = schema()
+    types = doc["types"]
+
+    def example(spec: dict[str, Any], depth: int = 0) -> tuple[Any, list[tuple[str, ...]]]:
+        """A value of spec with every secret field set in plain text, and the paths of those fields."""
+        ref = spec.get("$ref", "").removeprefix("#/types/")
+        if ref not in types or depth > 3:
+            return None, []
+        value: dict[str, Any] = {}
+        secrets: list[tuple[str, ...]] = []
+        for name, field in types[ref].get("properties", {}).items():
+            if field.get("secret"):
+                value[name] = "plain-" + name
+                secrets.append((name,))
+            else:
+                inner, paths = example(field, depth + 1)
+                if paths:
+                    value[name] = inner
+                    secrets.extend((name, *p) for p in paths)
+        return value, secrets
+
+    checked = 0
+    for token, resource in doc["resources"].items():
+        for prop, spec in resource["inputProperties"].items():
+            value, secrets = example(spec)
+            if not secrets or prop == "secretFiles":
+                continue
+            out = secret_fields({prop: value})[prop]
+            for path in secrets:
+                field = out
+                for step in path:
+                    field = field[step]
+                assert isinstance(field, Secret), (token, prop, path)
+                checked += 1
+    # connection and buildHost (with their proxies), binaryCache, install; NixProfile's connection
+    assert checked >= 20, checked
