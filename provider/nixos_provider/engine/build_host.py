@@ -11,19 +11,21 @@ forwarding (agent.py), never on the build host's disk.
 When the build host cannot do that (the target is reached through a jump
 host or logs in with a password, or the copy fails: the build host cannot
 reach it, or the SSH user is not trusted by the target's Nix and imports
-through sudo), the deployer relays: `nix-store --export` on the build host, `nix-store --import`
-on the target, through this process, and a warning says so.
+through sudo), the deployer relays: `nix-store --export` on the build host,
+`nix-store --import` on the target, through this process, and a warning
+says so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .agent import KeyAgent
-from .errors import BuildHostError, ConnectError
+from .errors import BuildHostError, ConnectError, EngineError
 from .models import Remote, SubstitutePolicy
 from .process import Target
 from .push import CHUNK, fetch_from_caches, missing_paths
@@ -72,10 +74,9 @@ class BuildHost:
     async def open(cls, remote: Remote, target: Remote) -> BuildHost:
         """Connect to the build host, forwarding an agent that can log in to target when there is one."""
         agent: KeyAgent | None = None
-        forwarded = _agent_of(target)
-        if forwarded is None and target.credentials.private_key:
+        if target.credentials.private_key:
             agent = await KeyAgent(private_key(target)).start()
-            forwarded = agent.path
+        forwarded = agent.path if agent is not None else _agent_of(target)
         try:
             conn = await connect(remote, forward_agent=forwarded)
         except ConnectError as e:
@@ -166,14 +167,18 @@ class BuildHost:
         importing = await target.start(["nix-store", "--import"])
         moved = 0
         try:
-            export.stdin.write(("\n".join(paths) + "\n").encode())
-            export.stdin.write_eof()
-            while chunk := await export.stdout.read(CHUNK):
-                importing.stdin.write(chunk)
-                await importing.stdin.drain()
-                moved += len(chunk)
-            importing.stdin.write_eof()
-            exported, imported = await export.wait(), await importing.wait()
+            async with asyncio.timeout(timeout):
+                export.stdin.write(("\n".join(paths) + "\n").encode())
+                export.stdin.write_eof()
+                while chunk := await export.stdout.read(CHUNK):
+                    importing.stdin.write(chunk)
+                    await importing.stdin.drain()
+                    moved += len(chunk)
+                importing.stdin.write_eof()
+                exported, imported = await export.wait(), await importing.wait()
+        except TimeoutError:
+            raise EngineError(f"relaying {len(paths)} paths from {self.store.target} to {target.target} timed out "
+                              f"after {timeout:.0f}s ({moved / 1048576:.1f} MiB moved)") from None
         finally:
             await export.close()
             await importing.close()
@@ -184,11 +189,11 @@ class BuildHost:
 
 
 def _agent_of(target: Remote) -> str | None:
-    """The agent the deployment itself logs in with, if it logs in with one: forwarded as it is."""
+    """The agent the deployment logs in with when it has no key of its own, forwarded as it is."""
     creds = target.credentials
     if creds.agent_socket_path:
         return creds.agent_socket_path
-    if creds.empty and not creds.password:
+    if creds.empty:
         return os.environ.get("SSH_AUTH_SOCK") or None
     return None
 

@@ -160,7 +160,7 @@ class Deployment:
 
     async def _run(self, target: Target) -> DeployResult:
         """The steps of DESIGN §3, from the push on; each is one method below."""
-        if self.req.build_host is not None:
+        if self.req.build_host is not None and self.req.build_drv is not None:
             push = await self._build_on_build_host(target, self.req.build_host)
         else:
             push = await self._push(target)
@@ -295,7 +295,7 @@ class Deployment:
 
         What the deployer sent (the derivations, and what it relayed) is the push's account."""
         req = self.req
-        assert req.build_drv is not None
+        assert req.build_drv is not None  # _run's condition
         self.status(f"connecting to the build host {remote.target}")
         builder = await BuildHost.open(remote, target.conn.remote)
         try:

@@ -513,7 +513,8 @@ class NixosMachine(DeployedResource):
         drv = evaluation.drv_path if evaluation is not None and evaluation.out_path == store_path else None
         await self._files_before_activation(urn, ident, failed, m.raw, placement)
         failed = _with_files(failed, placement)
-        builder = None if m.build_host is None else self._remote_of(m.build_host, base.get("buildHostKey"))
+        # Without the derivation of what it deploys (an impure evaluation), nothing can be built remotely.
+        builder = None if m.build_host is None or drv is None else self._remote_of(m.build_host, base.get("buildHostKey"))
         req = deploy_request(remote, store_path, SYSTEM, m.settings, action=m.action,
                              build_drv=drv if m.build_on_target or builder is not None else None,
                              build_host=builder, binary_cache=m.binary_cache or self.ctx.binary_cache,
