@@ -59,6 +59,9 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     built = subprocess.run([*labctl.NIX, "path-info", system], capture_output=True, text=True)
     assert built.returncode != 0, "the system is in the deployer's store: it was built or copied here"
     assert _has(builder, system)
+    copied = re.search(rf"root@{re.escape(direct.address)}:{direct.port} has the (\d+) paths of {system}: (\d+) it had, "
+                       r"0 from its binary caches, (\d+) from the build host directly, 0 relayed by the deployer", out)
+    assert copied and int(copied[3]) >= 2 and int(copied[1]) == int(copied[2]) + int(copied[3]), out
     # The deployer's link carried the derivations (a few KiB) to the build host, and nothing of the system...
     assert int(got["directPushedBytes"]) < 256 * 1024, got
     # ...except where the build host could not reach the target: there it relayed the system, and warned.

@@ -44,6 +44,7 @@ class Copied:
     """How the built system reached the target."""
 
     closure: int  # paths of the system's closure
+    had: int  # already on the target
     substituted: int  # fetched by the target from its own binary caches
     direct: int  # sent by the build host straight to the target
     relayed: int  # sent through the deployer
@@ -111,10 +112,10 @@ class BuildHost:
         closure = res.stdout.split()
         if substitute == "never":
             missing = await missing_paths(target, closure)
-            substituted = 0
+            lacked = len(missing)
         else:
             lacked, missing = await fetch_from_caches(target, closure, substitute, status)
-            substituted = lacked - len(missing)
+        substituted = lacked - len(missing)
         direct = relayed = relayed_bytes = 0
         if missing:
             why_not = self._cannot_copy_directly(target)
@@ -128,7 +129,8 @@ class BuildHost:
                      f"{target.target} through the deployer")
                 relayed_bytes = await self._relay(target, missing, timeout)
                 relayed = len(missing)
-        return Copied(len(closure), substituted, direct, relayed, relayed_bytes, time.monotonic() - started)
+        return Copied(len(closure), len(closure) - lacked, substituted, direct, relayed, relayed_bytes,
+                      time.monotonic() - started)
 
     def _cannot_copy_directly(self, target: Target) -> str | None:
         """Why the build host cannot log in to target as the deployment does, if it cannot."""

@@ -310,7 +310,7 @@ class Deployment:
                                            timeout=req.activation_timeout * 10, status=self.status, warn=self.warn)
         finally:
             await builder.close()
-        self.status(f"{target.target} has the {copied.closure} paths of {req.store_path}: "
+        self.status(f"{target.target} has the {copied.closure} paths of {req.store_path}: {copied.had} it had, "
                     f"{copied.substituted} from its binary caches, {copied.direct} from the build host directly, "
                     f"{copied.relayed} relayed by the deployer ({copied.seconds:.1f}s)")
         return replace(sent, paths=sent.paths + copied.relayed, bytes=sent.bytes + copied.relayed_bytes,
