@@ -857,3 +857,24 @@ def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() 
                 checked += 1
     # connection and buildHost (with their proxies), binaryCache, install; NixProfile's connection
     assert checked >= 20, checked
+
+
+@pytest.mark.parametrize(("stderr", "expected"), [
+    # Nix 2.8 and 2.26: the builder's log, then one line per failure, the failed builder first.
+    ("these 2 derivations will be built:\n  /nix/store/a-fails-1.drv\nbuilding '/nix/store/a-fails-1.drv'...\n"
+     "first line\nthis package does not build\n"
+     "error: builder for '/nix/store/a-fails-1.drv' failed with exit code 3\n"
+     "error: 1 dependencies of derivation '/nix/store/b-top.drv' failed to build\n",
+     "error: builder for '/nix/store/a-fails-1.drv' failed with exit code 3\n> first line\n"
+     "> this package does not build"),
+    # Nix 2.34: the same log, then a block per failure.
+    ("building '/nix/store/a-fails-1.drv'...\nfirst line\nthis package does not build\n"
+     "error: Cannot build '/nix/store/a-fails-1.drv'.\n       Reason: builder failed with exit code 3.\n"
+     "       Output paths:\n         /nix/store/c-fails-1\n"
+     "error: Cannot build '/nix/store/b-top.drv'.\n       Reason: 1 dependency failed.\n",
+     "error: Cannot build '/nix/store/a-fails-1.drv'.\n       Reason: builder failed with exit code 3.\n"
+     "       Output paths:\n         /nix/store/c-fails-1\n> first line\n> this package does not build"),
+])
+def test_a_build_failure_names_the_failed_builder_and_its_last_lines(stderr: str, expected: str) -> None:
+    from nixos_provider.engine.nix_versions import build_failure
+    assert build_failure(stderr) == expected

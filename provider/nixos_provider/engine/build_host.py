@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from .agent import KeyAgent
 from .errors import BuildHostError, ConnectError, EngineError
 from .models import Remote, SubstitutePolicy
+from .nix_versions import build_failure
 from .process import Target
 from .push import CHUNK, fetch_from_caches, missing_paths
 from .ssh import Connection, connect, private_key
@@ -99,9 +100,9 @@ class BuildHost:
         """Realise drv on the build host; its output must be out."""
         res = await self.store.run(["nix-store", "--realise", drv], check=False, timeout=timeout)
         if res.exit_status != 0 or out not in res.stdout.split():
-            tail = "\n  ".join(res.stderr.strip().splitlines()[-5:])
+            why = build_failure(res.stderr).replace("\n", "\n  ")
             raise BuildHostError(f"building {drv} on the build host {self.store.target} failed "
-                                 f"(exit {res.exit_status}):\n  {tail}")
+                                 f"(exit {res.exit_status}):\n  {why}")
 
     async def copy_to(self, target: Target, out: str, host_key: str, *, substitute: SubstitutePolicy,
                       timeout: float, status: StatusFn, warn: StatusFn) -> Copied:

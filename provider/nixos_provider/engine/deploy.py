@@ -31,6 +31,7 @@ from .models import (
     Remote,
 )
 from .nix import Nix
+from .nix_versions import build_failure
 from .process import Target
 from .protocol import ActivationSpec, Cause, Phase, RollbackSpec, SupervisorState
 from .push import PushProgress, choose_compression, missing_paths, push_closure
@@ -287,8 +288,8 @@ class Deployment:
         res = await target.for_store().run(["nix-store", "--realise", req.build_drv], check=False,
                                            timeout=req.activation_timeout * 10)
         if res.exit_status != 0 or req.store_path not in res.stdout.split():
-            raise EngineError(f"building {req.build_drv} on {target.target} failed "
-                              f"(exit {res.exit_status}): {_tail(res.stderr, 5)}")
+            why = build_failure(res.stderr).replace("\n", "\n  ")
+            raise EngineError(f"building {req.build_drv} on {target.target} failed (exit {res.exit_status}):\n  {why}")
 
     async def _build_on_build_host(self, target: Target, remote: Remote) -> PushStats:
         """The derivations to the build host, the build there, the system from there to the target (build_host.py).

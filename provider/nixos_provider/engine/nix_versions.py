@@ -253,6 +253,25 @@ def error_summary(stderr: str, max_lines: int = 8) -> str:
     return " ".join(m for m in msg if m) or "unknown error"
 
 
+def build_failure(stderr: str, log_lines: int = 10) -> str:
+    """Why `nix-store --realise` failed, on one Nix as on another: the first failure (the derivation whose builder
+    failed, not those that depend on it: 2.8's `builder for ... failed with exit code N`, 2.34's `Cannot build
+    ...` with its reason) and the last lines its builder printed, which every version streams to stderr first.
+    Several lines: `first error`, `  its indented lines`, `> log line`."""
+    lines = [ln.rstrip() for ln in stderr.splitlines()]
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), None)
+    if first is None:
+        return error_summary(stderr)
+    block = [lines[first]]
+    for ln in lines[first + 1:]:
+        if not ln.startswith(" "):
+            break
+        block.append(ln)
+    began = max((i for i in range(first) if lines[i].startswith("building '")), default=first)
+    log = [ln for ln in lines[began + 1:first] if ln.strip() and not ln.startswith("warning:")][-log_lines:]
+    return "\n".join([*block, *(f"> {ln}" for ln in log)])
+
+
 _OPTION_FRAME = re.compile(r"^… while evaluating the option `(.+)':$")
 _AT_FRAME = re.compile(r"^at (.+):(\d+):(\d+):$")
 # A source tree is nixpkgs when the trace passes through its module system.
