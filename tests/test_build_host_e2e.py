@@ -84,6 +84,8 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     (project.dir / "Pulumi.yaml").write_text((project.dir / "Pulumi.yaml").read_text().replace(
         f'"host": "{builder.address}"', f'"host": "{builder.address}", "hostKey": "{direct.hostKey}"', 2)
         .replace(f'"flake": "{flake}#built"', f'"flake": "{flake}#built", "triggers": ["again"]', 2))
+    preview = strip_ansi(project.run("preview").stdout)
+    assert "~ 2 to update" in preview and "Traceback" not in preview, preview
     failed = project.up(check=False)
     said = " ".join(strip_ansi(failed.stdout + failed.stderr).split())
     assert failed.returncode != 0

@@ -675,7 +675,7 @@ NOWHERE = "127.0.0.254"
 def misroute(host: LabHost, address: str) -> None:
     """From host, SSH to address is refused, as a name that resolves into another network would be; the deployer
     still reaches address. Its SSH client's own configuration sends it to NOWHERE, until the host reboots."""
-    run(nsenter(host.state, ["sh", "-c", 'printf "\nHost %s\n    HostName %s\n" "$1" "$2" >> /etc/ssh/ssh_config',
+    run(nsenter(host.state, ["sh", "-c", r'printf "\nHost %s\n    HostName %s\n" "$1" "$2" >> /etc/ssh/ssh_config',
                              "sh", address, NOWHERE]))
 
 

@@ -150,9 +150,9 @@ class NixosMachine(DeployedResource):
 
     def _preview_outputs(self, news: dict[str, Any], olds: dict[str, Any] | None, deploys: bool) -> dict[str, Any]:
         out = v.secret_fields({**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news})
-        pinned_builder = _build_host_key(olds or {}, news)
-        out["buildHostKey"] = UNKNOWN if deploys and news.get("buildHost") is not None and not pinned_builder \
-            else pinned_builder
+        out["buildHostKey"] = _build_host_key(olds or {}, news)
+        if deploys and news.get("buildHost") is not None and not out["buildHostKey"]:
+            out["buildHostKey"] = UNKNOWN  # pinned by the deployment
         for k in COMPUTED:
             if olds is None or (deploys and k in ("generation", "previousGeneration", "nixosVersion", "deployedAt",
                                                   "pushedPaths", "pushedBytes", "substitutedPaths", "needsReboot",
