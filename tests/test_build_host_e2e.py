@@ -37,7 +37,7 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     """`direct`: the deployer sends only derivations, the build host sends the system. `relayed`: the build host
     cannot reach its target, so the deployer relays, and says so. Then a build host with another key is refused."""
     nonce = uuid.uuid4().hex[:8]
-    flake = write_flake(tmp_path / "flake", FLAKE % (nonce, nonce))
+    flake = write_flake(tmp_path / "flake", FLAKE % (nonce, f"1.{nonce}"))
     builder, direct, relayed = new_host(), new_host(), new_host()
     labctl.misroute(builder, relayed.address)
     # Plain text on purpose: state keeps the build host's key secret all the same.
@@ -80,18 +80,28 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     for where in ("inputs", "outputs"):
         assert "ciphertext" in json.dumps(machine[where]["buildHost"]["privateKey"]), where  # type: ignore[index]
 
+    # A new version of the package: built there again, and lastChanges says what changed, from the derivations.
+    write_flake(tmp_path / "flake", FLAKE % (nonce, f"2.{nonce}"))
+    preview = strip_ansi(project.run("preview").stdout)
+    assert f"built-elsewhere: 1.{nonce} → 2.{nonce}" in preview and "Traceback" not in preview, preview
+    project.up()
+    got = project.outputs()
+    system = str(got["directSystemPath"])
+    assert current_system(direct) == current_system(relayed) == system and int(got["directPushedBytes"]) < 256 * 1024
+    last = project.resource("NixosMachine")["outputs"]["lastChanges"]  # type: ignore[index]
+    assert [(c["name"], c["before"], c["after"]) for c in last["changed"]] == [  # type: ignore[index]
+        ("built-elsewhere", [f"1.{nonce}"], [f"2.{nonce}"])], last
+
     # The build host now presents another key (pinned: buildHostKey): refused before anything is copied or built.
     (project.dir / "Pulumi.yaml").write_text((project.dir / "Pulumi.yaml").read_text().replace(
         f'"host": "{builder.address}"', f'"host": "{builder.address}", "hostKey": "{direct.hostKey}"', 2)
         .replace(f'"flake": "{flake}#built"', f'"flake": "{flake}#built", "triggers": ["again"]', 2))
-    preview = strip_ansi(project.run("preview").stdout)
-    assert "~ 2 to update" in preview and "Traceback" not in preview, preview
     failed = project.up(check=False)
     said = " ".join(strip_ansi(failed.stdout + failed.stderr).split())
     assert failed.returncode != 0
     assert (f"cannot use the build host: host key mismatch for root@{builder.address}:{builder.port}" in said
             and "update `buildHost.hostKey`" in said), said
     assert (f"update `buildHost.hostKey`); root@{direct.address}:{direct.port} was not changed: it still runs "
-            f"generation 2 ({system})") in said, said
+            f"generation 3 ({system})") in said, said
     assert current_system(direct) == current_system(relayed) == system
     assert project.outputs()["directSystemPath"] == system

@@ -523,22 +523,27 @@ class NixosMachine(DeployedResource):
                                   after_failure=_now_running, observe=lambda out: self._observed(out, remote))
         # The deployment is confirmed: the new system runs. Nothing from here on
         # may fail the update, or the state would fall behind the host.
-        last = await self._last_changes_or_note(urn, nix, base.get("systemPath"), result.store_path)
+        deployed_drv = drv if result.store_path == store_path else None
+        last = await self._last_changes_or_note(urn, nix, (base.get("systemPath"), base.get("systemDerivation")),
+                                                (result.store_path, deployed_drv))
         return {
             **base,
             "pendingChanges": None,
             "lastChanges": last.to_output() if last else None,
             **deployed_outputs(result, "systemPath", pinned),
-            "systemDerivation": drv if result.store_path == store_path else None,
+            "systemDerivation": deployed_drv,
             "nixosVersion": result.nixos_version,
             "needsReboot": bool(result.reboot_for),
             "buildHostKey": result.build_host_key,
         }
 
-    async def _last_changes_or_note(self, urn: str, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
-        """lastChanges after a confirmed deployment; a failure becomes a note and a warning, never an error."""
+    async def _last_changes_or_note(self, urn: str, nix: Nix, old: tuple[Any, Any],
+                                    new: tuple[str, str | None]) -> ClosureChanges | None:
+        """lastChanges after a confirmed deployment, from (system, derivation) before and after; a failure becomes a
+        note and a warning, never an error."""
+        (before, before_drv), (after, after_drv) = old, new
         try:
-            return await self._last_changes(nix, before, after)
+            return await self._last_changes(nix, before, after, before_drv, after_drv)
         except asyncio.CancelledError:
             # Cancelled after the deployment finished: record it all the same.
             return ClosureChanges(before=str(before), after=after, note="no package diff: cancelled")
@@ -547,13 +552,19 @@ class NixosMachine(DeployedResource):
             self.ctx.warn(urn, f"{after} is deployed and confirmed; {note}")
             return ClosureChanges(before=str(before), after=after, note=note)
 
-    async def _last_changes(self, nix: Nix, before: Any, after: str) -> ClosureChanges | None:
+    async def _last_changes(self, nix: Nix, before: Any, after: str, before_drv: Any,
+                            after_drv: str | None) -> ClosureChanges | None:
         if not isinstance(before, str) or before == after:
             return None
-        if not await nix.is_valid(before) or not await nix.is_valid(after):
-            return ClosureChanges(before=before, after=after,
-                                  note="no package diff: both systems must be in the deployer's store")
-        return await closure_changes(nix, before, after)
+        if await nix.is_valid(before) and await nix.is_valid(after):
+            return await closure_changes(nix, before, after)
+        # Built elsewhere (a build host, the target): the derivations name the same packages, as preview's do.
+        if isinstance(before_drv, str) and after_drv is not None and await nix.is_valid(before_drv) \
+                and await nix.is_valid(after_drv):
+            return await derivation_changes(nix, before_drv, after_drv, before, after)
+        return ClosureChanges(before=before, after=after,
+                              note="no package diff: both systems (or their derivations) must be in the deployer's "
+                                   "store")
 
     async def _observed(self, base: dict[str, Any], remote: Remote) -> dict[str, Any]:
         """Best effort: what the machine runs after a failure we could not classify."""
