@@ -125,6 +125,7 @@ class BuildHost:
                 why_not = await self._copy_directly(target, out, host_key, timeout)
                 still = await missing_paths(target, missing)
                 direct, missing = len(missing) - len(still), still
+                why_not = why_not or f"the build host's copy left {len(still)} paths missing on {target.target}"
             if missing:
                 warn(f"buildHost: {why_not}; relaying {len(missing)} paths from {self.store.target} to "
                      f"{target.target} through the deployer")
