@@ -111,11 +111,7 @@ class BuildHost:
         started = time.monotonic()
         res = await self.store.run(["nix-store", "--query", "--requisites", out])
         closure = res.stdout.split()
-        if substitute == "never":
-            missing = await missing_paths(target, closure)
-            lacked = len(missing)
-        else:
-            lacked, missing = await fetch_from_caches(target, closure, substitute, status)
+        lacked, missing = await fetch_from_caches(target, closure, substitute, status)
         substituted = lacked - len(missing)
         direct = relayed = relayed_bytes = 0
         if missing:

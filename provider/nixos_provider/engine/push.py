@@ -123,11 +123,7 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute:
     try:
         closure: list[PathInfo] = await nix.closure(store_path)
         order = [p.path for p in closure]
-        if substitute == "never":
-            missing = await missing_paths(target, order)
-            missing_before = len(missing)
-        else:
-            missing_before, missing = await fetch_from_caches(target, order, substitute, status)
+        missing_before, missing = await fetch_from_caches(target, order, substitute, status)
         substituted = missing_before - len(missing)
         if not missing:
             return PushStats(0, 0, time.monotonic() - started, missing_before, 0, compression, substituted=substituted)
@@ -158,7 +154,10 @@ async def push_closure(nix: Nix, target: Target, store_path: str, *, substitute:
 async def fetch_from_caches(target: Target, closure: list[str], policy: SubstitutePolicy,
                       status: Callable[[str], None] | None) -> tuple[int, list[str]]:
     """Let the target fetch what it lacks of the closure from its binary caches: how many paths it lacked,
-    and which it still lacks."""
+    and which it still lacks. With "never" it only says what it lacks."""
+    if policy == "never":
+        missing = await missing_paths(target, closure)
+        return len(missing), missing
     started = time.monotonic()
     if status is not None:
         status(f"asking {target.target} for what it lacks of {len(closure)} paths, to fetch from its binary caches")
