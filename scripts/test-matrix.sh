@@ -83,5 +83,9 @@ echo "=== test matrix"
 for leg in "${legs[@]}"; do
   printf '%-9s %-22s %s\n' "$leg" "${nixver[$leg]}" "${summary[$leg]}"
 done
+# CI shows only the tail of this output: name what failed where it is seen.
+for leg in "${legs[@]}"; do
+  grep -E '^(FAILED|ERROR) ' "$logs/$leg.log" | cut -c1-300 | sed "s/^/$leg: /"
+done
 echo "matrix: $total_passed passed, $total_failed failed"
 exit $status
