@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO / "provider"))
 import labctl  # noqa: E402
 from conftest import remote_for  # noqa: E402
 from nixos_provider.engine import deploy as engine  # noqa: E402
-from nixos_provider.engine.binary_cache import CacheUploads  # noqa: E402
+from nixos_provider.engine.closures.binary_cache import CacheUploads  # noqa: E402
 from nixos_provider.engine.models import BinaryCache, DeployRequest, DeployResult  # noqa: E402
-from nixos_provider.engine.nix import Nix  # noqa: E402
+from nixos_provider.engine.nix.cli import Nix  # noqa: E402
 
 MACHINES = 10
 PARALLEL = 4  # deployments at once, as the provider's maxParallelTransfers default

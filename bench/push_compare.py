@@ -63,8 +63,8 @@ from conftest import remote_for
 import labctl
 from nixos_provider.engine.deploy import open_target
 from nixos_provider.engine.models import Profile
-from nixos_provider.engine.nix import Nix
-from nixos_provider.engine.push import choose_compression, push_closure
+from nixos_provider.engine.nix.cli import Nix
+from nixos_provider.engine.closures.push import choose_compression, push_closure
 host = labctl.LabHost(**json.loads(sys.argv[2]))
 # The provider imports asyncssh on its first connection (engine/lazy.py); load it
 # before the clock starts, as in a provider process that has connected once.

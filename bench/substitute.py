@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "tests" / "lab"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "provider"))
 import labctl  # noqa: E402
-from nixos_provider.engine.nix_versions import parse_path_info  # noqa: E402
+from nixos_provider.engine.nix.versions import parse_path_info  # noqa: E402
 from push_compare import PUSH_ONE, shape  # noqa: E402
 
 LAB_DIR = REPO / ".lab" / "bench-substitute"

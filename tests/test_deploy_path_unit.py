@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from nixos_provider.engine.dry_activate import DryActivation, parse_dry_activate
 from nixos_provider.engine.install.source import InstallSource, NoNixosConfiguration, install_source
 from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployResult, Profile, PushStats, Remote
-from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
+from nixos_provider.engine.target.dry_activate import DryActivation, parse_dry_activate
 from nixos_provider.pulumi_layer import machine
-from nixos_provider.pulumi_layer.deploying import deploy_request, deployed_outputs
+from nixos_provider.pulumi_layer.engine_calls import deploy_request, deployed_outputs
 from nixos_provider.pulumi_layer.properties import Secret
 from nixos_provider.pulumi_layer.typed_inputs import (
     Closure,
@@ -140,8 +140,8 @@ def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> 
 
 def test_the_pulumi_layer_names_the_install_properties_a_source_failure_needs() -> None:
     from nixos_provider.engine.errors import EngineError
-    from nixos_provider.pulumi_layer.base import Context
-    from nixos_provider.pulumi_layer.errors import describe
+    from nixos_provider.pulumi_layer.context import Context
+    from nixos_provider.pulumi_layer.error_text import describe
     from nixos_provider.pulumi_layer.machine import NixosMachine
 
     resource = NixosMachine(Context(log=lambda *_: None, project_dir="/f"))

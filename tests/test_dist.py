@@ -145,7 +145,7 @@ def test_archive_layout_and_plugin_install_from_file(dist: Path, user: UserProje
     trees = sorted({n.split("/")[1] for n in names if n.startswith("lib/") and n.count("/") >= 2})
     assert trees == ["cp311", "cp312", "cp313", "cp314"]
     for tree in trees:
-        for package in ("nixos_provider/__main__.py", "nixos_provider/engine/supervisor.sh", "grpc/__init__.py",
+        for package in ("nixos_provider/__main__.py", "nixos_provider/engine/target/supervisor.sh", "grpc/__init__.py",
                         "asyncssh/__init__.py", "pulumi/__init__.py", "cryptography/__init__.py"):
             assert f"lib/{tree}/{package}" in names, f"{package} missing from lib/{tree}"
         assert any(n.startswith(f"lib/{tree}/grpc/_cython/cygrpc.cpython-{tree[2:]}-x86_64-linux-gnu")

@@ -19,13 +19,13 @@ import labctl
 import pytest
 from conftest import HostFactory, Systems, current_system, http_version, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
+from nixos_provider.engine.closures.push import push_closure
 from nixos_provider.engine.errors import ConnectError, DeployError, EngineError, HostKeyMismatch, NixError, RemoteCommandError, Setting
 from nixos_provider.engine.models import Credentials, DeployRequest, HealthCheck, Profile, Remote
-from nixos_provider.engine.nix import Nix, parse_flake_ref
-from nixos_provider.engine.nix_versions import parse_path_info
-from nixos_provider.engine.process import Target
-from nixos_provider.engine.push import push_closure
-from nixos_provider.engine.ssh import connect
+from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
+from nixos_provider.engine.nix.versions import parse_path_info
+from nixos_provider.engine.transport.process import Target
+from nixos_provider.engine.transport.ssh import connect
 
 pytestmark = pytest.mark.timeout(300)
 SYSTEM = "/nix/var/nix/profiles/system"
@@ -288,7 +288,7 @@ async def test_profile_for_a_non_root_user_via_sudo(lab_host: labctl.LabHost, sy
 
 async def test_the_runner_elevates_run_and_start_and_names_the_callers_argv(
         lab_host: labctl.LabHost, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="nixos_provider.engine.process")
+    caplog.set_level(logging.DEBUG, logger="nixos_provider.engine.transport.process")
     conn = await connect(remote_for(lab_host))
     try:
         alice = Target(conn, "alice")

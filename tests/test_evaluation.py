@@ -1,4 +1,4 @@
-"""The evaluation pool (engine/evaluation.py) with the real `nix`, on small flakes of the lab's library.
+"""The evaluation pool (engine/nix/evaluation.py) with the real `nix`, on small flakes of the lab's library.
 
 What a fleet's preview relies on: each configuration evaluated once, in its own process; the stack's plan
 evaluated ahead of its Checks; guesses bounded; results kept between runs until the flake changes; at most
@@ -17,8 +17,8 @@ import pytest
 from conftest import write_flake
 from nixos_provider.engine import timeline
 from nixos_provider.engine.errors import NixError
-from nixos_provider.engine.evaluation import EvaluationStore, Evaluator, nix_identity
-from nixos_provider.engine.nix import Evaluation, FileRef, Nix, parse_flake_ref
+from nixos_provider.engine.nix.cli import Evaluation, FileRef, Nix, parse_flake_ref
+from nixos_provider.engine.nix.evaluation import EvaluationStore, Evaluator, nix_identity
 
 # Each configuration's evaluation takes a moment (a sum over a long list), so overlaps show.
 FLAKE = """{ outputs = { self }: let

@@ -17,13 +17,13 @@ from pathlib import Path
 import asyncssh
 import pytest
 from inproc_ssh import Doorman, InProcessSSHServer, free_port
-from nixos_provider.engine import activation
-from nixos_provider.engine.activation import Supervisor
 from nixos_provider.engine.errors import ConnectError, HostBusy, RemoteCommandError
 from nixos_provider.engine.models import Credentials, Remote
-from nixos_provider.engine.process import Target
-from nixos_provider.engine.protocol import ActivationSpec, Cause, Phase, RollbackSpec
-from nixos_provider.engine.ssh import Connection, connect, fingerprint
+from nixos_provider.engine.target import activation
+from nixos_provider.engine.target.activation import Supervisor
+from nixos_provider.engine.target.supervisor_protocol import ActivationSpec, Cause, Phase, RollbackSpec
+from nixos_provider.engine.transport.process import Target
+from nixos_provider.engine.transport.ssh import Connection, connect, fingerprint
 
 pytestmark = pytest.mark.timeout(60)
 HOSTILE = ["x; touch /tmp/pwned #", "$(id)", "`id`", "a'b\"c", "new\nline", "*", "-n", ""]

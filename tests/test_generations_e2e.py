@@ -18,9 +18,9 @@ import labctl
 import pytest
 from conftest import PulumiProject, Systems, current_system, in_host, remote_for, write_flake
 from nixos_provider.engine import deploy as engine
-from nixos_provider.engine import profiles
 from nixos_provider.engine.models import DeployRequest, Profile, Retention
-from nixos_provider.engine.nix import Nix, parse_flake_ref
+from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
+from nixos_provider.engine.target import profiles
 from test_provider_e2e import LAB, connection, program, strip_ansi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from nixos_provider.engine.nix_versions import (
+from nixos_provider.engine.nix.versions import (
     PATH_INFO_JSON_FORMAT,
     NixOutputError,
     NixVersion,

@@ -10,11 +10,12 @@ import struct
 from pathlib import Path
 
 import pytest
-from nixos_provider.engine import openssh, serve_proto, substitution
+from nixos_provider.engine.closures import serve_stream, substitution
 from nixos_provider.engine.models import Credentials, Remote
-from nixos_provider.engine.nix_versions import PathInfo, parse_path_info
-from nixos_provider.engine.process import CommandResult
-from nixos_provider.engine.ssh import Connection
+from nixos_provider.engine.nix.versions import PathInfo, parse_path_info
+from nixos_provider.engine.transport import openssh
+from nixos_provider.engine.transport.process import CommandResult
+from nixos_provider.engine.transport.ssh import Connection
 
 STORE = "/nix/store/"
 TOP = STORE + "a" * 32 + "-top-2.0"
@@ -27,18 +28,18 @@ def read_string(data: bytes, at: int) -> tuple[str, int]:
 
 
 def test_strings_are_padded_to_eight_bytes() -> None:
-    assert serve_proto.string("") == bytes(8)
-    assert serve_proto.string("abc") == struct.pack("<Q", 3) + b"abc" + bytes(5)
-    assert serve_proto.string("12345678") == struct.pack("<Q", 8) + b"12345678"
-    assert serve_proto.strings(["a", "b"]) == struct.pack("<Q", 2) + serve_proto.string("a") + serve_proto.string("b")
-    assert serve_proto.greeting() == struct.pack("<QQ", 0x390C9DEB, 0x205)
+    assert serve_stream.string("") == bytes(8)
+    assert serve_stream.string("abc") == struct.pack("<Q", 3) + b"abc" + bytes(5)
+    assert serve_stream.string("12345678") == struct.pack("<Q", 8) + b"12345678"
+    assert serve_stream.strings(["a", "b"]) == struct.pack("<Q", 2) + serve_stream.string("a") + serve_stream.string("b")
+    assert serve_stream.greeting() == struct.pack("<QQ", 0x390C9DEB, 0x205)
 
 
 def test_add_to_store_nar_sends_the_registration_in_the_servers_order() -> None:
     info = PathInfo(TOP, 168, (DEP,), nar_hash="sha256-qkH8ZxXeehOKQP056kkOIqz8vEPzXus2gt3j+NP9gfs=",
                     deriver=STORE + "c" * 32 + "-top-2.0.drv", registration_time=1795683247, ultimate=True,
                     signatures=("cache:sig",), ca="fixed:r:sha256:00")
-    data = serve_proto.add_to_store_nar(info)
+    data = serve_stream.add_to_store_nar(info)
     assert struct.unpack_from("<Q", data)[0] == 9  # AddToStoreNar
     at = 8
     fields = []
@@ -57,21 +58,21 @@ def test_add_to_store_nar_sends_the_registration_in_the_servers_order() -> None:
 
 def test_replies_count_what_the_server_added() -> None:
     hello = struct.pack("<QQ", 0x5452EECB, 0x207)
-    assert serve_proto.replies_done(hello + struct.pack("<QQ", 1, 1), 2) == 2
-    assert serve_proto.replies_done(hello + struct.pack("<Q", 1), 2) == 1  # it stopped after the first
-    assert serve_proto.replies_done(b"", 2) == 0
-    with pytest.raises(serve_proto.StreamError, match="not its greeting"):
-        serve_proto.replies_done(b"error: something", 1)
-    with pytest.raises(serve_proto.StreamError, match="other than success"):
-        serve_proto.replies_done(hello + struct.pack("<Q", 7), 1)
+    assert serve_stream.replies_done(hello + struct.pack("<QQ", 1, 1), 2) == 2
+    assert serve_stream.replies_done(hello + struct.pack("<Q", 1), 2) == 1  # it stopped after the first
+    assert serve_stream.replies_done(b"", 2) == 0
+    with pytest.raises(serve_stream.StreamError, match="not its greeting"):
+        serve_stream.replies_done(b"error: something", 1)
+    with pytest.raises(serve_stream.StreamError, match="other than success"):
+        serve_stream.replies_done(hello + struct.pack("<Q", 7), 1)
 
 
 def test_relay_rewrites_an_export_and_checks_its_shape(tmp_path: Path) -> None:
     # An export as `nix-store --export` writes it: 1, NAR, trailer; then 0.
     nar = b"nix-archive-1 fake nar bytes, 33."
     info = PathInfo(TOP, len(nar), (DEP,), nar_hash="sha256-x")
-    trailer = (struct.pack("<Q", 0x4558494E) + serve_proto.string(TOP) + serve_proto.strings([DEP])
-               + serve_proto.string("") + bytes(8))
+    trailer = (struct.pack("<Q", 0x4558494E) + serve_stream.string(TOP) + serve_stream.strings([DEP])
+               + serve_stream.string("") + bytes(8))
     export = struct.pack("<Q", 1) + nar + trailer + bytes(8)
 
     def relay(data: bytes, infos: list[PathInfo]) -> bytes:
@@ -82,7 +83,7 @@ def test_relay_rewrites_an_export_and_checks_its_shape(tmp_path: Path) -> None:
         os.close(src_w)
         moved: list[int] = []
         try:
-            serve_proto.relay_export(src_r, out_w, infos, b"password\n", moved.append)
+            serve_stream.relay_export(src_r, out_w, infos, b"password\n", moved.append)
         finally:
             os.close(src_r)
             os.close(out_w)
@@ -92,12 +93,12 @@ def test_relay_rewrites_an_export_and_checks_its_shape(tmp_path: Path) -> None:
         return out
 
     out = relay(export, [info])
-    assert out == b"password\n" + serve_proto.greeting() + serve_proto.add_to_store_nar(info) + nar
-    with pytest.raises(serve_proto.StreamError, match=f"is not {len(nar) - 1} bytes long"):
+    assert out == b"password\n" + serve_stream.greeting() + serve_stream.add_to_store_nar(info) + nar
+    with pytest.raises(serve_stream.StreamError, match=f"is not {len(nar) - 1} bytes long"):
         relay(export, [dataclasses.replace(info, nar_size=len(nar) - 1)])
-    with pytest.raises(serve_proto.StreamError, match="ended"):
+    with pytest.raises(serve_stream.StreamError, match="ended"):
         relay(export[:20], [info])
-    with pytest.raises(serve_proto.StreamError, match=r"where .* was expected"):
+    with pytest.raises(serve_stream.StreamError, match=r"where .* was expected"):
         relay(export, [dataclasses.replace(info, path=DEP)])
 
 
@@ -155,7 +156,7 @@ def test_ssh_failures_are_told_from_the_commands_own() -> None:
 
 
 def test_parallelism_settings_take_numbers_and_their_text() -> None:
-    from nixos_provider.pulumi_layer.server import _whole_number
+    from nixos_provider.pulumi_layer.provider_config import _whole_number
     assert [_whole_number(v) for v in (4, 4.0, "4", " 16 ", "4.0")] == [4, 4, 4, 16, 4]
     assert [_whole_number(v) for v in (0, -1, 2.5, "x", "", "inf", "nan", True, None, [4])] == [None] * 10
 
@@ -188,7 +189,7 @@ def test_caches_that_do_not_answer_are_not_asked_again_for_the_next_batch(
     silent; the later paths are left unasked (the push asks only whether they are missing)."""
     import asyncio
 
-    from nixos_provider.engine.process import LOCAL
+    from nixos_provider.engine.transport.process import LOCAL
     monkeypatch.setattr(substitution, "PATHS_PER_COMMAND", 1)
     monkeypatch.setenv("NIX_CONFIG", "substituters = http://127.0.0.1:1/nothing\nbuild-users-group =\nsandbox = false")
     paths = [STORE + c * 32 + "-absent" for c in "0123"]

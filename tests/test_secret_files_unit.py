@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nixos_provider.engine.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
-from nixos_provider.pulumi_layer import inputs as v
+from nixos_provider.engine.target.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
+from nixos_provider.pulumi_layer import checks, normalized
 from nixos_provider.pulumi_layer.properties import Secret
 
 KEY = b"k" * 32
@@ -48,8 +48,8 @@ def test_write_script_takes_values_as_positional_args_only() -> None:
 
 
 def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
-    f = v.Failures()
-    v.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
+    f = checks.Failures()
+    checks.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
                              {"path": "/a", "content": "x", "owner": "-x"}, "nope",
                              {"path": "/nix/store/abc-key", "content": "x"}])
     props = dict(f.items)
@@ -57,7 +57,7 @@ def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     assert "secretFiles[0].path" in props and "secretFiles[2].path" in props
     assert "secretFiles[2].owner" in props and "secretFiles[3]" in props
     assert "secretFiles[1].mode" not in props  # "777" is a valid octal mode
-    out = v.normalize_secret_files([{"path": "/a", "content": "x"}])
+    out = normalized.normalize_secret_files([{"path": "/a", "content": "x"}])
     assert out == [{"path": "/a", "content": Secret("x"), "owner": "root", "group": "root", "mode": "0400",
                     "stage": "before-activation", "keepOnDestroy": False}]
 

@@ -22,7 +22,7 @@ from conftest import LAB_NET, HostFactory, PulumiProject, Systems, current_syste
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.errors import DeployError
 from nixos_provider.engine.models import DeployRequest, Profile
-from nixos_provider.engine.nix import Nix
+from nixos_provider.engine.nix.cli import Nix
 from test_engine import current_gen, deploy, gens
 from test_provider_e2e import machine, program, strip_ansi
 

@@ -14,22 +14,15 @@ from typing import Any
 
 import nixos_provider.engine
 import pytest
-from nixos_provider.engine.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Generation, Profile, Remote, Retention
-from nixos_provider.engine.nix import FlakeRef, is_store_path, parse_flake_ref
-from nixos_provider.engine.process import Target
-from nixos_provider.engine.profiles import doomed_generations
-from nixos_provider.engine.protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
-from nixos_provider.pulumi_layer.base import Context
-from nixos_provider.pulumi_layer.inputs import (
-    Failures,
-    check_connection,
-    check_deploy_settings,
-    check_flake,
-    check_health_checks,
-    check_store_path,
-)
+from nixos_provider.engine.nix.cli import FlakeRef, is_store_path, parse_flake_ref
+from nixos_provider.engine.target.activation import ActivationSpec, Supervisor
+from nixos_provider.engine.target.profiles import doomed_generations
+from nixos_provider.engine.target.supervisor_protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
+from nixos_provider.engine.transport.process import Target
+from nixos_provider.pulumi_layer.checks import Failures, check_connection, check_deploy_settings, check_flake, check_health_checks, check_store_path
+from nixos_provider.pulumi_layer.context import Context
 from nixos_provider.pulumi_layer.machine import NixosMachine
 from nixos_provider.pulumi_layer.nix_profile import NixProfile
 from nixos_provider.pulumi_layer.properties import SECRET_SIG, SIG_KEY, UNKNOWN, UNKNOWN_STR, Secret, decode, encode
@@ -132,7 +125,7 @@ def test_what_the_supervisor_registered_is_read_once_the_file_is_whole() -> None
       "--to-gen", "$(id)"], "failed usage: a generation is a number, not $(id)"),
 ])
 def test_supervisor_refuses_a_malformed_command_line(tmp_path: Any, argv: list[str], state: str) -> None:
-    script = resources.files("nixos_provider.engine").joinpath("supervisor.sh")
+    script = resources.files("nixos_provider.engine.target").joinpath("supervisor.sh")
     argv = [str(tmp_path) if a == "D" else a for a in argv]
     done = subprocess.run(["sh", str(script), *argv], capture_output=True, text=True, check=False)
     assert done.returncode == 2
@@ -329,13 +322,13 @@ def test_system_profile_model() -> None:
 
 # -- closure diffs ------------------------------------------------------------------
 
-from nixos_provider.engine.closure_diff import (  # noqa: E402
+from nixos_provider.engine.nix.cli import PathInfo  # noqa: E402
+from nixos_provider.engine.nix.closure_diff import (  # noqa: E402
     compare_versions,
     diff_closures,
     parse_drv_name,
     split_store_path,
 )
-from nixos_provider.engine.nix import PathInfo  # noqa: E402
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -490,7 +483,7 @@ def test_host_key_expected_after_install() -> None:
 
 
 def test_install_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.inputs import check_install
+    from nixos_provider.pulumi_layer.checks import check_install
     f = Failures()
     check_install(f, {"flake": ".#web", "install": {"phases": ["kexec", "reboot"], "command": [],
                                                     "extraFiles": {"/etc/../x": Secret("s3cret-value")},
@@ -502,7 +495,7 @@ def test_install_check_failures_name_the_property() -> None:
 
 async def test_local_runner_errors_carry_the_callers_argv() -> None:
     from nixos_provider.engine.errors import CommandNotFound, LocalCommandError, NixError
-    from nixos_provider.engine.process import LOCAL, Stderr
+    from nixos_provider.engine.transport.process import LOCAL, Stderr
     ok = await LOCAL.run(["sh", "-c", 'cat; echo "$1" >&2', "sh", "err"], input="in")
     assert (ok.exit_status, ok.stdout, ok.stderr) == (0, "in", "err\n")
     with pytest.raises(LocalCommandError) as failed:
@@ -556,7 +549,7 @@ def test_input_keys_are_the_schemas() -> None:
 
 def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
     """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
-    from nixos_provider.pulumi_layer import inputs, machine, nix_profile
+    from nixos_provider.pulumi_layer import checks, machine, nix_profile
     from nixos_provider.pulumi_layer.schema import schema
 
     doc = schema()
@@ -565,10 +558,10 @@ def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
         declared = doc["resources"][resource.TYPE]
         assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), resource.TYPE
     types = doc["types"]
-    assert set(inputs.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
-    assert set(inputs.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
+    assert set(checks.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
+    assert set(checks.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
     # contentHash is the provider's: an output of each recorded file, never an input.
-    assert set(inputs.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
+    assert set(checks.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
 
 
 def _message_strings(source: str) -> list[str]:
@@ -584,7 +577,7 @@ def _message_strings(source: str) -> list[str]:
 def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_property() -> None:
     """Engine messages name no property of the schema; each setting they can blame has its property path."""
     from nixos_provider.engine.errors import HostKeyMismatch, Setting
-    from nixos_provider.pulumi_layer.errors import PROPERTY_OF, describe
+    from nixos_provider.pulumi_layer.error_text import PROPERTY_OF, describe
     from nixos_provider.pulumi_layer.schema import schema
 
     assert set(PROPERTY_OF) == set(Setting)
@@ -620,7 +613,7 @@ def test_the_schema_documents_the_engine_defaults() -> None:
 
 
 def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:
-    from nixos_provider.engine.nix import EVALUATE_ANY_APPLY, EVALUATE_APPLY, FileRef
+    from nixos_provider.engine.nix.cli import EVALUATE_ANY_APPLY, EVALUATE_APPLY, FileRef
 
     # A configuration.nix: `<nixpkgs>/nixos` evaluates it, as nixos-rebuild does; no value inside an expression.
     conf = FileRef("/p/my conf;.nix", "", "/np")
@@ -634,8 +627,8 @@ def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:
     assert FileRef("/p/default.nix", "web", "/np").eval_args()[:4] == ["--file", "/p/default.nix", "-I", "nixpkgs=/np"]
     assert str(FileRef("/p/default.nix", "web")) == "web of /p/default.nix"
     # The evaluator's plan keeps both kinds across runs.
-    from nixos_provider.engine.evaluation import PlannedRef
-    from nixos_provider.engine.nix import Nix
+    from nixos_provider.engine.nix.cli import Nix
+    from nixos_provider.engine.nix.evaluation import PlannedRef
 
     for ref in (conf, FileRef("/p/default.nix", "web"), parse_flake_ref("/f#web")):
         planned = PlannedRef.of(Nix(["nix"], [("cores", "1")]), ref)
@@ -644,7 +637,7 @@ def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:
 
 
 def test_a_machines_source_resolves_against_the_project() -> None:
-    from nixos_provider.engine.nix import FileRef
+    from nixos_provider.engine.nix.cli import FileRef
     from nixos_provider.pulumi_layer.typed_inputs import Closure
 
     def ref(**props: Any) -> Any:
@@ -684,7 +677,8 @@ def _cache_keys(tmp_path: Any, name: str) -> tuple[str, str]:
 
 
 def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: Any) -> None:
-    from nixos_provider.pulumi_layer.inputs import check_binary_cache, parse_binary_cache, to_binary_cache
+    from nixos_provider.pulumi_layer.checks import check_binary_cache
+    from nixos_provider.pulumi_layer.conversion import parse_binary_cache, to_binary_cache
     secret, public = _cache_keys(tmp_path, "c-1")
     other_secret, _ = _cache_keys(tmp_path, "c-2")
 
@@ -722,8 +716,8 @@ def test_the_plugin_starts_without_ssh_or_the_deployment_code() -> None:
     # asyncssh (with cryptography) alone doubled the start (bench/cold_start.py). Modules loaded on
     # first use are in sys.modules before they run, so the test looks for modules they import.
     probe = ("import sys, nixos_provider.__main__; "
-             "print(' '.join(sorted(m for m in ('asyncssh.connection', 'cryptography', 'nixos_provider.engine.push', "
-             "'nixos_provider.engine.activation', 'pulumi.runtime.proto.resource_pb2', 'pulumi.automation') "
+             "print(' '.join(sorted(m for m in ('asyncssh.connection', 'cryptography', 'nixos_provider.engine.closures.push', "
+             "'nixos_provider.engine.target.activation', 'pulumi.runtime.proto.resource_pb2', 'pulumi.automation') "
              "if m in sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
@@ -769,7 +763,7 @@ menuentry "NixOS - Configuration 1 (2026-11-01 - 26.05pre)" --class nixos {
     ("2", ""),
 ])
 def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation: str, entry: str) -> None:
-    from nixos_provider.engine import reboot
+    from nixos_provider.engine.target import reboot
     (tmp_path / "grub.cfg").write_text(GRUB_CFG)
     script = reboot._ONE_SHOT.replace("/boot/grub/grub.cfg", str(tmp_path / "grub.cfg")) + '\ngrub_entry "$1"'
     res = subprocess.run(["sh", "-c", script, "sh", generation], capture_output=True, text=True, check=True)
@@ -796,7 +790,7 @@ async def test_the_agent_lists_and_signs_with_its_one_key_and_refuses_the_rest()
     import struct
 
     import asyncssh
-    from nixos_provider.engine.agent import KeyAgent
+    from nixos_provider.engine.transport.agent import KeyAgent
     key = asyncssh.generate_private_key("ssh-ed25519")
     agent = await KeyAgent(key).start()
     try:
@@ -819,8 +813,8 @@ def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() 
     """Over the schema: each input whose type has `secret` fields (at any depth: a connection's proxy) passes
     through secret_fields, the one list every output site uses, and comes out with each of them wrapped.
     secretFiles are the exception on purpose: state keeps only their HMACs (test_secret_files_unit)."""
-    from nixos_provider.pulumi_layer.inputs import secret_fields
     from nixos_provider.pulumi_layer.schema import schema
+    from nixos_provider.pulumi_layer.secrecy import secret_fields
     doc = schema()
     types = doc["types"]
 
@@ -876,5 +870,5 @@ def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() 
      "       Output paths:\n         /nix/store/c-fails-1\n> first line\n> this package does not build"),
 ])
 def test_a_build_failure_names_the_failed_builder_and_its_last_lines(stderr: str, expected: str) -> None:
-    from nixos_provider.engine.nix_versions import build_failure
+    from nixos_provider.engine.nix.versions import build_failure
     assert build_failure(stderr) == expected

@@ -1,6 +1,6 @@
 """`pulumi-resource-nixos`: the provider plugin's entry point."""
 
-from .pulumi_layer.protocol_only import register_bare_parents
+from .pulumi_layer.grpc_modules import register_bare_parents
 
 register_bare_parents()
 

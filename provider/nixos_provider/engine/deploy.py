@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from . import binary_cache, profiles, reboot
-from .activation import ActivationOutcome, Supervisor
-from .build_host import BuildHost
+from .closures import binary_cache
+from .closures.build_host import BuildHost
+from .closures.push import PushProgress, choose_compression, missing_paths, push_closure
 from .errors import ConnectError, DeployError, EngineError, HostBusy, HostRebooted
-from .health import run_health_checks
 from .models import (
     ACTIVATION_TIMEOUT,
     BinaryCache,
@@ -30,13 +29,15 @@ from .models import (
     PushStats,
     Remote,
 )
-from .nix import Nix
-from .nix_versions import build_failure
-from .process import Target
-from .protocol import ActivationSpec, Cause, Phase, RollbackSpec, SupervisorState
-from .push import PushProgress, choose_compression, missing_paths, push_closure
-from .ssh import Connection, connect
+from .nix.cli import Nix
+from .nix.versions import build_failure
+from .target import profiles, reboot
+from .target.activation import ActivationOutcome, Supervisor
+from .target.health import run_health_checks
+from .target.supervisor_protocol import ActivationSpec, Cause, Phase, RollbackSpec, SupervisorState
 from .timeline import Step, Steps
+from .transport.process import Target
+from .transport.ssh import Connection, connect
 
 StatusFn = Callable[[str], None]
 OUTPUT_TAIL_LINES = 20
@@ -191,7 +192,7 @@ class Deployment:
         return req.reboot == "always" or await reboot.needs_reboot(target, req.store_path)
 
     async def _reboot(self, target: Target, push: PushStats) -> DeployResult:
-        """Boot the new system once; keep it once it booted and is healthy (engine/reboot.py)."""
+        """Boot the new system once; keep it once it booted and is healthy (engine/target/reboot.py)."""
         req = self.req
         self.steps.mark(Step.REBOOT)
         booting = reboot.RebootDeployment(req, target, connect=lambda: open_target(self._pinned_remote(), req.profile),

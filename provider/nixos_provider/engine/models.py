@@ -171,7 +171,7 @@ class DeployRequest:
     # from it; the direct push is the fallback.
     binary_cache: BinaryCache | None = None
     retention: Retention = field(default_factory=Retention)
-    # Boot the new system once, and keep it only when it booted and is healthy (engine/reboot.py).
+    # Boot the new system once, and keep it only when it booted and is healthy (engine/target/reboot.py).
     reboot: RebootMode = "never"
     reboot_timeout: float = REBOOT_TIMEOUT
 

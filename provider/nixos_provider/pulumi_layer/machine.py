@@ -7,18 +7,18 @@ import base64
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..engine import secret_files as files
-from ..engine.closure_diff import ClosureChanges, closure_changes, derivation_changes
-from ..engine.dry_activate import parse_dry_activate
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, DeployRequest, Profile, Remote
-from ..engine.nix import Evaluation, FlakeRef, Nix
-from . import inputs as v
-from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
-from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
-from .errors import describe
+from ..engine.nix.cli import Evaluation, FlakeRef, Nix
+from ..engine.nix.closure_diff import ClosureChanges, closure_changes, derivation_changes
+from ..engine.target import secret_files as files
+from ..engine.target.dry_activate import parse_dry_activate
+from . import checks, conversion, normalized, secrecy
+from .engine_calls import build_closure, deploy_request, deployed_outputs, run_deploy
+from .error_text import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
+from .resource import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, now_rfc3339, same
 from .typed_inputs import SOURCE_KEYS, Closure, MachineInputs, RecordedMachine
 
 if TYPE_CHECKING:
@@ -56,12 +56,12 @@ def _id(remote: Remote) -> str:
     return f"{remote.host}:{remote.port}"
 
 
-def _check_build_host(f: v.Failures, news: dict[str, Any]) -> None:
+def _check_build_host(f: checks.Failures, news: dict[str, Any]) -> None:
     """buildHost: a connection like `connection`, to a host that builds what the inputs evaluate."""
     build_host = news.get("buildHost")
     if build_host is None:
         return
-    v.check_connection(f, build_host, "buildHost")
+    checks.check_connection(f, build_host, "buildHost")
     if isinstance(build_host, dict) and build_host.get("sudoPassword") is not None:
         f.add("buildHost.sudoPassword", "the build host's SSH user builds and imports derivations itself, without "
                                         "sudo: it must be root or one of the build host's trusted-users")
@@ -86,45 +86,45 @@ class NixosMachine(DeployedResource):
     # -- Check ------------------------------------------------------------------
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = v.Failures()
+        f = checks.Failures()
         f.add_type_failures(TYPE, news)
         unknown_keys = [k for k in news if k not in INPUT_KEYS]
         for k in unknown_keys:
             f.add(k, "is not a property of NixosMachine")
-        v.check_connection(f, news.get("connection"))
+        checks.check_connection(f, news.get("connection"))
         flake, path = news.get("flake"), news.get("systemPath")
-        v.check_system_source(f, news, self.ctx.project_dir)
-        v.check_flake(f, "flake", flake)
-        v.check_store_path(f, "systemPath", path)
-        v.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
+        checks.check_system_source(f, news, self.ctx.project_dir)
+        checks.check_flake(f, "flake", flake)
+        checks.check_store_path(f, "systemPath", path)
+        checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
         if news.get("buildOn") == "remote" and path is not None:
             f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
         _check_build_host(f, news)
-        v.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
-        v.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
-        v.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
+        checks.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
+        checks.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
+        checks.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
         if news.get("reboot") not in (None, "never") and news.get("action") == "test":
             f.add("reboot", "`test` activates without a boot entry, so there is nothing to reboot into; use `switch` "
                             "or `boot` with a reboot")
-        v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate",
+        checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
+        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate",
                                           "collectGarbage"))
-        v.check_install(f, news)
-        v.check_secret_files(f, news.get("secretFiles"))
-        v.check_binary_cache(f, news.get("binaryCache"))
+        checks.check_install(f, news)
+        checks.check_secret_files(f, news.get("secretFiles"))
+        checks.check_binary_cache(f, news.get("binaryCache"))
         if f:
             raise CheckFailed(f)
 
         checked = dict(news)
-        checked["connection"] = v.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        checked["connection"] = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
         if checked.get("buildHost") is not None:
-            checked["buildHost"] = v.normalize_connection(checked["buildHost"], self.ctx.default_user)
+            checked["buildHost"] = normalized.normalize_connection(checked["buildHost"], self.ctx.default_user)
         # Credentials are secret in state whether or not the program said so.
-        checked = v.secret_fields(checked)
+        checked = secrecy.secret_fields(checked)
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if checked.get("secretFiles") is not None:
-            checked["secretFiles"] = v.normalize_secret_files(checked["secretFiles"])
+            checked["secretFiles"] = normalized.normalize_secret_files(checked["secretFiles"])
         if Closure.parse(news, "systemPath").evaluated:
             checked["systemPath"] = await self._resolve_source(urn, news, nixos=True)
         return checked
@@ -149,7 +149,7 @@ class NixosMachine(DeployedResource):
     # -- Create / Update ------------------------------------------------------------
 
     def _preview_outputs(self, news: dict[str, Any], olds: dict[str, Any] | None, deploys: bool) -> dict[str, Any]:
-        out = v.secret_fields({**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news})
+        out = secrecy.secret_fields({**({k: olds.get(k) for k in COMPUTED} if olds else {}), **news})
         out["buildHostKey"] = _build_host_key(olds or {}, news)
         if deploys and news.get("buildHost") is not None and not out["buildHostKey"]:
             out["buildHostKey"] = UNKNOWN  # pinned by the deployment
@@ -195,7 +195,7 @@ class NixosMachine(DeployedResource):
         pinned = baseline.host_key
         self.ctx.created_on[urn] = (pinned, SYSTEM_PROFILE)
         base = {
-            **v.secret_fields(news),
+            **secrecy.secret_fields(news),
             "secretFiles": None,
             "hostKey": pinned,
             "baselineGeneration": baseline.generation.number if baseline.generation else None,
@@ -237,7 +237,7 @@ class NixosMachine(DeployedResource):
             return out
         m = MachineInputs.parse(news)
         pinned = m.connection.get("hostKey") or olds.get("hostKey")
-        base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **v.secret_fields(news),
+        base = {**{k: olds.get(k) for k in [*COMPUTED, "lastChanges"]}, **secrecy.secret_fields(news),
                 "systemPath": olds.get("systemPath"), "hostKey": pinned,
                 "buildHostKey": _build_host_key(olds, news)}
         placement = self._placement(olds, m, pinned)
@@ -245,7 +245,7 @@ class NixosMachine(DeployedResource):
             return await self._place_files(urn, ident, base, news, placement)
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
-        kept = {**v.secret_fields(olds), "hostKey": pinned}
+        kept = {**secrecy.secret_fields(olds), "hostKey": pinned}
         return await self._deploy(urn, ident, base, m, pinned, placement, kept)
 
     # -- Secret files ---------------------------------------------------------------------
@@ -253,7 +253,7 @@ class NixosMachine(DeployedResource):
     def _placement(self, olds: dict[str, Any], m: MachineInputs, pinned: str | None) -> files.Placement:
         """What the secret files need on this up: compared with the records (hashes) in the old state."""
         key = _files_key(olds) or base64.b64decode(files.new_key())
-        return files.Placement(self._remote_of(m.connection, host_key=pinned), v.recorded_files(olds.get("secretFiles")),
+        return files.Placement(self._remote_of(m.connection, host_key=pinned), conversion.recorded_files(olds.get("secretFiles")),
                                m.secret_files, key)
 
     async def _place_files(self, urn: str, ident: str, outputs: dict[str, Any], news: dict[str, Any],
@@ -290,7 +290,7 @@ class NixosMachine(DeployedResource):
             self.ctx.info(urn, "secret files: contents not known yet; they are compared during the update")
             return
         key = _files_key(olds) or b""
-        plan = files.plan(v.recorded_files(olds.get("secretFiles")), v.to_secret_files(news.get("secretFiles")), key)
+        plan = files.plan(conversion.recorded_files(olds.get("secretFiles")), conversion.to_secret_files(news.get("secretFiles")), key)
         if plan.changed_paths():
             self.ctx.info(urn, f"secret files to write: {', '.join(plan.changed_paths())}")
         if plan.remove:
@@ -328,11 +328,11 @@ class NixosMachine(DeployedResource):
         nix = self._deploy_nix(m.settings)
         remote = self._remote_of(m.connection)
         base = {
-            **v.secret_fields(news),
+            **secrecy.secret_fields(news),
             **{k: None for k in COMPUTED},
             "installStatus": "failed",
             "systemPath": None,
-            "secretFiles": v.secret_files_output(v.recorded_files(olds.get("secretFiles"))),
+            "secretFiles": conversion.secret_files_output(conversion.recorded_files(olds.get("secretFiles"))),
             FILES_KEY: olds.get(FILES_KEY),
         }
         try:
@@ -341,7 +341,7 @@ class NixosMachine(DeployedResource):
             raise PartialFailure(f"{describe(e)}; nothing was installed and the host was not touched", ident,
                                  {**base, "installError": f"build: {describe(e)}"}, news) from e
         system = str(m.closure.store_path)
-        req = v.to_install_request(m.install or {}, remote, system,
+        req = conversion.to_install_request(m.install or {}, remote, system,
                                    command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
                                    nix_opts=list(m.settings.nix_options))
         try:
@@ -595,7 +595,7 @@ class NixosMachine(DeployedResource):
         async with self.ctx.ssh_slots:
             now = await engine.read_state(remote, SYSTEM)
         outputs = {
-            **v.secret_fields(props),
+            **secrecy.secret_fields(props),
             "systemPath": now.current_system,
             # The recorded derivation describes the recorded system only (drift makes it unknown).
             "systemDerivation": state.get("systemDerivation") if now.current_system == state.get("systemPath") else None,
@@ -621,7 +621,7 @@ class NixosMachine(DeployedResource):
         outputs.setdefault("action", "switch")
         outputs.setdefault("onDestroy", "rollback")
         new_inputs = {k: inputs[k] for k in INPUT_KEYS if inputs.get(k) is not None}
-        new_inputs["connection"] = v.normalize_connection(inputs["connection"], self.ctx.default_user)
+        new_inputs["connection"] = normalized.normalize_connection(inputs["connection"], self.ctx.default_user)
         # The defaults Check fills in, so the generated code's Check adds nothing to diff against.
         new_inputs.setdefault("action", "switch")
         new_inputs.setdefault("onDestroy", "rollback")
@@ -636,7 +636,7 @@ class NixosMachine(DeployedResource):
     async def _refresh_files(self, urn: str, remote: Remote, state: dict[str, Any]) -> Any:
         """The secretFiles records as the host has the files now: a file changed or removed on the host is
         recorded as it is, so the next up writes it again (the preview names it)."""
-        recorded, key = v.recorded_files(state.get("secretFiles")), _files_key(state)
+        recorded, key = conversion.recorded_files(state.get("secretFiles")), _files_key(state)
         if not recorded or key is None:
             return state.get("secretFiles")
         try:
@@ -650,7 +650,7 @@ class NixosMachine(DeployedResource):
             if drift:
                 self.ctx.warn(urn, f"secret file {f.recorded.path} on the host: {drift} since it was written; "
                                    "the next `pulumi up` writes it again")
-        return v.secret_files_output(tuple(f.now for f in found if f.now is not None))
+        return conversion.secret_files_output(tuple(f.now for f in found if f.now is not None))
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
         recorded = RecordedMachine.parse(state)
@@ -707,7 +707,7 @@ def _with_files(outputs: dict[str, Any], placement: files.Placement) -> dict[str
     """Outputs with the secret files as recorded (hashes, never contents) and the HMAC key as a secret."""
     records = placement.records()
     key = Secret(base64.b64encode(placement.key).decode()) if records else None  # no files, no key to keep
-    return {**outputs, "secretFiles": v.secret_files_output(records), FILES_KEY: key}
+    return {**outputs, "secretFiles": conversion.secret_files_output(records), FILES_KEY: key}
 
 
 def _reboots(news: dict[str, Any], changes: ClosureChanges | None) -> bool:
@@ -726,8 +726,8 @@ def _files_preview(olds: dict[str, Any] | None, news: dict[str, Any]) -> dict[st
         return {"secretFiles": None, FILES_KEY: (olds or {}).get(FILES_KEY)}
     if key is None or contains_unknown(wanted):
         return {"secretFiles": UNKNOWN, FILES_KEY: (olds or {}).get(FILES_KEY) or UNKNOWN}
-    records = tuple(f.record(key) for f in v.to_secret_files(wanted))
-    return {"secretFiles": v.secret_files_output(records), FILES_KEY: (olds or {}).get(FILES_KEY)}
+    records = tuple(f.record(key) for f in conversion.to_secret_files(wanted))
+    return {"secretFiles": conversion.secret_files_output(records), FILES_KEY: (olds or {}).get(FILES_KEY)}
 
 
 def _secret_files_diff(olds: dict[str, Any], news: dict[str, Any]) -> dict[str, str]:
@@ -735,10 +735,10 @@ def _secret_files_diff(olds: dict[str, Any], news: dict[str, Any]) -> dict[str, 
     wanted = news.get("secretFiles")
     if contains_unknown(wanted):
         return {"secretFiles": "UPDATE"}
-    recorded = {r.path: r for r in v.recorded_files(olds.get("secretFiles"))}
+    recorded = {r.path: r for r in conversion.recorded_files(olds.get("secretFiles"))}
     key = _files_key(olds) or b""
     out: dict[str, str] = {}
-    new_files = v.to_secret_files(wanted)
+    new_files = conversion.to_secret_files(wanted)
     for i, f in enumerate(new_files):
         old = recorded.get(f.path)
         if old is None:

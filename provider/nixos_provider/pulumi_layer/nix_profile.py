@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import Profile
-from . import inputs as v
-from .base import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same, same_machine
-from .deploying import build_closure, deploy_request, deployed_outputs, run_deploy
-from .errors import describe
+from . import checks, normalized, secrecy
+from .engine_calls import build_closure, deploy_request, deployed_outputs, run_deploy
+from .error_text import describe
 from .properties import UNKNOWN, contains_unknown, reveal
+from .resource import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same, same_machine
 from .typed_inputs import ProfileInputs, RecordedProfile
 
 if TYPE_CHECKING:
@@ -51,12 +51,12 @@ class NixProfile(DeployedResource):
             resolve_profile_path(props, remote.user), props.get("user") or None)
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = v.Failures()
+        f = checks.Failures()
         f.add_type_failures(TYPE, news)
         for k in news:
             if k not in INPUT_KEYS:
                 f.add(k, "is not a property of NixProfile")
-        v.check_connection(f, news.get("connection"))
+        checks.check_connection(f, news.get("connection"))
         name, path = news.get("profile"), news.get("profilePath")
         if (name is None) == (path is None):
             f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
@@ -65,21 +65,21 @@ class NixProfile(DeployedResource):
         if isinstance(path, str) and (not posixpath.isabs(path) or ".." in path.split("/")):
             f.add("profilePath", f"{path!r} must be an absolute path without `..`")
         user = news.get("user")
-        if isinstance(user, str) and not v.USER_RE.match(user):
+        if isinstance(user, str) and not checks.USER_RE.match(user):
             f.add("user", f"{user!r} is not a valid user name")
         flake, store = news.get("flake"), news.get("storePath")
         if (flake is None) == (store is None):
             f.add("flake", "set exactly one of `flake` and `storePath`")
-        v.check_flake(f, "flake", flake)
-        v.check_store_path(f, "storePath", store)
-        v.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
-        v.check_command(f, "activate", news.get("activate"))
-        v.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
+        checks.check_flake(f, "flake", flake)
+        checks.check_store_path(f, "storePath", store)
+        checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
+        checks.check_command(f, "activate", news.get("activate"))
+        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
         if f:
             raise CheckFailed(f)
         checked = dict(news)
         # Credentials are secret in state whether or not the program said so.
-        checked["connection"] = v.secret_connection(v.normalize_connection(checked.get("connection"),
+        checked["connection"] = secrecy.secret_connection(normalized.normalize_connection(checked.get("connection"),
                                                                            self.ctx.default_user))
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
@@ -111,7 +111,7 @@ class NixProfile(DeployedResource):
 
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
         if preview:
-            out = {**news, "connection": v.secret_connection(news["connection"])}
+            out = {**news, "connection": secrecy.secret_connection(news["connection"])}
             out.update({k: UNKNOWN for k in COMPUTED})
             out["profilePath"] = news.get("profilePath") or UNKNOWN
             return "", out
@@ -123,7 +123,7 @@ class NixProfile(DeployedResource):
         self.ctx.created_on[urn] = (baseline.host_key, profile.path)
         base = {
             **news,
-            "connection": v.secret_connection(news["connection"]),
+            "connection": secrecy.secret_connection(news["connection"]),
             "profilePath": profile.path,
             "hostKey": baseline.host_key,
             "baselineGeneration": baseline.generation.number if baseline.generation else 0,
@@ -138,7 +138,7 @@ class NixProfile(DeployedResource):
                      ) -> dict[str, Any]:
         deploys = self.needs_deploy(olds, news)
         base = {**{k: olds.get(k) for k in COMPUTED}, **news, "storePath": olds.get("storePath"),
-                "profilePath": olds.get("profilePath"), "connection": v.secret_connection(news["connection"])}
+                "profilePath": olds.get("profilePath"), "connection": secrecy.secret_connection(news["connection"])}
         pinned = reveal(news["connection"]).get("hostKey") or olds.get("hostKey")
         base["hostKey"] = pinned
         if preview:
@@ -151,7 +151,7 @@ class NixProfile(DeployedResource):
             return base
         # If the deploy fails, the engine keeps the old inputs: the recorded
         # outputs must then describe the old configuration plus what runs now.
-        kept = {**olds, "connection": v.secret_connection(olds.get("connection")), "hostKey": pinned}
+        kept = {**olds, "connection": secrecy.secret_connection(olds.get("connection")), "hostKey": pinned}
         return await self._deploy(urn, ident, base, ProfileInputs.parse(news), pinned, kept)
 
     async def _deploy(self, urn: str, ident: str, base: dict[str, Any], p: ProfileInputs,
@@ -183,7 +183,7 @@ class NixProfile(DeployedResource):
         profile = Profile(str(props.get("profilePath") or self._profile(props).path), props.get("user") or None)
         async with self.ctx.ssh_slots:
             now = await engine.read_state(remote, profile)
-        outputs = {**props, "connection": v.secret_connection(props["connection"]), "profilePath": profile.path,
+        outputs = {**props, "connection": secrecy.secret_connection(props["connection"]), "profilePath": profile.path,
                    "storePath": now.generation.store_path if now.generation else None,
                    "generation": now.generation.number if now.generation else 0, "hostKey": now.host_key}
         if not state:

@@ -3,7 +3,7 @@
 Every input is first held to the type the schema gives it, at its exact path
 (`nixOptions[0].value`, `connection.proxy.port`), so that a value of the wrong
 JSON type is a Check failure naming that property however deep it sits; the
-rules beyond types (ranges, formats, combinations) are in `inputs.py`.
+rules beyond types (ranges, formats, combinations) are in `checks.py`.
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ the provider's stderr (Pulumi's verbose logs), never to the user.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
 import signal
 import sys
@@ -26,14 +24,13 @@ from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provid
 from .. import provider_version
 from ..engine.errors import EngineError
 from ..engine.lazy import lazy_module
-from ..engine.models import SYSTEM_PROFILE, Profile
-from ..engine.nix import is_store_path, parse_flake_ref
-from . import inputs as v
-from .base import CheckFailed, Context, DiffResult, PartialFailure
-from .errors import describe
+from . import checks, functions, provider_config
+from .context import Context
+from .error_text import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
+from .resource import CheckFailed, DiffResult, PartialFailure
 from .schema import SCHEMA_PATH
 
 if TYPE_CHECKING:
@@ -164,25 +161,8 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     async def CheckConfig(self, request: provider_pb2.CheckRequest, context: Ctx,
                           ) -> provider_pb2.CheckResponse:
-        news = from_struct(request.news)
-        failures = []
-        for key in ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations"):
-            val = reveal(news.get(key))
-            if val is not None and _whole_number(val) is None:
-                failures.append(provider_pb2.CheckFailure(property=key, reason="must be a whole number of at least 1"))
-        for key in ("nixCommand", "nixosAnywhereCommand"):
-            val = reveal(news.get(key))
-            if isinstance(val, str):
-                try:
-                    val = json.loads(val)
-                except ValueError:
-                    val = None
-            if news.get(key) is not None and not (isinstance(val, list) and val and all(isinstance(x, str) for x in val)):
-                failures.append(provider_pb2.CheckFailure(property=key, reason="must be a non-empty list of strings"))
-        cache_failures = v.Failures()
-        v.check_binary_cache(cache_failures, v.parse_binary_cache(news.get("binaryCache")))
-        failures.extend(_check_failures(cache_failures))
-        return provider_pb2.CheckResponse(inputs=request.news, failures=failures)
+        failures = provider_config.check(from_struct(request.news))
+        return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(failures))
 
     async def DiffConfig(self, request: provider_pb2.DiffRequest, context: Ctx) -> provider_pb2.DiffResponse:
         # A changed setting never replaces the provider: that would replace every machine it manages.
@@ -194,32 +174,10 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     async def Configure(self, request: provider_pb2.ConfigureRequest, context: Ctx,
                         ) -> provider_pb2.ConfigureResponse:
-        args = from_struct(request.args) if request.HasField("args") else {}
+        values = from_struct(request.args) if request.HasField("args") else {}
         for full, value in request.variables.items():
-            key = full.split(":")[-1]
-            args.setdefault(key, value)
-
-        def _list(value: Any) -> list[str] | None:
-            value = reveal(value)
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    value = [value]
-            return [str(x) for x in value] if isinstance(value, list) and value else None
-
-        self.ctx.nix_command = _list(args.get("nixCommand")) or ["nix"]
-        self.ctx.nixos_anywhere_command = _list(args.get("nixosAnywhereCommand")) or ["nixos-anywhere"]
-        self.ctx.default_private_key = reveal(args.get("defaultPrivateKey")) or None
-        self.ctx.default_user = reveal(args.get("defaultUser")) or None
-        self.ctx.binary_cache = v.to_binary_cache(v.parse_binary_cache(args.get("binaryCache")))
-        slots = _whole_number(reveal(args.get("maxParallelSsh")))
-        if slots:
-            self.ctx.ssh_slots = asyncio.Semaphore(slots)
-        transfers = _whole_number(reveal(args.get("maxParallelTransfers")))
-        if transfers:
-            self.ctx.transfer_slots = asyncio.Semaphore(transfers)
-        self.ctx.evaluator.set_workers(_whole_number(reveal(args.get("maxParallelEvaluations"))))
+            values.setdefault(full.split(":")[-1], value)
+        self.ctx.configure(provider_config.parse(values))
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
@@ -327,57 +285,15 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
     async def Invoke(self, request: provider_pb2.InvokeRequest, context: Ctx,
                      ) -> provider_pb2.InvokeResponse:
         async def run() -> provider_pb2.InvokeResponse:
-            args = from_struct(request.args)
-            f = v.Failures()
-            if request.tok == "nixos:index:listGenerations":
-                v.check_connection(f, args.get("connection"))
-                if f:
-                    return provider_pb2.InvokeResponse(failures=_check_failures(f))
-                remote = v.to_remote(args["connection"], default_private_key=self.ctx.default_private_key,
-                                     default_user=self.ctx.default_user)
-                path = str(args.get("profilePath") or SYSTEM_PROFILE)
-                async with self.ctx.ssh_slots:
-                    state = await engine.read_state(remote, Profile(path), with_generations=True)
-                gens = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
-                        for g in state.generations]
-                current = state.generation.number if state.generation else 0
-                return _invoke_result({"generations": gens, "current": current})
-            if request.tok == "nixos:index:resolveFlake":
-                v.check_flake(f, "flake", args.get("flake"))
-                if args.get("flake") is None:
-                    f.add("flake", "is required")
-                if f:
-                    return provider_pb2.InvokeResponse(failures=_check_failures(f))
-                nix = self.ctx.nix(v.nix_options(args.get("nixOptions")))
-                ref = str(args["flake"])
-                parsed = parse_flake_ref(ref, self.ctx.project_dir, nixos="." not in ref.split("#", 1)[1]
-                                         and ref.split("#", 1)[1] != "")
-                if args.get("build"):
-                    path = await nix.build(parsed)
-                    built = True
-                else:
-                    path = (await self.ctx.evaluator.evaluate(nix, parsed)).out_path
-                    built = is_store_path(path) and await nix.is_valid(path)
-                return _invoke_result({"storePath": path, "built": built})
-            raise EngineError(f"unknown function {request.tok!r}")
+            try:
+                result = await functions.invoke(self.ctx, request.tok, from_struct(request.args))
+            except CheckFailed as e:
+                return provider_pb2.InvokeResponse(failures=_check_failures(e.failures))
+            return _invoke_result(result)
         return await self._guard(context, run)
 
 
-def _whole_number(value: Any) -> int | None:
-    """A setting that must be a whole number of at least 1: from the program (a number) or `pulumi config set` (text)."""
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None  # "inf" and "nan" parse as floats
-    if value < 1 or int(value) != value:
-        return None
-    return int(value)
-
-
-def _check_failures(failures: v.Failures) -> list[provider_pb2.CheckFailure]:
+def _check_failures(failures: checks.Failures) -> list[provider_pb2.CheckFailure]:
     return [provider_pb2.CheckFailure(property=p, reason=r) for p, r in failures.items]
 
 

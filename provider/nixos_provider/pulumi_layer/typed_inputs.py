@@ -27,9 +27,9 @@ from ..engine.models import (
     RebootMode,
     SubstitutePolicy,
 )
-from ..engine.nix import FileRef, SourceRef, parse_flake_ref, resolve_path
-from ..engine.secret_files import RecordedFile, SecretFile
-from .inputs import nix_options, recorded_files, to_binary_cache, to_health_checks, to_secret_files
+from ..engine.nix.cli import FileRef, SourceRef, parse_flake_ref, resolve_path
+from ..engine.target.secret_files import RecordedFile, SecretFile
+from .conversion import nix_options, recorded_files, to_binary_cache, to_health_checks, to_secret_files
 from .properties import reveal
 
 

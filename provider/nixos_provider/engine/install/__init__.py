@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import EngineError, HostKeyMismatch, InstallError, Setting
 from ..models import InstallRequest, InstallResult
-from ..ssh import fingerprint
+from ..transport.host_keys import fingerprint
 from .command import child_env, nixos_anywhere_argv
 from .files import InstallFiles, redact, secrets_of, write_install_files
 from .probe import HOST_KEY_FILE, HostProbe, expected_host_key, parse_os_release, probe, public_key_of

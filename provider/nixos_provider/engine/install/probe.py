@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 from ..errors import EngineError, Setting
 from ..lazy import lazy_module
 from ..models import SYSTEM_PROFILE, Generation, InstallRequest, Profile, Remote
-from ..process import Target
-from ..ssh import connect, normalize_host_key
+from ..transport.host_keys import normalize_host_key
+from ..transport.process import Target
+from ..transport.ssh import connect
 
 if TYPE_CHECKING:
     import asyncssh

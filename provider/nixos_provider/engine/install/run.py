@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ..errors import CommandNotFound, InstallError, Setting
 from ..models import InstallRequest
-from ..process import LOCAL, Stderr
+from ..transport.process import LOCAL, Stderr
 from .command import child_env
 from .files import redact, secrets_of
 

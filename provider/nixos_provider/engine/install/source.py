@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import EngineError
 from ..models import INSTALL_PHASES
-from ..nix import DISKO_SCRIPT, FlakeRef, Nix
+from ..nix.cli import DISKO_SCRIPT, FlakeRef, Nix
 
 StatusFn = Callable[[str], None]
 

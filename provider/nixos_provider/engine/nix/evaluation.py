@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nix import Evaluation, FileRef, FlakeRef, Nix, SourceRef
+from .cli import Evaluation, FileRef, FlakeRef, Nix, SourceRef
 
 log = logging.getLogger(__name__)
 

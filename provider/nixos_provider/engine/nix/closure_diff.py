@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import cmp_to_key
 
-from .models import BOOT_FILES
-from .nix import Nix, PathInfo
+from ..models import BOOT_FILES
+from .cli import Nix, PathInfo
 
 CLOSURES = "closures"
 DERIVATIONS = "derivations"

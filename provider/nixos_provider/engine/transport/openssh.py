@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import CommandNotFound, ConnectError
+from ..errors import CommandNotFound, ConnectError
 from .process import CommandResult, LocalProcess, OnHost, Pipes, Process, Runner, Stderr, close_fds
 from .ssh import Connection, decrypted_private_key
 

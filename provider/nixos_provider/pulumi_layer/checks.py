@@ -1,39 +1,36 @@
-"""Validation of resource inputs, and their translation into engine models.
+"""Check: each input held to its rules; each failure names the property (`connection.port`, `healthChecks[1]`),
+which is what the Pulumi CLI shows next to the resource."""
 
-Each failure names the property (`connection.port`, `healthChecks[1]`), which
-is what the Pulumi CLI shows next to the resource.
-"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import ipaddress
-import json
 import os
 import posixpath
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..engine.lazy import lazy_module
-from ..engine.models import COMPRESSIONS, INSTALL_PHASES, BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
-from ..engine.nix import is_store_path, resolve_path
-from ..engine.secret_files import STAGES, RecordedFile, SecretFile
-from .properties import UNKNOWN, Secret, contains_unknown, reveal
+from ..engine.models import COMPRESSIONS, INSTALL_PHASES
+from ..engine.nix.cli import is_store_path, resolve_path
+from ..engine.target.secret_files import STAGES
+from ..engine.transport import host_keys
+from .properties import UNKNOWN, contains_unknown, reveal
 from .schema import kind_of, type_failures
 
-if TYPE_CHECKING:
-    from ..engine import ssh
-else:
-    ssh = lazy_module("nixos_provider.engine.ssh")
-
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
+
+
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
 # starting or ending with `-`.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+
+
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*\$?$", re.IGNORECASE)
 
 
@@ -58,14 +55,10 @@ def _known(v: Any) -> bool:
     return v is not None and not contains_unknown(v)
 
 
-def _plain(v: Any) -> Any:
-    return reveal(v)
-
-
 def check_int(f: Failures, prop: str, v: Any, lo: int, hi: int) -> None:
     if not _known(v):
         return
-    v = _plain(v)
+    v = reveal(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
         f.add(prop, f"must be a whole number, not {v!r}")
     elif not lo <= int(v) <= hi:
@@ -75,7 +68,7 @@ def check_int(f: Failures, prop: str, v: Any, lo: int, hi: int) -> None:
 def check_seconds(f: Failures, prop: str, v: Any, lo: float = 0.1, hi: float = 86400) -> None:
     if not _known(v):
         return
-    v = _plain(v)
+    v = reveal(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         f.add(prop, f"must be a number of seconds, not {v!r}")
     elif not lo <= v <= hi:
@@ -88,8 +81,8 @@ def check_choice(f: Failures, prop: str, v: Any, choices: tuple[str, ...]) -> No
 
 
 def check_bool(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and not isinstance(_plain(v), bool):
-        f.add(prop, f"must be true or false, not {_plain(v)!r}")
+    if _known(v) and not isinstance(reveal(v), bool):
+        f.add(prop, f"must be true or false, not {reveal(v)!r}")
 
 
 def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_proxy: bool = True) -> None:
@@ -101,37 +94,37 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
     host = conn.get("host")
     if host is None:
         f.add(f"{prop}.host", "is required")
-    elif _known(host) and (not isinstance(_plain(host), str) or not HOST_RE.match(_plain(host))):
-        f.add(f"{prop}.host", f"{_plain(host)!r} is not a host name or IP address")
+    elif _known(host) and (not isinstance(reveal(host), str) or not HOST_RE.match(reveal(host))):
+        f.add(f"{prop}.host", f"{reveal(host)!r} is not a host name or IP address")
     check_int(f, f"{prop}.port", conn.get("port"), 1, 65535)
     user = conn.get("user")
-    if _known(user) and (not isinstance(_plain(user), str) or not USER_RE.match(_plain(user))):
-        f.add(f"{prop}.user", f"{_plain(user)!r} is not a valid user name")
+    if _known(user) and (not isinstance(reveal(user), str) or not USER_RE.match(reveal(user))):
+        f.add(f"{prop}.user", f"{reveal(user)!r} is not a valid user name")
     check_seconds(f, f"{prop}.connectTimeout", conn.get("connectTimeout"), 1, 3600)
     check_int(f, f"{prop}.retries", conn.get("retries"), 0, 100)
     key = conn.get("hostKey")
     if _known(key):
         try:
-            ssh.normalize_host_key(str(_plain(key)))
+            host_keys.normalize_host_key(str(reveal(key)))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
     for k in ("password", "privateKeyPassword", "agentSocketPath", "sudoPassword"):
         val = conn.get(k)
-        if _known(val) and not isinstance(_plain(val), str):
+        if _known(val) and not isinstance(reveal(val), str):
             # Never echo the value: most of these are secrets.
-            f.add(f"{prop}.{k}", f"must be a string, not {kind_of(_plain(val))}")
+            f.add(f"{prop}.{k}", f"must be a string, not {kind_of(reveal(val))}")
     sudo_password = conn.get("sudoPassword")
     if sudo_password is not None and not allow_proxy:
         f.add(f"{prop}.sudoPassword", "a jump host only forwards the connection and runs no command, so it needs no sudo")
-    elif _known(sudo_password) and isinstance(_plain(sudo_password), str) and (
-            not _plain(sudo_password) or "\n" in _plain(sudo_password) or "\r" in _plain(sudo_password)):
+    elif _known(sudo_password) and isinstance(reveal(sudo_password), str) and (
+            not reveal(sudo_password) or "\n" in reveal(sudo_password) or "\r" in reveal(sudo_password)):
         # sudo reads the password up to the end of its line, so it can be
         # neither empty nor more than one line.
         f.add(f"{prop}.sudoPassword", "must be one non-empty line (sudo reads the password up to a line break)")
     pk = conn.get("privateKey")
-    if _known(pk) and not isinstance(_plain(pk), str):
-        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(_plain(pk))}")
-    elif _known(pk) and "PRIVATE KEY" not in str(_plain(pk)):
+    if _known(pk) and not isinstance(reveal(pk), str):
+        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(reveal(pk))}")
+    elif _known(pk) and "PRIVATE KEY" not in str(reveal(pk)):
         # Never echo the value: it is a secret.
         f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
     proxy = conn.get("proxy")
@@ -175,11 +168,11 @@ def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") ->
             f.add(p, f"needs exactly one of `command`, `http` or `tcp` (got {', '.join(kinds) or 'none'})")
         check_command(f, f"{p}.command", c.get("command"))
         http = c.get("http")
-        if _known(http) and (not isinstance(_plain(http), str) or not re.match(r"^https?://[^\s/]+", _plain(http))):
-            f.add(f"{p}.http", f"{_short(_plain(http))} is not an http:// or https:// URL")
+        if _known(http) and (not isinstance(reveal(http), str) or not re.match(r"^https?://[^\s/]+", reveal(http))):
+            f.add(f"{p}.http", f"{_short(reveal(http))} is not an http:// or https:// URL")
         host = c.get("host")
-        if _known(host) and not is_host_literal(_plain(host)):
-            f.add(f"{p}.host", f"{_short(_plain(host))} is not a host name or IP address")
+        if _known(host) and not is_host_literal(reveal(host)):
+            f.add(f"{p}.host", f"{_short(reveal(host))} is not a host name or IP address")
         check_int(f, f"{p}.tcp", c.get("tcp"), 1, 65535)
         check_seconds(f, f"{p}.timeout", c.get("timeout"), 0.1, 3600)
         check_int(f, f"{p}.retries", c.get("retries"), 0, 1000)
@@ -191,13 +184,13 @@ MAX_REF = 4096
 
 
 def check_store_path(f: Failures, prop: str, v: Any) -> None:
-    v = _plain(v)
+    v = reveal(v)
     if _known(v) and not (isinstance(v, str) and len(v) <= MAX_REF and is_store_path(v)):
         f.add(prop, f"{_short(v)} is not a Nix store path (/nix/store/<hash>-<name>)")
 
 
 def check_flake(f: Failures, prop: str, v: Any) -> None:
-    v = _plain(v)
+    v = reveal(v)
     if not _known(v):
         return
     if isinstance(v, str) and len(v) > MAX_REF:
@@ -207,6 +200,8 @@ def check_flake(f: Failures, prop: str, v: Any) -> None:
 
 
 SYSTEM_SOURCES = ("flake", "systemPath", "configuration", "expression")
+
+
 _ATTRIBUTE = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
@@ -235,7 +230,7 @@ def check_system_source(f: Failures, news: dict[str, Any], base_dir: str | None)
     _check_local_path(f, "configuration", configuration, base_dir, "a NixOS configuration module (configuration.nix)")
     _check_local_path(f, "expression", expression, base_dir, "a Nix file")
     _check_local_path(f, "nixpkgs", nixpkgs, base_dir, "a nixpkgs tree", inside="nixos/default.nix")
-    attribute = _plain(attribute)
+    attribute = reveal(attribute)
     if _known(attribute) and not (isinstance(attribute, str) and len(attribute) <= MAX_REF
                                   and _ATTRIBUTE.fullmatch(attribute) and not attribute.startswith(("-", "."))
                                   and not attribute.endswith(".")):
@@ -244,7 +239,7 @@ def check_system_source(f: Failures, news: dict[str, Any], base_dir: str | None)
 
 def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what: str, inside: str = "") -> None:
     """A file or folder on this machine (a folder of a Nix file has its default.nix); relative to base_dir."""
-    v = _plain(v)
+    v = reveal(v)
     if not _known(v):
         return
     if not isinstance(v, str) or not v or len(v) > MAX_REF or "\0" in v:
@@ -261,8 +256,8 @@ def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what
 
 def check_command(f: Failures, prop: str, v: Any) -> None:
     """A shell command run on the target (NixProfile `activate`)."""
-    if _known(v) and not isinstance(_plain(v), str):
-        f.add(prop, f"must be a shell command as a string, not {kind_of(_plain(v))}")
+    if _known(v) and not isinstance(reveal(v), str):
+        f.add(prop, f"must be a shell command as a string, not {kind_of(reveal(v))}")
 
 
 def check_nix_options(f: Failures, opts: Any) -> None:
@@ -283,7 +278,7 @@ INSTALL_KEYS = ("command", "kexecUrl", "phases", "extraFiles", "diskEncryptionKe
 def _check_string_list(f: Failures, prop: str, v: Any, *, non_empty: bool = False) -> None:
     if not _known(v):
         return
-    v = _plain(v)
+    v = reveal(v)
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or (non_empty and not v):
         f.add(prop, "must be a non-empty list of strings" if non_empty else "must be a list of strings")
 
@@ -292,14 +287,14 @@ def _check_file_map(f: Failures, prop: str, v: Any, what: str) -> None:
     """Keys are absolute paths on the target; values are contents (never echoed: they are secret)."""
     if not _known(v):
         return
-    v = _plain(v)
+    v = reveal(v)
     if not isinstance(v, dict):
         f.add(prop, f"must be an object mapping absolute paths to {what}")
         return
     for path, content in v.items():
         if not (isinstance(path, str) and _is_absolute_file_path(path)):
             f.add(f"{prop}[{path!r}]", "must be a normalized absolute file path such as `/etc/ssh/ssh_host_ed25519_key`")
-        elif _known(content) and not isinstance(_plain(content), str):
+        elif _known(content) and not isinstance(reveal(content), str):
             f.add(f"{prop}[{path!r}]", f"must be the {what} as a string")
 
 
@@ -308,7 +303,7 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     inst = news.get("install")
     if not _known(inst):
         return
-    inst = _plain(inst)
+    inst = reveal(inst)
     if not isinstance(inst, dict):
         f.add("install", "must be an object (see the Install type)")
         return
@@ -319,8 +314,8 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     _check_string_list(f, "install.extraArgs", inst.get("extraArgs"))
     phases = inst.get("phases")
     _check_string_list(f, "install.phases", phases)
-    if _known(phases) and isinstance(_plain(phases), list):
-        phases = _plain(phases)
+    if _known(phases) and isinstance(reveal(phases), list):
+        phases = reveal(phases)
         for i, ph in enumerate(phases):
             check_choice(f, f"install.phases[{i}]", ph, INSTALL_PHASES)
         if "install" not in phases or "reboot" not in phases:
@@ -335,7 +330,7 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     check_int(f, "install.sshPort", inst.get("sshPort"), 1, 65535)
     check_seconds(f, "install.timeout", inst.get("timeout"), 10, 86400)
     kexec = inst.get("kexecUrl")
-    if _known(kexec) and (not isinstance(_plain(kexec), str) or not _plain(kexec)):
+    if _known(kexec) and (not isinstance(reveal(kexec), str) or not reveal(kexec)):
         f.add("install.kexecUrl", "must be a URL or a local path to a kexec tarball")
     without = next((k for k in ("systemPath", "configuration", "expression") if news.get(k) is not None), None)
     if news.get("flake") is None and without is not None:
@@ -349,41 +344,6 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     conn = news.get("connection")
     if isinstance(conn, dict) and conn.get("proxy") is not None:
         f.add("install", "cannot be used with `connection.proxy`: nixos-anywhere must reach the host directly")
-
-
-def secret_install(inst: Any) -> Any:
-    """Keep file contents and disk keys secret in outputs, however the program passed them."""
-    if not isinstance(inst, dict):
-        return inst
-    out = dict(inst)
-    for k in ("extraFiles", "diskEncryptionKeys"):
-        if out.get(k) is not None and not isinstance(out[k], Secret):
-            out[k] = Secret(out[k])
-    return out
-
-
-def to_install_request(inst: dict[str, Any], remote: Remote, system_path: str, *, command: list[str],
-                       disko_script: str | None, flake: str | None,
-                       nix_opts: list[tuple[str, str]]) -> InstallRequest:
-    i = _plain(inst)
-    return InstallRequest(
-        remote=remote,
-        system_path=system_path,
-        command=tuple(i.get("command") or command),
-        disko_script=disko_script,
-        flake=flake,
-        phases=tuple(dict.fromkeys(i.get("phases") or ())),
-        kexec_url=i.get("kexecUrl"),
-        post_kexec_ssh_port=int(i["sshPort"]) if i.get("sshPort") is not None else None,
-        build_on=i.get("buildOn"),
-        copy_host_keys=bool(i.get("copyHostKeys")),
-        substitute_on_destination=i.get("substituteOnDestination", True) is not False,
-        extra_files=tuple(sorted((i.get("extraFiles") or {}).items())),
-        disk_encryption_keys=tuple(sorted((i.get("diskEncryptionKeys") or {}).items())),
-        extra_args=tuple(i.get("extraArgs") or ()),
-        nix_options=tuple(nix_opts),
-        timeout=_num(i.get("timeout"), 3600),
-    )
 
 
 def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str, ...]) -> None:
@@ -400,7 +360,11 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
 
 # Store URL schemes `nix copy` and substituters understand; anything else is a typo.
 CACHE_SCHEMES = ("file", "http", "https", "s3", "ssh", "ssh-ng", "gs")
+
+
 _CACHE_URL = re.compile(r"^([a-z0-9+-]+)://\S+$")
+
+
 _NIX_KEY = re.compile(r"^([^:\s]+):([A-Za-z0-9+/]+={0,2})$")
 
 
@@ -419,10 +383,10 @@ def _nix_key(value: str, size: int) -> tuple[str, bytes] | None:
 def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
     if not _known(v):
         return
-    m = _CACHE_URL.match(_plain(v)) if isinstance(_plain(v), str) else None
+    m = _CACHE_URL.match(reveal(v)) if isinstance(reveal(v), str) else None
     if not m or m.group(1) not in CACHE_SCHEMES:
         f.add(prop, f"must be a Nix store URL such as `https://cache.example.org` or `file:///srv/cache` "
-                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(_plain(v))}")
+                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(reveal(v))}")
 
 
 BINARY_CACHE_KEYS = ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile")
@@ -432,7 +396,7 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
     """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
     if not _known(cache):
         return
-    cache = _plain(cache)
+    cache = reveal(cache)
     if not isinstance(cache, dict):
         f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
         return
@@ -443,7 +407,7 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
     _check_cache_url(f, f"{prop}.url", cache.get("url"))
     _check_cache_url(f, f"{prop}.uploadUrl", cache.get("uploadUrl"))
-    public = _plain(cache.get("publicKey"))
+    public = reveal(cache.get("publicKey"))
     public_key = _nix_key(public, 32) if isinstance(public, str) else None
     if cache.get("publicKey") is None:
         f.add(f"{prop}.publicKey", "is required: the key targets trust, such as `cache-1:AbC...=` "
@@ -455,7 +419,7 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
     if secret is not None and cache.get("signingKeyFile") is not None:
         f.add(f"{prop}.signingKeyFile", "set either `signingKey` or `signingKeyFile`, not both")
     if _known(secret):
-        secret_key = _nix_key(_plain(secret), 64) if isinstance(_plain(secret), str) else None
+        secret_key = _nix_key(reveal(secret), 64) if isinstance(reveal(secret), str) else None
         if secret_key is None:
             # Never echo the value: it is a secret.
             f.add(f"{prop}.signingKey", "must be a Nix secret key `name:base64` of 64 bytes, as "
@@ -463,144 +427,16 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         elif public_key is not None and (secret_key[0] != public_key[0] or secret_key[1][32:] != public_key[1]):
             f.add(f"{prop}.signingKey", "is not the secret key of `publicKey`: targets would refuse what it signs")
     key_file = cache.get("signingKeyFile")
-    if _known(key_file) and (not isinstance(_plain(key_file), str) or not _plain(key_file).startswith("/")):
+    if _known(key_file) and (not isinstance(reveal(key_file), str) or not reveal(key_file).startswith("/")):
         f.add(f"{prop}.signingKeyFile", "must be the absolute path of a secret key file on the deployer")
 
 
-def parse_binary_cache(value: Any) -> Any:
-    """Provider config arrives as JSON text when set with `pulumi config set`; as an object otherwise."""
-    plain = _plain(value)
-    if isinstance(plain, str):
-        try:
-            return json.loads(plain)
-        except ValueError:
-            return plain  # Check reports it as not an object
-    return value
-
-
-def to_binary_cache(cache: Any) -> BinaryCache | None:
-    c = _plain(cache)
-    if not isinstance(c, dict) or not c.get("url"):
-        return None
-    return BinaryCache(url=str(c["url"]), public_key=str(_plain(c.get("publicKey"))),
-                       upload_url=_plain(c.get("uploadUrl")) or None,
-                       signing_key=_plain(c.get("signingKey")) or None,
-                       signing_key_file=_plain(c.get("signingKeyFile")) or None)
-
-
-def secret_binary_cache(cache: Any) -> Any:
-    """Keep the signing key wrapped as a secret in state."""
-    if not isinstance(cache, dict) or cache.get("signingKey") is None or isinstance(cache["signingKey"], Secret):
-        return cache
-    return {**cache, "signingKey": Secret(cache["signingKey"])}
-
-
-def normalize_connection(conn: Any, default_user: str | None) -> Any:
-    """Fill defaults (port 22, user) and canonicalize a pinned host key, so diffs compare like with like."""
-    if not isinstance(conn, dict):
-        return conn
-    out = dict(conn)
-    out.setdefault("port", 22)
-    out.setdefault("user", default_user or "root")
-    if isinstance(out.get("port"), float):
-        out["port"] = int(out["port"])
-    if out.get("hostKey") not in (None, UNKNOWN):
-        out["hostKey"] = ssh.normalize_host_key(str(reveal(out["hostKey"])))
-    return out
-
-
-# -- translation --------------------------------------------------------------
-
-
-def _num(v: Any, default: float) -> float:
-    v = _plain(v)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
-
-
-def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
-              default_private_key: str | None = None, default_user: str | None = None) -> Remote:
-    c = _plain(conn)
-    creds = Credentials(
-        private_key=c.get("privateKey"),
-        private_key_password=c.get("privateKeyPassword"),
-        password=c.get("password"),
-        agent_socket_path=c.get("agentSocketPath"),
-        sudo_password=c.get("sudoPassword"),
-    )
-    if creds.empty and default_private_key:
-        creds = replace(creds, private_key=default_private_key)
-    proxy = to_remote(c["proxy"], default_private_key=default_private_key) if c.get("proxy") else None
-    return Remote(
-        host=str(c["host"]),
-        port=int(_num(c.get("port"), 22)),
-        user=str(c.get("user") or default_user or "root"),
-        credentials=creds,
-        host_key=c.get("hostKey") or host_key,
-        proxy=proxy,
-        connect_timeout=_num(c.get("connectTimeout"), 15),
-        retries=int(_num(c.get("retries"), 3)),
-    )
-
-
-def to_health_checks(checks: Any) -> tuple[HealthCheck, ...]:
-    out = []
-    for c in _plain(checks) or []:
-        out.append(HealthCheck(
-            command=c.get("command"),
-            http=c.get("http"),
-            tcp=int(c["tcp"]) if c.get("tcp") is not None else None,
-            host=c.get("host") or "127.0.0.1",
-            timeout=_num(c.get("timeout"), 10),
-            retries=int(_num(c.get("retries"), 3)),
-            interval=_num(c.get("interval"), 2),
-            name=c.get("name"),
-        ))
-    return tuple(out)
-
-
-def nix_options(opts: Any) -> list[tuple[str, str]]:
-    return [(o["name"], o["value"]) for o in (_plain(opts) or [])]
-
-
-def secret_connection(conn: Any) -> Any:
-    """Keep the secret fields of a connection wrapped as secrets in outputs."""
-    if not isinstance(conn, dict):
-        return conn
-    out = dict(conn)
-    for k in ("privateKey", "privateKeyPassword", "password", "sudoPassword"):
-        if out.get(k) is not None and not isinstance(out[k], Secret):
-            out[k] = Secret(out[k])
-    if isinstance(out.get("proxy"), dict):
-        out["proxy"] = secret_connection(out["proxy"])
-    return out
-
-
-def secret_fields(props: dict[str, Any]) -> dict[str, Any]:
-    """props with every field that holds a credential wrapped as a secret: what state and outputs keep of inputs.
-
-    The one list of a machine's secret-bearing inputs; every output a resource
-    returns (Check's, preview's, a deployment's, a failure's, refresh's) passes here."""
-    out = dict(props)
-    for key, wrap in SECRET_BEARING:
-        if key in out:
-            out[key] = wrap(out[key])
-    return out
-
-
-SECRET_BEARING: tuple[tuple[str, Callable[[Any], Any]], ...] = (
-    ("connection", secret_connection),
-    ("buildHost", secret_connection),
-    ("binaryCache", secret_binary_cache),
-    ("install", secret_install),
-)
-
-
-# -- secretFiles -----------------------------------------------------------------
-
 SECRET_FILE_KEYS = ("path", "content", "owner", "group", "mode", "stage", "keepOnDestroy")
-SECRET_FILE_DEFAULTS: dict[str, Any] = {"owner": "root", "group": "root", "mode": "0400",
-                                        "stage": "before-activation", "keepOnDestroy": False}
+
+
 MODE_RE = re.compile(r"^0?[0-7]{3}$")
+
+
 # A user or group name as useradd accepts it, or a numeric id.
 ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
 
@@ -609,7 +445,7 @@ def check_secret_files(f: Failures, files: Any, prop: str = "secretFiles") -> No
     """secretFiles: absolute distinct paths, octal modes, valid accounts, known stages. Contents are never echoed."""
     if not _known(files):
         return
-    files = _plain(files)
+    files = reveal(files)
     if not isinstance(files, list):
         f.add(prop, "must be a list of {path, content, owner, group, mode, stage}")
         return
@@ -662,45 +498,3 @@ def _is_absolute_file_path(path: str) -> bool:
 
 def _is_file_path(path: str) -> bool:
     return _is_absolute_file_path(path) and len(path) <= MAX_REF and "\0" not in path
-
-
-def normalize_secret_files(files: Any) -> Any:
-    """Fill each file's defaults and keep its content secret, however the program passed it."""
-    if not isinstance(files, list):
-        return files
-    out = []
-    for entry in files:
-        e = {**SECRET_FILE_DEFAULTS, **{k: v for k, v in entry.items() if v is not None}}
-        if not isinstance(e.get("content"), Secret):
-            e["content"] = Secret(e.get("content"))
-        out.append(e)
-    return out
-
-
-def to_secret_files(files: Any) -> tuple[SecretFile, ...]:
-    """The engine's model of checked, known secretFiles."""
-    return tuple(SecretFile(
-        path=e["path"], content=str(e["content"]).encode(), owner=e.get("owner") or "root",
-        group=e.get("group") or "root", mode=e.get("mode") or "0400", stage=e.get("stage") or "before-activation",
-        keep_on_destroy=bool(e.get("keepOnDestroy")),
-    ) for e in (_plain(files) or []))
-
-
-def recorded_files(outputs: Any) -> tuple[RecordedFile, ...]:
-    """What state says is on the host: the `secretFiles` output, hashes instead of contents."""
-    out = []
-    for e in _plain(outputs) or []:
-        if isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("contentHash"), str):
-            out.append(RecordedFile(
-                path=e["path"], content_hash=e["contentHash"], owner=e.get("owner") or "root",
-                group=e.get("group") or "root", mode=e.get("mode") or "0400",
-                stage=e.get("stage") or "before-activation", keep_on_destroy=bool(e.get("keepOnDestroy"))))
-    return tuple(out)
-
-
-def secret_files_output(records: tuple[RecordedFile, ...]) -> list[dict[str, Any]] | None:
-    """The `secretFiles` output: each file's settings and the HMAC of its content, never the content."""
-    if not records:
-        return None
-    return [{"path": r.path, "contentHash": r.content_hash, "owner": r.owner, "group": r.group, "mode": r.mode,
-             "stage": r.stage, "keepOnDestroy": r.keep_on_destroy} for r in records]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from .errors import ConnectError, EngineError
-from .models import HealthCheck
-from .process import Target
+from ..errors import ConnectError, EngineError
+from ..models import HealthCheck
+from ..transport.process import Target
 
 # Fetch a URL from the target itself: curl when the system has it, else bash's
 # /dev/tcp for plain http (NixOS's /bin/sh is bash). Prints the status code.

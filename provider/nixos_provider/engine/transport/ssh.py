@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import ConnectError, HostKeyMismatch, Setting
-from .lazy import lazy_module
-from .models import Remote
+from ..errors import ConnectError, HostKeyMismatch, Setting
+from ..lazy import lazy_module
+from ..models import Remote
+from .host_keys import fingerprint, normalize_host_key
 
 if TYPE_CHECKING:
     import asyncssh
@@ -52,21 +53,6 @@ def _encryption_algs() -> list[str]:
     defaults = [alg.decode() for alg in get_default_encryption_algs()]
     return [alg for alg in _CIPHER_PREFERENCE if alg in defaults] + [
         alg for alg in defaults if alg not in _CIPHER_PREFERENCE]
-
-
-def normalize_host_key(line: str) -> str:
-    """`type base64 [comment]` -> `type base64`: the comment is not part of the key."""
-    parts = line.strip().split()
-    if len(parts) < 2:
-        raise ValueError("a host key is an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
-    key = asyncssh.import_public_key(f"{parts[0]} {parts[1]}")
-    return key.export_public_key("openssh").decode().strip()
-
-
-def fingerprint(line: str) -> str:
-    parts = line.strip().split()
-    key = asyncssh.import_public_key(f"{parts[0]} {parts[1]}")
-    return f"{key.get_fingerprint('sha256')} ({parts[0]})"
 
 
 class _HostKeyCheck:

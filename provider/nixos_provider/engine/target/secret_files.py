@@ -31,17 +31,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
-from .errors import EngineError
-from .lazy import lazy_module
-from .models import Profile, Remote
+from ..errors import EngineError
+from ..lazy import lazy_module
+from ..models import Profile, Remote
 
 if TYPE_CHECKING:
-    from . import process, ssh
-    from .process import Target
+    from ..transport import process, ssh
+    from ..transport.process import Target
 else:
     # SSH is imported when a file is first written: Check and Diff need only the models.
-    process = lazy_module("nixos_provider.engine.process")
-    ssh = lazy_module("nixos_provider.engine.ssh")
+    process = lazy_module("nixos_provider.engine.transport.process")
+    ssh = lazy_module("nixos_provider.engine.transport.ssh")
 
 Stage = Literal["before-activation", "after-activation"]
 STAGES: tuple[Stage, ...] = ("before-activation", "after-activation")

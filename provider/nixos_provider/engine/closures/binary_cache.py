@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EngineError
-from .models import BinaryCache
-from .nix import Nix
-from .nix_versions import SIGNING_KEY_STORE_SETTING, error_summary, substituter_options
-from .process import Target
+from ..errors import EngineError
+from ..models import BinaryCache
+from ..nix.cli import Nix
+from ..nix.versions import SIGNING_KEY_STORE_SETTING, error_summary, substituter_options
+from ..transport.process import Target
 
 
 @dataclass(frozen=True)

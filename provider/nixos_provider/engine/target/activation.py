@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 
-from .errors import ConnectError, EngineError, HostBusy, HostRebooted
-from .process import Target
-from .protocol import ActivationSpec, Control, Go, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
-from .ssh import Connection
+from ..errors import ConnectError, EngineError, HostBusy, HostRebooted
+from ..transport.process import Target
+from ..transport.ssh import Connection
+from .supervisor_protocol import ActivationSpec, Control, Go, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
 
 __all__ = ["ActivationOutcome", "ActivationSpec", "RollbackSpec", "Supervisor"]
 

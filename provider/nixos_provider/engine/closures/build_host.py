@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .agent import KeyAgent
-from .errors import BuildHostError, ConnectError, EngineError
-from .models import Remote, SubstitutePolicy
-from .nix_versions import build_failure
-from .process import Target
+from ..errors import BuildHostError, ConnectError, EngineError
+from ..models import Remote, SubstitutePolicy
+from ..nix.versions import build_failure
+from ..transport.agent import KeyAgent
+from ..transport.process import Target
+from ..transport.ssh import Connection, connect, private_key
 from .push import CHUNK, fetch_from_caches, missing_paths
-from .ssh import Connection, connect, private_key
 
 StatusFn = Callable[[str], None]
 

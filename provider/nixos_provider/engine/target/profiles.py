@@ -6,10 +6,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import EngineError
-from .models import BOOT_FILES, Generation, Retention
-from .nix_versions import NixOutputError, parse_gc_summary, parse_generations
-from .process import Target
+from ..errors import EngineError
+from ..models import BOOT_FILES, Generation, Retention
+from ..nix.versions import NixOutputError, parse_gc_summary, parse_generations
+from ..transport.process import Target
 
 
 async def list_generations(target: Target, profile: str) -> list[Generation]:

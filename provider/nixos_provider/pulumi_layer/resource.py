@@ -1,90 +1,20 @@
-"""What NixosMachine and NixProfile share: context, diffing, failures."""
+"""What NixosMachine and NixProfile share: the resource base, diffing, failures."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.binary_cache import CacheUploads
-from ..engine.builds import FleetBuilds
 from ..engine.errors import EngineError
-from ..engine.evaluation import EvaluationStore, Evaluator
-from ..engine.models import BinaryCache, Remote
-from ..engine.nix import Evaluation, FlakeRef, Nix, SourceRef
-from .errors import describe
-from .inputs import Failures, nix_options, to_remote
+from ..engine.models import Remote
+from ..engine.nix.cli import Nix, SourceRef
+from .checks import Failures
+from .context import Context
+from .conversion import nix_options, to_remote
+from .error_text import describe
 from .properties import UNKNOWN, contains_unknown, is_secret, reveal
 from .typed_inputs import SOURCE_KEYS, Closure, DeploySettings
-
-LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
-
-
-@dataclass
-class Context:
-    """Provider-wide state handed to resources."""
-
-    log: LogFn
-    project_dir: str | None = None
-    nix_command: list[str] = field(default_factory=lambda: ["nix"])
-    nixos_anywhere_command: list[str] = field(default_factory=lambda: ["nixos-anywhere"])
-    default_private_key: str | None = None
-    default_user: str | None = None
-    ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
-    # Closure copies at once, across machines (maxParallelTransfers).
-    transfer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
-    # Evaluations (Check) from a bounded pool, ahead of the stack's Checks and kept between runs.
-    evaluator: Evaluator = field(default_factory=lambda: Evaluator(EvaluationStore.default()))
-    # Machines of one flake built at one moment share one `nix build` (up).
-    builds: FleetBuilds = field(init=False)
-    # The provider's `binaryCache` (machines may set their own), and the
-    # uploads of this process: each closure goes to a cache once.
-    binary_cache: BinaryCache | None = None
-    cache_uploads: CacheUploads = field(default_factory=CacheUploads)
-    # Where each resource this process created lives, by URN: (host key, profile path). A replacement is created
-    # before the old resource is deleted; when both reach one machine under two names, the delete must leave
-    # what the replacement deployed.
-    created_on: dict[str, tuple[str, str]] = field(default_factory=dict)
-    _last_status: dict[str, str] = field(default_factory=dict, repr=False)  # by URN
-
-    def replaced_in_place(self, urn: str, host_key: str | None, profile_path: str) -> bool:
-        """Whether the replacement of urn, created by this process, manages this very profile."""
-        return host_key is not None and self.created_on.get(urn) == (host_key, profile_path)
-
-    def __post_init__(self) -> None:
-        self.builds = FleetBuilds(self._out_path)
-
-    async def _out_path(self, nix: Nix, ref: FlakeRef) -> str:
-        return (await self.evaluator.evaluate(nix, ref)).out_path
-
-    def nix(self, options: list[tuple[str, str]] | None = None) -> Nix:
-        return Nix(self.nix_command, options or [])
-
-    def status(self, urn: str, message: str) -> None:
-        """An ephemeral progress line; the same line twice in a row for a resource is shown once (a push reports
-        100% on its last chunk, and again when the target has taken every path)."""
-        if self._last_status.get(urn) == message:
-            return
-        self._last_status[urn] = message
-        self.log("INFO", message, urn, True)
-
-    def info(self, urn: str, message: str) -> None:
-        self.log("INFO", message, urn, False)
-
-    def warn(self, urn: str, message: str) -> None:
-        self.log("WARNING", message, urn, False)
-
-    async def evaluate(self, ref: SourceRef, nix: Nix, *, urn: str | None = None,
-                       remember: bool = True) -> Evaluation:
-        """Evaluate a flake reference or a system without a flake (no build): its output path and derivation.
-
-        urn: the resource asking; its stack's other attributes are evaluated ahead, and this one is
-        remembered for the stack's next run unless remember is False (a secret source or option).
-        """
-        plan = stack_of(urn) if urn and remember else None
-        return await self.evaluator.evaluate(nix, ref, plan=plan)
 
 
 class DeployedResource:
@@ -154,14 +84,6 @@ class DiffResult:
     @property
     def changed(self) -> bool:
         return bool(self.detailed)
-
-
-def stack_of(urn: str) -> str:
-    """`urn:pulumi:<stack>::<project>::<type>::<name>` -> `<project>/<stack>`: the plan whose evaluations go ahead."""
-    parts = urn.split("::")
-    stack = parts[0].rsplit(":", 1)[-1] if parts else ""
-    project = parts[1] if len(parts) > 1 else ""
-    return f"{project}/{stack}"
 
 
 def now_rfc3339() -> str:

@@ -23,9 +23,10 @@ from ..engine.models import (
     Remote,
     Retention,
 )
-from ..engine.nix import FlakeRef, Nix, is_store_path
-from .base import Context, PartialFailure, now_rfc3339
-from .errors import describe
+from ..engine.nix.cli import FlakeRef, Nix, is_store_path
+from .context import Context
+from .error_text import describe
+from .resource import PartialFailure, now_rfc3339
 from .typed_inputs import Closure, DeploySettings
 
 if TYPE_CHECKING:

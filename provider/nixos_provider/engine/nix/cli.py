@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NixError, Setting
-from .nix_versions import (
+from ..errors import NixError, Setting
+from ..timeline import Step, span
+from ..transport.process import LOCAL
+from .versions import (
     PATH_INFO_JSON_FORMAT,
     NixOutputError,
     PathInfo,
@@ -28,8 +30,6 @@ from .nix_versions import (
     parse_path_info,
     rejects_flag,
 )
-from .process import LOCAL
-from .timeline import Step, span
 
 __all__ = ["Evaluation", "FileRef", "FlakeRef", "Nix", "PathInfo", "SourceRef", "is_store_path", "parse_flake_ref"]
 

@@ -27,8 +27,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .models import SubstitutePolicy
-from .process import PATHS_PER_COMMAND, Target
+from ..models import SubstitutePolicy
+from ..transport.process import PATHS_PER_COMMAND, Target
 
 # "auto": two attempts per download, each connected within this many seconds.
 AUTO_CONNECT_TIMEOUT = 5

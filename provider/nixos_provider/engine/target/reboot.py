@@ -31,11 +31,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..errors import ConnectError, DeployError, EngineError, HostBusy
+from ..models import BOOT_FILES, DeployRequest, Generation
+from ..transport.process import Target
 from . import profiles
-from .errors import ConnectError, DeployError, EngineError, HostBusy
 from .health import run_health_checks
-from .models import BOOT_FILES, DeployRequest, Generation
-from .process import Target
 
 StatusFn = Callable[[str], None]
 Connect = Callable[[], Awaitable[Target]]

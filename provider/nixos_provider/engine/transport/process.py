@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from .errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError, Setting
-from .lazy import lazy_module
-from .models import Profile
+from ..errors import CommandError, CommandNotFound, ConnectError, ElevationError, LocalCommandError, NixError, RemoteCommandError, Setting
+from ..lazy import lazy_module
+from ..models import Profile
 
 if TYPE_CHECKING:
     import asyncssh

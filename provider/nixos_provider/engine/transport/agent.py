@@ -21,7 +21,7 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING
 
-from .lazy import lazy_module
+from ..lazy import lazy_module
 
 if TYPE_CHECKING:
     import asyncssh

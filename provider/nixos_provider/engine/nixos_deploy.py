@@ -14,7 +14,7 @@ from pathlib import Path
 from .deploy import deploy, read_state
 from .errors import EngineError
 from .models import Credentials, DeployRequest, HealthCheck, Profile, Remote
-from .nix import Nix, is_store_path, parse_flake_ref
+from .nix.cli import Nix, is_store_path, parse_flake_ref
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Copy closures to a target: ask what it lacks, stream only that.
 
 One `nix-store --export` of the missing paths on the deployer becomes the
-stream the target's `nix-store --serve --write` reads (serve_proto.py): each
+stream the target's `nix-store --serve --write` reads (serve_stream.py): each
 NAR goes straight into the target's store, registered with the hash,
 references, deriver and content address it has here. Memory stays flat on
 both sides whatever the closure size. Nothing is registered as a generation
@@ -34,12 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import openssh, serve_proto, substitution
-from .errors import CommandNotFound, ConnectError, EngineError, NixError
-from .lazy import lazy_module
-from .models import PushStats, SubstitutePolicy
-from .nix import Nix, PathInfo
-from .process import LOCAL, PATHS_PER_COMMAND, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
+from ..errors import CommandNotFound, ConnectError, EngineError, NixError
+from ..lazy import lazy_module
+from ..models import PushStats, SubstitutePolicy
+from ..nix.cli import Nix, PathInfo
+from ..transport import openssh
+from ..transport.process import LOCAL, PATHS_PER_COMMAND, ByteSink, ByteSource, CommandResult, Process, Stderr, Target, close_fds
+from . import serve_stream, substitution
 
 if TYPE_CHECKING:
     import asyncssh
@@ -351,8 +352,8 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
     if failed is not None:
         raise EngineError(f"copying to {target.target} failed: {failed}")
     try:
-        done = serve_proto.replies_done(answer, len(infos))
-    except serve_proto.StreamError as e:
+        done = serve_stream.replies_done(answer, len(infos))
+    except serve_stream.StreamError as e:
         raise EngineError(f"copying to {target.target} failed: {e}") from e
     if done != len(infos):
         raise EngineError(f"{target.target} took {done} of the {len(infos)} store paths sent (first missing: "
@@ -384,7 +385,7 @@ def _relay(export_r: int, stream_w: int, infos: list[PathInfo], preamble: bytes,
            nar_moved: Callable[[int], None]) -> None:
     """The relay thread: export -> serve stream; its end of the stream is closed however it ends."""
     try:
-        serve_proto.relay_export(export_r, stream_w, infos, preamble, nar_moved)
+        serve_stream.relay_export(export_r, stream_w, infos, preamble, nar_moved)
     finally:
         close_fds(stream_w)
 

@@ -29,7 +29,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 
-from .nix_versions import PathInfo
+from ..nix.versions import PathInfo
 
 SERVE_MAGIC_1 = 0x390C9DEB  # client -> server
 SERVE_MAGIC_2 = 0x5452EECB  # server -> client

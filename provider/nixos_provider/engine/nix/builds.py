@@ -15,8 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .errors import NixError
-from .nix import FlakeRef, Nix
+from ..errors import NixError
+from .cli import FlakeRef, Nix
 
 # Seconds a build waits for the rest of its batch. The engine dispatches the
 # creates of a stack one after another (each after its Check and Diff), and

@@ -1,0 +1,1 @@
+"""Moving closures to targets: the push, the serve stream, substitution, binary caches, build hosts."""

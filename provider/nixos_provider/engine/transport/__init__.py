@@ -1,0 +1,1 @@
+"""Transport: the command runner, SSH (asyncssh and the OpenSSH client), the SSH agent."""

@@ -1,0 +1,67 @@
+"""The provider's functions (Invoke): listGenerations and resolveFlake, each checked, then one engine call."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..engine.errors import EngineError
+from ..engine.lazy import lazy_module
+from ..engine.models import SYSTEM_PROFILE, Profile
+from ..engine.nix.cli import is_store_path, parse_flake_ref
+from . import checks, conversion
+from .context import Context
+from .resource import CheckFailed
+
+if TYPE_CHECKING:
+    from ..engine import deploy as engine
+else:
+    engine = lazy_module("nixos_provider.engine.deploy")
+
+
+async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """A profile's generations on a host, and which one is current (0: none)."""
+    f = checks.Failures()
+    checks.check_connection(f, args.get("connection"))
+    if f:
+        raise CheckFailed(f)
+    remote = conversion.to_remote(args["connection"], default_private_key=ctx.default_private_key,
+                                  default_user=ctx.default_user)
+    path = str(args.get("profilePath") or SYSTEM_PROFILE)
+    async with ctx.ssh_slots:
+        state = await engine.read_state(remote, Profile(path), with_generations=True)
+    generations = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
+                   for g in state.generations]
+    return {"generations": generations, "current": state.generation.number if state.generation else 0}
+
+
+async def resolve_flake(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The store path a flake reference evaluates to (built when `build` asks), and whether it is built."""
+    f = checks.Failures()
+    checks.check_flake(f, "flake", args.get("flake"))
+    if args.get("flake") is None:
+        f.add("flake", "is required")
+    if f:
+        raise CheckFailed(f)
+    nix = ctx.nix(conversion.nix_options(args.get("nixOptions")))
+    ref = str(args["flake"])
+    # `#name` without a dot names a NixOS configuration (its toplevel); `#a.b` is an attribute path as it is.
+    attribute = ref.split("#", 1)[1]
+    parsed = parse_flake_ref(ref, ctx.project_dir, nixos="." not in attribute and attribute != "")
+    if args.get("build"):
+        return {"storePath": await nix.build(parsed), "built": True}
+    path = (await ctx.evaluator.evaluate(nix, parsed)).out_path
+    return {"storePath": path, "built": is_store_path(path) and await nix.is_valid(path)}
+
+
+FUNCTIONS: dict[str, Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "nixos:index:listGenerations": list_generations,
+    "nixos:index:resolveFlake": resolve_flake,
+}
+
+
+async def invoke(ctx: Context, token: str, args: dict[str, Any]) -> dict[str, Any]:
+    function = FUNCTIONS.get(token)
+    if function is None:
+        raise EngineError(f"unknown function {token!r}")
+    return await function(ctx, args)

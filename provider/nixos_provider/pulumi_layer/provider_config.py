@@ -1,0 +1,84 @@
+"""The provider's configuration, parsed once: CheckConfig reports what is wrong, Configure applies the rest.
+
+Each value arrives from the program (typed) or from `pulumi config set` (text: JSON lists and objects, numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.models import BinaryCache
+from . import checks, conversion
+from .properties import reveal
+
+WHOLE_NUMBERS = ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations")
+COMMANDS = ("nixCommand", "nixosAnywhereCommand")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    nix_command: tuple[str, ...] = ("nix",)
+    nixos_anywhere_command: tuple[str, ...] = ("nixos-anywhere",)
+    default_private_key: str | None = None
+    default_user: str | None = None
+    binary_cache: BinaryCache | None = None
+    max_parallel_ssh: int | None = None
+    max_parallel_transfers: int | None = None
+    max_parallel_evaluations: int | None = None
+
+
+def check(values: dict[str, Any]) -> checks.Failures:
+    """What is wrong with the configuration, by the setting's name."""
+    f = checks.Failures()
+    for key in WHOLE_NUMBERS:
+        if values.get(key) is not None and _whole_number(reveal(values.get(key))) is None:
+            f.add(key, "must be a whole number of at least 1")
+    for key in COMMANDS:
+        if values.get(key) is not None and _command(values.get(key)) is None:
+            f.add(key, "must be a non-empty list of strings")
+    checks.check_binary_cache(f, conversion.parse_binary_cache(values.get("binaryCache")))
+    return f
+
+
+def parse(values: dict[str, Any]) -> ProviderConfig:
+    """The configuration Configure applies (CheckConfig has refused what is wrong; a setting left out is default)."""
+    return ProviderConfig(
+        nix_command=_command(values.get("nixCommand")) or ("nix",),
+        nixos_anywhere_command=_command(values.get("nixosAnywhereCommand")) or ("nixos-anywhere",),
+        default_private_key=reveal(values.get("defaultPrivateKey")) or None,
+        default_user=reveal(values.get("defaultUser")) or None,
+        binary_cache=conversion.to_binary_cache(conversion.parse_binary_cache(values.get("binaryCache"))),
+        max_parallel_ssh=_whole_number(reveal(values.get("maxParallelSsh"))),
+        max_parallel_transfers=_whole_number(reveal(values.get("maxParallelTransfers"))),
+        max_parallel_evaluations=_whole_number(reveal(values.get("maxParallelEvaluations"))),
+    )
+
+
+def _command(value: Any) -> tuple[str, ...] | None:
+    """A command as a list of strings: from the program, or JSON text from `pulumi config set`."""
+    value = reveal(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return tuple(value)
+    return None
+
+
+def _whole_number(value: Any) -> int | None:
+    """A setting that must be a whole number of at least 1: from the program (a number) or `pulumi config set` (text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None  # "inf" and "nan" parse as floats
+    if value < 1 or int(value) != value:
+        return None
+    return int(value)
