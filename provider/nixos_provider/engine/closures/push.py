@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandNotFound, ConnectError, EngineError, NixError
 from ..lazy import lazy_module
@@ -191,26 +191,55 @@ class _Sent:
     wire_bytes: int = 0
 
 
+class _Fd:
+    """A file descriptor with one owner at a time: closed by close(), unless handed on with take()."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def fileno(self) -> int:
+        """Lend the descriptor (to a child process that dups it); it stays ours to close."""
+        if self._fd < 0:
+            raise ValueError("the descriptor was closed or handed on")
+        return self._fd
+
+    def take(self) -> int:
+        """Hand the descriptor on: from now on its new owner closes it."""
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        close_fds(self._fd)
+        self._fd = -1
+
+
 @dataclass
 class _Channel:
     """The target's end of a push, started: `nix-store --serve --write`, and the pipe the relay writes into.
 
     stream_r is the pipe's read end while something local still has to take
-    it: zstd, or (over the provider's connection) Python's pump; -1 once
-    taken (`ssh` reads it itself when nothing is compressed here).
+    it: zstd, or (over the provider's connection) Python's pump; not held
+    when `ssh` reads it itself (nothing is compressed here).
     """
 
     target: Target
     remote: Process
-    stream_w: int
-    stream_r: int
+    stream_w: _Fd
+    stream_r: _Fd
     preamble: bytes  # the elevation's input: the first bytes of the stream
     use_ssh: bool
     zstd: bool
 
     async def close(self) -> CommandResult:
-        close_fds(self.stream_w, self.stream_r)
-        self.stream_w = self.stream_r = -1
+        self.stream_w.close()
+        self.stream_r.close()
         return await self.remote.close()
 
 
@@ -220,19 +249,19 @@ async def _open(target: Target, compression: str, *, use_ssh: bool) -> _Channel:
     serve, preamble = target.elevated(SERVE)
     remote_argv = ["sh", "-c", 'zstd -d -q -c | "$@"', "sh", *serve] if zstd else serve
     stream_r, stream_w = _pipe()
-    try:
+    with contextlib.ExitStack() as on_failure:
+        on_failure.callback(stream_r.close)
+        on_failure.callback(stream_w.close)
         if use_ssh:
             runner = openssh.OpenSshTarget(target.conn, compress=compression == "ssh")
-            direct = None if zstd else stream_r
-            remote = await runner.start(remote_argv, stdin=direct is None, stdin_from=direct)
-            if direct is not None:
-                close_fds(stream_r)  # ssh has its own copy
-                stream_r = -1
+            direct = not zstd
+            remote = await runner.start(remote_argv, stdin=not direct,
+                                        stdin_from=stream_r.fileno() if direct else None)
+            if direct:
+                stream_r.close()  # ssh has its own copy
         else:
             remote = await target.as_user(None).start(remote_argv)
-    except BaseException:
-        close_fds(stream_r, stream_w)
-        raise
+        on_failure.pop_all()
     return _Channel(target, remote, stream_w, stream_r, preamble, use_ssh, zstd)
 
 
@@ -246,94 +275,113 @@ async def _discard(early: asyncio.Future[_Channel]) -> None:
         await (await early).close()
 
 
-def _pipe() -> tuple[int, int]:
+def _pipe() -> tuple[_Fd, _Fd]:
     read, write = os.pipe()
     with contextlib.suppress(OSError):
         # A 1 MiB pipe: fewer, larger moves than the default 64 KiB.
         fcntl.fcntl(write, F_SETPIPE_SZ, PIPE_SIZE)
-    return read, write
+    return _Fd(read), _Fd(write)
 
 
-async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: ProgressFn | None) -> _Sent:
-    """Send infos' paths through channel (which it closes): export -> relay (a thread) -> [zstd] -> the target."""
-    loop = asyncio.get_running_loop()
-    target, remote = channel.target, channel.remote
-    paths = [i.path for i in infos]
-    total = sum(i.nar_size for i in infos)
-    sent = _Sent()
-    last_report = [0.0]
+class _Streaming:
+    """One push's moving parts, each with one owner: the export and zstd processes, the relay thread, the pump,
+    the reply reader, the pipes between them. Leaving it (`async with`) stops them all, in the order that lets
+    each end: what runs is stopped first, so the relay thread meets EOF or a broken pipe and ends; only then is
+    the pipe end it may still be reading closed."""
 
-    def report() -> None:
-        done_paths = min(len(paths), int(len(paths) * sent.nar_bytes / total)) if total else 0
-        if progress:
-            progress(PushProgress(done_paths, len(paths), min(sent.nar_bytes, total), total))
+    def __init__(self, channel: _Channel, infos: list[PathInfo], progress: ProgressFn | None) -> None:
+        self.channel, self.infos, self.progress = channel, infos, progress
+        self.sent = _Sent()
+        self.total = sum(i.nar_size for i in infos)
+        self.exported: list[CommandResult] = []  # each local process's result, once closed (the export's first)
+        self._export_r = _Fd(-1)
+        self._procs: list[Process] = []
+        self._relay: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Future[Any]] = []  # the pump and the reply reader
+        self._piped: asyncio.ReadTransport | None = None  # the stream's read end, when Python pumps it
+        self._last_report = 0.0
 
-    def nar_moved(n: int) -> None:  # in the relay's thread
-        sent.nar_bytes += n
-        now = time.monotonic()
-        if progress and now - last_report[0] > 0.5:
-            last_report[0] = now
-            loop.call_soon_threadsafe(report)
+    async def __aenter__(self) -> _Streaming:
+        return self
 
-    export_r = -1
-    procs: list[Process] = []
-    relay: asyncio.Future[None] | None = None
-    pump: asyncio.Task[None] | None = None
-    piped: asyncio.ReadTransport | None = None  # the stream's read end, when Python pumps it
-    replies: asyncio.Future[bytes] | None = None
-    try:
-        export_r, export_w = _pipe()
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        if self._piped is not None:
+            self._piped.close()
+        await self.channel.close()
+        self.exported = [await proc.close() for proc in self._procs]
+        if self._relay is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._relay), CLOSE_WAIT)
+        self._export_r.close()
+
+    def report(self) -> None:
+        paths = len(self.infos)
+        done = min(paths, int(paths * self.sent.nar_bytes / self.total)) if self.total else 0
+        if self.progress:
+            self.progress(PushProgress(done, paths, min(self.sent.nar_bytes, self.total), self.total))
+
+    async def run(self, nix: Nix) -> tuple[BaseException | None, bytes, CommandResult]:
+        """export -> relay (a thread) -> [zstd] -> the target: (the first failure of the stream, the target's
+        replies, the target's exit)."""
+        loop = asyncio.get_running_loop()
+        channel, remote = self.channel, self.channel.remote
+
+        def nar_moved(n: int) -> None:  # in the relay's thread
+            self.sent.nar_bytes += n
+            now = time.monotonic()
+            if self.progress and now - self._last_report > 0.5:
+                self._last_report = now
+                loop.call_soon_threadsafe(self.report)
+
+        self._export_r, export_w = _pipe()
         try:
-            procs.append(await LOCAL.start(nix.store_argv("--export", *paths), stdin=False, stdout_to=export_w))
+            self._procs.append(await LOCAL.start(nix.store_argv("--export", *(i.path for i in self.infos)),
+                                                 stdin=False, stdout_to=export_w.fileno()))
         finally:
-            close_fds(export_w)
+            export_w.close()
         source: ByteSource | None = None  # what Python pumps into the target, if anything
         if channel.zstd:
             compressor = await LOCAL.start(["zstd", *ZSTD_COMPRESS], stderr=Stderr.DISCARD,
-                                           stdin_from=channel.stream_r)
-            procs.append(compressor)
+                                           stdin_from=channel.stream_r.fileno())
+            self._procs.append(compressor)
             source = compressor.stdout  # counted on its way: the bytes on the wire
-            close_fds(channel.stream_r)
-            channel.stream_r = -1
-        elif channel.stream_r >= 0:
-            source, piped = await _reader(channel.stream_r)
-            channel.stream_r = -1  # the transport owns it now
+            channel.stream_r.close()
+        elif channel.stream_r.held:
+            source, self._piped = await _reader(channel.stream_r.take())
         replies = asyncio.ensure_future(remote.stdout.read())
-        relay = loop.run_in_executor(None, _relay, export_r, channel.stream_w, infos, channel.preamble, nar_moved)
-        channel.stream_w = -1  # the relay closes it when it is done
-        if source is not None:
-            pump = asyncio.ensure_future(_pump(source, remote.stdin, sent))
-        failed = await _first_failure([relay] if pump is None else [relay, pump])
-        if failed is None:
-            if pump is None:
-                sent.wire_bytes = sent.nar_bytes
-            answer = await replies  # to EOF: the remote command has ended
-            result = await remote.wait()
-        else:
+        self._tasks.append(replies)
+        self._relay = loop.run_in_executor(None, _relay, self._export_r.fileno(), channel.stream_w.take(),
+                                           self.infos, channel.preamble, nar_moved)
+        pump = asyncio.ensure_future(_pump(source, remote.stdin, self.sent)) if source is not None else None
+        if pump is not None:
+            self._tasks.append(pump)
+        failed = await _first_failure([self._relay] if pump is None else [self._relay, pump])
+        if failed is not None:
             # The stream broke: the remote end has ended, or ends at the EOF
             # the relay left behind; its exit says which side failed.
-            answer = b""
             try:
-                result = await asyncio.wait_for(remote.wait(), CLOSE_WAIT)
+                return failed, b"", await asyncio.wait_for(remote.wait(), CLOSE_WAIT)
             except TimeoutError:
-                result = await remote.close()
-    except (ConnectionError, asyncssh.Error) as e:
-        raise _lost(target, paths, sent, e) from e
-    finally:
-        # Stop what runs, so the relay thread meets EOF or a broken pipe and
-        # ends; only then close the pipe end it may still be reading.
-        for task in (pump, replies):
-            if task is not None and not task.done():
-                task.cancel()
-        if piped is not None:
-            piped.close()
-        await channel.close()
-        exported = [await proc.close() for proc in procs]
-        if relay is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(relay), CLOSE_WAIT)
-        close_fds(export_r)
-    export_result = exported[0]
+                return failed, b"", await remote.close()
+        if pump is None:
+            self.sent.wire_bytes = self.sent.nar_bytes
+        answer = await replies  # to EOF: the remote command has ended
+        return None, answer, await remote.wait()
+
+
+async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: ProgressFn | None) -> _Sent:
+    """Send infos' paths through channel (which it closes), and check that the target took each of them."""
+    target = channel.target
+    paths = [i.path for i in infos]
+    async with _Streaming(channel, infos, progress) as streaming:
+        try:
+            failed, answer, result = await streaming.run(nix)
+        except (ConnectionError, asyncssh.Error) as e:
+            raise _lost(target, paths, streaming.sent, e) from e
+    sent, export_result = streaming.sent, streaming.exported[0]
     # Killed (-9) only when it had already written everything: close() stops
     # a process that has not been reaped yet.
     if export_result.exit_status not in (0, -9):
@@ -359,7 +407,7 @@ async def _stream(nix: Nix, channel: _Channel, infos: list[PathInfo], progress: 
         raise EngineError(f"{target.target} took {done} of the {len(infos)} store paths sent (first missing: "
                           f"{paths[done]}); the rest is copied by the next deploy")
     if progress:
-        progress(PushProgress(len(paths), len(paths), total, total))
+        progress(PushProgress(len(paths), len(paths), streaming.total, streaming.total))
     return sent
 
 
