@@ -81,13 +81,21 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
         assert "ciphertext" in json.dumps(machine[where]["buildHost"]["privateKey"]), where  # type: ignore[index]
 
     # A new version of the package: built there again, and lastChanges says what changed, from the derivations.
+    # The preview builds nothing here (buildOnPreview builds where the deployment builds), and dry-activates
+    # a system built on the build host.
     write_flake(tmp_path / "flake", FLAKE % (nonce, f"2.{nonce}"))
+    resources["direct"]["properties"].update(dryActivate=True, buildOnPreview=True)
+    program(project, resources, outputs)
     preview = strip_ansi(project.run("preview").stdout)
     assert f"built-elsewhere: 1.{nonce} → 2.{nonce}" in preview and "Traceback" not in preview, preview
+    assert "would restart: lab-service.service" in preview and "dry-activate failed" not in preview, preview
+    assert "for the preview (buildOnPreview)" not in preview, preview
     project.up()
     got = project.outputs()
     system = str(got["directSystemPath"])
     assert current_system(direct) == current_system(relayed) == system and int(got["directPushedBytes"]) < 256 * 1024
+    assert subprocess.run([*labctl.NIX, "path-info", system], capture_output=True).returncode != 0, \
+        "the preview or the up built the system here"
     last = project.resource("NixosMachine")["outputs"]["lastChanges"]  # type: ignore[index]
     assert [(c["name"], c["before"], c["after"]) for c in last["changed"]] == [  # type: ignore[index]
         ("built-elsewhere", [f"1.{nonce}"], [f"2.{nonce}"])], last

@@ -377,7 +377,7 @@ export interface NixosMachineArgs {
      */
     buildOn?: pulumi.Input<string | undefined>;
     /**
-     * Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
+     * Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store. Only a system built where the provider runs: with `buildOn: remote` or `buildHost` nothing is built in preview, and the package diff comes from the derivations.
      */
     buildOnPreview?: pulumi.Input<boolean | undefined>;
     /**
@@ -401,7 +401,7 @@ export interface NixosMachineArgs {
      */
     connection: pulumi.Input<inputs.ConnectionArgs>;
     /**
-     * Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
+     * Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this; with `buildOn: remote` or `buildHost` it is built there first, as the deployment would build it.
      */
     dryActivate?: pulumi.Input<boolean | undefined>;
     /**

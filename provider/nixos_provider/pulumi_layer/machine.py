@@ -396,7 +396,11 @@ class NixosMachine(DeployedResource):
         if not isinstance(old, str) or not isinstance(new, str) or contains_unknown(news.get("connection")):
             return None
         nix = self._nix(news)
-        if not await nix.is_valid(new) and news.get("buildOnPreview") and Closure.parse(news, "systemPath").evaluated:
+        # A system built on the target or a build host is not built here, in preview either (this machine may not
+        # be able to: another architecture); its package diff comes from the derivations.
+        built_elsewhere = news.get("buildOn") == "remote" or news.get("buildHost") is not None
+        if not await nix.is_valid(new) and news.get("buildOnPreview") and not built_elsewhere \
+                and Closure.parse(news, "systemPath").evaluated:
             self.ctx.info(urn, f"building {new} for the preview (buildOnPreview)")
             try:
                 await self._build(urn, Closure.parse(news, "systemPath"), nix)
@@ -463,13 +467,26 @@ class NixosMachine(DeployedResource):
 
     async def _dry_activate(self, urn: str, olds: dict[str, Any], news: dict[str, Any],
                             changes: ClosureChanges) -> ClosureChanges:
-        """Copy the new system to the target and ask `switch-to-configuration dry-activate`."""
+        """Copy the new system to the target and ask `switch-to-configuration dry-activate`. A system built on the
+        target or a build host, and not here, is built there first, as the deployment would."""
         remote = self._remote(news, host_key=reveal(news["connection"]).get("hostKey") or olds.get("hostKey"))
-        req = DeployRequest(remote=remote, store_path=str(news["systemPath"]), profile=SYSTEM, action="dry-activate")
+        system, nix = str(news["systemPath"]), self._nix(news)
+        build_drv, build_host = None, None
+        if (news.get("buildOn") == "remote" or news.get("buildHost") is not None) and not await nix.is_valid(system):
+            try:
+                evaluation = await self._evaluation(urn, news, nix)
+            except (EngineError, ValueError) as e:
+                self.ctx.warn(urn, f"dry-activate skipped: {describe(e)}")
+                return changes
+            build_drv = evaluation.drv_path if evaluation.out_path == system else None
+            if news.get("buildHost") is not None:
+                build_host = self._remote_of(news["buildHost"], _build_host_key(olds, news))
+        req = DeployRequest(remote=remote, store_path=system, profile=SYSTEM, action="dry-activate",
+                            build_drv=build_drv, build_host=build_host)
         try:
             async with self.ctx.ssh_slots:
-                result = await engine.deploy(req, self._nix(news), status=lambda s: self.ctx.status(urn, s),
-                                             transfers=self.ctx.transfer_slots)
+                result = await engine.deploy(req, nix, status=lambda s: self.ctx.status(urn, s),
+                                             warn=lambda s: self.ctx.warn(urn, s), transfers=self.ctx.transfer_slots)
         except EngineError as e:
             self.ctx.warn(urn, f"dry-activate failed: {describe(e)}")
             return changes

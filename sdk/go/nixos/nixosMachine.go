@@ -219,7 +219,7 @@ type nixosMachineArgs struct {
 	BuildHost *Connection `pulumi:"buildHost"`
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn *string `pulumi:"buildOn"`
-	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
+	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store. Only a system built where the provider runs: with `buildOn: remote` or `buildHost` nothing is built in preview, and the package diff comes from the derivations.
 	BuildOnPreview *bool `pulumi:"buildOnPreview"`
 	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
 	CollectGarbage *bool `pulumi:"collectGarbage"`
@@ -231,7 +231,7 @@ type nixosMachineArgs struct {
 	ConfirmTimeout *float64 `pulumi:"confirmTimeout"`
 	// How to reach the host over SSH.
 	Connection Connection `pulumi:"connection"`
-	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
+	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this; with `buildOn: remote` or `buildHost` it is built there first, as the deployment would build it.
 	DryActivate *bool `pulumi:"dryActivate"`
 	// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	Expression *string `pulumi:"expression"`
@@ -281,7 +281,7 @@ type NixosMachineArgs struct {
 	BuildHost ConnectionPtrInput
 	// Where the system is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there.
 	BuildOn pulumi.StringPtrInput
-	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store.
+	// Whether to build the new system during preview, so that `pendingChanges` can be computed even when the closure is not yet in the local store. Only a system built where the provider runs: with `buildOn: remote` or `buildHost` nothing is built in preview, and the package diff comes from the derivations.
 	BuildOnPreview pulumi.BoolPtrInput
 	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
 	CollectGarbage pulumi.BoolPtrInput
@@ -293,7 +293,7 @@ type NixosMachineArgs struct {
 	ConfirmTimeout pulumi.Float64PtrInput
 	// How to reach the host over SSH.
 	Connection ConnectionInput
-	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this.
+	// Whether to run `switch-to-configuration dry-activate` on the host during preview, so that `pendingChanges.wouldRestart` lists the units that would restart. The new closure is copied to the host for this; with `buildOn: remote` or `buildHost` it is built there first, as the deployment would build it.
 	DryActivate pulumi.BoolPtrInput
 	// A Nix file (or a folder with a `default.nix`) whose `attribute` is the machine's NixOS system, as `nixos-rebuild --file F --attr A` takes it: a NixOS evaluation (what `import <nixpkgs/nixos> { ... }` or `lib.nixosSystem` gives) or its `config.system.build.toplevel`. A file that is a function is called with its defaults. Relative paths are resolved against the Pulumi project directory. Set exactly one of `flake`, `systemPath`, `configuration` and `expression`.
 	Expression pulumi.StringPtrInput
