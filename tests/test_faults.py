@@ -63,7 +63,7 @@ class Row:
 
 
 ORDER = ["push", "sigint", "sigkill", "magic", "fails", "fleet", "malformed", "hostile", "secrets", "hostkey",
-         "wedged", "move", "reboot", "registration"]
+         "wedged", "move", "reboot", "registration", "partial"]
 TABLE: dict[str, Row] = {}
 
 
@@ -882,3 +882,64 @@ def test_a_deployer_that_stalls_during_registration(project: PulumiProject, new_
     record("registration", f"the deployer stops (SIGSTOP) while nix-env registers the generation ({SLOW_REGISTRATION} s, "
            "longer than the supervisor waits for a silent deployer)",
            "the profile, /run/current-system and the state agree, on the old system", results)
+
+
+# -- 15. a health check fails with autoRollback: false, in a fleet (issue 24) ------------------------------------
+
+
+def named_state(project: PulumiProject, name: str) -> dict[str, Any]:
+    """The state of the NixosMachine called name."""
+    return next(r for r in project.state()["deployment"]["resources"]  # type: ignore[index]
+                if r["urn"].endswith(f"NixosMachine::{name}"))
+
+
+def test_a_failed_health_check_without_auto_rollback(project: PulumiProject, new_host: HostFactory,
+                                                     systems: Systems) -> None:
+    """The failing machine keeps the new system, as the setting asks; its state says so. Pulumi keeps the inputs of
+    the last successful update after a failed one (pulumi#2035), so refresh proposes that machine's `systemPath`
+    and nothing else, until the next successful up (README, Refresh and import)."""
+    hosts = [new_host() for _ in range(3)]
+    failing = {"command": "test -e /run/healthy"}  # true once the test creates it
+
+    def fleet(config: str, checked: int | None) -> dict[str, Any]:
+        return {f"m{i}": machine(h, config, autoRollback=False, **({"healthChecks": [failing]} if i == checked else {}))
+                for i, h in enumerate(hosts)}
+
+    program(project, fleet("web", None))
+    project.run("stack", "init", "dev")
+    project.up()
+    results: list[str | None] = []
+    configs = ["web-v2", "web"]
+    for r in range(runs(5, 1)):
+        index, declared = r % 3, configs[r % 2]
+        sick = hosts[index]
+        generation = int(named_state(project, f"m{index}")["outputs"]["generation"])
+        program(project, fleet(declared, index))
+        up = project.up(check=False)
+        out = " ".join(strip_ansi(up.stdout + up.stderr).split())
+        outputs = named_state(project, f"m{index}")["outputs"]
+        refresh = strip_ansi(project.run("refresh", "--yes", "--diff", "--expect-no-changes", check=False).stdout)
+        proposed = set(re.findall(r"^\s+~ (\w+): ", refresh, re.M))
+        machines = set(re.findall(r"NixosMachine::(m\d)\]", refresh))
+        problems = [what for what, bad in [
+            ("up succeeded", up.returncode == 0),
+            ("the error does not say what runs", f"autoRollback is off, so generation {generation + 1} "
+                                                 f"({systems[declared]}) stays active on" not in out),
+            ("the machine was rolled back", current_system(sick) != systems[declared]),
+            (f"the state says {outputs['systemPath']} at generation {outputs['generation']}",
+             (outputs["systemPath"], outputs["generation"]) != (systems[declared], generation + 1)),
+            ("another machine was not deployed", [current_system(h) for h in hosts if h is not sick]
+             != [systems[declared]] * 2),
+            (f"refresh proposed {proposed} on {machines}", (proposed, machines) != ({"systemPath"}, {f"m{index}"})),
+        ] if bad]
+        in_host(sick, "touch", "/run/healthy")
+        program(project, fleet(declared, None))
+        project.up()
+        if project.run("refresh", "--yes", "--expect-no-changes", check=False).returncode != 0:
+            problems.append("refresh still proposes a change after the next successful up")
+        in_host(sick, "rm", "-f", "/run/healthy")
+        results.append(f"run {r}: {'; '.join(problems)}:\n{out[-800:]}" if problems else None)
+    record("partial", "a health check fails with `autoRollback: false`, in a fleet of 3",
+           "the machine keeps the new system and its state says so (system, generation, the error); the others "
+           "deploy; refresh proposes only that machine's `systemPath` (Pulumi keeps the old inputs) and nothing "
+           "after the next successful up", results)

@@ -478,8 +478,9 @@ class Deployment:
             if not req.auto_rollback:
                 await supervisor.finish(time.monotonic() + 60)
                 await supervisor.cleanup()
+                kept = f"generation {new_gen.number} ({req.store_path})" if new_gen else req.store_path
                 raise DeployError(
-                    f"{e}; autoRollback is off, so {req.store_path} stays active on {supervisor.target.target}",
+                    f"{e}; autoRollback is off, so {kept} stays active on {supervisor.target.target}",
                     phase="health-check", now_running=req.store_path,
                     generation=new_gen.number if new_gen else None) from e
             self.status("health check failed: rolling back")
