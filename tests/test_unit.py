@@ -872,3 +872,21 @@ def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() 
 def test_a_build_failure_names_the_failed_builder_and_its_last_lines(stderr: str, expected: str) -> None:
     from nixos_provider.engine.nix.versions import build_failure
     assert build_failure(stderr) == expected
+
+
+def test_the_provider_configuration_is_checked_and_parsed_once() -> None:
+    from nixos_provider.pulumi_layer import provider_config
+    from nixos_provider.pulumi_layer.properties import Secret
+    # From `pulumi config set` everything is text: JSON lists, numbers.
+    text = {"nixCommand": '["nix", "--option", "cores", "1"]', "maxParallelSsh": "4", "defaultUser": "deploy",
+            "defaultPrivateKey": Secret("KEY"), "binaryCache": '{"url": "file:///c", "publicKey": "c:' + "A" * 43 + '="}'}
+    assert not provider_config.check(text)
+    config = provider_config.parse(text)
+    assert config.nix_command == ("nix", "--option", "cores", "1") and config.max_parallel_ssh == 4
+    assert (config.default_user, config.default_private_key) == ("deploy", "KEY")
+    assert config.binary_cache is not None and config.binary_cache.url == "file:///c"
+    assert provider_config.parse({}) == provider_config.ProviderConfig()
+    bad = provider_config.check({"nixCommand": "nix --option x", "nixosAnywhereCommand": [], "maxParallelTransfers": 0,
+                                 "binaryCache": {"url": "ftp://x"}})
+    assert [p for p, _ in bad.items] == ["maxParallelTransfers", "nixCommand", "nixosAnywhereCommand", "binaryCache.url",
+                                       "binaryCache.publicKey"]
