@@ -6,6 +6,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,16 +125,27 @@ def remote_for(host: labctl.LabHost, **kw: object) -> Remote:
                   Credentials(private_key=key), **kw)  # type: ignore[arg-type]
 
 
+# Where the frames of upstream's tracebacks are: the Python SDK and its gRPC, the Python language host's runner,
+# the standard library.
+UPSTREAM_FRAMES = re.compile(r'/site-packages/(pulumi|grpc|google)/|/pulumi-language-python-exec"|/lib/python3\.\d+/'
+                             r'|"<frozen |"src/python/grpcio/')
+
+
 def has_provider_traceback(out: str) -> bool:
     """A traceback of ours in the CLI's output (the plugin's frames name nixos_provider), or one of unknown origin.
 
     The one traceback allowed is upstream's: a Python program's pending registrations, which Pulumi's Python SDK
     (3.259 and later, on the current language host) fails to log to an engine that a failed resource stopped
-    ("Resource monitor has terminated"). It names no frame of the provider's.
+    ("Resource monitor has terminated"); how much of it is printed, and where it is interrupted
+    (KeyboardInterrupt, "no running event loop"), depends on timing. Its frames are all the SDK's, gRPC's, the
+    language host's or the standard library's, never the provider's.
     """
     if "nixos_provider" in out:
         return True
-    return "Traceback" in out and "Resource monitor has terminated" not in out
+    if "Traceback" not in out:
+        return False
+    frames = re.findall(r'^\s*File "[^"\n]*"?[^\n]*$', out, re.M)
+    return not frames or any(not UPSTREAM_FRAMES.search(frame) for frame in frames)
 
 
 def in_host(host: labctl.LabHost, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
