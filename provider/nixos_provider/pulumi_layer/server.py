@@ -14,7 +14,7 @@ import sys
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -23,7 +23,6 @@ from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provid
 
 from .. import provider_version
 from ..engine.errors import EngineError
-from ..engine.lazy import lazy_module
 from . import checks, functions, provider_config
 from .context import Context
 from .error_text import describe
@@ -32,11 +31,6 @@ from .nix_profile import NixProfile
 from .properties import Secret, from_struct, reveal, to_struct
 from .resource import CheckFailed, DiffResult, PartialFailure
 from .schema import SCHEMA_PATH
-
-if TYPE_CHECKING:
-    from ..engine import deploy as engine
-else:
-    engine = lazy_module("nixos_provider.engine.deploy")
 
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
