@@ -1,7 +1,6 @@
 """Check: each input held to its rules; each failure names the property (`connection.port`, `healthChecks[1]`),
 which is what the Pulumi CLI shows next to the resource."""
 
-
 from __future__ import annotations
 
 import base64
@@ -21,16 +20,10 @@ from .properties import UNKNOWN, contains_unknown, reveal
 from .schema import kind_of, type_failures
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
-
-
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
 # starting or ending with `-`.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-
-
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
-
-
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*\$?$", re.IGNORECASE)
 
 
@@ -200,8 +193,6 @@ def check_flake(f: Failures, prop: str, v: Any) -> None:
 
 
 SYSTEM_SOURCES = ("flake", "systemPath", "configuration", "expression")
-
-
 _ATTRIBUTE = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
@@ -360,11 +351,7 @@ def check_deploy_settings(f: Failures, news: dict[str, Any], booleans: tuple[str
 
 # Store URL schemes `nix copy` and substituters understand; anything else is a typo.
 CACHE_SCHEMES = ("file", "http", "https", "s3", "ssh", "ssh-ng", "gs")
-
-
 _CACHE_URL = re.compile(r"^([a-z0-9+-]+)://\S+$")
-
-
 _NIX_KEY = re.compile(r"^([^:\s]+):([A-Za-z0-9+/]+={0,2})$")
 
 
@@ -432,11 +419,7 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
 
 
 SECRET_FILE_KEYS = ("path", "content", "owner", "group", "mode", "stage", "keepOnDestroy")
-
-
 MODE_RE = re.compile(r"^0?[0-7]{3}$")
-
-
 # A user or group name as useradd accepts it, or a numeric id.
 ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
 

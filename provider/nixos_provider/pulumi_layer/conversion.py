@@ -1,6 +1,5 @@
 """Checked inputs into the engine's models, and recorded state back into them."""
 
-
 from __future__ import annotations
 
 import json

@@ -1,6 +1,5 @@
 """The form Check records inputs in (defaults filled, host keys canonical), so diffs compare like with like."""
 
-
 from __future__ import annotations
 
 from typing import Any

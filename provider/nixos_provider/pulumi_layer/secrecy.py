@@ -1,6 +1,5 @@
 """Which inputs hold credentials: the one place that wraps them as secrets for state and outputs."""
 
-
 from __future__ import annotations
 
 from collections.abc import Callable
