@@ -50,8 +50,8 @@ def test_write_script_takes_values_as_positional_args_only() -> None:
 def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     f = checks.Failures()
     checks.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
-                             {"path": "/a", "content": "x", "owner": "-x"}, "nope",
-                             {"path": "/nix/store/abc-key", "content": "x"}])
+                              {"path": "/a", "content": "x", "owner": "-x"}, "nope",
+                              {"path": "/nix/store/abc-key", "content": "x"}])
     props = dict(f.items)
     assert "in /nix/store" in props["secretFiles[4].path"]
     assert "secretFiles[0].path" in props and "secretFiles[2].path" in props

@@ -107,8 +107,8 @@ class NixosMachine(DeployedResource):
             f.add("reboot", "`test` activates without a boot entry, so there is nothing to reboot into; use `switch` "
                             "or `boot` with a reboot")
         checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "buildOnPreview", "dryActivate",
-                                          "collectGarbage"))
+        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback",
+                                               "buildOnPreview", "dryActivate", "collectGarbage"))
         checks.check_install(f, news)
         checks.check_secret_files(f, news.get("secretFiles"))
         checks.check_binary_cache(f, news.get("binaryCache"))
@@ -253,8 +253,8 @@ class NixosMachine(DeployedResource):
     def _placement(self, olds: dict[str, Any], m: MachineInputs, pinned: str | None) -> files.Placement:
         """What the secret files need on this up: compared with the records (hashes) in the old state."""
         key = _files_key(olds) or base64.b64decode(files.new_key())
-        return files.Placement(self._remote_of(m.connection, host_key=pinned), conversion.recorded_files(olds.get("secretFiles")),
-                               m.secret_files, key)
+        return files.Placement(self._remote_of(m.connection, host_key=pinned),
+                               conversion.recorded_files(olds.get("secretFiles")), m.secret_files, key)
 
     async def _place_files(self, urn: str, ident: str, outputs: dict[str, Any], news: dict[str, Any],
                            placement: files.Placement, *, after_switch: bool = False) -> dict[str, Any]:
@@ -290,7 +290,8 @@ class NixosMachine(DeployedResource):
             self.ctx.info(urn, "secret files: contents not known yet; they are compared during the update")
             return
         key = _files_key(olds) or b""
-        plan = files.plan(conversion.recorded_files(olds.get("secretFiles")), conversion.to_secret_files(news.get("secretFiles")), key)
+        plan = files.plan(conversion.recorded_files(olds.get("secretFiles")),
+                          conversion.to_secret_files(news.get("secretFiles")), key)
         if plan.changed_paths():
             self.ctx.info(urn, f"secret files to write: {', '.join(plan.changed_paths())}")
         if plan.remove:
@@ -342,8 +343,8 @@ class NixosMachine(DeployedResource):
                                  {**base, "installError": f"build: {describe(e)}"}, news) from e
         system = str(m.closure.store_path)
         req = conversion.to_install_request(m.install or {}, remote, system,
-                                   command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
-                                   nix_opts=list(m.settings.nix_options))
+                                            command=self.ctx.nixos_anywhere_command, disko_script=disko, flake=flake,
+                                            nix_opts=list(m.settings.nix_options))
         try:
             async with self.ctx.ssh_slots:
                 result = await installer.install(req, status=lambda s: self.ctx.status(urn, s),
@@ -378,11 +379,11 @@ class NixosMachine(DeployedResource):
         if result.current_system != system:
             # Adopted a NixOS host that runs something else: deploy as for any adopted machine.
             return await self._deploy(urn, ident, outputs, m, result.host_key, placement)
-        checks = m.settings.health_checks
-        if checks:
+        health_checks = m.settings.health_checks
+        if health_checks:
             try:
                 async with self.ctx.ssh_slots:
-                    await engine.check_health(self._remote_of(m.connection, host_key=result.host_key), checks,
+                    await engine.check_health(self._remote_of(m.connection, host_key=result.host_key), health_checks,
                                               status=lambda s: self.ctx.status(urn, s))
             except EngineError as e:
                 raise PartialFailure(f"{describe(e)}; the host runs the installed system {system} (generation "

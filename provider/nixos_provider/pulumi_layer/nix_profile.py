@@ -79,8 +79,8 @@ class NixProfile(DeployedResource):
             raise CheckFailed(f)
         checked = dict(news)
         # Credentials are secret in state whether or not the program said so.
-        checked["connection"] = secrecy.secret_connection(normalized.normalize_connection(checked.get("connection"),
-                                                                           self.ctx.default_user))
+        connection = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
+        checked["connection"] = secrecy.secret_connection(connection)
         checked.setdefault("onDestroy", "rollback")
         if flake is not None:
             checked["storePath"] = await self._resolve_source(urn, news, nixos=False)
