@@ -408,6 +408,25 @@ async def test_a_build_host_relays_to_a_user_the_target_does_not_trust(new_host:
     assert result.push.bytes > 2 * 1024 * 1024, result.push  # the package went through the deployer
 
 
+async def test_a_build_host_copies_to_a_target_behind_a_jump_host(new_host: HostFactory, tmp_path: Path) -> None:
+    """The target's name resolves only on its jump host, as a private name behind a bastion does: the build host
+    reaches it through that jump host, with both pinned keys and both keys in the forwarded agent, and the deployer
+    relays nothing."""
+    builder, jump, target = new_host(), new_host(), new_host()
+    in_host(jump, "sh", "-c", f'echo "{target.address} behind-the-jump" >> /etc/hosts')
+    nonce = uuid.uuid4().hex[:8]
+    flake = write_flake(tmp_path / "f", BUILT_ELSEWHERE % (nonce, nonce))
+    evaluation = await Nix().evaluate(parse_flake_ref(f"{flake}#built"))
+    warnings: list[str] = []
+    behind = dataclasses.replace(remote_for(target, host_key=target.hostKey, proxy=remote_for(jump, host_key=jump.hostKey)),
+                                 host="behind-the-jump")
+    req = DeployRequest(behind, evaluation.out_path, build_drv=evaluation.drv_path, build_host=remote_for(builder))
+    result = await engine.deploy(req, warn=warnings.append)
+    assert current_system(target) == evaluation.out_path and not warnings, warnings
+    assert result.push.bytes < 256 * 1024, result.push  # the derivations only: the system went builder -> jump -> target
+    assert in_host(jump, "nix-store", "--check-validity", evaluation.out_path, check=False).returncode != 0
+
+
 async def test_a_failed_build_on_the_build_host_changes_nothing(new_host: HostFactory, tmp_path: Path) -> None:
     builder, target = new_host(), new_host()
     flake = write_flake(tmp_path / "f", """{ outputs = { self }: let lab = import ./lib.nix; in {

@@ -786,19 +786,20 @@ def test_build_host_check_failures_name_the_property() -> None:
     assert [p for p, _ in said] == ["buildHost.sudoPassword"] and "pw" not in said[0][1]
 
 
-async def test_the_agent_lists_and_signs_with_its_one_key_and_refuses_the_rest() -> None:
+async def test_the_agent_lists_and_signs_with_its_keys_and_refuses_the_rest() -> None:
     import struct
 
     import asyncssh
     from nixos_provider.engine.transport.agent import KeyAgent
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    agent = await KeyAgent(key).start()
+    key, jump_key = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-rsa")
+    agent = await KeyAgent([key, jump_key, key]).start()  # the target's, its jump host's (the same key once)
     try:
         async with asyncssh.connect_agent(agent.path) as client:
-            [listed] = await client.get_keys()
-            assert listed.public_data == key.public_data
-            signature = await listed.sign_async(b"to sign")
-            assert key.convert_to_public().verify(b"to sign", signature)
+            listed = await client.get_keys()
+            assert [k.public_data for k in listed] == [key.public_data, jump_key.public_data]
+            for private, public in zip((key, jump_key), listed, strict=True):
+                signature = await public.sign_async(b"to sign")
+                assert private.convert_to_public().verify(b"to sign", signature)
         other = asyncssh.generate_private_key("ssh-ed25519").public_data
         asking = bytes([13]) + struct.pack(">I", len(other)) + other + struct.pack(">I", 1) + b"x" + struct.pack(">I", 0)
         assert agent.answer(asking) == bytes([5])  # another key's blob: refused
@@ -890,3 +891,21 @@ def test_the_provider_configuration_is_checked_and_parsed_once() -> None:
                                  "binaryCache": {"url": "ftp://x"}})
     assert [p for p, _ in bad.items] == ["maxParallelTransfers", "nixCommand", "nixosAnywhereCommand", "binaryCache.url",
                                        "binaryCache.publicKey"]
+
+
+def test_the_build_hosts_ssh_settings_for_a_target_behind_a_jump_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nixos_provider.engine.closures.build_host import _agent_of, _logins, _ssh_config
+    key, agent = Credentials(private_key="KEY"), Credentials(agent_socket_path="/run/agent")
+    jump = Remote("bastion.example.org", 2200, "hop", key)
+    target = Remote("10.0.0.5", 22, "root", key, proxy=jump, connect_timeout=7)
+    config = _ssh_config(target, "/tmp/pulumi-nixos-copy.X")
+    assert config.splitlines()[:3] == ["Host 10.0.0.5", "    Port 22", "    ProxyJump hop@bastion.example.org:2200"]
+    assert "    UserKnownHostsFile /tmp/pulumi-nixos-copy.X/known_hosts" in config and "ConnectTimeout 7" in config
+    assert config.rstrip().endswith("Include ~/.ssh/config /etc/ssh/ssh_config")  # after ours: ours win
+    assert "ProxyJump hop@[fd00::1]:22" in _ssh_config(Remote("t", 22, "root", key, proxy=Remote("fd00::1", 22, "hop", key)), "/d")
+    # One agent can be forwarded: the same for both logins, or the deployer's when neither has credentials.
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/run/mine")
+    assert _agent_of(_logins(Remote("t", 22, "root", agent, proxy=Remote("j", 22, "hop", agent)))) == "/run/agent"
+    assert _agent_of(_logins(Remote("t", 22, "root", Credentials(), proxy=Remote("j", 22, "hop", Credentials())))) == "/run/mine"
+    assert _agent_of(_logins(Remote("t", 22, "root", agent, proxy=Remote("j", 22, "hop", Credentials())))) is None
+    assert _agent_of(_logins(target)) is None  # keys: the provider's own agent holds them

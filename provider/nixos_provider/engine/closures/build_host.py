@@ -8,8 +8,10 @@ the result, and the build host sends the rest straight to the target with
 host key in a known_hosts file of its own, the deployment's key through agent
 forwarding (agent.py), never on the build host's disk.
 
-When the build host cannot do that (the target is reached through a jump
-host or logs in with a password, or the copy fails: the build host cannot
+A target behind a jump host is reached the same way, through that jump host
+(`ProxyJump`, its pinned key beside the target's, its key in the same agent).
+When the build host cannot do that (more than one jump host, a password, keys
+for one and an agent for the other, or the copy fails: the build host cannot
 reach it, or the SSH user is not trusted by the target's Nix and imports
 through sudo), the deployer relays: `nix-store --export` on the build host,
 `nix-store --import` on the target, through this process, and a warning
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,9 +79,10 @@ class BuildHost:
     async def open(cls, remote: Remote, target: Remote) -> BuildHost:
         """Connect to the build host, forwarding an agent that can log in to target when there is one."""
         agent: KeyAgent | None = None
-        if target.credentials.private_key:
-            agent = await KeyAgent(private_key(target)).start()
-        forwarded = agent.path if agent is not None else _agent_of(target)
+        logins = _logins(target)
+        if all(login.credentials.private_key for login in logins):
+            agent = await KeyAgent([private_key(login) for login in logins]).start()
+        forwarded = agent.path if agent is not None else _agent_of(logins)
         try:
             conn = await connect(remote, forward_agent=forwarded)
         except ConnectError as e:
@@ -133,27 +137,37 @@ class BuildHost:
     def _cannot_copy_directly(self, target: Target) -> str | None:
         """Why the build host cannot log in to target as the deployment does, if it cannot."""
         remote = target.conn.remote
-        if remote.proxy is not None:
-            return f"{target.target} is reached through a jump host, which the build host does not use"
+        if remote.proxy is not None and (remote.proxy.proxy is not None or target.conn.tunnel is None):
+            return f"{target.target} is reached through more than one jump host"
+        for login in _logins(remote):
+            if login.credentials.password:
+                return f"the deployment logs in to {login.target} with a password"
         if self.forwarded is None:
-            what = "a password" if remote.credentials.password else "no key or agent the provider can forward"
-            return f"the deployment logs in to {target.target} with {what}"
+            through = f" and its jump host {remote.proxy.target}" if remote.proxy is not None else ""
+            return (f"the deployment logs in to {target.target}{through} with no key or agent the provider can "
+                    "forward (one agent, or keys)")
+        if any(not _CONFIG_WORD.match(word) for login in _logins(remote) for word in (login.host, login.user)):
+            return f"{target.target} cannot be named in an ssh_config file"
         return None
 
     async def _copy_directly(self, target: Target, out: str, host_key: str, timeout: float) -> str | None:
         """`nix-copy-closure` on the build host; None when it succeeded, else why it did not.
 
         It imports as the SSH user, never through sudo: a user the target's Nix trusts (root, or one of its
-        trusted-users) can; another one is refused for want of signatures, and the deployer relays."""
-        remote = target.conn.remote
-        made = await self.store.run(["sh", "-c", _KNOWN_HOSTS], input=_known_hosts_line(remote, host_key))
+        trusted-users) can; another one is refused for want of signatures, and the deployer relays. The SSH
+        client's settings are an ssh_config of their own (`-F`), which `ssh` also hands to the jump host's
+        connection (`ProxyJump`); the build host's own settings follow them."""
+        remote, tunnel = target.conn.remote, target.conn.tunnel
+        known = _known_hosts_line(remote, host_key)
+        if remote.proxy is not None and tunnel is not None:
+            known += _known_hosts_line(remote.proxy, tunnel.host_key)
+        made = await self.store.run(["sh", "-c", _KNOWN_HOSTS], input=known)
         workdir = made.stdout.strip()
-        options = [f"-p {remote.port}", f"-o UserKnownHostsFile={workdir}/known_hosts",
-                   "-o GlobalKnownHostsFile=/dev/null", "-o StrictHostKeyChecking=yes", "-o BatchMode=yes",
-                   f"-o ConnectTimeout={max(1, int(remote.connect_timeout))}", "-o ServerAliveInterval=10"]
-        argv = ["env", f"NIX_SSHOPTS={' '.join(options)}", "nix-copy-closure", "--to",
-                f"{remote.user}@{remote.host}", out]
         try:
+            await self.store.run(["sh", "-c", 'umask 077; cat > "$1/config"', "sh", workdir],
+                                 input=_ssh_config(remote, workdir))
+            argv = ["env", f"NIX_SSHOPTS=-F {workdir}/config", "nix-copy-closure", "--to",
+                    f"{remote.user}@{remote.host}", out]
             res = await self.store.run(argv, check=False, timeout=timeout)
         finally:
             await self.store.run(["rm", "-rf", "--", workdir], check=False)
@@ -188,14 +202,44 @@ class BuildHost:
         return moved
 
 
-def _agent_of(target: Remote) -> str | None:
-    """The agent the deployment logs in with when it has no key of its own, forwarded as it is."""
-    creds = target.credentials
-    if creds.agent_socket_path:
-        return creds.agent_socket_path
-    if creds.empty:
-        return os.environ.get("SSH_AUTH_SOCK") or None
-    return None
+def _logins(target: Remote) -> list[Remote]:
+    """What the build host logs in to on its way to target: its jump host, if any, and the target."""
+    return [target] if target.proxy is None else [target, target.proxy]
+
+
+def _agent_of(logins: list[Remote]) -> str | None:
+    """The one agent the deployment logs in with when it has no keys of its own, forwarded as it is."""
+    agents = set()
+    for login in logins:
+        creds = login.credentials
+        if creds.agent_socket_path:
+            agents.add(creds.agent_socket_path)
+        elif creds.empty:
+            agents.add(os.environ.get("SSH_AUTH_SOCK") or "")
+        else:
+            return None
+    if len(agents) != 1:
+        return None  # two agents, or none that can be forwarded
+    return agents.pop() or None
+
+
+# A host or user name as an ssh_config line may carry it (Check holds inputs to less).
+_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_.:%\[\]$-]+$")
+
+
+def _ssh_config(remote: Remote, workdir: str) -> str:
+    """The build host's `ssh` settings for the copy: the target's pinned key (and its jump host's) only, no prompt;
+    the target's port and jump host; then what the build host's own configuration says."""
+    jump = ""
+    if remote.proxy is not None:
+        proxy = remote.proxy
+        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+        jump = f"    ProxyJump {proxy.user}@{host}:{proxy.port}\n"
+    return (f"Host {remote.host}\n    Port {remote.port}\n{jump}"
+            f"Host *\n    UserKnownHostsFile {workdir}/known_hosts\n    GlobalKnownHostsFile /dev/null\n"
+            "    StrictHostKeyChecking yes\n    BatchMode yes\n"
+            f"    ConnectTimeout {max(1, int(remote.connect_timeout))}\n    ServerAliveInterval 10\n"
+            "    Include ~/.ssh/config /etc/ssh/ssh_config\n")
 
 
 def _reason(stderr: str) -> str:

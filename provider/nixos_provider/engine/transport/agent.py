@@ -1,14 +1,14 @@
-"""An SSH agent inside the provider's process, holding the one key a build host needs to reach the target.
+"""An SSH agent inside the provider's process, holding the keys a build host needs to reach the target.
 
 With a build host, the build host copies the built system to the target
 itself (`nix-copy-closure`), logging in as the deployment does. The
-deployment's key is offered to it through agent forwarding on the deployer's
+deployment's key (and its jump host's) is offered to it through agent forwarding on the deployer's
 connection to the build host: the key stays in this process (never on the
 build host's disk or on a command line), is used only while that connection
 is open, and is gone when the deployment ends, or the process does.
 
 Only what a client needs to log in is answered (the SSH agent protocol,
-draft-miller-ssh-agent): list the identity, sign with it. Every other request
+draft-miller-ssh-agent): list the identities, sign with one. Every other request
 is refused.
 """
 
@@ -19,6 +19,7 @@ import contextlib
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..lazy import lazy_module
@@ -52,10 +53,10 @@ def _take_string(buf: bytes, at: int) -> tuple[bytes, int]:
 
 
 class KeyAgent:
-    """A Unix socket that answers the SSH agent protocol for one private key, until closed."""
+    """A Unix socket that answers the SSH agent protocol for a few private keys, until closed."""
 
-    def __init__(self, key: asyncssh.SSHKey) -> None:
-        self._key = key
+    def __init__(self, keys: Sequence[asyncssh.SSHKey]) -> None:
+        self._keys = {key.public_data: key for key in keys}  # one entry per key, in the order given
         self._dir = tempfile.mkdtemp(prefix="pulumi-nixos-agent-")  # 0700: only this user reaches the socket
         self.path = os.path.join(self._dir, "agent.sock")
         self._server: asyncio.AbstractServer | None = None
@@ -92,24 +93,28 @@ class KeyAgent:
         """The reply to one request (without its length)."""
         kind, body = message[0], message[1:]
         if kind == REQUEST_IDENTITIES:
-            return bytes([IDENTITIES_ANSWER]) + struct.pack(">I", 1) + _string(self._key.public_data) + _string(b"")
+            return (bytes([IDENTITIES_ANSWER]) + struct.pack(">I", len(self._keys))
+                    + b"".join(_string(blob) + _string(b"") for blob in self._keys))
         if kind == SIGN_REQUEST:
             try:
                 blob, at = _take_string(body, 0)
                 data, at = _take_string(body, at)
                 (flags,) = struct.unpack_from(">I", body, at)
-                if blob != self._key.public_data:
+                key = self._keys.get(blob)
+                if key is None:
                     return bytes([FAILURE])
-                return bytes([SIGN_RESPONSE]) + _string(self._key.sign(data, self._algorithm(flags)))
+                return bytes([SIGN_RESPONSE]) + _string(key.sign(data, _algorithm(key, flags)))
             except (ValueError, struct.error):
                 return bytes([FAILURE])
         return bytes([FAILURE])
 
-    def _algorithm(self, flags: int) -> bytes:
-        algorithm: bytes = self._key.algorithm
-        if algorithm == b"ssh-rsa":
-            if flags & RSA_SHA2_512:
-                return b"rsa-sha2-512"
-            if flags & RSA_SHA2_256:
-                return b"rsa-sha2-256"
-        return algorithm
+
+
+def _algorithm(key: asyncssh.SSHKey, flags: int) -> bytes:
+    algorithm: bytes = key.algorithm
+    if algorithm == b"ssh-rsa":
+        if flags & RSA_SHA2_512:
+            return b"rsa-sha2-512"
+        if flags & RSA_SHA2_256:
+            return b"rsa-sha2-256"
+    return algorithm

@@ -107,6 +107,11 @@ class Connection:
     def target(self) -> str:
         return self.remote.target
 
+    @property
+    def tunnel(self) -> Connection | None:
+        """The connection to the jump host this one goes through, if any."""
+        return self._tunnel
+
     def describe_error(self, e: BaseException) -> str:
         """An asyncssh or socket error in words, for the runner's messages."""
         return _describe(e)
