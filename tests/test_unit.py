@@ -771,7 +771,7 @@ def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation
 
 
 def test_build_host_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.machine import _check_build_host
+    from nixos_provider.pulumi_layer.input_rules import _check_build_host
     conn = {"host": "builder.example", "port": 22}
     assert failures(_check_build_host, {"flake": ".#web", "buildHost": conn}) == []
     assert failures(_check_build_host, {"flake": ".#web"}) == []

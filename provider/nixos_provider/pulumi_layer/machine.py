@@ -14,7 +14,7 @@ from ..engine.nix.cli import Evaluation, FlakeRef, Nix
 from ..engine.nix.closure_diff import ClosureChanges, closure_changes, derivation_changes
 from ..engine.target import secret_files as files
 from ..engine.target.dry_activate import parse_dry_activate
-from . import checks, conversion, normalized, secrecy
+from . import conversion, input_rules, normalized, secrecy
 from .engine_calls import build_closure, deploy_request, deployed_outputs, run_deploy
 from .error_text import describe
 from .properties import UNKNOWN, Secret, contains_unknown, reveal
@@ -30,14 +30,8 @@ else:
     install_sources = lazy_module("nixos_provider.engine.install.source")
     installer = lazy_module("nixos_provider.engine.install")
 
-TYPE = "nixos:index:NixosMachine"
-INPUT_KEYS = [
-    "connection", "flake", "configuration", "expression", "attribute", "nixpkgs", "systemPath", "buildOn",
-    "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
-    "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy", "triggers", "buildOnPreview",
-    "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage", "reboot", "rebootTimeout",
-    "buildHost",
-]
+TYPE = input_rules.MACHINE
+INPUT_KEYS = input_rules.MACHINE_INPUTS
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
 COMPUTED = [
@@ -56,22 +50,6 @@ def _id(remote: Remote) -> str:
     return f"{remote.host}:{remote.port}"
 
 
-def _check_build_host(f: checks.Failures, news: dict[str, Any]) -> None:
-    """buildHost: a connection like `connection`, to a host that builds what the inputs evaluate."""
-    build_host = news.get("buildHost")
-    if build_host is None:
-        return
-    checks.check_connection(f, build_host, "buildHost")
-    if isinstance(build_host, dict) and build_host.get("sudoPassword") is not None:
-        f.add("buildHost.sudoPassword", "the build host's SSH user builds and imports derivations itself, without "
-                                        "sudo: it must be root or one of the build host's trusted-users")
-    if news.get("buildOn") == "remote":
-        f.add("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")
-    elif news.get("systemPath") is not None:
-        f.add("buildHost", "a prebuilt `systemPath` has nothing to build; a build host builds a `flake`, "
-                           "`configuration` or `expression`")
-
-
 def _build_host_key(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
     """The build host key the last deployment pinned, while buildHost still names that host."""
     old, new = reveal(olds.get("buildHost")), reveal(news.get("buildHost"))
@@ -86,32 +64,7 @@ class NixosMachine(DeployedResource):
     # -- Check ------------------------------------------------------------------
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = checks.Failures()
-        f.add_type_failures(TYPE, news)
-        unknown_keys = [k for k in news if k not in INPUT_KEYS]
-        for k in unknown_keys:
-            f.add(k, "is not a property of NixosMachine")
-        checks.check_connection(f, news.get("connection"))
-        flake, path = news.get("flake"), news.get("systemPath")
-        checks.check_system_source(f, news, self.ctx.project_dir)
-        checks.check_flake(f, "flake", flake)
-        checks.check_store_path(f, "systemPath", path)
-        checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
-        if news.get("buildOn") == "remote" and path is not None:
-            f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
-        _check_build_host(f, news)
-        checks.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
-        checks.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
-        checks.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
-        if news.get("reboot") not in (None, "never") and news.get("action") == "test":
-            f.add("reboot", "`test` activates without a boot entry, so there is nothing to reboot into; use `switch` "
-                            "or `boot` with a reboot")
-        checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
-        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback",
-                                               "buildOnPreview", "dryActivate", "collectGarbage"))
-        checks.check_install(f, news)
-        checks.check_secret_files(f, news.get("secretFiles"))
-        checks.check_binary_cache(f, news.get("binaryCache"))
+        f = input_rules.machine_failures(news, self.ctx.project_dir)
         if f:
             raise CheckFailed(f)
 

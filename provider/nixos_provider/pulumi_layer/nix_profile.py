@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import posixpath
 from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import DeployError, EngineError
 from ..engine.lazy import lazy_module
 from ..engine.models import Profile
-from . import checks, normalized, secrecy
+from . import input_rules, normalized, secrecy
 from .engine_calls import build_closure, deploy_request, deployed_outputs, run_deploy
 from .error_text import describe
 from .properties import UNKNOWN, contains_unknown, reveal
@@ -20,12 +19,8 @@ if TYPE_CHECKING:
 else:
     engine = lazy_module("nixos_provider.engine.deploy")
 
-TYPE = "nixos:index:NixProfile"
-INPUT_KEYS = [
-    "connection", "profile", "profilePath", "user", "flake", "storePath", "activate", "substituteOnDestination",
-    "compress", "nixOptions", "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks",
-    "onDestroy", "triggers", "keepGenerations", "collectGarbage",
-]
+TYPE = input_rules.PROFILE
+INPUT_KEYS = input_rules.PROFILE_INPUTS
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
             "pushedPaths", "pushedBytes", "substitutedPaths"]
@@ -51,30 +46,7 @@ class NixProfile(DeployedResource):
             resolve_profile_path(props, remote.user), props.get("user") or None)
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = checks.Failures()
-        f.add_type_failures(TYPE, news)
-        for k in news:
-            if k not in INPUT_KEYS:
-                f.add(k, "is not a property of NixProfile")
-        checks.check_connection(f, news.get("connection"))
-        name, path = news.get("profile"), news.get("profilePath")
-        if (name is None) == (path is None):
-            f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
-        if isinstance(name, str) and ("/" in name or name in ("", ".", "..")):
-            f.add("profile", f"{name!r} is a profile name, not a path; use `profilePath` for a path")
-        if isinstance(path, str) and (not posixpath.isabs(path) or ".." in path.split("/")):
-            f.add("profilePath", f"{path!r} must be an absolute path without `..`")
-        user = news.get("user")
-        if isinstance(user, str) and not checks.USER_RE.match(user):
-            f.add("user", f"{user!r} is not a valid user name")
-        flake, store = news.get("flake"), news.get("storePath")
-        if (flake is None) == (store is None):
-            f.add("flake", "set exactly one of `flake` and `storePath`")
-        checks.check_flake(f, "flake", flake)
-        checks.check_store_path(f, "storePath", store)
-        checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
-        checks.check_command(f, "activate", news.get("activate"))
-        checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
+        f = input_rules.profile_failures(news)
         if f:
             raise CheckFailed(f)
         checked = dict(news)
@@ -82,7 +54,7 @@ class NixProfile(DeployedResource):
         connection = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
         checked["connection"] = secrecy.secret_connection(connection)
         checked.setdefault("onDestroy", "rollback")
-        if flake is not None:
+        if news.get("flake") is not None:
             checked["storePath"] = await self._resolve_source(urn, news, nixos=False)
         return checked
 

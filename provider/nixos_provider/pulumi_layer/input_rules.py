@@ -1,0 +1,102 @@
+"""Each resource's inputs held to all their rules, those that combine fields included: one function per resource.
+
+The single-field rules are in checks.py; the types in schema.json (schema.py). Each failure names the property.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from . import checks
+
+MACHINE = "nixos:index:NixosMachine"
+PROFILE = "nixos:index:NixProfile"
+MACHINE_INPUTS = [
+    "connection", "flake", "configuration", "expression", "attribute", "nixpkgs", "systemPath", "buildOn",
+    "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
+    "activationTimeout", "autoRollback", "healthChecks", "install", "onDestroy", "triggers", "buildOnPreview",
+    "dryActivate", "secretFiles", "binaryCache", "keepGenerations", "collectGarbage", "reboot", "rebootTimeout",
+    "buildHost",
+]
+PROFILE_INPUTS = [
+    "connection", "profile", "profilePath", "user", "flake", "storePath", "activate", "substituteOnDestination",
+    "compress", "nixOptions", "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks",
+    "onDestroy", "triggers", "keepGenerations", "collectGarbage",
+]
+
+
+def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Failures:
+    """What is wrong with a NixosMachine's inputs (relative paths resolve against project_dir)."""
+    f = checks.Failures()
+    f.add_type_failures(MACHINE, news)
+    for k in news:
+        if k not in MACHINE_INPUTS:
+            f.add(k, "is not a property of NixosMachine")
+    checks.check_connection(f, news.get("connection"))
+    flake, path = news.get("flake"), news.get("systemPath")
+    checks.check_system_source(f, news, project_dir)
+    checks.check_flake(f, "flake", flake)
+    checks.check_store_path(f, "systemPath", path)
+    checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
+    if news.get("buildOn") == "remote" and path is not None:
+        f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
+    _check_build_host(f, news)
+    checks.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
+    checks.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
+    checks.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
+    if news.get("reboot") not in (None, "never") and news.get("action") == "test":
+        f.add("reboot", "`test` activates without a boot entry, so there is nothing to reboot into; use `switch` "
+                        "or `boot` with a reboot")
+    checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
+    checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback",
+                                           "buildOnPreview", "dryActivate", "collectGarbage"))
+    checks.check_install(f, news)
+    checks.check_secret_files(f, news.get("secretFiles"))
+    checks.check_binary_cache(f, news.get("binaryCache"))
+    return f
+
+
+def profile_failures(news: dict[str, Any]) -> checks.Failures:
+    """What is wrong with a NixProfile's inputs."""
+    f = checks.Failures()
+    f.add_type_failures(PROFILE, news)
+    for k in news:
+        if k not in PROFILE_INPUTS:
+            f.add(k, "is not a property of NixProfile")
+    checks.check_connection(f, news.get("connection"))
+    name, path = news.get("profile"), news.get("profilePath")
+    if (name is None) == (path is None):
+        f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
+    if isinstance(name, str) and ("/" in name or name in ("", ".", "..")):
+        f.add("profile", f"{name!r} is a profile name, not a path; use `profilePath` for a path")
+    if isinstance(path, str) and (not posixpath.isabs(path) or ".." in path.split("/")):
+        f.add("profilePath", f"{path!r} must be an absolute path without `..`")
+    user = news.get("user")
+    if isinstance(user, str) and not checks.USER_RE.match(user):
+        f.add("user", f"{user!r} is not a valid user name")
+    flake, store = news.get("flake"), news.get("storePath")
+    if (flake is None) == (store is None):
+        f.add("flake", "set exactly one of `flake` and `storePath`")
+    checks.check_flake(f, "flake", flake)
+    checks.check_store_path(f, "storePath", store)
+    checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
+    checks.check_command(f, "activate", news.get("activate"))
+    checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
+    return f
+
+
+def _check_build_host(f: checks.Failures, news: dict[str, Any]) -> None:
+    """buildHost: a connection like `connection`, to a host that builds what the inputs evaluate."""
+    build_host = news.get("buildHost")
+    if build_host is None:
+        return
+    checks.check_connection(f, build_host, "buildHost")
+    if isinstance(build_host, dict) and build_host.get("sudoPassword") is not None:
+        f.add("buildHost.sudoPassword", "the build host's SSH user builds and imports derivations itself, without "
+                                        "sudo: it must be root or one of the build host's trusted-users")
+    if news.get("buildOn") == "remote":
+        f.add("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")
+    elif news.get("systemPath") is not None:
+        f.add("buildHost", "a prebuilt `systemPath` has nothing to build; a build host builds a `flake`, "
+                           "`configuration` or `expression`")
