@@ -28,12 +28,7 @@ PROFILE_INPUTS = [
 
 def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Failures:
     """What is wrong with a NixosMachine's inputs (relative paths resolve against project_dir)."""
-    f = checks.Failures()
-    f.add_type_failures(MACHINE, news)
-    for k in news:
-        if k not in MACHINE_INPUTS:
-            f.add(k, "is not a property of NixosMachine")
-    checks.check_connection(f, news.get("connection"))
+    f = _common_failures(MACHINE, MACHINE_INPUTS, news)
     flake, path = news.get("flake"), news.get("systemPath")
     checks.check_system_source(f, news, project_dir)
     checks.check_flake(f, "flake", flake)
@@ -59,12 +54,7 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
 
 def profile_failures(news: dict[str, Any]) -> checks.Failures:
     """What is wrong with a NixProfile's inputs."""
-    f = checks.Failures()
-    f.add_type_failures(PROFILE, news)
-    for k in news:
-        if k not in PROFILE_INPUTS:
-            f.add(k, "is not a property of NixProfile")
-    checks.check_connection(f, news.get("connection"))
+    f = _common_failures(PROFILE, PROFILE_INPUTS, news)
     name, path = news.get("profile"), news.get("profilePath")
     if (name is None) == (path is None):
         f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
@@ -83,6 +73,17 @@ def profile_failures(news: dict[str, Any]) -> checks.Failures:
     checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
     checks.check_command(f, "activate", news.get("activate"))
     checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
+    return f
+
+
+def _common_failures(type_token: str, inputs: list[str], news: dict[str, Any]) -> checks.Failures:
+    """What every resource's inputs are held to: the schema's types, no unknown property, a good connection."""
+    f = checks.Failures()
+    f.add_type_failures(type_token, news)
+    for k in news:
+        if k not in inputs:
+            f.add(k, f"is not a property of {type_token.rsplit(':', 1)[-1]}")
+    checks.check_connection(f, news.get("connection"))
     return f
 
 
