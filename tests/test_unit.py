@@ -909,3 +909,20 @@ def test_the_build_hosts_ssh_settings_for_a_target_behind_a_jump_host(monkeypatc
     assert _agent_of(_logins(Remote("t", 22, "root", Credentials(), proxy=Remote("j", 22, "hop", Credentials())))) == "/run/mine"
     assert _agent_of(_logins(Remote("t", 22, "root", agent, proxy=Remote("j", 22, "hop", Credentials())))) is None
     assert _agent_of(_logins(target)) is None  # keys: the provider's own agent holds them
+
+
+def test_upstream_tracebacks_are_told_from_the_providers_by_their_frames() -> None:
+    """The Python SDK's teardown after a failed Check prints one traceback or another depending on timing; each
+    of its frames is the SDK's, gRPC's, the language host's or the standard library's (forms seen here)."""
+    from conftest import has_provider_traceback
+    teardown = ('    Traceback (most recent call last):\n'
+                '      File "/w/.venv/lib/python3.11/site-packages/pulumi/log.py", line 155, in _log\n'
+                '      File "/root/.cache/pulumi-nixos/pulumi/bin/pulumi-language-python-exec", line 235, in <module>\n'
+                '      File "src/python/grpcio/grpc/_cython/_cygrpc/channel.pyx.pxi", line 391, in next_event\n'
+                '      File "/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py", line 271, in __enter__\n'
+                '      File "<frozen codecs>", line 319, in decode\n    KeyboardInterrupt\n')
+    assert not has_provider_traceback("error: property flake value has a problem") and not has_provider_traceback(teardown)
+    ours = teardown + '      File "/w/provider/nixos_provider/pulumi_layer/server.py", line 3, in Check\n'
+    program = 'Traceback (most recent call last):\n  File "/tmp/p/__main__.py", line 5, in <module>\nValueError\n'
+    assert has_provider_traceback(ours) and has_provider_traceback(program)
+    assert has_provider_traceback("Traceback (most recent call last):\nno frames\n")
