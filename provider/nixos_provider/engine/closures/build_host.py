@@ -203,7 +203,7 @@ class BuildHost:
 
 
 def _logins(target: Remote) -> list[Remote]:
-    """What the build host logs in to on its way to target: its jump host, if any, and the target."""
+    """What the build host logs in to on its way: the target, and its jump host if it has one."""
     return [target] if target.proxy is None else [target, target.proxy]
 
 
@@ -223,8 +223,8 @@ def _agent_of(logins: list[Remote]) -> str | None:
     return agents.pop() or None
 
 
-# A host or user name as an ssh_config line may carry it (Check holds inputs to less).
-_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_.:%\[\]$-]+$")
+# A host or user name an ssh_config line carries as it is (a `%`, which ssh would expand as a token, is relayed).
+_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_.:\[\]$-]+$")
 
 
 def _ssh_config(remote: Remote, workdir: str) -> str:

@@ -2,10 +2,11 @@
 
 With a build host, the build host copies the built system to the target
 itself (`nix-copy-closure`), logging in as the deployment does. The
-deployment's key (and its jump host's) is offered to it through agent forwarding on the deployer's
-connection to the build host: the key stays in this process (never on the
-build host's disk or on a command line), is used only while that connection
-is open, and is gone when the deployment ends, or the process does.
+deployment's key (and its jump host's) is offered to it through agent
+forwarding on the deployer's connection to the build host: the keys stay in
+this process (never on the build host's disk or on a command line), are used
+only while that connection is open, and are gone when the deployment ends, or
+the process does.
 
 Only what a client needs to log in is answered (the SSH agent protocol,
 draft-miller-ssh-agent): list the identities, sign with one. Every other request
@@ -107,7 +108,6 @@ class KeyAgent:
             except (ValueError, struct.error):
                 return bytes([FAILURE])
         return bytes([FAILURE])
-
 
 
 def _algorithm(key: asyncssh.SSHKey, flags: int) -> bytes:
