@@ -352,8 +352,7 @@ class NixosMachine(DeployedResource):
         nix = self._nix(news)
         # A system built on the target or a build host is not built here, in preview either (this machine may not
         # be able to: another architecture); its package diff comes from the derivations.
-        built_elsewhere = news.get("buildOn") == "remote" or news.get("buildHost") is not None
-        if not await nix.is_valid(new) and news.get("buildOnPreview") and not built_elsewhere \
+        if not await nix.is_valid(new) and news.get("buildOnPreview") and not _built_elsewhere(news) \
                 and Closure.parse(news, "systemPath").evaluated:
             self.ctx.info(urn, f"building {new} for the preview (buildOnPreview)")
             try:
@@ -426,7 +425,7 @@ class NixosMachine(DeployedResource):
         remote = self._remote(news, host_key=reveal(news["connection"]).get("hostKey") or olds.get("hostKey"))
         system, nix = str(news["systemPath"]), self._nix(news)
         build_drv, build_host = None, None
-        if (news.get("buildOn") == "remote" or news.get("buildHost") is not None) and not await nix.is_valid(system):
+        if _built_elsewhere(news) and not await nix.is_valid(system):
             try:
                 evaluation = await self._evaluation(urn, news, nix)
             except (EngineError, ValueError) as e:
@@ -679,6 +678,11 @@ def _with_files(outputs: dict[str, Any], placement: files.Placement) -> dict[str
     records = placement.records()
     key = Secret(base64.b64encode(placement.key).decode()) if records else None  # no files, no key to keep
     return {**outputs, "secretFiles": conversion.secret_files_output(records), FILES_KEY: key}
+
+
+def _built_elsewhere(news: dict[str, Any]) -> bool:
+    """Whether the deployment builds the system on the target (`buildOn: remote`) or a build host, not here."""
+    return news.get("buildOn") == "remote" or news.get("buildHost") is not None
 
 
 def _reboots(news: dict[str, Any], changes: ClosureChanges | None) -> bool:
