@@ -6,20 +6,15 @@ import asyncio
 
 import pytest
 from nixos_provider.engine.install.source import InstallSource, NoNixosConfiguration, install_source
-from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployResult, Profile, PushStats, Remote
+from nixos_provider.engine.lifecycle.models import MachineGoal, MachineRecord, Report
+from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile, Remote
 from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
 from nixos_provider.engine.target.dry_activate import DryActivation, parse_dry_activate
 from nixos_provider.pulumi_layer import machine
-from nixos_provider.pulumi_layer.engine_calls import deploy_request, deployed_outputs
+from nixos_provider.pulumi_layer.engine_calls import deploy_request
 from nixos_provider.pulumi_layer.properties import Secret
-from nixos_provider.pulumi_layer.typed_inputs import (
-    Closure,
-    DeploySettings,
-    MachineInputs,
-    ProfileInputs,
-    RecordedMachine,
-    RecordedProfile,
-)
+from nixos_provider.pulumi_layer.state import MachineState, ProfileState
+from nixos_provider.pulumi_layer.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
 
 # What switch-to-configuration printed for a lab change (stderr), with the
 # activation script's own lines between its reports.
@@ -102,22 +97,28 @@ def test_deploy_settings_take_the_engine_defaults_and_the_inputs() -> None:
     # Unset asks the host's caches with a short timeout; false never asks.
     assert DeploySettings.parse({}).substitute_on_destination == "auto"
     assert DeploySettings.parse({"substituteOnDestination": False}).substitute_on_destination == "never"
-    req = deploy_request(Remote("h"), "/nix/store/x-p", Profile("/p"), s, activate_command="true")
+    req = deploy_request(Remote("h"), Profile("/p"), s, activate_command="true")
     assert (req.magic_rollback, req.confirm_timeout, req.health_checks, req.compress, req.activate_command) == (
         False, 5.0, s.health_checks, "zstd", "true")
 
 
-def test_closure_and_outputs_of_a_deployment() -> None:
+def test_closure_and_the_state_of_a_deployment() -> None:
     assert Closure.parse({"flake": Secret(".#web"), "systemPath": "/nix/store/x-s"}, "systemPath") == Closure(
         ".#web", "/nix/store/x-s")
-    result = DeployResult(store_path="/nix/store/x-s", generation=3, previous_generation=2,
-                          previous_store_path=None, host_key="", push=PushStats(paths=4, bytes=512, substituted=7),
-                          nixos_version=None, output="")
-    out = deployed_outputs(result, "systemPath", "ssh-ed25519 AAAA")
-    assert {k: v for k, v in out.items() if k != "deployedAt"} == {
+    record = MachineRecord(system_path="/nix/store/x-s", generation=3, previous_generation=2,
+                           host_key="ssh-ed25519 AAAA", pushed_paths=4, pushed_bytes=512, substituted_paths=7,
+                           secret_files_key=b"k" * 32)
+    props = MachineState({"connection": {"host": "h", "password": "pw"}}, record).to_properties()
+    assert {k: v for k, v in props.items() if v is not None and k not in ("connection", "secretFilesKey")} == {
         "systemPath": "/nix/store/x-s", "generation": 3, "previousGeneration": 2, "hostKey": "ssh-ed25519 AAAA",
         "pushedPaths": 4, "pushedBytes": 512, "substitutedPaths": 7}
-    assert set(out) - {"systemPath"} <= set(machine.COMPUTED)
+    # Secrecy comes with the state: the credential and the files' key, whoever made the record.
+    assert props["connection"]["password"] == Secret("pw") and isinstance(props["secretFilesKey"], Secret)
+    assert set(props) - {"systemPath", "connection", "secretFilesKey", "secretFiles", *machine.CHANGE_REPORTS} \
+        == set(machine.COMPUTED)
+    # State comes back from the engine with numbers as floats and secrets wrapped: the same record.
+    back = {k: float(v) if isinstance(v, int) else v for k, v in props.items()}
+    assert MachineState.record_of(back) == record
 
 
 def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> None:
@@ -138,17 +139,20 @@ def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> 
     assert (p.closure, p.activate, p.settings) == (Closure(None, "/nix/store/x-p"), "true", DeploySettings())
 
 
-def test_the_pulumi_layer_names_the_install_properties_a_source_failure_needs() -> None:
+def test_a_source_failure_names_the_install_properties_it_needs() -> None:
     from nixos_provider.engine.errors import EngineError
+    from nixos_provider.engine.lifecycle.machine import _install_source
+    from nixos_provider.engine.models import InstallRequest
     from nixos_provider.pulumi_layer.context import Context
+    from nixos_provider.pulumi_layer.engine_calls import FleetSource
     from nixos_provider.pulumi_layer.error_text import describe
-    from nixos_provider.pulumi_layer.machine import NixosMachine
 
-    resource = NixosMachine(Context(log=lambda *_: None, project_dir="/f"))
-    m = MachineInputs.parse({"connection": {"host": "h"}, "flake": "/f#packages.x86_64-linux.hello",
-                             "systemPath": "/nix/store/x-s", "install": {}})
+    ctx = Context(log=lambda *_: None, project_dir="/f")
+    closure = Closure("/f#packages.x86_64-linux.hello", "/nix/store/x-s")
+    goal = MachineGoal(remote=Remote("h"), source=FleetSource(ctx, "urn", closure, Nix(["false"]), nixos=True),
+                       request=DeployRequest(Remote("h"), ""))
     with pytest.raises(EngineError) as e:
-        _run(resource._install_source("urn", m, Nix(["false"])))
+        _run(_install_source(goal, InstallRequest(Remote("h"), "/nix/store/x-s"), Nix(["false"]), Report()))
     assert describe(e.value) == (
         "cannot find the NixOS configuration of `/f#packages.x86_64-linux.hello` for nixos-anywhere: use a flake "
         "reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build.toplevel`), or set "
@@ -159,13 +163,15 @@ def test_delete_reads_the_recorded_state_once_as_the_engine_left_it() -> None:
     # State as the engine hands it back: numbers as floats, credentials as secrets.
     conn = Secret({"host": "h", "port": 22.0, "user": "root", "privateKey": "KEY"})
     machine_state = {"connection": conn, "hostKey": "ssh-ed25519 AAA", "baselineGeneration": 3.0,
-                     "baselineSystemPath": "/nix/store/a-base", "secretFiles": None}
-    m = RecordedMachine.parse(machine_state)
-    assert (m.on_destroy, m.baseline_generation, m.baseline_path, m.host_key) == (
-        "rollback", 3, "/nix/store/a-base", "ssh-ed25519 AAA")
-    assert m.connection["privateKey"] == "KEY" and "KEY" not in repr(m) and m.secret_files == ()
-    assert RecordedMachine.parse({**machine_state, "baselineGeneration": None}).baseline_generation is None
-    p = RecordedProfile.parse({"connection": conn, "profilePath": "/p/app", "user": "alice", "onDestroy": "remove",
-                               "baselineGeneration": 0.0, "activate": "systemctl restart app"})
-    assert p.profile == Profile("/p/app", "alice") and p.on_destroy == "remove" and p.baseline_generation == 0
-    assert p.activate == "systemctl restart app" and p.baseline_path is None
+                     "baselineSystemPath": "/nix/store/a-base", "secretFiles": None, "onDestroy": "rollback"}
+    m = MachineState.from_properties(machine_state)
+    assert (m.record.baseline_generation, m.record.baseline_system_path, m.record.host_key) == (
+        3, "/nix/store/a-base", "ssh-ed25519 AAA")
+    assert (m.inputs["connection"], m.inputs["onDestroy"], m.record.secret_files) == (conn, "rollback", ())
+    assert "KEY" not in repr(m)
+    assert MachineState.record_of({**machine_state, "baselineGeneration": None}).baseline_generation is None
+    p = ProfileState.from_properties({"connection": conn, "profilePath": "/p/app", "user": "alice",
+                                      "onDestroy": "remove", "baselineGeneration": 0.0,
+                                      "activate": "systemctl restart app"})
+    assert p.record.profile_path == "/p/app" and p.record.baseline_generation == 0
+    assert p.inputs["activate"] == "systemctl restart app" and p.record.baseline_store_path is None

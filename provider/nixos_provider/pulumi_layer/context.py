@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..engine.closures.binary_cache import CacheUploads
+from ..engine.lazy import lazy_module
+from ..engine.lifecycle.models import Limits, Report
 from ..engine.models import BinaryCache
 from ..engine.nix.builds import FleetBuilds
 from ..engine.nix.cli import Evaluation, FlakeRef, Nix, SourceRef
 from ..engine.nix.evaluation import EvaluationStore, Evaluator
+from .error_text import describe
 from .provider_config import ProviderConfig
+
+if TYPE_CHECKING:
+    from ..engine.lifecycle import engine as lifecycle_engine
+    from ..engine.lifecycle.engine import Engine
+else:
+    lifecycle_engine = lazy_module("nixos_provider.engine.lifecycle.engine")
 
 LogFn = Callable[[str, str, str, bool], None]  # (severity, message, urn, ephemeral)
 
@@ -26,17 +35,18 @@ class Context:
     nixos_anywhere_command: list[str] = field(default_factory=lambda: ["nixos-anywhere"])
     default_private_key: str | None = None
     default_user: str | None = None
-    ssh_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
-    # Closure copies at once, across machines (maxParallelTransfers).
-    transfer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    # SSH sessions and closure copies at once, across machines (maxParallelSsh, maxParallelTransfers), and the
+    # binary cache uploads of this process: each closure goes to a cache once.
+    limits: Limits = field(default_factory=Limits)
+    # The engine's operations; made on first use (it imports SSH and the deployment code), unless given (a test
+    # gives a fake).
+    given_engine: Engine | None = None
     # Evaluations (Check) from a bounded pool, ahead of the stack's Checks and kept between runs.
     evaluator: Evaluator = field(default_factory=lambda: Evaluator(EvaluationStore.default()))
     # Machines of one flake built at one moment share one `nix build` (up).
     builds: FleetBuilds = field(init=False)
-    # The provider's `binaryCache` (machines may set their own), and the
-    # uploads of this process: each closure goes to a cache once.
+    # The provider's `binaryCache` (machines may set their own).
     binary_cache: BinaryCache | None = None
-    cache_uploads: CacheUploads = field(default_factory=CacheUploads)
     # Where each resource this process created lives, by URN: (host key, profile path). A replacement is created
     # before the old resource is deleted; when both reach one machine under two names, the delete must leave
     # what the replacement deployed.
@@ -55,9 +65,9 @@ class Context:
         self.default_user = config.default_user
         self.binary_cache = config.binary_cache
         if config.max_parallel_ssh:
-            self.ssh_slots = asyncio.Semaphore(config.max_parallel_ssh)
+            self.limits.ssh_slots = asyncio.Semaphore(config.max_parallel_ssh)
         if config.max_parallel_transfers:
-            self.transfer_slots = asyncio.Semaphore(config.max_parallel_transfers)
+            self.limits.transfer_slots = asyncio.Semaphore(config.max_parallel_transfers)
         self.evaluator.set_workers(config.max_parallel_evaluations)
 
     def __post_init__(self) -> None:
@@ -65,6 +75,17 @@ class Context:
 
     async def _out_path(self, nix: Nix, ref: FlakeRef) -> str:
         return (await self.evaluator.evaluate(nix, ref)).out_path
+
+    @property
+    def engine(self) -> Engine:
+        if self.given_engine is None:
+            self.given_engine = lifecycle_engine.Engine(self.limits)
+        return self.given_engine
+
+    def report(self, urn: str) -> Report:
+        """Where an operation on urn reports: its lines under the resource, errors naming the properties."""
+        return Report(status=lambda s: self.status(urn, s), info=lambda s: self.info(urn, s),
+                      warn=lambda s: self.warn(urn, s), describe=describe)
 
     def nix(self, options: list[tuple[str, str]] | None = None) -> Nix:
         return Nix(self.nix_command, options or [])

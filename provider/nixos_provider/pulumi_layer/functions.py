@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..engine.errors import EngineError
-from ..engine.lazy import lazy_module
 from ..engine.models import SYSTEM_PROFILE, Profile
 from ..engine.nix.cli import is_store_path, parse_flake_ref
 from . import checks, conversion
 from .context import Context
 from .resource import CheckFailed
-
-if TYPE_CHECKING:
-    from ..engine import deploy as engine
-else:
-    engine = lazy_module("nixos_provider.engine.deploy")
 
 
 async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
@@ -28,8 +22,7 @@ async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     remote = conversion.to_remote(args["connection"], default_private_key=ctx.default_private_key,
                                   default_user=ctx.default_user)
     path = str(args.get("profilePath") or SYSTEM_PROFILE)
-    async with ctx.ssh_slots:
-        state = await engine.read_state(remote, Profile(path), with_generations=True)
+    state = await ctx.engine.read_state(remote, Profile(path), with_generations=True)
     generations = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
                    for g in state.generations]
     return {"generations": generations, "current": state.generation.number if state.generation else 0}

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
-from ..engine.errors import DeployError, EngineError
-from ..engine.lazy import lazy_module
+from ..engine.errors import EngineError
+from ..engine.lifecycle.models import ConvergeFailed, ProfileGoal, ProfileRecord
 from ..engine.models import Profile
 from . import input_rules, normalized, secrecy
-from .engine_calls import build_closure, deploy_request, deployed_outputs, run_deploy
-from .error_text import describe
-from .properties import UNKNOWN, contains_unknown, reveal
+from .engine_calls import FleetSource, deploy_request
+from .properties import contains_unknown, reveal
 from .resource import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same, same_machine
-from .typed_inputs import ProfileInputs, RecordedProfile
-
-if TYPE_CHECKING:
-    from ..engine import deploy as engine
-else:
-    engine = lazy_module("nixos_provider.engine.deploy")
+from .state import PROFILE_RECORD, ProfileState
+from .typed_inputs import ProfileInputs
 
 TYPE = input_rules.PROFILE
 INPUT_KEYS = input_rules.PROFILE_INPUTS
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
-COMPUTED = ["generation", "previousGeneration", "baselineGeneration", "baselineStorePath", "hostKey", "deployedAt",
-            "pushedPaths", "pushedBytes", "substitutedPaths"]
+# The outputs besides the profile's path and store path.
+COMPUTED = sorted(PROFILE_RECORD - {"profilePath", "storePath"})
+# What a deployment changes, so a preview cannot know it.
+DEPLOYED = frozenset({"generation", "previousGeneration", "deployedAt", "pushedPaths", "pushedBytes",
+                      "substitutedPaths"})
 
 
-def _now_running(failed: dict[str, Any], e: DeployError) -> dict[str, Any]:
-    """After a failed deployment: the profile's generation the engine left in place (0: none)."""
-    return {**failed, "storePath": e.now_running, "generation": e.generation or 0}
+def _with_store_path(record: ProfileRecord, news: dict[str, Any]) -> tuple[ProfileRecord, set[str]]:
+    """A preview's record: the store path Check evaluated, and the properties that leaves unknown."""
+    path = news.get("storePath")
+    return replace(record, store_path=path if isinstance(path, str) else None), (
+        set() if isinstance(path, str) else {"storePath"})
 
 
 def resolve_profile_path(props: dict[str, Any], ssh_user: str) -> str:
@@ -83,64 +84,46 @@ class NixProfile(DeployedResource):
 
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
         if preview:
-            out = {**news, "connection": secrecy.secret_connection(news["connection"])}
-            out.update({k: UNKNOWN for k in COMPUTED})
-            out["profilePath"] = news.get("profilePath") or UNKNOWN
-            return "", out
-        inputs = ProfileInputs.parse(news)
-        remote = self._remote(news)
-        profile = self._profile(news)
-        async with self.ctx.ssh_slots:
-            baseline = await engine.read_state(remote, profile)
-        self.ctx.created_on[urn] = (baseline.host_key, profile.path)
-        base = {
-            **news,
-            "connection": secrecy.secret_connection(news["connection"]),
-            "profilePath": profile.path,
-            "hostKey": baseline.host_key,
-            "baselineGeneration": baseline.generation.number if baseline.generation else 0,
-            "baselineStorePath": baseline.generation.store_path if baseline.generation else None,
-            "storePath": baseline.generation.store_path if baseline.generation else None,
-            "generation": baseline.generation.number if baseline.generation else 0,
-        }
-        ident = self._ident(news)
-        return ident, await self._deploy(urn, ident, base, inputs, baseline.host_key)
+            path = news.get("profilePath")
+            record, unknown = _with_store_path(ProfileRecord(profile_path=path if isinstance(path, str) else None), news)
+            unknown |= set(COMPUTED) | (set() if isinstance(path, str) else {"profilePath"})
+            return "", ProfileState(news, record, frozenset(unknown)).to_properties()
+        p = ProfileInputs.parse(news)
+        return self._ident(news), await self._converge(urn, self._ident(news), p, None, news, {}, pinned=None)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
                      ) -> dict[str, Any]:
         deploys = self.needs_deploy(olds, news)
-        base = {**{k: olds.get(k) for k in COMPUTED}, **news, "storePath": olds.get("storePath"),
-                "profilePath": olds.get("profilePath"), "connection": secrecy.secret_connection(news["connection"])}
         pinned = reveal(news["connection"]).get("hostKey") or olds.get("hostKey")
-        base["hostKey"] = pinned
         if preview:
-            if deploys:
-                base.update({"storePath": news.get("storePath"), "generation": UNKNOWN, "deployedAt": UNKNOWN,
-                             "pushedPaths": UNKNOWN, "pushedBytes": UNKNOWN, "substitutedPaths": UNKNOWN,
-                             "previousGeneration": UNKNOWN})
-            return base
-        if not deploys:
-            return base
-        # If the deploy fails, the engine keeps the old inputs: the recorded
-        # outputs must then describe the old configuration plus what runs now.
-        kept = {**olds, "connection": secrecy.secret_connection(olds.get("connection")), "hostKey": pinned}
-        return await self._deploy(urn, ident, base, ProfileInputs.parse(news), pinned, kept)
+            record = replace(ProfileState.record_of(olds), host_key=pinned)
+            if not deploys:
+                return ProfileState(news, record).to_properties()
+            record, unknown = _with_store_path(record, news)
+            return ProfileState(news, record, frozenset(unknown | DEPLOYED)).to_properties()
+        return await self._converge(urn, ident, ProfileInputs.parse(news), ProfileState.record_of(olds), news, olds,
+                                    pinned=pinned, deploys=deploys)
 
-    async def _deploy(self, urn: str, ident: str, base: dict[str, Any], p: ProfileInputs,
-                      pinned: str | None, kept: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Deploy the inputs; on failure raise PartialFailure with `kept` (or base) updated to what runs."""
-        failed = kept if kept is not None else base
-        remote = self._remote_of(p.connection, host_key=pinned)
+    async def _converge(self, urn: str, ident: str, p: ProfileInputs, recorded: ProfileRecord | None,
+                        news: dict[str, Any], olds: dict[str, Any], *, pinned: str | None,
+                        deploys: bool = True) -> dict[str, Any]:
+        """The engine's converge, its record as properties; its failure as a PartialFailure with what runs now."""
         nix = self._deploy_nix(p.settings)
+        source = FleetSource(self.ctx, urn, p.closure, nix, nixos=False)
+        request = deploy_request(self._remote_of(p.connection, host_key=pinned), self._profile(news), p.settings,
+                                 activate_command=p.activate)
+        goal = ProfileGoal(request, source.build, deploys=deploys)
         try:
-            store_path = await build_closure(self.ctx, urn, nix, p.closure, nixos=False)
-        except EngineError as e:
-            raise PartialFailure(describe(e), ident, failed, p.raw) from e
-        req = deploy_request(remote, store_path, self._profile(p.raw), p.settings, activate_command=p.activate,
-                             baseline=base.get("baselineGeneration"))
-        result = await run_deploy(self.ctx, urn, req, nix, ident=ident, inputs=p.raw, failed=failed,
-                                  after_failure=_now_running)
-        return {**base, **deployed_outputs(result, "storePath", pinned)}
+            record = await self.ctx.engine.converge_profile(goal, recorded, nix, self.ctx.report(urn))
+        except ConvergeFailed as e:
+            assert isinstance(e.record, ProfileRecord)
+            if recorded is None and e.record.host_key:
+                self.ctx.created_on[urn] = (e.record.host_key, goal.request.profile.path)
+            inputs = news if e.with_new_inputs else ProfileState.inputs_of(olds)
+            raise PartialFailure(str(e), ident, ProfileState(inputs, e.record).to_properties(), news) from e
+        if recorded is None and record.host_key:
+            self.ctx.created_on[urn] = (record.host_key, goal.request.profile.path)
+        return ProfileState(news, record).to_properties()
 
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -153,36 +136,32 @@ class NixProfile(DeployedResource):
                      "profilePath": parts[2]}
         remote = self._remote(props, host_key=state.get("hostKey"))
         profile = Profile(str(props.get("profilePath") or self._profile(props).path), props.get("user") or None)
-        async with self.ctx.ssh_slots:
-            now = await engine.read_state(remote, profile)
-        outputs = {**props, "connection": secrecy.secret_connection(props["connection"]), "profilePath": profile.path,
-                   "storePath": now.generation.store_path if now.generation else None,
-                   "generation": now.generation.number if now.generation else 0, "hostKey": now.host_key}
+        now = await self.ctx.engine.read_state(remote, profile)
+        gen = now.generation
+        recorded = ProfileState.from_properties(props)
+        record = replace(recorded.record, profile_path=profile.path, store_path=gen.store_path if gen else None,
+                         generation=gen.number if gen else 0, host_key=now.host_key)
+        inputs_now = dict(recorded.inputs)
         if not state:
-            outputs["baselineGeneration"] = outputs["generation"]
-            outputs["baselineStorePath"] = outputs["storePath"]
-            outputs.setdefault("onDestroy", "rollback")
+            record = replace(record, baseline_generation=record.generation, baseline_store_path=record.store_path)
+            inputs_now.setdefault("onDestroy", "rollback")
+        outputs = ProfileState(inputs_now, record).to_properties()
         new_inputs = inputs or {k: outputs[k] for k in ("connection", "profilePath", "storePath", "onDestroy")
                                 if outputs.get(k) is not None}
         return f"{remote.host}:{remote.port}:{profile.path}", outputs, new_inputs
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
-        recorded = RecordedProfile.parse(state)
-        if recorded.on_destroy == "retain":
+        recorded = ProfileState.from_properties(state)
+        inputs, record = reveal(dict(recorded.inputs)), recorded.record
+        if inputs.get("onDestroy") == "retain":
             self.ctx.info(urn, "onDestroy is `retain`: leaving the profile as it is")
             return
-        if self.ctx.replaced_in_place(urn, recorded.host_key, recorded.profile.path):
+        profile = Profile(str(record.profile_path), inputs.get("user") or None)
+        if self.ctx.replaced_in_place(urn, record.host_key, profile.path):
             self.ctx.info(urn, "its replacement manages the same profile on the same machine (the same host key): "
                                "leaving what the replacement deployed")
             return
-        remote = self._remote_of(recorded.connection, recorded.host_key)
-        profile, baseline = recorded.profile, recorded.baseline_generation or 0
-        async with self.ctx.ssh_slots:
-            if recorded.on_destroy == "remove" or baseline == 0:
-                self.ctx.status(urn, f"removing {profile.path}")
-                await engine.remove_profile(remote, profile)
-            else:
-                self.ctx.status(urn, f"rolling {profile.path} back to generation {baseline}")
-                await engine.rollback_to(remote, profile, baseline, activate_command=recorded.activate,
-                                         status=lambda s: self.ctx.status(urn, s),
-                                         output=lambda s: self.ctx.info(urn, s), fallback_path=recorded.baseline_path)
+        await self.ctx.engine.destroy_profile(
+            self._remote_of(inputs["connection"], record.host_key), profile, record,
+            remove=inputs.get("onDestroy") == "remove", activate_command=inputs.get("activate") or None,
+            report=self.ctx.report(urn))

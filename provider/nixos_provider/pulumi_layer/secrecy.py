@@ -1,4 +1,5 @@
-"""Which inputs hold credentials: the one place that wraps them as secrets for state and outputs."""
+"""What is secret in a resource's state, declared once: the inputs that hold credentials, the record fields that
+are keys. `state.State.to_properties` applies it to every property a resource hands back."""
 
 from __future__ import annotations
 
@@ -57,3 +58,6 @@ SECRET_BEARING: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("binaryCache", secret_binary_cache),
     ("install", secret_install),
 )
+
+# The record fields kept as secrets (engine.lifecycle.models): the HMAC key of the secret files' hashes.
+SECRET_RECORD_FIELDS = frozenset({"secret_files_key"})

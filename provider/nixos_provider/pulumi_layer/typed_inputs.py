@@ -3,9 +3,8 @@
 Check validated the raw property dict; Create and Update parse it here, and
 the rest of the layer reads fields. The raw dict travels along (`raw`) only
 where it must be echoed: into outputs, and as the inputs of a PartialFailure.
-Preview keeps the raw dict, since unknown values cannot be parsed. Delete
-reads the recorded state through `RecordedMachine` and `RecordedProfile`.
-Read keeps dicts: an import merges whatever inputs and state it is given.
+Preview keeps the raw dict, since unknown values cannot be parsed. Recorded
+state is read through `state.MachineState` and `state.ProfileState`.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ from ..engine.models import (
     BinaryCache,
     Compression,
     HealthCheck,
-    Profile,
     RebootMode,
     SubstitutePolicy,
 )
 from ..engine.nix.cli import FileRef, SourceRef, parse_flake_ref, resolve_path
-from ..engine.target.secret_files import RecordedFile, SecretFile
-from .conversion import nix_options, recorded_files, to_binary_cache, to_health_checks, to_secret_files
+from ..engine.target.secret_files import SecretFile
+from .conversion import nix_options, to_binary_cache, to_health_checks, to_secret_files
 from .properties import reveal
 
 
@@ -177,52 +175,3 @@ class ProfileInputs(DeployInputs):
     def parse(cls, news: dict[str, Any]) -> ProfileInputs:
         activate = reveal(news.get("activate"))
         return cls(**cls._common(news, "storePath"), activate=str(activate) if activate is not None else None)
-
-
-def _int_or_none(value: Any) -> int | None:
-    plain = reveal(value)
-    return int(plain) if isinstance(plain, (int, float)) and not isinstance(plain, bool) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    plain = reveal(value)
-    return plain if isinstance(plain, str) and plain else None
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What Delete needs from a resource's recorded state (inputs and outputs), parsed once."""
-
-    connection: dict[str, Any] = field(repr=False)  # plain: credentials included
-    host_key: str | None
-    on_destroy: str  # "rollback" | "retain" (| "remove" for a profile)
-    baseline_generation: int | None
-    baseline_path: str | None
-
-    @staticmethod
-    def _common(state: Mapping[str, Any], path_key: str) -> dict[str, Any]:
-        return {"connection": _plain_dict(state.get("connection")), "host_key": _str_or_none(state.get("hostKey")),
-                "on_destroy": _str_or_none(state.get("onDestroy")) or "rollback",
-                "baseline_generation": _int_or_none(state.get("baselineGeneration")),
-                "baseline_path": _str_or_none(state.get(path_key))}
-
-
-@dataclass(frozen=True)
-class RecordedMachine(Recorded):
-    secret_files: tuple[RecordedFile, ...] = ()
-
-    @classmethod
-    def parse(cls, state: Mapping[str, Any]) -> RecordedMachine:
-        return cls(**cls._common(state, "baselineSystemPath"), secret_files=recorded_files(state.get("secretFiles")))
-
-
-@dataclass(frozen=True)
-class RecordedProfile(Recorded):
-    profile: Profile = field(default_factory=Profile)
-    activate: str | None = None
-
-    @classmethod
-    def parse(cls, state: Mapping[str, Any]) -> RecordedProfile:
-        return cls(**cls._common(state, "baselineStorePath"),
-                   profile=Profile(str(reveal(state["profilePath"])), _str_or_none(state.get("user"))),
-                   activate=_str_or_none(state.get("activate")))

@@ -1,0 +1,52 @@
+"""A Nix profile brought to its declared store path: build, deploy (with its activate command), record."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..deploy import read_state
+from ..errors import DeployError, EngineError
+from ..models import Retention
+from ..nix.cli import Nix
+from .deployment import run_deployment
+from .models import ConvergeFailed, Limits, ProfileGoal, ProfileRecord, Report, now_rfc3339
+
+
+async def converge(limits: Limits, goal: ProfileGoal, recorded: ProfileRecord | None, nix: Nix,
+                   report: Report) -> ProfileRecord:
+    """Bring the profile to the goal. recorded: as recorded (None: new to us, its generation now is the baseline)."""
+    req = goal.request
+    if recorded is None:
+        async with limits.ssh_slots:
+            baseline = await read_state(req.remote, req.profile)
+        gen = baseline.generation
+        base = ProfileRecord(profile_path=req.profile.path, host_key=baseline.host_key,
+                             baseline_generation=gen.number if gen else 0,
+                             baseline_store_path=gen.store_path if gen else None,
+                             store_path=gen.store_path if gen else None, generation=gen.number if gen else 0)
+        req = replace(req, remote=replace(req.remote, host_key=baseline.host_key))
+        failed, with_new_inputs = base, True
+    else:
+        base = replace(recorded, host_key=req.remote.host_key)
+        failed, with_new_inputs = base, False
+        if not goal.deploys:
+            return base
+    try:
+        store_path = await goal.build()
+    except EngineError as e:
+        raise ConvergeFailed(report.describe(e), failed, with_new_inputs=with_new_inputs) from e
+    baseline_gen = base.baseline_generation
+    req = replace(req, store_path=store_path,
+                  retention=Retention(keep=req.retention.keep, collect_garbage=req.retention.collect_garbage,
+                                      protect=(baseline_gen,) if baseline_gen is not None and baseline_gen >= 1 else ()))
+    result = await run_deployment(limits, req, nix, report, failed=failed, with_new_inputs=with_new_inputs,
+                                  after_failure=_now_running)
+    return replace(base, store_path=result.store_path, generation=result.generation,
+                   previous_generation=result.previous_generation, host_key=result.host_key or req.remote.host_key,
+                   deployed_at=now_rfc3339(), pushed_paths=result.push.paths, pushed_bytes=result.push.bytes,
+                   substituted_paths=result.push.substituted)
+
+
+def _now_running(failed: ProfileRecord, e: DeployError) -> ProfileRecord:
+    """After a failed deployment: the profile's generation the engine left in place (0: none)."""
+    return replace(failed, store_path=e.now_running, generation=e.generation or 0)
