@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from nixos_provider.engine.install.source import InstallSource, NoNixosConfiguration, install_source
+from nixos_provider.engine.errors import NoNixosConfiguration
+from nixos_provider.engine.install.source import InstallSource, install_source
 from nixos_provider.engine.lifecycle.models import MachineGoal, MachineRecord, Report
 from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile, Remote
 from nixos_provider.engine.nix.cli import Nix, parse_flake_ref

@@ -161,6 +161,26 @@ async def test_switch_changes_current_system_and_service(lab_host: labctl.LabHos
     assert result.host_key == lab_host.hostKey
 
 
+def test_nixos_deploy_places_secret_files_before_the_activation(lab_host: labctl.LabHost, systems: Systems,
+                                                                tmp_path: Path) -> None:
+    """The engine's command runs a machine's whole operation, secret files included, as a first `pulumi up` does."""
+    secret = tmp_path / "db.key"
+    secret.write_text("s3cret-db-password\n")
+    out = subprocess.run(["nixos-deploy", "--host", lab_host.address, "--port", str(lab_host.port), "--key-file",
+                          lab_host.privateKeyPath, "--store-path", systems["web-v2"],
+                          "--secret-file", f"/run/keys/db={secret}"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert f"generation 2 {systems['web-v2']} (pushed " in out.stdout
+    assert out.stdout.strip().endswith("; secret files: /run/keys/db")
+    assert current_system(lab_host) == systems["web-v2"]
+    assert in_host(lab_host, "cat", "/run/keys/db").stdout == "s3cret-db-password\n"
+    assert in_host(lab_host, "stat", "-c", "%a %U", "/run/keys/db").stdout.strip() == "400 root"
+    assert "s3cret" not in out.stdout + out.stderr
+    bad = subprocess.run(["nixos-deploy", "--host", lab_host.address, "--store-path", systems["web-v2"],
+                          "--secret-file", "relative=x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'relative=x': expected /path/on/host=local-file" in bad.stderr
+
+
 async def test_magic_rollback_when_ssh_moves(lab_host: labctl.LabHost, systems: Systems) -> None:
     await deploy(lab_host, systems["web"])
     # Timed from the new generation's registration, just before activation (the

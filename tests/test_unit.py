@@ -591,7 +591,7 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
         for path in re.findall(r"`([^`]+)`", names):
             assert path in known, (setting, path)
     engine = Path(nixos_provider.engine.__file__).parent
-    for source in engine.glob("*.py"):
+    for source in engine.rglob("*.py"):
         quoted = {name for text in _message_strings(source.read_text())
                   for name in re.findall(r"`([A-Za-z.\[\]]+)`", text)}
         assert not quoted & known, (source.name, quoted & known)

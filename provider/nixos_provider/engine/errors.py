@@ -137,3 +137,25 @@ class InstallError(EngineError):
         self.phase = phase
         self.output_tail = output_tail
         self.state = state
+
+
+class NotNixos(EngineError):
+    """The host runs no NixOS to adopt (no system profile and no /run/current-system)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} does not run NixOS (no /nix/var/nix/profiles/system and no /run/current-system)")
+
+
+class NoNixosConfiguration(EngineError):
+    """The flake reference names no NixOS configuration, so there is no disko script to build beside it."""
+
+    def __init__(self, ref: object) -> None:
+        super().__init__(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere")
+        self.ref = ref
+
+
+class DiskoScriptFailed(EngineError):
+    """Building the configuration's disko script failed (the configuration may lack disko's module)."""
+
+    def __init__(self, cause: EngineError) -> None:
+        super().__init__(str(cause), blames=cause.blames)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.errors import BuildHostError, EngineError, Setting
+from ..engine.errors import BuildHostError, DiskoScriptFailed, EngineError, NoNixosConfiguration, NotNixos, Setting
 
 # Each setting an engine error can blame, as the program sets it.
 PROPERTY_OF: dict[Setting, str] = {
@@ -25,4 +25,14 @@ def describe(e: BaseException) -> str:
         if isinstance(e, BuildHostError):
             prop = prop.replace("`connection.", "`buildHost.")
         text = text.replace(e.blames.value, prop, 1)
-    return text
+    return text + _WHAT_TO_SET.get(type(e), "")
+
+
+# What the program can set about an engine error that names no setting of its own.
+_WHAT_TO_SET: dict[type, str] = {
+    NotNixos: "; set `install` to install it with nixos-anywhere",
+    NoNixosConfiguration: ": use a flake reference like `.#web` (or `.#nixosConfigurations.<name>.config.system.build."
+                          "toplevel`), or set `install.diskoScript`",
+    DiskoScriptFailed: " (the configuration needs disko's NixOS module for `config.system.build.diskoScript`; or set "
+                       "`install.diskoScript`, or leave `disko` out of `install.phases`)",
+}

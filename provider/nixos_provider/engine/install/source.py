@@ -11,26 +11,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import EngineError
+from ..errors import DiskoScriptFailed, EngineError, NoNixosConfiguration
 from ..models import INSTALL_PHASES
 from ..nix.cli import DISKO_SCRIPT, FlakeRef, Nix
 
 StatusFn = Callable[[str], None]
-
-
-class NoNixosConfiguration(EngineError):
-    """The flake reference names no NixOS configuration, so there is no disko script to build beside it."""
-
-    def __init__(self, ref: FlakeRef) -> None:
-        super().__init__(f"cannot find the NixOS configuration of `{ref}` for nixos-anywhere")
-        self.ref = ref
-
-
-class DiskoScriptFailed(EngineError):
-    """Building the configuration's disko script failed (the configuration may lack disko's module)."""
-
-    def __init__(self, cause: EngineError) -> None:
-        super().__init__(str(cause), blames=cause.blames)
 
 
 @dataclass(frozen=True)

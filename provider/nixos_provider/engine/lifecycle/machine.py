@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .. import install as installer
 from ..deploy import check_health, read_state
-from ..errors import DeployError, EngineError
+from ..errors import DeployError, EngineError, NotNixos
 from ..install import source as install_sources
 from ..models import SYSTEM_PROFILE, InstallRequest, Profile, Remote, Retention
 from ..nix.cli import Evaluation, Nix
@@ -54,8 +54,7 @@ async def _adopt(limits: Limits, goal: MachineGoal, nix: Nix, report: Report) ->
         async with limits.ssh_slots:
             baseline = await read_state(remote, SYSTEM)
         if baseline.generation is None and baseline.current_system is None:
-            raise EngineError(f"{remote.target} does not run NixOS (no {SYSTEM_PROFILE} and no /run/current-system); "
-                              "set `install` to install it with nixos-anywhere")
+            raise NotNixos(remote.target)
     except BaseException:
         if building is not None:
             building.cancel()
@@ -123,18 +122,11 @@ async def _place_files(limits: Limits, record: MachineRecord, placement: files.P
 async def _install_source(goal: MachineGoal, req: InstallRequest, nix: Nix, report: Report,
                           ) -> install_sources.InstallSource:
     """The disko script and flake for nixos-anywhere: built here when they can be, so a broken configuration
-    fails before the host is touched. A system without a flake goes as a store path, with `install.diskoScript`."""
-    try:
-        return await install_sources.install_source(
-            nix, build_system=goal.source.build, status=report.status, disko_script=req.disko_script,
-            build_on_target=req.build_on == "remote", flake=goal.source.flake, phases=req.phases)
-    except install_sources.NoNixosConfiguration as e:
-        raise EngineError(f"{e}: use a flake reference like `.#web` (or `.#nixosConfigurations.<name>.config."
-                          "system.build.toplevel`), or set `install.diskoScript`") from e
-    except install_sources.DiskoScriptFailed as e:
-        raise EngineError(f"{e} (the configuration needs disko's NixOS module for `config.system.build."
-                          "diskoScript`; or set `install.diskoScript`, or leave `disko` out of `install.phases`)",
-                          blames=e.blames) from e
+    fails before the host is touched. A system without a flake goes as a store path, with the request's disko
+    script."""
+    return await install_sources.install_source(
+        nix, build_system=goal.source.build, status=report.status, disko_script=req.disko_script,
+        build_on_target=req.build_on == "remote", flake=goal.source.flake, phases=req.phases)
 
 
 async def _install(limits: Limits, goal: MachineGoal, req: InstallRequest, recorded: MachineRecord, nix: Nix,

@@ -1,0 +1,409 @@
+"""The Pulumi layer against a fake engine: Create, Update, Read and Delete map properties to engine calls and
+back, every failure branch included, and no credential reaches state unwrapped. No root, no lab, no Nix."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nixos_provider.engine.deploy import TargetState
+from nixos_provider.engine.errors import EngineError
+from nixos_provider.engine.lifecycle.engine import Engine
+from nixos_provider.engine.lifecycle.models import (
+    ConvergeFailed,
+    MachineGoal,
+    MachineRecord,
+    PreviewGoal,
+    ProfileGoal,
+    ProfileRecord,
+    Report,
+)
+from nixos_provider.engine.models import Generation, Profile, Remote
+from nixos_provider.engine.nix.cli import Nix
+from nixos_provider.engine.nix.closure_diff import ClosureChanges
+from nixos_provider.engine.target.secret_files import RecordedFile
+from nixos_provider.pulumi_layer.context import Context
+from nixos_provider.pulumi_layer.machine import NixosMachine
+from nixos_provider.pulumi_layer.nix_profile import NixProfile
+from nixos_provider.pulumi_layer.properties import UNKNOWN, Secret, reveal
+from nixos_provider.pulumi_layer.resource import PartialFailure
+
+OLD = "/nix/store/" + "a" * 32 + "-nixos-system-web"
+NEW = "/nix/store/" + "b" * 32 + "-nixos-system-web"
+URN = "urn:pulumi:staging::fleet::nixos:index:NixosMachine::web"
+PURN = "urn:pulumi:staging::fleet::nixos:index:NixProfile::app"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey"
+CREDENTIALS = ("PRIVATE-KEY", "SUDO-PW", "SIGNING-KEY", "DISK-KEY")
+
+
+@dataclass
+class FakeEngine(Engine):
+    """Answers as scripted, and records what it was asked."""
+
+    converged: MachineRecord | ProfileRecord | Exception | None = None
+    state: TargetState | Exception | None = None
+    found_files: tuple[RecordedFile, ...] | None = None
+    changes: ClosureChanges | None = None
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+
+    def _answer(self, name: str, arg: Any, answer: Any) -> Any:
+        self.calls.append((name, arg))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def converge_machine(self, goal: MachineGoal, recorded: MachineRecord | None, nix: Nix,
+                               report: Report) -> MachineRecord:
+        return self._answer("converge_machine", (goal, recorded), self.converged)  # type: ignore[no-any-return]
+
+    async def converge_profile(self, goal: ProfileGoal, recorded: ProfileRecord | None, nix: Nix,
+                               report: Report) -> ProfileRecord:
+        return self._answer("converge_profile", (goal, recorded), self.converged)  # type: ignore[no-any-return]
+
+    async def pending_changes(self, goal: PreviewGoal, nix: Nix, report: Report) -> ClosureChanges:
+        return self._answer("pending_changes", goal, self.changes)  # type: ignore[no-any-return]
+
+    async def read_state(self, remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:
+        return self._answer("read_state", (remote, profile), self.state)  # type: ignore[no-any-return]
+
+    async def read_secret_files(self, remote: Remote, recorded: MachineRecord,
+                                report: Report) -> tuple[RecordedFile, ...]:
+        found = self.found_files if self.found_files is not None else recorded.secret_files
+        return self._answer("read_secret_files", recorded, found)  # type: ignore[no-any-return]
+
+    async def destroy_machine(self, remote: Remote, recorded: MachineRecord, report: Report) -> None:
+        self._answer("destroy_machine", (remote, recorded), None)
+
+    async def destroy_profile(self, remote: Remote, profile: Profile, recorded: ProfileRecord, *, remove: bool,
+                              activate_command: str | None, report: Report) -> None:
+        self._answer("destroy_profile", (profile, remove, activate_command), None)
+
+
+def _layer(engine: FakeEngine, kind: Callable[[Context], Any] = NixosMachine) -> tuple[Any, list[str]]:
+    said: list[str] = []
+    ctx = Context(log=lambda severity, msg, urn, eph: said.append(f"{severity}: {msg}"), project_dir="/p",
+                  given_engine=engine)
+    return kind(ctx), said
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def _news(**extra: Any) -> dict[str, Any]:
+    """Checked inputs, as Check recorded them."""
+    return {"connection": {"host": "10.0.0.5", "port": 22, "user": "root", "privateKey": Secret("PRIVATE-KEY"),
+                           "sudoPassword": Secret("SUDO-PW")},
+            "systemPath": NEW, "action": "switch", "onDestroy": "rollback", **extra}
+
+
+DEPLOYED = MachineRecord(system_path=NEW, generation=5, previous_generation=4, baseline_generation=3,
+                         baseline_system_path=OLD, host_key=KEY, deployed_at="2026-12-04T12:00:00Z",
+                         pushed_paths=2, pushed_bytes=1024, substituted_paths=0, needs_reboot=False,
+                         secret_files=(RecordedFile(path="/run/keys/db", content_hash="h1"),),
+                         secret_files_key=b"K" * 32)
+
+
+def _olds(record: MachineRecord = DEPLOYED, **inputs: Any) -> dict[str, Any]:
+    """Recorded state, as the engine hands it back: inputs and outputs, numbers as floats."""
+    from nixos_provider.pulumi_layer.state import MachineState
+
+    props = MachineState(_news(systemPath=OLD, **inputs), replace(record, system_path=OLD)).to_properties()
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in props.items()}
+
+
+def _plain_leaves(value: Any, inside_secret: bool = False) -> list[str]:
+    """Every string in value that is not wrapped as a secret."""
+    if isinstance(value, Secret):
+        return []
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _plain_leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _plain_leaves(v)]
+    return [value] if isinstance(value, str) else []
+
+
+# -- NixosMachine -------------------------------------------------------------------------------
+
+
+def test_create_hands_the_engine_one_goal_and_records_what_it_returns() -> None:
+    engine = FakeEngine(converged=DEPLOYED)
+    machine, _ = _layer(engine)
+    ident, props = _run(machine.create(URN, _news(flake=".#web"), False))
+    assert ident == "10.0.0.5:22"
+    (name, (goal, recorded)), = engine.calls
+    assert (name, recorded, goal.remote.host, goal.remote.host_key, goal.install, goal.deploys) == (
+        "converge_machine", None, "10.0.0.5", None, None, True)
+    assert goal.source.store_path == NEW and goal.source.evaluated
+    assert (props["systemPath"], props["generation"], props["hostKey"], props["flake"]) == (NEW, 5, KEY, ".#web")
+    assert props["secretFiles"] == [{"path": "/run/keys/db", "contentHash": "h1", "owner": "root", "group": "root",
+                                     "mode": "0400", "stage": "before-activation", "keepOnDestroy": False}]
+    assert isinstance(props["secretFilesKey"], Secret) and isinstance(props["connection"]["privateKey"], Secret)
+    # A replacement's delete of the old name leaves this machine alone.
+    assert machine.ctx.replaced_in_place(URN, KEY, "/nix/var/nix/profiles/system")
+
+
+def test_create_with_install_asks_the_engine_to_install_first() -> None:
+    engine = FakeEngine(converged=replace(DEPLOYED, install_status="installed"))
+    machine, _ = _layer(engine)
+    _, props = _run(machine.create(URN, _news(install={"diskoScript": "/nix/store/x-disko",
+                                                       "diskEncryptionKeys": {"/tmp/k": "DISK-KEY"}}), False))
+    (_, (goal, _)), = engine.calls
+    assert goal.install is not None and goal.install.disko_script == "/nix/store/x-disko"
+    assert goal.install.disk_encryption_keys == (("/tmp/k", "DISK-KEY"),)
+    assert props["installStatus"] == "installed" and "DISK-KEY" not in _plain_leaves(props)
+
+
+def test_a_create_that_fails_records_what_the_engine_says_runs() -> None:
+    runs = MachineRecord(system_path=OLD, generation=3, baseline_generation=3, host_key=KEY)
+    engine = FakeEngine(converged=ConvergeFailed("activation failed; generation 3 is running", runs,
+                                                 with_new_inputs=True))
+    machine, _ = _layer(engine)
+    with pytest.raises(PartialFailure) as e:
+        _run(machine.create(URN, _news(), False))
+    assert str(e.value) == "activation failed; generation 3 is running" and e.value.resource_id == "10.0.0.5:22"
+    assert (e.value.outputs["systemPath"], e.value.outputs["generation"], e.value.outputs["hostKey"]) == (OLD, 3, KEY)
+    assert e.value.inputs["systemPath"] == NEW  # the inputs asked for; the outputs say what runs
+
+
+def test_a_create_the_engine_refuses_outright_records_nothing() -> None:
+    engine = FakeEngine(converged=EngineError("10.0.0.5:22 does not run NixOS"))
+    machine, _ = _layer(engine)
+    with pytest.raises(EngineError, match="does not run NixOS"):
+        _run(machine.create(URN, _news(), False))
+    assert machine.ctx.created_on == {}
+
+
+def test_update_pins_the_recorded_host_key_and_says_whether_to_deploy() -> None:
+    engine = FakeEngine(converged=DEPLOYED)
+    machine, _ = _layer(engine)
+    props = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(), False))
+    (_, (goal, recorded)), = engine.calls
+    assert goal.remote.host_key == KEY and goal.deploys and recorded.system_path == OLD
+    assert recorded.baseline_generation == 3 and recorded.secret_files_key == b"K" * 32  # read back typed
+    assert props["systemPath"] == NEW and props["generation"] == 5
+    engine = FakeEngine(converged=replace(DEPLOYED, system_path=OLD))
+    machine, _ = _layer(engine)
+    _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(systemPath=OLD, triggers={"a": "1"}), False))
+    assert engine.calls[0][1][0].deploys  # a trigger deploys again
+    engine = FakeEngine(converged=replace(DEPLOYED, system_path=OLD))
+    machine, _ = _layer(engine)
+    _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(systemPath=OLD, autoRollback=False), False))
+    assert not engine.calls[0][1][0].deploys
+
+
+@pytest.mark.parametrize("with_new_inputs", [False, True])
+def test_a_failed_update_pairs_what_runs_with_the_inputs_that_describe_it(with_new_inputs: bool) -> None:
+    runs = replace(DEPLOYED, system_path=NEW if with_new_inputs else OLD)
+    engine = FakeEngine(converged=ConvergeFailed("it failed", runs, with_new_inputs=with_new_inputs))
+    machine, _ = _layer(engine)
+    with pytest.raises(PartialFailure) as e:
+        _run(machine.update(URN, "10.0.0.5:22", _olds(magicRollback=True), _news(magicRollback=False), False))
+    outputs = e.value.outputs
+    # Before the new system took over, the outputs keep the old inputs; after, the new ones.
+    assert outputs["magicRollback"] is (not with_new_inputs) and outputs["systemPath"] == runs.system_path
+    assert e.value.inputs["magicRollback"] is False
+    assert not set(CREDENTIALS) & set(_plain_leaves(outputs))
+
+
+def test_an_unfinished_install_is_installed_again_on_update() -> None:
+    failed = MachineRecord(install_status="failed", install_error="kexec: timed out")
+    engine = FakeEngine(converged=replace(DEPLOYED, install_status="adopted"))
+    machine, said = _layer(engine)
+    olds = _olds(failed, install={})
+    props = _run(machine.update(URN, "10.0.0.5:22", olds, _news(install={}), False))
+    (_, (goal, recorded)), = engine.calls
+    assert goal.install is not None and recorded.install_error == "kexec: timed out"
+    assert props["installStatus"] == "adopted"
+    assert any("did not finish last time" in line for line in said)
+    # The preview of it knows nothing of what the install will find.
+    preview = _run(machine.update(URN, "10.0.0.5:22", olds, _news(install={}), True))
+    assert preview["generation"] is UNKNOWN and preview["hostKey"] is UNKNOWN
+
+
+def test_preview_of_a_new_machine_leaves_what_the_engine_finds_unknown() -> None:
+    machine, said = _layer(FakeEngine())
+    ident, props = _run(machine.create(URN, _news(install={}), True))
+    assert ident == "10.0.0.5:22" and props["systemPath"] == NEW
+    assert all(props[k] is UNKNOWN for k in ("generation", "hostKey", "installStatus", "baselineGeneration"))
+    assert props["secretFiles"] is None and any("nixos-anywhere" in line for line in said)
+    _, props = _run(machine.create(URN, _news(systemPath=UNKNOWN), True))
+    assert props["systemPath"] is UNKNOWN
+
+
+def test_preview_of_an_update_shows_the_engine_s_package_diff_and_predicts_a_reboot() -> None:
+    changes = ClosureChanges(before=OLD, after=NEW, boot_changes=("kernel",))
+    engine = FakeEngine(changes=changes)
+    machine, _ = _layer(engine)
+    props = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(flake=".#web", dryActivate=True), True))
+    (name, goal), = engine.calls
+    assert (name, goal.current, goal.new, goal.dry_activate, goal.remote.host_key) == (
+        "pending_changes", OLD, NEW, True, KEY)
+    assert goal.source is not None and goal.source.store_path == NEW
+    assert props["pendingChanges"]["bootChanges"] == ["kernel"] and props["needsReboot"] is True
+    assert props["generation"] is UNKNOWN and props["hostKey"] == KEY and props["baselineGeneration"] == 3
+    # A reboot in the deployment itself leaves nothing due; a diff that could not be made predicts nothing.
+    machine, said = _layer(FakeEngine(changes=changes))
+    props = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(reboot="ifNeeded"), True))
+    assert props["needsReboot"] is False and any("reboots into it once" in line for line in said)
+    machine, _ = _layer(FakeEngine(changes=replace(changes, note="no package diff: not in the local store")))
+    assert _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(), True))["needsReboot"] is UNKNOWN
+
+
+def test_preview_names_secret_files_by_path_and_compares_them_by_hash() -> None:
+    machine, said = _layer(FakeEngine())
+    files = [{"path": "/run/keys/db", "content": Secret("new contents")}, {"path": "/run/keys/api",
+                                                                            "content": Secret("x")}]
+    props = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(systemPath=OLD, secretFiles=files), True))
+    assert any(line == "INFO: secret files to write: /run/keys/db, /run/keys/api" for line in said)
+    assert [f["path"] for f in props["secretFiles"]] == ["/run/keys/db", "/run/keys/api"]
+    assert "new contents" not in str(reveal(props))
+    unknown = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(systemPath=OLD, secretFiles=UNKNOWN), True))
+    assert unknown["secretFiles"] is UNKNOWN
+
+
+def test_refresh_records_what_runs_and_the_secret_files_as_found() -> None:
+    now = TargetState(host_key=KEY, generation=Generation(7, NEW, True), current_system=NEW,
+                      nixos_version="26.05", reboot_for=("kernel",))
+    engine = FakeEngine(state=now, found_files=())
+    machine, _ = _layer(engine)
+    ident, props, inputs = _run(machine.read(URN, "10.0.0.5:22", _olds(), _news(systemPath=OLD)))
+    assert ident == "10.0.0.5:22" and inputs["systemPath"] == NEW  # drift: the inputs say what runs
+    assert (props["systemPath"], props["generation"], props["needsReboot"], props["nixosVersion"]) == (
+        NEW, 7, True, "26.05")
+    assert props["secretFiles"] is None and props["baselineGeneration"] == 3  # the file is gone from the host
+
+
+def test_import_describes_the_running_system_and_deploys_nothing_next() -> None:
+    now = TargetState(host_key=KEY, generation=Generation(9, OLD, True), current_system=OLD, nixos_version=None)
+    engine = FakeEngine(state=now)
+    machine, _ = _layer(engine)
+    ident, props, inputs = _run(machine.read(URN, "10.0.0.9:2222", {}, {}))
+    assert ident == "10.0.0.9:2222" and engine.calls[0][1][0].port == 2222
+    assert (props["baselineGeneration"], props["baselineSystemPath"], props["systemPath"]) == (9, OLD, OLD)
+    assert inputs["systemPath"] == OLD and inputs["action"] == "switch" and inputs["onDestroy"] == "rollback"
+    engine = FakeEngine(state=replace(now, current_system=None, generation=None))
+    machine, _ = _layer(engine)
+    with pytest.raises(EngineError, match="it has no /run/current-system"):
+        _run(machine.read(URN, "10.0.0.9:2222", {}, {}))
+
+
+def test_delete_rolls_back_unless_retained_or_replaced_in_place() -> None:
+    engine = FakeEngine()
+    machine, _ = _layer(engine)
+    _run(machine.delete(URN, "10.0.0.5:22", _olds()))
+    (name, (remote, recorded)), = engine.calls
+    assert (name, remote.host_key, recorded.baseline_generation, recorded.baseline_system_path) == (
+        "destroy_machine", KEY, 3, OLD)
+    assert remote.credentials.private_key == "PRIVATE-KEY"
+    engine = FakeEngine()
+    machine, said = _layer(engine)
+    _run(machine.delete(URN, "10.0.0.5:22", _olds(onDestroy="retain")))
+    assert engine.calls == [] and any("onDestroy is `retain`" in line for line in said)
+    machine.ctx.created_on[URN] = (KEY, "/nix/var/nix/profiles/system")
+    _run(machine.delete(URN, "10.0.0.5:22", _olds()))
+    assert engine.calls == []
+
+
+# -- NixProfile -------------------------------------------------------------------------------
+
+APP = "/nix/store/" + "c" * 32 + "-app"
+
+
+def _profile_news(**extra: Any) -> dict[str, Any]:
+    return {"connection": {"host": "10.0.0.5", "port": 22, "user": "alice", "password": Secret("SUDO-PW")},
+            "profile": "app", "storePath": APP, "onDestroy": "rollback", **extra}
+
+
+def test_a_profile_converges_through_the_engine_and_fails_with_what_it_holds() -> None:
+    record = ProfileRecord(profile_path="/nix/var/nix/profiles/per-user/alice/app", store_path=APP, generation=2,
+                           baseline_generation=1, host_key=KEY)
+    engine = FakeEngine(converged=record)
+    profile, _ = _layer(engine, NixProfile)
+    ident, props = _run(profile.create(PURN, _profile_news(activate="systemctl restart app"), False))
+    (_, (goal, recorded)), = engine.calls
+    assert ident == "10.0.0.5:22:/nix/var/nix/profiles/per-user/alice/app" and recorded is None
+    assert goal.request.profile.path == "/nix/var/nix/profiles/per-user/alice/app"
+    assert goal.request.activate_command == "systemctl restart app"
+    assert (props["storePath"], props["generation"], props["profilePath"]) == (APP, 2, record.profile_path)
+    olds = {**props, "generation": 2.0}
+    engine = FakeEngine(converged=ConvergeFailed("activate failed", replace(record, generation=2),
+                                                 with_new_inputs=False))
+    profile, _ = _layer(engine, NixProfile)
+    with pytest.raises(PartialFailure) as e:
+        _run(profile.update(PURN, ident, olds, _profile_news(storePath=NEW, activate="true"), False))
+    assert e.value.outputs["activate"] == "systemctl restart app" and e.value.outputs["storePath"] == APP
+    preview = _run(profile.update(PURN, ident, olds, _profile_news(storePath=NEW), True))
+    assert preview["storePath"] == NEW and preview["generation"] is UNKNOWN and preview["baselineGeneration"] == 1
+    engine = FakeEngine()
+    profile, _ = _layer(engine, NixProfile)
+    _run(profile.delete(PURN, ident, {**olds, "onDestroy": "remove"}))
+    assert engine.calls == [("destroy_profile", (Profile(record.profile_path, None), True,
+                                                 "systemctl restart app"))]
+
+
+# -- secrecy, whatever the path ---------------------------------------------------------------
+
+_records = st.builds(
+    MachineRecord,
+    system_path=st.sampled_from([OLD, NEW, None]), generation=st.none() | st.integers(1, 99),
+    host_key=st.sampled_from([KEY, None]), secret_files_key=st.none() | st.binary(min_size=32, max_size=32),
+    secret_files=st.lists(st.builds(RecordedFile, path=st.sampled_from(["/run/a", "/run/b"]),
+                                    content_hash=st.text("abcdef0123", min_size=4, max_size=8)),
+                          max_size=2).map(tuple),
+    install_status=st.sampled_from([None, "installed", "failed"]))
+_extras = st.fixed_dictionaries({}, optional={
+    "buildHost": st.just({"host": "builder", "privateKey": "PRIVATE-KEY"}),
+    "binaryCache": st.just({"url": "s3://c", "publicKey": "c:pub", "signingKey": "SIGNING-KEY"}),
+    "install": st.just({"diskEncryptionKeys": {"/tmp/k": "DISK-KEY"}}),
+    "secretFiles": st.just([{"path": "/run/a", "content": Secret("contents")}]),
+})
+
+
+@settings(max_examples=40, deadline=None)
+@given(record=_records, extras=_extras, path=st.sampled_from(["create", "create-fails", "update", "update-fails",
+                                                             "preview-create", "preview-update", "read"]))
+def test_no_credential_reaches_state_unwrapped(record: MachineRecord, extras: dict[str, Any], path: str) -> None:
+    """Whatever the record and inputs, every properties a path hands Pulumi keep each credential, the files' key
+    and their contents wrapped as secrets, however the program passed them (here: plain)."""
+    news = _news(**extras)
+    news["connection"] = reveal(news["connection"])  # the program did not mark them secret
+    failing = ConvergeFailed("failed", record, with_new_inputs=path == "create-fails")
+    now = TargetState(host_key=KEY, generation=Generation(3, OLD, True), current_system=OLD, nixos_version=None)
+    engine = FakeEngine(converged=failing if path.endswith("fails") else record, state=now,
+                        changes=ClosureChanges(before=OLD, after=NEW))
+    machine, said = _layer(engine)
+    olds = _olds(record, **extras)
+    if path.startswith("create"):
+        outputs = [_call_or_failure(lambda: machine.create(URN, news, False))]
+    elif path.startswith("update"):
+        outputs = [_call_or_failure(lambda: machine.update(URN, "h:22", olds, news, False))]
+    elif path == "preview-create":
+        outputs = [_run(machine.create(URN, news, True))[1]]
+    elif path == "preview-update":
+        outputs = [_run(machine.update(URN, "h:22", olds, news, True))]
+    else:
+        _, props, _ = _run(machine.read(URN, "h:22", olds, news))
+        outputs = [props]
+    key = base64.b64encode(record.secret_files_key).decode() if record.secret_files_key else None
+    leaked = set(CREDENTIALS) | {"contents"} | ({key} if key else set())
+    for props in outputs:
+        assert not leaked & set(_plain_leaves(props)), path
+        if props.get("secretFilesKey") not in (None, UNKNOWN):
+            assert isinstance(props["secretFilesKey"], Secret)
+    assert not any(c in line for c in CREDENTIALS for line in said)
+
+
+def _call_or_failure(call: Callable[[], Any]) -> dict[str, Any]:
+    """The properties a Create or Update hands back, or those of its partial failure."""
+    try:
+        result = _run(call())
+    except PartialFailure as e:
+        return e.outputs
+    return dict(result[1] if isinstance(result, tuple) else result)
