@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from nixos_provider.engine.target.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
-from nixos_provider.pulumi_layer import checks, normalized
+from nixos_provider.pulumi_layer import checks, machine_checks, normalized
 from nixos_provider.pulumi_layer.properties import Secret
 
 KEY = b"k" * 32
@@ -49,7 +49,7 @@ def test_write_script_takes_values_as_positional_args_only() -> None:
 
 def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     f = checks.Failures()
-    checks.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
+    machine_checks.check_secret_files(f, [{"path": "/a/../b", "content": "x"}, {"path": "/a", "content": "x", "mode": "777"},
                               {"path": "/a", "content": "x", "owner": "-x"}, "nope",
                               {"path": "/nix/store/abc-key", "content": "x"}])
     props = dict(f.items)

@@ -379,7 +379,7 @@ def test_diff_closures_reports_changes_added_removed_and_sizes() -> None:
     ([], None),
 ])
 def test_engine_address_is_the_last_argument(argv: list[str], expected: str | None) -> None:
-    from nixos_provider.pulumi_layer.server import engine_address_from
+    from nixos_provider.pulumi_layer.plugin import engine_address_from
     assert engine_address_from(argv) == expected
 
 
@@ -483,7 +483,7 @@ def test_host_key_expected_after_install() -> None:
 
 
 def test_install_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.checks import check_install
+    from nixos_provider.pulumi_layer.machine_checks import check_install
     f = Failures()
     check_install(f, {"flake": ".#web", "install": {"phases": ["kexec", "reboot"], "command": [],
                                                     "extraFiles": {"/etc/../x": Secret("s3cret-value")},
@@ -549,7 +549,7 @@ def test_input_keys_are_the_schemas() -> None:
 
 def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
     """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
-    from nixos_provider.pulumi_layer import checks, machine, nix_profile
+    from nixos_provider.pulumi_layer import machine, machine_checks, nix_profile
     from nixos_provider.pulumi_layer.schema import schema
 
     doc = schema()
@@ -558,10 +558,10 @@ def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
         declared = doc["resources"][resource.TYPE]
         assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), resource.TYPE
     types = doc["types"]
-    assert set(checks.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
-    assert set(checks.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
+    assert set(machine_checks.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
+    assert set(machine_checks.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
     # contentHash is the provider's: an output of each recorded file, never an input.
-    assert set(checks.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
+    assert set(machine_checks.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
 
 
 def _message_strings(source: str) -> list[str]:
@@ -677,8 +677,8 @@ def _cache_keys(tmp_path: Any, name: str) -> tuple[str, str]:
 
 
 def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: Any) -> None:
-    from nixos_provider.pulumi_layer.checks import check_binary_cache
     from nixos_provider.pulumi_layer.conversion import parse_binary_cache, to_binary_cache
+    from nixos_provider.pulumi_layer.machine_checks import check_binary_cache
     secret, public = _cache_keys(tmp_path, "c-1")
     other_secret, _ = _cache_keys(tmp_path, "c-2")
 

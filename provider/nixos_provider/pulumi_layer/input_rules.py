@@ -8,7 +8,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from . import checks
+from . import checks, machine_checks
 
 MACHINE = "nixos:index:NixosMachine"
 PROFILE = "nixos:index:NixProfile"
@@ -30,7 +30,7 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
     """What is wrong with a NixosMachine's inputs (relative paths resolve against project_dir)."""
     f = _common_failures(MACHINE, MACHINE_INPUTS, news)
     flake, path = news.get("flake"), news.get("systemPath")
-    checks.check_system_source(f, news, project_dir)
+    machine_checks.check_system_source(f, news, project_dir)
     checks.check_flake(f, "flake", flake)
     checks.check_store_path(f, "systemPath", path)
     checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
@@ -46,9 +46,9 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
     checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "retain"))
     checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback",
                                            "buildOnPreview", "dryActivate", "collectGarbage"))
-    checks.check_install(f, news)
-    checks.check_secret_files(f, news.get("secretFiles"))
-    checks.check_binary_cache(f, news.get("binaryCache"))
+    machine_checks.check_install(f, news)
+    machine_checks.check_secret_files(f, news.get("secretFiles"))
+    machine_checks.check_binary_cache(f, news.get("binaryCache"))
     return f
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.models import BinaryCache
-from . import checks, conversion
+from . import checks, conversion, machine_checks
 from .properties import reveal
 
 WHOLE_NUMBERS = ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations")
@@ -39,7 +39,7 @@ def check(values: dict[str, Any]) -> checks.Failures:
     for key in COMMANDS:
         if values.get(key) is not None and _command(values.get(key)) is None:
             f.add(key, "must be a non-empty list of strings")
-    checks.check_binary_cache(f, conversion.parse_binary_cache(values.get("binaryCache")))
+    machine_checks.check_binary_cache(f, conversion.parse_binary_cache(values.get("binaryCache")))
     return f
 
 

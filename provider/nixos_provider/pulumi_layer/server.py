@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import traceback
 import weakref
@@ -28,12 +27,15 @@ from .context import Context
 from .error_text import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
-from .properties import Secret, from_struct, reveal, to_struct
+from .properties import from_struct, reveal, to_struct
 from .resource import CheckFailed, DiffResult, PartialFailure
 from .schema import SCHEMA_PATH
 
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
+# When the engine stops the plugin (SIGINT, then SIGKILL to the group 5 s later): up to this long for the
+# evaluations still running to be killed and reaped (what finished is kept already).
+STOP_GRACE = 2.0
 
 
 def _type_of(urn: str, type_: str = "") -> str:
@@ -295,94 +297,3 @@ def _invoke_result(value: dict[str, Any]) -> provider_pb2.InvokeResponse:
     resp = provider_pb2.InvokeResponse()
     getattr(resp, "return").CopyFrom(to_struct(value))  # `return` is a Python keyword
     return resp
-
-
-FLAGS_WITH_VALUE = {"--tracing", "--logflow", "-v", "--root"}
-
-
-def engine_address_from(argv: list[str]) -> str | None:
-    """The engine's address is the last argument; flags (some with a value, like `--tracing URL`) come first."""
-    rest: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in FLAGS_WITH_VALUE:
-            skip = True
-        elif not arg.startswith("-"):
-            rest.append(arg)
-    return rest[-1] if rest else None
-
-
-async def serve(argv: list[str]) -> None:
-    engine_address = engine_address_from(argv)
-    provider = Provider(engine_address)
-    if engine_address:
-        await provider.start_logging()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 400 * 1024 * 1024)])
-    provider_pb2_grpc.add_ResourceProviderServicer_to_server(provider, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, provider.interrupted)
-    print(port, flush=True)
-    await exit_when_orphaned(provider)
-
-
-ORPHAN_CHECK_INTERVAL = 1.0
-ORPHAN_GRACE = 10.0
-# When the engine stops the plugin (SIGINT, then SIGKILL to the group 5 s later): up to this long for the
-# evaluations still running to be killed and reaped (what finished is kept already).
-STOP_GRACE = 2.0
-
-
-async def _reachable(address: str | None) -> bool:
-    if not address or ":" not in address:
-        return True
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return True
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=5)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
-async def exit_when_orphaned(provider: Provider) -> None:
-    """Serve until the process that started us (the Pulumi engine) is gone, then exit.
-
-    A killed `pulumi` CLI never stops its plugins; left alone they would run
-    forever. Deployments in flight are cancelled first, which tells their
-    supervisors to roll back (they finish that on the target by themselves).
-    """
-    parent = os.getppid()
-    unreachable = 0
-    while os.getppid() == parent and unreachable < 3:
-        await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
-        # A provider started by the language host outlives the CLI with it:
-        # the engine's address, which dies with the CLI, tells.
-        unreachable = 0 if await _reachable(provider.engine_address) else unreachable + 1
-    print("nixos provider: the Pulumi engine is gone; stopping", file=sys.stderr, flush=True)
-    tasks = provider.cancel_all()
-    closing = asyncio.ensure_future(provider.ctx.evaluator.aclose(timeout=ORPHAN_GRACE))
-    await asyncio.wait([*tasks, closing], timeout=ORPHAN_GRACE)
-    os._exit(0)
-
-
-def main() -> None:
-    # Secrets must never be printed; keep asyncssh's own logging quiet.
-    import logging
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("asyncssh").setLevel(logging.ERROR)
-    # Ctrl-C in a terminal reaches the whole process group. The engine then
-    # calls Cancel, and a deployment that is activating rolls back and waits
-    # for its supervisor; dying on the signal would leave the host to it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        asyncio.run(serve(sys.argv[1:]))
-    except KeyboardInterrupt:
-        pass
-
-
-__all__ = ["Provider", "Secret", "main", "serve"]
