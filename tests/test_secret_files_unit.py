@@ -58,8 +58,11 @@ def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     assert "secretFiles[2].owner" in props and "secretFiles[3]" in props
     assert "secretFiles[1].mode" not in props  # "777" is a valid octal mode
     out = normalized.normalize_secret_files([{"path": "/a", "content": "x"}])
-    assert out == [{"path": "/a", "content": Secret("x"), "owner": "root", "group": "root", "mode": "0400",
+    assert out == [{"path": "/a", "content": "x", "owner": "root", "group": "root", "mode": "0400",
                     "stage": "before-activation", "keepOnDestroy": False}]
+    # The content is secret in state, as the schema says, however the program passed it.
+    from nixos_provider.pulumi_layer.secrecy import secret_fields
+    assert secret_fields({"secretFiles": out}, "nixos:index:NixosMachine")["secretFiles"][0]["content"] == Secret("x")
 
 
 def test_refresh_reads_files_as_they_are_and_keeps_the_programs_spelling(tmp_path: Path) -> None:

@@ -812,8 +812,8 @@ async def test_the_agent_lists_and_signs_with_its_keys_and_refuses_the_rest() ->
 
 def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() -> None:
     """Over the schema: each input whose type has `secret` fields (at any depth: a connection's proxy) passes
-    through secret_fields, the one list every output site uses, and comes out with each of them wrapped.
-    secretFiles are the exception on purpose: state keeps only their HMACs (test_secret_files_unit)."""
+    through secret_fields, which every output site uses, and comes out with each of them wrapped (secretFiles'
+    contents too: they are inputs in state; outputs keep only their HMACs, test_secret_files_unit)."""
     from nixos_provider.pulumi_layer.schema import schema
     from nixos_provider.pulumi_layer.secrecy import secret_fields
     doc = schema()
@@ -841,17 +841,17 @@ def test_every_secret_field_of_every_resource_input_is_kept_secret_in_outputs() 
     for token, resource in doc["resources"].items():
         for prop, spec in resource["inputProperties"].items():
             value, secrets = example(spec)
-            if not secrets or prop == "secretFiles":
+            if not secrets:
                 continue
-            out = secret_fields({prop: value})[prop]
+            out = secret_fields({prop: value}, token)[prop]
             for path in secrets:
                 field = out
                 for step in path:
                     field = field[step]
                 assert isinstance(field, Secret), (token, prop, path)
                 checked += 1
-    # connection and buildHost (with their proxies), binaryCache, install; NixProfile's connection
-    assert checked >= 20, checked
+    # connection and buildHost (with their proxies), binaryCache, install, secretFiles; NixProfile's connection
+    assert checked >= 21, checked
 
 
 @pytest.mark.parametrize(("stderr", "expected"), [

@@ -47,12 +47,12 @@ class NixosMachine(MachinePreview):
         checked["connection"] = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
         if checked.get("buildHost") is not None:
             checked["buildHost"] = normalized.normalize_connection(checked["buildHost"], self.ctx.default_user)
-        # Credentials are secret in state whether or not the program said so.
-        checked = secrecy.secret_fields(checked)
         checked.setdefault("action", "switch")
         checked.setdefault("onDestroy", "rollback")
         if checked.get("secretFiles") is not None:
             checked["secretFiles"] = normalized.normalize_secret_files(checked["secretFiles"])
+        # Credentials and file contents are secret in state whether or not the program said so.
+        checked = secrecy.secret_fields(checked, TYPE)
         if Closure.parse(news, "systemPath").evaluated:
             checked["systemPath"] = await self._resolve_source(urn, news, nixos=True)
         return checked

@@ -51,10 +51,10 @@ class NixProfile(DeployedResource):
         if f:
             raise CheckFailed(f)
         checked = dict(news)
-        # Credentials are secret in state whether or not the program said so.
-        connection = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
-        checked["connection"] = secrecy.secret_connection(connection)
+        checked["connection"] = normalized.normalize_connection(checked.get("connection"), self.ctx.default_user)
         checked.setdefault("onDestroy", "rollback")
+        # Credentials are secret in state whether or not the program said so.
+        checked = secrecy.secret_fields(checked, TYPE)
         if news.get("flake") is not None:
             checked["storePath"] = await self._resolve_source(urn, news, nixos=False)
         return checked

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.transport import host_keys
-from .properties import UNKNOWN, Secret, reveal
+from .properties import UNKNOWN, reveal
 
 
 def normalize_connection(conn: Any, default_user: str | None) -> Any:
@@ -27,13 +27,10 @@ SECRET_FILE_DEFAULTS: dict[str, Any] = {"owner": "root", "group": "root", "mode"
 
 
 def normalize_secret_files(files: Any) -> Any:
-    """Fill each file's defaults and keep its content secret, however the program passed it."""
+    """Fill each file's defaults."""
     if not isinstance(files, list):
         return files
     out = []
     for entry in files:
-        e = {**SECRET_FILE_DEFAULTS, **{k: v for k, v in entry.items() if v is not None}}
-        if not isinstance(e.get("content"), Secret):
-            e["content"] = Secret(e.get("content"))
-        out.append(e)
+        out.append({**SECRET_FILE_DEFAULTS, **{k: v for k, v in entry.items() if v is not None}})
     return out

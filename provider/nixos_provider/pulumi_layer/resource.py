@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.errors import EngineError
 from ..engine.models import Remote
-from ..engine.nix.cli import Nix, SourceRef
+from ..engine.nix.cli import Nix
 from .checks import Failures
 from .context import Context
 from .conversion import nix_options, to_remote
@@ -36,10 +35,6 @@ class DeployedResource:
         return to_remote(connection, host_key=host_key, default_private_key=self.ctx.default_private_key,
                          default_user=self.ctx.default_user)
 
-    def _source(self, props: dict[str, Any], *, nixos: bool) -> SourceRef | None:
-        """The source the inputs name (a flake reference, or a system without a flake), known and revealed."""
-        return Closure.parse(props, "").ref(self.ctx.project_dir, nixos=nixos)
-
     async def _resolve_source(self, urn: str, news: dict[str, Any], *, nixos: bool) -> Any:
         """Check: the source's output path, or UNKNOWN while the source (or its options) is not known yet."""
         given = [k for k in SOURCE_KEYS if news.get(k) is not None]
@@ -47,7 +42,7 @@ class DeployedResource:
             return UNKNOWN
         # A source or option that is a secret is never written down to be evaluated ahead.
         remember = not any(is_secret(news.get(k)) for k in (*given, "nixOptions"))
-        ref = self._source(news, nixos=nixos)
+        ref = Closure.parse(news, "").ref(self.ctx.project_dir, nixos=nixos)
         assert ref is not None, "Check resolves only an evaluated source"
         try:
             evaluation = await self.ctx.evaluate(ref, self._nix(news), urn=urn, remember=remember)
@@ -84,10 +79,6 @@ class DiffResult:
     @property
     def changed(self) -> bool:
         return bool(self.detailed)
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def same(a: Any, b: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from .properties import UNKNOWN, Secret
 
 SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
-_TYPE_REF = "#/types/"
+TYPE_REF = "#/types/"
 
 
 @functools.cache
@@ -74,7 +74,7 @@ def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]
     if value is None or value is UNKNOWN:
         return
     ref = spec.get("$ref", "")
-    if ref and not ref.startswith(_TYPE_REF):
+    if ref and not ref.startswith(TYPE_REF):
         return  # pulumi.json#/Any (the items of `triggers`): any value
     kind = "object" if ref else str(spec.get("type", ""))
     if kind not in _WHAT:
@@ -82,8 +82,8 @@ def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]
     if not _fits(kind, value):
         out.append((path, f"must be {_WHAT[kind]}, not {kind_of(value)}"))
         return
-    if ref.startswith(_TYPE_REF):
-        fields = schema()["types"][ref[len(_TYPE_REF):]].get("properties", {})
+    if ref.startswith(TYPE_REF):
+        fields = schema()["types"][ref[len(TYPE_REF):]].get("properties", {})
         for key, item in value.items():
             if key in fields:
                 _walk(fields[key], item, f"{path}.{key}", out)

@@ -86,9 +86,10 @@ class State(Generic[R]):
 
     RECORD: ClassVar[type[Any]]
     INPUTS: ClassVar[tuple[str, ...]]
+    TOKEN: ClassVar[str]
 
     def to_properties(self) -> dict[str, Any]:
-        props = secret_fields(dict(self.inputs))
+        props = secret_fields(dict(self.inputs), self.TOKEN)
         for f in dataclasses.fields(self.record):
             name = property_name(f.name)
             value = _record_value(getattr(self.record, f.name))
@@ -114,6 +115,7 @@ class State(Generic[R]):
 class MachineState(State[MachineRecord]):
     RECORD = MachineRecord
     INPUTS = tuple(input_rules.MACHINE_INPUTS)
+    TOKEN = input_rules.MACHINE
 
     @classmethod
     def from_properties(cls, props: Mapping[str, Any]) -> MachineState:
@@ -123,6 +125,7 @@ class MachineState(State[MachineRecord]):
 class ProfileState(State[ProfileRecord]):
     RECORD = ProfileRecord
     INPUTS = tuple(input_rules.PROFILE_INPUTS)
+    TOKEN = input_rules.PROFILE
 
     @classmethod
     def from_properties(cls, props: Mapping[str, Any]) -> ProfileState:
