@@ -12,17 +12,23 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import labctl
 import pytest
-from conftest import LAB_NET, REPO, HostFactory, PulumiProject, Systems, current_system, in_host
+from conftest import LAB_NET, REPO, HostFactory, PulumiProject, Systems, current_system, in_host, write_flake
 from test_provider_e2e import connection, program, strip_ansi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 LAB = labctl.LAB_FLAKE
 DISK_PASSPHRASE = "lab-disk-passphrase-7f3a9c"
+# A system no store has before the test (a nonce in its version and package).
+BUILT_ELSEWHERE = """{ outputs = { self }: let lab = import ./lib.nix; in {
+  nixosConfigurations.built = lab.nixosConfiguration { version = "built-%s";
+    packages = [ { name = "built-elsewhere"; version = "%s"; size = 4096; } ]; };
+}; }"""
 
 
 def host_key_pair(tmp: Path) -> tuple[str, str]:
@@ -328,6 +334,37 @@ def test_install_built_on_the_target_from_the_flake(
     text = strip_ansi(up.stdout + up.stderr)
     assert "nixos-anywhere: Building the system closure" in text
     assert "nixos-anywhere: Uploading the system closure" not in text
+
+
+def test_install_with_a_build_host_builds_there(
+        project: PulumiProject, new_host: HostFactory, lab_dir: Path, tmp_path: Path) -> None:
+    """With `buildHost`, what the deployer would build for nixos-anywhere (the system, the disko script) is built on
+    the build host, then copied to the deployer, where nixos-anywhere takes it from."""
+    nonce = uuid.uuid4().hex[:8]
+    flake = write_flake(tmp_path / "flake", BUILT_ELSEWHERE % (nonce, nonce))
+    builder, host = new_host(), new_host("bare")
+    log = use_stand_in(project, lab_dir, tmp_path)
+    machine = installing_machine(host, "unused", {}, buildHost={
+        "host": builder.address, "port": builder.port, "privateKey": {"fn::readFile": builder.privateKeyPath}})
+    machine["properties"]["flake"] = f"{flake}#built"
+    program(project, {"web": machine}, {"systemPath": "${web.systemPath}", "installStatus": "${web.installStatus}"})
+    project.run("stack", "init", "dev")
+    up = project.up()
+    out = project.outputs()
+    assert out["installStatus"] == "installed" and out["systemPath"] == current_system(host)
+    [call] = calls(log)
+    argv = call["argv"]
+    disko, system = argv[argv.index("--store-paths") + 1:argv.index("--store-paths") + 3]
+    assert system == out["systemPath"]
+    for path in (system, disko):
+        # Built on the build host (its store keeps the build's log), not here (no log).
+        deriver = in_host(builder, "nix-store", "--query", "--deriver", path, check=False)
+        assert deriver.returncode == 0, f"the build host never had {path}"
+        drv = deriver.stdout.strip()
+        assert in_host(builder, "nix-store", "--read-log", drv, check=False).returncode == 0, path
+        assert subprocess.run(["nix-store", "--read-log", drv], capture_output=True).returncode != 0, path
+    said = " ".join(strip_ansi(up.stdout + up.stderr).split())
+    assert f"on the build host root@{builder.address}:{builder.port}" in said, said
 
 
 def test_the_stand_in_rejects_what_nixos_anywhere_rejects(tmp_path: Path) -> None:

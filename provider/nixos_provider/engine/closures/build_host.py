@@ -24,14 +24,15 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import BuildHostError, ConnectError, EngineError
+from ..errors import BuildHostError, CommandError, ConnectError, EngineError
 from ..models import Remote, SubstitutePolicy
+from ..nix.cli import Nix
 from ..nix.versions import build_failure
 from ..transport.agent import KeyAgent
-from ..transport.process import Target
+from ..transport.process import LOCAL, Runner, Target
 from ..transport.ssh import Connection, connect, private_key
 from .push import CHUNK, fetch_from_caches, missing_paths
 
@@ -134,6 +135,23 @@ class BuildHost:
         return Copied(len(closure), len(closure) - lacked, substituted, direct, relayed, relayed_bytes,
                       time.monotonic() - started)
 
+    async def copy_here(self, nix: Nix, outs: Sequence[str], timeout: float) -> int:
+        """outs' closures from the build host into the deployer's store (nixos-anywhere copies from there); the
+        bytes moved. The deployer's Nix checks no signatures only for a user it trusts (root, trusted-users)."""
+        res = await self.store.run(["nix-store", "--query", "--requisites", *outs])
+        closure = res.stdout.split()
+        invalid = await LOCAL.run(nix.store_argv("--check-validity", "--print-invalid", *closure), check=False)
+        missing = [p for p in closure if p in set(invalid.stdout.split())]
+        if not missing:
+            return 0
+        try:
+            return await self._relay(LOCAL, missing, timeout, sink=nix.store_argv("--import"))
+        except CommandError as e:
+            trust = (" (the deployer's Nix imports unsigned paths only for root or a user in its trusted-users)"
+                     if "signature" in str(e) else "")
+            raise BuildHostError(f"copying {len(missing)} paths from the build host {self.store.target} to the "
+                                 f"deployer failed: {e}{trust}") from e
+
     def _cannot_copy_directly(self, target: Target) -> str | None:
         """Why the build host cannot log in to target as the deployment does, if it cannot."""
         remote = target.conn.remote
@@ -175,10 +193,11 @@ class BuildHost:
             return None
         return f"the build host could not copy to {target.target} (exit {res.exit_status}: {_reason(res.stderr)})"
 
-    async def _relay(self, target: Target, paths: list[str], timeout: float) -> int:
+    async def _relay(self, target: Runner, paths: list[str], timeout: float,
+                     sink: Sequence[str] = ("nix-store", "--import")) -> int:
         """Export paths on the build host and import them on target, through this process; the bytes moved."""
         export = await self.store.start(["sh", "-c", _EXPORT])
-        importing = await target.start(["nix-store", "--import"])
+        importing = await target.start(list(sink))
         moved = 0
         try:
             async with asyncio.timeout(timeout):

@@ -12,13 +12,16 @@ import base64
 from dataclasses import replace
 
 from .. import install as installer
+from ..closures.build_host import BuildHost
+from ..closures.push import push_closure
 from ..deploy import check_health, read_state
-from ..errors import DeployError, EngineError, NotNixos
+from ..errors import DeployError, EngineError, NoNixosConfiguration, NotNixos
 from ..install import source as install_sources
-from ..models import SYSTEM_PROFILE, InstallRequest, Profile, Remote, Retention
-from ..nix.cli import Evaluation, Nix
+from ..models import INSTALL_PHASES, SYSTEM_PROFILE, InstallRequest, Profile, Remote, Retention
+from ..nix.cli import DISKO_SCRIPT, Evaluation, Nix
 from ..nix.closure_diff import ClosureChanges, closure_changes, derivation_changes
 from ..target import secret_files as files
+from ..transport.process import Target
 from .deployment import run_deployment
 from .models import ConvergeFailed, Limits, MachineGoal, MachineRecord, Report, SystemSource, now_rfc3339
 
@@ -129,6 +132,45 @@ async def _install_source(goal: MachineGoal, req: InstallRequest, nix: Nix, repo
         build_on_target=req.build_on == "remote", flake=goal.source.flake, phases=req.phases)
 
 
+async def _install_source_on_build_host(limits: Limits, goal: MachineGoal, req: InstallRequest, nix: Nix,
+                                        report: Report) -> install_sources.InstallSource:
+    """With a build host, what the deployer would build is built there: the system and the disko script (unless
+    the request brings its own). Both are then copied here, where nixos-anywhere takes them from."""
+    assert goal.build_host is not None
+    flake = goal.source.flake
+    builds = [await goal.source.evaluation()]
+    disko = req.disko_script
+    if disko is None:
+        disko_ref = flake.build_product(DISKO_SCRIPT) if flake is not None and flake.system is not None else None
+        if flake is None or disko_ref is None:
+            raise NoNixosConfiguration(flake)
+        if "disko" in (req.phases or INSTALL_PHASES):
+            builds.append(await nix.evaluate(disko_ref))
+    if any(b.drv_path is None for b in builds):
+        return await _install_source(goal, req, nix, report)  # nothing to build there (an impure evaluation)
+    report.status(f"connecting to the build host {goal.build_host.target}")
+    async with limits.ssh_slots:
+        builder = await BuildHost.open(goal.build_host, goal.remote)
+        try:
+            for built in builds:
+                assert built.drv_path is not None
+                await push_closure(nix, Target(builder.conn), built.drv_path)
+                report.status(f"building {built.drv_path} on the build host {goal.build_host.target}")
+                await builder.build(built.drv_path, built.out_path, req.timeout)
+            report.status(f"copying {', '.join(b.out_path for b in builds)} from the build host to the deployer, "
+                          "for nixos-anywhere")
+            await builder.copy_here(nix, [b.out_path for b in builds], req.timeout)
+        finally:
+            await builder.close()
+    if disko is None and len(builds) > 1:
+        disko = builds[1].out_path
+    elif disko is not None and not await nix.is_valid(disko):
+        report.status(f"realising {disko}")
+        await nix.build(disko)
+    return install_sources.InstallSource(disko_script=disko) if disko else install_sources.InstallSource(
+        flake=str(flake.system if flake is not None else goal.source.store_path))
+
+
 async def _install(limits: Limits, goal: MachineGoal, req: InstallRequest, recorded: MachineRecord, nix: Nix,
                    report: Report) -> MachineRecord:
     """Install NixOS with nixos-anywhere (or adopt the host if it already runs NixOS), then manage it.
@@ -144,7 +186,9 @@ async def _install(limits: Limits, goal: MachineGoal, req: InstallRequest, recor
         return ConvergeFailed(message, replace(base, install_error=error), with_new_inputs=True)
 
     try:
-        source = await _install_source(goal, req, nix, report)
+        on_build_host = goal.build_host is not None and req.build_on != "remote" and goal.source.evaluated
+        source = await (_install_source_on_build_host(limits, goal, req, nix, report) if on_build_host
+                        else _install_source(goal, req, nix, report))
     except EngineError as e:
         raise failed(f"{report.describe(e)}; nothing was installed and the host was not touched",
                      f"build: {report.describe(e)}") from e
