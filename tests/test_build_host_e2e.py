@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 FLAKE = """{ outputs = { self }: let lab = import ./lib.nix; in {
   nixosConfigurations.built = lab.nixosConfiguration { version = "built-%s";
     packages = [ { name = "built-elsewhere"; version = "%s"; size = 2097152; } ]; };
+  packages.x86_64-linux.tool = lab.mkPackage { name = "tool-built-elsewhere"; version = "%s"; size = 4096; };
+  packages.x86_64-linux.tool-on-target = lab.mkPackage { name = "tool-built-there"; version = "%s"; size = 4096; };
 }; }"""
 PACKAGE = 2 * 1024 * 1024
 
@@ -37,7 +39,7 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     """`direct`: the deployer sends only derivations, the build host sends the system. `relayed`: the build host
     cannot reach its target, so the deployer relays, and says so. Then a build host with another key is refused."""
     nonce = uuid.uuid4().hex[:8]
-    flake = write_flake(tmp_path / "flake", FLAKE % (nonce, f"1.{nonce}"))
+    flake = write_flake(tmp_path / "flake", FLAKE % (nonce, f"1.{nonce}", nonce, nonce))
     builder, direct, relayed = new_host(), new_host(), new_host()
     labctl.misroute(builder, relayed.address)
     # Plain text on purpose: state keeps the build host's key secret all the same.
@@ -48,6 +50,14 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
         for name, host in (("direct", direct), ("relayed", relayed))}
     outputs = {f"{name}{k}": f"${{{name}.{k[0].lower() + k[1:]}}}" for name in resources
                for k in ("SystemPath", "PushedBytes", "BuildHostKey")}
+    # A profile is built there too; or, with `buildOn: remote`, on its host.
+    resources["tool"] = {"type": "nixos:NixProfile", "properties": {
+        "connection": connection(direct), "profile": "tool", "flake": f"{flake}#tool", "buildHost": build_host}}
+    resources["toolOnTarget"] = {"type": "nixos:NixProfile", "properties": {
+        "connection": connection(direct), "profile": "tool2", "flake": f"{flake}#tool-on-target",
+        "buildOn": "remote"}}
+    outputs.update(toolStorePath="${tool.storePath}", toolBuildHostKey="${tool.buildHostKey}",
+                   toolOnTargetStorePath="${toolOnTarget.storePath}")
     program(project, resources, outputs)
     project.run("stack", "init", "dev")
 
@@ -72,7 +82,17 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
                       rf"{relayed.port} through the deployer", out)
     assert relay, out
     assert "relaying" not in out.replace(relay.group(0), ""), "the direct machine was relayed too"
-    assert got["directBuildHostKey"] == got["relayedBuildHostKey"] == builder.hostKey
+    assert got["directBuildHostKey"] == got["relayedBuildHostKey"] == got["toolBuildHostKey"] == builder.hostKey
+    tool = str(got["toolStorePath"])
+    assert _has(builder, tool) and _has(direct, tool) and in_host(
+        direct, "readlink", "-f", "/nix/var/nix/profiles/per-user/root/tool").stdout.strip() == tool
+    assert subprocess.run([*labctl.NIX, "path-info", tool], capture_output=True).returncode != 0, \
+        "the profile's package is in the deployer's store: it was built or copied here"
+    there = str(got["toolOnTargetStorePath"])
+    drv = in_host(direct, "nix-store", "--query", "--deriver", there).stdout.strip()
+    assert in_host(direct, "nix-store", "--read-log", drv, check=False).returncode == 0, "not built on the host"
+    assert not _has(builder, there)
+    assert subprocess.run([*labctl.NIX, "path-info", there], capture_output=True).returncode != 0
     state = json.dumps(project.resource("NixosMachine"))
     key_body = Path(builder.privateKeyPath).read_text().split("\n")[1]
     assert key_body not in state and key_body not in res.stdout + res.stderr
@@ -83,7 +103,7 @@ def test_a_build_host_builds_and_copies_to_the_target_itself(
     # A new version of the package: built there again, and lastChanges says what changed, from the derivations.
     # The preview builds nothing here (buildOnPreview builds where the deployment builds), and dry-activates
     # a system built on the build host.
-    write_flake(tmp_path / "flake", FLAKE % (nonce, f"2.{nonce}"))
+    write_flake(tmp_path / "flake", FLAKE % (nonce, f"2.{nonce}", nonce, nonce))
     resources["direct"]["properties"].update(dryActivate=True, buildOnPreview=True)
     program(project, resources, outputs)
     preview = strip_ansi(project.run("preview").stdout)

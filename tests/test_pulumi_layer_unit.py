@@ -341,6 +341,17 @@ def test_a_profile_converges_through_the_engine_and_fails_with_what_it_holds() -
     assert e.value.outputs["activate"] == "systemctl restart app" and e.value.outputs["storePath"] == APP
     preview = _run(profile.update(PURN, ident, olds, _profile_news(storePath=NEW), True))
     assert preview["storePath"] == NEW and preview["generation"] is UNKNOWN and preview["baselineGeneration"] == 1
+    # Built on a build host: its key, pinned by the last deployment, goes with it while it names that host.
+    builder = {"host": "builder", "port": 22, "user": "root"}
+    engine = FakeEngine(converged=replace(record, build_host_key="ssh-ed25519 BUILDER"))
+    profile, _ = _layer(engine, NixProfile)
+    props = _run(profile.update(PURN, ident, {**olds, "buildHost": builder, "buildHostKey": "ssh-ed25519 BUILDER"},
+                                _profile_news(storePath=NEW, buildHost=builder), False))
+    (_, (goal, _)), = engine.calls
+    assert goal.build_host.host == "builder" and goal.build_host.host_key == goal.build_host_key == \
+        "ssh-ed25519 BUILDER" and not goal.build_on_target and props["buildHostKey"] == "ssh-ed25519 BUILDER"
+    preview = _run(profile.update(PURN, ident, olds, _profile_news(storePath=NEW, buildHost=builder), True))
+    assert preview["buildHostKey"] is UNKNOWN  # pinned by the deployment
     engine = FakeEngine()
     profile, _ = _layer(engine, NixProfile)
     _run(profile.delete(PURN, ident, {**olds, "onDestroy": "remove"}))
@@ -399,7 +410,7 @@ _records = st.builds(
 def test_the_schema_has_secret_fields_in_every_kind_of_input() -> None:
     assert {"connection", "buildHost", "binaryCache", "install"} <= set(MACHINE_SECRETS)
     assert MACHINE_SECRETS["connection"]["proxy"]["privateKey"] == "plain-privateKey"
-    assert set(PROFILE_SECRETS) == {"connection"}
+    assert set(PROFILE_SECRETS) == {"connection", "buildHost"}
 
 
 def _outputs_of(resource: Any, path: str, news: dict[str, Any], olds: dict[str, Any]) -> dict[str, Any]:
@@ -441,9 +452,11 @@ def test_no_secret_field_of_the_schema_reaches_a_machine_s_state_unwrapped(
 
 
 @settings(max_examples=20, deadline=None)
-@given(path=st.sampled_from(PATHS), generation=st.integers(0, 9))
-def test_no_secret_field_of_the_schema_reaches_a_profile_s_state_unwrapped(path: str, generation: int) -> None:
-    news = _profile_news(connection={"host": "10.0.0.5", "port": 22, **PROFILE_SECRETS["connection"]})
+@given(path=st.sampled_from(PATHS), generation=st.integers(0, 9), build_host=st.booleans())
+def test_no_secret_field_of_the_schema_reaches_a_profile_s_state_unwrapped(path: str, generation: int,
+                                                                          build_host: bool) -> None:
+    news = _profile_news(connection={"host": "10.0.0.5", "port": 22, **PROFILE_SECRETS["connection"]},
+                         **({"buildHost": PROFILE_SECRETS["buildHost"]} if build_host else {}))
     record = ProfileRecord(profile_path="/nix/var/nix/profiles/per-user/alice/app", store_path=APP,
                            generation=generation, host_key=KEY)
     failing = ConvergeFailed("failed", record, with_new_inputs=path != "update-fails-old")

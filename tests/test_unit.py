@@ -771,19 +771,34 @@ def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation
 
 
 def test_build_host_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.input_rules import _check_build_host
+    from nixos_provider.pulumi_layer.input_rules import _check_build_on
+
+    def machine(f: Failures, news: dict[str, Any]) -> None:
+        _check_build_on(f, news, "systemPath")
+
+    def profile(f: Failures, news: dict[str, Any]) -> None:
+        _check_build_on(f, news, "storePath")
+
     conn = {"host": "builder.example", "port": 22}
-    assert failures(_check_build_host, {"flake": ".#web", "buildHost": conn}) == []
-    assert failures(_check_build_host, {"flake": ".#web"}) == []
-    assert failures(_check_build_host, {"flake": ".#web", "buildHost": {**conn, "host": "a b", "port": 0}}) == [
+    assert failures(machine, {"flake": ".#web", "buildHost": conn}) == []
+    assert failures(machine, {"flake": ".#web"}) == failures(profile, {"flake": ".#app", "buildHost": conn}) == []
+    assert failures(machine, {"flake": ".#web", "buildHost": {**conn, "host": "a b", "port": 0}}) == [
         ("buildHost.host", "'a b' is not a host name or IP address"),
         ("buildHost.port", "must be between 1 and 65535, not 0")]
-    said = failures(_check_build_host, {"flake": ".#web", "buildOn": "remote", "buildHost": conn})
+    said = failures(machine, {"flake": ".#web", "buildOn": "remote", "buildHost": conn})
     assert said == [("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")]
-    said = failures(_check_build_host, {"systemPath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn})
-    assert [p for p, _ in said] == ["buildHost"] and "prebuilt `systemPath` has nothing to build" in said[0][1]
-    said = failures(_check_build_host, {"flake": ".#web", "buildHost": {**conn, "sudoPassword": Secret("pw")}})
+    said = failures(machine, {"systemPath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn})
+    assert said == [("buildHost", "a prebuilt `systemPath` has nothing to build; a build host builds a `flake`, "
+                                  "`configuration` or `expression`")]
+    said = failures(profile, {"storePath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn, "buildOn": "remote"})
+    assert said == [("buildOn", "`remote` builds a `flake` on the host; a prebuilt `storePath` has nothing to build"),
+                    ("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")]
+    said = failures(profile, {"storePath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn})
+    assert said == [("buildHost", "a prebuilt `storePath` has nothing to build; a build host builds a `flake`")]
+    said = failures(machine, {"flake": ".#web", "buildHost": {**conn, "sudoPassword": Secret("pw")}})
     assert [p for p, _ in said] == ["buildHost.sudoPassword"] and "pw" not in said[0][1]
+    assert failures(profile, {"flake": ".#app", "buildOn": "elsewhere"}) == [
+        ("buildOn", "must be one of 'local', 'remote', not 'elsewhere'")]
 
 
 async def test_the_agent_lists_and_signs_with_its_keys_and_refuses_the_rest() -> None:

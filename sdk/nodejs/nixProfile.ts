@@ -59,6 +59,18 @@ export class NixProfile extends pulumi.CustomResource {
      */
     declare public /*out*/ readonly baselineStorePath: pulumi.Output<string | undefined>;
     /**
+     * Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+     */
+    declare public readonly buildHost: pulumi.Output<outputs.Connection | undefined>;
+    /**
+     * The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+     */
+    declare public /*out*/ readonly buildHostKey: pulumi.Output<string | undefined>;
+    /**
+     * Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+     */
+    declare public readonly buildOn: pulumi.Output<string | undefined>;
+    /**
      * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
      */
     declare public readonly collectGarbage: pulumi.Output<boolean | undefined>;
@@ -168,6 +180,8 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["activate"] = args?.activate;
             resourceInputs["activationTimeout"] = (args?.activationTimeout) ?? 240;
             resourceInputs["autoRollback"] = (args?.autoRollback) ?? true;
+            resourceInputs["buildHost"] = args ? pulumi.output(args.buildHost).apply(v => v === undefined ? undefined : inputs.connectionArgsProvideDefaults(v)) : undefined;
+            resourceInputs["buildOn"] = (args?.buildOn) ?? "local";
             resourceInputs["collectGarbage"] = (args?.collectGarbage) ?? false;
             resourceInputs["compress"] = (args?.compress) ?? "auto";
             resourceInputs["confirmTimeout"] = (args?.confirmTimeout) ?? 30;
@@ -186,6 +200,7 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["user"] = args?.user;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineStorePath"] = undefined /*out*/;
+            resourceInputs["buildHostKey"] = undefined /*out*/;
             resourceInputs["deployedAt"] = undefined /*out*/;
             resourceInputs["generation"] = undefined /*out*/;
             resourceInputs["hostKey"] = undefined /*out*/;
@@ -199,6 +214,9 @@ export class NixProfile extends pulumi.CustomResource {
             resourceInputs["autoRollback"] = undefined /*out*/;
             resourceInputs["baselineGeneration"] = undefined /*out*/;
             resourceInputs["baselineStorePath"] = undefined /*out*/;
+            resourceInputs["buildHost"] = undefined /*out*/;
+            resourceInputs["buildHostKey"] = undefined /*out*/;
+            resourceInputs["buildOn"] = undefined /*out*/;
             resourceInputs["collectGarbage"] = undefined /*out*/;
             resourceInputs["compress"] = undefined /*out*/;
             resourceInputs["confirmTimeout"] = undefined /*out*/;
@@ -244,6 +262,14 @@ export interface NixProfileArgs {
      * Whether to restore the previous generation when activation or a health check fails.
      */
     autoRollback?: pulumi.Input<boolean | undefined>;
+    /**
+     * Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+     */
+    buildHost?: pulumi.Input<inputs.ConnectionArgs | undefined>;
+    /**
+     * Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+     */
+    buildOn?: pulumi.Input<string | undefined>;
     /**
      * Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
      */

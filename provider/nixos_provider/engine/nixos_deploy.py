@@ -109,7 +109,7 @@ async def _main(args: argparse.Namespace) -> int:
     if args.secret_file:
         print("nixos-deploy: --secret-file applies to a NixOS system, not to a profile", file=sys.stderr)
         return 2
-    done = await Engine().converge_profile(ProfileGoal(req, source.build), None, nix, report)
+    done = await Engine().converge_profile(ProfileGoal(req, source), None, nix, report)
     print(f"{remote.target}: generation {done.generation} {done.store_path} "
           f"(pushed {done.pushed_paths} paths, {done.pushed_bytes} bytes)")
     return 0

@@ -22,7 +22,7 @@ MACHINE_INPUTS = [
 PROFILE_INPUTS = [
     "connection", "profile", "profilePath", "user", "flake", "storePath", "activate", "substituteOnDestination",
     "compress", "nixOptions", "magicRollback", "confirmTimeout", "activationTimeout", "autoRollback", "healthChecks",
-    "onDestroy", "triggers", "keepGenerations", "collectGarbage",
+    "onDestroy", "triggers", "keepGenerations", "collectGarbage", "buildOn", "buildHost",
 ]
 
 
@@ -33,10 +33,7 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
     machine_checks.check_system_source(f, news, project_dir)
     checks.check_flake(f, "flake", flake)
     checks.check_store_path(f, "systemPath", path)
-    checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
-    if news.get("buildOn") == "remote" and path is not None:
-        f.add("buildOn", "`remote` builds a `flake` on the target; a prebuilt `systemPath` has nothing to build")
-    _check_build_host(f, news)
+    _check_build_on(f, news, "systemPath")
     checks.check_choice(f, "action", news.get("action"), ("switch", "boot", "test"))
     checks.check_choice(f, "reboot", news.get("reboot"), ("never", "ifNeeded", "always"))
     checks.check_seconds(f, "rebootTimeout", news.get("rebootTimeout"), 10, 86400)
@@ -70,6 +67,7 @@ def profile_failures(news: dict[str, Any]) -> checks.Failures:
         f.add("flake", "set exactly one of `flake` and `storePath`")
     checks.check_flake(f, "flake", flake)
     checks.check_store_path(f, "storePath", store)
+    _check_build_on(f, news, "storePath")
     checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
     checks.check_command(f, "activate", news.get("activate"))
     checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
@@ -87,8 +85,14 @@ def _common_failures(type_token: str, inputs: list[str], news: dict[str, Any]) -
     return f
 
 
-def _check_build_host(f: checks.Failures, news: dict[str, Any]) -> None:
-    """buildHost: a connection like `connection`, to a host that builds what the inputs evaluate."""
+def _check_build_on(f: checks.Failures, news: dict[str, Any], path_key: str) -> None:
+    """buildOn and buildHost: where what the inputs evaluate is built, when not here; a prebuilt path (`systemPath`,
+    `storePath`) has nothing to build."""
+    checks.check_choice(f, "buildOn", news.get("buildOn"), ("local", "remote"))
+    prebuilt = news.get(path_key) is not None
+    if news.get("buildOn") == "remote" and prebuilt:
+        where = "target" if path_key == "systemPath" else "host"
+        f.add("buildOn", f"`remote` builds a `flake` on the {where}; a prebuilt `{path_key}` has nothing to build")
     build_host = news.get("buildHost")
     if build_host is None:
         return
@@ -98,6 +102,6 @@ def _check_build_host(f: checks.Failures, news: dict[str, Any]) -> None:
                                         "sudo: it must be root or one of the build host's trusted-users")
     if news.get("buildOn") == "remote":
         f.add("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")
-    elif news.get("systemPath") is not None:
-        f.add("buildHost", "a prebuilt `systemPath` has nothing to build; a build host builds a `flake`, "
-                           "`configuration` or `expression`")
+    elif prebuilt:
+        sources = "a `flake`, `configuration` or `expression`" if path_key == "systemPath" else "a `flake`"
+        f.add("buildHost", f"a prebuilt `{path_key}` has nothing to build; a build host builds {sources}")

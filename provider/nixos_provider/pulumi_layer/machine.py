@@ -16,9 +16,9 @@ from ..engine.lifecycle.models import ConvergeFailed, MachineGoal, MachineRecord
 from ..engine.models import SYSTEM_PROFILE, Profile, Remote
 from . import conversion, input_rules, normalized, secrecy
 from .engine_calls import FleetSource, deploy_request
-from .machine_preview import CHANGE_REPORTS, COMPUTED, MachinePreview, build_host_key, preview_state, secret_files_diff
+from .machine_preview import CHANGE_REPORTS, COMPUTED, MachinePreview, preview_state, secret_files_diff
 from .properties import contains_unknown, reveal
-from .resource import CheckFailed, DiffResult, PartialFailure, diff_inputs, same
+from .resource import CheckFailed, DiffResult, PartialFailure, build_host_key, diff_inputs, same
 from .state import MachineState
 from .typed_inputs import Closure, MachineInputs
 

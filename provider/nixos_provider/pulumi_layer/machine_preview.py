@@ -13,7 +13,7 @@ from ..engine.target import secret_files as files
 from . import conversion
 from .engine_calls import FleetSource
 from .properties import contains_unknown, reveal
-from .resource import DeployedResource
+from .resource import DeployedResource, build_host_key
 from .state import MACHINE_RECORD, MachineState
 from .typed_inputs import SOURCE_KEYS, Closure
 
@@ -25,14 +25,6 @@ COMPUTED = sorted(MACHINE_RECORD - {"systemPath", "secretFiles", "secretFilesKey
 DEPLOYED = frozenset({"generation", "previousGeneration", "nixosVersion", "deployedAt", "pushedPaths", "pushedBytes",
                       "substitutedPaths", "needsReboot", "systemDerivation"})
 
-
-def build_host_key(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
-    """The build host key the last deployment pinned, while buildHost still names that host."""
-    old, new = reveal(olds.get("buildHost")), reveal(news.get("buildHost"))
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return None
-    same_host = (reveal(old.get("host")), reveal(old.get("port"))) == (reveal(new.get("host")), reveal(new.get("port")))
-    return olds.get("buildHostKey") if same_host else None
 
 class MachinePreview(DeployedResource):
     """The preview of a NixosMachine's update."""

@@ -11,7 +11,16 @@ from ..engine.models import Profile
 from . import input_rules, normalized, secrecy
 from .engine_calls import FleetSource, deploy_request
 from .properties import contains_unknown, reveal
-from .resource import CheckFailed, DeployedResource, DiffResult, PartialFailure, diff_inputs, same, same_machine
+from .resource import (
+    CheckFailed,
+    DeployedResource,
+    DiffResult,
+    PartialFailure,
+    build_host_key,
+    diff_inputs,
+    same,
+    same_machine,
+)
 from .state import PROFILE_RECORD, ProfileState
 from .typed_inputs import ProfileInputs
 
@@ -96,10 +105,13 @@ class NixProfile(DeployedResource):
         deploys = self.needs_deploy(olds, news)
         pinned = reveal(news["connection"]).get("hostKey") or olds.get("hostKey")
         if preview:
-            record = replace(ProfileState.record_of(olds), host_key=pinned)
+            key = build_host_key(olds, news)
+            record = replace(ProfileState.record_of(olds), host_key=pinned, build_host_key=key)
             if not deploys:
                 return ProfileState(news, record).to_properties()
             record, unknown = _with_store_path(record, news)
+            if news.get("buildHost") is not None and not key:
+                unknown.add("buildHostKey")  # pinned by the deployment
             return ProfileState(news, record, frozenset(unknown | DEPLOYED)).to_properties()
         return await self._converge(urn, ident, ProfileInputs.parse(news), ProfileState.record_of(olds), news, olds,
                                     pinned=pinned, deploys=deploys)
@@ -109,10 +121,12 @@ class NixProfile(DeployedResource):
                         deploys: bool = True) -> dict[str, Any]:
         """The engine's converge, its record as properties; its failure as a PartialFailure with what runs now."""
         nix = self._deploy_nix(p.settings)
-        source = FleetSource(self.ctx, urn, p.closure, nix, nixos=False)
+        builder_key = build_host_key(olds, news)
         request = deploy_request(self._remote_of(p.connection, host_key=pinned), self._profile(news), p.settings,
                                  activate_command=p.activate)
-        goal = ProfileGoal(request, source.build, deploys=deploys)
+        goal = ProfileGoal(request, FleetSource(self.ctx, urn, p.closure, nix, nixos=False),
+                           build_host=None if p.build_host is None else self._remote_of(p.build_host, builder_key),
+                           build_host_key=builder_key, build_on_target=p.build_on_target, deploys=deploys)
         try:
             record = await self.ctx.engine.converge_profile(goal, recorded, nix, self.ctx.report(urn))
         except ConvergeFailed as e:

@@ -123,6 +123,15 @@ def diff_inputs(olds: dict[str, Any], news: dict[str, Any], keys: list[str], rep
     return result
 
 
+def build_host_key(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
+    """The build host key the last deployment pinned, while buildHost still names that host."""
+    old, new = reveal(olds.get("buildHost")), reveal(news.get("buildHost"))
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    same_host = (reveal(old.get("host")), reveal(old.get("port"))) == (reveal(new.get("host")), reveal(new.get("port")))
+    return olds.get("buildHostKey") if same_host else None
+
+
 def same_machine(olds: dict[str, Any], news: dict[str, Any]) -> bool:
     """Whether a replacement stays at the address and port of the old resource. Only then must the old one go first:
     Pulumi otherwise creates the replacement before deleting, so a move that cannot reach its new host, or meets

@@ -170,8 +170,12 @@ class ProfileInputs(DeployInputs):
     """NixProfile's checked, known inputs."""
 
     activate: str | None = None
+    build_on_target: bool = False
+    build_host: dict[str, Any] | None = field(default=None, repr=False)  # plain: credentials included
 
     @classmethod
     def parse(cls, news: dict[str, Any]) -> ProfileInputs:
         activate = reveal(news.get("activate"))
-        return cls(**cls._common(news, "storePath"), activate=str(activate) if activate is not None else None)
+        return cls(**cls._common(news, "storePath"), activate=str(activate) if activate is not None else None,
+                   build_on_target=news.get("buildOn") == "remote",
+                   build_host=_plain_dict(news["buildHost"]) if news.get("buildHost") is not None else None)

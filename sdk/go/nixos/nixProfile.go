@@ -28,6 +28,12 @@ type NixProfile struct {
 	BaselineGeneration pulumi.IntPtrOutput `pulumi:"baselineGeneration"`
 	// The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
 	BaselineStorePath pulumi.StringPtrOutput `pulumi:"baselineStorePath"`
+	// Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+	BuildHost ConnectionPtrOutput `pulumi:"buildHost"`
+	// The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+	BuildHostKey pulumi.StringPtrOutput `pulumi:"buildHostKey"`
+	// Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+	BuildOn pulumi.StringPtrOutput `pulumi:"buildOn"`
 	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
 	CollectGarbage pulumi.BoolPtrOutput `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -92,6 +98,12 @@ func NewNixProfile(ctx *pulumi.Context,
 	if args.AutoRollback == nil {
 		args.AutoRollback = pulumi.BoolPtr(true)
 	}
+	if args.BuildHost != nil {
+		args.BuildHost = args.BuildHost.ToConnectionPtrOutput().ApplyT(func(v *Connection) *Connection { return v.Defaults() }).(ConnectionPtrOutput)
+	}
+	if args.BuildOn == nil {
+		args.BuildOn = pulumi.StringPtr("local")
+	}
 	if args.CollectGarbage == nil {
 		args.CollectGarbage = pulumi.BoolPtr(false)
 	}
@@ -147,6 +159,10 @@ type nixProfileArgs struct {
 	ActivationTimeout *float64 `pulumi:"activationTimeout"`
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback *bool `pulumi:"autoRollback"`
+	// Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+	BuildHost *Connection `pulumi:"buildHost"`
+	// Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+	BuildOn *string `pulumi:"buildOn"`
 	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
 	CollectGarbage *bool `pulumi:"collectGarbage"`
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -189,6 +205,10 @@ type NixProfileArgs struct {
 	ActivationTimeout pulumi.Float64PtrInput
 	// Whether to restore the previous generation when activation or a health check fails.
 	AutoRollback pulumi.BoolPtrInput
+	// Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+	BuildHost ConnectionPtrInput
+	// Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+	BuildOn pulumi.StringPtrInput
 	// Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
 	CollectGarbage pulumi.BoolPtrInput
 	// How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
@@ -333,6 +353,21 @@ func (o NixProfileOutput) BaselineGeneration() pulumi.IntPtrOutput {
 // The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
 func (o NixProfileOutput) BaselineStorePath() pulumi.StringPtrOutput {
 	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.BaselineStorePath }).(pulumi.StringPtrOutput)
+}
+
+// Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+func (o NixProfileOutput) BuildHost() ConnectionPtrOutput {
+	return o.ApplyT(func(v *NixProfile) ConnectionPtrOutput { return v.BuildHost }).(ConnectionPtrOutput)
+}
+
+// The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+func (o NixProfileOutput) BuildHostKey() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.BuildHostKey }).(pulumi.StringPtrOutput)
+}
+
+// Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+func (o NixProfileOutput) BuildOn() pulumi.StringPtrOutput {
+	return o.ApplyT(func(v *NixProfile) pulumi.StringPtrOutput { return v.BuildOn }).(pulumi.StringPtrOutput)
 }
 
 // Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.

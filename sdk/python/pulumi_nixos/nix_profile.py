@@ -25,6 +25,8 @@ class NixProfileArgs:
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 build_host: pulumi.Input[Optional['ConnectionArgs']] = None,
+                 build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
@@ -47,6 +49,8 @@ class NixProfileArgs:
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input['ConnectionArgs'] build_host: Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+        :param pulumi.Input[_builtins.str] build_on: Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -74,6 +78,12 @@ class NixProfileArgs:
             auto_rollback = True
         if auto_rollback is not None:
             pulumi.set(__self__, "auto_rollback", auto_rollback)
+        if build_host is not None:
+            pulumi.set(__self__, "build_host", build_host)
+        if build_on is None:
+            build_on = 'local'
+        if build_on is not None:
+            pulumi.set(__self__, "build_on", build_on)
         if collect_garbage is None:
             collect_garbage = False
         if collect_garbage is not None:
@@ -162,6 +172,30 @@ class NixProfileArgs:
     @auto_rollback.setter
     def auto_rollback(self, value: pulumi.Input[Optional[_builtins.bool]]):
         pulumi.set(self, "auto_rollback", value)
+
+    @_builtins.property
+    @pulumi.getter(name="buildHost")
+    def build_host(self) -> pulumi.Input[Optional['ConnectionArgs']]:
+        """
+        Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+        """
+        return pulumi.get(self, "build_host")
+
+    @build_host.setter
+    def build_host(self, value: pulumi.Input[Optional['ConnectionArgs']]):
+        pulumi.set(self, "build_host", value)
+
+    @_builtins.property
+    @pulumi.getter(name="buildOn")
+    def build_on(self) -> pulumi.Input[Optional[_builtins.str]]:
+        """
+        Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+        """
+        return pulumi.get(self, "build_on")
+
+    @build_on.setter
+    def build_on(self, value: pulumi.Input[Optional[_builtins.str]]):
+        pulumi.set(self, "build_on", value)
 
     @_builtins.property
     @pulumi.getter(name="collectGarbage")
@@ -353,6 +387,8 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 build_host: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
+                 build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
@@ -380,6 +416,8 @@ class NixProfile(pulumi.CustomResource):
         :param pulumi.Input[_builtins.str] activate: A command run through the shell after the profile is switched, as the profile's owner, with the new profile path in `$PROFILE` and as the working directory, such as `./activate` for a home-manager generation. If it fails, the deployment fails.
         :param pulumi.Input[_builtins.float] activation_timeout: How long, in seconds, activation may run before it is treated as failed.
         :param pulumi.Input[_builtins.bool] auto_rollback: Whether to restore the previous generation when activation or a health check fails.
+        :param pulumi.Input[Union['ConnectionArgs', 'ConnectionArgsDict']] build_host: Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+        :param pulumi.Input[_builtins.str] build_on: Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
         :param pulumi.Input[_builtins.bool] collect_garbage: Whether a confirmed deployment then runs the target's garbage collector (`nix-store --gc`, for at most 10 minutes) and reports what it freed. A failure or timeout is a warning: the deployment stands.
         :param pulumi.Input[_builtins.str] compress: How to compress the store paths sent to the target: `auto` (the default) uses zstd when the target has it and sends them as they are otherwise; `zstd` is the same but says so when the target lacks zstd; `ssh` compresses the SSH connection itself (zlib); `none` sends them as they are.
         :param pulumi.Input[_builtins.float] confirm_timeout: How long, in seconds, the host waits for the deployer's confirmation before rolling back on its own.
@@ -426,6 +464,8 @@ class NixProfile(pulumi.CustomResource):
                  activate: pulumi.Input[Optional[_builtins.str]] = None,
                  activation_timeout: pulumi.Input[Optional[_builtins.float]] = None,
                  auto_rollback: pulumi.Input[Optional[_builtins.bool]] = None,
+                 build_host: pulumi.Input[Optional[Union['ConnectionArgs', 'ConnectionArgsDict']]] = None,
+                 build_on: pulumi.Input[Optional[_builtins.str]] = None,
                  collect_garbage: pulumi.Input[Optional[_builtins.bool]] = None,
                  compress: pulumi.Input[Optional[_builtins.str]] = None,
                  confirm_timeout: pulumi.Input[Optional[_builtins.float]] = None,
@@ -458,6 +498,10 @@ class NixProfile(pulumi.CustomResource):
             if auto_rollback is None:
                 auto_rollback = True
             __props__.__dict__["auto_rollback"] = auto_rollback
+            __props__.__dict__["build_host"] = build_host
+            if build_on is None:
+                build_on = 'local'
+            __props__.__dict__["build_on"] = build_on
             if collect_garbage is None:
                 collect_garbage = False
             __props__.__dict__["collect_garbage"] = collect_garbage
@@ -488,6 +532,7 @@ class NixProfile(pulumi.CustomResource):
             __props__.__dict__["user"] = user
             __props__.__dict__["baseline_generation"] = None
             __props__.__dict__["baseline_store_path"] = None
+            __props__.__dict__["build_host_key"] = None
             __props__.__dict__["deployed_at"] = None
             __props__.__dict__["generation"] = None
             __props__.__dict__["host_key"] = None
@@ -522,6 +567,9 @@ class NixProfile(pulumi.CustomResource):
         __props__.__dict__["auto_rollback"] = None
         __props__.__dict__["baseline_generation"] = None
         __props__.__dict__["baseline_store_path"] = None
+        __props__.__dict__["build_host"] = None
+        __props__.__dict__["build_host_key"] = None
+        __props__.__dict__["build_on"] = None
         __props__.__dict__["collect_garbage"] = None
         __props__.__dict__["compress"] = None
         __props__.__dict__["confirm_timeout"] = None
@@ -586,6 +634,30 @@ class NixProfile(pulumi.CustomResource):
         The store path the profile pointed to before this resource first deployed; empty when the profile did not exist.
         """
         return pulumi.get(self, "baseline_store_path")
+
+    @_builtins.property
+    @pulumi.getter(name="buildHost")
+    def build_host(self) -> pulumi.Output[Optional['outputs.Connection']]:
+        """
+        Build the profile's closure on this host instead of where the provider runs, as a NixosMachine's `buildHost` does: the provider copies the derivations to it, it builds them and copies the result to the target directly (or the provider relays it, and warns). Needs `flake`. The SSH user must be root or one of the build host's `trusted-users`; its host key is pinned in `buildHostKey`.
+        """
+        return pulumi.get(self, "build_host")
+
+    @_builtins.property
+    @pulumi.getter(name="buildHostKey")
+    def build_host_key(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        The OpenSSH public host key of `buildHost`, as pinned by the first deployment that used it (or `buildHost.hostKey`); later deployments refuse a build host that presents another key, until `buildHost` names another host.
+        """
+        return pulumi.get(self, "build_host_key")
+
+    @_builtins.property
+    @pulumi.getter(name="buildOn")
+    def build_on(self) -> pulumi.Output[Optional[_builtins.str]]:
+        """
+        Where the profile's closure is built: `local` builds it where the provider runs and copies the result; `remote` copies the derivations to the host and builds there (as deploy-rs's `remoteBuild`). Needs `flake`.
+        """
+        return pulumi.get(self, "build_on")
 
     @_builtins.property
     @pulumi.getter(name="collectGarbage")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +79,7 @@ class ProfileRecord:
     baseline_generation: int | None = None
     baseline_store_path: str | None = None
     host_key: str | None = None
+    build_host_key: str | None = None
     deployed_at: str | None = None
     pushed_paths: int | None = None
     pushed_bytes: int | None = None
@@ -149,10 +150,13 @@ class MachineGoal:
 @dataclass(frozen=True)
 class ProfileGoal:
     """What a profile is to hold: the deployment (its remote pinned when a key is known, its profile and activate
-    command) of what `build` gives."""
+    command) of the source's closure, built here, on the host or on a build host."""
 
-    request: DeployRequest  # its store path is the build's
-    build: Callable[[], Awaitable[str]]
+    request: DeployRequest  # its store path, derivation and build host are decided by the converge
+    source: SystemSource
+    build_host: Remote | None = None
+    build_host_key: str | None = None  # the build host's key as the last deployment pinned it, for this host
+    build_on_target: bool = False
     deploys: bool = True  # False: the profile is as declared already
 
 

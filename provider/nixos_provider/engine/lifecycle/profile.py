@@ -27,16 +27,16 @@ async def converge(limits: Limits, goal: ProfileGoal, recorded: ProfileRecord | 
         req = replace(req, remote=replace(req.remote, host_key=baseline.host_key))
         failed, with_new_inputs = base, True
     else:
-        base = replace(recorded, host_key=req.remote.host_key)
-        failed, with_new_inputs = base, False
+        failed, with_new_inputs = replace(recorded, host_key=req.remote.host_key), False
+        base = replace(failed, build_host_key=goal.build_host_key)
         if not goal.deploys:
             return base
     try:
-        store_path = await goal.build()
-    except EngineError as e:
+        store_path, drv = await _built(goal)
+    except (EngineError, ValueError) as e:
         raise ConvergeFailed(report.describe(e), failed, with_new_inputs=with_new_inputs) from e
     baseline_gen = base.baseline_generation
-    req = replace(req, store_path=store_path,
+    req = replace(req, store_path=store_path, build_drv=drv, build_host=goal.build_host if drv else None,
                   retention=Retention(keep=req.retention.keep, collect_garbage=req.retention.collect_garbage,
                                       protect=(baseline_gen,) if baseline_gen is not None and baseline_gen >= 1 else ()))
     result = await run_deployment(limits, req, nix, report, failed=failed, with_new_inputs=with_new_inputs,
@@ -44,7 +44,17 @@ async def converge(limits: Limits, goal: ProfileGoal, recorded: ProfileRecord | 
     return replace(base, store_path=result.store_path, generation=result.generation,
                    previous_generation=result.previous_generation, host_key=result.host_key or req.remote.host_key,
                    deployed_at=now_rfc3339(), pushed_paths=result.push.paths, pushed_bytes=result.push.bytes,
-                   substituted_paths=result.push.substituted)
+                   substituted_paths=result.push.substituted, build_host_key=result.build_host_key)
+
+
+async def _built(goal: ProfileGoal) -> tuple[str, str | None]:
+    """(the store path, the derivation to build remotely): built here, or its derivation for the host or the
+    build host to build."""
+    if (goal.build_on_target or goal.build_host is not None) and goal.source.evaluated:
+        evaluation = await goal.source.evaluation()
+        if evaluation.drv_path is not None:
+            return evaluation.out_path, evaluation.drv_path
+    return await goal.source.build(), None
 
 
 def _now_running(failed: ProfileRecord, e: DeployError) -> ProfileRecord:
