@@ -28,7 +28,6 @@ from .models import ConvergeFailed, Limits, MachineGoal, MachineRecord, Report, 
 SYSTEM = Profile(SYSTEM_PROFILE)
 
 
-
 async def converge(limits: Limits, goal: MachineGoal, recorded: MachineRecord | None, nix: Nix,
                    report: Report) -> MachineRecord:
     """Bring the machine to the goal. recorded: the machine as recorded (None: it is new to us)."""
