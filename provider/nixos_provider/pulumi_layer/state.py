@@ -1,9 +1,9 @@
 """A resource's state, typed: its checked inputs and the engine's record, to and from Pulumi properties.
 
 Every property a resource hands back to Pulumi (Create's, Update's, a preview's, a partial failure's, Read's) is
-made by `to_properties()`, and every recorded state is read by `from_properties()`. Secrecy is applied there and
-only there, from the declarations in `secrecy` (which inputs carry credentials, which record fields are secret),
-so no code path can forget it. A record field's property is its name in camelCase (`system_path` ->
+made by `to_properties()`, and every recorded state is read by `from_properties()`. Secrecy is applied there (as
+Check applies it to the inputs it records), from what `secrecy` declares: the fields schema.json marks secret, the
+record fields that are keys; so no code path can forget it. A record field's property is its name in camelCase (`system_path` ->
 `systemPath`).
 """
 
