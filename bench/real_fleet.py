@@ -91,10 +91,8 @@ class Bench:
         """A stack of machines (resource name -> configuration; a list: the same names) of the flake."""
         configurations = machines if isinstance(machines, dict) else {m: m for m in machines}
         proj = self.work / name
-        if not proj.exists():
-            proj.mkdir()
-            subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
-                           check=True, capture_output=True)
+        new = not proj.exists()
+        proj.mkdir(exist_ok=True)
         resources: dict[str, object] = {
             "nixos": {"type": "pulumi:providers:nixos", "properties": {"nixCommand": [str(self.nix)]}}}
         for i, (m, configuration) in enumerate(configurations.items()):
@@ -104,6 +102,9 @@ class Bench:
         (proj / "Pulumi.yaml").write_text(json.dumps({
             "name": name, "runtime": "yaml",
             "plugins": {"providers": [{"name": "nixos", "path": str(REPO / "provider")}]}, "resources": resources}))
+        if new:  # after Pulumi.yaml: the CLI (v3.276.0) names the stack after the project it finds
+            subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
+                           check=True, capture_output=True)
         self.projects[name] = proj
         return proj
 
