@@ -140,8 +140,8 @@ class BuildHost:
         bytes moved. The deployer's Nix checks no signatures only for a user it trusts (root, trusted-users)."""
         res = await self.store.run(["nix-store", "--query", "--requisites", *outs])
         closure = res.stdout.split()
-        invalid = await LOCAL.run(nix.store_argv("--check-validity", "--print-invalid", *closure), check=False)
-        missing = [p for p in closure if p in set(invalid.stdout.split())]
+        invalid = set((await LOCAL.run(nix.store_argv("--check-validity", "--print-invalid", *closure))).stdout.split())
+        missing = [p for p in closure if p in invalid]
         if not missing:
             return 0
         try:
