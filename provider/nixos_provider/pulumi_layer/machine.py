@@ -12,13 +12,13 @@ from dataclasses import replace
 from typing import Any
 
 from ..engine.errors import EngineError
-from ..engine.lifecycle.models import ConvergeFailed, MachineGoal, MachineRecord
+from ..engine.lifecycle.models import MachineGoal, MachineRecord
 from ..engine.models import SYSTEM_PROFILE, Profile, Remote
 from . import conversion, input_rules, normalized, secrecy
 from .engine_calls import FleetSource, deploy_request
 from .machine_preview import CHANGE_REPORTS, COMPUTED, MachinePreview, preview_state, secret_files_diff
 from .properties import contains_unknown, reveal
-from .resource import CheckFailed, DiffResult, PartialFailure, build_host_key, diff_inputs, same
+from .resource import CheckFailed, DiffResult, build_host_key, diff_inputs, same
 from .state import MachineState
 from .typed_inputs import Closure, MachineInputs
 
@@ -132,21 +132,8 @@ class NixosMachine(MachinePreview):
     async def _converge(self, urn: str, ident: str, goal: MachineGoal, recorded: MachineRecord | None,
                         news: dict[str, Any], olds: dict[str, Any], m: MachineInputs) -> dict[str, Any]:
         """The engine's converge, its record as properties; its failure as a PartialFailure with what runs now."""
-        report, nix = self.ctx.report(urn), self._deploy_nix(m.settings)
-        try:
-            record = await self.ctx.engine.converge_machine(goal, recorded, nix, report)
-        except ConvergeFailed as e:
-            assert isinstance(e.record, MachineRecord)
-            self._created(urn, recorded, e.record)
-            inputs = news if e.with_new_inputs else MachineState.inputs_of(olds)
-            raise PartialFailure(str(e), ident, MachineState(inputs, e.record).to_properties(), news) from e
-        self._created(urn, recorded, record)
-        return MachineState(news, record).to_properties()
-
-    def _created(self, urn: str, recorded: MachineRecord | None, record: MachineRecord) -> None:
-        """A machine this process reached for the first time: where it lives, for a replacement's delete."""
-        if recorded is None and record.host_key:
-            self.ctx.created_on[urn] = (record.host_key, SYSTEM_PROFILE)
+        converging = self.ctx.engine.converge_machine(goal, recorded, self._deploy_nix(m.settings), self.ctx.report(urn))
+        return await self._recorded(urn, ident, MachineState, converging, recorded, news, olds, SYSTEM_PROFILE)
 
     # -- Read / Delete ----------------------------------------------------------
 

@@ -90,11 +90,11 @@ def preview_state(news: dict[str, Any], olds: dict[str, Any] | None, *, deploys:
     """What a preview shows: the old record (none for a new machine) with what the update would change unknown."""
     system = news.get("systemPath")
     unknown = set() if isinstance(system, str) else {"systemPath"}
+    old = MachineState.record_of(olds or {})
     if olds is None:
         record = MachineRecord(system_path=system if isinstance(system, str) else None)
         unknown |= set(COMPUTED)
     else:
-        old = MachineState.record_of(olds)
         key = build_host_key(olds, news)
         record = replace(old, system_path=system if isinstance(system, str) else None, build_host_key=key,
                          last_changes=None, pending_changes=None)
@@ -102,8 +102,10 @@ def preview_state(news: dict[str, Any], olds: dict[str, Any] | None, *, deploys:
             unknown |= DEPLOYED
             if news.get("buildHost") is not None and not key:
                 unknown.add("buildHostKey")  # pinned by the deployment
-    record, files_unknown = _files_preview(record, olds, news)
+    record, files_unknown = _files_preview(record, old.secret_files_key, news)
     return MachineState(news, record, frozenset(unknown | files_unknown))
+
+
 def built_elsewhere(news: dict[str, Any]) -> bool:
     """Whether the deployment builds the system on the target (`buildOn: remote`) or a build host, not here."""
     return news.get("buildOn") == "remote" or news.get("buildHost") is not None
@@ -117,12 +119,11 @@ def reboots(news: dict[str, Any], changes: ClosureChanges | None) -> bool:
     return mode == "ifNeeded" and changes is not None and not changes.note and bool(changes.boot_changes)
 
 
-def _files_preview(record: MachineRecord, olds: dict[str, Any] | None,
+def _files_preview(record: MachineRecord, key: bytes | None,
                    news: dict[str, Any]) -> tuple[MachineRecord, set[str]]:
-    """The secret files a preview shows: their hashes where the key and contents are known (else unknown), and
-    the key state keeps."""
-    old = MachineState.record_of(olds or {})
-    key, wanted = old.secret_files_key, news.get("secretFiles")
+    """The secret files a preview shows: their hashes where the key (the recorded one) and contents are known (else
+    unknown), and the key state keeps."""
+    wanted = news.get("secretFiles")
     if wanted is None:
         return replace(record, secret_files=(), secret_files_key=key), set()
     if key is None or contains_unknown(wanted):

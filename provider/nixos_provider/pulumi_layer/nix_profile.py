@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..engine.errors import EngineError
-from ..engine.lifecycle.models import ConvergeFailed, ProfileGoal, ProfileRecord
+from ..engine.lifecycle.models import ProfileGoal, ProfileRecord
 from ..engine.models import Profile
 from . import input_rules, normalized, secrecy
 from .engine_calls import FleetSource, deploy_request
@@ -15,7 +15,6 @@ from .resource import (
     CheckFailed,
     DeployedResource,
     DiffResult,
-    PartialFailure,
     build_host_key,
     diff_inputs,
     same,
@@ -127,17 +126,9 @@ class NixProfile(DeployedResource):
         goal = ProfileGoal(request, FleetSource(self.ctx, urn, p.closure, nix, nixos=False),
                            build_host=None if p.build_host is None else self._remote_of(p.build_host, builder_key),
                            build_host_key=builder_key, build_on_target=p.build_on_target, deploys=deploys)
-        try:
-            record = await self.ctx.engine.converge_profile(goal, recorded, nix, self.ctx.report(urn))
-        except ConvergeFailed as e:
-            assert isinstance(e.record, ProfileRecord)
-            if recorded is None and e.record.host_key:
-                self.ctx.created_on[urn] = (e.record.host_key, goal.request.profile.path)
-            inputs = news if e.with_new_inputs else ProfileState.inputs_of(olds)
-            raise PartialFailure(str(e), ident, ProfileState(inputs, e.record).to_properties(), news) from e
-        if recorded is None and record.host_key:
-            self.ctx.created_on[urn] = (record.host_key, goal.request.profile.path)
-        return ProfileState(news, record).to_properties()
+        converging = self.ctx.engine.converge_profile(goal, recorded, nix, self.ctx.report(urn))
+        return await self._recorded(urn, ident, ProfileState, converging, recorded, news, olds,
+                                    goal.request.profile.path)
 
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.errors import EngineError
+from ..engine.lifecycle.models import ConvergeFailed
 from ..engine.models import Remote
 from ..engine.nix.cli import Nix
 from .checks import Failures
@@ -13,6 +15,7 @@ from .context import Context
 from .conversion import nix_options, to_remote
 from .error_text import describe
 from .properties import UNKNOWN, contains_unknown, is_secret, reveal
+from .state import R, State
 from .typed_inputs import SOURCE_KEYS, Closure, DeploySettings
 
 
@@ -52,6 +55,26 @@ class DeployedResource:
             # The message goes to the property that names the system: `flake`, `configuration` or `expression`.
             f.add(next((k for k in ("flake", "configuration", "expression") if k in given), "flake"), describe(e))
             raise CheckFailed(f) from e
+
+
+    async def _recorded(self, urn: str, ident: str, state: type[State[R]], converging: Awaitable[R],
+                        recorded: R | None, news: dict[str, Any], olds: dict[str, Any], lives_at: str) -> dict[str, Any]:
+        """A converge's record as properties, or its failure as a PartialFailure with what runs now (paired with the
+        inputs that describe it). A resource reached for the first time is remembered where it lives (lives_at: its
+        profile's path), for a replacement's delete."""
+        try:
+            record = await converging
+        except ConvergeFailed as e:
+            assert isinstance(e.record, state.RECORD)
+            self._created(urn, recorded, e.record, lives_at)
+            inputs = news if e.with_new_inputs else state.inputs_of(olds)
+            raise PartialFailure(str(e), ident, state(inputs, e.record).to_properties(), news) from e
+        self._created(urn, recorded, record, lives_at)
+        return state(news, record).to_properties()
+
+    def _created(self, urn: str, recorded: R | None, record: R, lives_at: str) -> None:
+        if recorded is None and record.host_key:
+            self.ctx.created_on[urn] = (record.host_key, lives_at)
 
 
 class CheckFailed(Exception):

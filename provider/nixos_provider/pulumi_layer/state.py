@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from ..engine.lifecycle.models import MachineRecord, ProfileRecord
 from . import input_rules
@@ -111,25 +111,22 @@ class State(Generic[R]):
     def inputs_of(cls, props: Mapping[str, Any]) -> dict[str, Any]:
         return {k: props[k] for k in cls.INPUTS if k in props}
 
+    @classmethod
+    def from_properties(cls, props: Mapping[str, Any]) -> Self:
+        """Recorded state (inputs and outputs, as the engine hands them back) as a typed state."""
+        return cls(cls.inputs_of(props), cls.record_of(props))
+
 
 class MachineState(State[MachineRecord]):
     RECORD = MachineRecord
     INPUTS = tuple(input_rules.MACHINE_INPUTS)
     TOKEN = input_rules.MACHINE
 
-    @classmethod
-    def from_properties(cls, props: Mapping[str, Any]) -> MachineState:
-        return cls(cls.inputs_of(props), cls.record_of(props))
-
 
 class ProfileState(State[ProfileRecord]):
     RECORD = ProfileRecord
     INPUTS = tuple(input_rules.PROFILE_INPUTS)
     TOKEN = input_rules.PROFILE
-
-    @classmethod
-    def from_properties(cls, props: Mapping[str, Any]) -> ProfileState:
-        return cls(cls.inputs_of(props), cls.record_of(props))
 
 
 # Every property of a record: what a preview of a new resource cannot know.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from ..deploy import deploy
@@ -46,6 +47,12 @@ async def run_deployment(limits: Limits, req: DeployRequest, nix: Nix, report: R
         raise failure(e, failed) from e
     except EngineError as e:
         raise failure(e, await observe(failed) if observe is not None else failed) from e
+
+
+def keeping_baseline(req: DeployRequest, baseline: int | None) -> DeployRequest:
+    """req whose retention never deletes the baseline generation (a destroy returns to it)."""
+    protect = (baseline,) if baseline is not None and baseline >= 1 else ()
+    return replace(req, retention=replace(req.retention, protect=protect))
 
 
 def _path_of(record: MachineRecord | ProfileRecord) -> str | None:

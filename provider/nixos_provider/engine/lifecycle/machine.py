@@ -17,12 +17,12 @@ from ..closures.push import push_closure
 from ..deploy import check_health, read_state
 from ..errors import DeployError, EngineError, NoNixosConfiguration, NotNixos
 from ..install import source as install_sources
-from ..models import INSTALL_PHASES, SYSTEM_PROFILE, InstallRequest, Profile, Remote, Retention
+from ..models import INSTALL_PHASES, SYSTEM_PROFILE, InstallRequest, Profile, Remote
 from ..nix.cli import DISKO_SCRIPT, Evaluation, Nix
 from ..nix.closure_diff import ClosureChanges, closure_changes, derivation_changes
 from ..target import secret_files as files
 from ..transport.process import Target
-from .deployment import run_deployment
+from .deployment import keeping_baseline, run_deployment
 from .models import ConvergeFailed, Limits, MachineGoal, MachineRecord, Report, SystemSource, now_rfc3339
 
 SYSTEM = Profile(SYSTEM_PROFILE)
@@ -278,12 +278,9 @@ async def _deploy(limits: Limits, goal: MachineGoal, base: MachineRecord, placem
     failed = _with_files(failed, placement)
     # Without the derivation of what it deploys (an impure evaluation), nothing can be built remotely.
     builder = None if goal.build_host is None or drv is None else goal.build_host
-    baseline = base.baseline_generation
-    req = replace(goal.request, remote=goal.remote, store_path=store_path, profile=SYSTEM,
-                  build_drv=drv if goal.build_on_target or builder is not None else None, build_host=builder,
-                  retention=Retention(keep=goal.request.retention.keep,
-                                      protect=(baseline,) if baseline is not None and baseline >= 1 else (),
-                                      collect_garbage=goal.request.retention.collect_garbage))
+    req = keeping_baseline(replace(goal.request, remote=goal.remote, store_path=store_path, profile=SYSTEM,
+                                   build_drv=drv if goal.build_on_target or builder is not None else None,
+                                   build_host=builder), base.baseline_generation)
 
     async def observe(record: MachineRecord) -> MachineRecord:
         return await _observed(record, goal.remote)

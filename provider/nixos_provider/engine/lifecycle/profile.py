@@ -6,9 +6,8 @@ from dataclasses import replace
 
 from ..deploy import read_state
 from ..errors import DeployError, EngineError
-from ..models import Retention
 from ..nix.cli import Nix
-from .deployment import run_deployment
+from .deployment import keeping_baseline, run_deployment
 from .models import ConvergeFailed, Limits, ProfileGoal, ProfileRecord, Report, now_rfc3339
 
 
@@ -35,10 +34,8 @@ async def converge(limits: Limits, goal: ProfileGoal, recorded: ProfileRecord | 
         store_path, drv = await _built(goal)
     except (EngineError, ValueError) as e:
         raise ConvergeFailed(report.describe(e), failed, with_new_inputs=with_new_inputs) from e
-    baseline_gen = base.baseline_generation
-    req = replace(req, store_path=store_path, build_drv=drv, build_host=goal.build_host if drv else None,
-                  retention=Retention(keep=req.retention.keep, collect_garbage=req.retention.collect_garbage,
-                                      protect=(baseline_gen,) if baseline_gen is not None and baseline_gen >= 1 else ()))
+    req = keeping_baseline(replace(req, store_path=store_path, build_drv=drv,
+                                   build_host=goal.build_host if drv else None), base.baseline_generation)
     result = await run_deployment(limits, req, nix, report, failed=failed, with_new_inputs=with_new_inputs,
                                   after_failure=_now_running)
     return replace(base, store_path=result.store_path, generation=result.generation,
