@@ -272,6 +272,17 @@ def test_python_program_with_the_wheel(dist: Path, user: UserProject, new_host: 
     outputs = user.deploy_web(host)
     assert outputs["systemPath"] == systems["web"] == current_system(host)
     assert outputs["sdkVersion"] == VERSION
+    # A typo in a plain dict given for a typed input reaches the provider as written: Check names it.
+    (user.dir / "__main__.py").write_text(PYTHON_PROGRAM.replace(
+        "nixos.HealthCheckArgs(http=config.require(\"healthUrl\"), retries=5)",
+        "{\"http\": config.require(\"healthUrl\"), \"retries\": 5, \"timout\": 3}"))
+    typo = subprocess.run(["pulumi", "--non-interactive", "--color=never", "preview"], cwd=user.dir, env=user.env,
+                          text=True, capture_output=True, timeout=600)
+    out = typo.stdout + typo.stderr
+    assert typo.returncode != 0
+    assert "healthChecks[0].timout" in out and "is not a property of HealthCheck (did you mean `timeout`?)" in out
+    # The Python SDK prints its own traceback of the refused registration; none comes from the provider.
+    assert "nixos_provider" not in out, out
 
 
 TYPESCRIPT_PROGRAM = '''\

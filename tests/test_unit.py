@@ -483,11 +483,10 @@ def test_host_key_expected_after_install() -> None:
 
 
 def test_install_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.machine_checks import check_install
-    f = Failures()
-    check_install(f, {"flake": ".#web", "install": {"phases": ["kexec", "reboot"], "command": [],
-                                                    "extraFiles": {"/etc/../x": Secret("s3cret-value")},
-                                                    "bogus": True}})
+    from nixos_provider.pulumi_layer.input_rules import machine_failures
+    f = machine_failures({"connection": {"host": "h"}, "flake": ".#web", "install": {
+        "phases": ["kexec", "reboot"], "command": [], "extraFiles": {"/etc/../x": Secret("s3cret-value")},
+        "bogus": True}}, None)
     props = dict(f.items)
     assert set(props) == {"install.bogus", "install.command", "install.phases", "install.extraFiles['/etc/../x']"}
     assert "s3cret-value" not in str(f.items)
@@ -549,7 +548,7 @@ def test_input_keys_are_the_schemas() -> None:
 
 def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
     """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
-    from nixos_provider.pulumi_layer import machine, machine_checks, nix_profile
+    from nixos_provider.pulumi_layer import machine, nix_profile
     from nixos_provider.pulumi_layer.schema import schema
 
     doc = schema()
@@ -557,11 +556,33 @@ def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
                                (nix_profile, nix_profile.COMPUTED)):
         declared = doc["resources"][resource.TYPE]
         assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), resource.TYPE
-    types = doc["types"]
-    assert set(machine_checks.INSTALL_KEYS) == set(types["nixos:index:Install"]["properties"])
-    assert set(machine_checks.BINARY_CACHE_KEYS) == set(types["nixos:index:BinaryCache"]["properties"])
-    # contentHash is the provider's: an output of each recorded file, never an input.
-    assert set(machine_checks.SECRET_FILE_KEYS) | {"contentHash"} == set(types["nixos:index:SecretFile"]["properties"])
+
+
+def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
+    """A typo is a Check failure at its path, with the property meant when one is close; never ignored."""
+    from nixos_provider.pulumi_layer import input_rules
+    news = {"connection": {"host": "h", "prot": 22, "proxy": {"host": "j", "usr": "x"}},
+            "healthChecks": [{"tcp": 80, "timout": 3}], "install": {"phases": ["install", "reboot"], "kexec": "x"},
+            "binaryCache": {"url": "https://c", "publicKey": Secret("k"), "signingkey": "s"},
+            "secretFiles": [{"path": "/etc/k", "content": "c", "contentHash": "h", "xyzzy": 1}],
+            "systemPath": "/nix/store/00000000000000000000000000000000-x", "flakee": ".#web"}
+    got = dict(input_rules.machine_failures(news, None).items)
+    assert got["connection.prot"] == "is not a property of Connection (did you mean `port`?)"
+    assert got["connection.proxy.usr"] == "is not a property of ProxyConnection (did you mean `user`?)"
+    assert got["healthChecks[0].timout"] == "is not a property of HealthCheck (did you mean `timeout`?)"
+    assert got["install.kexec"] == "is not a property of Install (did you mean `kexecUrl`?)"
+    assert got["binaryCache.signingkey"] == "is not a property of BinaryCache (did you mean `signingKey`?)"
+    assert got["secretFiles[0].contentHash"] == "is not a property of a secret file: it is computed by the provider"
+    assert got["secretFiles[0].xyzzy"].startswith("is not a property of SecretFile (it has `content`, `group`, ")
+    assert "`contentHash`" not in got["secretFiles[0].xyzzy"]  # an output, never an input
+    assert got["flakee"] == "is not a property of NixosMachine (did you mean `flake`?)"
+    # A rule that knows why a key has no place says so (a jump host's own proxy), not the generic line.
+    jump = dict(input_rules.machine_failures({**news, "connection": {"host": "h", "proxy": {"host": "j", "proxy": {
+        "host": "k"}}}}, None).items)
+    assert jump["connection.proxy.proxy"] == "a jump host cannot itself have a proxy"
+    profile = dict(input_rules.profile_failures({"connection": {"host": "h", "pasword": "x"}, "profile": "p",
+                                                 "storePath": "/nix/store/00000000000000000000000000000000-x"}).items)
+    assert profile == {"connection.pasword": "is not a property of Connection (did you mean `password`?)"}
 
 
 def _message_strings(source: str) -> list[str]:

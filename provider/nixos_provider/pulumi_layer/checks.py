@@ -13,7 +13,7 @@ from ..engine.models import COMPRESSIONS
 from ..engine.nix.cli import is_store_path
 from ..engine.transport import host_keys
 from .properties import UNKNOWN, contains_unknown, reveal
-from .schema import kind_of, type_failures
+from .schema import kind_of, type_failures, unknown_keys
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
@@ -34,6 +34,11 @@ class Failures:
 
     def add_type_failures(self, type_token: str, news: dict[str, Any]) -> None:
         for prop, reason in type_failures(type_token, news):
+            self.add(prop, reason)
+
+    def add_unknown_keys(self, type_token: str, news: dict[str, Any], *, owner: str | None = None) -> None:
+        """Last, after the rules: a rule that knows why a key has no place there says it better."""
+        for prop, reason in unknown_keys(type_token, news, owner=owner):
             self.add(prop, reason)
 
     def __bool__(self) -> bool:

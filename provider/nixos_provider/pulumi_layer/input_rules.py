@@ -28,7 +28,7 @@ PROFILE_INPUTS = [
 
 def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Failures:
     """What is wrong with a NixosMachine's inputs (relative paths resolve against project_dir)."""
-    f = _common_failures(MACHINE, MACHINE_INPUTS, news)
+    f = _common_failures(MACHINE, news)
     flake, path = news.get("flake"), news.get("systemPath")
     machine_checks.check_system_source(f, news, project_dir)
     checks.check_flake(f, "flake", flake)
@@ -46,12 +46,13 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
     machine_checks.check_install(f, news)
     machine_checks.check_secret_files(f, news.get("secretFiles"))
     machine_checks.check_binary_cache(f, news.get("binaryCache"))
+    f.add_unknown_keys(MACHINE, news)
     return f
 
 
 def profile_failures(news: dict[str, Any]) -> checks.Failures:
     """What is wrong with a NixProfile's inputs."""
-    f = _common_failures(PROFILE, PROFILE_INPUTS, news)
+    f = _common_failures(PROFILE, news)
     name, path = news.get("profile"), news.get("profilePath")
     if (name is None) == (path is None):
         f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
@@ -71,16 +72,14 @@ def profile_failures(news: dict[str, Any]) -> checks.Failures:
     checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
     checks.check_command(f, "activate", news.get("activate"))
     checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
+    f.add_unknown_keys(PROFILE, news)
     return f
 
 
-def _common_failures(type_token: str, inputs: list[str], news: dict[str, Any]) -> checks.Failures:
-    """What every resource's inputs are held to: the schema's types, no unknown property, a good connection."""
+def _common_failures(type_token: str, news: dict[str, Any]) -> checks.Failures:
+    """What every resource's inputs are held to first: the schema's types, a good connection."""
     f = checks.Failures()
     f.add_type_failures(type_token, news)
-    for k in news:
-        if k not in inputs:
-            f.add(k, f"is not a property of {type_token.rsplit(':', 1)[-1]}")
     checks.check_connection(f, news.get("connection"))
     return f
 

@@ -82,10 +82,6 @@ def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what
         f.add(prop, f"{path} is a folder without a default.nix, not {what}")
 
 
-INSTALL_KEYS = ("command", "kexecUrl", "phases", "extraFiles", "diskEncryptionKeys", "copyHostKeys", "buildOn",
-                "substituteOnDestination", "diskoScript", "extraArgs", "sshPort", "timeout")
-
-
 def _check_string_list(f: Failures, prop: str, v: Any, *, non_empty: bool = False) -> None:
     if not _known(v):
         return
@@ -118,9 +114,6 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     if not isinstance(inst, dict):
         f.add("install", "must be an object (see the Install type)")
         return
-    for k in inst:
-        if k not in INSTALL_KEYS:
-            f.add(f"install.{k}", "is not a property of install")
     _check_string_list(f, "install.command", inst.get("command"), non_empty=True)
     _check_string_list(f, "install.extraArgs", inst.get("extraArgs"))
     phases = inst.get("phases")
@@ -184,9 +177,6 @@ def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
                     f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(reveal(v))}")
 
 
-BINARY_CACHE_KEYS = ("url", "uploadUrl", "publicKey", "signingKey", "signingKeyFile")
-
-
 def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
     """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
     if not _known(cache):
@@ -195,9 +185,6 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
     if not isinstance(cache, dict):
         f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
         return
-    for k in cache:
-        if k not in BINARY_CACHE_KEYS:
-            f.add(f"{prop}.{k}", f"is not a binaryCache setting ({', '.join(BINARY_CACHE_KEYS)})")
     if cache.get("url") is None:
         f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
     _check_cache_url(f, f"{prop}.url", cache.get("url"))
@@ -226,7 +213,6 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         f.add(f"{prop}.signingKeyFile", "must be the absolute path of a secret key file on the deployer")
 
 
-SECRET_FILE_KEYS = ("path", "content", "owner", "group", "mode", "stage", "keepOnDestroy")
 MODE_RE = re.compile(r"^0?[0-7]{3}$")
 # A user or group name as useradd accepts it, or a numeric id.
 ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
@@ -255,10 +241,8 @@ def check_secret_files(f: Failures, files: Any, prop: str = "secretFiles") -> No
 
 
 def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
-    for k in entry:
-        if k not in SECRET_FILE_KEYS:
-            f.add(f"{p}.{k}", "is not a property of a secret file" +
-                  (" (it is computed by the provider)" if k == "contentHash" else ""))
+    if "contentHash" in entry:
+        f.add(f"{p}.contentHash", "is not a property of a secret file: it is computed by the provider")
     path = entry.get("path")
     if path is None:
         f.add(f"{p}.path", "is required: the absolute path of the file on the host")

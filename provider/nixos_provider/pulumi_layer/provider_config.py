@@ -39,7 +39,10 @@ def check(values: dict[str, Any]) -> checks.Failures:
     for key in COMMANDS:
         if values.get(key) is not None and _command(values.get(key)) is None:
             f.add(key, "must be a non-empty list of strings")
-    machine_checks.check_binary_cache(f, conversion.parse_binary_cache(values.get("binaryCache")))
+    cache = conversion.parse_binary_cache(values.get("binaryCache"))
+    machine_checks.check_binary_cache(f, cache)
+    if isinstance(reveal(cache), dict):
+        f.add_unknown_keys("nixos:index:BinaryCache", reveal(cache), owner="binaryCache")
     return f
 
 

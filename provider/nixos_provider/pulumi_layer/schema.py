@@ -8,6 +8,7 @@ rules beyond types (ranges, formats, combinations) are in `checks.py`.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -68,7 +69,34 @@ def type_failures(type_token: str, news: dict[str, Any]) -> list[tuple[str, str]
     return out
 
 
-def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]]) -> None:
+def unknown_keys(type_token: str, news: dict[str, Any], *, owner: str | None = None) -> list[tuple[str, str]]:
+    """(property path, reason) for each key the schema does not declare, at any depth (`connection.prot`): a typo
+    is refused, never ignored. `type_token` is a resource, or a type of `#/types/` (owner: the value's path)."""
+    out: list[tuple[str, str]] = []
+    if owner is not None:
+        _walk({"$ref": TYPE_REF + type_token}, news, owner, [], out)
+        return out
+    props = input_properties(type_token)
+    _report_unknown(news, props, "", type_token, out)
+    for name, value in news.items():
+        if name in props:
+            _walk(props[name], value, name, [], out)
+    return out
+
+
+def _report_unknown(value: dict[str, Any], fields: dict[str, Any], path: str, token: str,
+                    out: list[tuple[str, str]]) -> None:
+    known = [k for k, spec in fields.items() if not spec.get("description", "").startswith("Output only")]
+    for key in value:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"it has {', '.join(f'`{k}`' for k in sorted(known))}"
+            out.append((f"{path}.{key}" if path else str(key),
+                        f"is not a property of {token.rsplit(':', 1)[-1]} ({hint})"))
+
+
+def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]],
+          unknown: list[tuple[str, str]] | None = None) -> None:
     if isinstance(value, Secret):
         value = value.value
     if value is None or value is UNKNOWN:
@@ -83,13 +111,16 @@ def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]
         out.append((path, f"must be {_WHAT[kind]}, not {kind_of(value)}"))
         return
     if ref.startswith(TYPE_REF):
-        fields = schema()["types"][ref[len(TYPE_REF):]].get("properties", {})
+        token = ref[len(TYPE_REF):]
+        fields = schema()["types"][token].get("properties", {})
+        if unknown is not None:
+            _report_unknown(value, fields, path, token, unknown)
         for key, item in value.items():
             if key in fields:
-                _walk(fields[key], item, f"{path}.{key}", out)
+                _walk(fields[key], item, f"{path}.{key}", out, unknown)
     elif kind == "array" and "items" in spec:
         for i, item in enumerate(value):
-            _walk(spec["items"], item, f"{path}[{i}]", out)
+            _walk(spec["items"], item, f"{path}[{i}]", out, unknown)
     elif kind == "object" and "additionalProperties" in spec:
         for key, item in value.items():
-            _walk(spec["additionalProperties"], item, f"{path}[{json.dumps(key)}]", out)
+            _walk(spec["additionalProperties"], item, f"{path}[{json.dumps(key)}]", out, unknown)
