@@ -19,6 +19,9 @@ alternate, so a drifting machine speed hits both alike):
   realnixos.as_deployed) previews a change of that configuration (nginx mainline, the newest kernel): whether
   the diff is shown, and how many `nix build`s ran (needs root: one lab host on 127.0.BENCH_NET.1, 42 unless set).
 
+The provider is installed in a Pulumi home of the benchmark's own, laid out as `pulumi plugin install` lays out
+the archive (install_plugin): the engine starts it as it starts a user's plugin, and caches its schema.
+
 Each run changes the flake first (a comment), so neither side finds anything evaluated before, except where the
 line says so. Peak memory comes from a wrapper around `nix` (getrusage of its child), which both sides run through.
 
@@ -34,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,6 +69,27 @@ sys.exit(code)
 TOPLEVEL = ".config.system.build.toplevel"
 
 
+def install_plugin(home: Path) -> dict[str, str]:
+    """The provider installed in a Pulumi home as `pulumi plugin install` lays the archive out (the launcher,
+    schema.json, lib/cpXY), the tree made of this checkout and this Python's libraries: Pulumi then runs it as it
+    runs a user's plugin (the launcher's search, the schema cached in the plugin's folder), not the checkout's
+    `plugins.providers` path, which the engine cannot cache a schema for. Returns the environment that finds it."""
+    version = subprocess.run(["bash", str(REPO / "scripts" / "version.sh")], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    plugin = home / "plugins" / f"resource-nixos-v{version}"
+    tree = plugin / "lib" / f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    tree.mkdir(parents=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    for entry in site.iterdir():
+        if not entry.name.startswith(("__editable__", "nixos_provider")):  # the checkout's own, linked below
+            (tree / entry.name).symlink_to(entry)
+    (tree / "nixos_provider").symlink_to(REPO / "provider" / "nixos_provider")
+    shutil.copy(REPO / "provider" / "pulumi-resource-nixos", plugin)
+    shutil.copy(REPO / "schema.json", plugin)
+    # A plugin on PATH (this checkout's virtualenv) would shadow the installed one; a user's PATH has none.
+    return {"PULUMI_HOME": str(home), "PULUMI_IGNORE_AMBIENT_PLUGINS": "true", "PULUMI_NIXOS_PYTHON": sys.executable}
+
+
 class Bench:
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -82,7 +107,7 @@ class Bench:
         self.store = work / "evaluations"
         self.env = {**os.environ, "PULUMI_BACKEND_URL": f"file://{work / 'state'}", "PULUMI_CONFIG_PASSPHRASE": "b",
                     "PULUMI_SKIP_UPDATE_CHECK": "1", "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "1",
-                    "PULUMI_NIXOS_EVALUATION_STORE": str(self.store)}
+                    "PULUMI_NIXOS_EVALUATION_STORE": str(self.store), **install_plugin(work / "pulumi-home")}
         self.changes = 0
         self.projects: dict[str, Path] = {}
 
@@ -99,9 +124,7 @@ class Bench:
             resources[m] = {"type": "nixos:NixosMachine", "options": {"provider": "${nixos}"}, "properties": {
                 "connection": connection or {"host": f"127.0.99.{i + 1}", "password": "unused"},
                 "flake": f"{flake or f'path:{self.flake}'}#{configuration}"}}
-        (proj / "Pulumi.yaml").write_text(json.dumps({
-            "name": name, "runtime": "yaml",
-            "plugins": {"providers": [{"name": "nixos", "path": str(REPO / "provider")}]}, "resources": resources}))
+        (proj / "Pulumi.yaml").write_text(json.dumps({"name": name, "runtime": "yaml", "resources": resources}))
         if new:  # after Pulumi.yaml: the CLI (v3.276.0) names the stack after the project it finds
             subprocess.run(["pulumi", "--non-interactive", "stack", "init", "bench"], cwd=proj, env=self.env,
                            check=True, capture_output=True)
