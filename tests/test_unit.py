@@ -546,6 +546,24 @@ def test_input_keys_are_the_schemas() -> None:
     assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
 
 
+def test_guesses_fill_the_gaps_then_go_before_then_after() -> None:
+    """A first preview's guesses of the next Checks: the gaps between the names asked for, then toward the start
+    of a numbered run (where a stack's machines are), the end (configurations not in a stack yet) last."""
+    from nixos_provider.engine.nix.evaluation import neighbours
+    names = [f"web{i}" for i in range(1, 21)] + ["db", "cache"]
+    web = parse_flake_ref(".#web10", "/p")
+
+    def guesses(asked: list[str]) -> list[str]:
+        return [str(r.configuration[0]) for r in neighbours(web, names, [parse_flake_ref(f".#{a}", "/p") for a in asked])
+                if r.configuration]
+
+    assert guesses([])[:3] == ["web9", "web8", "web7"]
+    assert guesses(["web4"])[:8] == ["web5", "web6", "web7", "web8", "web9", "web3", "web2", "web1"]
+    assert guesses(["web4"])[8:] == [f"web{i}" for i in range(11, 21)]  # a numbered fleet: no `db`, no `cache`
+    db = parse_flake_ref(".#db", "/p")
+    assert [r.configuration[0] for r in neighbours(db, names) if r.configuration][:2] == ["cache", "web1"]
+
+
 def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
     """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
     from nixos_provider.pulumi_layer import machine, nix_profile

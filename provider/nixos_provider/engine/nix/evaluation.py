@@ -20,8 +20,8 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
   its last run asked for; its first Check starts all of them. Where the plan
   knows nothing (a first preview, a new machine), guesses fill workers that
   would idle: the flake's configurations likeliest to come next (named alike;
-  between, then beyond the ones asked for so far, in natural order), one at
-  first and two more for each further Check the plan did not know. A
+  between the ones asked for so far, then before them, then after, in natural
+  order), one at first and two more for each further Check the plan did not know. A
   one-machine stack thus costs at most one evaluation it does not use.
 - **An unchanged flake is not evaluated again.** `nix flake metadata`
   fingerprints the flake and its locked inputs without evaluating; an
@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -665,8 +664,11 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     A fleet's machines tend to be named alike (`web3` like `web2`) and to form a run in natural order, while
     Pulumi's engine checks them in about declaration order, or scrambled (YAML with an explicit provider). So:
     configurations named like ref's first; of those, the ones between the first and the last asked for so far
-    (asked: this run's Checks of the flake), then the ones beyond them, next after and next before in turn. The
-    others last, and only when ref's name has no number: a numbered fleet (`web#`) goes on with numbers.
+    (asked: this run's Checks of the flake), then the ones before them (nearest first), then the ones after.
+    Before, then after: a numbered fleet grows at its end, so the configurations a stack does not use yet are
+    the last ones (a first preview of web1..web10 in a flake of web1..web20, checked in a scrambled order, guessed
+    web11 and web12 when it went on both ways in turn). The others last, and only when ref's name has no number: a
+    numbered fleet (`web#`) goes on with numbers.
     """
     ordered = sorted(names, key=_natural)
     own = ref.configuration
@@ -682,10 +684,8 @@ def neighbours(ref: FlakeRef, names: list[str], asked: Sequence[FlakeRef] = ()) 
     seen = [i for i in (position(r) for r in (*asked, ref)) if i is not None]
     low, high = min(seen), max(seen)
     between, after, before = ordered[low + 1:high], ordered[high + 1:], ordered[:low][::-1]
-    # Beyond the names asked for: the next one after, then the next one before, and so on.
-    outside = [n for pair in itertools.zip_longest(after, before) for n in pair if n is not None]
     shape = _shape(ordered[mine])
-    candidates = [n for n in between + outside if n != ordered[mine]]
+    candidates = [n for n in between + before + after if n != ordered[mine]]
     alike = [n for n in candidates if _shape(n) == shape]
     # A numbered fleet (`web#`) goes on with numbers; names without one say nothing of each other.
     others = [n for n in candidates if _shape(n) != shape] if shape == ordered[mine] else []
