@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confirm-timeout", type=float, default=30)
     ap.add_argument("--health-http", action="append", default=[])
     ap.add_argument("--secret-file", action="append", default=[], type=secret_file, metavar="PATH=FILE",
-                    help="write FILE's content to PATH on the host (root's, mode 0400) before activation")
+                    help="write FILE's content to PATH on the host (root's, mode 0400) before activation; "
+                         "nixos-deploy keeps no record, so a file left out of a later run stays on the host")
     ap.add_argument("--status", action="store_true", help="only show what the host runs")
     args = ap.parse_args(argv)
     if not args.status and not (args.flake or args.store_path):
