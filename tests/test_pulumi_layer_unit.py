@@ -180,6 +180,17 @@ def test_a_create_the_engine_refuses_outright_records_nothing() -> None:
     assert machine.ctx.created_on == {}
 
 
+def test_list_generations_refuses_a_typo_in_its_connection_before_any_engine_call() -> None:
+    from nixos_provider.pulumi_layer.functions import list_generations
+    from nixos_provider.pulumi_layer.resource import CheckFailed
+    engine = FakeEngine()
+    machine, _ = _layer(engine)
+    with pytest.raises(CheckFailed) as e:
+        _run(list_generations(machine.ctx, {"connection": {"host": "h", "usr": "root"}}))
+    assert e.value.failures.items == [("connection.usr", "is not a property of Connection (did you mean `user`?)")]
+    assert engine.calls == []
+
+
 def test_update_pins_the_recorded_host_key_and_says_whether_to_deploy() -> None:
     engine = FakeEngine(converged=DEPLOYED)
     machine, _ = _layer(engine)

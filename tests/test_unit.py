@@ -564,8 +564,8 @@ def test_guesses_fill_the_gaps_then_go_before_then_after() -> None:
     assert [r.configuration[0] for r in neighbours(db, names) if r.configuration][:2] == ["cache", "web1"]
 
 
-def test_computed_outputs_and_nested_keys_are_the_schemas() -> None:
-    """The hand-written lists of the Pulumi layer name exactly what schema.json declares."""
+def test_computed_outputs_are_the_schemas() -> None:
+    """The Pulumi layer's lists of computed outputs name exactly what schema.json declares."""
     from nixos_provider.pulumi_layer import machine, nix_profile
     from nixos_provider.pulumi_layer.schema import schema
 

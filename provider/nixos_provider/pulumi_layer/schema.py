@@ -73,6 +73,7 @@ def unknown_keys(type_token: str, news: dict[str, Any], *, owner: str | None = N
     """(property path, reason) for each key the schema does not declare, at any depth (`connection.prot`): a typo
     is refused, never ignored. `type_token` is a resource, or a type of `#/types/` (owner: the value's path)."""
     out: list[tuple[str, str]] = []
+    # The same walk as the types' (its type failures are type_failures' to report, so they are dropped here).
     if owner is not None:
         _walk({"$ref": TYPE_REF + type_token}, news, owner, [], out)
         return out
@@ -86,6 +87,7 @@ def unknown_keys(type_token: str, news: dict[str, Any], *, owner: str | None = N
 
 def _report_unknown(value: dict[str, Any], fields: dict[str, Any], path: str, token: str,
                     out: list[tuple[str, str]]) -> None:
+    # A type's property described as "Output only" is set by the provider (SecretFile.contentHash), never an input.
     known = [k for k, spec in fields.items() if not spec.get("description", "").startswith("Output only")]
     for key in value:
         if key not in known:
