@@ -159,12 +159,16 @@ def test_five_hosts_at_once_and_stop_leaves_nothing(new_host: HostFactory, syste
         in_host(h, "sh", "-c", "setsid -f sleep 1000 >/dev/null 2>&1 </dev/null")
     # A namespace id is free for reuse once its last process is gone, and the
     # other test legs make namespaces all the time: count only the processes
-    # that were already there before the hosts were stopped.
+    # that were in the host before it was stopped. Their start time alone is not
+    # enough: a process started earlier can call unshare() later, and get the
+    # freed id (a trixie leg beside bookworm saw one).
+    inside = {ns: set(labctl.processes_in_namespace(ns)) for ns in namespaces}
+    assert all(inside.values())
     before_stop = _clock_ticks_since_boot()
     for h in hosts:
         labctl.stop_host(h.state)
     for h, ns in zip(hosts, namespaces, strict=True):
-        alive = [p for p in labctl.processes_in_namespace(ns) if _running_since(p, before_stop)]
+        alive = [p for p in labctl.processes_in_namespace(ns) if p in inside[ns] and _running_since(p, before_stop)]
         assert alive == [], f"{h.name}: processes left: {alive}"
         assert not h.state.exists()
         assert str(h.state) not in Path("/proc/self/mountinfo").read_text()
