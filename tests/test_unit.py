@@ -601,6 +601,11 @@ def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
     profile = dict(input_rules.profile_failures({"connection": {"host": "h", "pasword": "x"}, "profile": "p",
                                                  "storePath": "/nix/store/00000000000000000000000000000000-x"}).items)
     assert profile == {"connection.pasword": "is not a property of Connection (did you mean `password`?)"}
+    # The provider's binaryCache, as `pulumi config set` gives it (JSON text) and as a secret object.
+    from nixos_provider.pulumi_layer import provider_config
+    for cache in ('{"url": "https://c", "publicKey": "k", "urll": 1}', Secret({"url": "https://c", "urll": 1})):
+        assert ("binaryCache.urll", "is not a property of BinaryCache (did you mean `url`?)") in \
+            provider_config.check({"binaryCache": cache}).items
 
 
 def _message_strings(source: str) -> list[str]:

@@ -36,9 +36,9 @@ class Failures:
         for prop, reason in type_failures(type_token, news):
             self.add(prop, reason)
 
-    def add_unknown_keys(self, type_token: str, news: dict[str, Any], *, owner: str | None = None) -> None:
+    def add_unknown_keys(self, type_token: str, value: Any, *, owner: str | None = None) -> None:
         """Last, after the rules: a rule that knows why a key has no place there says it better."""
-        for prop, reason in unknown_keys(type_token, news, owner=owner):
+        for prop, reason in unknown_keys(type_token, value, owner=owner):
             self.add(prop, reason)
 
     def __bool__(self) -> bool:

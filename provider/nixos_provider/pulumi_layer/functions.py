@@ -17,8 +17,7 @@ async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     """A profile's generations on a host, and which one is current (0: none)."""
     f = checks.Failures()
     checks.check_connection(f, args.get("connection"))
-    if isinstance(args.get("connection"), dict):
-        f.add_unknown_keys("nixos:index:Connection", args["connection"], owner="connection")
+    f.add_unknown_keys("nixos:index:Connection", args.get("connection"), owner="connection")
     if f:
         raise CheckFailed(f)
     remote = conversion.to_remote(args["connection"], default_private_key=ctx.default_private_key,

@@ -41,8 +41,7 @@ def check(values: dict[str, Any]) -> checks.Failures:
             f.add(key, "must be a non-empty list of strings")
     cache = conversion.parse_binary_cache(values.get("binaryCache"))
     machine_checks.check_binary_cache(f, cache)
-    if isinstance(reveal(cache), dict):
-        f.add_unknown_keys("nixos:index:BinaryCache", reveal(cache), owner="binaryCache")
+    f.add_unknown_keys("nixos:index:BinaryCache", cache, owner="binaryCache")
     return f
 
 

@@ -61,28 +61,30 @@ def _fits(kind: str, value: Any) -> bool:
 def type_failures(type_token: str, news: dict[str, Any]) -> list[tuple[str, str]]:
     """(property path, reason) for each input whose value is not of its schema type. Values are never echoed:
     many inputs are secrets."""
-    out: list[tuple[str, str]] = []
-    props = input_properties(type_token)
-    for name, value in news.items():
-        if name in props:
-            _walk(props[name], value, name, out)
-    return out
+    return _findings(type_token, news)[0]
 
 
-def unknown_keys(type_token: str, news: dict[str, Any], *, owner: str | None = None) -> list[tuple[str, str]]:
+def unknown_keys(type_token: str, value: Any, *, owner: str | None = None) -> list[tuple[str, str]]:
     """(property path, reason) for each key the schema does not declare, at any depth (`connection.prot`): a typo
-    is refused, never ignored. `type_token` is a resource, or a type of `#/types/` (owner: the value's path)."""
-    out: list[tuple[str, str]] = []
-    # The same walk as the types' (its type failures are type_failures' to report, so they are dropped here).
+    is refused, never ignored. `type_token` is a resource, or a type of `#/types/` (owner: the value's path; a
+    value that is not an object is type_failures' to report)."""
+    return _findings(type_token, value, owner=owner)[1]
+
+
+def _findings(type_token: str, value: Any, *, owner: str | None = None) -> tuple[list[tuple[str, str]],
+                                                                              list[tuple[str, str]]]:
+    """One walk of a resource's inputs (or of one value of a type): (wrong types, unknown keys)."""
+    types: list[tuple[str, str]] = []
+    unknown: list[tuple[str, str]] = []
     if owner is not None:
-        _walk({"$ref": TYPE_REF + type_token}, news, owner, [], out)
-        return out
+        _walk({"$ref": TYPE_REF + type_token}, value, owner, types, unknown)
+        return types, unknown
     props = input_properties(type_token)
-    _report_unknown(news, props, "", type_token, out)
-    for name, value in news.items():
+    _report_unknown(value, props, "", type_token, unknown)
+    for name, item in value.items():
         if name in props:
-            _walk(props[name], value, name, [], out)
-    return out
+            _walk(props[name], item, name, types, unknown)
+    return types, unknown
 
 
 def _report_unknown(value: dict[str, Any], fields: dict[str, Any], path: str, token: str,
@@ -98,7 +100,7 @@ def _report_unknown(value: dict[str, Any], fields: dict[str, Any], path: str, to
 
 
 def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]],
-          unknown: list[tuple[str, str]] | None = None) -> None:
+          unknown: list[tuple[str, str]]) -> None:
     if isinstance(value, Secret):
         value = value.value
     if value is None or value is UNKNOWN:
@@ -115,8 +117,7 @@ def _walk(spec: dict[str, Any], value: Any, path: str, out: list[tuple[str, str]
     if ref.startswith(TYPE_REF):
         token = ref[len(TYPE_REF):]
         fields = schema()["types"][token].get("properties", {})
-        if unknown is not None:
-            _report_unknown(value, fields, path, token, unknown)
+        _report_unknown(value, fields, path, token, unknown)
         for key, item in value.items():
             if key in fields:
                 _walk(fields[key], item, f"{path}.{key}", out, unknown)
