@@ -220,6 +220,56 @@ async def test_close_kills_evaluations_that_run_ahead(slow_flake: str, store: Ev
                    for line in ps.splitlines())
 
 
+async def test_a_provider_starting_where_a_stack_ran_begins_its_plan_before_any_check(
+        slow_flake: str, store: EvaluationStore, spans: Path, tmp_path: Path) -> None:
+    """The plugin starts in the project's directory (plugin.place()): the plan its last run there asked for
+    begins before the engine has asked anything, with the workers set then; another stack's first Check there
+    stops it."""
+    flake, nix, here = slow_flake, Nix(), json.dumps(["/srv/infra", "infra"])
+    first = Evaluator(store, workers=1)
+    first.begin(here)
+    assert not first.busy()  # nothing ran from here before
+    for name in ("c", "e"):
+        await first.evaluate(nix, ref(flake, name), plan="infra/dev")
+    await settle(first)
+    await first.aclose(5)
+    assert store.place(here) == ("infra/dev", ["nix"], 1)
+
+    with open(tmp_path / "slow-flake" / "flake.nix", "a") as f:
+        f.write("# changed\n")
+    spans.unlink(missing_ok=True)
+    second = Evaluator(store)
+    second.begin(here)
+    assert second._pool.workers == 1
+    await settle(second)  # no Check yet
+    assert [e[0] for e in evaluations(spans)] == ["c", "e"]
+    await second.evaluate(nix, ref(flake, "c"), plan="infra/dev")
+    assert len(evaluations(spans)) == 2 and second.counts.evaluated == 2
+    await second.aclose(5)
+
+    elsewhere = Evaluator(store)
+    elsewhere.begin(json.dumps(["/srv/other", "infra"]))
+    assert not elsewhere.busy()
+
+    # dev's last run asked for the slow one; then prod's first Check comes.
+    dev = Evaluator(store)
+    dev.begin(here)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(dev.evaluate(nix, ref(flake, "slow"), plan="infra/dev"), 0.5)
+    await dev.aclose(5)
+    third = Evaluator(store)
+    third.begin(here)
+    await asyncio.sleep(0.5)
+    assert third.busy()
+    await third.evaluate(nix, ref(flake, "a"), plan="infra/prod")
+    await settle(third)
+    assert third.counts.evaluated == 2  # a, and the guess beside it; the slow one was stopped
+    assert not any(" eval " in line and "nixosConfigurations.slow" in line and flake.removeprefix("path:") in line
+                   for line in os.popen("ps -eo args").read().splitlines())
+    assert store.place(here) == ("infra/prod", ["nix"], 1)
+    await third.aclose(5)
+
+
 async def test_without_a_set_number_memory_decides_how_many_run(
         flake: str, store: EvaluationStore, spans: Path) -> None:
     """Two cores' worth of workers, but one evaluation is known to need more than the machine has available: they

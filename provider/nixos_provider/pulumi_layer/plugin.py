@@ -4,14 +4,17 @@ signals, and the exit when the engine that started it is gone."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-import grpc
-from pulumi.runtime.proto import provider_pb2_grpc
+from ..engine.nix.evaluation import EvaluationStore, Evaluator
 
-from .server import Provider
+if TYPE_CHECKING:
+    from .server import Provider
 
 FLAGS_WITH_VALUE = {"--tracing", "--logflow", "-v", "--root"}
 
@@ -30,9 +33,24 @@ def engine_address_from(argv: list[str]) -> str | None:
     return rest[-1] if rest else None
 
 
+def place() -> str:
+    """Where the engine runs this plugin: the project's directory (its working directory) and name."""
+    return json.dumps([os.getcwd(), os.environ.get("PULUMI_PROJECT", "")])
+
+
 async def serve(argv: list[str]) -> None:
     engine_address = engine_address_from(argv)
-    provider = Provider(engine_address)
+    evaluator = Evaluator(EvaluationStore.default())
+    if engine_address:  # the engine's plugin (a language host's only answers questions about the schema)
+        evaluator.begin(place())
+    # The rest (gRPC, Pulumi's protobuf modules, every resource) takes a few hundred milliseconds to import,
+    # which the Nix processes begun above would otherwise wait for: imported on a thread, while this loop
+    # drives them.
+    servicer = await asyncio.to_thread(importlib.import_module, "nixos_provider.pulumi_layer.server")
+    import grpc
+    from pulumi.runtime.proto import provider_pb2_grpc
+
+    provider: Provider = servicer.Provider(engine_address, evaluator)
     if engine_address:
         await provider.start_logging()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 400 * 1024 * 1024)])

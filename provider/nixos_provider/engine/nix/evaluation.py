@@ -17,7 +17,11 @@ memory at once. So, as nix-eval-jobs does for Hydra and colmena:
 - **Evaluate ahead what the stack will ask for.** Pulumi's engine sends one
   Check at a time, so evaluating ahead is what lets a fleet's Checks overlap.
   The stack's plan (its URN's stack and project) remembers which attributes
-  its last run asked for; its first Check starts all of them. Where the plan
+  its last run asked for; its first Check starts all of them. Sooner still: a
+  provider that starts where a stack's program ran (the project's directory)
+  begins that stack's plan at once (begin()), while the rest of the provider
+  is still loading, before the engine asks anything; a Check from another
+  stack, or through another Nix, stops what began for nothing. Where the plan
   knows nothing (a first preview, a new machine), guesses fill workers that
   would idle: the flake's configurations likeliest to come next (named alike;
   between the ones asked for so far, then before them, then after, in natural
@@ -224,7 +228,7 @@ class EvaluationStore:
         """Forget results, plans and peaks nobody wrote for max_age seconds (every change of a flake leaves
         its configurations' results behind; they never match again)."""
         cutoff = time.time() - max_age
-        for kind in ("results", "plans", "peaks"):
+        for kind in ("results", "plans", "peaks", "places"):
             try:
                 entries = list(os.scandir(self.directory / kind))
             except OSError:
@@ -243,6 +247,22 @@ class EvaluationStore:
 
     def keep_plan(self, plan: str, refs: list[PlannedRef]) -> None:
         self._write("plans", self._name(plan), {"refs": [r.to_json() for r in refs]})
+
+    def place(self, place: str) -> tuple[str, list[str], int | None] | None:
+        """The plan last asked for from this place: (its stack, its Nix command, the workers set then)."""
+        value = self._read("places", self._name(place))
+        try:
+            name, command, workers = value["plan"], value["command"], value.get("workers")
+        except (KeyError, TypeError):
+            return None
+        if not (isinstance(name, str) and isinstance(command, list) and command
+                and all(isinstance(c, str) for c in command)
+                and (workers is None or (isinstance(workers, int) and workers > 0))):
+            return None
+        return name, command, workers
+
+    def keep_place(self, place: str, name: str, command: list[str], workers: int | None) -> None:
+        self._write("places", self._name(place), {"plan": name, "command": command, "workers": workers})
 
     def peak(self, identity: str, source: str) -> int | None:
         value = self._read("peaks", self._name(identity, source))
@@ -289,6 +309,10 @@ class _Pool:
     @property
     def workers(self) -> int:
         return self._set or cores()
+
+    @property
+    def configured(self) -> int | None:
+        return self._set
 
     def set_workers(self, workers: int | None) -> None:
         self._set = workers
@@ -378,6 +402,7 @@ class _Plan:
 
     remembered: list[PlannedRef]
     asked: list[PlannedRef] = field(default_factory=list)
+    early: bool = False  # begun at the provider's start, before any Check named it
     unplanned: int = 0  # Checks of this run that the remembered plan did not name
     guessed: int = 0
     # What to guess around: the last Check the plan did not name, with its Nix and the flake's names.
@@ -431,7 +456,8 @@ class Evaluator:
         self._jobs: dict[Key, _Job] = {}
         self._fingerprints: dict[tuple[str, str], asyncio.Task[Locked]] = {}  # by (identity, flake)
         self._closed = False
-        self._plans: dict[str, _Plan] = {}
+        self._plans: dict[str, _Plan] = {}  # by plan key (_plan_key)
+        self._place: str | None = None
         self._identities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
         self._peaks: dict[tuple[str, str], int] = {}
         self.counts = EvaluationCounts()
@@ -457,6 +483,19 @@ class Evaluator:
             self._fill()
         return await asyncio.shield(job.task)
 
+    def begin(self, place: str) -> None:
+        """The provider starts where a stack's program runs (`place`: its project's directory): begin the plan
+        last asked for from there now, with the workers set then, as that stack's first Check would, before
+        the rest of the provider has even loaded. Needs a running event loop."""
+        self._place = place
+        found = self.store.place(place) if self.store else None
+        if found is None or self._closed:
+            return
+        name, command, workers = found
+        self._pool.set_workers(workers)
+        key = json.dumps([name, command])
+        self._open_plan(key, early=True)
+
     async def aclose(self, timeout: float) -> None:
         """The provider is stopping: stop every evaluation still running (what finished is already kept) and wait
         up to `timeout` until their Nix processes are killed."""
@@ -474,18 +513,21 @@ class Evaluator:
     def _plan_ahead(self, name: str, nix: Nix, ref: SourceRef) -> None:
         if self._closed:
             return
-        plan = self._plans.get(name)
-        if plan is None:
-            remembered = self.store.plan(self._plan_key(name, nix)) if self.store else []
-            plan = self._plans[name] = _Plan(remembered)
-            for planned in remembered:
-                if self._key(planned.nix(), planned.ref) not in self._jobs:
-                    self._start(planned.nix(), planned.ref, foreground=False)
+        key = self._plan_key(name, nix)
+        plan = self._plans.get(key)
+        if plan is None or plan.early:
+            # The first Check of this plan in this process: it is the plan this place runs from now on.
+            if plan is None:
+                plan = self._open_plan(key, early=False)
+            plan.early = False
+            self._drop_early(key)
+            if self.store and self._place is not None:
+                self.store.keep_place(self._place, name, list(nix.command), self._pool.configured)
         planned = PlannedRef.of(nix, ref)
         if planned not in plan.asked:
             plan.asked.append(planned)
             if self.store:
-                self.store.keep_plan(self._plan_key(name, nix), plan.asked)
+                self.store.keep_plan(key, plan.asked)
         if planned not in plan.remembered:
             # The stack asks for more than its last run did: guess which configurations follow (a flake's
             # siblings; a system without a flake has none to list).
@@ -495,7 +537,31 @@ class Evaluator:
 
     @staticmethod
     def _plan_key(name: str, nix: Nix) -> str:
-        return json.dumps([name, nix.command])
+        return json.dumps([name, list(nix.command)])
+
+    def _open_plan(self, key: str, *, early: bool) -> _Plan:
+        """The plan `key` in this process, its remembered attributes started (they wait in the pool)."""
+        remembered = self.store.plan(key) if self.store else []
+        plan = self._plans[key] = _Plan(remembered, early=early)
+        for planned in remembered:
+            if self._key(planned.nix(), planned.ref) not in self._jobs:
+                self._start(planned.nix(), planned.ref, foreground=False)
+        return plan
+
+    def _drop_early(self, keep: str) -> None:
+        """A Check named plan `keep`: a plan begun at start that is another (another stack, or its Nix changed)
+        was begun for nothing. What it started and `keep` does not remember is stopped."""
+        wanted = {self._key(r.nix(), r.ref) for r in self._plans[keep].remembered}
+        for key, plan in list(self._plans.items()):
+            if key == keep or not plan.early:
+                continue
+            del self._plans[key]
+            for planned in plan.remembered:
+                job_key = self._key(planned.nix(), planned.ref)
+                job = self._jobs.get(job_key)
+                if job is not None and not job.ticket.foreground and job_key not in wanted:
+                    del self._jobs[job_key]
+                    job.task.cancel()
 
     def _guess(self, plan: _Plan, nix: Nix, ref: FlakeRef) -> None:
         configuration = ref.configuration
