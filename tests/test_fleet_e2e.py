@@ -16,15 +16,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 MACHINES = 6
 
 
-def recording_nix(tmp_path: Path) -> tuple[Path, Path]:
-    """A Nix installation whose `nix` logs each command line before running the real one."""
+def recording_nix(tmp_path: Path, stamped: bool = False) -> tuple[Path, Path]:
+    """A Nix installation whose `nix` logs each command line before running the real one (stamped: after the
+    time it started, in seconds since the epoch)."""
     real_nix = shutil.which("nix")
     real_store = shutil.which("nix-store")
     assert real_nix and real_store
     bindir = tmp_path / "nix" / "bin"
     bindir.mkdir(parents=True)
     log = tmp_path / "nix-calls"
-    (bindir / "nix").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >> {log}\nexec -a nix {real_nix} "$@"\n')
+    line = '"$EPOCHREALTIME $*"' if stamped else '"$*"'
+    (bindir / "nix").write_text(f'#!/bin/bash\nprintf "%s\\n" {line} >> {log}\nexec -a nix {real_nix} "$@"\n')
     (bindir / "nix").chmod(0o755)
     (bindir / "nix-store").symlink_to(real_store)
     return bindir / "nix", log

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,11 @@ def is_valid(path: str) -> bool:
 
 def preview_inputs(project: PulumiProject, *args: str) -> dict[str, dict[str, Any]]:
     """`pulumi preview --json`: each machine's new inputs, by resource name."""
-    steps = json.loads(project.run("preview", "--json", *args).stdout)["steps"]
+    return inputs_of(project.run("preview", "--json", *args).stdout)
+
+
+def inputs_of(preview_json: str) -> dict[str, dict[str, Any]]:
+    steps = json.loads(preview_json)["steps"]
     return {s["urn"].rsplit("::", 1)[1]: s["newState"]["inputs"] for s in steps
             if s["urn"].split("::")[2] == "nixos:index:NixosMachine"}
 
@@ -73,7 +78,7 @@ def no_evaluation_left(flake: Path) -> bool:
 
 def test_preview_evaluates_each_real_machine_once_then_never_again_until_the_flake_changes(
         project: PulumiProject, tmp_path: Path, flake: Path) -> None:
-    nix, log = recording_nix(tmp_path)
+    nix, log = recording_nix(tmp_path, stamped=True)
     fleet(project, nix, flake, ["web1", "web2"])
     project.run("stack", "init", "dev")
 
@@ -95,12 +100,21 @@ def test_preview_evaluates_each_real_machine_once_then_never_again_until_the_fla
     assert evaluated(log) == [], log.read_text()
     assert {k: v["systemPath"] for k, v in again.items()} == {k: v["systemPath"] for k, v in first.items()}
 
-    # The flake changed: exactly the stack's machines are evaluated again (the stack's plan), no guess.
+    # The flake changed: exactly the stack's machines are evaluated again (the stack's plan), no guess. The plan
+    # began when Pulumi started the provider in this project: its first Nix call (the flake's fingerprint)
+    # came before the engine sent the first Check.
     with open(flake / "flake.nix", "a") as f:
         f.write("# changed\n")
     log.unlink(missing_ok=True)
-    changed = preview_inputs(project)
+    result = project.run("preview", "--json", "--logtostderr", "-v=9")
+    changed, engine_log = inputs_of(result.stdout), result.stderr
     assert sorted(evaluated(log)) == ["web1", "web2"], log.read_text()
+    first_nix_call = float(log.read_text().split(" ", 1)[0])
+    first_check = min(datetime.fromisoformat(entry["time"][:26] + "+00:00").timestamp()
+                      for line in engine_log.splitlines() if line.startswith("{")
+                      for entry in [json.loads(line)]
+                      if re.search(r"\.Check\(urn:.*NixosMachine::web\d\) executing", entry.get("msg", "")))
+    assert first_nix_call < first_check, (first_nix_call, first_check, log.read_text())
     assert changed["web1"]["systemPath"] == expected["out"]
 
 

@@ -33,6 +33,18 @@ def engine_address_from(argv: list[str]) -> str | None:
     return rest[-1] if rest else None
 
 
+def started_by_the_engine() -> bool:
+    """Whether the Pulumi engine started this plugin, not a language host (`pulumi-language-yaml` starts one of its
+    own to read the schema, beside the engine's, with an engine address too; no Check follows there). The parent's
+    program name says it, where Linux's /proc can tell; elsewhere nothing begins before the first Check."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            program = f.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return False
+    return bool(program) and "pulumi-language-" not in os.path.basename(program)
+
+
 def place() -> str:
     """Where the engine runs this plugin: the project's directory (its working directory) and name."""
     return json.dumps([os.getcwd(), os.environ.get("PULUMI_PROJECT", "")])
@@ -41,7 +53,7 @@ def place() -> str:
 async def serve(argv: list[str]) -> None:
     engine_address = engine_address_from(argv)
     evaluator = Evaluator(EvaluationStore.default())
-    if engine_address:  # the engine's plugin (a language host's only answers questions about the schema)
+    if engine_address and started_by_the_engine():
         evaluator.begin(place())
     # The rest (gRPC, Pulumi's protobuf modules, every resource) takes a few hundred milliseconds to import,
     # which the Nix processes begun above would otherwise wait for: imported on a thread, while this loop
