@@ -70,6 +70,13 @@ def fleet(project: PulumiProject, nix: Path, flake: Path, names: list[str]) -> N
     program(project, resources)
 
 
+def engine_time(stamp: str) -> float:
+    """A time in Pulumi's log (RFC 3339 in UTC, to the nanosecond, trailing zeros dropped) in seconds since the
+    epoch."""
+    whole, _, fraction = stamp.removesuffix("Z").partition(".")
+    return datetime.fromisoformat(whole + "+00:00").timestamp() + float(f"0.{fraction or 0}")
+
+
 def no_evaluation_left(flake: Path) -> bool:
     """No `nix eval` of this flake runs once the preview has returned (evaluations ahead are cancelled)."""
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -110,8 +117,7 @@ def test_preview_evaluates_each_real_machine_once_then_never_again_until_the_fla
     changed, engine_log = inputs_of(result.stdout), result.stderr
     assert sorted(evaluated(log)) == ["web1", "web2"], log.read_text()
     first_nix_call = float(log.read_text().split(" ", 1)[0])
-    first_check = min(datetime.fromisoformat(entry["time"][:26] + "+00:00").timestamp()
-                      for line in engine_log.splitlines() if line.startswith("{")
+    first_check = min(engine_time(entry["time"]) for line in engine_log.splitlines() if line.startswith("{")
                       for entry in [json.loads(line)]
                       if re.search(r"\.Check\(urn:.*NixosMachine::web\d\) executing", entry.get("msg", "")))
     assert first_nix_call < first_check, (first_nix_call, first_check, log.read_text())
