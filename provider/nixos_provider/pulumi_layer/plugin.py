@@ -1,5 +1,6 @@
-"""The plugin process: the engine's address from the command line, the gRPC server on a port it prints, the
-signals, and the exit when the engine that started it is gone."""
+"""The plugin process: the engine's address from the command line, the stack's evaluations begun before the rest
+of the provider loads, the gRPC server on a port it prints, the signals, and the exit when the engine that started
+it is gone."""
 
 from __future__ import annotations
 
