@@ -22,7 +22,7 @@ from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provid
 
 from .. import provider_version
 from ..engine.errors import EngineError
-from ..engine.nix.evaluation import EvaluationStore, Evaluator
+from ..engine.nix.evaluation import Evaluator
 from . import checks, functions, provider_config
 from .context import Context
 from .error_text import describe
@@ -47,14 +47,13 @@ def _type_of(urn: str, type_: str = "") -> str:
 
 
 class Provider(provider_pb2_grpc.ResourceProviderServicer):
-    def __init__(self, engine_address: str | None, evaluator: Evaluator | None = None) -> None:
+    def __init__(self, engine_address: str | None, evaluator: Evaluator) -> None:
         self.engine_address = engine_address
         self._log_queue: asyncio.Queue[engine_pb2.LogRequest] | None = None
         self._log_task: asyncio.Task[None] | None = None
         # The engine starts provider plugins in the Pulumi project's directory;
         # relative flake references resolve against it (captured once, at start).
-        self.ctx = Context(log=self._log, project_dir=os.getcwd(),
-                           evaluator=evaluator or Evaluator(EvaluationStore.default()))
+        self.ctx = Context(log=self._log, project_dir=os.getcwd(), evaluator=evaluator)
         self.resources: dict[str, Any] = {
             "nixos:index:NixosMachine": NixosMachine(self.ctx),
             "nixos:index:NixProfile": NixProfile(self.ctx),

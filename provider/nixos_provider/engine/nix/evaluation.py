@@ -493,8 +493,7 @@ class Evaluator:
             return
         name, command, workers = found
         self._pool.set_workers(workers)
-        key = json.dumps([name, command])
-        self._open_plan(key, early=True)
+        self._open_plan(self._plan_key(name, command), early=True)
 
     async def aclose(self, timeout: float) -> None:
         """The provider is stopping: stop every evaluation still running (what finished is already kept) and wait
@@ -513,7 +512,7 @@ class Evaluator:
     def _plan_ahead(self, name: str, nix: Nix, ref: SourceRef) -> None:
         if self._closed:
             return
-        key = self._plan_key(name, nix)
+        key = self._plan_key(name, nix.command)
         plan = self._plans.get(key)
         if plan is None or plan.early:
             # The first Check of this plan in this process: it is the plan this place runs from now on.
@@ -536,8 +535,8 @@ class Evaluator:
                 self._guess(plan, nix, ref)
 
     @staticmethod
-    def _plan_key(name: str, nix: Nix) -> str:
-        return json.dumps([name, list(nix.command)])
+    def _plan_key(name: str, command: Sequence[str]) -> str:
+        return json.dumps([name, list(command)])
 
     def _open_plan(self, key: str, *, early: bool) -> _Plan:
         """The plan `key` in this process, its remembered attributes started (they wait in the pool)."""
