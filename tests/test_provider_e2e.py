@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,14 @@ def test_flake_errors_keep_their_place(project: PulumiProject, tmp_path: Path) -
     broken.mkdir()
     # No newline at the end: Nix 2.19 and later point past it, at an empty line 6.
     (broken / "flake.nix").write_text("{\n  outputs = { self }: {\n    nixosConfigurations.web = 1 {\n  };\n}")
+    # A flake in a Git repository, with a module written but not added: Nix's copy of the flake lacks it.
+    repo = tmp_path / "repo"
+    (repo / "modules").mkdir(parents=True)
+    (repo / "flake.nix").write_text("{ outputs = { self }: { nixosConfigurations.web = import ./modules/web.nix; }; }")
+    (repo / "modules" / "web.nix").write_text("{ }")
+    git = ["git", "-C", str(repo), "-c", "user.name=lab", "-c", "user.email=lab@example.org"]
+    for args in (["init", "-q"], ["add", "flake.nix"], ["commit", "-qm", "flake"]):
+        subprocess.run(git + args, check=True, capture_output=True)
     program(project, {"web": {"type": "nixos:NixosMachine", "properties": {
         "connection": {"host": "127.0.99.1", "password": "unused"}, "flake": "${flake}"}}},
             config={"flake": {"type": "string"}})
@@ -107,6 +116,11 @@ def test_flake_errors_keep_their_place(project: PulumiProject, tmp_path: Path) -
         # Where the syntax error is, in the user's own file, with the line Nix pointed at (2.8 shows none here).
         f"path:{broken}#web": rf"syntax error, unexpected .* \(at {re.escape(str(broken))}/flake\.nix:5:\d+(: `}}`)?\)",
         f"path:{LAB}#nope": r"does not provide attribute .*'nixosConfigurations\.nope\.config\.system\.build\.toplevel'",
+        # Which file Git does not track, and the command that makes Nix see it (before 2.34 Nix names only a
+        # path in its copy of the flake).
+        f"{repo}#web": rf"(`modules(/web\.nix)?` is in {re.escape(str(repo))}, but Git does not track it|'modules/web\.nix'"
+                       rf" in the repository \"{re.escape(str(repo))}\" is not tracked by Git).* Run `git -C "
+                       rf"{re.escape(str(repo))} add modules(/web\.nix)?` to make it visible to Nix",
     }
     for flake, expected in cases.items():
         project.run("config", "set", "flake", flake)

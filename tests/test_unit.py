@@ -16,7 +16,7 @@ import nixos_provider.engine
 import pytest
 from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Generation, Profile, Remote, Retention
-from nixos_provider.engine.nix.cli import FlakeRef, is_store_path, parse_flake_ref
+from nixos_provider.engine.nix.cli import FlakeRef, is_store_path, parse_flake_ref, untracked_hint
 from nixos_provider.engine.target.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.target.profiles import doomed_generations
 from nixos_provider.engine.target.supervisor_protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
@@ -985,3 +985,24 @@ def test_upstream_tracebacks_are_told_from_the_providers_by_their_frames() -> No
     program = 'Traceback (most recent call last):\n  File "/tmp/p/__main__.py", line 5, in <module>\nValueError\n'
     assert has_provider_traceback(ours) and has_provider_traceback(program)
     assert has_provider_traceback("Traceback (most recent call last):\nno frames\n")
+
+
+def test_a_file_missing_from_a_git_flakes_copy_is_named_as_untracked_and_nothing_else_is(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "sub" / "modules").mkdir(parents=True)
+    (repo / "sub" / "modules" / "web.nix").write_text("{ }")
+    gone = "/nix/store/00000000000000000000000000000000-source"
+    said = f"getting status of '{gone}/sub/modules': No such file or directory"
+    # The copy of a flake in a Git repository is the work tree's: the path is the repository's, not the flake's.
+    assert untracked_hint(said, f"{repo}/sub") == (
+        f"{said}. `sub/modules` is in {repo}, but Git does not track it, and Nix sees only the files Git tracks. "
+        f"Run `git -C {repo} add sub/modules` to make it visible to Nix")
+    assert untracked_hint(said, f"git+file://{repo}?dir=sub").endswith(f"`git -C {repo} add sub/modules` to make it "
+                                                                        "visible to Nix")
+    # A path: flake's copy has every file; a file missing from the work tree too is really missing.
+    assert untracked_hint(said, f"path:{repo}/sub") == said
+    assert untracked_hint(said.replace("/modules", "/nowhere"), f"{repo}/sub") == said.replace("/modules", "/nowhere")
+    # Nix 2.34 names the file itself; the command it prints after is cut with its trace.
+    told = "Path 'a b.nix' in the repository \"/r\" is not tracked by Git. (at /r/flake.nix:1:2)"
+    assert untracked_hint(told, "/r") == f"{told}. Run `git -C /r add 'a b.nix'` to make it visible to Nix"

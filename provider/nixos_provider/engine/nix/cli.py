@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,38 @@ def in_local_files(message: str, flake: str) -> str:
         return str(mine) if same else m.group(0)
 
     return _STORE_SOURCE.sub(local, message)
+
+
+def git_top(folder: Path) -> Path | None:
+    """The work tree a directory is in (where `.git` is: a directory, or a file in a linked work tree)."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".git").exists():
+            return candidate
+    return None
+
+
+# Nix 2.34 and later say it themselves; the command that mends it is cut with the trace (evaluation_error).
+_NOT_TRACKED = re.compile(r"Path '([^']+)' in the repository \"([^\"]+)\" is not tracked by Git")
+
+
+def untracked_hint(message: str, flake: str) -> str:
+    """A file that a flake in a Git repository needs but Git does not track. Nix copies only the tracked files,
+    and before 2.34 it names the file missing from that copy (`getting status of '/nix/store/…-source/modules'`),
+    which reads as if the user's file were gone: say which of their files it is, and how to make Nix see it."""
+    told = _NOT_TRACKED.search(message)
+    if told is not None:
+        top, rel = told.group(2), told.group(1)
+    else:
+        folder = None if flake.startswith("path:") else local_flake_dir(flake)  # `path:` copies every file
+        work_tree = git_top(folder) if folder is not None else None
+        if work_tree is None:
+            return message
+        missing = (m.group(1) for m in _STORE_SOURCE.finditer(message) if not os.path.lexists(m.group(0)))
+        top, rel = str(work_tree), next((r for r in missing if os.path.lexists(work_tree / r)), "")
+        if not rel:
+            return message
+        message += f". `{rel}` is in {top}, but Git does not track it, and Nix sees only the files Git tracks"
+    return f"{message}. Run `git -C {shlex.quote(top)} add {shlex.quote(rel)}` to make it visible to Nix"
 
 
 # What one evaluation answers: the out path and the derivation of one attribute, as JSON.
@@ -277,8 +310,9 @@ class Nix:
             res = await LOCAL.run(self._argv("eval", "--json", "--show-trace", *names), check=False, started=started)
         if res.exit_status != 0:
             message = evaluation_error(res.stderr)
-            raise NixError(f"evaluating {ref} failed: "
-                           f"{in_local_files(message, ref.flake) if isinstance(ref, FlakeRef) else message}")
+            if isinstance(ref, FlakeRef):
+                message = untracked_hint(in_local_files(message, ref.flake), ref.flake)
+            raise NixError(f"evaluating {ref} failed: {message}")
         try:
             value = json.loads(res.stdout)
         except ValueError as e:
