@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,35 @@ async def test_the_stack_plan_is_evaluated_ahead_and_results_are_kept_until_the_
     await settle(other)
     assert "e" not in {n for n, _, _ in evaluations(spans)[2:]}
     await other.aclose(5)
+
+
+async def test_a_git_flake_with_uncommitted_changes_is_kept_until_a_file_git_tracks_changes(
+        store: EvaluationStore, spans: Path, tmp_path: Path, local_nix: str) -> None:
+    """Where most users' flakes are: a Git checkout (`.#web`), edited and not committed. Nix fingerprints the
+    work tree's tracked files, so results are kept between runs, and a file Git does not track changes nothing."""
+    repo = Path(write_flake(tmp_path / "repo", FLAKE).removeprefix("path:"))
+    git = ["git", "-C", str(repo), "-c", "user.name=lab", "-c", "user.email=lab@example.org"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fleet"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    with open(repo / "flake.nix", "a") as f:
+        f.write("# not committed\n")
+    nix = Nix()
+
+    async def run() -> tuple[Evaluation, int]:
+        spans.unlink(missing_ok=True)
+        evaluator = Evaluator(store, workers=1)
+        answer = await evaluator.evaluate(nix, ref(str(repo), "a"))
+        await evaluator.aclose(5)
+        return answer, len(evaluations(spans))
+
+    first, evaluated = await run()
+    assert evaluated == 1
+    assert await run() == (first, 0)
+    (repo / "notes.txt").write_text("a file Git does not track\n")
+    assert await run() == (first, 0)
+    with open(repo / "lib.nix", "a") as f:
+        f.write("# tracked, changed\n")
+    assert await run() == (first, 1)
 
 
 async def test_systems_without_a_flake_are_planned_ahead_but_never_kept_and_never_guessed(

@@ -338,7 +338,8 @@ class Nix:
 
     async def flake_fingerprint(self, flake: str) -> str | None:
         """What identifies the flake's content and its locked inputs, without evaluating anything; None when
-        the flake has no content hash (a dirty Git tree in some versions) or Nix cannot say.
+        the flake has no content hash (a Git tree with uncommitted changes has one in 2.8, 2.26 and 2.34) or Nix
+        cannot say.
 
         `nix flake metadata --json` prints `locked` (the flake itself: a narHash or a Git revision) and `locks`
         (the lock file as Nix resolved it). Equal fingerprints mean an equal evaluation.
