@@ -246,6 +246,13 @@ def project(tmp_path: Path, pulumi_available: str) -> Iterator[PulumiProject]:
     assert "Traceback" not in written, f"the plugin wrote a traceback to its stderr:\n{written}"
 
 
+def git_commit(repo: Path, *paths: str) -> None:
+    """Makes `repo` a Git repository with `paths` committed, the rest left untracked: a user's checkout."""
+    git = ["git", "-C", str(repo), "-c", "user.name=lab", "-c", "user.email=lab@example.org"]
+    for args in (["init", "-q"], ["add", *paths], ["commit", "-qm", "lab"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+
+
 def write_flake(dest: Path, body: str) -> str:
     """A test flake beside a copy of the lab library; returns its path: reference."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,10 @@ import asyncio
 import itertools
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import write_flake
+from conftest import git_commit, write_flake
 from nixos_provider.engine import timeline
 from nixos_provider.engine.errors import NixError
 from nixos_provider.engine.nix.cli import Evaluation, FileRef, Nix, parse_flake_ref
@@ -139,9 +138,7 @@ async def test_a_git_flake_with_uncommitted_changes_is_kept_until_a_file_git_tra
     """Where most users' flakes are: a Git checkout (`.#web`), edited and not committed. Nix fingerprints the
     work tree's tracked files, so results are kept between runs, and a file Git does not track changes nothing."""
     repo = Path(write_flake(tmp_path / "repo", FLAKE).removeprefix("path:"))
-    git = ["git", "-C", str(repo), "-c", "user.name=lab", "-c", "user.email=lab@example.org"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fleet"]):
-        subprocess.run(git + args, check=True, capture_output=True)
+    git_commit(repo, ".")
     with open(repo / "flake.nix", "a") as f:
         f.write("# not committed\n")
     nix = Nix()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import labctl
 import pytest
-from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, http_version, in_host
+from conftest import REPO, HostFactory, PulumiProject, Systems, current_system, git_commit, http_version, in_host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 PROVIDER_DIR = str(REPO / "provider")
@@ -105,9 +104,7 @@ def test_flake_errors_keep_their_place(project: PulumiProject, tmp_path: Path) -
     (repo / "modules").mkdir(parents=True)
     (repo / "flake.nix").write_text("{ outputs = { self }: { nixosConfigurations.web = import ./modules/web.nix; }; }")
     (repo / "modules" / "web.nix").write_text("{ }")
-    git = ["git", "-C", str(repo), "-c", "user.name=lab", "-c", "user.email=lab@example.org"]
-    for args in (["init", "-q"], ["add", "flake.nix"], ["commit", "-qm", "flake"]):
-        subprocess.run(git + args, check=True, capture_output=True)
+    git_commit(repo, "flake.nix")
     program(project, {"web": {"type": "nixos:NixosMachine", "properties": {
         "connection": {"host": "127.0.99.1", "password": "unused"}, "flake": "${flake}"}}},
             config={"flake": {"type": "string"}})
