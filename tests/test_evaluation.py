@@ -324,6 +324,19 @@ async def test_without_a_set_number_memory_decides_how_many_run(
     await evaluator.aclose(5)
 
 
+async def test_the_memory_of_nix_run_by_a_wrapper_is_what_the_pool_learns(tmp_path: Path, store: EvaluationStore) -> None:
+    """A `nixCommand` may be a wrapper that runs Nix as its child, not in its place: the peak the pool budgets
+    with is Nix's hundreds of MiB, not the wrapper's few."""
+    flake = write_flake(tmp_path / "flake", FLAKE.replace('f = machine "f" 2;', 'f = machine "f" 2; g = machine "g" 8;'))
+    wrapper = tmp_path / "nix-wrapper"
+    wrapper.write_text('#!/bin/bash\nnix "$@"\nexit $?\n')  # bash waits beside its child
+    wrapper.chmod(0o755)
+    evaluator = Evaluator(store, workers=1)
+    await evaluator.evaluate(Nix([str(wrapper)]), ref(flake, "g"))
+    await evaluator.aclose(5)
+    assert evaluator.counts.peak > 64 << 20, f"learned {evaluator.counts.peak >> 20} MiB"
+
+
 def test_the_store_forgets_what_nobody_wrote_for_a_month(tmp_path: Path) -> None:
     store = EvaluationStore(tmp_path / "store")
     store.keep_result("nix", "old", "a", Evaluation("/nix/store/" + "a" * 32 + "-a", None))

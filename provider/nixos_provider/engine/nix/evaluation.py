@@ -100,7 +100,27 @@ def available_memory() -> int | None:
 
 
 def process_memory(pid: int) -> tuple[int, int] | None:
-    """(resident now, peak resident) of a process in bytes, from /proc; None once it is gone."""
+    """(resident now, peak resident) in bytes of a process and everything it started, from /proc; None once
+    the process is gone. The whole tree: a `nixCommand` may be a wrapper that runs Nix as its child."""
+    rss = peak = 0
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        status = _status_memory(current)
+        if status is None:
+            if current == pid:
+                return None
+            continue  # a child that just exited
+        rss, peak = rss + status[0], peak + status[1]
+        todo.extend(_children(current))
+    return rss, peak
+
+
+def _status_memory(pid: int) -> tuple[int, int] | None:
     rss = peak = None
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -112,6 +132,18 @@ def process_memory(pid: int) -> tuple[int, int] | None:
     except (OSError, ValueError, IndexError):
         return None
     return (rss, peak) if rss is not None and peak is not None else None
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children, from each of its threads' `children` (Linux 3.5 and later)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def nix_identity(nix: Nix) -> str:
