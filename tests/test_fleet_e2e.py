@@ -78,6 +78,14 @@ def test_machines_of_one_flake_are_evaluated_once_each_and_share_one_build(
         assert str(outputs[f"m{i}"]).endswith(f"-nixos-system-m{i}-24.05.lab-fleet-{i}")
         assert current_system(host) == outputs[f"m{i}"]
 
+    # A refresh checks nothing: though the flake changed and this project's plan is remembered, no evaluation
+    # begins (the provider begins the plan at its start only for a command that checks).
+    with open(Path(flake.removeprefix("path:")) / "flake.nix", "a") as f:
+        f.write("# changed\n")
+    log.unlink()
+    project.run("refresh", "--yes")
+    assert "eval" not in subcommands(log), log.read_text()
+
 
 def test_one_broken_configuration_fails_only_its_machine(
         project: PulumiProject, new_host: HostFactory, tmp_path: Path) -> None:

@@ -383,6 +383,20 @@ def test_engine_address_is_the_last_argument(argv: list[str], expected: str | No
     assert engine_address_from(argv) == expected
 
 
+@pytest.mark.parametrize("parent,begins", [
+    (["pulumi", "--non-interactive", "preview"], True),
+    (["/usr/local/bin/pulumi", "up", "--refresh", "--yes"], True),
+    (["pulumi", "-C", "infra", "destroy", "--yes"], False),
+    (["pulumi", "refresh", "-s", "prod"], False),
+    (["pulumi", "down", "--yes"], False),
+    (["/root/.pulumi/bin/pulumi-language-yaml", "127.0.0.1:40123"], False),  # reading the schema
+    ([], False),  # no /proc
+])
+def test_the_plan_begins_early_for_the_engine_of_a_command_that_checks(parent: list[str], begins: bool) -> None:
+    from nixos_provider.pulumi_layer.plugin import begins_early
+    assert begins_early(parent) is begins
+
+
 def test_a_secret_object_becomes_an_object_of_secrets() -> None:
     key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
     wire = {"connection": {SIG_KEY: SECRET_SIG, "value": {"host": "h", "port": 22, "privateKey": key}}}

@@ -34,16 +34,30 @@ def engine_address_from(argv: list[str]) -> str | None:
     return rest[-1] if rest else None
 
 
-def started_by_the_engine() -> bool:
-    """Whether the Pulumi engine started this plugin, not a language host (`pulumi-language-yaml` starts one of its
-    own to read the schema, beside the engine's, with an engine address too; no Check follows there). The parent's
-    program name says it, where Linux's /proc can tell; elsewhere nothing begins before the first Check."""
+# The CLI's commands that never check the program's resources: what began early would only run until the
+# provider stops (`refresh` reads the hosts, `destroy` removes them).
+COMMANDS_WITHOUT_CHECKS = {"refresh", "destroy", "down", "dn"}
+PULUMI_COMMANDS = COMMANDS_WITHOUT_CHECKS | {"preview", "pre", "up", "update", "watch", "import"}
+
+
+def parent_argv() -> list[str]:
+    """The command line of the process that started this one, where Linux's /proc tells; else nothing."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            program = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
     except OSError:
+        return []
+
+
+def begins_early(parent: list[str]) -> bool:
+    """Whether to begin the stack's plan before any Check: only for the Pulumi engine (a language host such as
+    `pulumi-language-yaml` starts a plugin of its own to read the schema, with an engine address too; no Check
+    follows there), and not for a command that checks nothing. Where the parent's command line is unknown,
+    nothing begins before the first Check."""
+    if not parent or "pulumi-language-" in os.path.basename(parent[0]):
         return False
-    return bool(program) and "pulumi-language-" not in os.path.basename(program)
+    command = next((arg for arg in parent[1:] if arg in PULUMI_COMMANDS), None)
+    return command not in COMMANDS_WITHOUT_CHECKS
 
 
 def place() -> str:
@@ -54,7 +68,7 @@ def place() -> str:
 async def serve(argv: list[str]) -> None:
     engine_address = engine_address_from(argv)
     evaluator = Evaluator(EvaluationStore.default())
-    if engine_address and started_by_the_engine():
+    if engine_address and begins_early(parent_argv()):
         evaluator.begin(place())
     # The rest (gRPC, Pulumi's protobuf modules, every resource) takes a few hundred milliseconds to import,
     # which the Nix processes begun above would otherwise wait for: imported on a thread, while this loop
