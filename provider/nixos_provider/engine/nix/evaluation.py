@@ -103,13 +103,9 @@ def process_memory(pid: int) -> tuple[int, int] | None:
     """(resident now, peak resident) in bytes of a process and everything it started, from /proc; None once
     the process is gone. The whole tree: a `nixCommand` may be a wrapper that runs Nix as its child."""
     rss = peak = 0
-    seen: set[int] = set()
-    todo = [pid]
+    todo = [pid]  # a tree: each process is listed once, by the thread that started it
     while todo:
         current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
         status = _status_memory(current)
         if status is None:
             if current == pid:
