@@ -120,7 +120,7 @@ class Bench:
         self.changes = 0
         self.projects: dict[str, Path] = {}
         self.runs_started: list[list[str]] = []  # per timed run: the nix calls it started
-        self.waits: list[float] = []  # per timed run: seconds from its start to its first nix call's
+        self.waits: list[float] = []  # per timed run: seconds from its start to its first nix call
 
     def project(self, name: str, machines: list[str] | dict[str, str], connection: dict[str, object] | None = None,
                 flake: str | None = None) -> Path:
