@@ -165,16 +165,14 @@ class Bench:
     def started(self) -> list[str]:
         """The arguments of each nix call started since the last reset, finished or not (a guess still running
         when the preview ends is killed, and was evaluated all the same)."""
+        return [args for _, args in self._starts()]
+
+    def _starts(self) -> list[tuple[float, str]]:
+        """(wall-clock time, arguments) of each nix call started since the last reset."""
         if not self.log.exists():
             return []
-        return [line.split(" ", 2)[2] for line in self.log.read_text().splitlines() if line.startswith("start ")]
-
-    def first_call(self) -> float:
-        """The wall-clock time of the first nix call since the last reset (inf: none)."""
-        if not self.log.exists():
-            return float("inf")
-        return min((float(line.split(" ", 2)[1]) for line in self.log.read_text().splitlines()
-                    if line.startswith("start ")), default=float("inf"))
+        return [(float(when), args) for line in self.log.read_text().splitlines() if line.startswith("start ")
+                for _, when, args in [line.split(" ", 2)]]
 
     def evaluated(self) -> list[str]:
         names = []
@@ -188,8 +186,9 @@ class Bench:
         began, started = time.time(), time.monotonic()
         fn()
         took = time.monotonic() - started
-        self.runs_started.append(self.started())
-        self.waits.append(self.first_call() - began)
+        starts = self._starts()
+        self.runs_started.append([args for _, args in starts])
+        self.waits.append(min((when for when, _ in starts), default=float("inf")) - began)
         return took
 
     def unused_evaluations(self, runs: int) -> int:
