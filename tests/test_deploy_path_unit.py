@@ -145,12 +145,12 @@ def test_a_source_failure_names_the_install_properties_it_needs() -> None:
     from nixos_provider.engine.lifecycle.machine import _install_source
     from nixos_provider.engine.models import InstallRequest
     from nixos_provider.pulumi_layer.context import Context
-    from nixos_provider.pulumi_layer.engine_calls import FleetSource
+    from nixos_provider.pulumi_layer.engine_calls import fleet_source
     from nixos_provider.pulumi_layer.error_text import describe
 
     ctx = Context(log=lambda *_: None, project_dir="/f")
     closure = Closure("/f#packages.x86_64-linux.hello", "/nix/store/x-s")
-    goal = MachineGoal(remote=Remote("h"), source=FleetSource(ctx, "urn", closure, Nix(["false"]), nixos=True),
+    goal = MachineGoal(remote=Remote("h"), source=fleet_source(ctx, "urn", closure, Nix(["false"]), nixos=True),
                        request=DeployRequest(Remote("h"), ""))
     with pytest.raises(EngineError) as e:
         _run(_install_source(goal, InstallRequest(Remote("h"), "/nix/store/x-s"), Nix(["false"]), Report()))

@@ -15,7 +15,7 @@ from ..engine.errors import EngineError
 from ..engine.lifecycle.models import MachineGoal, MachineRecord
 from ..engine.models import SYSTEM_PROFILE, Profile, Remote
 from . import conversion, input_rules, normalized, secrecy
-from .engine_calls import FleetSource, deploy_request
+from .engine_calls import deploy_request, fleet_source
 from .machine_preview import CHANGE_REPORTS, COMPUTED, MachinePreview, preview_state, secret_files_diff
 from .properties import contains_unknown, reveal
 from .resource import CheckFailed, DiffResult, build_host_key, diff_inputs, same
@@ -115,7 +115,7 @@ class NixosMachine(MachinePreview):
         builder_key = build_host_key(olds, m.raw)
         return MachineGoal(
             remote=remote,
-            source=FleetSource(self.ctx, urn, m.closure, nix, nixos=True),
+            source=fleet_source(self.ctx, urn, m.closure, nix, nixos=True),
             request=deploy_request(remote, SYSTEM, m.settings, action=m.action,
                                    binary_cache=m.binary_cache or self.ctx.binary_cache),
             build_host=None if m.build_host is None else self._remote_of(m.build_host, builder_key),

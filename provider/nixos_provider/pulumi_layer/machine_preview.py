@@ -11,7 +11,7 @@ from ..engine.lifecycle.models import MachineRecord, PreviewGoal
 from ..engine.nix.closure_diff import ClosureChanges
 from ..engine.target import secret_files as files
 from . import conversion
-from .engine_calls import FleetSource
+from .engine_calls import fleet_source
 from .properties import contains_unknown, reveal
 from .resource import DeployedResource, build_host_key
 from .state import MACHINE_RECORD, MachineState
@@ -60,7 +60,7 @@ class MachinePreview(DeployedResource):
         goal = PreviewGoal(
             remote=self._remote(news, host_key=reveal(news["connection"]).get("hostKey") or olds.get("hostKey")),
             current=old, current_derivation=MachineState.record_of(olds).system_derivation, new=new,
-            source=FleetSource(self.ctx, urn, Closure.parse(news, "systemPath"), nix, nixos=True) if known else None,
+            source=fleet_source(self.ctx, urn, Closure.parse(news, "systemPath"), nix, nixos=True) if known else None,
             build_on_preview=bool(news.get("buildOnPreview")), built_elsewhere=built_elsewhere(news),
             build_host=(self._remote_of(build_host, build_host_key(olds, news))
                         if build_host is not None and not contains_unknown(build_host) else None),

@@ -9,7 +9,7 @@ from ..engine.errors import EngineError
 from ..engine.lifecycle.models import ProfileGoal, ProfileRecord
 from ..engine.models import Profile
 from . import input_rules, normalized, secrecy
-from .engine_calls import FleetSource, deploy_request
+from .engine_calls import deploy_request, fleet_source
 from .properties import contains_unknown, reveal
 from .resource import (
     CheckFailed,
@@ -123,7 +123,7 @@ class NixProfile(DeployedResource):
         builder_key = build_host_key(olds, news)
         request = deploy_request(self._remote_of(p.connection, host_key=pinned), self._profile(news), p.settings,
                                  activate_command=p.activate)
-        goal = ProfileGoal(request, FleetSource(self.ctx, urn, p.closure, nix, nixos=False),
+        goal = ProfileGoal(request, fleet_source(self.ctx, urn, p.closure, nix, nixos=False),
                            build_host=None if p.build_host is None else self._remote_of(p.build_host, builder_key),
                            build_host_key=builder_key, build_on_target=p.build_on_target, deploys=deploys)
         converging = self.ctx.engine.converge_profile(goal, recorded, nix, self.ctx.report(urn))
