@@ -8,7 +8,6 @@ the engine's.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from ..engine.errors import EngineError
@@ -150,35 +149,22 @@ class NixosMachine(MachinePreview):
         props["connection"] = state.get("connection") or inputs.get("connection")
         recorded = MachineState.from_properties(props)
         remote = self._remote(props, host_key=recorded.record.host_key)
-        now = await self.ctx.engine.read_state(remote, SYSTEM)
-        record = replace(
-            recorded.record,
-            system_path=now.current_system,
-            # The recorded derivation describes the recorded system only (drift makes it unknown).
-            system_derivation=recorded.record.system_derivation if now.current_system == state.get("systemPath")
-            else None,
-            generation=now.generation.number if now.generation else None,
-            host_key=now.host_key,
-            nixos_version=now.nixos_version,
-            needs_reboot=bool(now.reboot_for),
-        )
-        if not importing:
-            record = replace(record, secret_files=await self.ctx.engine.read_secret_files(
-                remote, recorded.record, self.ctx.report(urn)))
-            if now.current_system and inputs.get("systemPath") not in (None, now.current_system):
-                # Drift: the inputs say what runs, so refresh shows the running system and the next preview
-                # `running => declared`.
-                inputs = {**inputs, "systemPath": now.current_system}
-            return _id(remote), MachineState(recorded.inputs, record).to_properties(), inputs
-        return _id(remote), *self._imported(remote, recorded, record, inputs, now.current_system)
+        record = await self.ctx.engine.refresh_machine(remote, recorded.record, self.ctx.report(urn),
+                                                       importing=importing)
+        running = record.system_path
+        if importing:
+            return _id(remote), *self._imported(remote, recorded, record, inputs)
+        if running and inputs.get("systemPath") not in (None, running):
+            # Drift: the inputs say what runs, so refresh shows the running system and the next preview
+            # `running => declared`.
+            inputs = {**inputs, "systemPath": running}
+        return _id(remote), MachineState(recorded.inputs, record).to_properties(), inputs
 
-    def _imported(self, remote: Remote, recorded: MachineState, record: MachineRecord, inputs: dict[str, Any],
-                  running: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Import: what runs now is the baseline to return to on destroy, and the inputs describe it, so the
-        generated code deploys nothing. No secret file is recorded yet (the next up writes them), and outputs never
-        carry their contents."""
-        record = replace(record, secret_files=(), secret_files_key=None, baseline_generation=record.generation,
-                         baseline_system_path=running)
+    def _imported(self, remote: Remote, recorded: MachineState, record: MachineRecord,
+                  inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Import: the inputs describe what runs (the engine's record takes it as the baseline), so the generated
+        code deploys nothing. Outputs never carry secret files' contents."""
+        running = record.system_path
         outputs = {"action": "switch", "onDestroy": "rollback", **recorded.inputs}
         new_inputs = {k: inputs[k] for k in INPUT_KEYS if inputs.get(k) is not None}
         new_inputs["connection"] = normalized.normalize_connection(inputs["connection"], self.ctx.default_user)

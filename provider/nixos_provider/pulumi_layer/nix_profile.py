@@ -141,14 +141,10 @@ class NixProfile(DeployedResource):
                      "profilePath": parts[2]}
         remote = self._remote(props, host_key=state.get("hostKey"))
         profile = Profile(str(props.get("profilePath") or self._profile(props).path), props.get("user") or None)
-        now = await self.ctx.engine.read_state(remote, profile)
-        gen = now.generation
         recorded = ProfileState.from_properties(props)
-        record = replace(recorded.record, profile_path=profile.path, store_path=gen.store_path if gen else None,
-                         generation=gen.number if gen else 0, host_key=now.host_key)
+        record = await self.ctx.engine.refresh_profile(remote, profile, recorded.record, importing=not state)
         inputs_now = dict(recorded.inputs)
         if not state:
-            record = replace(record, baseline_generation=record.generation, baseline_store_path=record.store_path)
             inputs_now.setdefault("onDestroy", "rollback")
         outputs = ProfileState(inputs_now, record).to_properties()
         new_inputs = inputs or {k: outputs[k] for k in ("connection", "profilePath", "storePath", "onDestroy")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import deploy as deployments
 from ..deploy import TargetState
@@ -33,6 +33,39 @@ class Engine:
     async def read_state(self, remote: Remote, profile: Profile, *, with_generations: bool = False) -> TargetState:
         async with self.limits.ssh_slots:
             return await deployments.read_state(remote, profile, with_generations=with_generations)
+
+    async def refresh_machine(self, remote: Remote, recorded: MachineRecord, report: Report, *,
+                              importing: bool = False) -> MachineRecord:
+        """The record as the host has it now: what runs, its generation, host key, version and a reboot due; the
+        recorded derivation only while it still describes what runs; the secret files as found. An import (nothing
+        recorded of this host yet) takes what runs as the baseline a destroy returns to, and records no secret file
+        (the next deployment writes them)."""
+        now = await self.read_state(remote, Profile(SYSTEM_PROFILE))
+        record = replace(
+            recorded,
+            system_path=now.current_system,
+            system_derivation=recorded.system_derivation if now.current_system == recorded.system_path else None,
+            generation=now.generation.number if now.generation else None,
+            host_key=now.host_key,
+            nixos_version=now.nixos_version,
+            needs_reboot=bool(now.reboot_for),
+        )
+        if importing:
+            return replace(record, secret_files=(), secret_files_key=None, baseline_generation=record.generation,
+                           baseline_system_path=now.current_system)
+        return replace(record, secret_files=await self.read_secret_files(remote, recorded, report))
+
+    async def refresh_profile(self, remote: Remote, profile: Profile, recorded: ProfileRecord, *,
+                              importing: bool = False) -> ProfileRecord:
+        """The profile's record as the host has it now: its generation and store path (none: generation 0), the
+        host key. An import takes them as the baseline a destroy returns to."""
+        now = await self.read_state(remote, profile)
+        gen = now.generation
+        record = replace(recorded, profile_path=profile.path, store_path=gen.store_path if gen else None,
+                         generation=gen.number if gen else 0, host_key=now.host_key)
+        if importing:
+            return replace(record, baseline_generation=record.generation, baseline_store_path=record.store_path)
+        return record
 
     async def read_secret_files(self, remote: Remote, recorded: MachineRecord,
                                 report: Report) -> tuple[files.RecordedFile, ...]:
