@@ -151,9 +151,9 @@ class NixosMachine(MachinePreview):
         remote = self._remote(props, host_key=recorded.record.host_key)
         record = await self.ctx.engine.refresh_machine(remote, recorded.record, self.ctx.report(urn),
                                                        importing=importing)
-        running = record.system_path
         if importing:
             return _id(remote), *self._imported(remote, recorded, record, inputs)
+        running = record.system_path
         if running and inputs.get("systemPath") not in (None, running):
             # Drift: the inputs say what runs, so refresh shows the running system and the next preview
             # `running => declared`.
