@@ -4,6 +4,7 @@ refuses to deploy something else than the evaluation said, and a store path that
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from nixos_provider.engine.nix.cli import Evaluation, FileRef, FlakeRef, Nix, So
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]
 
 SYSTEMS = """{{
-  # A derivation built with nothing but /bin/sh, named per test so that each builds it anew.
+  # A derivation built with nothing but /bin/sh, named per run so that each builds it anew.
   system = derivation {{ name = "fleet-source-{tag}"; system = builtins.currentSystem; builder = "/bin/sh";
                          args = [ "-c" "echo {tag} > $out" ]; }};
   # A store path that no derivation makes.
@@ -32,10 +33,17 @@ def _source(file: Path, attr: str, store_path: str | None, lines: list[str], *, 
                        check_evaluated=check)
 
 
-def test_a_system_without_a_flake_is_built_from_its_evaluation(tmp_path: Path) -> None:
-    tag = tmp_path.name.replace("_", "-")
+def _systems(tmp_path: Path) -> tuple[Path, str]:
+    """SYSTEMS written for this test: the file, and the tag its derivation's name and content carry (new for every
+    run: the store outlives the test, and a path an earlier run built would be there already)."""
+    tag = uuid.uuid4().hex[:12]
     file = tmp_path / "systems.nix"
     file.write_text(SYSTEMS.format(tag=tag))
+    return file, tag
+
+
+def test_a_system_without_a_flake_is_built_from_its_evaluation(tmp_path: Path) -> None:
+    file, tag = _systems(tmp_path)
     lines: list[str] = []
     evaluated = asyncio.run(Nix().evaluate(FileRef(str(file), "system")))
     source = _source(file, "system", evaluated.out_path, lines, check=True)
@@ -59,13 +67,10 @@ def test_a_system_without_a_flake_is_built_from_its_evaluation(tmp_path: Path) -
 
 
 def test_a_given_store_path_is_realised_only_when_it_is_missing(tmp_path: Path) -> None:
-    tag = tmp_path.name.replace("_", "-")
-    file = tmp_path / "systems.nix"
-    file.write_text(SYSTEMS.format(tag=tag))
-    drv = asyncio.run(Nix().evaluate(FileRef(str(file), "system"))).drv_path
-    assert drv is not None
-    out = asyncio.run(Nix().evaluate(FileRef(str(file), "system"))).out_path
-    assert not Path(out).exists()
+    file, _ = _systems(tmp_path)
+    evaluated = asyncio.run(Nix().evaluate(FileRef(str(file), "system")))
+    drv, out = evaluated.drv_path, evaluated.out_path
+    assert drv is not None and not Path(out).exists()
 
     lines: list[str] = []
     given = FleetSource(None, out, Nix(), _no_evaluation, FleetBuilds(_no_flake), lines.append)
