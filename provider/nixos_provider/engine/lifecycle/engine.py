@@ -40,7 +40,7 @@ class Engine:
         recorded derivation only while it still describes what runs; the secret files as found. An import (nothing
         recorded of this host yet) takes what runs as the baseline a destroy returns to, and records no secret file
         (the next deployment writes them)."""
-        now = await self.read_state(remote, Profile(SYSTEM_PROFILE))
+        now = await self.read_state(remote, machine.SYSTEM)
         record = replace(
             recorded,
             system_path=now.current_system,
