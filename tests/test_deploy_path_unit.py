@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nixos_provider.engine.declaration.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
 from nixos_provider.engine.errors import NoNixosConfiguration
 from nixos_provider.engine.install.source import InstallSource, install_source
 from nixos_provider.engine.lifecycle.models import MachineGoal, MachineRecord, Report
@@ -12,10 +13,8 @@ from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, De
 from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
 from nixos_provider.engine.target.dry_activate import DryActivation, parse_dry_activate
 from nixos_provider.pulumi_layer import machine
-from nixos_provider.pulumi_layer.engine_calls import deploy_request
-from nixos_provider.pulumi_layer.properties import Secret
+from nixos_provider.pulumi_layer.properties import Secret, reveal
 from nixos_provider.pulumi_layer.state import MachineState, ProfileState
-from nixos_provider.pulumi_layer.typed_inputs import Closure, DeploySettings, MachineInputs, ProfileInputs
 
 # What switch-to-configuration printed for a lab change (stderr), with the
 # activation script's own lines between its reports.
@@ -90,7 +89,7 @@ def test_deploy_settings_take_the_engine_defaults_and_the_inputs() -> None:
     s = DeploySettings.parse({
         "magicRollback": False, "confirmTimeout": 5, "activationTimeout": 60, "autoRollback": False,
         "healthChecks": [{"tcp": 22}], "substituteOnDestination": True, "compress": "zstd",
-        "nixOptions": Secret([{"name": "cores", "value": "1"}]),
+        "nixOptions": [{"name": "cores", "value": "1"}],
     })
     assert (s.magic_rollback, s.confirm_timeout, s.activation_timeout, s.auto_rollback) == (False, 5.0, 60.0, False)
     assert [c.tcp for c in s.health_checks] == [22]
@@ -98,13 +97,13 @@ def test_deploy_settings_take_the_engine_defaults_and_the_inputs() -> None:
     # Unset asks the host's caches with a short timeout; false never asks.
     assert DeploySettings.parse({}).substitute_on_destination == "auto"
     assert DeploySettings.parse({"substituteOnDestination": False}).substitute_on_destination == "never"
-    req = deploy_request(Remote("h"), Profile("/p"), s, activate_command="true")
+    req = s.request(Remote("h"), Profile("/p"), activate_command="true")
     assert (req.magic_rollback, req.confirm_timeout, req.health_checks, req.compress, req.activate_command) == (
         False, 5.0, s.health_checks, "zstd", "true")
 
 
 def test_closure_and_the_state_of_a_deployment() -> None:
-    assert Closure.parse({"flake": Secret(".#web"), "systemPath": "/nix/store/x-s"}, "systemPath") == Closure(
+    assert Closure.parse({"flake": ".#web", "systemPath": "/nix/store/x-s"}, "systemPath") == Closure(
         ".#web", "/nix/store/x-s")
     record = MachineRecord(system_path="/nix/store/x-s", generation=3, previous_generation=2,
                            host_key="ssh-ed25519 AAAA", pushed_paths=4, pushed_bytes=512, substituted_paths=7,
@@ -128,12 +127,11 @@ def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> 
             "install": {"diskoScript": "/nix/store/x-d", "extraFiles": Secret({"/etc/k": "key"})},
             "secretFiles": [{"path": "/etc/s", "content": Secret("sec")}],
             "binaryCache": {"url": "file:///c", "publicKey": "c:k", "signingKey": Secret("c:secret")}}
-    m = MachineInputs.parse(news)
+    m = MachineInputs.parse(reveal(news))  # as the Pulumi layer hands it over
     assert (m.closure, m.build_on_target, m.action, m.settings.confirm_timeout) == (
         Closure(".#web", "/nix/store/x-s"), True, "boot", 9.0)
     assert m.connection["password"] == "pw" and m.install and m.install["extraFiles"] == {"/etc/k": "key"}
     assert [f.path for f in m.secret_files] == ["/etc/s"] and m.binary_cache and m.binary_cache.signing_key == "c:secret"
-    assert m.raw is news  # echoed as it came into outputs and failures
     assert not {"pw", "key", "sec", "c:secret"} & set(repr(m).replace("'", " ").split())
     assert MachineInputs.parse({"connection": {"host": "h"}, "systemPath": "/nix/store/x-s"}).action == "switch"
     p = ProfileInputs.parse({"connection": {"host": "h"}, "storePath": "/nix/store/x-p", "activate": "true"})

@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nixos_provider.engine.declaration import checks, machine_checks
 from nixos_provider.engine.target.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
-from nixos_provider.pulumi_layer import checks, machine_checks, normalized
+from nixos_provider.pulumi_layer import normalized
 from nixos_provider.pulumi_layer.properties import Secret
 
 KEY = b"k" * 32

@@ -14,6 +14,14 @@ from typing import Any
 
 import nixos_provider.engine
 import pytest
+from nixos_provider.engine.declaration.checks import (
+    Failures,
+    check_connection,
+    check_deploy_settings,
+    check_flake,
+    check_health_checks,
+    check_store_path,
+)
 from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Generation, Profile, Remote, Retention
 from nixos_provider.engine.nix.cli import FlakeRef, is_store_path, parse_flake_ref, untracked_hint
@@ -21,7 +29,6 @@ from nixos_provider.engine.target.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.target.profiles import doomed_generations
 from nixos_provider.engine.target.supervisor_protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
 from nixos_provider.engine.transport.process import Target
-from nixos_provider.pulumi_layer.checks import Failures, check_connection, check_deploy_settings, check_flake, check_health_checks, check_store_path
 from nixos_provider.pulumi_layer.context import Context
 from nixos_provider.pulumi_layer.machine import NixosMachine
 from nixos_provider.pulumi_layer.nix_profile import NixProfile
@@ -188,6 +195,13 @@ def test_secrets_and_unknowns_round_trip() -> None:
     assert value["connection"]["privateKey"] == Secret("KEY") and value["flake"] is UNKNOWN
     assert repr(value["connection"]["privateKey"]) == "Secret(****)"
     assert encode(value) == wire
+
+
+def machine_check(news: dict[str, Any], project_dir: str | None = None) -> Failures:
+    """A NixosMachine's Check, short of evaluating: the schema's types, the declaration's rules, unknown keys."""
+    from nixos_provider.engine.declaration.input_rules import machine_failures
+    from nixos_provider.pulumi_layer.schema import MACHINE, held_to
+    return held_to(MACHINE, news, lambda plain, f: machine_failures(plain, project_dir, f))
 
 
 def failures(fn: Any, *args: Any) -> list[tuple[str, str]]:
@@ -397,12 +411,43 @@ def test_the_plan_begins_early_for_the_engine_of_a_command_that_checks(parent: l
     assert begins_early(parent) is begins
 
 
+def test_nixos_deploy_holds_its_flags_to_a_declarations_rules(tmp_path: Path, capsys: Any) -> None:
+    """The engine's command reads its flags as the declaration a NixosMachine or NixProfile would make, and refuses
+    what Check would, naming the flag and the setting, before it reaches any host."""
+    from nixos_provider.engine.nixos_deploy import main
+    (tmp_path / "key").write_text("hunter2")
+    (tmp_path / "db").write_text("s3cret")
+    assert main(["--host", "a b", "--port", "0", "--key-file", str(tmp_path / "key"), "--store-path", "/nix/store/x",
+                 "--health-http", "ftp://x", "--secret-file", f"db={tmp_path / 'db'}",
+                 "--secret-file", f"/nix/store/db={tmp_path / 'db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "nixos-deploy: --host (connection.host): 'a b' is not a host name or IP address",
+        "nixos-deploy: --port (connection.port): must be between 1 and 65535, not 0",
+        "nixos-deploy: --key-file (connection.privateKey): does not look like a private key (expected a PEM/OpenSSH "
+        "`-----BEGIN ... PRIVATE KEY-----` block)",
+        "nixos-deploy: --store-path (systemPath): '/nix/store/x' is not a Nix store path (/nix/store/<hash>-<name>)",
+        "nixos-deploy: --health-http (healthChecks[0].http): 'ftp://x' is not an http:// or https:// URL",
+        "nixos-deploy: --secret-file (secretFiles[0].path): 'db' must be a normalized absolute file path without "
+        "`..`, such as `/var/lib/secrets/age.key`",
+        "nixos-deploy: --secret-file (secretFiles[1].path): must not be in /nix/store: the store is readable by every "
+        "user, which is what secretFiles avoids"]
+    assert "hunter2" not in err and "s3cret" not in err
+    assert main(["--host", "h", "--profile", "app", "--flake", ".#app"]) == 2
+    assert capsys.readouterr().err == "nixos-deploy: --profile (profilePath): 'app' must be an absolute path without `..`\n"
+
+
 def test_a_secret_object_becomes_an_object_of_secrets() -> None:
     key = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
     wire = {"connection": {SIG_KEY: SECRET_SIG, "value": {"host": "h", "port": 22, "privateKey": key}}}
     value = decode(wire)
     assert value["connection"] == {"host": Secret("h"), "port": Secret(22), "privateKey": Secret(key)}
-    assert failures(check_connection, value["connection"]) == []
+    # Check holds what the secrets hold to the connection's rules.
+    from nixos_provider.engine.declaration.input_rules import profile_failures
+    from nixos_provider.pulumi_layer.schema import PROFILE, held_to
+    assert [p for p, _ in held_to(PROFILE, value, profile_failures).items if p.startswith("connection")] == []
+    assert held_to(PROFILE, {"connection": Secret({"host": "h h"})}, profile_failures).items[0] == (
+        "connection.host", "'h h' is not a host name or IP address")
 
 
 # -- installing with nixos-anywhere ---------------------------------------------------------
@@ -497,10 +542,9 @@ def test_host_key_expected_after_install() -> None:
 
 
 def test_install_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.input_rules import machine_failures
-    f = machine_failures({"connection": {"host": "h"}, "flake": ".#web", "install": {
+    f = machine_check({"connection": {"host": "h"}, "flake": ".#web", "install": {
         "phases": ["kexec", "reboot"], "command": [], "extraFiles": {"/etc/../x": Secret("s3cret-value")},
-        "bogus": True}}, None)
+        "bogus": True}})
     props = dict(f.items)
     assert set(props) == {"install.bogus", "install.command", "install.phases", "install.extraFiles['/etc/../x']"}
     assert "s3cret-value" not in str(f.items)
@@ -592,13 +636,12 @@ def test_computed_outputs_are_the_schemas() -> None:
 
 def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
     """A typo is a Check failure at its path, with the property meant when one is close; never ignored."""
-    from nixos_provider.pulumi_layer import input_rules
     news = {"connection": {"host": "h", "prot": 22, "proxy": {"host": "j", "usr": "x"}},
             "healthChecks": [{"tcp": 80, "timout": 3}], "install": {"phases": ["install", "reboot"], "kexec": "x"},
             "binaryCache": {"url": "https://c", "publicKey": Secret("k"), "signingkey": "s"},
             "secretFiles": [{"path": "/etc/k", "content": "c", "contentHash": "h", "xyzzy": 1}],
             "systemPath": "/nix/store/00000000000000000000000000000000-x", "flakee": ".#web"}
-    got = dict(input_rules.machine_failures(news, None).items)
+    got = dict(machine_check(news).items)
     assert got["connection.prot"] == "is not a property of Connection (did you mean `port`?)"
     assert got["connection.proxy.usr"] == "is not a property of ProxyConnection (did you mean `user`?)"
     assert got["healthChecks[0].timout"] == "is not a property of HealthCheck (did you mean `timeout`?)"
@@ -609,11 +652,14 @@ def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
     assert "`contentHash`" not in got["secretFiles[0].xyzzy"]  # an output, never an input
     assert got["flakee"] == "is not a property of NixosMachine (did you mean `flake`?)"
     # A rule that knows why a key has no place says so (a jump host's own proxy), not the generic line.
-    jump = dict(input_rules.machine_failures({**news, "connection": {"host": "h", "proxy": {"host": "j", "proxy": {
-        "host": "k"}}}}, None).items)
+    jump = dict(machine_check({**news, "connection": {"host": "h", "proxy": {"host": "j", "proxy": {
+        "host": "k"}}}}).items)
     assert jump["connection.proxy.proxy"] == "a jump host cannot itself have a proxy"
-    profile = dict(input_rules.profile_failures({"connection": {"host": "h", "pasword": "x"}, "profile": "p",
-                                                 "storePath": "/nix/store/00000000000000000000000000000000-x"}).items)
+    from nixos_provider.engine.declaration.input_rules import profile_failures
+    from nixos_provider.pulumi_layer.schema import PROFILE, held_to
+    profile = dict(held_to(PROFILE, {"connection": {"host": "h", "pasword": "x"}, "profile": "p",
+                                     "storePath": "/nix/store/00000000000000000000000000000000-x"},
+                           profile_failures).items)
     assert profile == {"connection.pasword": "is not a property of Connection (did you mean `password`?)"}
     # The provider's binaryCache, as `pulumi config set` gives it (JSON text) and as a secret object.
     from nixos_provider.pulumi_layer import provider_config
@@ -650,6 +696,8 @@ def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_propert
             assert path in known, (setting, path)
     engine = Path(nixos_provider.engine.__file__).parent
     for source in engine.rglob("*.py"):
+        if source.parent.name == "declaration":
+            continue  # a declaration's rules name its settings by their paths: that is what they are for
         quoted = {name for text in _message_strings(source.read_text())
                   for name in re.findall(r"`([A-Za-z.\[\]]+)`", text)}
         assert not quoted & known, (source.name, quoted & known)
@@ -695,8 +743,8 @@ def test_a_system_without_a_flake_reaches_nix_as_separate_arguments() -> None:
 
 
 def test_a_machines_source_resolves_against_the_project() -> None:
+    from nixos_provider.engine.declaration.typed_inputs import Closure
     from nixos_provider.engine.nix.cli import FileRef
-    from nixos_provider.pulumi_layer.typed_inputs import Closure
 
     def ref(**props: Any) -> Any:
         return Closure.parse(props, "systemPath").ref("/proj", nixos=True)
@@ -735,8 +783,8 @@ def _cache_keys(tmp_path: Any, name: str) -> tuple[str, str]:
 
 
 def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: Any) -> None:
-    from nixos_provider.pulumi_layer.conversion import parse_binary_cache, to_binary_cache
-    from nixos_provider.pulumi_layer.machine_checks import check_binary_cache
+    from nixos_provider.engine.declaration.conversion import parse_binary_cache, to_binary_cache
+    from nixos_provider.engine.declaration.machine_checks import check_binary_cache
     secret, public = _cache_keys(tmp_path, "c-1")
     other_secret, _ = _cache_keys(tmp_path, "c-2")
 
@@ -746,13 +794,13 @@ def test_binary_cache_check_names_each_field_and_matches_the_key_pair(tmp_path: 
         return dict(f.items)
 
     good = {"url": "https://cache.example.org", "uploadUrl": "s3://bucket?region=eu-west-1", "publicKey": public,
-            "signingKey": Secret(secret)}
+            "signingKey": secret}
     assert failures(good) == {}
-    assert failures({**good, "signingKey": Secret(other_secret)}) == {
+    assert failures({**good, "signingKey": other_secret}) == {
         "binaryCache.signingKey": "is not the secret key of `publicKey`: targets would refuse what it signs"}
     # The same key bytes under another name is not the key targets trust either.
     renamed = "x-9:" + secret.split(":", 1)[1]
-    assert "binaryCache.signingKey" in failures({**good, "signingKey": Secret(renamed)})
+    assert "binaryCache.signingKey" in failures({**good, "signingKey": renamed})
     assert set(failures({"url": "ftp://x", "publicKey": other_secret})) == {"binaryCache.url", "binaryCache.publicKey"}
     assert set(failures({})) == {"binaryCache.url", "binaryCache.publicKey"}
     assert set(failures({**good, "signingKeyFile": "/k"})) == {"binaryCache.signingKeyFile"}
@@ -829,7 +877,7 @@ def test_grub_reboot_names_a_generation_by_its_titles(tmp_path: Path, generation
 
 
 def test_build_host_check_failures_name_the_property() -> None:
-    from nixos_provider.pulumi_layer.input_rules import _check_build_on
+    from nixos_provider.engine.declaration.input_rules import _check_build_on
 
     def machine(f: Failures, news: dict[str, Any]) -> None:
         _check_build_on(f, news, "systemPath")
@@ -853,7 +901,7 @@ def test_build_host_check_failures_name_the_property() -> None:
                     ("buildHost", "`buildOn: remote` builds on the target itself; set either, not both")]
     said = failures(profile, {"storePath": "/nix/store/" + "a" * 32 + "-x", "buildHost": conn})
     assert said == [("buildHost", "a prebuilt `storePath` has nothing to build; a build host builds a `flake`")]
-    said = failures(machine, {"flake": ".#web", "buildHost": {**conn, "sudoPassword": Secret("pw")}})
+    said = failures(machine, {"flake": ".#web", "buildHost": {**conn, "sudoPassword": "pw"}})
     assert [p for p, _ in said] == ["buildHost.sudoPassword"] and "pw" not in said[0][1]
     assert failures(profile, {"flake": ".#app", "buildOn": "elsewhere"}) == [
         ("buildOn", "must be one of 'local', 'remote', not 'elsewhere'")]

@@ -5,19 +5,22 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..engine.declaration import checks, conversion
 from ..engine.errors import EngineError
 from ..engine.models import SYSTEM_PROFILE, Profile
 from ..engine.nix.cli import is_store_path, parse_flake_ref
-from . import checks, conversion
 from .context import Context
+from .properties import reveal
 from .resource import CheckFailed
+from .schema import unknown_keys
 
 
 async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """A profile's generations on a host, and which one is current (0: none)."""
+    args = reveal(args)
     f = checks.Failures()
     checks.check_connection(f, args.get("connection"))
-    f.add_unknown_keys("nixos:index:Connection", args.get("connection"), owner="connection")
+    f.add_all(unknown_keys("nixos:index:Connection", args.get("connection"), owner="connection"))
     if f:
         raise CheckFailed(f)
     remote = conversion.to_remote(args["connection"], default_private_key=ctx.default_private_key,
@@ -31,6 +34,7 @@ async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
 
 async def resolve_flake(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The store path a flake reference evaluates to (built when `build` asks), and whether it is built."""
+    args = reveal(args)
     f = checks.Failures()
     checks.check_flake(f, "flake", args.get("flake"))
     if args.get("flake") is None:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.declaration import conversion, input_rules
+from ..engine.declaration.typed_inputs import Closure, MachineInputs
 from ..engine.errors import EngineError
 from ..engine.lifecycle.models import MachineGoal, MachineRecord
 from ..engine.models import SYSTEM_PROFILE, Profile, Remote
-from . import conversion, input_rules, normalized, secrecy
-from .engine_calls import deploy_request, fleet_source
+from . import normalized, secrecy
+from .engine_calls import fleet_source
 from .machine_preview import CHANGE_REPORTS, COMPUTED, MachinePreview, preview_state, secret_files_diff
 from .properties import contains_unknown, reveal
 from .resource import CheckFailed, DiffResult, build_host_key, diff_inputs, same
+from .schema import MACHINE, held_to
 from .state import MachineState
-from .typed_inputs import Closure, MachineInputs
 
-TYPE = input_rules.MACHINE
+TYPE = MACHINE
 INPUT_KEYS = input_rules.MACHINE_INPUTS
 # A change to one of these means the machine must be deployed again.
 DEPLOY_KEYS = ["systemPath", "action", "triggers"]
@@ -38,7 +40,7 @@ class NixosMachine(MachinePreview):
     # -- Check ------------------------------------------------------------------
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = input_rules.machine_failures(news, self.ctx.project_dir)
+        f = held_to(TYPE, news, lambda plain, f: input_rules.machine_failures(plain, self.ctx.project_dir, f))
         if f:
             raise CheckFailed(f)
 
@@ -52,7 +54,7 @@ class NixosMachine(MachinePreview):
             checked["secretFiles"] = normalized.normalize_secret_files(checked["secretFiles"])
         # Credentials and file contents are secret in state whether or not the program said so.
         checked = secrecy.secret_fields(checked, TYPE)
-        if Closure.parse(news, "systemPath").evaluated:
+        if Closure.parse(reveal(news), "systemPath").evaluated:
             checked["systemPath"] = await self._resolve_source(urn, news, nixos=True)
         return checked
 
@@ -82,7 +84,7 @@ class NixosMachine(MachinePreview):
                 self.ctx.info(urn, "will install NixOS with nixos-anywhere unless the host already runs NixOS "
                                    "(which would be adopted)")
             return ident, preview_state(news, None, deploys=True).to_properties()
-        m = MachineInputs.parse(news)
+        m = MachineInputs.parse(reveal(news))
         # `install: {}` installs with every default.
         goal = self._goal(urn, m, {}, pinned=None, install=m.install is not None)
         return _id(goal.remote), await self._converge(urn, _id(goal.remote), goal, None, news, {}, m)
@@ -93,7 +95,7 @@ class NixosMachine(MachinePreview):
             if preview:
                 return preview_state(news, None, deploys=True).to_properties()
             self.ctx.info(urn, "the installation did not finish last time: checking the host before installing again")
-            m = MachineInputs.parse(news)
+            m = MachineInputs.parse(reveal(news))
             goal = self._goal(urn, m, olds, pinned=None, install=True)
             return await self._converge(urn, ident, goal, MachineState.record_of(olds), news, olds, m)
         if preview and olds.get("install") is not None and not same(olds.get("install"), news.get("install")):
@@ -102,7 +104,7 @@ class NixosMachine(MachinePreview):
         deploys = self.needs_deploy(olds, news)
         if preview:
             return (await self._preview_update(urn, olds, news, deploys)).to_properties()
-        m = MachineInputs.parse(news)
+        m = MachineInputs.parse(reveal(news))
         pinned = m.connection.get("hostKey") or olds.get("hostKey")
         goal = self._goal(urn, m, olds, pinned=pinned, deploys=deploys)
         return await self._converge(urn, ident, goal, MachineState.record_of(olds), news, olds, m)
@@ -111,12 +113,12 @@ class NixosMachine(MachinePreview):
               deploys: bool = True) -> MachineGoal:
         remote = self._remote_of(m.connection, host_key=pinned)
         nix = self._deploy_nix(m.settings)
-        builder_key = build_host_key(olds, m.raw)
+        builder_key = build_host_key(olds, m.build_host)
         return MachineGoal(
             remote=remote,
             source=fleet_source(self.ctx, urn, m.closure, nix, nixos=True),
-            request=deploy_request(remote, SYSTEM, m.settings, action=m.action,
-                                   binary_cache=m.binary_cache or self.ctx.binary_cache),
+            request=m.settings.request(remote, SYSTEM, action=m.action,
+                                       binary_cache=m.binary_cache or self.ctx.binary_cache),
             build_host=None if m.build_host is None else self._remote_of(m.build_host, builder_key),
             build_host_key=builder_key,
             build_on_target=m.build_on_target,
@@ -171,7 +173,7 @@ class NixosMachine(MachinePreview):
         # The defaults Check fills in, so the generated code's Check adds nothing to diff against.
         new_inputs.setdefault("action", "switch")
         new_inputs.setdefault("onDestroy", "rollback")
-        if not Closure.parse(new_inputs, "systemPath").evaluated and new_inputs.get("systemPath") is None:
+        if not Closure.parse(reveal(new_inputs), "systemPath").evaluated and new_inputs.get("systemPath") is None:
             if running is None:
                 raise EngineError(f"cannot import {remote.target}: it has no /run/current-system, so there is no "
                                   "system to describe (is it running NixOS?)")

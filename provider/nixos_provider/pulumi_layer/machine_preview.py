@@ -7,15 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..engine.declaration import conversion
+from ..engine.declaration.typed_inputs import SOURCE_KEYS, Closure
 from ..engine.lifecycle.models import MachineRecord, PreviewGoal
 from ..engine.nix.closure_diff import ClosureChanges
 from ..engine.target import secret_files as files
-from . import conversion
 from .engine_calls import fleet_source
 from .properties import contains_unknown, reveal
 from .resource import DeployedResource, build_host_key
 from .state import MACHINE_RECORD, MachineState
-from .typed_inputs import SOURCE_KEYS, Closure
 
 # The outputs that report package changes: set by preview (pending) and by a deployment (last), not copied over.
 CHANGE_REPORTS = ["pendingChanges", "lastChanges"]
@@ -60,9 +60,10 @@ class MachinePreview(DeployedResource):
         goal = PreviewGoal(
             remote=self._remote(news, host_key=reveal(news["connection"]).get("hostKey") or olds.get("hostKey")),
             current=old, current_derivation=MachineState.record_of(olds).system_derivation, new=new,
-            source=fleet_source(self.ctx, urn, Closure.parse(news, "systemPath"), nix, nixos=True) if known else None,
+            source=fleet_source(self.ctx, urn, Closure.parse(reveal(news), "systemPath"), nix, nixos=True)
+            if known else None,
             build_on_preview=bool(news.get("buildOnPreview")), built_elsewhere=built_elsewhere(news),
-            build_host=(self._remote_of(build_host, build_host_key(olds, news))
+            build_host=(self._remote_of(build_host, build_host_key(olds, build_host))
                         if build_host is not None and not contains_unknown(build_host) else None),
             dry_activate=bool(news.get("dryActivate")))
         # For people, the lines the engine reports; for programs, the `pendingChanges` output of this previewed
@@ -76,8 +77,8 @@ class MachinePreview(DeployedResource):
             self.ctx.info(urn, "secret files: contents not known yet; they are compared during the update")
             return
         key = MachineState.record_of(olds).secret_files_key or b""
-        plan = files.plan(conversion.recorded_files(olds.get("secretFiles")),
-                          conversion.to_secret_files(news.get("secretFiles")), key)
+        plan = files.plan(conversion.recorded_files(reveal(olds.get("secretFiles"))),
+                          conversion.to_secret_files(reveal(news.get("secretFiles"))), key)
         if plan.changed_paths():
             self.ctx.info(urn, f"secret files to write: {', '.join(plan.changed_paths())}")
         if plan.remove:
@@ -95,7 +96,7 @@ def preview_state(news: dict[str, Any], olds: dict[str, Any] | None, *, deploys:
         record = MachineRecord(system_path=system if isinstance(system, str) else None)
         unknown |= set(COMPUTED)
     else:
-        key = build_host_key(olds, news)
+        key = build_host_key(olds, news.get("buildHost"))
         record = replace(old, system_path=system if isinstance(system, str) else None, build_host_key=key,
                          last_changes=None, pending_changes=None)
         if deploys:
@@ -129,7 +130,7 @@ def _files_preview(record: MachineRecord, key: bytes | None,
     if key is None or contains_unknown(wanted):
         return replace(record, secret_files=(), secret_files_key=key), {"secretFiles"} | (
             set() if key else {"secretFilesKey"})
-    records = tuple(f.record(key) for f in conversion.to_secret_files(wanted))
+    records = tuple(f.record(key) for f in conversion.to_secret_files(reveal(wanted)))
     return replace(record, secret_files=records, secret_files_key=key), set()
 
 
@@ -138,10 +139,10 @@ def secret_files_diff(olds: dict[str, Any], news: dict[str, Any]) -> dict[str, s
     wanted = news.get("secretFiles")
     if contains_unknown(wanted):
         return {"secretFiles": "UPDATE"}
-    recorded = {r.path: r for r in conversion.recorded_files(olds.get("secretFiles"))}
+    recorded = {r.path: r for r in conversion.recorded_files(reveal(olds.get("secretFiles")))}
     key = MachineState.record_of(olds).secret_files_key or b""
     out: dict[str, str] = {}
-    new_files = conversion.to_secret_files(wanted)
+    new_files = conversion.to_secret_files(reveal(wanted))
     for i, f in enumerate(new_files):
         old = recorded.get(f.path)
         if old is None:

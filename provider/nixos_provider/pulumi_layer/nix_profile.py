@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..engine.declaration import input_rules
+from ..engine.declaration.typed_inputs import ProfileInputs
 from ..engine.errors import EngineError
 from ..engine.lifecycle.models import ProfileGoal, ProfileRecord
 from ..engine.models import Profile
-from . import input_rules, normalized, secrecy
-from .engine_calls import deploy_request, fleet_source
+from . import normalized, secrecy
+from .engine_calls import fleet_source
 from .properties import contains_unknown, reveal
 from .resource import (
     CheckFailed,
@@ -20,10 +22,10 @@ from .resource import (
     same,
     same_machine,
 )
+from .schema import PROFILE, held_to
 from .state import PROFILE_RECORD, ProfileState
-from .typed_inputs import ProfileInputs
 
-TYPE = input_rules.PROFILE
+TYPE = PROFILE
 INPUT_KEYS = input_rules.PROFILE_INPUTS
 DEPLOY_KEYS = ["storePath", "activate", "triggers"]
 # The outputs besides the profile's path and store path.
@@ -55,7 +57,7 @@ class NixProfile(DeployedResource):
             resolve_profile_path(props, remote.user), props.get("user") or None)
 
     async def check(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> dict[str, Any]:
-        f = input_rules.profile_failures(news)
+        f = held_to(TYPE, news, input_rules.profile_failures)
         if f:
             raise CheckFailed(f)
         checked = dict(news)
@@ -96,7 +98,7 @@ class NixProfile(DeployedResource):
             record, unknown = _with_store_path(ProfileRecord(profile_path=path if isinstance(path, str) else None), news)
             unknown |= set(COMPUTED) | (set() if isinstance(path, str) else {"profilePath"})
             return "", ProfileState(news, record, frozenset(unknown)).to_properties()
-        p = ProfileInputs.parse(news)
+        p = ProfileInputs.parse(reveal(news))
         return self._ident(news), await self._converge(urn, self._ident(news), p, None, news, {}, pinned=None)
 
     async def update(self, urn: str, ident: str, olds: dict[str, Any], news: dict[str, Any], preview: bool,
@@ -104,7 +106,7 @@ class NixProfile(DeployedResource):
         deploys = self.needs_deploy(olds, news)
         pinned = reveal(news["connection"]).get("hostKey") or olds.get("hostKey")
         if preview:
-            key = build_host_key(olds, news)
+            key = build_host_key(olds, news.get("buildHost"))
             record = replace(ProfileState.record_of(olds), host_key=pinned, build_host_key=key)
             if not deploys:
                 return ProfileState(news, record).to_properties()
@@ -112,7 +114,7 @@ class NixProfile(DeployedResource):
             if news.get("buildHost") is not None and not key:
                 unknown.add("buildHostKey")  # pinned by the deployment
             return ProfileState(news, record, frozenset(unknown | DEPLOYED)).to_properties()
-        return await self._converge(urn, ident, ProfileInputs.parse(news), ProfileState.record_of(olds), news, olds,
+        return await self._converge(urn, ident, ProfileInputs.parse(reveal(news)), ProfileState.record_of(olds), news, olds,
                                     pinned=pinned, deploys=deploys)
 
     async def _converge(self, urn: str, ident: str, p: ProfileInputs, recorded: ProfileRecord | None,
@@ -120,9 +122,9 @@ class NixProfile(DeployedResource):
                         deploys: bool = True) -> dict[str, Any]:
         """The engine's converge, its record as properties; its failure as a PartialFailure with what runs now."""
         nix = self._deploy_nix(p.settings)
-        builder_key = build_host_key(olds, news)
-        request = deploy_request(self._remote_of(p.connection, host_key=pinned), self._profile(news), p.settings,
-                                 activate_command=p.activate)
+        builder_key = build_host_key(olds, p.build_host)
+        request = p.settings.request(self._remote_of(p.connection, host_key=pinned), self._profile(news),
+                                     activate_command=p.activate)
         goal = ProfileGoal(request, fleet_source(self.ctx, urn, p.closure, nix, nixos=False),
                            build_host=None if p.build_host is None else self._remote_of(p.build_host, builder_key),
                            build_host_key=builder_key, build_on_target=p.build_on_target, deploys=deploys)

@@ -2,7 +2,7 @@
 
 Secrets arrive (we accept them) as signature objects; they become `Secret`
 wrappers so the code that builds outputs can keep them secret. Unknowns
-(previews with computed inputs) become `UNKNOWN`.
+(previews with computed inputs) become the declaration's `UNKNOWN`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
+from ..engine.declaration import values
+from ..engine.declaration.values import UNKNOWN as UNKNOWN
+
 SIG_KEY = "4dabf18193072939515e22adb298388d"
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 UNKNOWN_STR = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
-
-
-class _Unknown:
-    def __repr__(self) -> str:
-        return "UNKNOWN"
-
-
-UNKNOWN: Any = _Unknown()
 
 
 @dataclass(frozen=True)
@@ -95,15 +90,7 @@ def reveal(value: Any) -> Any:
 
 
 def contains_unknown(value: Any) -> bool:
-    if value is UNKNOWN:
-        return True
-    if isinstance(value, Secret):
-        return contains_unknown(value.value)
-    if isinstance(value, dict):
-        return any(contains_unknown(v) for v in value.values())
-    if isinstance(value, list):
-        return any(contains_unknown(v) for v in value)
-    return False
+    return values.contains_unknown(reveal(value))
 
 
 def is_secret(value: Any) -> bool:

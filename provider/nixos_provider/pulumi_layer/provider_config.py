@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.declaration import checks, conversion, machine_checks
 from ..engine.models import BinaryCache
-from . import checks, conversion, machine_checks
 from .properties import reveal
+from .schema import unknown_keys
 
 WHOLE_NUMBERS = ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations")
 COMMANDS = ("nixCommand", "nixosAnywhereCommand")
@@ -39,9 +40,9 @@ def check(values: dict[str, Any]) -> checks.Failures:
     for key in COMMANDS:
         if values.get(key) is not None and _command(values.get(key)) is None:
             f.add(key, "must be a non-empty list of strings")
-    cache = conversion.parse_binary_cache(values.get("binaryCache"))
+    cache = conversion.parse_binary_cache(reveal(values.get("binaryCache")))
     machine_checks.check_binary_cache(f, cache)
-    f.add_unknown_keys("nixos:index:BinaryCache", cache, owner="binaryCache")
+    f.add_all(unknown_keys("nixos:index:BinaryCache", cache, owner="binaryCache"))
     return f
 
 
@@ -52,7 +53,7 @@ def parse(values: dict[str, Any]) -> ProviderConfig:
         nixos_anywhere_command=_command(values.get("nixosAnywhereCommand")) or ("nixos-anywhere",),
         default_private_key=reveal(values.get("defaultPrivateKey")) or None,
         default_user=reveal(values.get("defaultUser")) or None,
-        binary_cache=conversion.to_binary_cache(conversion.parse_binary_cache(values.get("binaryCache"))),
+        binary_cache=conversion.to_binary_cache(conversion.parse_binary_cache(reveal(values.get("binaryCache")))),
         max_parallel_ssh=_whole_number(reveal(values.get("maxParallelSsh"))),
         max_parallel_transfers=_whole_number(reveal(values.get("maxParallelTransfers"))),
         max_parallel_evaluations=_whole_number(reveal(values.get("maxParallelEvaluations"))),

@@ -6,17 +6,17 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.declaration.checks import Failures
+from ..engine.declaration.conversion import nix_options, to_remote
+from ..engine.declaration.typed_inputs import SOURCE_KEYS, Closure, DeploySettings
 from ..engine.errors import EngineError
 from ..engine.lifecycle.models import ConvergeFailed
 from ..engine.models import Remote
 from ..engine.nix.cli import Nix
-from .checks import Failures
 from .context import Context
-from .conversion import nix_options, to_remote
 from .error_text import describe
 from .properties import UNKNOWN, contains_unknown, is_secret, reveal
 from .state import R, State
-from .typed_inputs import SOURCE_KEYS, Closure, DeploySettings
 
 
 class DeployedResource:
@@ -26,7 +26,7 @@ class DeployedResource:
         self.ctx = ctx
 
     def _nix(self, props: dict[str, Any]) -> Nix:
-        return self.ctx.nix(nix_options(props.get("nixOptions")))
+        return self.ctx.nix(nix_options(reveal(props.get("nixOptions"))))
 
     def _deploy_nix(self, settings: DeploySettings) -> Nix:
         return self.ctx.nix(list(settings.nix_options))
@@ -35,7 +35,7 @@ class DeployedResource:
         return self._remote_of(props["connection"], host_key)
 
     def _remote_of(self, connection: dict[str, Any], host_key: str | None = None) -> Remote:
-        return to_remote(connection, host_key=host_key, default_private_key=self.ctx.default_private_key,
+        return to_remote(reveal(connection), host_key=host_key, default_private_key=self.ctx.default_private_key,
                          default_user=self.ctx.default_user)
 
     async def _resolve_source(self, urn: str, news: dict[str, Any], *, nixos: bool) -> Any:
@@ -45,7 +45,7 @@ class DeployedResource:
             return UNKNOWN
         # A source or option that is a secret is never written down to be evaluated ahead.
         remember = not any(is_secret(news.get(k)) for k in (*given, "nixOptions"))
-        ref = Closure.parse(news, "").ref(self.ctx.project_dir, nixos=nixos)
+        ref = Closure.parse(reveal(news), "").ref(self.ctx.project_dir, nixos=nixos)
         assert ref is not None, "Check resolves only an evaluated source"
         try:
             evaluation = await self.ctx.evaluate(ref, self._nix(news), urn=urn, remember=remember)
@@ -146,12 +146,12 @@ def diff_inputs(olds: dict[str, Any], news: dict[str, Any], keys: list[str], rep
     return result
 
 
-def build_host_key(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
+def build_host_key(olds: dict[str, Any], build_host: Any) -> str | None:
     """The build host key the last deployment pinned, while buildHost still names that host."""
-    old, new = reveal(olds.get("buildHost")), reveal(news.get("buildHost"))
+    old, new = reveal(olds.get("buildHost")), reveal(build_host)
     if not isinstance(old, dict) or not isinstance(new, dict):
         return None
-    same_host = (reveal(old.get("host")), reveal(old.get("port"))) == (reveal(new.get("host")), reveal(new.get("port")))
+    same_host = (old.get("host"), old.get("port")) == (new.get("host"), new.get("port"))
     return olds.get("buildHostKey") if same_host else None
 
 

@@ -3,7 +3,8 @@
 Every input is first held to the type the schema gives it, at its exact path
 (`nixOptions[0].value`, `connection.proxy.port`), so that a value of the wrong
 JSON type is a Check failure naming that property however deep it sits; the
-rules beyond types (ranges, formats, combinations) are in `checks.py`.
+rules beyond types (ranges, formats, combinations) are the declaration's
+(`engine.declaration`), and a key the schema does not declare is refused last.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import difflib
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .properties import UNKNOWN, Secret
+from ..engine.declaration.checks import Failures
+from ..engine.declaration.values import kind_of
+from .properties import UNKNOWN, Secret, reveal
 
 SCHEMA_PATH = Path(os.environ.get("PULUMI_NIXOS_SCHEMA", Path(__file__).resolve().parents[3] / "schema.json"))
 TYPE_REF = "#/types/"
+MACHINE = "nixos:index:NixosMachine"
+PROFILE = "nixos:index:NixProfile"
 
 
 @functools.cache
@@ -34,16 +40,6 @@ _WHAT = {"string": "a string", "integer": "a whole number", "number": "a number"
          "array": "a list", "object": "an object"}
 
 
-def kind_of(value: Any) -> str:
-    """The JSON kind of a value for an error message (`a list`); never the value itself."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
 def _fits(kind: str, value: Any) -> bool:
     if kind == "string":
         return isinstance(value, str)
@@ -56,6 +52,19 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "array":
         return isinstance(value, list)
     return isinstance(value, dict)
+
+
+def held_to(type_token: str, news: dict[str, Any], rules: Callable[[dict[str, Any], Failures], Any]) -> Failures:
+    """A resource's inputs held to their types first, then (revealed) to the declaration's rules, then every key
+    the schema does not declare refused: last, since a rule that knows why a key has no place there says it
+    better. One reason per property."""
+    plain = reveal(news)
+    types, unknown = _findings(type_token, plain)
+    f = Failures()
+    f.add_all(types)
+    rules(plain, f)
+    f.add_all(unknown)
+    return f
 
 
 def type_failures(type_token: str, news: dict[str, Any]) -> list[tuple[str, str]]:

@@ -21,9 +21,10 @@ from google.rpc import status_pb2
 from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provider_pb2, provider_pb2_grpc
 
 from .. import provider_version
+from ..engine.declaration import checks
 from ..engine.errors import EngineError
 from ..engine.nix.evaluation import Evaluator
-from . import checks, functions, provider_config
+from . import functions, provider_config
 from .context import Context
 from .error_text import describe
 from .machine import NixosMachine

@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
+from ..engine.declaration import input_rules
+from ..engine.declaration.conversion import recorded_files, secret_files_output
 from ..engine.lifecycle.models import MachineRecord, ProfileRecord
-from . import input_rules
-from .conversion import recorded_files, secret_files_output
 from .properties import UNKNOWN, Secret, reveal
+from .schema import MACHINE, PROFILE
 from .secrecy import SECRET_RECORD_FIELDS, secret_fields
 
 R = TypeVar("R", MachineRecord, ProfileRecord)
@@ -69,7 +70,7 @@ def _mapping(value: Any) -> Mapping[str, Any] | None:
 # How each type a record field has is read back from state (numbers come back as floats, secrets wrapped).
 _READERS: dict[str, Any] = {
     "int | None": _int, "str | None": _str, "bool | None": _bool, "bytes | None": _key,
-    "tuple[RecordedFile, ...]": recorded_files, "Mapping[str, Any] | None": _mapping,
+    "tuple[RecordedFile, ...]": lambda value: recorded_files(reveal(value)), "Mapping[str, Any] | None": _mapping,
 }
 
 
@@ -120,13 +121,13 @@ class State(Generic[R]):
 class MachineState(State[MachineRecord]):
     RECORD = MachineRecord
     INPUTS = tuple(input_rules.MACHINE_INPUTS)
-    TOKEN = input_rules.MACHINE
+    TOKEN = MACHINE
 
 
 class ProfileState(State[ProfileRecord]):
     RECORD = ProfileRecord
     INPUTS = tuple(input_rules.PROFILE_INPUTS)
-    TOKEN = input_rules.PROFILE
+    TOKEN = PROFILE
 
 
 # Every property of a record: what a preview of a new resource cannot know.

@@ -1,4 +1,4 @@
-"""Checked inputs into the engine's models, and recorded state back into them."""
+"""A checked declaration's settings into the engine's models, and a recorded `secretFiles` output back into them."""
 
 from __future__ import annotations
 
@@ -6,64 +6,58 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from ..engine.models import BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
-from ..engine.target.secret_files import RecordedFile, SecretFile
-from .properties import reveal
+from ..models import BinaryCache, Credentials, HealthCheck, InstallRequest, Remote
+from ..target.secret_files import RecordedFile, SecretFile
 
 
 def to_install_request(inst: dict[str, Any], remote: Remote, system_path: str, *, command: list[str],
                        disko_script: str | None, flake: str | None,
                        nix_opts: list[tuple[str, str]]) -> InstallRequest:
-    i = reveal(inst)
     return InstallRequest(
         remote=remote,
         system_path=system_path,
-        command=tuple(i.get("command") or command),
+        command=tuple(inst.get("command") or command),
         disko_script=disko_script,
         flake=flake,
-        phases=tuple(dict.fromkeys(i.get("phases") or ())),
-        kexec_url=i.get("kexecUrl"),
-        post_kexec_ssh_port=int(i["sshPort"]) if i.get("sshPort") is not None else None,
-        build_on=i.get("buildOn"),
-        copy_host_keys=bool(i.get("copyHostKeys")),
-        substitute_on_destination=i.get("substituteOnDestination", True) is not False,
-        extra_files=tuple(sorted((i.get("extraFiles") or {}).items())),
-        disk_encryption_keys=tuple(sorted((i.get("diskEncryptionKeys") or {}).items())),
-        extra_args=tuple(i.get("extraArgs") or ()),
+        phases=tuple(dict.fromkeys(inst.get("phases") or ())),
+        kexec_url=inst.get("kexecUrl"),
+        post_kexec_ssh_port=int(inst["sshPort"]) if inst.get("sshPort") is not None else None,
+        build_on=inst.get("buildOn"),
+        copy_host_keys=bool(inst.get("copyHostKeys")),
+        substitute_on_destination=inst.get("substituteOnDestination", True) is not False,
+        extra_files=tuple(sorted((inst.get("extraFiles") or {}).items())),
+        disk_encryption_keys=tuple(sorted((inst.get("diskEncryptionKeys") or {}).items())),
+        extra_args=tuple(inst.get("extraArgs") or ()),
         nix_options=tuple(nix_opts),
-        timeout=_num(i.get("timeout"), 3600),
+        timeout=_num(inst.get("timeout"), 3600),
     )
 
 
 def parse_binary_cache(value: Any) -> Any:
     """Provider config arrives as JSON text when set with `pulumi config set`; as an object otherwise."""
-    plain = reveal(value)
-    if isinstance(plain, str):
+    if isinstance(value, str):
         try:
-            return json.loads(plain)
+            return json.loads(value)
         except ValueError:
-            return plain  # Check reports it as not an object
+            return value  # Check reports it as not an object
     return value
 
 
-def to_binary_cache(cache: Any) -> BinaryCache | None:
-    c = reveal(cache)
+def to_binary_cache(c: Any) -> BinaryCache | None:
     if not isinstance(c, dict) or not c.get("url"):
         return None
-    return BinaryCache(url=str(c["url"]), public_key=str(reveal(c.get("publicKey"))),
-                       upload_url=reveal(c.get("uploadUrl")) or None,
-                       signing_key=reveal(c.get("signingKey")) or None,
-                       signing_key_file=reveal(c.get("signingKeyFile")) or None)
+    return BinaryCache(url=str(c["url"]), public_key=str(c.get("publicKey")),
+                       upload_url=c.get("uploadUrl") or None,
+                       signing_key=c.get("signingKey") or None,
+                       signing_key_file=c.get("signingKeyFile") or None)
 
 
 def _num(v: Any, default: float) -> float:
-    v = reveal(v)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
-def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
+def to_remote(c: dict[str, Any], *, host_key: str | None = None,
               default_private_key: str | None = None, default_user: str | None = None) -> Remote:
-    c = reveal(conn)
     creds = Credentials(
         private_key=c.get("privateKey"),
         private_key_password=c.get("privateKeyPassword"),
@@ -88,7 +82,7 @@ def to_remote(conn: dict[str, Any], *, host_key: str | None = None,
 
 def to_health_checks(checks: Any) -> tuple[HealthCheck, ...]:
     out = []
-    for c in reveal(checks) or []:
+    for c in checks or []:
         out.append(HealthCheck(
             command=c.get("command"),
             http=c.get("http"),
@@ -103,7 +97,7 @@ def to_health_checks(checks: Any) -> tuple[HealthCheck, ...]:
 
 
 def nix_options(opts: Any) -> list[tuple[str, str]]:
-    return [(o["name"], o["value"]) for o in (reveal(opts) or [])]
+    return [(o["name"], o["value"]) for o in (opts or [])]
 
 
 def to_secret_files(files: Any) -> tuple[SecretFile, ...]:
@@ -112,13 +106,13 @@ def to_secret_files(files: Any) -> tuple[SecretFile, ...]:
         path=e["path"], content=str(e["content"]).encode(), owner=e.get("owner") or "root",
         group=e.get("group") or "root", mode=e.get("mode") or "0400", stage=e.get("stage") or "before-activation",
         keep_on_destroy=bool(e.get("keepOnDestroy")),
-    ) for e in (reveal(files) or []))
+    ) for e in (files or []))
 
 
 def recorded_files(outputs: Any) -> tuple[RecordedFile, ...]:
     """What state says is on the host: the `secretFiles` output, hashes instead of contents."""
     out = []
-    for e in reveal(outputs) or []:
+    for e in outputs or []:
         if isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("contentHash"), str):
             out.append(RecordedFile(
                 path=e["path"], content_hash=e["contentHash"], owner=e.get("owner") or "root",

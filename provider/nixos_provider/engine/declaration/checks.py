@@ -1,5 +1,5 @@
-"""Check: each input held to its rules; each failure names the property (`connection.port`, `healthChecks[1]`),
-which is what the Pulumi CLI shows next to the resource."""
+"""The rules of one setting beyond its type; each failure names the setting's path (`connection.port`,
+`healthChecks[1]`), which is what the Pulumi CLI shows next to the resource and nixos-deploy prints."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.models import COMPRESSIONS
-from ..engine.nix.cli import is_store_path
-from ..engine.transport import host_keys
-from .properties import UNKNOWN, contains_unknown, reveal
-from .schema import kind_of, type_failures, unknown_keys
+from ..models import COMPRESSIONS
+from ..nix.cli import is_store_path
+from ..transport import host_keys
+from .values import UNKNOWN, kind_of, known, short
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_.:\-\[\]%]+$")
 # A DNS name: dot-separated labels of letters, digits, `-` and `_`, none
@@ -32,27 +31,17 @@ class Failures:
         if not any(p == prop for p, _ in self.items):
             self.items.append((prop, reason))
 
-    def add_type_failures(self, type_token: str, news: dict[str, Any]) -> None:
-        for prop, reason in type_failures(type_token, news):
-            self.add(prop, reason)
-
-    def add_unknown_keys(self, type_token: str, value: Any, *, owner: str | None = None) -> None:
-        """Last, after the rules: a rule that knows why a key has no place there says it better."""
-        for prop, reason in unknown_keys(type_token, value, owner=owner):
+    def add_all(self, items: list[tuple[str, str]]) -> None:
+        for prop, reason in items:
             self.add(prop, reason)
 
     def __bool__(self) -> bool:
         return bool(self.items)
 
 
-def _known(v: Any) -> bool:
-    return v is not None and not contains_unknown(v)
-
-
 def check_int(f: Failures, prop: str, v: Any, lo: int, hi: int) -> None:
-    if not _known(v):
+    if not known(v):
         return
-    v = reveal(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
         f.add(prop, f"must be a whole number, not {v!r}")
     elif not lo <= int(v) <= hi:
@@ -60,9 +49,8 @@ def check_int(f: Failures, prop: str, v: Any, lo: int, hi: int) -> None:
 
 
 def check_seconds(f: Failures, prop: str, v: Any, lo: float = 0.1, hi: float = 86400) -> None:
-    if not _known(v):
+    if not known(v):
         return
-    v = reveal(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         f.add(prop, f"must be a number of seconds, not {v!r}")
     elif not lo <= v <= hi:
@@ -70,13 +58,13 @@ def check_seconds(f: Failures, prop: str, v: Any, lo: float = 0.1, hi: float = 8
 
 
 def check_choice(f: Failures, prop: str, v: Any, choices: tuple[str, ...]) -> None:
-    if _known(v) and v not in choices:
+    if known(v) and v not in choices:
         f.add(prop, f"must be one of {', '.join(repr(c) for c in choices)}, not {v!r}")
 
 
 def check_bool(f: Failures, prop: str, v: Any) -> None:
-    if _known(v) and not isinstance(reveal(v), bool):
-        f.add(prop, f"must be true or false, not {reveal(v)!r}")
+    if known(v) and not isinstance(v, bool):
+        f.add(prop, f"must be true or false, not {v!r}")
 
 
 def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_proxy: bool = True) -> None:
@@ -88,37 +76,37 @@ def check_connection(f: Failures, conn: Any, prop: str = "connection", *, allow_
     host = conn.get("host")
     if host is None:
         f.add(f"{prop}.host", "is required")
-    elif _known(host) and (not isinstance(reveal(host), str) or not HOST_RE.match(reveal(host))):
-        f.add(f"{prop}.host", f"{reveal(host)!r} is not a host name or IP address")
+    elif known(host) and (not isinstance(host, str) or not HOST_RE.match(host)):
+        f.add(f"{prop}.host", f"{host!r} is not a host name or IP address")
     check_int(f, f"{prop}.port", conn.get("port"), 1, 65535)
     user = conn.get("user")
-    if _known(user) and (not isinstance(reveal(user), str) or not USER_RE.match(reveal(user))):
-        f.add(f"{prop}.user", f"{reveal(user)!r} is not a valid user name")
+    if known(user) and (not isinstance(user, str) or not USER_RE.match(user)):
+        f.add(f"{prop}.user", f"{user!r} is not a valid user name")
     check_seconds(f, f"{prop}.connectTimeout", conn.get("connectTimeout"), 1, 3600)
     check_int(f, f"{prop}.retries", conn.get("retries"), 0, 100)
     key = conn.get("hostKey")
-    if _known(key):
+    if known(key):
         try:
-            host_keys.normalize_host_key(str(reveal(key)))
+            host_keys.normalize_host_key(str(key))
         except (ValueError, Exception):
             f.add(f"{prop}.hostKey", "must be an OpenSSH public key line such as `ssh-ed25519 AAAA...`")
     for k in ("password", "privateKeyPassword", "agentSocketPath", "sudoPassword"):
         val = conn.get(k)
-        if _known(val) and not isinstance(reveal(val), str):
+        if known(val) and not isinstance(val, str):
             # Never echo the value: most of these are secrets.
-            f.add(f"{prop}.{k}", f"must be a string, not {kind_of(reveal(val))}")
+            f.add(f"{prop}.{k}", f"must be a string, not {kind_of(val)}")
     sudo_password = conn.get("sudoPassword")
     if sudo_password is not None and not allow_proxy:
         f.add(f"{prop}.sudoPassword", "a jump host only forwards the connection and runs no command, so it needs no sudo")
-    elif _known(sudo_password) and isinstance(reveal(sudo_password), str) and (
-            not reveal(sudo_password) or "\n" in reveal(sudo_password) or "\r" in reveal(sudo_password)):
+    elif known(sudo_password) and isinstance(sudo_password, str) and (
+            not sudo_password or "\n" in sudo_password or "\r" in sudo_password):
         # sudo reads the password up to the end of its line, so it can be
         # neither empty nor more than one line.
         f.add(f"{prop}.sudoPassword", "must be one non-empty line (sudo reads the password up to a line break)")
     pk = conn.get("privateKey")
-    if _known(pk) and not isinstance(reveal(pk), str):
-        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(reveal(pk))}")
-    elif _known(pk) and "PRIVATE KEY" not in str(reveal(pk)):
+    if known(pk) and not isinstance(pk, str):
+        f.add(f"{prop}.privateKey", f"must be the private key as a string, not {kind_of(pk)}")
+    elif known(pk) and "PRIVATE KEY" not in str(pk):
         # Never echo the value: it is a secret.
         f.add(f"{prop}.privateKey", "does not look like a private key (expected a PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` block)")
     proxy = conn.get("proxy")
@@ -140,14 +128,8 @@ def is_host_literal(v: Any) -> bool:
         return HOSTNAME_RE.fullmatch(v) is not None
 
 
-def _short(v: Any, limit: int = 80) -> str:
-    """A value for an error message, cut short: a failure names the property, not a megabyte of input."""
-    text = repr(v)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
 def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") -> None:
-    if not _known(checks):
+    if not known(checks):
         return
     if not isinstance(checks, list):
         f.add(prop, "must be a list of health checks")
@@ -162,11 +144,11 @@ def check_health_checks(f: Failures, checks: Any, prop: str = "healthChecks") ->
             f.add(p, f"needs exactly one of `command`, `http` or `tcp` (got {', '.join(kinds) or 'none'})")
         check_command(f, f"{p}.command", c.get("command"))
         http = c.get("http")
-        if _known(http) and (not isinstance(reveal(http), str) or not re.match(r"^https?://[^\s/]+", reveal(http))):
-            f.add(f"{p}.http", f"{_short(reveal(http))} is not an http:// or https:// URL")
+        if known(http) and (not isinstance(http, str) or not re.match(r"^https?://[^\s/]+", http)):
+            f.add(f"{p}.http", f"{short(http)} is not an http:// or https:// URL")
         host = c.get("host")
-        if _known(host) and not is_host_literal(reveal(host)):
-            f.add(f"{p}.host", f"{_short(reveal(host))} is not a host name or IP address")
+        if known(host) and not is_host_literal(host):
+            f.add(f"{p}.host", f"{short(host)} is not a host name or IP address")
         check_int(f, f"{p}.tcp", c.get("tcp"), 1, 65535)
         check_seconds(f, f"{p}.timeout", c.get("timeout"), 0.1, 3600)
         check_int(f, f"{p}.retries", c.get("retries"), 0, 1000)
@@ -178,29 +160,27 @@ MAX_REF = 4096
 
 
 def check_store_path(f: Failures, prop: str, v: Any) -> None:
-    v = reveal(v)
-    if _known(v) and not (isinstance(v, str) and len(v) <= MAX_REF and is_store_path(v)):
-        f.add(prop, f"{_short(v)} is not a Nix store path (/nix/store/<hash>-<name>)")
+    if known(v) and not (isinstance(v, str) and len(v) <= MAX_REF and is_store_path(v)):
+        f.add(prop, f"{short(v)} is not a Nix store path (/nix/store/<hash>-<name>)")
 
 
 def check_flake(f: Failures, prop: str, v: Any) -> None:
-    v = reveal(v)
-    if not _known(v):
+    if not known(v):
         return
     if isinstance(v, str) and len(v) > MAX_REF:
         f.add(prop, f"is {len(v)} characters long; a flake reference has at most {MAX_REF}")
     elif not isinstance(v, str) or "#" not in v or v.endswith("#"):
-        f.add(prop, f"{_short(v)} is not a flake reference with an attribute, such as `.#web`")
+        f.add(prop, f"{short(v)} is not a flake reference with an attribute, such as `.#web`")
 
 
 def check_command(f: Failures, prop: str, v: Any) -> None:
     """A shell command run on the target (NixProfile `activate`)."""
-    if _known(v) and not isinstance(reveal(v), str):
-        f.add(prop, f"must be a shell command as a string, not {kind_of(reveal(v))}")
+    if known(v) and not isinstance(v, str):
+        f.add(prop, f"must be a shell command as a string, not {kind_of(v)}")
 
 
 def check_nix_options(f: Failures, opts: Any) -> None:
-    if not _known(opts):
+    if not known(opts):
         return
     if not isinstance(opts, list):
         f.add("nixOptions", "must be a list of {name, value}")

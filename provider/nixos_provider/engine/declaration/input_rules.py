@@ -1,6 +1,7 @@
-"""Each resource's inputs held to all their rules, those that combine fields included: one function per resource.
+"""A machine's or profile's declaration held to all its rules, those that combine settings included.
 
-The single-field rules are in checks.py; the types in schema.json (schema.py). Each failure names the property.
+The single-setting rules are in checks.py and machine_checks.py. A front end that knows each setting's type (the
+Pulumi layer, from schema.json) adds those failures first: one reason per setting, the first.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from typing import Any
 
 from . import checks, machine_checks
 
-MACHINE = "nixos:index:NixosMachine"
-PROFILE = "nixos:index:NixProfile"
+# The settings each declares.
 MACHINE_INPUTS = [
     "connection", "flake", "configuration", "expression", "attribute", "nixpkgs", "systemPath", "buildOn",
     "substituteOnDestination", "compress", "nixOptions", "action", "magicRollback", "confirmTimeout",
@@ -26,9 +26,11 @@ PROFILE_INPUTS = [
 ]
 
 
-def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Failures:
-    """What is wrong with a NixosMachine's inputs (relative paths resolve against project_dir)."""
-    f = _common_failures(MACHINE, news)
+def machine_failures(news: dict[str, Any], project_dir: str | None,
+                     f: checks.Failures | None = None) -> checks.Failures:
+    """What is wrong with a NixosMachine's declaration (relative paths resolve against project_dir), added to f."""
+    f = f if f is not None else checks.Failures()
+    checks.check_connection(f, news.get("connection"))
     flake, path = news.get("flake"), news.get("systemPath")
     machine_checks.check_system_source(f, news, project_dir)
     checks.check_flake(f, "flake", flake)
@@ -46,13 +48,13 @@ def machine_failures(news: dict[str, Any], project_dir: str | None) -> checks.Fa
     machine_checks.check_install(f, news)
     machine_checks.check_secret_files(f, news.get("secretFiles"))
     machine_checks.check_binary_cache(f, news.get("binaryCache"))
-    f.add_unknown_keys(MACHINE, news)
     return f
 
 
-def profile_failures(news: dict[str, Any]) -> checks.Failures:
-    """What is wrong with a NixProfile's inputs."""
-    f = _common_failures(PROFILE, news)
+def profile_failures(news: dict[str, Any], f: checks.Failures | None = None) -> checks.Failures:
+    """What is wrong with a NixProfile's declaration, added to f."""
+    f = f if f is not None else checks.Failures()
+    checks.check_connection(f, news.get("connection"))
     name, path = news.get("profile"), news.get("profilePath")
     if (name is None) == (path is None):
         f.add("profile", "set exactly one of `profile` (a name) and `profilePath` (an absolute path)")
@@ -72,15 +74,6 @@ def profile_failures(news: dict[str, Any]) -> checks.Failures:
     checks.check_choice(f, "onDestroy", news.get("onDestroy"), ("rollback", "remove", "retain"))
     checks.check_command(f, "activate", news.get("activate"))
     checks.check_deploy_settings(f, news, ("substituteOnDestination", "magicRollback", "autoRollback", "collectGarbage"))
-    f.add_unknown_keys(PROFILE, news)
-    return f
-
-
-def _common_failures(type_token: str, news: dict[str, Any]) -> checks.Failures:
-    """What every resource's inputs are held to first: the schema's types, a good connection."""
-    f = checks.Failures()
-    f.add_type_failures(type_token, news)
-    checks.check_connection(f, news.get("connection"))
     return f
 
 

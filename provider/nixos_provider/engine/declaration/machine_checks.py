@@ -10,24 +10,21 @@ import os
 import re
 from typing import Any
 
-from ..engine.models import INSTALL_PHASES
-from ..engine.nix.cli import resolve_path
-from ..engine.target.secret_files import STAGES
+from ..models import INSTALL_PHASES
+from ..nix.cli import resolve_path
+from ..target.secret_files import STAGES
 from .checks import (
     MAX_REF,
     Failures,
     _is_absolute_file_path,
     _is_file_path,
-    _known,
-    _short,
     check_bool,
     check_choice,
     check_int,
     check_seconds,
     check_store_path,
 )
-from .properties import reveal
-from .schema import kind_of
+from .values import kind_of, known, short
 
 SYSTEM_SOURCES = ("flake", "systemPath", "configuration", "expression")
 _ATTRIBUTE = re.compile(r"[^\x00-\x1f\x7f]+")
@@ -58,20 +55,18 @@ def check_system_source(f: Failures, news: dict[str, Any], base_dir: str | None)
     _check_local_path(f, "configuration", configuration, base_dir, "a NixOS configuration module (configuration.nix)")
     _check_local_path(f, "expression", expression, base_dir, "a Nix file")
     _check_local_path(f, "nixpkgs", nixpkgs, base_dir, "a nixpkgs tree", inside="nixos/default.nix")
-    attribute = reveal(attribute)
-    if _known(attribute) and not (isinstance(attribute, str) and len(attribute) <= MAX_REF
+    if known(attribute) and not (isinstance(attribute, str) and len(attribute) <= MAX_REF
                                   and _ATTRIBUTE.fullmatch(attribute) and not attribute.startswith(("-", "."))
                                   and not attribute.endswith(".")):
-        f.add("attribute", f"{_short(attribute)} is not an attribute path, such as `web` or `machines.web`")
+        f.add("attribute", f"{short(attribute)} is not an attribute path, such as `web` or `machines.web`")
 
 
 def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what: str, inside: str = "") -> None:
     """A file or folder on this machine (a folder of a Nix file has its default.nix); relative to base_dir."""
-    v = reveal(v)
-    if not _known(v):
+    if not known(v):
         return
     if not isinstance(v, str) or not v or len(v) > MAX_REF or "\0" in v:
-        f.add(prop, f"{_short(v)} is not a path to {what}")
+        f.add(prop, f"{short(v)} is not a path to {what}")
         return
     path = resolve_path(v, base_dir)
     if not os.path.exists(path):
@@ -83,34 +78,31 @@ def _check_local_path(f: Failures, prop: str, v: Any, base_dir: str | None, what
 
 
 def _check_string_list(f: Failures, prop: str, v: Any, *, non_empty: bool = False) -> None:
-    if not _known(v):
+    if not known(v):
         return
-    v = reveal(v)
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v) or (non_empty and not v):
         f.add(prop, "must be a non-empty list of strings" if non_empty else "must be a list of strings")
 
 
 def _check_file_map(f: Failures, prop: str, v: Any, what: str) -> None:
     """Keys are absolute paths on the target; values are contents (never echoed: they are secret)."""
-    if not _known(v):
+    if not known(v):
         return
-    v = reveal(v)
     if not isinstance(v, dict):
         f.add(prop, f"must be an object mapping absolute paths to {what}")
         return
     for path, content in v.items():
         if not (isinstance(path, str) and _is_absolute_file_path(path)):
             f.add(f"{prop}[{path!r}]", "must be a normalized absolute file path such as `/etc/ssh/ssh_host_ed25519_key`")
-        elif _known(content) and not isinstance(reveal(content), str):
+        elif known(content) and not isinstance(content, str):
             f.add(f"{prop}[{path!r}]", f"must be the {what} as a string")
 
 
 def check_install(f: Failures, news: dict[str, Any]) -> None:
     """install: what nixos-anywhere needs, caught before anything touches the host."""
     inst = news.get("install")
-    if not _known(inst):
+    if not known(inst):
         return
-    inst = reveal(inst)
     if not isinstance(inst, dict):
         f.add("install", "must be an object (see the Install type)")
         return
@@ -118,8 +110,7 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     _check_string_list(f, "install.extraArgs", inst.get("extraArgs"))
     phases = inst.get("phases")
     _check_string_list(f, "install.phases", phases)
-    if _known(phases) and isinstance(reveal(phases), list):
-        phases = reveal(phases)
+    if known(phases) and isinstance(phases, list):
         for i, ph in enumerate(phases):
             check_choice(f, f"install.phases[{i}]", ph, INSTALL_PHASES)
         if "install" not in phases or "reboot" not in phases:
@@ -134,7 +125,7 @@ def check_install(f: Failures, news: dict[str, Any]) -> None:
     check_int(f, "install.sshPort", inst.get("sshPort"), 1, 65535)
     check_seconds(f, "install.timeout", inst.get("timeout"), 10, 86400)
     kexec = inst.get("kexecUrl")
-    if _known(kexec) and (not isinstance(reveal(kexec), str) or not reveal(kexec)):
+    if known(kexec) and (not isinstance(kexec, str) or not kexec):
         f.add("install.kexecUrl", "must be a URL or a local path to a kexec tarball")
     without = next((k for k in ("systemPath", "configuration", "expression") if news.get(k) is not None), None)
     if news.get("flake") is None and without is not None:
@@ -169,19 +160,18 @@ def _nix_key(value: str, size: int) -> tuple[str, bytes] | None:
 
 
 def _check_cache_url(f: Failures, prop: str, v: Any) -> None:
-    if not _known(v):
+    if not known(v):
         return
-    m = _CACHE_URL.match(reveal(v)) if isinstance(reveal(v), str) else None
+    m = _CACHE_URL.match(v) if isinstance(v, str) else None
     if not m or m.group(1) not in CACHE_SCHEMES:
         f.add(prop, f"must be a Nix store URL such as `https://cache.example.org` or `file:///srv/cache` "
-                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {_short(reveal(v))}")
+                    f"(schemes: {', '.join(CACHE_SCHEMES)}), not {short(v)}")
 
 
 def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> None:
     """`{url, publicKey, uploadUrl?, signingKey? | signingKeyFile?}`: each field named on failure, keys never echoed."""
-    if not _known(cache):
+    if not known(cache):
         return
-    cache = reveal(cache)
     if not isinstance(cache, dict):
         f.add(prop, f"must be an object with `url` and `publicKey`, not {kind_of(cache)}")
         return
@@ -189,19 +179,19 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         f.add(f"{prop}.url", "is required: the cache's URL as the targets reach it")
     _check_cache_url(f, f"{prop}.url", cache.get("url"))
     _check_cache_url(f, f"{prop}.uploadUrl", cache.get("uploadUrl"))
-    public = reveal(cache.get("publicKey"))
+    public = cache.get("publicKey")
     public_key = _nix_key(public, 32) if isinstance(public, str) else None
     if cache.get("publicKey") is None:
         f.add(f"{prop}.publicKey", "is required: the key targets trust, such as `cache-1:AbC...=` "
                                    "(from `nix-store --generate-binary-cache-key`)")
-    elif _known(public) and public_key is None:
+    elif known(public) and public_key is None:
         f.add(f"{prop}.publicKey", "must be a Nix public key `name:base64` of 32 bytes, as "
                                    "`nix-store --generate-binary-cache-key` writes it")
     secret = cache.get("signingKey")
     if secret is not None and cache.get("signingKeyFile") is not None:
         f.add(f"{prop}.signingKeyFile", "set either `signingKey` or `signingKeyFile`, not both")
-    if _known(secret):
-        secret_key = _nix_key(reveal(secret), 64) if isinstance(reveal(secret), str) else None
+    if known(secret):
+        secret_key = _nix_key(secret, 64) if isinstance(secret, str) else None
         if secret_key is None:
             # Never echo the value: it is a secret.
             f.add(f"{prop}.signingKey", "must be a Nix secret key `name:base64` of 64 bytes, as "
@@ -209,7 +199,7 @@ def check_binary_cache(f: Failures, cache: Any, prop: str = "binaryCache") -> No
         elif public_key is not None and (secret_key[0] != public_key[0] or secret_key[1][32:] != public_key[1]):
             f.add(f"{prop}.signingKey", "is not the secret key of `publicKey`: targets would refuse what it signs")
     key_file = cache.get("signingKeyFile")
-    if _known(key_file) and (not isinstance(reveal(key_file), str) or not reveal(key_file).startswith("/")):
+    if known(key_file) and (not isinstance(key_file, str) or not key_file.startswith("/")):
         f.add(f"{prop}.signingKeyFile", "must be the absolute path of a secret key file on the deployer")
 
 
@@ -220,9 +210,8 @@ ACCOUNT_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$")
 
 def check_secret_files(f: Failures, files: Any, prop: str = "secretFiles") -> None:
     """secretFiles: absolute distinct paths, octal modes, valid accounts, known stages. Contents are never echoed."""
-    if not _known(files):
+    if not known(files):
         return
-    files = reveal(files)
     if not isinstance(files, list):
         f.add(prop, "must be a list of {path, content, owner, group, mode, stage}")
         return
@@ -246,10 +235,10 @@ def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
     path = entry.get("path")
     if path is None:
         f.add(f"{p}.path", "is required: the absolute path of the file on the host")
-    elif _known(path) and (not isinstance(path, str) or not _is_file_path(path)):
-        f.add(f"{p}.path", f"{_short(path)} must be a normalized absolute file path without `..`, "
+    elif known(path) and (not isinstance(path, str) or not _is_file_path(path)):
+        f.add(f"{p}.path", f"{short(path)} must be a normalized absolute file path without `..`, "
               "such as `/var/lib/secrets/age.key`")
-    elif _known(path) and (path + "/").startswith("/nix/store/"):
+    elif known(path) and (path + "/").startswith("/nix/store/"):
         f.add(f"{p}.path", "must not be in /nix/store: the store is readable by every user, which is what "
               "secretFiles avoids")
     content = entry.get("content")
@@ -257,10 +246,10 @@ def _check_secret_file(f: Failures, p: str, entry: dict[str, Any]) -> None:
         f.add(f"{p}.content", "is required: the file's content (secret)")
     for k in ("owner", "group"):
         name = entry.get(k)
-        if _known(name) and (not isinstance(name, str) or not ACCOUNT_RE.match(name)):
-            f.add(f"{p}.{k}", f"{_short(name)} is not a valid {'user' if k == 'owner' else 'group'} name or id")
+        if known(name) and (not isinstance(name, str) or not ACCOUNT_RE.match(name)):
+            f.add(f"{p}.{k}", f"{short(name)} is not a valid {'user' if k == 'owner' else 'group'} name or id")
     mode = entry.get("mode")
-    if _known(mode) and (not isinstance(mode, str) or not MODE_RE.match(mode)):
-        f.add(f"{p}.mode", f"{_short(mode)} must be an octal mode as a string, such as \"0400\" or \"0640\"")
+    if known(mode) and (not isinstance(mode, str) or not MODE_RE.match(mode)):
+        f.add(f"{p}.mode", f"{short(mode)} must be an octal mode as a string, such as \"0400\" or \"0640\"")
     check_choice(f, f"{p}.stage", entry.get("stage"), STAGES)
     check_bool(f, f"{p}.keepOnDestroy", entry.get("keepOnDestroy"))

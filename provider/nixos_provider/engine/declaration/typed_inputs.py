@@ -1,10 +1,8 @@
-"""The inputs of each resource, parsed once at the RPC's entry into frozen models.
+"""A checked declaration, known in full, parsed once into frozen models: what a machine or profile is deployed
+from (`Closure`), how (`DeploySettings`, and the `DeployRequest` it makes), and each resource's own settings.
 
-Check validated the raw property dict; Create and Update parse it here, and
-the rest of the layer reads fields. The raw dict travels along (`raw`) only
-where it must be echoed: into outputs, and as the inputs of a PartialFailure.
-Preview keeps the raw dict, since unknown values cannot be parsed. Recorded
-state is read through `state.MachineState` and `state.ProfileState`.
+A preview's declaration may hold values not known yet, which cannot be parsed: the Pulumi layer reads those as they
+are.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.models import (
+from ..models import (
     ACTIVATION_TIMEOUT,
     COMPRESSIONS,
     CONFIRM_TIMEOUT,
@@ -21,19 +19,22 @@ from ..engine.models import (
     Action,
     BinaryCache,
     Compression,
+    DeployRequest,
     HealthCheck,
+    Profile,
     RebootMode,
+    Remote,
+    Retention,
     SubstitutePolicy,
 )
-from ..engine.nix.cli import FileRef, SourceRef, parse_flake_ref, resolve_path
-from ..engine.target.secret_files import SecretFile
+from ..nix.cli import FileRef, SourceRef, parse_flake_ref, resolve_path
+from ..target.secret_files import SecretFile
 from .conversion import nix_options, to_binary_cache, to_health_checks, to_secret_files
-from .properties import reveal
 
 
 @dataclass(frozen=True)
 class DeploySettings:
-    """How every deployment runs, as both resources declare it (the inputs, checked in Check)."""
+    """How every deployment runs, as both resources declare it."""
 
     magic_rollback: bool = True
     confirm_timeout: float = CONFIRM_TIMEOUT
@@ -50,7 +51,7 @@ class DeploySettings:
 
     @classmethod
     def parse(cls, props: Mapping[str, Any]) -> DeploySettings:
-        """From checked, known inputs: unset settings take the engine's defaults."""
+        """From a checked, known declaration: unset settings take the engine's defaults."""
         compress = props.get("compress")
         return cls(
             magic_rollback=props.get("magicRollback", True) is not False,
@@ -66,6 +67,18 @@ class DeploySettings:
             reboot=_REBOOTS.get(str(props.get("reboot")), "never"),
             reboot_timeout=float(props.get("rebootTimeout") or REBOOT_TIMEOUT),
         )
+
+    def request(self, remote: Remote, profile: Profile, *, action: Action = "switch",
+                activate_command: str | None = None, binary_cache: BinaryCache | None = None) -> DeployRequest:
+        """The deployment these settings describe; the engine decides its store path, derivation, build host and the
+        baseline generation that keepGenerations never deletes."""
+        return DeployRequest(
+            remote=remote, store_path="", profile=profile, action=action, magic_rollback=self.magic_rollback,
+            confirm_timeout=self.confirm_timeout, activation_timeout=self.activation_timeout,
+            auto_rollback=self.auto_rollback, health_checks=self.health_checks, activate_command=activate_command,
+            substitute_on_destination=self.substitute_on_destination, compress=self.compress,
+            binary_cache=binary_cache, retention=Retention(keep=self.keep_generations, collect_garbage=self.collect_garbage),
+            reboot=self.reboot, reboot_timeout=self.reboot_timeout)
 
 
 _REBOOTS: dict[str, RebootMode] = {"never": "never", "ifNeeded": "ifNeeded", "always": "always"}
@@ -93,10 +106,10 @@ class Closure:
     @classmethod
     def parse(cls, props: Mapping[str, Any], path_key: str) -> Closure:
         def text(key: str) -> str | None:
-            value = reveal(props.get(key))
+            value = props.get(key)
             return str(value) if value is not None else None
 
-        path = reveal(props.get(path_key))
+        path = props.get(path_key)
         return cls(text("flake"), str(path) if isinstance(path, str) else None, configuration=text("configuration"),
                    expression=text("expression"), attribute=text("attribute"), nixpkgs=text("nixpkgs"))
 
@@ -122,28 +135,26 @@ _ACTIONS: dict[str, Action] = {"switch": "switch", "boot": "boot", "test": "test
 
 
 def _plain_dict(value: Any) -> dict[str, Any]:
-    plain = reveal(value)
-    return dict(plain) if isinstance(plain, dict) else {}
+    return dict(value) if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
 class DeployInputs:
-    """What both resources' inputs have: the raw dict to echo, the connection, the closure, the settings."""
+    """What both resources' declarations have: the connection, the closure, the settings."""
 
-    raw: dict[str, Any] = field(repr=False, compare=False)
     connection: dict[str, Any] = field(repr=False)  # plain: credentials included
     closure: Closure
     settings: DeploySettings
 
     @staticmethod
     def _common(news: dict[str, Any], path_key: str) -> dict[str, Any]:
-        return {"raw": news, "connection": _plain_dict(news.get("connection")),
+        return {"connection": _plain_dict(news.get("connection")),
                 "closure": Closure.parse(news, path_key), "settings": DeploySettings.parse(news)}
 
 
 @dataclass(frozen=True)
 class MachineInputs(DeployInputs):
-    """NixosMachine's checked, known inputs."""
+    """A NixosMachine's checked, known declaration."""
 
     build_on_target: bool = False
     build_host: dict[str, Any] | None = field(default=None, repr=False)  # plain: credentials included
@@ -167,7 +178,7 @@ class MachineInputs(DeployInputs):
 
 @dataclass(frozen=True)
 class ProfileInputs(DeployInputs):
-    """NixProfile's checked, known inputs."""
+    """A NixProfile's checked, known declaration."""
 
     activate: str | None = None
     build_on_target: bool = False
@@ -175,7 +186,7 @@ class ProfileInputs(DeployInputs):
 
     @classmethod
     def parse(cls, news: dict[str, Any]) -> ProfileInputs:
-        activate = reveal(news.get("activate"))
+        activate = news.get("activate")
         return cls(**cls._common(news, "storePath"), activate=str(activate) if activate is not None else None,
                    build_on_target=news.get("buildOn") == "remote",
                    build_host=_plain_dict(news["buildHost"]) if news.get("buildHost") is not None else None)
