@@ -8,7 +8,7 @@ from typing import Any
 from ..engine.declaration import checks, conversion
 from ..engine.errors import EngineError
 from ..engine.models import SYSTEM_PROFILE, Profile
-from ..engine.nix.cli import is_store_path, parse_flake_ref
+from ..engine.nix.cli import is_store_path, names_a_configuration, parse_flake_ref
 from .context import Context
 from .properties import reveal
 from .resource import CheckFailed
@@ -43,9 +43,7 @@ async def resolve_flake(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         raise CheckFailed(f)
     nix = ctx.nix(conversion.nix_options(args.get("nixOptions")))
     ref = str(args["flake"])
-    # `#name` without a dot names a NixOS configuration (its toplevel); `#a.b` is an attribute path as it is.
-    attribute = ref.split("#", 1)[1]
-    parsed = parse_flake_ref(ref, ctx.project_dir, nixos="." not in attribute and attribute != "")
+    parsed = parse_flake_ref(ref, ctx.project_dir, nixos=names_a_configuration(ref))
     if args.get("build"):
         return {"storePath": await nix.build(parsed), "built": True}
     path = (await ctx.evaluator.evaluate(nix, parsed)).out_path

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..engine.declaration import conversion
 from ..engine.declaration.typed_inputs import SOURCE_KEYS, Closure
-from ..engine.lifecycle.models import MachineRecord, PreviewGoal
+from ..engine.lifecycle.models import MachineRecord, PreviewGoal, predicted_reboot
 from ..engine.nix.closure_diff import ClosureChanges
 from ..engine.target import secret_files as files
 from .engine_calls import fleet_source
@@ -37,15 +37,13 @@ class MachinePreview(DeployedResource):
             return state
         changes = await self._pending_changes(urn, olds, news)
         record = replace(state.record, pending_changes=changes.to_output() if changes else None)
-        rebooting = reboots(news, changes)
+        rebooting, due = predicted_reboot(news.get("reboot"), news.get("action"), changes,
+                                          due=bool(reveal(olds.get("needsReboot"))))
         if rebooting:
             self.ctx.info(urn, f"  reboots into it once, and keeps it only when it boots and passes its health "
                                f"checks (reboot: {news.get('reboot')})")
-        if changes is None or changes.note:
+        if due is None:
             return MachineState(news, record, state.unknown)
-        # Predicted (from the closures or the derivations): a new kernel, initrd or modules run only after a
-        # reboot, and one that was already due stays due, unless this deployment reboots.
-        due = not rebooting and (bool(changes.boot_changes) or bool(reveal(olds.get("needsReboot"))))
         return MachineState(news, replace(record, needs_reboot=due), state.unknown - {"needsReboot"})
 
     async def _pending_changes(self, urn: str, olds: dict[str, Any], news: dict[str, Any]) -> ClosureChanges | None:
@@ -110,14 +108,6 @@ def preview_state(news: dict[str, Any], olds: dict[str, Any] | None, *, deploys:
 def built_elsewhere(news: dict[str, Any]) -> bool:
     """Whether the deployment builds the system on the target (`buildOn: remote`) or a build host, not here."""
     return news.get("buildOn") == "remote" or news.get("buildHost") is not None
-
-
-def reboots(news: dict[str, Any], changes: ClosureChanges | None) -> bool:
-    """Whether the previewed deployment reboots the host (`reboot`; for ifNeeded, the predicted boot changes)."""
-    mode = news.get("reboot")
-    if mode == "always":
-        return news.get("action") in (None, "switch", "boot")
-    return mode == "ifNeeded" and changes is not None and not changes.note and bool(changes.boot_changes)
 
 
 def _files_preview(record: MachineRecord, key: bytes | None,

@@ -46,6 +46,11 @@ def check(values: dict[str, Any]) -> checks.Failures:
     return f
 
 
+def changed(olds: dict[str, Any], news: dict[str, Any]) -> list[str]:
+    """The settings whose values differ (DiffConfig), by name."""
+    return sorted(k for k in set(olds) | set(news) if reveal(olds.get(k)) != reveal(news.get(k)))
+
+
 def parse(values: dict[str, Any]) -> ProviderConfig:
     """The configuration Configure applies (CheckConfig has refused what is wrong; a setting left out is default)."""
     return ProviderConfig(

@@ -29,7 +29,7 @@ from .context import Context
 from .error_text import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
-from .properties import from_struct, reveal, to_struct
+from .properties import from_struct, to_struct
 from .resource import CheckFailed, DiffResult, PartialFailure
 from .schema import SCHEMA_PATH
 
@@ -164,8 +164,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     async def DiffConfig(self, request: provider_pb2.DiffRequest, context: Ctx) -> provider_pb2.DiffResponse:
         # A changed setting never replaces the provider: that would replace every machine it manages.
-        olds, news = from_struct(request.olds), from_struct(request.news)
-        changed = sorted(k for k in set(olds) | set(news) if reveal(olds.get(k)) != reveal(news.get(k)))
+        changed = provider_config.changed(from_struct(request.olds), from_struct(request.news))
         return provider_pb2.DiffResponse(
             changes=provider_pb2.DiffResponse.DIFF_SOME if changed else provider_pb2.DiffResponse.DIFF_NONE,
             diffs=changed)

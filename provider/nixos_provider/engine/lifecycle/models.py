@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ..closures.binary_cache import CacheUploads
 from ..models import DeployRequest, InstallRequest, Remote
 from ..nix.cli import Evaluation, FlakeRef
+from ..nix.closure_diff import ClosureChanges
 from ..target.secret_files import RecordedFile, SecretFile
 
 LineFn = Callable[[str], None]
@@ -173,6 +174,19 @@ class PreviewGoal:
     built_elsewhere: bool = False  # on the target or a build host (this machine may not be able to)
     build_host: Remote | None = None
     dry_activate: bool = False
+
+
+def predicted_reboot(mode: str | None, action: str | None, changes: ClosureChanges | None, *,
+                     due: bool) -> tuple[bool, bool | None]:
+    """Whether the previewed deployment reboots the host (`reboot`: always, or ifNeeded on the predicted boot
+    changes), and whether a reboot is due after it (None: no package diff predicts it). A new kernel, initrd or
+    modules run only after a reboot, and one already due stays due, unless this deployment reboots."""
+    diff = changes is not None and not changes.note
+    rebooting = (mode == "always" and action in (None, "switch", "boot")) or (
+        mode == "ifNeeded" and diff and bool(changes and changes.boot_changes))
+    if not diff or changes is None:
+        return rebooting, None
+    return rebooting, not rebooting and (bool(changes.boot_changes) or due)
 
 
 def now_rfc3339() -> str:

@@ -227,6 +227,13 @@ def resolve_path(path: str, base_dir: str | None = None) -> str:
     return os.path.normpath(os.path.join(base_dir or os.getcwd(), path))
 
 
+def names_a_configuration(ref: str) -> bool:
+    """Whether a flake reference's attribute names a NixOS configuration (`#web`, whose toplevel is meant), not an
+    attribute path as it is (`#packages.x86_64-linux.hello`)."""
+    attribute = ref.split("#", 1)[1] if "#" in ref else ""
+    return attribute != "" and "." not in attribute
+
+
 def parse_flake_ref(ref: str, base_dir: str | None = None, *, nixos: bool = True) -> FlakeRef:
     """`.#web` -> (<abs dir>, nixosConfigurations.web.config.system.build.toplevel).
 
