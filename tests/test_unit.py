@@ -411,6 +411,22 @@ def test_the_plan_begins_early_for_the_engine_of_a_command_that_checks(parent: l
     assert begins_early(parent) is begins
 
 
+def test_a_check_failure_never_quotes_a_value_the_program_marked_secret() -> None:
+    """The declaration's rules see values revealed and may quote what they refuse; what reaches the CLI does not."""
+    from nixos_provider.pulumi_layer.server import _check_failures
+    token = "github:o/r?token=" + "x" * 100
+    news = {"connection": {"host": Secret("bad host!"), "port": 22}, "action": Secret("swtich"), "flake": Secret(token)}
+    reasons = {f.property: f.reason for f in _check_failures(machine_check(news), news)}
+    assert reasons == {
+        "connection.host": "[secret] is not a host name or IP address",
+        "action": "must be one of 'switch', 'boot', 'test', not [secret]",
+        "flake": f"[secret]... ({len(repr(token))} characters) is not a flake reference with an attribute, such as "
+                 "`.#web`"}
+    plain = {**news, "action": "swtich"}
+    assert {f.reason for f in _check_failures(machine_check(plain), plain)} >= {
+        "must be one of 'switch', 'boot', 'test', not 'swtich'"}
+
+
 def test_nixos_deploy_holds_its_flags_to_a_declarations_rules(tmp_path: Path, capsys: Any) -> None:
     """The engine's command reads its flags as the declaration a NixosMachine or NixProfile would make, and refuses
     what Check would, naming the flag and the setting, before it reaches any host."""

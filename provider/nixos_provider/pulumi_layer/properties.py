@@ -93,6 +93,30 @@ def contains_unknown(value: Any) -> bool:
     return values.contains_unknown(reveal(value))
 
 
+def without_secrets(text: str, value: Any) -> str:
+    """text with every string the program marked secret in value taken out, whole, quoted or quoted and cut short as
+    an error message cuts a long value (strings under 3 characters would take out more than the secret)."""
+    found: set[str] = set()
+    _secret_strings(value, False, found)
+    for secret in sorted((s for s in found if len(s) >= 3), key=len, reverse=True):
+        for form in (repr(secret), repr(secret)[:80], secret):
+            text = text.replace(form, "[secret]")
+    return text
+
+
+def _secret_strings(value: Any, inside: bool, out: set[str]) -> None:
+    if isinstance(value, Secret):
+        _secret_strings(value.value, True, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _secret_strings(v, inside, out)
+    elif isinstance(value, list):
+        for v in value:
+            _secret_strings(v, inside, out)
+    elif inside and isinstance(value, str):
+        out.add(value)
+
+
 def is_secret(value: Any) -> bool:
     """Whether any part of the value is a secret."""
     if isinstance(value, Secret):

@@ -29,7 +29,7 @@ from .context import Context
 from .error_text import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
-from .properties import from_struct, to_struct
+from .properties import from_struct, to_struct, without_secrets
 from .resource import CheckFailed, DiffResult, PartialFailure
 from .schema import SCHEMA_PATH
 
@@ -159,8 +159,8 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
 
     async def CheckConfig(self, request: provider_pb2.CheckRequest, context: Ctx,
                           ) -> provider_pb2.CheckResponse:
-        failures = provider_config.check(from_struct(request.news))
-        return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(failures))
+        news = from_struct(request.news)
+        return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(provider_config.check(news), news))
 
     async def DiffConfig(self, request: provider_pb2.DiffRequest, context: Ctx) -> provider_pb2.DiffResponse:
         # A changed setting never replaces the provider: that would replace every machine it manages.
@@ -216,9 +216,9 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         async def run() -> provider_pb2.CheckResponse:
             res = self._resource(request.urn, request.type)
             try:
-                checked = await res.check(request.urn, from_struct(request.olds), from_struct(request.news))
+                checked = await res.check(request.urn, from_struct(request.olds), news := from_struct(request.news))
             except CheckFailed as e:
-                return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(e.failures))
+                return provider_pb2.CheckResponse(inputs=request.news, failures=_check_failures(e.failures, news))
             return provider_pb2.CheckResponse(inputs=to_struct(checked))
         return await self._guard(context, run)
 
@@ -226,21 +226,16 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                    ) -> provider_pb2.DiffResponse:
         async def run() -> provider_pb2.DiffResponse:
             res = self._resource(request.urn, request.type)
-            olds = from_struct(request.olds)
-            news = from_struct(request.news)
-            result: DiffResult = res.diff(olds, news)
+            result: DiffResult = res.diff(from_struct(request.olds), from_struct(request.news))
             for ignored in request.ignoreChanges:
                 result.detailed.pop(ignored, None)
             kinds = provider_pb2.PropertyDiff.Kind
             return provider_pb2.DiffResponse(
                 changes=provider_pb2.DiffResponse.DIFF_SOME if result.changed else provider_pb2.DiffResponse.DIFF_NONE,
-                replaces=result.replaces,
-                diffs=sorted({k.split(".")[0] for k in result.detailed}),
+                replaces=result.replaces, diffs=sorted({k.split(".")[0] for k in result.detailed}),
                 detailedDiff={k: provider_pb2.PropertyDiff(kind=kinds.Value(kind), inputDiff=True)
                               for k, kind in result.detailed.items()},
-                hasDetailedDiff=True,
-                deleteBeforeReplace=result.delete_before_replace,
-            )
+                hasDetailedDiff=True, deleteBeforeReplace=result.delete_before_replace)
         return await self._guard(context, run)
 
     async def Create(self, request: provider_pb2.CreateRequest, context: Ctx,
@@ -283,15 +278,17 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                      ) -> provider_pb2.InvokeResponse:
         async def run() -> provider_pb2.InvokeResponse:
             try:
-                result = await functions.invoke(self.ctx, request.tok, from_struct(request.args))
+                result = await functions.invoke(self.ctx, request.tok, args := from_struct(request.args))
             except CheckFailed as e:
-                return provider_pb2.InvokeResponse(failures=_check_failures(e.failures))
+                return provider_pb2.InvokeResponse(failures=_check_failures(e.failures, args))
             return _invoke_result(result)
         return await self._guard(context, run)
 
 
-def _check_failures(failures: checks.Failures) -> list[provider_pb2.CheckFailure]:
-    return [provider_pb2.CheckFailure(property=p, reason=r) for p, r in failures.items]
+def _check_failures(failures: checks.Failures, given: Any) -> list[provider_pb2.CheckFailure]:
+    """Each failure, with any value the program marked secret taken out of its reason (a rule may quote the value
+    it refuses)."""
+    return [provider_pb2.CheckFailure(property=p, reason=without_secrets(r, given)) for p, r in failures.items]
 
 
 def _invoke_result(value: dict[str, Any]) -> provider_pb2.InvokeResponse:
