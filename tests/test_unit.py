@@ -451,6 +451,8 @@ def test_nixos_deploy_holds_its_flags_to_a_declarations_rules(tmp_path: Path, ca
     assert "hunter2" not in err and "s3cret" not in err
     assert main(["--host", "h", "--profile", "app", "--flake", ".#app"]) == 2
     assert capsys.readouterr().err == "nixos-deploy: --profile (profilePath): 'app' must be an absolute path without `..`\n"
+    assert main(["--host", "h", "--profile", "/p/app", "--flake", ".#app", "--action", "dry-activate"]) == 2
+    assert capsys.readouterr().err == "nixos-deploy: --action dry-activate applies to a NixOS system, not to a profile\n"
 
 
 def test_a_secret_object_becomes_an_object_of_secrets() -> None:

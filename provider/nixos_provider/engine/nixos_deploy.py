@@ -123,9 +123,10 @@ async def _main(args: argparse.Namespace) -> int:
     if system and args.activate:
         print("nixos-deploy: --activate applies to a profile; a NixOS system activates itself", file=sys.stderr)
         return 2
-    if not system and args.secret_file:
-        print("nixos-deploy: --secret-file applies to a NixOS system, not to a profile", file=sys.stderr)
-        return 2
+    for flag, given in (("--secret-file", args.secret_file), ("--action dry-activate", args.action == "dry-activate")):
+        if not system and given:
+            print(f"nixos-deploy: {flag} applies to a NixOS system, not to a profile", file=sys.stderr)
+            return 2
     declared = declaration(args, key, system=system)
     wrong = failures_of(declared, system=system, connection_only=args.status)
     if wrong:
