@@ -204,6 +204,13 @@ def machine_check(news: dict[str, Any], project_dir: str | None = None) -> Failu
     return held_to(MACHINE, news, lambda plain, f: machine_failures(plain, project_dir, f))
 
 
+def profile_check(news: dict[str, Any]) -> Failures:
+    """A NixProfile's Check, short of evaluating."""
+    from nixos_provider.engine.declaration.input_rules import profile_failures
+    from nixos_provider.pulumi_layer.schema import PROFILE, held_to
+    return held_to(PROFILE, news, profile_failures)
+
+
 def failures(fn: Any, *args: Any) -> list[tuple[str, str]]:
     f = Failures()
     fn(f, *args)
@@ -461,10 +468,8 @@ def test_a_secret_object_becomes_an_object_of_secrets() -> None:
     value = decode(wire)
     assert value["connection"] == {"host": Secret("h"), "port": Secret(22), "privateKey": Secret(key)}
     # Check holds what the secrets hold to the connection's rules.
-    from nixos_provider.engine.declaration.input_rules import profile_failures
-    from nixos_provider.pulumi_layer.schema import PROFILE, held_to
-    assert [p for p, _ in held_to(PROFILE, value, profile_failures).items if p.startswith("connection")] == []
-    assert held_to(PROFILE, {"connection": Secret({"host": "h h"})}, profile_failures).items[0] == (
+    assert [p for p, _ in profile_check(value).items if p.startswith("connection")] == []
+    assert profile_check({"connection": Secret({"host": "h h"})}).items[0] == (
         "connection.host", "'h h' is not a host name or IP address")
 
 
@@ -597,12 +602,16 @@ async def test_local_runner_errors_carry_the_callers_argv() -> None:
 
 
 def test_every_wrong_type_is_named_at_its_path() -> None:
-    from nixos_provider.pulumi_layer.schema import type_failures
+    from nixos_provider.pulumi_layer.schema import MACHINE, PROFILE, held_to
+
+    def type_failures(token: str, news: dict[str, Any]) -> list[tuple[str, str]]:
+        return held_to(token, news, lambda plain, f: None).items  # the types alone: no rule, no unknown key here
+
     news = {"connection": {"host": "h", "port": "22x", "proxy": {"retries": 1.5, "password": Secret(7)}},
             "nixOptions": [{"name": "a", "value": 0}], "healthChecks": [{"tcp": 80, "name": False}],
             "install": {"extraFiles": {"/etc/x": ["no"]}}, "triggers": [{"any": "thing"}, 3],
             "confirmTimeout": UNKNOWN, "dryActivate": "yes"}
-    got = dict(type_failures("nixos:index:NixosMachine", news))
+    got = dict(type_failures(MACHINE, news))
     assert got == {
         "connection.port": "must be a whole number, not a string",
         "connection.proxy.retries": "must be a whole number, not a number",
@@ -612,7 +621,7 @@ def test_every_wrong_type_is_named_at_its_path() -> None:
         'install.extraFiles["/etc/x"]': "must be a string, not a list",
         "dryActivate": "must be true or false, not a string",
     }
-    assert type_failures("nixos:index:NixProfile", {"user": [], "activate": "ok"}) == [("user", "must be a string, not a list")]
+    assert type_failures(PROFILE, {"user": [], "activate": "ok"}) == [("user", "must be a string, not a list")]
 
 
 def test_input_keys_are_the_schemas() -> None:
@@ -673,11 +682,8 @@ def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
     jump = dict(machine_check({**news, "connection": {"host": "h", "proxy": {"host": "j", "proxy": {
         "host": "k"}}}}).items)
     assert jump["connection.proxy.proxy"] == "a jump host cannot itself have a proxy"
-    from nixos_provider.engine.declaration.input_rules import profile_failures
-    from nixos_provider.pulumi_layer.schema import PROFILE, held_to
-    profile = dict(held_to(PROFILE, {"connection": {"host": "h", "pasword": "x"}, "profile": "p",
-                                     "storePath": "/nix/store/00000000000000000000000000000000-x"},
-                           profile_failures).items)
+    profile = dict(profile_check({"connection": {"host": "h", "pasword": "x"}, "profile": "p",
+                                  "storePath": "/nix/store/00000000000000000000000000000000-x"}).items)
     assert profile == {"connection.pasword": "is not a property of Connection (did you mean `password`?)"}
     # The provider's binaryCache, as `pulumi config set` gives it (JSON text) and as a secret object.
     from nixos_provider.pulumi_layer import provider_config

@@ -114,7 +114,8 @@ def failures_of(declared: dict[str, Any], *, system: bool, connection_only: bool
         input_rules.machine_failures(declared, os.getcwd(), f)
     else:
         input_rules.profile_failures(declared, f)
-    return [f"{FLAGS.get(path) or FLAGS.get(path.split('[')[0], '')} ({path}): {reason}" for path, reason in f.items]
+    flags = {path: FLAGS.get(path) or FLAGS.get(path.split("[")[0]) for path, _ in f.items}
+    return [f"{flags[path]} ({path}): {reason}" if flags[path] else f"{path}: {reason}" for path, reason in f.items]
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -67,16 +67,10 @@ def held_to(type_token: str, news: dict[str, Any], rules: Callable[[dict[str, An
     return f
 
 
-def type_failures(type_token: str, news: dict[str, Any]) -> list[tuple[str, str]]:
-    """(property path, reason) for each input whose value is not of its schema type. Values are never echoed:
-    many inputs are secrets."""
-    return _findings(type_token, news)[0]
-
-
 def unknown_keys(type_token: str, value: Any, *, owner: str | None = None) -> list[tuple[str, str]]:
     """(property path, reason) for each key the schema does not declare, at any depth (`connection.prot`): a typo
     is refused, never ignored. `type_token` is a resource, or a type of `#/types/` (owner: the value's path; a
-    value that is not an object is type_failures' to report)."""
+    value that is not an object is the type check's to report)."""
     return _findings(type_token, value, owner=owner)[1]
 
 
