@@ -11,8 +11,8 @@ from nixos_provider.engine.install.source import InstallSource, install_source
 from nixos_provider.engine.lifecycle.models import MachineGoal, MachineRecord, Report
 from nixos_provider.engine.models import ACTIVATION_TIMEOUT, CONFIRM_TIMEOUT, DeployRequest, Profile, Remote
 from nixos_provider.engine.nix.cli import Nix, parse_flake_ref
+from nixos_provider.engine.resources import machine_preview
 from nixos_provider.engine.target.dry_activate import DryActivation, parse_dry_activate
-from nixos_provider.pulumi_layer import machine
 from nixos_provider.pulumi_layer.properties import Secret, reveal
 from nixos_provider.pulumi_layer.state import MachineState, ProfileState
 
@@ -114,8 +114,8 @@ def test_closure_and_the_state_of_a_deployment() -> None:
         "pushedPaths": 4, "pushedBytes": 512, "substitutedPaths": 7}
     # Secrecy comes with the state: the credential and the files' key, whoever made the record.
     assert props["connection"]["password"] == Secret("pw") and isinstance(props["secretFilesKey"], Secret)
-    assert set(props) - {"systemPath", "connection", "secretFilesKey", "secretFiles", *machine.CHANGE_REPORTS} \
-        == set(machine.COMPUTED)
+    assert set(props) - {"systemPath", "connection", "secretFilesKey", "secretFiles", *machine_preview.CHANGE_REPORTS} \
+        == set(machine_preview.COMPUTED)
     # State comes back from the engine with numbers as floats and secrets wrapped: the same record.
     back = {k: float(v) if isinstance(v, int) else v for k, v in props.items()}
     assert MachineState.record_of(back) == record
@@ -139,16 +139,15 @@ def test_inputs_parse_once_into_models_that_keep_secrets_out_of_their_repr() -> 
 
 
 def test_a_source_failure_names_the_install_properties_it_needs() -> None:
+    from nixos_provider.engine.declaration.error_text import describe
     from nixos_provider.engine.errors import EngineError
     from nixos_provider.engine.lifecycle.machine import _install_source
     from nixos_provider.engine.models import InstallRequest
-    from nixos_provider.pulumi_layer.context import Context
-    from nixos_provider.pulumi_layer.engine_calls import fleet_source
-    from nixos_provider.pulumi_layer.error_text import describe
+    from nixos_provider.engine.resources.fleet import Fleet
 
-    ctx = Context(log=lambda *_: None, project_dir="/f")
     closure = Closure("/f#packages.x86_64-linux.hello", "/nix/store/x-s")
-    goal = MachineGoal(remote=Remote("h"), source=fleet_source(ctx, "urn", closure, Nix(["false"]), nixos=True),
+    source = Fleet(project_dir="/f").source(closure, Nix(["false"]), Report(), nixos=True)
+    goal = MachineGoal(remote=Remote("h"), source=source,
                        request=DeployRequest(Remote("h"), ""))
     with pytest.raises(EngineError) as e:
         _run(_install_source(goal, InstallRequest(Remote("h"), "/nix/store/x-s"), Nix(["false"]), Report()))

@@ -27,6 +27,7 @@ from nixos_provider.engine.lifecycle.models import (
 from nixos_provider.engine.models import Generation, Profile, Remote
 from nixos_provider.engine.nix.cli import Nix
 from nixos_provider.engine.nix.closure_diff import ClosureChanges
+from nixos_provider.engine.resources.fleet import Fleet
 from nixos_provider.engine.target.secret_files import RecordedFile
 from nixos_provider.pulumi_layer.context import Context
 from nixos_provider.pulumi_layer.machine import NixosMachine
@@ -87,8 +88,8 @@ class FakeEngine(Engine):
 
 def _layer(engine: FakeEngine, kind: Callable[[Context], Any] = NixosMachine) -> tuple[Any, list[str]]:
     said: list[str] = []
-    ctx = Context(log=lambda severity, msg, urn, eph: said.append(f"{severity}: {msg}"), project_dir="/p",
-                  given_engine=engine)
+    ctx = Context(log=lambda severity, msg, urn, eph: said.append(f"{severity}: {msg}"),
+                  fleet=Fleet(project_dir="/p", given_engine=engine))
     return kind(ctx), said
 
 
@@ -146,7 +147,7 @@ def test_create_hands_the_engine_one_goal_and_records_what_it_returns() -> None:
                                      "mode": "0400", "stage": "before-activation", "keepOnDestroy": False}]
     assert isinstance(props["secretFilesKey"], Secret) and isinstance(props["connection"]["privateKey"], Secret)
     # A replacement's delete of the old name leaves this machine alone.
-    assert machine.ctx.replaced_in_place(URN, KEY, "/nix/var/nix/profiles/system")
+    assert machine.ctx.fleet.replaced_in_place(URN, KEY, "/nix/var/nix/profiles/system")
 
 
 def test_create_with_install_asks_the_engine_to_install_first() -> None:
@@ -177,12 +178,12 @@ def test_a_create_the_engine_refuses_outright_records_nothing() -> None:
     machine, _ = _layer(engine)
     with pytest.raises(EngineError, match="does not run NixOS"):
         _run(machine.create(URN, _news(), False))
-    assert machine.ctx.created_on == {}
+    assert machine.ctx.fleet.created_on == {}
 
 
 def test_list_generations_refuses_a_typo_in_its_connection_before_any_engine_call() -> None:
+    from nixos_provider.engine.declaration.checks import CheckFailed
     from nixos_provider.pulumi_layer.functions import list_generations
-    from nixos_provider.pulumi_layer.resource import CheckFailed
     engine = FakeEngine()
     machine, _ = _layer(engine)
     with pytest.raises(CheckFailed) as e:
@@ -317,7 +318,7 @@ def test_delete_rolls_back_unless_retained_or_replaced_in_place() -> None:
     machine, said = _layer(engine)
     _run(machine.delete(URN, "10.0.0.5:22", _olds(onDestroy="retain")))
     assert engine.calls == [] and any("onDestroy is `retain`" in line for line in said)
-    machine.ctx.created_on[URN] = (KEY, "/nix/var/nix/profiles/system")
+    machine.ctx.fleet.created_on[URN] = (KEY, "/nix/var/nix/profiles/system")
     _run(machine.delete(URN, "10.0.0.5:22", _olds()))
     assert engine.calls == []
 

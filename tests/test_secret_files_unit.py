@@ -7,9 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nixos_provider.engine.declaration import checks, machine_checks
+from nixos_provider.engine.declaration import checks, defaults, machine_checks
 from nixos_provider.engine.target.secret_files import READ_SCRIPT, WRITE_SCRIPT, RecordedFile, SecretFile, content_hash, parse_found, plan
-from nixos_provider.pulumi_layer import normalized
 from nixos_provider.pulumi_layer.properties import Secret
 
 KEY = b"k" * 32
@@ -58,7 +57,7 @@ def test_check_names_each_bad_property_and_normalize_fills_defaults() -> None:
     assert "secretFiles[0].path" in props and "secretFiles[2].path" in props
     assert "secretFiles[2].owner" in props and "secretFiles[3]" in props
     assert "secretFiles[1].mode" not in props  # "777" is a valid octal mode
-    out = normalized.normalize_secret_files([{"path": "/a", "content": "x"}])
+    out = defaults.machine({"secretFiles": [{"path": "/a", "content": "x"}]}, None)["secretFiles"]
     assert out == [{"path": "/a", "content": "x", "owner": "root", "group": "root", "mode": "0400",
                     "stage": "before-activation", "keepOnDestroy": False}]
     # The content is secret in state, as the schema says, however the program passed it.

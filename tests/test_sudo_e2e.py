@@ -21,12 +21,12 @@ import pytest
 from conftest import HostFactory, PulumiProject, Systems, current_system, http_version, in_host, remote_for
 from nixos_provider.engine import deploy as engine
 from nixos_provider.engine.declaration.checks import Failures, check_connection
+from nixos_provider.engine.declaration.error_text import describe
 from nixos_provider.engine.errors import ElevationError, Setting
 from nixos_provider.engine.models import Credentials, Profile, Remote
 from nixos_provider.engine.target.activation import SUPERVISOR
 from nixos_provider.engine.transport.process import PasswordSudo, Sudo, Target, elevator_for
 from nixos_provider.engine.transport.ssh import connect
-from nixos_provider.pulumi_layer.error_text import describe
 from test_provider_e2e import program, strip_ansi
 
 LAB = labctl.LAB_FLAKE

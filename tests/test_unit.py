@@ -25,6 +25,8 @@ from nixos_provider.engine.declaration.checks import (
 from nixos_provider.engine.errors import RemoteCommandError
 from nixos_provider.engine.models import Generation, Profile, Remote, Retention
 from nixos_provider.engine.nix.cli import FlakeRef, is_store_path, parse_flake_ref, untracked_hint
+from nixos_provider.engine.resources.changes import machine_deploys
+from nixos_provider.engine.resources.fleet import FleetSettings
 from nixos_provider.engine.target.activation import ActivationSpec, Supervisor
 from nixos_provider.engine.target.profiles import doomed_generations
 from nixos_provider.engine.target.supervisor_protocol import Cause, Phase, Registered, RollbackSpec, SupervisorState, supervisor_argv
@@ -315,14 +317,14 @@ def test_machine_diff_replaces_on_host_and_port_and_deploys_on_system_path() -> 
     assert moved.replaces == ["connection.host"]
     rekeyed = m.diff(old, {**old, "connection": {**old["connection"], "privateKey": Secret("K2")}})
     assert rekeyed.replaces == [] and rekeyed.detailed == {"connection.privateKey": "UPDATE"}
-    assert not m.needs_deploy(old, {**old, "connection": {**old["connection"], "privateKey": Secret("K2")}})
+    assert not machine_deploys(old, {**old, "connection": {**old["connection"], "privateKey": "K2"}})
     new_system = {**old, "systemPath": "/nix/store/" + "b" * 32 + "-s"}
-    assert m.diff(old, new_system).detailed == {"systemPath": "UPDATE"} and m.needs_deploy(old, new_system)
+    assert m.diff(old, new_system).detailed == {"systemPath": "UPDATE"} and machine_deploys(old, new_system)
     assert m.diff(old, {**old, "systemPath": UNKNOWN}).detailed == {"systemPath": "UPDATE"}
     # install changes are shown but never reinstall or redeploy
     with_install = {**old, "install": {"kexecUrl": "x"}}
     assert m.diff(with_install, {**with_install, "install": {"kexecUrl": "y"}}).detailed == {"install.kexecUrl": "UPDATE"}
-    assert not m.needs_deploy(with_install, {**with_install, "install": {"kexecUrl": "y"}})
+    assert not machine_deploys(with_install, {**with_install, "install": {"kexecUrl": "y"}})
 
 
 def test_profile_diff_compares_resolved_profile_paths() -> None:
@@ -625,10 +627,10 @@ def test_every_wrong_type_is_named_at_its_path() -> None:
 
 
 def test_input_keys_are_the_schemas() -> None:
-    from nixos_provider.pulumi_layer import machine, nix_profile
-    from nixos_provider.pulumi_layer.schema import input_properties
-    assert set(machine.INPUT_KEYS) == set(input_properties(machine.TYPE))
-    assert set(nix_profile.INPUT_KEYS) == set(input_properties(nix_profile.TYPE))
+    from nixos_provider.engine.declaration.input_rules import MACHINE_INPUTS, PROFILE_INPUTS
+    from nixos_provider.pulumi_layer.schema import MACHINE, PROFILE, input_properties
+    assert set(MACHINE_INPUTS) == set(input_properties(MACHINE))
+    assert set(PROFILE_INPUTS) == set(input_properties(PROFILE))
 
 
 def test_guesses_fill_the_gaps_then_go_before_then_after() -> None:
@@ -651,14 +653,14 @@ def test_guesses_fill_the_gaps_then_go_before_then_after() -> None:
 
 def test_computed_outputs_are_the_schemas() -> None:
     """The Pulumi layer's lists of computed outputs name exactly what schema.json declares."""
-    from nixos_provider.pulumi_layer import machine, nix_profile
-    from nixos_provider.pulumi_layer.schema import schema
+    from nixos_provider.engine.resources import machine_preview, profiles
+    from nixos_provider.pulumi_layer.schema import MACHINE, PROFILE, schema
 
     doc = schema()
-    for resource, computed in ((machine, [*machine.COMPUTED, *machine.CHANGE_REPORTS]),
-                               (nix_profile, nix_profile.COMPUTED)):
-        declared = doc["resources"][resource.TYPE]
-        assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), resource.TYPE
+    for token, computed in ((MACHINE, [*machine_preview.COMPUTED, *machine_preview.CHANGE_REPORTS]),
+                            (PROFILE, profiles.COMPUTED)):
+        declared = doc["resources"][token]
+        assert set(computed) == set(declared["properties"]) - set(declared["inputProperties"]), token
 
 
 def test_a_key_the_schema_does_not_declare_is_refused_at_any_depth() -> None:
@@ -704,8 +706,8 @@ def _message_strings(source: str) -> list[str]:
 
 def test_engine_errors_speak_engine_terms_and_the_pulumi_layer_names_the_property() -> None:
     """Engine messages name no property of the schema; each setting they can blame has its property path."""
+    from nixos_provider.engine.declaration.error_text import PROPERTY_OF, describe
     from nixos_provider.engine.errors import HostKeyMismatch, Setting
-    from nixos_provider.pulumi_layer.error_text import PROPERTY_OF, describe
     from nixos_provider.pulumi_layer.schema import schema
 
     assert set(PROPERTY_OF) == set(Setting)
@@ -1031,7 +1033,7 @@ def test_the_provider_configuration_is_checked_and_parsed_once() -> None:
     assert config.nix_command == ("nix", "--option", "cores", "1") and config.max_parallel_ssh == 4
     assert (config.default_user, config.default_private_key) == ("deploy", "KEY")
     assert config.binary_cache is not None and config.binary_cache.url == "file:///c"
-    assert provider_config.parse({}) == provider_config.ProviderConfig()
+    assert provider_config.parse({}) == FleetSettings()
     bad = provider_config.check({"nixCommand": "nix --option x", "nixosAnywhereCommand": [], "maxParallelTransfers": 0,
                                  "binaryCache": {"url": "ftp://x"}})
     assert [p for p, _ in bad.items] == ["maxParallelTransfers", "nixCommand", "nixosAnywhereCommand", "binaryCache.url",

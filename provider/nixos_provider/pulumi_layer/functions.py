@@ -23,10 +23,8 @@ async def list_generations(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     f.add_all(unknown_keys("nixos:index:Connection", args.get("connection"), owner="connection"))
     if f:
         raise CheckFailed(f)
-    remote = conversion.to_remote(args["connection"], default_private_key=ctx.default_private_key,
-                                  default_user=ctx.default_user)
     path = str(args.get("profilePath") or SYSTEM_PROFILE)
-    state = await ctx.engine.read_state(remote, Profile(path), with_generations=True)
+    state = await ctx.fleet.engine.read_state(ctx.fleet.remote(args["connection"]), Profile(path), with_generations=True)
     generations = [{"number": g.number, "storePath": g.store_path, "current": g.current, "date": g.date}
                    for g in state.generations]
     return {"generations": generations, "current": state.generation.number if state.generation else 0}
@@ -41,12 +39,12 @@ async def resolve_flake(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         f.add("flake", "is required")
     if f:
         raise CheckFailed(f)
-    nix = ctx.nix(conversion.nix_options(args.get("nixOptions")))
+    nix = ctx.fleet.nix(conversion.nix_options(args.get("nixOptions")))
     ref = str(args["flake"])
-    parsed = parse_flake_ref(ref, ctx.project_dir, nixos=names_a_configuration(ref))
+    parsed = parse_flake_ref(ref, ctx.fleet.project_dir, nixos=names_a_configuration(ref))
     if args.get("build"):
         return {"storePath": await nix.build(parsed), "built": True}
-    path = (await ctx.evaluator.evaluate(nix, parsed)).out_path
+    path = (await ctx.fleet.evaluate(parsed, nix)).out_path
     return {"storePath": path, "built": is_store_path(path) and await nix.is_valid(path)}
 
 

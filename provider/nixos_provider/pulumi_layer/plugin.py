@@ -123,7 +123,7 @@ async def exit_when_orphaned(provider: Provider) -> None:
         unreachable = 0 if await _reachable(provider.engine_address) else unreachable + 1
     print("nixos provider: the Pulumi engine is gone; stopping", file=sys.stderr, flush=True)
     tasks = provider.cancel_all()
-    closing = asyncio.ensure_future(provider.ctx.evaluator.aclose(timeout=ORPHAN_GRACE))
+    closing = asyncio.ensure_future(provider.ctx.fleet.evaluator.aclose(timeout=ORPHAN_GRACE))
     await asyncio.wait([*tasks, closing], timeout=ORPHAN_GRACE)
     os._exit(0)
 

@@ -89,6 +89,18 @@ def reveal(value: Any) -> Any:
     return value
 
 
+def marked_as(value: Any, given: Any) -> Any:
+    """value (the engine's answer, worked out from given revealed) with each part secret where given's part at the
+    same place was: what the program marked secret stays secret."""
+    if isinstance(given, Secret):
+        return value if value is None or value is UNKNOWN or isinstance(value, Secret) else Secret(value)
+    if isinstance(value, dict) and isinstance(given, dict):
+        return {k: marked_as(v, given.get(k)) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(given, list):
+        return [marked_as(v, given[i] if i < len(given) else None) for i, v in enumerate(value)]
+    return value
+
+
 def contains_unknown(value: Any) -> bool:
     return values.contains_unknown(reveal(value))
 

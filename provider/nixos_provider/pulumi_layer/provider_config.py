@@ -7,28 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from ..engine.declaration import checks, conversion, machine_checks
-from ..engine.models import BinaryCache
+from ..engine.resources.fleet import FleetSettings
 from .properties import reveal
 from .schema import unknown_keys
 
 WHOLE_NUMBERS = ("maxParallelSsh", "maxParallelTransfers", "maxParallelEvaluations")
 COMMANDS = ("nixCommand", "nixosAnywhereCommand")
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    nix_command: tuple[str, ...] = ("nix",)
-    nixos_anywhere_command: tuple[str, ...] = ("nixos-anywhere",)
-    default_private_key: str | None = None
-    default_user: str | None = None
-    binary_cache: BinaryCache | None = None
-    max_parallel_ssh: int | None = None
-    max_parallel_transfers: int | None = None
-    max_parallel_evaluations: int | None = None
 
 
 def check(values: dict[str, Any]) -> checks.Failures:
@@ -51,9 +38,9 @@ def changed(olds: dict[str, Any], news: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(olds) | set(news) if reveal(olds.get(k)) != reveal(news.get(k)))
 
 
-def parse(values: dict[str, Any]) -> ProviderConfig:
+def parse(values: dict[str, Any]) -> FleetSettings:
     """The configuration Configure applies (CheckConfig has refused what is wrong; a setting left out is default)."""
-    return ProviderConfig(
+    return FleetSettings(
         nix_command=_command(values.get("nixCommand")) or ("nix",),
         nixos_anywhere_command=_command(values.get("nixosAnywhereCommand")) or ("nixos-anywhere",),
         default_private_key=reveal(values.get("defaultPrivateKey")) or None,

@@ -22,15 +22,16 @@ from pulumi.runtime.proto import engine_pb2, engine_pb2_grpc, plugin_pb2, provid
 
 from .. import provider_version
 from ..engine.declaration import checks
+from ..engine.declaration.error_text import describe
 from ..engine.errors import EngineError
 from ..engine.nix.evaluation import Evaluator
+from ..engine.resources.fleet import Fleet
 from . import functions, provider_config
 from .context import Context
-from .error_text import describe
 from .machine import NixosMachine
 from .nix_profile import NixProfile
 from .properties import from_struct, to_struct, without_secrets
-from .resource import CheckFailed, DiffResult, PartialFailure
+from .resource import Changes, CheckFailed, PartialFailure
 from .schema import SCHEMA_PATH
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         self._log_task: asyncio.Task[None] | None = None
         # The engine starts provider plugins in the Pulumi project's directory;
         # relative flake references resolve against it (captured once, at start).
-        self.ctx = Context(log=self._log, project_dir=os.getcwd(), evaluator=evaluator)
+        self.ctx = Context(log=self._log, fleet=Fleet(project_dir=os.getcwd(), evaluator=evaluator))
         self.resources: dict[str, Any] = {
             "nixos:index:NixosMachine": NixosMachine(self.ctx),
             "nixos:index:NixProfile": NixProfile(self.ctx),
@@ -174,7 +175,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         values = from_struct(request.args) if request.HasField("args") else {}
         for full, value in request.variables.items():
             values.setdefault(full.split(":")[-1], value)
-        self.ctx.configure(provider_config.parse(values))
+        self.ctx.fleet.configure(provider_config.parse(values))
         return provider_pb2.ConfigureResponse(acceptSecrets=True, supportsPreview=True, acceptResources=True)
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
@@ -199,7 +200,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
         stopping.add_done_callback(lambda _: os._exit(0))
 
     async def _stop(self) -> None:
-        await self.ctx.evaluator.aclose(timeout=STOP_GRACE)
+        await self.ctx.fleet.evaluator.aclose(timeout=STOP_GRACE)
         await self._flush_logs()
 
     async def Cancel(self, request: empty_pb2.Empty, context: Ctx) -> empty_pb2.Empty:
@@ -226,7 +227,7 @@ class Provider(provider_pb2_grpc.ResourceProviderServicer):
                    ) -> provider_pb2.DiffResponse:
         async def run() -> provider_pb2.DiffResponse:
             res = self._resource(request.urn, request.type)
-            result: DiffResult = res.diff(from_struct(request.olds), from_struct(request.news))
+            result: Changes = res.diff(from_struct(request.olds), from_struct(request.news))
             for ignored in request.ignoreChanges:
                 result.detailed.pop(ignored, None)
             kinds = provider_pb2.PropertyDiff.Kind

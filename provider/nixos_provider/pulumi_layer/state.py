@@ -3,75 +3,24 @@
 Every property a resource hands back to Pulumi (Create's, Update's, a preview's, a partial failure's, Read's) is
 made by `to_properties()`, and every recorded state is read by `from_properties()`. Secrecy is applied there (as
 Check applies it to the inputs it records), from what `secrecy` declares: the fields schema.json marks secret, the
-record fields that are keys; so no code path can forget it. A record field's property is its name in camelCase (`system_path` ->
-`systemPath`).
+record fields that are keys; so no code path can forget it. What a preview cannot know yet is Pulumi's unknown.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self
 
 from ..engine.declaration import input_rules
-from ..engine.declaration.conversion import recorded_files, secret_files_output
 from ..engine.lifecycle.models import MachineRecord, ProfileRecord
+from ..engine.resources.records import R, properties_of, property_name, record_of
 from .properties import UNKNOWN, Secret, reveal
 from .schema import MACHINE, PROFILE
 from .secrecy import SECRET_RECORD_FIELDS, secret_fields
 
-R = TypeVar("R", MachineRecord, ProfileRecord)
-
-
-def property_name(field_name: str) -> str:
-    head, *rest = field_name.split("_")
-    return head + "".join(w.capitalize() for w in rest)
-
-
-def _record_value(value: Any) -> Any:
-    """A record field's value as a property: files as their records, keys as base64 text."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, tuple):
-        return secret_files_output(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    return value
-
-
-def _int(value: Any) -> int | None:
-    plain = reveal(value)
-    return int(plain) if isinstance(plain, (int, float)) and not isinstance(plain, bool) else None
-
-
-def _str(value: Any) -> str | None:
-    plain = reveal(value)
-    return plain if isinstance(plain, str) and plain else None
-
-
-def _bool(value: Any) -> bool | None:
-    plain = reveal(value)
-    return plain if isinstance(plain, bool) else None
-
-
-def _key(value: Any) -> bytes | None:
-    plain = reveal(value)
-    return base64.b64decode(plain) if isinstance(plain, str) and plain else None
-
-
-def _mapping(value: Any) -> Mapping[str, Any] | None:
-    plain = reveal(value)
-    return dict(plain) if isinstance(plain, dict) else None
-
-
-# How each type a record field has is read back from state (numbers come back as floats, secrets wrapped).
-_READERS: dict[str, Any] = {
-    "int | None": _int, "str | None": _str, "bool | None": _bool, "bytes | None": _key,
-    "tuple[RecordedFile, ...]": lambda value: recorded_files(reveal(value)), "Mapping[str, Any] | None": _mapping,
-}
+SECRET_RECORD_PROPERTIES = frozenset(property_name(name) for name in SECRET_RECORD_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -91,12 +40,10 @@ class State(Generic[R]):
 
     def to_properties(self) -> dict[str, Any]:
         props = secret_fields(dict(self.inputs), self.TOKEN)
-        for f in dataclasses.fields(self.record):
-            name = property_name(f.name)
-            value = _record_value(getattr(self.record, f.name))
+        for name, value in properties_of(self.record).items():
             if name in self.unknown:
                 value = UNKNOWN
-            elif value is not None and f.name in SECRET_RECORD_FIELDS:
+            elif value is not None and name in SECRET_RECORD_PROPERTIES:
                 value = Secret(value)
             props[name] = value
         return props
@@ -104,9 +51,7 @@ class State(Generic[R]):
     @classmethod
     def record_of(cls, props: Mapping[str, Any]) -> R:
         """The record part of recorded state (or of any properties: inputs are ignored)."""
-        hints = {f.name: str(f.type) for f in dataclasses.fields(cls.RECORD)}
-        return typing.cast(R, cls.RECORD(**{
-            name: _READERS[kind](props.get(property_name(name))) for name, kind in hints.items()}))
+        return typing.cast(R, record_of(cls.RECORD, reveal(dict(props))))
 
     @classmethod
     def inputs_of(cls, props: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,8 +73,3 @@ class ProfileState(State[ProfileRecord]):
     RECORD = ProfileRecord
     INPUTS = tuple(input_rules.PROFILE_INPUTS)
     TOKEN = PROFILE
-
-
-# Every property of a record: what a preview of a new resource cannot know.
-MACHINE_RECORD = frozenset(property_name(f.name) for f in dataclasses.fields(MachineRecord))
-PROFILE_RECORD = frozenset(property_name(f.name) for f in dataclasses.fields(ProfileRecord))

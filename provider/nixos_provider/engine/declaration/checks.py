@@ -209,3 +209,11 @@ def _is_absolute_file_path(path: str) -> bool:
 
 def _is_file_path(path: str) -> bool:
     return _is_absolute_file_path(path) and len(path) <= MAX_REF and "\0" not in path
+
+
+class CheckFailed(Exception):
+    """A declaration its rules refuse, each failure naming its setting."""
+
+    def __init__(self, failures: Failures) -> None:
+        super().__init__("; ".join(f"{p}: {r}" for p, r in failures.items))
+        self.failures = failures

@@ -1,8 +1,9 @@
-"""Engine errors in the Pulumi layer's terms: the settings they blame named by their property paths."""
+"""Engine errors in the declaration's terms: the settings they blame named by their property paths (the CLI, which
+prints errors as they are, has flags instead)."""
 
 from __future__ import annotations
 
-from ..engine.errors import BuildHostError, DiskoScriptFailed, EngineError, NoNixosConfiguration, NotNixos, Setting
+from ..errors import BuildHostError, DiskoScriptFailed, EngineError, NoNixosConfiguration, NotNixos, Setting
 
 # Each setting an engine error can blame, as the program sets it.
 PROPERTY_OF: dict[Setting, str] = {
