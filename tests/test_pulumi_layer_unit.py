@@ -249,6 +249,21 @@ def test_preview_of_a_new_machine_leaves_what_the_engine_finds_unknown() -> None
     assert props["systemPath"] is UNKNOWN
 
 
+def test_a_preview_that_does_not_know_the_connection_yet_shows_it_unknown() -> None:
+    """A connection made from another resource's outputs is unknown to a first preview: Create and Update still
+    answer, with what they cannot know unknown, and ask the engine nothing."""
+    engine = FakeEngine()
+    machine, _ = _layer(engine)
+    ident, props = _run(machine.create(URN, _news(connection=UNKNOWN), True))
+    assert (ident, props["connection"], props["hostKey"]) == ("", UNKNOWN, UNKNOWN)
+    props = _run(machine.update(URN, "10.0.0.5:22", _olds(), _news(connection=UNKNOWN), True))
+    assert props["generation"] is UNKNOWN and props["pendingChanges"] is None
+    profile, _ = _layer(engine, NixProfile)
+    olds = {**_profile_news(), "profilePath": "/nix/var/nix/profiles/per-user/alice/app", "hostKey": KEY}
+    props = _run(profile.update(PURN, "10.0.0.5:22:/p", olds, _profile_news(connection=UNKNOWN, storePath=NEW), True))
+    assert props["hostKey"] == KEY and props["generation"] is UNKNOWN and engine.calls == []
+
+
 def test_preview_of_an_update_shows_the_engine_s_package_diff_and_predicts_a_reboot() -> None:
     changes = ClosureChanges(before=OLD, after=NEW, boot_changes=("kernel",))
     engine = FakeEngine(changes=changes)

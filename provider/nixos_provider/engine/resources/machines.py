@@ -53,8 +53,9 @@ class Machines:
 
     @staticmethod
     def ident(news: dict[str, Any]) -> str:
-        """The machine's ID: host:port."""
-        return f"{news['connection'].get('host')}:{news['connection'].get('port', 22)}"
+        """The machine's ID: host:port (none while a preview does not know the connection)."""
+        conn = news.get("connection")
+        return f"{conn.get('host')}:{conn.get('port', 22)}" if isinstance(conn, dict) else ""
 
     @staticmethod
     def preview_create(news: dict[str, Any], report: Report) -> machine_preview.Planned:

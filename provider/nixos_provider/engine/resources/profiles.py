@@ -31,6 +31,12 @@ def _with_store_path(record: ProfileRecord, news: dict[str, Any]) -> tuple[Profi
         set() if isinstance(path, str) else {"storePath"})
 
 
+def _pinned(olds: dict[str, Any], news: dict[str, Any]) -> str | None:
+    """The host key to hold the host to: the declared one, else the one recorded."""
+    conn = news.get("connection")
+    return (conn.get("hostKey") if isinstance(conn, dict) else None) or olds.get("hostKey")
+
+
 class Profiles:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -68,8 +74,7 @@ class Profiles:
 
     def preview_update(self, olds: dict[str, Any], news: dict[str, Any]) -> Planned:
         key = build_host_key(olds, news.get("buildHost"))
-        pinned = news["connection"].get("hostKey") or olds.get("hostKey")
-        record = replace(record_of(ProfileRecord, olds), host_key=pinned, build_host_key=key)
+        record = replace(record_of(ProfileRecord, olds), host_key=_pinned(olds, news), build_host_key=key)
         if not profile_deploys(olds, news):
             return record, frozenset()
         record, unknown = _with_store_path(record, news)
@@ -78,8 +83,7 @@ class Profiles:
         return record, frozenset(unknown | DEPLOYED)
 
     async def update(self, name: str, olds: dict[str, Any], news: dict[str, Any], report: Report) -> ProfileRecord:
-        pinned = news["connection"].get("hostKey") or olds.get("hostKey")
-        return await self._converge(name, news, olds, record_of(ProfileRecord, olds), report, pinned=pinned,
+        return await self._converge(name, news, olds, record_of(ProfileRecord, olds), report, pinned=_pinned(olds, news),
                                     deploys=profile_deploys(olds, news))
 
     async def _converge(self, name: str, news: dict[str, Any], olds: dict[str, Any], recorded: ProfileRecord | None,
