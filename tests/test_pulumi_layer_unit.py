@@ -239,6 +239,15 @@ def test_an_unfinished_install_is_installed_again_on_update() -> None:
     assert preview["generation"] is UNKNOWN and preview["hostKey"] is UNKNOWN
 
 
+def test_check_keeps_what_the_program_marked_secret_secret_in_the_form_it_records() -> None:
+    machine, _ = _layer(FakeEngine())
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBq8ZNH9lIzGYcG0KHmQX0cLgHQ6YXZxqD1z2ePHf0lJ"
+    news = _news(connection={"host": "10.0.0.5", "hostKey": Secret(f"  {key} root@web  ")})
+    checked = _run(machine.check(URN, {}, news))
+    assert checked["connection"]["hostKey"] == Secret(key)  # canonical, and still secret
+    assert (checked["connection"]["port"], checked["onDestroy"]) == (22, "rollback")
+
+
 def test_preview_of_a_new_machine_leaves_what_the_engine_finds_unknown() -> None:
     machine, said = _layer(FakeEngine())
     ident, props = _run(machine.create(URN, _news(install={}), True))
@@ -315,6 +324,12 @@ def test_import_describes_the_running_system_and_deploys_nothing_next() -> None:
     assert ident == "10.0.0.9:2222" and engine.calls[0][1][0].port == 2222
     assert (props["baselineGeneration"], props["baselineSystemPath"], props["systemPath"]) == (9, OLD, OLD)
     assert inputs["systemPath"] == OLD and inputs["action"] == "switch" and inputs["onDestroy"] == "rollback"
+    # Credentials given to the import (`--properties`) are recorded as secrets in its inputs as in its outputs.
+    engine = FakeEngine(state=now)
+    machine, _ = _layer(engine)
+    _, props, inputs = _run(machine.read(URN, "10.0.0.9:2222", {}, {"connection": {"host": "10.0.0.9",
+                                                                                 "password": "PW"}}))
+    assert inputs["connection"]["password"] == props["connection"]["password"] == Secret("PW")
     engine = FakeEngine(state=replace(now, current_system=None, generation=None))
     machine, _ = _layer(engine)
     with pytest.raises(EngineError, match="it has no /run/current-system"):

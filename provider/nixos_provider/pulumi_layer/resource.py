@@ -9,8 +9,7 @@ from typing import Any
 from ..engine.declaration.checks import CheckFailed
 from ..engine.lifecycle.models import ConvergeFailed
 from ..engine.resources.changes import Changes
-from ..engine.resources.machines import Refreshed
-from ..engine.resources.records import R
+from ..engine.resources.records import R, Refreshed
 from .context import Context, stack_of
 from .properties import is_secret, marked_as
 from .secrecy import secret_fields

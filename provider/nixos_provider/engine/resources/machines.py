@@ -4,8 +4,7 @@ it returns, or lets its `ConvergeFailed` say what runs now."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Generic
+from typing import Any
 
 from ..declaration import conversion, defaults, input_rules
 from ..declaration.typed_inputs import Closure, MachineInputs
@@ -15,20 +14,9 @@ from ..models import SYSTEM_PROFILE, Profile, Remote
 from . import machine_preview
 from .changes import Changes, build_host_key, install_unfinished, machine_changes, machine_deploys
 from .fleet import Fleet
-from .records import R, record_of
+from .records import Refreshed, record_of
 
 SYSTEM = Profile(SYSTEM_PROFILE)
-
-
-@dataclass(frozen=True)
-class Refreshed(Generic[R]):
-    """What refresh (or import) found: the resource's ID, the inputs its state keeps beside the record, the record,
-    and the inputs to record as declared (import: what runs; drift: the running system)."""
-
-    ident: str
-    inputs: dict[str, Any]
-    record: R
-    declared: dict[str, Any]
 
 
 def machine_id(remote: Remote) -> str:

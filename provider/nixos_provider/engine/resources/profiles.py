@@ -13,8 +13,7 @@ from ..lifecycle.models import ProfileGoal, ProfileRecord, Report
 from ..models import Profile
 from .changes import Changes, build_host_key, profile_changes, profile_deploys, profile_path
 from .fleet import Fleet
-from .machines import Refreshed
-from .records import PROFILE_RECORD, record_of
+from .records import PROFILE_RECORD, Refreshed, record_of
 
 # The outputs besides the profile's path and store path.
 COMPUTED = sorted(PROFILE_RECORD - {"profilePath", "storePath"})

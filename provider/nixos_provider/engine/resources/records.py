@@ -1,4 +1,5 @@
-"""A record (`lifecycle.models`) as properties, in schema.json's names, and back from recorded state.
+"""A record (`lifecycle.models`) as properties, in schema.json's names, and back from recorded state; what refresh
+finds.
 
 A record field's property is its name in camelCase (`system_path` -> `systemPath`); files are their records (hashes,
 never contents), keys base64 text.
@@ -9,7 +10,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from ..declaration.conversion import recorded_files, secret_files_output
 from ..lifecycle.models import MachineRecord, ProfileRecord
@@ -60,6 +62,17 @@ _READERS: dict[str, Any] = {
 def record_of(kind: type[R], props: Mapping[str, Any]) -> R:
     """The record part of recorded state (or of any properties: inputs are ignored)."""
     return kind(**{f.name: _READERS[str(f.type)](props.get(property_name(f.name))) for f in dataclasses.fields(kind)})
+
+
+@dataclass(frozen=True)
+class Refreshed(Generic[R]):
+    """What refresh (or import) found: the resource's ID, the inputs its state keeps beside the record, the record,
+    and the inputs to record as declared (import: what runs; drift: the running system)."""
+
+    ident: str
+    inputs: dict[str, Any]
+    record: R
+    declared: dict[str, Any]
 
 
 # Every property of a record: what a preview of a new resource cannot know.
