@@ -147,6 +147,7 @@ def test_up_adopts_deploys_and_is_idempotent_then_destroy_rolls_back(
     export = project.run("stack", "export").stdout
     assert Path(lab_host.privateKeyPath).read_text().split("\n")[1] not in export
     assert "privateKey" in export and "ciphertext" in export
+    assert project.resource("NixosMachine")["id"] == f"{lab_host.address}:{lab_host.port}"
     # 2. nothing changed: no deploy and not even an SSH connection (sshd is stopped).
     in_host(lab_host, "sh", "-c", 'kill "$(cat /run/sshd.pid)"')
     again = project.up()

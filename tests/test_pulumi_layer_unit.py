@@ -136,7 +136,9 @@ def _plain_leaves(value: Any, inside_secret: bool = False) -> list[str]:
 def test_create_hands_the_engine_one_goal_and_records_what_it_returns() -> None:
     engine = FakeEngine(converged=DEPLOYED)
     machine, _ = _layer(engine)
-    ident, props = _run(machine.create(URN, _news(flake=".#web"), False))
+    news = _news(flake=".#web")
+    news["connection"]["port"] = 22.0  # as Pulumi hands the checked inputs back
+    ident, props = _run(machine.create(URN, news, False))
     assert ident == "10.0.0.5:22"
     (name, (goal, recorded)), = engine.calls
     assert (name, recorded, goal.remote.host, goal.remote.host_key, goal.install, goal.deploys) == (

@@ -43,7 +43,11 @@ class Machines:
     def ident(news: dict[str, Any]) -> str:
         """The machine's ID: host:port (none while a preview does not know the connection)."""
         conn = news.get("connection")
-        return f"{conn.get('host')}:{conn.get('port', 22)}" if isinstance(conn, dict) else ""
+        if not isinstance(conn, dict):
+            return ""
+        port = conn.get("port", 22)
+        # Numbers come back from state as floats.
+        return f"{conn.get('host')}:{int(port) if isinstance(port, float) else port}"
 
     @staticmethod
     def preview_create(news: dict[str, Any], report: Report) -> machine_preview.Planned:
