@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..declaration.checks import CheckFailed, Failures
 from ..declaration.conversion import nix_options, to_remote
@@ -15,21 +15,19 @@ from ..declaration.typed_inputs import SOURCE_KEYS, Closure
 from ..declaration.values import UNKNOWN, contains_unknown
 from ..errors import EngineError
 from ..lazy import lazy_module
-from ..lifecycle.models import ConvergeFailed, Limits, MachineRecord, ProfileRecord, Report
+from ..lifecycle.models import ConvergeFailed, Limits, Report
 from ..lifecycle.source import FleetSource
 from ..models import BinaryCache, Remote
 from ..nix.builds import FleetBuilds
 from ..nix.cli import Evaluation, FlakeRef, Nix, SourceRef
 from ..nix.evaluation import EvaluationStore, Evaluator
+from .records import R
 
 if TYPE_CHECKING:
     from ..lifecycle import engine as lifecycle_engine
     from ..lifecycle.engine import Engine
 else:
     lifecycle_engine = lazy_module("nixos_provider.engine.lifecycle.engine")
-
-R = TypeVar("R", MachineRecord, ProfileRecord)
-
 
 @dataclass(frozen=True)
 class FleetSettings:
