@@ -39,7 +39,8 @@ class NixosMachine(DeclaredResource):
         return self.machines.changes(reveal(olds), reveal(news))
 
     async def create(self, urn: str, news: dict[str, Any], preview: bool) -> tuple[str, dict[str, Any]]:
-        plain, ident = reveal(news), self.machines.ident(reveal(news))
+        plain = reveal(news)
+        ident = self.machines.ident(plain)
         if preview:
             record, unknown = self.machines.preview_create(plain, self.ctx.report(urn))
             return ident, MachineState(news, record, unknown).to_properties()
@@ -57,7 +58,7 @@ class NixosMachine(DeclaredResource):
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         found = await self.machines.refresh(ident, reveal(state), reveal(inputs), self.ctx.report(urn))
-        return self.refreshed(MachineState, found, {**inputs, **state}, inputs)
+        return self.refreshed(MachineState, found, state, inputs)
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
         await self.machines.delete(urn, reveal(state), self.ctx.report(urn))

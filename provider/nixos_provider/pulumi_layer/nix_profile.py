@@ -50,7 +50,7 @@ class NixProfile(DeclaredResource):
     async def read(self, urn: str, ident: str, state: dict[str, Any], inputs: dict[str, Any],
                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         found = await self.profiles.refresh(ident, reveal(state), reveal(inputs))
-        return self.refreshed(ProfileState, found, {**inputs, **state}, inputs)
+        return self.refreshed(ProfileState, found, state, inputs)
 
     async def delete(self, urn: str, ident: str, state: dict[str, Any]) -> None:
         await self.profiles.delete(urn, reveal(state), self.ctx.report(urn))

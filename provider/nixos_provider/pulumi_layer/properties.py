@@ -13,7 +13,6 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from ..engine.declaration import values
 from ..engine.declaration.values import UNKNOWN as UNKNOWN
 
 SIG_KEY = "4dabf18193072939515e22adb298388d"
@@ -99,10 +98,6 @@ def marked_as(value: Any, given: Any) -> Any:
     if isinstance(value, list) and isinstance(given, list):
         return [marked_as(v, given[i] if i < len(given) else None) for i, v in enumerate(value)]
     return value
-
-
-def contains_unknown(value: Any) -> bool:
-    return values.contains_unknown(reveal(value))
 
 
 def without_secrets(text: str, value: Any) -> str:

@@ -42,9 +42,11 @@ class DeclaredResource:
         return state(news, record).to_properties()
 
     @staticmethod
-    def refreshed(state: type[State[R]], found: Refreshed[R], given: dict[str, Any],
+    def refreshed(state: type[State[R]], found: Refreshed[R], recorded: dict[str, Any],
                   inputs: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """Read's answer: the ID, the outputs, and the inputs, marked secret as given (and as the schema says)."""
+        """Read's answer: the ID, the outputs, and the inputs, marked secret as Read was given them (and as the schema
+        says)."""
+        given = {**inputs, **recorded}
         return (found.ident, state(marked_as(found.inputs, given), found.record).to_properties(),
                 secret_fields(marked_as(found.declared, inputs), state.TOKEN))
 

@@ -1,7 +1,8 @@
 """A resource's state, typed: its checked inputs and the engine's record, to and from Pulumi properties.
 
 Every property a resource hands back to Pulumi (Create's, Update's, a preview's, a partial failure's, Read's) is
-made by `to_properties()`, and every recorded state is read by `from_properties()`. Secrecy is applied there (as
+made by `to_properties()`; `from_properties()` reads recorded state back, secrets still wrapped (the engine's side
+reads it revealed, with `engine.resources.records`). Secrecy is applied in `to_properties()` (as
 Check applies it to the inputs it records), from what `secrecy` declares: the fields schema.json marks secret, the
 record fields that are keys; so no code path can forget it. What a preview cannot know yet is Pulumi's unknown.
 """

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..declaration import conversion, defaults, input_rules
 from ..declaration.typed_inputs import Closure, MachineInputs
+from ..declaration.values import known
 from ..errors import EngineError
 from ..lifecycle.models import MachineGoal, MachineRecord, Report
 from ..models import SYSTEM_PROFILE, Profile, Remote
@@ -39,15 +40,10 @@ class Machines:
     def changes(olds: dict[str, Any], news: dict[str, Any]) -> Changes:
         return machine_changes(olds, news)
 
-    @staticmethod
-    def ident(news: dict[str, Any]) -> str:
+    def ident(self, news: dict[str, Any]) -> str:
         """The machine's ID: host:port (none while a preview does not know the connection)."""
         conn = news.get("connection")
-        if not isinstance(conn, dict):
-            return ""
-        port = conn.get("port", 22)
-        # Numbers come back from state as floats.
-        return f"{conn.get('host')}:{int(port) if isinstance(port, float) else port}"
+        return machine_id(self.fleet.remote(conn)) if isinstance(conn, dict) and known(conn) else ""
 
     @staticmethod
     def preview_create(news: dict[str, Any], report: Report) -> machine_preview.Planned:
